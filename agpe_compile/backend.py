@@ -1,0 +1,103 @@
+"""The ``agpe`` torch.compile backend: options -> rewrite -> lower -> call wrapper.
+
+``torch.compile(model, backend="agpe", options={...})`` reaches :func:`agpe_backend`
+through the ``torch_dynamo_backends`` entry point. The pipeline, in order:
+
+1. ``BackendConfig.from_options``: validate the options.
+2. ``find_linear_sites``: every ``x @ W^T + b`` in Dynamo's graph.
+3. ``decide_layers``: which weights are rewritten (attaching their LayerState) and why
+   the others are not.
+4. ``rewrite_linears``: a copy of the graph with ``agpe::sparse_linear`` calls and five
+   extra placeholders per layer (Note [Extra graph inputs] in passes/rewrite_linears.py).
+5. lower the copy with Inductor (``compile_fx``) or aot_eager.
+6. return :class:`AgpeCompiledGraph`, which appends the layers' live tensors to every call.
+
+Example::
+
+    >>> cmodel = torch.compile(model, backend="agpe", options={"block_size": 64})
+    >>> backend = AgpeBackend({"inductor": False}, on_graph=graphs.append)   # tests, explain
+    >>> cmodel = torch.compile(model, backend=backend)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import fx
+
+from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
+from agpe_compile.config import BackendConfig
+from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
+from agpe_compile.passes.match_linears import find_linear_sites
+from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
+from agpe_compile.state import LayerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What the backend did with one Dynamo graph (for explain() and golden tests)."""
+
+    index: int
+    original: fx.GraphModule
+    rewritten: fx.GraphModule
+    decisions: List[LayerDecision]
+
+
+class AgpeCompiledGraph:
+    """Call wrapper: Dynamo's arguments + the live mask/saliency tensors of each layer."""
+
+    def __init__(self, compiled: Callable, states: List[LayerState]):
+        self.compiled = compiled
+        self.states = states
+        self.extra = [t for state in states for t in state.tensors()]
+
+    def __call__(self, *args):
+        for state in self.states:
+            state.check_identity()
+        # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
+        # it inherits a `_boxed_call` attribute from what it wraps.
+        return self.compiled(*args, *self.extra)
+
+
+class AgpeBackend:
+    """A configured agpe backend. ``on_graph`` receives a :class:`GraphRecord` per graph."""
+
+    def __init__(self, options: Optional[Mapping[str, Any]] = None,
+                 on_graph: Optional[Callable[[GraphRecord], None]] = None):
+        self.config = BackendConfig.from_options(options)
+        self.on_graph = on_graph
+        self.graph_count = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        sites, unmatched = find_linear_sites(gm.graph)
+        decisions = decide_layers(gm.graph, example_inputs, sites, unmatched, self.config)
+        for decision in decisions:
+            if not decision.rewritten:
+                log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
+        result = rewrite_linears(gm, decisions, self.config.saliency)
+        if self.on_graph is not None:
+            self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
+        self.graph_count += 1
+        compiled = self._lower(result, list(example_inputs))
+        return AgpeCompiledGraph(compiled, result.states)
+
+    def _lower(self, result: RewriteResult, example_inputs: List[Any]) -> Callable:
+        inputs = example_inputs + result.extra_inputs()
+        if self.config.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(result.gm, inputs)
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(result.gm, inputs)
+
+
+def agpe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 options: Optional[Mapping[str, Any]] = None) -> Callable:
+    """The function registered as ``backend="agpe"``."""
+    return AgpeBackend(options)(gm, example_inputs)

@@ -1,0 +1,105 @@
+"""``agpe_compile.explain``: what the backend does to a model, as text and records.
+
+Example::
+
+    >>> report = agpe_compile.explain(model, x, options={"exclude": ["head"]})
+    >>> print(report)                        # rewritten graph(s) + per-layer table + graph breaks
+    >>> [(l.name, l.rewritten, l.reason) for l in report.layers]
+    [('fc1', True, None), ('head', False, "excluded by pattern 'head'")]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .backend import AgpeBackend, GraphRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """One weight used as a linear layer, and what the backend did with it."""
+
+    name: str
+    shape: Tuple[int, ...]
+    block_size: Optional[int]
+    density: Optional[float]
+    rewritten: bool
+    reason: Optional[str]
+    graph: int
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    graphs: List[str]
+    layers: List[LayerRecord]
+    graph_breaks: List[str]
+
+    def __str__(self) -> str:
+        lines = [f"agpe explain: {len(self.graphs)} graph(s), {len(self.graph_breaks)} graph break(s)"]
+        for index, code in enumerate(self.graphs):
+            lines += ["", f"--- rewritten graph {index} ---", code.rstrip()]
+        lines += ["", "--- layers ---", _table(self.layers)]
+        if self.graph_breaks:
+            lines += ["", "--- graph breaks ---"] + [f"- {reason}" for reason in self.graph_breaks]
+        return "\n".join(lines)
+
+
+def _table(layers: List[LayerRecord]) -> str:
+    header = ("layer", "shape", "block", "density", "graph", "rewritten")
+    rows = [
+        (
+            r.name,
+            "x".join(map(str, r.shape)),
+            "-" if r.block_size is None else str(r.block_size),
+            "-" if r.density is None else f"{r.density:.3f}",
+            str(r.graph),
+            "yes" if r.rewritten else f"no: {r.reason}",
+        )
+        for r in layers
+    ]
+    if not rows:
+        return "(no linear layers found)"
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header) - 1)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    return "\n".join(fmt.format(*row) for row in [header] + rows)
+
+
+def _records(graph: GraphRecord) -> List[LayerRecord]:
+    out = []
+    for d in graph.decisions:
+        st = d.state
+        out.append(LayerRecord(d.name, d.shape, None if st is None else st.block_size,
+                               None if st is None else st.density, d.rewritten, d.reason, graph.index))
+    return out
+
+
+def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[str, Any]] = None) -> ExplainReport:
+    """Compile ``model`` with the agpe rewrite (aot_eager lowering) and report.
+
+    Runs ONE forward of ``model`` on ``example_inputs`` under ``torch.no_grad()`` (so
+    saliency buffers are untouched; modules that update statistics in forward, like
+    BatchNorm in train mode, still do). Compiling attaches agpe state to eligible layers
+    that were not prepared, exactly as ``torch.compile(model, backend="agpe")`` would.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"agpe.explain: expected an nn.Module, got {type(model).__name__}")
+    options = dict(options or {})
+    options["inductor"] = False
+    graphs: List[GraphRecord] = []
+    backend = AgpeBackend(options, on_graph=graphs.append)
+    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*example_inputs)
+    breaks_after = torch._dynamo.utils.counters["graph_break"]
+    graph_breaks = [
+        reason for reason, count in breaks_after.items() for _ in range(count - breaks_before.get(reason, 0))
+    ]
+    return ExplainReport(
+        graphs=[g.rewritten.print_readable(print_output=False) for g in graphs],
+        layers=[record for g in graphs for record in _records(g)],
+        graph_breaks=graph_breaks,
+    )

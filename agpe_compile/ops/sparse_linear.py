@@ -1,0 +1,151 @@
+"""``torch.ops.agpe.sparse_linear``: the op every rewritten linear layer calls.
+
+Two custom ops, so that each is opaque to Dynamo/AOTAutograd and can later get per-device
+fast kernels without touching the graph rewrite:
+
+* ``agpe::sparse_linear(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense,
+  skipped, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
+* ``agpe::sparse_linear_backward(grad_out, x, weight, block_mask, saliency, dense_grad_sq,
+  score_dense, skipped, block_size, saliency_mode, need_input_grad, need_weight_grad)
+  -> (grad_input, grad_weight)`` -- mutates ``saliency``, ``dense_grad_sq`` and
+  ``skipped`` (declared in ``mutates_args``), see Note [Saliency buffers] in reference.py.
+
+The backward adds a call's scores only when all of them are finite; otherwise it adds
+nothing and increments the 0-d ``skipped`` counter, so one overflowing mixed-precision
+step cannot poison the running sums. All of this is decided on tensors: toggling
+``score_dense`` or hitting a non-finite gradient never recompiles.
+
+Example::
+
+    >>> y = torch.ops.agpe.sparse_linear(x, w, None, mask, sal, dgs, flag, skipped, 32, "taylor")
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+_EMPTY = (0,)
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"agpe.sparse_linear: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"agpe.sparse_linear: expected input with last dim {k} (weight {tuple(weight.shape)}), "
+            f"got input shape {tuple(x.shape)}"
+        )
+    expected = (n // block_size, k // block_size)
+    if n % block_size or k % block_size or tuple(block_mask.shape) != expected:
+        raise ValueError(
+            f"agpe.sparse_linear: expected a block mask of shape {expected} for weight "
+            f"{tuple(weight.shape)} and block size {block_size}, got {tuple(block_mask.shape)}"
+        )
+    if block_mask.dtype != torch.bool:
+        raise ValueError(f"agpe.sparse_linear: expected a bool block mask, got {block_mask.dtype}")
+
+
+@torch.library.custom_op("agpe::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    block_mask: torch.Tensor,
+    saliency: torch.Tensor,
+    dense_grad_sq: torch.Tensor,
+    score_dense: torch.Tensor,
+    skipped: torch.Tensor,
+    block_size: int,
+    saliency_mode: str,
+) -> torch.Tensor:
+    _check_inputs(x, weight, block_mask, block_size)
+    return reference.forward(x, weight, bias, block_mask, block_size)
+
+
+@sparse_linear.register_fake
+def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, skipped, block_size, saliency_mode):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op(
+    "agpe::sparse_linear_backward", mutates_args=("saliency", "dense_grad_sq", "skipped")
+)
+def sparse_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_mask: torch.Tensor,
+    saliency: torch.Tensor,
+    dense_grad_sq: torch.Tensor,
+    score_dense: torch.Tensor,
+    skipped: torch.Tensor,
+    block_size: int,
+    saliency_mode: str,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_input, grad_weight, dense_grad = reference.backward(
+        grad_out, x, weight, block_mask, block_size, need_input_grad, need_weight_grad
+    )
+    if need_weight_grad:
+        _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, dense_grad_sq,
+                           score_dense, skipped, block_size, saliency_mode)
+    if grad_input is None:
+        grad_input = x.new_empty(_EMPTY)
+    if grad_weight is None:
+        grad_weight = weight.new_empty(_EMPTY)
+    return grad_input, grad_weight
+
+
+def _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, dense_grad_sq,
+                       score_dense, skipped, block_size, saliency_mode) -> None:
+    scores = reference.block_scores(weight, grad_weight, block_size, saliency_mode)
+    # Only on scoring steps; the flag is a tensor so this is data, not a graph branch.
+    dense_sq = reference.inactive_dense_grad_sq(dense_grad, block_mask, block_size)
+    dense_sq = dense_sq * score_dense.to(dense_sq.dtype)
+    finite = torch.isfinite(scores).all() & torch.isfinite(dense_sq).all()
+    saliency.add_(torch.where(finite, scores, torch.zeros_like(scores)))
+    dense_grad_sq.add_(torch.where(finite, dense_sq, torch.zeros_like(dense_sq)))
+    skipped.add_((~finite).to(skipped.dtype))
+
+
+@sparse_linear_backward.register_fake
+def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped, block_size,
+      saliency_mode, need_input_grad, need_weight_grad):
+    grad_input = torch.empty_like(x) if need_input_grad else x.new_empty(_EMPTY)
+    grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(_EMPTY)
+    return grad_input, grad_weight
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, skipped, block_size, mode = inputs
+    ctx.save_for_backward(x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped)
+    ctx.block_size = block_size
+    ctx.saliency_mode = mode
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped = ctx.saved_tensors
+    need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
+    grad_input, grad_weight = torch.ops.agpe.sparse_linear_backward(
+        grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped,
+        ctx.block_size, ctx.saliency_mode, need_input_grad, need_weight_grad,
+    )
+    grad_bias = None
+    if ctx.has_bias and need_bias_grad:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return (
+        grad_input if need_input_grad else None,
+        grad_weight if need_weight_grad else None,
+        grad_bias,
+        None, None, None, None, None, None, None,
+    )
+
+
+sparse_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,262 @@
+"""Per-layer mask and saliency state, held as buffers of the module that owns the weight.
+
+Note [Where masks live]
+~~~~~~~~~~~~~~~~~~~~~~~
+For an ``nn.Linear`` named ``fc`` with block size b, :func:`prepare` registers on ``fc``:
+
+=================================  ===========  =========================================
+buffer                             shape/dtype  meaning
+=================================  ===========  =========================================
+``weight_block_mask``              [R, C] bool  True = block active (R, C = N/b, K/b)
+``weight_saliency``                [R, C] f32   running sum of per-block scores
+``weight_saliency_dense_grad_sq``  [R, C] f32   running sum of |dense grad|^2, inactive blocks
+``weight_saliency_score_dense``    [] bool      fill dense_grad_sq on this step?
+``weight_saliency_skipped``        [] int32     backward calls skipped for non-finite scores
+=================================  ===========  =========================================
+
+so they are in ``model.state_dict()`` as ``fc.weight_block_mask`` and so on. The
+Parameter itself carries a reference to its :class:`LayerState` (attribute
+``_agpe_state``). That is the one link from the backend to the buffers: Dynamo hands the
+backend the live Parameter objects as example inputs, the backend reads ``_agpe_state``,
+and its call wrapper appends the state's tensors to every call. No global registry.
+
+Invariant: a buffer's identity never changes, only its contents. Edit masks in place
+(``mask.copy_(new)``, ``mask[0, 1] = False``); ``load_state_dict`` copies in place too.
+Assigning a new tensor to the attribute is detected by the call wrapper, which raises.
+
+A model compiled without :func:`prepare` gets states created by the backend (all blocks
+active); they are not yet module buffers, and :func:`prepare` (which the controller calls)
+adopts them: the very same tensors become buffers of the owning module, so the compiled
+code keeps seeing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import weakref
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import BackendConfig
+
+log = logging.getLogger(__name__)
+
+STATE_ATTR = "_agpe_state"
+BUFFER_SUFFIXES = (
+    "block_mask",
+    "saliency",
+    "saliency_dense_grad_sq",
+    "saliency_score_dense",
+    "saliency_skipped",
+)
+
+
+@dataclasses.dataclass(eq=False)
+class LayerState:
+    """Mask and saliency tensors of one weight; see Note [Where masks live].
+
+    Example::
+
+        >>> st = agpe_compile.layer_state(model.fc)
+        >>> st.block_mask[0, 1] = False      # in place: takes effect on the next call
+        >>> st.density
+        0.75
+    """
+
+    name: str
+    param_name: str
+    block_size: int
+    weight_shape: Tuple[int, int]
+    block_mask: torch.Tensor
+    saliency: torch.Tensor
+    dense_grad_sq: torch.Tensor
+    score_dense: torch.Tensor
+    skipped: torch.Tensor
+    module_ref: Optional[weakref.ReferenceType] = None
+
+    @classmethod
+    def create(cls, name: str, param_name: str, weight: torch.Tensor, block_size: int) -> "LayerState":
+        n, k = weight.shape
+        grid = (n // block_size, k // block_size)
+        dev = weight.device
+        return cls(
+            name=name,
+            param_name=param_name,
+            block_size=block_size,
+            weight_shape=(n, k),
+            block_mask=torch.ones(grid, dtype=torch.bool, device=dev),
+            saliency=torch.zeros(grid, dtype=torch.float32, device=dev),
+            dense_grad_sq=torch.zeros(grid, dtype=torch.float32, device=dev),
+            score_dense=torch.zeros((), dtype=torch.bool, device=dev),
+            skipped=torch.zeros((), dtype=torch.int32, device=dev),
+        )
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The op's state arguments, in the op's order."""
+        return [self.block_mask, self.saliency, self.dense_grad_sq, self.score_dense, self.skipped]
+
+    def buffer_names(self) -> List[str]:
+        return [f"{self.param_name}_{suffix}" for suffix in BUFFER_SUFFIXES]
+
+    @property
+    def module(self) -> Optional[nn.Module]:
+        return None if self.module_ref is None else self.module_ref()
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return tuple(self.block_mask.shape)
+
+    @property
+    def density(self) -> float:
+        return float(self.block_mask.float().mean())
+
+    def attach(self, module: nn.Module) -> None:
+        """Register the tensors as buffers of ``module`` (same objects, no copy)."""
+        for buffer_name, tensor in zip(self.buffer_names(), self.tensors()):
+            existing = module._buffers.get(buffer_name)
+            if existing is not None and existing is not tensor:
+                raise RuntimeError(f"agpe: {self.name}: buffer {buffer_name!r} already exists")
+            module.register_buffer(buffer_name, tensor)
+        self.module_ref = weakref.ref(module)
+
+    def check_identity(self) -> None:
+        """Raise if a buffer was replaced instead of edited in place."""
+        module = self.module
+        if module is None:
+            return
+        for buffer_name, tensor in zip(self.buffer_names(), self.tensors()):
+            if module._buffers.get(buffer_name) is not tensor:
+                raise RuntimeError(
+                    f"agpe: buffer {self.name}.{buffer_name} was replaced by a new tensor; compiled "
+                    f"code still uses the old one. Edit it in place instead (e.g. .copy_(new))."
+                )
+
+
+def state_of(param: torch.Tensor) -> Optional[LayerState]:
+    """The LayerState attached to a weight parameter, or None."""
+    return getattr(param, STATE_ATTR, None)
+
+
+def layer_state(module: nn.Module, param_name: str = "weight") -> LayerState:
+    """The LayerState of ``module.<param_name>``; raises if it was neither prepared nor compiled."""
+    param = getattr(module, param_name, None)
+    state = None if param is None else state_of(param)
+    if state is None:
+        raise ValueError(
+            f"agpe: {type(module).__name__}.{param_name} has no agpe state; expected a layer "
+            f"prepared with agpe_compile.prepare() or compiled with backend='agpe'"
+        )
+    return state
+
+
+def layer_states(model: nn.Module) -> Dict[str, LayerState]:
+    """All LayerStates reachable from ``model``'s parameters, keyed by layer name."""
+    found: Dict[str, LayerState] = {}
+    for _, param in model.named_parameters():
+        state = state_of(param)
+        if state is not None:
+            found[state.name] = state
+    return found
+
+
+def layer_name(module_name: str, param_name: str) -> str:
+    """Name used for patterns and reports: ``fc`` for ``fc.weight``, else the full name."""
+    if param_name == "weight":
+        return module_name
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def skip_reason(
+    name: str, weight: torch.Tensor, config: BackendConfig, block_size: int
+) -> Optional[str]:
+    """Why a weight cannot be rewritten, or None. Shared by prepare() and the backend."""
+    if not isinstance(weight, nn.Parameter):
+        return "weight is not a parameter"
+    if weight.dim() != 2:
+        return f"weight is {weight.dim()}-D, not 2-D"
+    if not weight.dtype.is_floating_point:
+        return f"weight dtype {weight.dtype} is not floating point"
+    if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        return f"not matched by include patterns {list(config.include)}"
+    for pattern in config.exclude:
+        if fnmatch.fnmatchcase(name, pattern):
+            return f"excluded by pattern {pattern!r}"
+    n, k = weight.shape
+    if n % block_size or k % block_size:
+        return f"shape {n}x{k} not divisible by block size {block_size}"
+    return None
+
+
+def _linear_weights(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, nn.Parameter]]:
+    """Weights prepare() knows to be used as linear layers before any tracing."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield module_name, module, "weight", module.weight
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            yield module_name, module, "in_proj_weight", module.in_proj_weight
+
+
+def _embedding_weights(model: nn.Module) -> set:
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+
+
+def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Dict[str, LayerState]:
+    """Give every eligible linear weight of ``model`` its mask and saliency buffers.
+
+    Idempotent. Also adopts states the backend created for a model compiled without
+    prepare(). Returns the prepared layers by name; skipped layers are logged with the
+    reason (``agpe_compile.explain`` shows them too).
+
+    Example::
+
+        >>> states = agpe_compile.prepare(model, options={"block_size": 32})
+        >>> sorted(states)
+        ['fc1', 'fc2']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"agpe.prepare: expected an nn.Module, got {type(model).__name__}")
+    config = BackendConfig.from_options(options)
+    tied = _embedding_weights(model)
+    prepared: Dict[str, LayerState] = {}
+    for module_name, module, param_name, weight in _linear_weights(model):
+        name = layer_name(module_name, param_name)
+        state = state_of(weight)
+        if state is not None:
+            _check_block_size(state, config)
+            if state.module is None:
+                state.attach(module)
+            prepared[name] = state
+            continue
+        block_size = config.resolved_block_size
+        reason = skip_reason(name, weight, config, block_size)
+        if reason is None and id(weight) in tied:
+            reason = "weight tied/shared with an embedding"
+        if reason is not None:
+            log.info("agpe.prepare: %s stays dense: %s", name, reason)
+            continue
+        state = LayerState.create(name, param_name, weight, block_size)
+        setattr(weight, STATE_ATTR, state)
+        state.attach(module)
+        prepared[name] = state
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            state = state_of(param)
+            if state is None:
+                continue
+            _check_block_size(state, config)
+            if state.module is None:
+                state.attach(module)
+            prepared.setdefault(state.name, state)
+    return prepared
+
+
+def _check_block_size(state: LayerState, config: BackendConfig) -> None:
+    if config.block_size is not None and config.block_size != state.block_size:
+        raise ValueError(
+            f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r} was "
+            f"prepared with block size {state.block_size}; expected {state.block_size} or unset"
+        )

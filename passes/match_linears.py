@@ -1,0 +1,136 @@
+"""Find the linear layers in a Dynamo-level FX graph.
+
+Requires: a graph as Dynamo hands it to a backend (torch functions, ``call_method`` nodes,
+operators; no aten ops yet). Ensures nothing: it only reads the graph.
+
+A *linear site* is a node that computes ``x @ W^T (+ b)`` with ``W`` a placeholder:
+
+==========================================  ==========================================
+pattern                                     written by the user as
+==========================================  ==========================================
+``torch._C._nn.linear(x, W, b)``            ``nn.Linear``, ``F.linear``
+``matmul(x, t(W))``                         ``x @ W.t()``, ``x @ W.T``, ``torch.matmul``
+``mm(x, t(W))``                             ``torch.mm(x, W.t())``
+``addmm(b, x, t(W))``                       ``torch.addmm(b, x, W.t())`` (alpha=beta=1)
+==========================================  ==========================================
+
+where ``t(W)`` is ``W.t()``, ``W.T``, ``torch.t(W)`` or a transpose/permute of dims 0, 1.
+A placeholder that reaches a matmul-like op any other way (``x @ W``, ``W @ x``) is an
+*unmatched use*: the backend reports it instead of silently skipping it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import List, Optional, Tuple
+
+import torch
+from torch import fx
+
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm)
+ADDMM_TARGETS = (torch.addmm,)
+EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
+
+
+@dataclasses.dataclass
+class LinearSite:
+    """One ``x @ W^T + b`` computation found in the graph."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: Optional[fx.Node]
+    form: str
+    transpose: Optional[fx.Node] = None
+
+
+@dataclasses.dataclass
+class UnmatchedUse:
+    """A placeholder used by a matmul-like op in a way that is not ``x @ W^T``."""
+
+    node: fx.Node
+    weight: fx.Node
+    reason: str
+
+
+def _transposed_placeholder(node) -> Optional[fx.Node]:
+    """W if ``node`` is a 2-D transpose of placeholder W, else None."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.op != "placeholder":
+        return None
+    rest = tuple(node.args[1:])
+    if node.op == "call_method" and node.target == "t" and not rest:
+        return src
+    if node.op == "call_function" and node.target is torch.t and not rest:
+        return src
+    if node.op == "call_function" and node.target is getattr and rest == ("T",):
+        return src
+    if node.op == "call_method" and node.target == "transpose" and sorted(rest) in ([0, 1], [-2, -1], [-1, 0], [0, -1]):
+        return src
+    if node.op == "call_function" and node.target is torch.transpose and sorted(rest) in ([0, 1], [-2, -1]):
+        return src
+    if node.op == "call_method" and node.target == "permute" and rest in ((1, 0), ((1, 0),)):
+        return src
+    return None
+
+
+def _match(node: fx.Node) -> Tuple[Optional[LinearSite], List[UnmatchedUse]]:
+    if node.op != "call_function":
+        return None, []
+    if node.target in LINEAR_TARGETS:
+        args = list(node.args) + [None] * 3
+        x = args[0]
+        weight = args[1] if args[1] is not None else node.kwargs.get("weight")
+        bias = args[2] if args[2] is not None else node.kwargs.get("bias")
+        if isinstance(weight, fx.Node):
+            return LinearSite(node, x, weight, bias, "linear"), []
+        return None, []
+    if node.target in MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
+        x, rhs = node.args
+        weight = _transposed_placeholder(rhs)
+        if weight is not None:
+            return LinearSite(node, x, weight, None, "matmul", transpose=rhs), []
+        return None, _unmatched(node, (x, rhs))
+    if node.target in ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
+        bias, x, rhs = node.args
+        weight = _transposed_placeholder(rhs)
+        if weight is not None:
+            return LinearSite(node, x, weight, bias, "addmm", transpose=rhs), []
+        return None, _unmatched(node, (x, rhs))
+    return None, []
+
+
+def _unmatched(node: fx.Node, operands) -> List[UnmatchedUse]:
+    found = []
+    for position, operand in enumerate(operands):
+        if isinstance(operand, fx.Node) and operand.op == "placeholder":
+            side = "left operand" if position == 0 else "right operand without transpose"
+            found.append(UnmatchedUse(node, operand, f"used as the {side} of {node.target.__name__}, not as x @ W.T"))
+    return found
+
+
+def find_linear_sites(graph: fx.Graph) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
+    """All linear sites of ``graph`` in node order, and the unmatched matmul uses."""
+    sites: List[LinearSite] = []
+    unmatched: List[UnmatchedUse] = []
+    for node in graph.nodes:
+        site, misses = _match(node)
+        if site is not None:
+            sites.append(site)
+        unmatched.extend(misses)
+    return sites, unmatched
+
+
+def embedding_weights(graph: fx.Graph) -> set:
+    """Placeholders used as an embedding table in this graph (tied weights)."""
+    tables = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in EMBEDDING_TARGETS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(weight, fx.Node):
+                tables.add(weight)
+    return tables

@@ -1,0 +1,118 @@
+"""Rewrite linear sites into ``torch.ops.agpe.sparse_linear`` calls on a COPY of the graph.
+
+Requires: the decisions of ``decide_layers`` for the graph ``gm`` that Dynamo handed over.
+Ensures: a new GraphModule whose placeholders are Dynamo's, in order, followed by five
+placeholders per rewritten weight (block mask, saliency, dense-grad scores, score flag,
+skipped counter: ``LayerState.tensors()`` order); every rewritten site calls the op; the
+transposes it consumed are gone; the graph lints. Dynamo's own GraphModule is not
+touched (Dynamo re-reads its placeholders' ``grapharg`` after the backend returns).
+
+Note [Extra graph inputs]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+Dynamo's graph for ``fc(x)`` is::
+
+    def forward(self, L_self_modules_fc_parameters_weight_, L_self_modules_fc_parameters_bias_, L_x_):
+        linear = torch._C._nn.linear(l_x_, l_self_..._weight_, l_self_..._bias_)
+
+and the rewritten copy is::
+
+    def forward(self, L_..._weight_, L_..._bias_, L_x_, agpe_fc_block_mask, agpe_fc_saliency, ...):
+        sparse_linear = torch.ops.agpe.sparse_linear(l_x_, l_..._weight_, l_..._bias_,
+                                                     agpe_fc_block_mask, agpe_fc_saliency, ..., 32, 'taylor')
+
+The backend's call wrapper appends the five tensors of each layer to Dynamo's arguments
+on every call, so the compiled code reads the live buffers: editing a mask in place takes
+effect on the next call and never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Dict, List, Tuple
+
+import torch
+from torch import fx
+
+from agpe_compile.state import BUFFER_SUFFIXES, LayerState
+
+from .decide_layers import LayerDecision
+
+SPARSE_LINEAR = torch.ops.agpe.sparse_linear.default
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    gm: fx.GraphModule
+    states: List[LayerState]
+    changed: bool
+
+    def extra_inputs(self) -> List[torch.Tensor]:
+        return [t for state in self.states for t in state.tensors()]
+
+
+def copy_graph(gm: fx.GraphModule) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:
+    """Node-by-node copy that keeps Dynamo's per-node metadata and sources; old -> new map."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda n: env[n])
+        if hasattr(node, "_dynamo_source"):
+            new._dynamo_source = node._dynamo_source
+        env[node] = new
+    return graph, env
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name) or "layer"
+
+
+def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency_mode: str) -> RewriteResult:
+    """Copy ``gm`` and route every rewritten site through ``agpe::sparse_linear``."""
+    graph, old_to_new = copy_graph(gm)
+    rewritten = [d for d in decisions if d.rewritten]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+    states: List[LayerState] = []
+    for decision in rewritten:
+        state = decision.state
+        extra = []
+        for suffix, tensor in zip(BUFFER_SUFFIXES, state.tensors()):
+            with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
+                anchor = graph.placeholder(f"agpe_{_safe(state.name)}_{suffix}")
+            anchor._dynamo_source = None
+            anchor.meta["agpe_tensor"] = (state.name, suffix)
+            extra.append(anchor)
+        states.append(state)
+        for site in decision.sites:
+            _replace_site(graph, old_to_new, site, extra, state, saliency_mode)
+    graph.lint()
+    new_gm = fx.GraphModule(gm, graph, class_name="AgpeGraphModule")
+    new_gm.meta.update(gm.meta)
+    return RewriteResult(new_gm, states, changed=bool(rewritten))
+
+
+def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mode: str) -> None:
+    node = old_to_new[site.node]
+    x = old_to_new[site.x] if isinstance(site.x, fx.Node) else site.x
+    weight = old_to_new[site.weight]
+    bias = old_to_new[site.bias] if isinstance(site.bias, fx.Node) else site.bias
+    # addmm broadcasts any bias shape; the op takes the 1-D bias of F.linear only.
+    separate_bias = bias is not None and _ndim(bias) != 1
+    with graph.inserting_before(node):
+        call = graph.call_function(
+            SPARSE_LINEAR, (x, weight, None if separate_bias else bias, *extra, state.block_size, saliency_mode)
+        )
+        result = graph.call_function(torch.add, (call, bias)) if separate_bias else call
+    call.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+    if site.transpose is not None:
+        transpose = old_to_new[site.transpose]
+        if not transpose.users:
+            graph.erase_node(transpose)
+
+
+def _ndim(node) -> int:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else node
+    return value.dim() if isinstance(value, torch.Tensor) else -1
