@@ -11,7 +11,7 @@ buffer                             shape/dtype  meaning
 ``weight_saliency``                [R, C] f32   running sum of per-block scores
 ``weight_saliency_dense_grad_sq``  [R, C] f32   running sum of |dense grad|^2, inactive blocks
 ``weight_saliency_score_dense``    [] bool      fill dense_grad_sq on this step?
-``weight_saliency_skipped``        [] int32     backward calls skipped for non-finite scores
+``weight_saliency_counters``       [2] int64    [rows seen by backward, calls skipped]
 =================================  ===========  =========================================
 
 so they are in ``model.state_dict()`` as ``fc.weight_block_mask`` and so on. The
@@ -51,7 +51,7 @@ BUFFER_SUFFIXES = (
     "saliency",
     "saliency_dense_grad_sq",
     "saliency_score_dense",
-    "saliency_skipped",
+    "saliency_counters",
 )
 
 
@@ -75,8 +75,9 @@ class LayerState:
     saliency: torch.Tensor
     dense_grad_sq: torch.Tensor
     score_dense: torch.Tensor
-    skipped: torch.Tensor
+    counters: torch.Tensor
     module_ref: Optional[weakref.ReferenceType] = None
+    weight_ref: Optional[weakref.ReferenceType] = None
 
     @classmethod
     def create(cls, name: str, param_name: str, weight: torch.Tensor, block_size: int) -> "LayerState":
@@ -92,12 +93,13 @@ class LayerState:
             saliency=torch.zeros(grid, dtype=torch.float32, device=dev),
             dense_grad_sq=torch.zeros(grid, dtype=torch.float32, device=dev),
             score_dense=torch.zeros((), dtype=torch.bool, device=dev),
-            skipped=torch.zeros((), dtype=torch.int32, device=dev),
+            counters=torch.zeros(2, dtype=torch.int64, device=dev),
+            weight_ref=weakref.ref(weight),
         )
 
     def tensors(self) -> List[torch.Tensor]:
         """The op's state arguments, in the op's order."""
-        return [self.block_mask, self.saliency, self.dense_grad_sq, self.score_dense, self.skipped]
+        return [self.block_mask, self.saliency, self.dense_grad_sq, self.score_dense, self.counters]
 
     def buffer_names(self) -> List[str]:
         return [f"{self.param_name}_{suffix}" for suffix in BUFFER_SUFFIXES]
@@ -105,6 +107,10 @@ class LayerState:
     @property
     def module(self) -> Optional[nn.Module]:
         return None if self.module_ref is None else self.module_ref()
+
+    @property
+    def weight(self) -> Optional[torch.nn.Parameter]:
+        return None if self.weight_ref is None else self.weight_ref()
 
     @property
     def grid(self) -> Tuple[int, int]:

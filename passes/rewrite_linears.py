@@ -3,7 +3,7 @@
 Requires: the decisions of ``decide_layers`` for the graph ``gm`` that Dynamo handed over.
 Ensures: a new GraphModule whose placeholders are Dynamo's, in order, followed by five
 placeholders per rewritten weight (block mask, saliency, dense-grad scores, score flag,
-skipped counter: ``LayerState.tensors()`` order); every rewritten site calls the op; the
+counters: ``LayerState.tensors()`` order); every rewritten site calls the op; the
 transposes it consumed are gone; the graph lints. Dynamo's own GraphModule is not
 touched (Dynamo re-reads its placeholders' ``grapharg`` after the backend returns).
 

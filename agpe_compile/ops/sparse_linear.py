@@ -4,20 +4,21 @@ Two custom ops, so that each is opaque to Dynamo/AOTAutograd and can later get p
 fast kernels without touching the graph rewrite:
 
 * ``agpe::sparse_linear(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense,
-  skipped, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
+  counters, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
 * ``agpe::sparse_linear_backward(grad_out, x, weight, block_mask, saliency, dense_grad_sq,
-  score_dense, skipped, block_size, saliency_mode, need_input_grad, need_weight_grad)
+  score_dense, counters, block_size, saliency_mode, need_input_grad, need_weight_grad)
   -> (grad_input, grad_weight)`` -- mutates ``saliency``, ``dense_grad_sq`` and
-  ``skipped`` (declared in ``mutates_args``), see Note [Saliency buffers] in reference.py.
+  ``counters`` (declared in ``mutates_args``), see Note [Saliency buffers] in reference.py.
 
-The backward adds a call's scores only when all of them are finite; otherwise it adds
-nothing and increments the 0-d ``skipped`` counter, so one overflowing mixed-precision
-step cannot poison the running sums. All of this is decided on tensors: toggling
-``score_dense`` or hitting a non-finite gradient never recompiles.
+The backward adds the rows it saw to ``counters[0]`` (for FLOP accounting) and a call's
+scores only when all of them are finite; otherwise it adds no scores and increments
+``counters[1]``, so one overflowing mixed-precision step cannot poison the running sums.
+All of this is decided on tensors: toggling ``score_dense`` or hitting a non-finite
+gradient never recompiles.
 
 Example::
 
-    >>> y = torch.ops.agpe.sparse_linear(x, w, None, mask, sal, dgs, flag, skipped, 32, "taylor")
+    >>> y = torch.ops.agpe.sparse_linear(x, w, None, mask, sal, dgs, flag, counters, 32, "taylor")
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def sparse_linear(
     saliency: torch.Tensor,
     dense_grad_sq: torch.Tensor,
     score_dense: torch.Tensor,
-    skipped: torch.Tensor,
+    counters: torch.Tensor,
     block_size: int,
     saliency_mode: str,
 ) -> torch.Tensor:
@@ -68,12 +69,12 @@ def sparse_linear(
 
 
 @sparse_linear.register_fake
-def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, skipped, block_size, saliency_mode):
+def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, saliency_mode):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op(
-    "agpe::sparse_linear_backward", mutates_args=("saliency", "dense_grad_sq", "skipped")
+    "agpe::sparse_linear_backward", mutates_args=("saliency", "dense_grad_sq", "counters")
 )
 def sparse_linear_backward(
     grad_out: torch.Tensor,
@@ -83,7 +84,7 @@ def sparse_linear_backward(
     saliency: torch.Tensor,
     dense_grad_sq: torch.Tensor,
     score_dense: torch.Tensor,
-    skipped: torch.Tensor,
+    counters: torch.Tensor,
     block_size: int,
     saliency_mode: str,
     need_input_grad: bool,
@@ -93,8 +94,9 @@ def sparse_linear_backward(
         grad_out, x, weight, block_mask, block_size, need_input_grad, need_weight_grad
     )
     if need_weight_grad:
+        rows = x.numel() // x.shape[-1]
         _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, dense_grad_sq,
-                           score_dense, skipped, block_size, saliency_mode)
+                           score_dense, counters, rows, block_size, saliency_mode)
     if grad_input is None:
         grad_input = x.new_empty(_EMPTY)
     if grad_weight is None:
@@ -103,7 +105,7 @@ def sparse_linear_backward(
 
 
 def _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, dense_grad_sq,
-                       score_dense, skipped, block_size, saliency_mode) -> None:
+                       score_dense, counters, rows, block_size, saliency_mode) -> None:
     scores = reference.block_scores(weight, grad_weight, block_size, saliency_mode)
     # Only on scoring steps; the flag is a tensor so this is data, not a graph branch.
     dense_sq = reference.inactive_dense_grad_sq(dense_grad, block_mask, block_size)
@@ -111,11 +113,12 @@ def _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, de
     finite = torch.isfinite(scores).all() & torch.isfinite(dense_sq).all()
     saliency.add_(torch.where(finite, scores, torch.zeros_like(scores)))
     dense_grad_sq.add_(torch.where(finite, dense_sq, torch.zeros_like(dense_sq)))
-    skipped.add_((~finite).to(skipped.dtype))
+    counters[0] += rows
+    counters[1] += (~finite).to(counters.dtype)
 
 
 @sparse_linear_backward.register_fake
-def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped, block_size,
+def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size,
       saliency_mode, need_input_grad, need_weight_grad):
     grad_input = torch.empty_like(x) if need_input_grad else x.new_empty(_EMPTY)
     grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(_EMPTY)
@@ -123,18 +126,18 @@ def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, ski
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, skipped, block_size, mode = inputs
-    ctx.save_for_backward(x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped)
+    x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, mode = inputs
+    ctx.save_for_backward(x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters)
     ctx.block_size = block_size
     ctx.saliency_mode = mode
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped = ctx.saved_tensors
+    x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters = ctx.saved_tensors
     need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
     grad_input, grad_weight = torch.ops.agpe.sparse_linear_backward(
-        grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, skipped,
+        grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,
         ctx.block_size, ctx.saliency_mode, need_input_grad, need_weight_grad,
     )
     grad_bias = None
