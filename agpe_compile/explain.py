@@ -6,6 +6,9 @@ Example::
     >>> print(report)                        # rewritten graph(s) + per-layer table + graph breaks
     >>> [(l.name, l.rewritten, l.reason) for l in report.layers]
     [('fc1', True, None), ('head', False, "excluded by pattern 'head'")]
+
+``lowering`` says how a rewritten layer runs: ``sparse_linear`` (the block-sparse op) or
+``masked_weight`` (W*M handed to a fused attention op, dense compute).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class LayerRecord:
     rewritten: bool
     reason: Optional[str]
     graph: int
+    lowering: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -57,7 +61,7 @@ def _table(layers: List[LayerRecord]) -> str:
             "-" if r.block_size is None else str(r.block_size),
             "-" if r.density is None else f"{r.density:.3f}",
             str(r.graph),
-            "yes" if r.rewritten else f"no: {r.reason}",
+            f"yes ({r.lowering})" if r.rewritten else f"no: {r.reason}",
         )
         for r in layers
     ]
@@ -73,7 +77,8 @@ def _records(graph: GraphRecord) -> List[LayerRecord]:
     for d in graph.decisions:
         st = d.state
         out.append(LayerRecord(d.name, d.shape, None if st is None else st.block_size,
-                               None if st is None else st.density, d.rewritten, d.reason, graph.index))
+                               None if st is None else st.density, d.rewritten, d.reason, graph.index,
+                               d.lowering))
     return out
 
 

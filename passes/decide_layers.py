@@ -39,6 +39,13 @@ class LayerDecision:
     def rewritten(self) -> bool:
         return self.state is not None
 
+    @property
+    def lowering(self) -> Optional[str]:
+        """``sparse_linear``, ``masked_weight`` (dense compute inside a fused op) or both."""
+        if not self.rewritten:
+            return None
+        return "+".join(sorted({"masked_weight" if s.form == "masked_weight" else "sparse_linear" for s in self.sites}))
+
 
 def source_path(placeholder: fx.Node) -> Optional[str]:
     """``fc.weight`` for a placeholder whose Dynamo source is ``L['self']._modules['fc']._parameters['weight']``."""
@@ -78,6 +85,8 @@ def decide_layers(
     by_weight: Dict[fx.Node, List[LinearSite]] = {}
     decisions: List[LayerDecision] = []
     for site in sites:
+        if site.form == "masked_weight" and not isinstance(examples.get(site.weight), torch.nn.Parameter):
+            continue  # a 2-D activation handed to a fused attention op, not a weight
         if site.weight.op != "placeholder":
             decisions.append(LayerDecision(site.weight.name, site.weight, [site], (), None,
                                            "weight is computed in the graph, not a parameter"))

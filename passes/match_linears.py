@@ -15,6 +15,10 @@ pattern                                     written by the user as
 ==========================================  ==========================================
 
 where ``t(W)`` is ``W.t()``, ``W.T``, ``torch.t(W)`` or a transpose/permute of dims 0, 1.
+A 2-D placeholder passed to a fused attention op (``F.multi_head_attention_forward``, the
+eval fast paths of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer``) is a site of
+form ``masked_weight``: the op runs the projections internally, so the backend hands it
+``W * M`` instead (see agpe_compile/ops/masked_weight.py).
 A placeholder that reaches a matmul-like op any other way (``x @ W``, ``W @ x``) is an
 *unmatched use*: the backend reports it instead of silently skipping it.
 """
@@ -32,6 +36,15 @@ LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm)
 ADDMM_TARGETS = (torch.addmm,)
 EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
+FUSED_ATTENTION_TARGETS = tuple(
+    op
+    for op in (
+        torch.nn.functional.multi_head_attention_forward,
+        getattr(torch, "_transformer_encoder_layer_fwd", None),
+        getattr(torch, "_native_multi_head_attention", None),
+    )
+    if op is not None
+)
 
 
 @dataclasses.dataclass
@@ -39,7 +52,7 @@ class LinearSite:
     """One ``x @ W^T + b`` computation found in the graph."""
 
     node: fx.Node
-    x: fx.Node
+    x: Optional[fx.Node]
     weight: fx.Node
     bias: Optional[fx.Node]
     form: str
@@ -78,30 +91,46 @@ def _transposed_placeholder(node) -> Optional[fx.Node]:
     return None
 
 
-def _match(node: fx.Node) -> Tuple[Optional[LinearSite], List[UnmatchedUse]]:
+def _fused_weight_sites(node: fx.Node) -> List[LinearSite]:
+    sites = []
+    for arg in (*node.args, *node.kwargs.values()):
+        if isinstance(arg, fx.Node) and arg.op == "placeholder" and _ndim(arg) == 2:
+            if all(site.weight is not arg for site in sites):
+                sites.append(LinearSite(node, None, arg, None, "masked_weight"))
+    return sites
+
+
+def _ndim(node: fx.Node) -> int:
+    value = node.meta.get("example_value")
+    return value.dim() if isinstance(value, torch.Tensor) else -1
+
+
+def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
     if node.op != "call_function":
-        return None, []
+        return [], []
+    if node.target in FUSED_ATTENTION_TARGETS:
+        return _fused_weight_sites(node), []
     if node.target in LINEAR_TARGETS:
         args = list(node.args) + [None] * 3
         x = args[0]
         weight = args[1] if args[1] is not None else node.kwargs.get("weight")
         bias = args[2] if args[2] is not None else node.kwargs.get("bias")
         if isinstance(weight, fx.Node):
-            return LinearSite(node, x, weight, bias, "linear"), []
-        return None, []
+            return [LinearSite(node, x, weight, bias, "linear")], []
+        return [], []
     if node.target in MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
         x, rhs = node.args
         weight = _transposed_placeholder(rhs)
         if weight is not None:
-            return LinearSite(node, x, weight, None, "matmul", transpose=rhs), []
-        return None, _unmatched(node, (x, rhs))
+            return [LinearSite(node, x, weight, None, "matmul", transpose=rhs)], []
+        return [], _unmatched(node, (x, rhs))
     if node.target in ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
         bias, x, rhs = node.args
         weight = _transposed_placeholder(rhs)
         if weight is not None:
-            return LinearSite(node, x, weight, bias, "addmm", transpose=rhs), []
-        return None, _unmatched(node, (x, rhs))
-    return None, []
+            return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
+        return [], _unmatched(node, (x, rhs))
+    return [], []
 
 
 def _unmatched(node: fx.Node, operands) -> List[UnmatchedUse]:
@@ -118,9 +147,8 @@ def find_linear_sites(graph: fx.Graph) -> Tuple[List[LinearSite], List[Unmatched
     sites: List[LinearSite] = []
     unmatched: List[UnmatchedUse] = []
     for node in graph.nodes:
-        site, misses = _match(node)
-        if site is not None:
-            sites.append(site)
+        found, misses = _match(node)
+        sites.extend(found)
         unmatched.extend(misses)
     return sites, unmatched
 

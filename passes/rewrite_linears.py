@@ -39,6 +39,7 @@ from agpe_compile.state import BUFFER_SUFFIXES, LayerState
 from .decide_layers import LayerDecision
 
 SPARSE_LINEAR = torch.ops.agpe.sparse_linear.default
+MASKED_WEIGHT = torch.ops.agpe.masked_weight.default
 
 
 @dataclasses.dataclass
@@ -94,6 +95,13 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency
 
 def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mode: str) -> None:
     node = old_to_new[site.node]
+    if site.form == "masked_weight":
+        weight = old_to_new[site.weight]
+        with graph.inserting_before(node):
+            masked = graph.call_function(MASKED_WEIGHT, (weight, *extra, state.block_size, saliency_mode))
+        masked.meta["example_value"] = weight.meta.get("example_value")
+        node.replace_input_with(weight, masked)
+        return
     x = old_to_new[site.x] if isinstance(site.x, fx.Node) else site.x
     weight = old_to_new[site.weight]
     bias = old_to_new[site.bias] if isinstance(site.bias, fx.Node) else site.bias
