@@ -176,6 +176,16 @@ def layer_name(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
 
 
+def pattern_reason(name: str, config: BackendConfig) -> Optional[str]:
+    """Why the include/exclude patterns keep layer ``name`` dense, or None."""
+    if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        return f"not matched by include patterns {list(config.include)}"
+    for pattern in config.exclude:
+        if fnmatch.fnmatchcase(name, pattern):
+            return f"excluded by pattern {pattern!r}"
+    return None
+
+
 def skip_reason(
     name: str, weight: torch.Tensor, config: BackendConfig, block_size: int
 ) -> Optional[str]:
@@ -186,11 +196,9 @@ def skip_reason(
         return f"weight is {weight.dim()}-D, not 2-D"
     if not weight.dtype.is_floating_point:
         return f"weight dtype {weight.dtype} is not floating point"
-    if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-        return f"not matched by include patterns {list(config.include)}"
-    for pattern in config.exclude:
-        if fnmatch.fnmatchcase(name, pattern):
-            return f"excluded by pattern {pattern!r}"
+    reason = pattern_reason(name, config)
+    if reason is not None:
+        return reason
     n, k = weight.shape
     if n % block_size or k % block_size:
         return f"shape {n}x{k} not divisible by block size {block_size}"

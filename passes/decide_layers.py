@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from agpe_compile.config import BackendConfig
-from agpe_compile.state import STATE_ATTR, LayerState, layer_name, skip_reason, state_of
+from agpe_compile.state import STATE_ATTR, LayerState, layer_name, pattern_reason, skip_reason, state_of
 
 from .match_linears import LinearSite, UnmatchedUse, embedding_weights
 
@@ -115,6 +115,9 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig) -> LayerDec
                 f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r} was "
                 f"prepared with block size {state.block_size}; expected {state.block_size} or unset"
             )
+        reason = pattern_reason(state.name, config)
+        if reason is not None:
+            return LayerDecision(state.name, weight_node, sites, shape, None, reason)
         return LayerDecision(state.name, weight_node, sites, shape, state, None)
     reason = skip_reason(name, weight, config, config.resolved_block_size)
     if reason is None and weight_node in tied:

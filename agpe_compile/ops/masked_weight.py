@@ -68,13 +68,17 @@ def _(grad, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, 
 
 def _setup_context(ctx, inputs, output) -> None:
     weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, mode = inputs
-    ctx.save_for_backward(weight, block_mask, saliency, dense_grad_sq, score_dense, counters)
+    ctx.save_for_backward(weight, block_mask)
+    # The accumulators are mutated by every backward that uses them: saving them would trip
+    # autograd's version check when one weight feeds several calls (see test_golden).
+    ctx.accumulators = (saliency, dense_grad_sq, score_dense, counters)
     ctx.block_size = block_size
     ctx.saliency_mode = mode
 
 
 def _backward(ctx, grad):
-    weight, block_mask, saliency, dense_grad_sq, score_dense, counters = ctx.saved_tensors
+    weight, block_mask = ctx.saved_tensors
+    saliency, dense_grad_sq, score_dense, counters = ctx.accumulators
     grad_weight = torch.ops.agpe.masked_weight_backward(
         grad, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,
         ctx.block_size, ctx.saliency_mode,

@@ -127,14 +127,18 @@ def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, cou
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, mode = inputs
-    ctx.save_for_backward(x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters)
+    ctx.save_for_backward(x, weight, block_mask)
+    # The accumulators are mutated by every backward that uses them: saving them would trip
+    # autograd's version check when one weight feeds several calls (see test_golden).
+    ctx.accumulators = (saliency, dense_grad_sq, score_dense, counters)
     ctx.block_size = block_size
     ctx.saliency_mode = mode
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters = ctx.saved_tensors
+    x, weight, block_mask = ctx.saved_tensors
+    saliency, dense_grad_sq, score_dense, counters = ctx.accumulators
     need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
     grad_input, grad_weight = torch.ops.agpe.sparse_linear_backward(
         grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,

@@ -1,0 +1,153 @@
+"""The backend as a user meets it: entry point, no-recompile, unprepared models, explain."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import agpe_compile
+from agpe_compile.state import layer_states
+
+from .models import MLP, BrokenMLP, TiedLM, aot_backend, set_random_masks
+
+
+def test_entry_point_without_import_and_with_options():
+    """backend="agpe" resolves through the installed entry point; no double registration."""
+    script = textwrap.dedent("""
+        import torch
+        m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+        out = torch.compile(m, backend="agpe", options={"inductor": False, "block_size": 16})(torch.randn(4, 32))
+        out.sum().backward()
+        assert "agpe_compile" in __import__("sys").modules
+        print(sorted(k for k in m.state_dict() if "mask" in k))
+        try:
+            torch.compile(m, backend="agpe", options={"bogus": 1})(torch.randn(4, 32))
+        except Exception as e:
+            print(type(e).__name__, "bogus" in str(e))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    # compiled without prepare(): states exist but are not yet module buffers
+    assert lines[0] == "[]"
+    assert lines[1].endswith("True")
+
+
+def test_mask_edits_across_ten_steps_never_recompile():
+    torch.manual_seed(0)
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(8, 64)).sum().backward()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for step in range(10):
+            set_random_masks(model, density=1.0 - 0.09 * step, seed=step)
+            compiled(torch.randn(8, 64)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_score_flag_toggles_without_recompile():
+    torch.manual_seed(0)
+    model = MLP()
+    states = agpe_compile.prepare(model, options={"block_size": 16})
+    set_random_masks(model, 0.5)
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(8, 64)).sum().backward()
+    state = states["layers.0"]
+    assert float(state.dense_grad_sq.sum()) == 0.0
+    with torch.compiler.set_stance("fail_on_recompile"):
+        state.score_dense.fill_(True)
+        compiled(torch.randn(8, 64)).sum().backward()
+    inactive = ~state.block_mask
+    assert torch.all(state.dense_grad_sq[inactive] > 0)
+    assert torch.all(state.dense_grad_sq[state.block_mask] == 0)
+    assert state.counters[0].item() == 16  # two backward calls of 8 rows
+
+
+def test_unprepared_model_is_dense_then_adopted_by_prepare():
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(8, 64)
+    compiled = torch.compile(model, backend=aot_backend(block_size=16))
+    expected = model(x)
+    torch.testing.assert_close(compiled(x), expected)
+    compiled(x).sum().backward()
+    states = layer_states(model)
+    assert set(states) == {"layers.0", "layers.1", "layers.2"}
+    assert all(s.block_mask.all() and float(s.saliency.sum()) > 0 for s in states.values())
+    assert not any("mask" in k for k in model.state_dict())
+    adopted = agpe_compile.prepare(model)
+    assert all(adopted[name] is states[name] for name in states)
+    assert model.layers[0].weight_block_mask is states["layers.0"].block_mask
+    # The controller's edits now reach the already-compiled code through the same tensors.
+    states["layers.0"].block_mask.zero_()
+    with torch.no_grad():
+        model.layers[0].weight.zero_()
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_replacing_a_buffer_instead_of_editing_in_place_raises():
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(2, 64))
+    model.layers[0].weight_block_mask = torch.zeros_like(model.layers[0].weight_block_mask)
+    with pytest.raises(RuntimeError, match="was replaced by a new tensor"):
+        compiled(torch.randn(2, 64))
+
+
+def test_block_size_conflict_with_prepared_layers():
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    with pytest.raises(Exception, match="prepared with block size 16"):
+        torch.compile(model, backend=aot_backend(block_size=32))(torch.randn(2, 64))
+
+
+def test_state_dict_round_trip_keeps_buffer_identity():
+    model = MLP()
+    states = agpe_compile.prepare(model, options={"block_size": 16})
+    set_random_masks(model, 0.5)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    other = MLP()
+    other_states = agpe_compile.prepare(other, options={"block_size": 16})
+    mask_before = other_states["layers.0"].block_mask
+    other.load_state_dict(saved)
+    assert other.layers[0].weight_block_mask is mask_before
+    assert torch.equal(mask_before, states["layers.0"].block_mask)
+
+
+def test_prepare_rejects_non_module_and_skips_tied():
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        agpe_compile.prepare("model")
+    states = agpe_compile.prepare(TiedLM(64, 32), options={"block_size": 16})
+    assert set(states) == {"fc"}
+
+
+def test_explain_report():
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 16})
+    set_random_masks(model, 0.5)
+    report = agpe_compile.explain(model, torch.randn(4, 32), options={"exclude": ["layers.1"]})
+    assert [(r.name, r.rewritten, r.reason) for r in report.layers] == [
+        ("layers.0", True, None),
+        ("layers.1", False, "excluded by pattern 'layers.1'"),
+    ]
+    assert report.layers[0].density == 0.5 and report.layers[0].lowering == "sparse_linear"
+    text = str(report)
+    assert "torch.ops.agpe.sparse_linear.default" in text
+    assert "layers.1  16x32" in text and "no: excluded by pattern 'layers.1'" in text
+    assert report.graph_breaks == []
+
+
+def test_explain_lists_graph_breaks():
+    report = agpe_compile.explain(BrokenMLP((32, 32, 16)), torch.randn(4, 32), options={"block_size": 16})
+    assert len(report.graphs) == 2
+    assert len(report.graph_breaks) == 1 and "graph_break" in report.graph_breaks[0]
+    assert [r.graph for r in report.layers] == [0, 1]
+    assert "1 graph break(s)" in str(report)
