@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the test suite (CPU; GPU tests skip without CUDA). Installs what it needs first.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/env.sh"
+cd "$ROOT"
+exec python -m pytest -q -p no:cacheprovider "$@"
