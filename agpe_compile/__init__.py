@@ -8,6 +8,15 @@ Example::
     >>> print(agpe_compile.explain(model, x))
 """
 
+import importlib.util as _importlib_util
+import os as _os
+
+# passes/ sits at the top of the repository and is installed as agpe_compile.passes. Run
+# from a plain checkout (PYTHONPATH=., as on the GPU machine), map it the same way.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _importlib_util.find_spec("agpe_compile.passes") is None and _os.path.isdir(_os.path.join(_checkout, "passes")):
+    __path__.append(_checkout)
+
 from . import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from .backend import AgpeBackend, agpe_backend
 from .config import BackendConfig
