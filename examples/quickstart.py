@@ -6,51 +6,22 @@ Masks are set by hand here (half the blocks of every layer); the Sparsifier
 (agpe_compile.Sparsifier) is what changes them during real training.
 """
 
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import agpe_compile
 
-
-class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.fc1 = nn.Linear(d_model, 4 * d_model)
-        self.fc2 = nn.Linear(4 * d_model, d_model)
-
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
-        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, vocab: int = 96, d_model: int = 128, n_heads: int = 4, n_layers: int = 2, seq: int = 64):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(seq, d_model)
-        self.blocks = nn.Sequential(*[Block(d_model, n_heads) for _ in range(n_layers)])
-        self.ln = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab, bias=False)
-
-    def forward(self, idx):
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.head(self.ln(self.blocks(self.tok(idx) + self.pos(pos))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpt import GPT  # noqa: E402
 
 
 def main() -> None:
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = GPT(vocab=96, d_model=128, n_heads=4, n_layers=2, seq_len=64)
     states = agpe_compile.prepare(model, options={"block_size": 32, "exclude": ["head"]})
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
