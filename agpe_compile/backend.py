@@ -7,7 +7,7 @@ through the ``torch_dynamo_backends`` entry point. The pipeline, in order:
 2. ``find_linear_sites``: every ``x @ W^T + b`` in Dynamo's graph.
 3. ``decide_layers``: which weights are rewritten (attaching their LayerState) and why
    the others are not.
-4. ``rewrite_linears``: a copy of the graph with ``agpe::sparse_linear`` calls and five
+4. ``rewrite_linears``: a copy of the graph with ``agpe::sparse_linear`` calls and six
    extra placeholders per layer (Note [Extra graph inputs] in passes/rewrite_linears.py).
 5. lower the copy with Inductor (``compile_fx``) or aot_eager.
 6. return :class:`AgpeCompiledGraph`, which appends the layers' live tensors to every call.
@@ -59,6 +59,13 @@ class AgpeCompiledGraph:
     def __call__(self, *args):
         for state in self.states:
             state.check_identity()
+            state.sync_layout()
+        if any(a is not b for a, b in zip(self.extra, (t for s in self.states for t in s.tensors()))):
+            raise RuntimeError(
+                "agpe: a layer changed layout bucket, but this graph was compiled before "
+                "agpe_compile.prepare() registered the hook that lets Dynamo see it; prepare the "
+                "model before torch.compile (or call torch._dynamo.reset() and compile again)"
+            )
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
         return self.compiled(*args, *self.extra)

@@ -12,6 +12,7 @@ buffer                             shape/dtype  meaning
 ``weight_saliency_dense_grad_sq``  [R, C] f32   running sum of |dense grad|^2, inactive blocks
 ``weight_saliency_score_dense``    [] bool      fill dense_grad_sq on this step?
 ``weight_saliency_counters``       [2] int64    [rows seen by backward, calls skipped]
+``weight_block_layout``            [L] int32    index tensors of the mask for the kernels
 =================================  ===========  =========================================
 
 so they are in ``model.state_dict()`` as ``fc.weight_block_mask`` and so on. The
@@ -23,6 +24,9 @@ and its call wrapper appends the state's tensors to every call. No global regist
 Invariant: a buffer's identity never changes, only its contents. Edit masks in place
 (``mask.copy_(new)``, ``mask[0, 1] = False``); ``load_state_dict`` copies in place too.
 Assigning a new tensor to the attribute is detected by the call wrapper, which raises.
+The one exception is ``weight_block_layout`` (Note [Packed layout]): it is derived from
+the mask, resynced in place by the call wrapper whenever the mask changed, and replaced
+only by :func:`agpe_compile.rebucket` when a layer's density crosses a bucket.
 
 A model compiled without :func:`prepare` gets states created by the backend (all blocks
 active); they are not yet module buffers, and :func:`prepare` (which the controller calls)
@@ -42,16 +46,20 @@ import torch
 from torch import nn
 
 from .config import BackendConfig
+from .layout import DEFAULT_BUCKETS, BlockLayout, update_layout_
+from .packed_layout import build_packed, unpack
 
 log = logging.getLogger(__name__)
 
 STATE_ATTR = "_agpe_state"
+LAYOUT_NAMES_ATTR = "_agpe_layout_buffers"
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
     "saliency_dense_grad_sq",
     "saliency_score_dense",
     "saliency_counters",
+    "block_layout",
 )
 
 
@@ -76,6 +84,9 @@ class LayerState:
     dense_grad_sq: torch.Tensor
     score_dense: torch.Tensor
     counters: torch.Tensor
+    block_layout: torch.Tensor
+    layout_bucket: float = 1.0
+    layout_mask_version: int = -1
     module_ref: Optional[weakref.ReferenceType] = None
     weight_ref: Optional[weakref.ReferenceType] = None
 
@@ -84,22 +95,28 @@ class LayerState:
         n, k = weight.shape
         grid = (n // block_size, k // block_size)
         dev = weight.device
+        block_mask = torch.ones(grid, dtype=torch.bool, device=dev)
+        block_layout, bucket = build_packed(block_mask, block_size, DEFAULT_BUCKETS)
         return cls(
             name=name,
             param_name=param_name,
             block_size=block_size,
             weight_shape=(n, k),
-            block_mask=torch.ones(grid, dtype=torch.bool, device=dev),
+            block_mask=block_mask,
             saliency=torch.zeros(grid, dtype=torch.float32, device=dev),
             dense_grad_sq=torch.zeros(grid, dtype=torch.float32, device=dev),
             score_dense=torch.zeros((), dtype=torch.bool, device=dev),
             counters=torch.zeros(2, dtype=torch.int64, device=dev),
+            block_layout=block_layout,
+            layout_bucket=bucket,
+            layout_mask_version=block_mask._version,
             weight_ref=weakref.ref(weight),
         )
 
     def tensors(self) -> List[torch.Tensor]:
         """The op's state arguments, in the op's order."""
-        return [self.block_mask, self.saliency, self.dense_grad_sq, self.score_dense, self.counters]
+        return [self.block_mask, self.saliency, self.dense_grad_sq, self.score_dense, self.counters,
+                self.block_layout]
 
     def buffer_names(self) -> List[str]:
         return [f"{self.param_name}_{suffix}" for suffix in BUFFER_SUFFIXES]
@@ -120,13 +137,50 @@ class LayerState:
     def density(self) -> float:
         return float(self.block_mask.float().mean())
 
+    @property
+    def layout_buffer_name(self) -> str:
+        return f"{self.param_name}_block_layout"
+
+    def layout(self) -> BlockLayout:
+        """The kernels' view of ``block_layout`` (Note [Packed layout])."""
+        return unpack(self.block_layout, self.grid, self.block_size)
+
+    def sync_layout(self) -> None:
+        """Rewrite the layout in place if the mask changed since the last sync.
+
+        Raises if the mask no longer fits the layout's bucket: that needs
+        :func:`agpe_compile.rebucket` (between steps, not inside a compiled call).
+        """
+        version = self.block_mask._version
+        if version == self.layout_mask_version:
+            return
+        if not update_layout_(self.layout(), self.block_mask):
+            raise RuntimeError(
+                f"agpe: layer {self.name!r} has density {self.density:.3f}, above the capacity of its "
+                f"layout bucket {self.layout_bucket}; call agpe_compile.rebucket(model) after changing "
+                f"masks (the Sparsifier does this at its update steps)"
+            )
+        self.layout_mask_version = self.block_mask._version
+
     def attach(self, module: nn.Module) -> None:
-        """Register the tensors as buffers of ``module`` (same objects, no copy)."""
+        """Register the tensors as buffers of ``module`` (same objects, no copy).
+
+        Also registers a forward pre-hook that reads the layout buffer, so Dynamo guards on
+        its length: a bucket crossing (a new length) recompiles once, in-place edits never.
+        Dynamo only sees hooks that exist when it first compiles: prepare before compiling.
+        """
         for buffer_name, tensor in zip(self.buffer_names(), self.tensors()):
             existing = module._buffers.get(buffer_name)
             if existing is not None and existing is not tensor:
                 raise RuntimeError(f"agpe: {self.name}: buffer {buffer_name!r} already exists")
             module.register_buffer(buffer_name, tensor)
+        names = getattr(module, LAYOUT_NAMES_ATTR, None)
+        if names is None:
+            names = []
+            setattr(module, LAYOUT_NAMES_ATTR, names)
+            module.register_forward_pre_hook(_read_layouts)
+        if self.layout_buffer_name not in names:
+            names.append(self.layout_buffer_name)
         self.module_ref = weakref.ref(module)
 
     def check_identity(self) -> None:
@@ -140,6 +194,12 @@ class LayerState:
                     f"agpe: buffer {self.name}.{buffer_name} was replaced by a new tensor; compiled "
                     f"code still uses the old one. Edit it in place instead (e.g. .copy_(new))."
                 )
+
+
+def _read_layouts(module: nn.Module, args) -> None:
+    """Forward pre-hook: touching the layout buffers makes Dynamo guard on their shapes."""
+    for name in getattr(module, LAYOUT_NAMES_ATTR):
+        getattr(module, name)
 
 
 def state_of(param: torch.Tensor) -> Optional[LayerState]:

@@ -1,9 +1,9 @@
 """Rewrite linear sites into ``torch.ops.agpe.sparse_linear`` calls on a COPY of the graph.
 
 Requires: the decisions of ``decide_layers`` for the graph ``gm`` that Dynamo handed over.
-Ensures: a new GraphModule whose placeholders are Dynamo's, in order, followed by five
+Ensures: a new GraphModule whose placeholders are Dynamo's, in order, followed by six
 placeholders per rewritten weight (block mask, saliency, dense-grad scores, score flag,
-counters: ``LayerState.tensors()`` order); every rewritten site calls the op; the
+counters, packed layout: ``LayerState.tensors()`` order); every rewritten site calls the op; the
 transposes it consumed are gone; the graph lints. Dynamo's own GraphModule is not
 touched (Dynamo re-reads its placeholders' ``grapharg`` after the backend returns).
 
@@ -20,7 +20,7 @@ and the rewritten copy is::
         sparse_linear = torch.ops.agpe.sparse_linear(l_x_, l_..._weight_, l_..._bias_,
                                                      agpe_fc_block_mask, agpe_fc_saliency, ..., 32, 'taylor')
 
-The backend's call wrapper appends the five tensors of each layer to Dynamo's arguments
+The backend's call wrapper appends the six tensors of each layer to Dynamo's arguments
 on every call, so the compiled code reads the live buffers: editing a mask in place takes
 effect on the next call and never recompiles.
 """
@@ -98,7 +98,8 @@ def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mo
     if site.form == "masked_weight":
         weight = old_to_new[site.weight]
         with graph.inserting_before(node):
-            masked = graph.call_function(MASKED_WEIGHT, (weight, *extra, state.block_size, saliency_mode))
+            # The fused op runs dense, so the layout (the last extra input) is not needed.
+            masked = graph.call_function(MASKED_WEIGHT, (weight, *extra[:5], state.block_size, saliency_mode))
         masked.meta["example_value"] = weight.meta.get("example_value")
         node.replace_input_with(weight, masked)
         return

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from agpe_compile.layout import DEFAULT_BUCKETS
 from agpe_compile.ops import reference
+from agpe_compile.packed_layout import build_packed
 
 from .tolerances import assert_close
 
@@ -15,7 +17,8 @@ def _state(grid):
 def _args(x, w, b, mask, block_size=16, mode="taylor", flag=False):
     sal, dgs, score, counters = _state(tuple(mask.shape))
     score.fill_(flag)
-    return (x, w, b, mask, sal, dgs, score, counters, block_size, mode)
+    layout, _ = build_packed(mask, block_size, DEFAULT_BUCKETS)
+    return (x, w, b, mask, sal, dgs, score, counters, layout, block_size, mode)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -35,8 +38,10 @@ def test_opcheck_backward_and_masked_weight():
     w = torch.randn(32, 32, requires_grad=True)
     x = torch.randn(5, 32)
     sal, dgs, score, counters = _state((2, 2))
+    layout, _ = build_packed(mask, 16, DEFAULT_BUCKETS)
     torch.library.opcheck(torch.ops.agpe.sparse_linear_backward.default,
-                          (torch.randn(5, 32), x, w.detach(), mask, sal, dgs, score, counters, 16, "taylor", True, True))
+                          (torch.randn(5, 32), x, w.detach(), mask, sal, dgs, score, counters, layout, 16, "taylor",
+                           True, True))
     torch.library.opcheck(torch.ops.agpe.masked_weight.default, (w, mask, sal, dgs, score, counters, 16, "gradient"))
 
 

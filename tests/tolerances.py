@@ -17,3 +17,7 @@ TOLERANCES = {
 def assert_close(actual, expected, msg=""):
     rtol, atol = TOLERANCES[expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
+
+# Per-block saliency sums (fp32): each is a sum of b*b products accumulated in a different
+# order by each path (blocked kernel reduction vs torch.sum), so relative error grows with b.
+SCORE_TOLERANCE = (1e-4, 1e-4)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .sparse_linear import _accumulate_scores, _check_inputs
+from .sparse_linear import _check_inputs, accumulate_scores
 
 
 @torch.library.custom_op("agpe::masked_weight", mutates_args=())
@@ -56,8 +56,9 @@ def masked_weight_backward(
     saliency_mode: str,
 ) -> torch.Tensor:
     grad_weight = grad * reference.expand_block_mask(block_mask, block_size, grad.dtype)
-    _accumulate_scores(weight, grad_weight, grad, block_mask, saliency, dense_grad_sq,
-                       score_dense, counters, 0, block_size, saliency_mode)
+    scores = reference.block_scores(weight, grad_weight, block_size, saliency_mode) * block_mask
+    dense_sq = reference.inactive_dense_grad_sq(grad, block_mask, block_size) * score_dense.to(torch.float32)
+    accumulate_scores(scores, dense_sq, saliency, dense_grad_sq, counters, 0)
     return grad_weight
 
 

@@ -12,8 +12,7 @@ controller reads and resets):
 
 * ``saliency`` += score of each block, from W and the masked gradient G = (dY^T X) * M:
   taylor: sum |W*G|, gradient: sum |G|, magnitude: sum |W|, movement: sum -(W*G).
-  Inactive blocks have W = 0 and G = 0, so they score 0 (except "magnitude" of a weight
-  that was not zeroed, which the controller keeps zero).
+  Inactive blocks score 0 in every mode (the scores are multiplied by the mask).
 * ``dense_grad_sq`` += squared Frobenius norm of the DENSE gradient dY^T X of each
   inactive block, and only when the 0-d ``score_dense`` flag is true. This is what
   regrowth (RigL-style) needs; active blocks get 0 here.

@@ -1,24 +1,26 @@
 """``torch.ops.agpe.sparse_linear``: the op every rewritten linear layer calls.
 
-Two custom ops, so that each is opaque to Dynamo/AOTAutograd and can later get per-device
-fast kernels without touching the graph rewrite:
+Two custom ops, so that each is opaque to Dynamo/AOTAutograd and runs the fastest path
+for its device (ops/paths.py) without touching the graph rewrite:
 
 * ``agpe::sparse_linear(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense,
-  counters, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
+  counters, block_layout, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
 * ``agpe::sparse_linear_backward(grad_out, x, weight, block_mask, saliency, dense_grad_sq,
-  score_dense, counters, block_size, saliency_mode, need_input_grad, need_weight_grad)
-  -> (grad_input, grad_weight)`` -- mutates ``saliency``, ``dense_grad_sq`` and
-  ``counters`` (declared in ``mutates_args``), see Note [Saliency buffers] in reference.py.
+  score_dense, counters, block_layout, block_size, saliency_mode, need_input_grad,
+  need_weight_grad) -> (grad_input, grad_weight)`` -- mutates ``saliency``,
+  ``dense_grad_sq`` and ``counters`` (declared in ``mutates_args``), see Note [Saliency
+  buffers] in reference.py.
 
-The backward adds the rows it saw to ``counters[0]`` (for FLOP accounting) and a call's
-scores only when all of them are finite; otherwise it adds no scores and increments
-``counters[1]``, so one overflowing mixed-precision step cannot poison the running sums.
-All of this is decided on tensors: toggling ``score_dense`` or hitting a non-finite
-gradient never recompiles.
+``block_layout`` is the packed index buffer of the mask (Note [Packed layout]); the call
+wrapper keeps it in sync with ``block_mask``. The backward adds the rows it saw to
+``counters[0]`` (for FLOP accounting) and a call's scores only when all of them are
+finite; otherwise it adds no scores and increments ``counters[1]``, so one overflowing
+mixed-precision step cannot poison the running sums. All of this is decided on tensors:
+toggling ``score_dense`` or hitting a non-finite gradient never recompiles.
 
 Example::
 
-    >>> y = torch.ops.agpe.sparse_linear(x, w, None, mask, sal, dgs, flag, counters, 32, "taylor")
+    >>> y = torch.ops.agpe.sparse_linear(x, w, None, mask, sal, dgs, flag, counters, layout, 32, "taylor")
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import paths
 
 _EMPTY = (0,)
 
@@ -61,15 +63,18 @@ def sparse_linear(
     dense_grad_sq: torch.Tensor,
     score_dense: torch.Tensor,
     counters: torch.Tensor,
+    block_layout: torch.Tensor,
     block_size: int,
     saliency_mode: str,
 ) -> torch.Tensor:
     _check_inputs(x, weight, block_mask, block_size)
-    return reference.forward(x, weight, bias, block_mask, block_size)
+    layout = paths.layout_of(block_layout, block_mask, block_size)
+    return paths.forward(x, weight, bias, block_mask, layout, paths.choose(x, weight, layout))
 
 
 @sparse_linear.register_fake
-def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, saliency_mode):
+def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
+      block_size, saliency_mode):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -85,31 +90,28 @@ def sparse_linear_backward(
     dense_grad_sq: torch.Tensor,
     score_dense: torch.Tensor,
     counters: torch.Tensor,
+    block_layout: torch.Tensor,
     block_size: int,
     saliency_mode: str,
     need_input_grad: bool,
     need_weight_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    grad_input, grad_weight, dense_grad = reference.backward(
-        grad_out, x, weight, block_mask, block_size, need_input_grad, need_weight_grad
-    )
+    layout = paths.layout_of(block_layout, block_mask, block_size)
+    path = paths.choose(x, weight, layout)
+    grad_input = x.new_empty(_EMPTY)
+    grad_weight = weight.new_empty(_EMPTY)
+    if need_input_grad:
+        grad_input = paths.grad_input(grad_out, weight, block_mask, layout, path)
     if need_weight_grad:
-        rows = x.numel() // x.shape[-1]
-        _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, dense_grad_sq,
-                           score_dense, counters, rows, block_size, saliency_mode)
-    if grad_input is None:
-        grad_input = x.new_empty(_EMPTY)
-    if grad_weight is None:
-        grad_weight = weight.new_empty(_EMPTY)
+        grad_weight, scores, dense_sq = paths.grad_weight_and_scores(
+            grad_out, x, weight, block_mask, layout, score_dense, saliency_mode, path
+        )
+        accumulate_scores(scores, dense_sq, saliency, dense_grad_sq, counters, x.numel() // x.shape[-1])
     return grad_input, grad_weight
 
 
-def _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, dense_grad_sq,
-                       score_dense, counters, rows, block_size, saliency_mode) -> None:
-    scores = reference.block_scores(weight, grad_weight, block_size, saliency_mode)
-    # Only on scoring steps; the flag is a tensor so this is data, not a graph branch.
-    dense_sq = reference.inactive_dense_grad_sq(dense_grad, block_mask, block_size)
-    dense_sq = dense_sq * score_dense.to(dense_sq.dtype)
+def accumulate_scores(scores, dense_sq, saliency, dense_grad_sq, counters, rows: int) -> None:
+    """Add one call's scores to the running sums if all are finite, else count a skip."""
     finite = torch.isfinite(scores).all() & torch.isfinite(dense_sq).all()
     saliency.add_(torch.where(finite, scores, torch.zeros_like(scores)))
     dense_grad_sq.add_(torch.where(finite, dense_sq, torch.zeros_like(dense_sq)))
@@ -118,16 +120,17 @@ def _accumulate_scores(weight, grad_weight, dense_grad, block_mask, saliency, de
 
 
 @sparse_linear_backward.register_fake
-def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size,
-      saliency_mode, need_input_grad, need_weight_grad):
+def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
+      block_size, saliency_mode, need_input_grad, need_weight_grad):
     grad_input = torch.empty_like(x) if need_input_grad else x.new_empty(_EMPTY)
     grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(_EMPTY)
     return grad_input, grad_weight
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, mode = inputs
-    ctx.save_for_backward(x, weight, block_mask)
+    (x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
+     block_size, mode) = inputs
+    ctx.save_for_backward(x, weight, block_mask, block_layout)
     # The accumulators are mutated by every backward that uses them: saving them would trip
     # autograd's version check when one weight feeds several calls (see test_golden).
     ctx.accumulators = (saliency, dense_grad_sq, score_dense, counters)
@@ -137,11 +140,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out):
-    x, weight, block_mask = ctx.saved_tensors
+    x, weight, block_mask, block_layout = ctx.saved_tensors
     saliency, dense_grad_sq, score_dense, counters = ctx.accumulators
     need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
     grad_input, grad_weight = torch.ops.agpe.sparse_linear_backward(
-        grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,
+        grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
         ctx.block_size, ctx.saliency_mode, need_input_grad, need_weight_grad,
     )
     grad_bias = None
@@ -151,7 +154,7 @@ def _backward(ctx, grad_out):
         grad_input if need_input_grad else None,
         grad_weight if need_weight_grad else None,
         grad_bias,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 

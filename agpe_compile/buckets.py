@@ -1,0 +1,89 @@
+"""Re-bucketing layouts: the one place where a compiled model is made to recompile.
+
+Note [Recompile only at bucket crossings]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every prepared layer holds its layout in one buffer whose length is fixed by its density
+bucket (Note [Packed layout]); a forward pre-hook reads that buffer, so Dynamo guards on
+its length. Mask edits inside a bucket rewrite the layout in place (the call wrapper does
+it before each call) and never recompile. :func:`rebucket`, called between steps, moves
+every layer whose density left its bucket to the new one AT THE SAME TIME, so one
+crossing event costs exactly one recompile of the frame however many layers moved. Each
+crossing leaves a dead cache entry behind, so the first rebucket raises Dynamo's
+recompile limit and turns on ``fail_on_recompile_limit_hit``: past the limit Dynamo
+raises instead of silently running the model eagerly.
+
+Example::
+
+    >>> state.block_mask.copy_(sparser_mask)      # density 0.4 -> bucket 0.5
+    >>> agpe_compile.rebucket(model)              # ['fc1'] moved; next call recompiles once
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Union
+
+import torch
+from torch import nn
+
+from .layout import DEFAULT_BUCKETS, bucket_for
+from .packed_layout import build_packed
+from .state import LayerState, layer_states
+
+log = logging.getLogger(__name__)
+
+RECOMPILE_LIMIT = 64
+
+
+def ensure_recompile_budget(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise Dynamo's per-frame recompile limit to ``limit`` and make hitting it an error."""
+    config = torch._dynamo.config
+    if config.recompile_limit < limit:
+        log.info("agpe: raising torch._dynamo.config.recompile_limit %d -> %d", config.recompile_limit, limit)
+        config.recompile_limit = limit
+    config.fail_on_recompile_limit_hit = True
+
+
+def rebucket(
+    model_or_states: Union[nn.Module, Dict[str, LayerState], Iterable[LayerState]],
+    buckets: Iterable[float] = DEFAULT_BUCKETS,
+) -> List[str]:
+    """Move every layer whose mask density left its layout bucket; returns their names.
+
+    Layers whose density is still within their bucket keep their layout (it is synced in
+    place). Call between training steps; the next compiled call recompiles once if any
+    layer moved.
+    """
+    states = _states(model_or_states)
+    buckets = tuple(buckets)
+    moved = []
+    for state in states:
+        bucket = bucket_for(state.density, buckets)
+        if bucket == state.layout_bucket:
+            continue
+        if state.module is None:
+            raise ValueError(
+                f"agpe.rebucket: layer {state.name!r} is not a module buffer yet; call "
+                f"agpe_compile.prepare(model) BEFORE torch.compile so bucket changes can recompile"
+            )
+        packed, bucket = build_packed(state.block_mask, state.block_size, buckets)
+        if packed.shape == state.block_layout.shape:
+            state.block_layout.copy_(packed)  # same capacity: stay in place, no recompile
+        else:
+            state.block_layout = packed
+            state.module.register_buffer(state.layout_buffer_name, packed)
+        state.layout_bucket = bucket
+        state.layout_mask_version = state.block_mask._version
+        moved.append(state.name)
+    if moved:
+        ensure_recompile_budget()
+        log.info("agpe.rebucket: %d layer(s) changed bucket: %s", len(moved), ", ".join(moved))
+    return moved
+
+
+def _states(model_or_states) -> List[LayerState]:
+    if isinstance(model_or_states, nn.Module):
+        return list(layer_states(model_or_states).values())
+    if isinstance(model_or_states, dict):
+        return list(model_or_states.values())
+    return list(model_or_states)

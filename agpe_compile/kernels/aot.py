@@ -1,0 +1,121 @@
+"""Compile the kernels for a GPU target on a host without a GPU, and report their resources.
+
+The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic but not that they
+compile for a real chip, nor what they cost there. Triton ships ptxas and cuobjdump, so
+the sm_90 binaries can be built and inspected anywhere: shared memory per program (must
+fit 227 KB), registers, spills, and whether ``tl.dot`` became Hopper wgmma (``HGMMA``).
+
+Arguments are specialised as the runtime does for contiguous, 16-byte-aligned tensors:
+pointers and leading strides divisible by 16, unit inner strides folded to constants.
+Run under a plain environment (no ``TRITON_INTERPRET``)::
+
+    $ python -m agpe_compile.kernels.aot --kernels forward,grad_weight --block-sizes 128 --dtypes bf16
+    {"kernel": "forward", "block_size": 128, "dtype": "bf16", "shared_bytes": 98312, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+from .configs import KERNELS, KernelConfig, config_for
+
+HOPPER_SHARED_LIMIT = 232448  # bytes of shared memory one program may use on sm_90
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_INDEX_ARGS = {"row_ptr_ptr", "col_idx_ptr", "slot_row_ptr", "live_count_ptr", "col_ptr_ptr",
+               "row_idx_ptr", "block_slot_ptr"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    kernel: str
+    block_size: int
+    dtype: str
+    config: KernelConfig
+    shared_bytes: int
+    registers: int
+    spill_bytes: int  # local memory (register spills) per thread
+    wgmma: int  # HGMMA instructions in the SASS
+    mma: int  # pre-Hopper HMMA instructions in the SASS
+
+
+def compile_for_target(
+    kernel: str, block_size: int, dtype: str, config: Optional[KernelConfig] = None, arch: int = 90,
+) -> CompileReport:
+    """Compile one kernel variant for ``sm_{arch}`` and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel(kernel)
+    cfg = config or config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
+    element = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
+    constexprs = {"BLOCK_SIZE": block_size, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k,
+                  "GROUP_M": cfg.group_m, "HAS_BIAS": True, "SALIENCY": 1, "HAS_FLAG": True,
+                  "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False}
+    signature, constants, attrs = {}, {}, {}
+    strides = [name for name in fn.arg_names if name.startswith("stride_")]
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name], constants[name] = "constexpr", constexprs[name]
+        elif name in strides and strides.index(name) % 2 == 1:  # inner stride of a (outer, inner) pair
+            signature[name], constants[name] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            signature[name] = ("*i32" if name in _INDEX_ARGS else "*fp32" if name == "scores_ptr"
+                               else "*i1" if name == "enabled_ptr" else element)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+    usage, sass = _inspect(compiled.asm["cubin"], os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin"))
+    return CompileReport(kernel, block_size, dtype, cfg, compiled.metadata.shared, usage["REG"], usage["LOCAL"],
+                         sass.count("HGMMA"), len(re.findall(r"\bHMMA\b", sass)))
+
+
+def _kernel(name: str):
+    if name not in KERNELS:
+        raise ValueError(f"agpe aot: expected kernel in {KERNELS}, got {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{name}", __package__), f"{name}_kernel")
+
+
+def _inspect(cubin: bytes, bindir: str):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|LOCAL):(\d+)", usage)}, sass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--block-sizes", default="32,64,128")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    args = parser.parse_args()
+    for kernel in args.kernels.split(","):
+        for block_size in map(int, args.block_sizes.split(",")):
+            for dtype in args.dtypes.split(","):
+                report = dataclasses.asdict(compile_for_target(kernel, block_size, dtype))
+                print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Launch configurations of the block-sparse kernels, kept out of the kernel bodies.
+
+BLOCK_N (and the dW tile) is the layer's block size; what is tuned here is the tile
+height BLOCK_M, the reduction step BLOCK_K inside a weight block, the launch group and
+the Hopper pipeline (``num_warps``, ``num_stages``). The table is keyed by
+(kernel, block size, element bytes).
+
+Provenance: chosen for Hopper (H100/H200, 228 KB shared memory per SM) by shared-memory
+and register arithmetic, and checked to compile for sm_90 (wgmma, no spills) with
+Triton 3.9's ptxas on a CPU host (``python -m agpe_compile.kernels.aot``); NOT yet timed
+on a GPU. ``benchmarks/kernels.py`` times the alternatives in ``CANDIDATES`` on a GPU;
+move the winners here.
+Shared memory per stage is (BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_SIZE) * bytes.
+
+Example::
+
+    >>> config_for("forward", 128, torch.bfloat16, interpret=False).block_m
+    256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Tuple
+
+import torch
+
+KERNELS = ("forward", "grad_input", "grad_weight", "grad_scores")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile and pipeline of one launch; ``block_k`` must divide the layer's block size."""
+
+    block_m: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+_C = KernelConfig
+# forward and grad_input walk a list of live blocks: their index load takes one pipeline
+# stage, so num_stages=S keeps S-2 tiles in flight (seen in the sm_90 shared-memory sizes).
+# 16-bit, blocks >= 64: 256 x b tiles, the shape of Triton's fast Hopper GEMM (128 x 256),
+# because 128 x 128 x 64 steps need ~64 FLOP per byte of L2 traffic, near L2's limit.
+# Key: (block size, element bytes).
+_MATMUL: Dict[Tuple[int, int], KernelConfig] = {
+    (128, 2): _C(256, 64, num_warps=8, num_stages=5),  # 3 x 48 KB, 188 registers
+    (64, 2): _C(256, 64, num_warps=8, num_stages=5),  # 3 x 40 KB
+    (32, 2): _C(128, 32, num_warps=4, num_stages=6),  # 4 x 10 KB
+    (16, 2): _C(64, 16, num_warps=4, num_stages=5),
+    (128, 4): _C(128, 32, num_warps=8, num_stages=5),  # tf32: 3 x 32 KB
+    (64, 4): _C(128, 32, num_warps=4, num_stages=5),  # 3 x 24 KB
+    (32, 4): _C(64, 32, num_warps=4, num_stages=5),
+    (16, 4): _C(64, 16, num_warps=4, num_stages=5),
+}
+# grad_weight / grad_scores: the tile is BLOCK_SIZE x BLOCK_SIZE (block_k = block size),
+# block_m is the step of the M reduction; a plain loop keeps num_stages tiles in flight.
+_BLOCK_GRAD: Dict[Tuple[int, int], KernelConfig] = {
+    (128, 2): _C(64, 128, num_warps=8, num_stages=4),  # 4 x 32 KB
+    (64, 2): _C(128, 64, num_warps=4, num_stages=4),  # 4 x 32 KB
+    (32, 2): _C(128, 32, num_warps=4, num_stages=4),  # 4 x 16 KB
+    (16, 2): _C(128, 16, num_warps=4, num_stages=4),
+    (128, 4): _C(32, 128, num_warps=8, num_stages=4),  # 4 x 32 KB
+    (64, 4): _C(64, 64, num_warps=4, num_stages=4),  # 4 x 32 KB
+    (32, 4): _C(128, 32, num_warps=4, num_stages=4),
+    (16, 4): _C(128, 16, num_warps=4, num_stages=4),
+}
+# Alternatives timed by ``benchmarks/kernels.py`` (bf16, block 128); the first is the default.
+CANDIDATES: Dict[str, Tuple[KernelConfig, ...]] = {
+    "forward": (_MATMUL[(128, 2)], _C(128, 64, num_warps=8, num_stages=5), _C(128, 128, num_warps=8, num_stages=4),
+                _C(256, 32, num_warps=8, num_stages=6)),
+    "grad_input": (_MATMUL[(128, 2)], _C(128, 64, num_warps=8, num_stages=5), _C(128, 128, num_warps=8, num_stages=4)),
+    "grad_weight": (_BLOCK_GRAD[(128, 2)], _C(128, 128, num_warps=8, num_stages=3),
+                    _C(32, 128, num_warps=4, num_stages=6)),
+}
+# The interpreter runs each program in Python: few, large programs are fastest there.
+_INTERPRETER = KernelConfig(block_m=64, block_k=0, group_m=2, num_warps=1, num_stages=1)
+
+
+def config_for(kernel: str, block_size: int, dtype: torch.dtype, *, interpret: bool) -> KernelConfig:
+    """The launch configuration of ``kernel`` for a layer's block size and dtype."""
+    if kernel not in KERNELS:
+        raise ValueError(f"agpe kernels: expected kernel in {KERNELS}, got {kernel!r}")
+    if interpret:
+        return dataclasses.replace(_INTERPRETER, block_k=block_size)
+    table = _MATMUL if kernel in ("forward", "grad_input") else _BLOCK_GRAD
+    element_bytes = 4 if dtype == torch.float32 else 2
+    try:
+        return table[(block_size, element_bytes)]
+    except KeyError:
+        sizes = sorted({size for size, _ in table})
+        raise ValueError(f"agpe kernels: expected block_size in {sizes}, got {block_size}") from None

@@ -1,0 +1,157 @@
+"""Launchers of the block-sparse Triton kernels: check inputs, allocate, pick a config, launch.
+
+Every launcher takes a :class:`~agpe_compile.layout.BlockLayout` and plain tensors. Grids
+depend only on shapes and the layout's bucket (``layout.capacity`` or the block grid), never
+on the live count, so one compiled launch serves every mask of the bucket and nothing here
+reads tensor contents on the host: the launchers can run inside a ``triton_op`` body.
+
+X [..., K] and dY [..., N] may be 2-D or 3-D; a contiguous batch is viewed as [M, K]
+without a copy and strides are passed through (transposed 2-D views work as well).
+Triton is imported only when a kernel is first launched.
+
+Example::
+
+    >>> layout = build_layout(block_mask, 128)
+    >>> y = block_sparse_forward(x, weight, layout, bias)
+    >>> dx = block_sparse_grad_input(dy, weight, layout)
+    >>> dw = block_sparse_grad_weight(dy, x, layout, weight=weight, saliency=sal, saliency_mode="taylor")
+    >>> inactive_grad_sq_(dy, x, layout, dense_grad_sq)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..layout import BlockLayout
+from .checks import (SALIENCY_MODES, as_2d, check_layout, check_operands, check_rows, check_saliency,
+                     check_scores, check_tensor)
+from .configs import KernelConfig, config_for
+from .runtime import cdiv, dot_options, is_interpreted, launcher, require_triton
+
+
+def block_sparse_forward(
+    x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, bias: Optional[torch.Tensor] = None,
+    *, config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """Y = X @ (W*M)^T + bias for X [..., K] -> Y [..., N]; reads only live blocks of W."""
+    x2 = as_2d("x", x, check_layout(layout).shape[1])
+    check_operands(layout, weight, [x2])
+    if bias is not None:
+        check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
+    require_triton()
+    from .forward import forward_kernel
+
+    cfg = _config(forward_kernel, "forward", layout, x.dtype, config)
+    m, n = x2.shape[0], layout.shape[0]
+    rows = layout.grid_shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:  # an empty grid is not launchable
+        return y.view(*x.shape[:-1], n)
+    launcher(forward_kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
+        x2, weight, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx,
+        m, rows, *x2.stride(), *weight.stride(), *y.stride(),
+        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, **dot_options(forward_kernel, x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+def block_sparse_grad_input(
+    grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """dX = dY @ (W*M) for dY [..., N] -> dX [..., K]; walks the transposed arrays."""
+    dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
+    check_operands(layout, weight, [dy2])
+    require_triton()
+    from .grad_input import grad_input_kernel
+
+    cfg = _config(grad_input_kernel, "grad_input", layout, grad_out.dtype, config)
+    m, k = dy2.shape[0], layout.shape[1]
+    cols = layout.grid_shape[1]
+    dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
+    if m == 0:
+        return dx.view(*grad_out.shape[:-1], k)
+    launcher(grad_input_kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
+        dy2, weight, dx, layout.col_ptr, layout.row_idx,
+        m, cols, *dy2.stride(), *weight.stride(), *dx.stride(),
+        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        **dot_options(grad_input_kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx.view(*grad_out.shape[:-1], k)
+
+
+def block_sparse_grad_weight(
+    grad_out: torch.Tensor, x: torch.Tensor, layout: BlockLayout, *,
+    weight: Optional[torch.Tensor] = None, saliency: Optional[torch.Tensor] = None,
+    saliency_mode: Optional[str] = None, config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """dW = (dY^T @ X) * M: a fresh zero-filled [N, K] tensor in which only live blocks are computed.
+
+    With ``saliency_mode`` in ``SALIENCY_MODES`` it also adds (+=, IN PLACE) each live
+    block's score, taken from ``weight`` and the fp32 gradient, to the float32 [R, C]
+    ``saliency`` buffer; inactive entries are left untouched (their score is 0 by the
+    formulas). ``weight`` is needed by every mode but "gradient".
+    """
+    dy2, x2 = _grad_operands(grad_out, x, layout, weight)
+    check_saliency(saliency_mode, saliency, weight, layout, x.device)
+    require_triton()
+    from .grad_weight import grad_weight_kernel
+
+    cfg = _config(grad_weight_kernel, "grad_weight", layout, x.dtype, config)
+    dw = torch.zeros(layout.shape, dtype=x.dtype, device=x.device)
+    w = weight if weight is not None else dw  # not read unless the mode needs it
+    launcher(grad_weight_kernel, (layout.capacity,), x.device)(
+        dy2, x2, w, dw, saliency if saliency is not None else dw, layout.slot_row, layout.col_idx,
+        layout.live_count, dy2.shape[0], layout.grid_shape[1],
+        *dy2.stride(), *x2.stride(), *w.stride(), *dw.stride(),
+        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m,
+        SALIENCY=SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0,
+        **dot_options(grad_weight_kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dw
+
+
+def inactive_grad_sq_(
+    grad_out: torch.Tensor, x: torch.Tensor, layout: BlockLayout, dense_grad_sq: torch.Tensor,
+    enabled: Optional[torch.Tensor] = None, *, config: Optional[KernelConfig] = None,
+) -> None:
+    """dense_grad_sq[r, c] += ||(dY^T X) block (r, c)||_F^2 for every INACTIVE block, IN PLACE.
+
+    Live blocks' entries are left untouched and the dense gradient is never materialised.
+    With a 0-d ``enabled`` tensor (bool or int) nothing is added while it is 0, without a
+    host sync or a graph branch.
+    """
+    dy2, x2 = _grad_operands(grad_out, x, layout, None)
+    check_scores("dense_grad_sq", dense_grad_sq, layout, x.device)
+    if enabled is not None and (not isinstance(enabled, torch.Tensor) or enabled.dim() != 0
+                                or enabled.device != x.device):
+        raise ValueError(f"agpe kernels: expected enabled to be a 0-d tensor on {x.device}, got {enabled!r}")
+    require_triton()
+    from .grad_scores import grad_scores_kernel
+
+    cfg = _config(grad_scores_kernel, "grad_scores", layout, x.dtype, config)
+    rows, cols = layout.grid_shape
+    launcher(grad_scores_kernel, (rows * cols,), x.device)(
+        dy2, x2, dense_grad_sq, layout.block_slot, enabled if enabled is not None else layout.live_count,
+        dy2.shape[0], cols, *dy2.stride(), *x2.stride(),
+        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, HAS_FLAG=enabled is not None,
+        **dot_options(grad_scores_kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _grad_operands(grad_out, x, layout, weight):
+    n, k = check_layout(layout).shape
+    dy2, x2 = as_2d("grad_out", grad_out, n), as_2d("x", x, k)
+    check_rows(dy2, x2)
+    check_operands(layout, weight, [dy2, x2])
+    return dy2, x2
+
+
+def _config(kernel, name: str, layout: BlockLayout, dtype: torch.dtype, override: Optional[KernelConfig]):
+    cfg = override or config_for(name, layout.block_size, dtype, interpret=is_interpreted(kernel))
+    if layout.block_size % cfg.block_k:
+        raise ValueError(f"agpe kernels: expected config.block_k dividing {layout.block_size}, got {cfg.block_k}")
+    return cfg

@@ -1,0 +1,71 @@
+"""Where and how the Triton kernels run: availability, interpreter mode, launch, dot precision.
+
+Nothing here imports triton at module import time (only when asked), so
+``agpe_compile.kernels`` imports cleanly on machines without it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton imports (the kernels need it; the CPU gather path does not).
+
+    >>> isinstance(triton_available(), bool)
+    True
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_triton() -> None:
+    if not triton_available():
+        raise RuntimeError(
+            "agpe kernels: triton is not installed; use agpe_compile.kernels.cpu_gather or "
+            "the reference in agpe_compile.ops on this machine"
+        )
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` was built under ``TRITON_INTERPRET=1`` (runs on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def launcher(kernel, grid, device: torch.device):
+    """``kernel[grid]``, through ``wrap_triton`` so a ``triton_op`` body can be traced.
+
+    torch 2.11's ``wrap_triton`` rejects interpreter-mode kernels, so those launch directly.
+    """
+    if is_interpreted(kernel):
+        return kernel[grid]
+    if device.type != "cuda":
+        raise ValueError(
+            f"agpe kernels: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+            f"imported), got tensors on {device}"
+        )
+    return torch.library.wrap_triton(kernel)[grid]
+
+
+def dot_options(kernel, dtype: torch.dtype) -> dict:
+    """The kernels' tl.dot constexprs for inputs of ``dtype``.
+
+    INPUT_PRECISION: fp32 follows ``torch.set_float32_matmul_precision`` (tf32 unless
+    "highest"); 16-bit inputs ignore it. UPCAST: bf16 under the interpreter only, which
+    multiplies bf16 bit patterns (triton#11584); compiled GPU code never upcasts.
+    """
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return {"INPUT_PRECISION": "tf32" if tf32 else "ieee",
+            "UPCAST": dtype == torch.bfloat16 and is_interpreted(kernel)}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

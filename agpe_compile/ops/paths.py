@@ -1,0 +1,101 @@
+"""Which implementation runs a ``sparse_linear`` call: triton, gather or dense reference.
+
+Decided per call from shapes, device and the layout's bucket capacity only (never from
+tensor contents, so no host sync on GPU):
+
+* CUDA, triton importable, dtype in {fp32, bf16, fp16}, block size 32/64/128, and the
+  bucket below the crossover density of that block size: the Triton kernels.
+* CPU: ``choose_cpu_path`` (a measured cost model, agpe_compile/kernels/cpu_gather.py)
+  picks the gathered-block path or the dense reference.
+* otherwise the dense reference ``F.linear(x, W*M)`` (cuBLAS/MKL on the masked weight):
+  near full density this is the fastest, so agpe is never slower than dense by more
+  than the masking.
+
+Every path computes the same function; tests/test_paths.py checks each against the
+reference.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from agpe_compile import kernels
+from agpe_compile.layout import BlockLayout
+from agpe_compile.packed_layout import unpack
+
+from . import reference
+
+TRITON_BLOCK_SIZES = (32, 64, 128)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Bucket capacity (fraction of blocks) at and above which CUDA uses the dense path. Not yet
+# measured on a GPU (no device in the session that wrote this): 0.75 keeps buckets 1.0 and
+# 0.75 dense. benchmarks/kernels.py measures the real crossover per block size.
+GPU_DENSE_CROSSOVER = {32: 0.75, 64: 0.75, 128: 0.75}
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> str:
+    """``"triton"``, ``"gather"`` or ``"dense"`` for this call."""
+    rows, cols = layout.grid_shape
+    fraction = layout.capacity / (rows * cols)
+    b = layout.block_size
+    if x.device.type == "cuda":
+        if (b in TRITON_BLOCK_SIZES and x.dtype in TRITON_DTYPES and x.dtype == weight.dtype
+                and fraction < GPU_DENSE_CROSSOVER[b] and kernels.triton_available()):
+            return "triton"
+        return "dense"
+    if x.device.type == "cpu":
+        m = max(1, x.numel() // x.shape[-1])
+        n, k = weight.shape
+        return kernels.choose_cpu_path(m, n, k, min(1.0, fraction), b)
+    return "dense"
+
+
+def forward(x, weight, bias, block_mask, layout: BlockLayout, path: str) -> torch.Tensor:
+    if path == "triton":
+        return kernels.block_sparse_forward(x, weight, layout, bias)
+    if path == "gather":
+        return kernels.gather_forward(x, weight, layout, bias)
+    return reference.forward(x, weight, bias, block_mask, layout.block_size)
+
+
+def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str) -> torch.Tensor:
+    if path == "triton":
+        return kernels.block_sparse_grad_input(grad_out, weight, layout)
+    if path == "gather":
+        return kernels.gather_grad_input(grad_out, weight, layout)
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+    masked = reference.masked_weight(weight, block_mask, layout.block_size)
+    return (grad_2d @ masked).reshape(*grad_out.shape[:-1], weight.shape[1])
+
+
+def grad_weight_and_scores(
+    grad_out, x, weight, block_mask, layout: BlockLayout, score_dense, mode: str, path: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked dW, this call's block scores, this call's inactive dense-grad scores).
+
+    The scores are fresh tensors: the caller adds them to the running sums only if they
+    are finite (see ops/sparse_linear.py).
+    """
+    grid = layout.grid_shape
+    b = layout.block_size
+    if path in ("triton", "gather"):
+        scores = torch.zeros(grid, dtype=torch.float32, device=x.device)
+        fn = kernels.block_sparse_grad_weight if path == "triton" else kernels.gather_grad_weight
+        grad_weight = fn(grad_out, x, layout, weight=weight, saliency=scores, saliency_mode=mode)
+        dense_sq = torch.zeros(grid, dtype=torch.float32, device=x.device)
+        if path == "triton":
+            kernels.inactive_grad_sq_(grad_out, x, layout, dense_sq, enabled=score_dense)
+        elif bool(score_dense):  # CPU: reading the flag costs no device sync
+            _, _, dense = reference.backward(grad_out, x, weight, block_mask, b, False, True)
+            dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b)
+        return grad_weight, scores, dense_sq
+    _, grad_weight, dense = reference.backward(grad_out, x, weight, block_mask, b, False, True)
+    scores = reference.block_scores(weight, grad_weight, b, mode) * block_mask
+    dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b) * score_dense.to(torch.float32)
+    return grad_weight, scores, dense_sq
+
+
+def layout_of(block_layout: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> BlockLayout:
+    return unpack(block_layout, tuple(block_mask.shape), block_size)

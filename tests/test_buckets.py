@@ -1,0 +1,78 @@
+"""Layouts follow the masks: in-place sync inside a bucket, one recompile per crossing."""
+
+import pytest
+import torch
+from torch import nn
+
+import agpe_compile
+from agpe_compile.buckets import rebucket
+from agpe_compile.state import layer_states
+
+from .models import MLP, aot_backend, set_random_masks
+
+
+def test_wrapper_syncs_layout_in_place_after_mask_edit():
+    model = MLP((32, 32, 16))
+    states = agpe_compile.prepare(model, options={"block_size": 8})
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(4, 32))
+    state = states["layers.0"]
+    buffer = state.block_layout
+    state.block_mask[0, 0] = False
+    compiled(torch.randn(4, 32))
+    assert state.block_layout is buffer
+    assert torch.equal(state.layout().to_mask(), state.block_mask)
+
+
+def test_rebucket_moves_only_layers_that_left_their_bucket():
+    model = MLP((32, 32, 16))
+    states = agpe_compile.prepare(model, options={"block_size": 8})
+    states["layers.0"].block_mask[:, 2:] = False  # 8 of 16 blocks: density 0.5
+    assert rebucket(model) == ["layers.0"]
+    assert states["layers.0"].layout_bucket == 0.5
+    assert model.layers[0].weight_block_layout is states["layers.0"].block_layout
+    assert rebucket(model) == []
+
+
+def test_mask_above_bucket_capacity_without_rebucket_raises():
+    model = MLP((32, 32, 16))
+    states = agpe_compile.prepare(model, options={"block_size": 8})
+    states["layers.0"].block_mask[:, 1:] = False
+    rebucket(model)
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(4, 32))
+    states["layers.0"].block_mask.fill_(True)
+    with pytest.raises(RuntimeError, match="call agpe_compile.rebucket"):
+        compiled(torch.randn(4, 32))
+
+
+def test_rebucket_needs_prepare_before_compile():
+    model = MLP((32, 32, 16))
+    torch.compile(model, backend=aot_backend(block_size=8))(torch.randn(4, 32))
+    state = layer_states(model)["layers.0"]
+    state.block_mask[:, 1:] = False
+    with pytest.raises(ValueError, match="call agpe_compile.prepare"):
+        rebucket([state])
+
+
+def test_two_thousand_steps_compile_once_per_bucket_crossing():
+    """Masks change every 50 steps while density falls 1.0 -> 0.1: compilations = 1 + crossings."""
+    torch.manual_seed(0)
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 4})  # 8x8 and 4x8 block grids
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 32)
+    crossings = 0
+    for step in range(2000):
+        if step % 50 == 0 and step > 0:
+            density = 1.0 - 0.9 * min(1.0, step / 1500)
+            set_random_masks(model, density, seed=step)
+            crossings += bool(rebucket(model))
+        compiled(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert crossings >= 6  # 1.0 -> 0.75 -> 0.5 -> 0.35 -> 0.25 -> 0.15 -> 0.10
+    assert backend.graph_count == 1 + crossings
+    assert {s.layout_bucket for s in layer_states(model).values()} == {0.1}
