@@ -10,7 +10,8 @@ through the ``torch_dynamo_backends`` entry point. The pipeline, in order:
 4. ``rewrite_linears``: a copy of the graph with ``agpe::sparse_linear`` calls and six
    extra placeholders per layer (Note [Extra graph inputs] in passes/rewrite_linears.py).
 5. lower the copy with Inductor (``compile_fx``) or aot_eager.
-6. return :class:`AgpeCompiledGraph`, which appends the layers' live tensors to every call.
+6. return :class:`AgpeCompiledGraph`, which appends the layers' live tensors to every call
+   (and, in zero-code mode, first ticks the graph's controller on every training call).
 
 Example::
 
@@ -30,6 +31,7 @@ from torch import fx
 
 from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from agpe_compile.config import BackendConfig
+from agpe_compile.controller.zero_code import config_from_options, make_zero_code_controller, split_options
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
@@ -51,12 +53,16 @@ class GraphRecord:
 class AgpeCompiledGraph:
     """Call wrapper: Dynamo's arguments + the live mask/saliency tensors of each layer."""
 
-    def __init__(self, compiled: Callable, states: List[LayerState]):
+    def __init__(self, compiled: Callable, states: List[LayerState],
+                 before_training_call: Optional[Callable[[], None]] = None):
         self.compiled = compiled
         self.states = states
+        self.before_training_call = before_training_call
         self.extra = [t for state in states for t in state.tensors()]
 
     def __call__(self, *args):
+        if self.before_training_call is not None and torch.is_grad_enabled():
+            self.before_training_call()
         for state in self.states:
             state.check_identity()
             state.sync_layout()
@@ -76,9 +82,15 @@ class AgpeBackend:
 
     def __init__(self, options: Optional[Mapping[str, Any]] = None,
                  on_graph: Optional[Callable[[GraphRecord], None]] = None):
-        self.config = BackendConfig.from_options(options)
+        backend_options, agpe_options = split_options(options)
+        self.config = BackendConfig.from_options(backend_options)
+        # Zero-code mode: AGPE options given to the backend; validated now, run per graph.
+        self.zero_code_options = dict(options) if agpe_options else None
+        if self.zero_code_options is not None:
+            config_from_options(self.zero_code_options)
         self.on_graph = on_graph
         self.graph_count = 0
+        self.controllers: List[Callable[[], None]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         sites, unmatched = find_linear_sites(gm.graph)
@@ -91,7 +103,11 @@ class AgpeBackend:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
         compiled = self._lower(result, list(example_inputs))
-        return AgpeCompiledGraph(compiled, result.states)
+        controller = None
+        if self.zero_code_options is not None and result.states:
+            controller = make_zero_code_controller(result.states, self.zero_code_options)
+            self.controllers.append(controller)
+        return AgpeCompiledGraph(compiled, result.states, controller)
 
     def _lower(self, result: RewriteResult, example_inputs: List[Any]) -> Callable:
         inputs = example_inputs + result.extra_inputs()

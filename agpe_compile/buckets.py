@@ -52,7 +52,8 @@ def rebucket(
 
     Layers whose density is still within their bucket keep their layout (it is synced in
     place). Call between training steps; the next compiled call recompiles once if any
-    layer moved.
+    layer moved. Layers compiled before :func:`agpe_compile.prepare` (zero-code mode) keep
+    their full-capacity layout: correct for every mask, but they run the dense path.
     """
     states = _states(model_or_states)
     buckets = tuple(buckets)
@@ -62,6 +63,11 @@ def rebucket(
         if bucket == state.layout_bucket:
             continue
         if state.module is None:
+            if state.layout_bucket == 1.0:
+                # Compiled before prepare(): no guard can make Dynamo recompile for it, but a
+                # full-capacity layout fits every mask, so it stays correct (dense-speed path).
+                log.debug("agpe.rebucket: %s keeps its full-capacity layout (not prepared)", state.name)
+                continue
             raise ValueError(
                 f"agpe.rebucket: layer {state.name!r} is not a module buffer yet; call "
                 f"agpe_compile.prepare(model) BEFORE torch.compile so bucket changes can recompile"

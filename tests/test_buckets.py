@@ -46,13 +46,19 @@ def test_mask_above_bucket_capacity_without_rebucket_raises():
         compiled(torch.randn(4, 32))
 
 
-def test_rebucket_needs_prepare_before_compile():
+def test_layers_compiled_before_prepare_keep_full_capacity():
     model = MLP((32, 32, 16))
-    torch.compile(model, backend=aot_backend(block_size=8))(torch.randn(4, 32))
+    compiled = torch.compile(model, backend=aot_backend(block_size=8))
+    compiled(torch.randn(4, 32))
     state = layer_states(model)["layers.0"]
     state.block_mask[:, 1:] = False
-    with pytest.raises(ValueError, match="call agpe_compile.prepare"):
-        rebucket([state])
+    with torch.no_grad():
+        model.layers[0].weight[:, 8:] = 0
+    assert rebucket([state]) == []
+    assert state.layout_bucket == 1.0
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert torch.equal(state.layout().to_mask(), state.block_mask)
 
 
 def test_two_thousand_steps_compile_once_per_bucket_crossing():

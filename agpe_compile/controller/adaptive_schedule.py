@@ -1,0 +1,146 @@
+"""AGPE's adaptive sparsity schedule: the global target density follows training feedback.
+
+Note [Adaptive schedule]
+~~~~~~~~~~~~~~~~~~~~~~~~
+The target moves on a LADDER of densities: the density buckets between the start and the
+final density, plus both ends. With the default buckets, a start of 1.0 and a final
+density of 0.1 the ladder is ``1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1``. Every rung is in
+its own bucket, so the kernel layouts re-bucket (recompile) only when the rung changes,
+at most ``len(ladder) - 1 + 2 * max_backoffs`` times.
+
+At each update the mean training loss of the last interval is smoothed
+(``s = a * s + (1 - a) * loss``) and compared with the previous smoothed value:
+``rel = (s_prev - s) / |s_prev|``. Then, in this order:
+
+1. deadline: if the remaining updates before ``end_step`` are no more than the rungs
+   left, go one rung down (the final density is always reached by ``end_step``);
+2. cooldown: for ``cooldown`` updates after any change, hold (lets the loss settle);
+3. back off (one rung UP, raising density) when ``rel < -backoff_tol`` (the loss got
+   worse) or the saliency of the blocks dropped at the last update says they were needed:
+   their mean saliency EMA was at least ``regret_threshold`` times the mean over the
+   blocks active before that update (0 = they carried nothing, 1 = as much as an average
+   block); at most ``max_backoffs`` times, never above the top of the ladder, and only
+   while enough updates are left to come back down by the deadline;
+4. hold while the loss gets worse and no back-off is left (never prune then);
+5. prune (one rung down) when ``rel >= improve_tol`` (the loss keeps improving), or after
+   ``patience`` consecutive stalled holds (``2 * patience`` after a back-off: hysteresis);
+6. otherwise hold (the loss stalls inside the dead band ``[-backoff_tol, improve_tol)``).
+
+Worked example (ladder 1.0, 0.5, 0.1; improve_tol 0.01, cooldown 1, smoothing 0):
+losses 2.0, 1.5, 1.4, 1.39 at updates 1..4 give: update 1 hold (no previous loss),
+update 2 prune to 0.5 (rel 0.25), update 3 cooldown, update 4 hold (rel 0.007) ...
+
+Without a loss (zero-code mode) ``rel`` is unknown: the schedule prunes every
+``patience`` updates and still backs off on regret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+from agpe_compile.layout import bucket_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+    """What the schedule observes at one update (``None`` = not available)."""
+
+    loss: Optional[float] = None
+    pruned_saliency: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveState:
+    """The schedule's state: a value, replaced (never mutated) at each update."""
+
+    rung: int = 0
+    smoothed_loss: Optional[float] = None
+    cooldown_left: int = 0
+    holds: int = 0
+    backoffs: int = 0
+    backed_off: bool = False
+    event: str = "start"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSchedule:
+    """Feedback-driven target density; see Note [Adaptive schedule].
+
+    Example::
+
+        >>> sched = AdaptiveSchedule(1.0, 0.1, end_step=1000, update_interval=10)
+        >>> sched.ladder
+        (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
+        >>> s = sched.next_state(sched.initial_state(), 10, Feedback(loss=2.0))
+        >>> s = sched.next_state(s, 20, Feedback(loss=1.0))
+        >>> s.event, sched.density(s)
+        ('prune:improving', 0.75)
+    """
+
+    initial_density: float
+    final_density: float
+    end_step: int
+    update_interval: int
+    max_density: Optional[float] = None
+    buckets: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.10, 0.05)
+    improve_tol: float = 0.01
+    backoff_tol: float = 0.05
+    regret_threshold: float = 0.5
+    patience: int = 2
+    cooldown: int = 1
+    max_backoffs: int = 2
+    loss_smoothing: float = 0.5
+
+    @property
+    def ladder(self) -> Tuple[float, ...]:
+        top = max(self.initial_density, self.max_density or self.initial_density)
+        floor_bucket = bucket_for(self.final_density, self.buckets)
+        rungs = {top, self.initial_density, self.final_density}
+        rungs.update(b for b in self.buckets if floor_bucket < b < top)
+        return tuple(sorted(rungs, reverse=True))
+
+    def initial_state(self) -> AdaptiveState:
+        return AdaptiveState(rung=self.ladder.index(self.initial_density))
+
+    def density(self, state: AdaptiveState) -> float:
+        return self.ladder[state.rung]
+
+    def next_state(self, state: AdaptiveState, step: int, feedback: Feedback) -> AdaptiveState:
+        """The state after the update at ``step``; ``.event`` says what happened and why."""
+        last = len(self.ladder) - 1
+        smoothed, rel = self._smooth(state.smoothed_loss, feedback.loss)
+        hold = dataclasses.replace(state, smoothed_loss=smoothed)
+        updates_left = max((self.end_step - step) // self.update_interval + 1, 1)
+        if state.rung < last and last - state.rung >= updates_left:
+            return self._move(hold, +1, "prune:deadline")
+        if state.cooldown_left > 0:
+            return dataclasses.replace(hold, cooldown_left=state.cooldown_left - 1, event="hold:cooldown")
+        regret = feedback.pruned_saliency is not None and feedback.pruned_saliency >= self.regret_threshold
+        worse = rel is not None and rel < -self.backoff_tol
+        # A back-off must leave enough updates to walk back down by end_step.
+        room = last - state.rung + 1 < updates_left
+        if (regret or worse) and state.rung > 0 and state.backoffs < self.max_backoffs and room:
+            moved = self._move(hold, -1, "backoff:regret" if regret else "backoff:loss")
+            return dataclasses.replace(moved, backoffs=state.backoffs + 1, backed_off=True)
+        if worse:
+            return dataclasses.replace(hold, event="hold:worse")
+        if state.rung < last and rel is not None and rel >= self.improve_tol:
+            return dataclasses.replace(self._move(hold, +1, "prune:improving"), backed_off=False)
+        patience = 2 * self.patience if state.backed_off else self.patience
+        if state.rung < last and state.holds + 1 >= patience:
+            return self._move(hold, +1, "prune:patience")
+        return dataclasses.replace(hold, holds=state.holds + 1, event="hold:stall" if state.rung < last else "hold:final")
+
+    def _smooth(self, previous: Optional[float], loss: Optional[float]):
+        if loss is None or not math.isfinite(loss):
+            return previous, None
+        if previous is None:
+            return loss, None
+        smoothed = self.loss_smoothing * previous + (1.0 - self.loss_smoothing) * loss
+        return smoothed, (previous - smoothed) / max(abs(previous), 1e-12)
+
+    def _move(self, state: AdaptiveState, direction: int, event: str) -> AdaptiveState:
+        return dataclasses.replace(state, rung=state.rung + direction, cooldown_left=self.cooldown,
+                                   holds=0, event=event)

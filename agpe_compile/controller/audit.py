@@ -1,0 +1,100 @@
+"""The audit trail: one JSON object per line, appended at every update interval.
+
+Record kinds (field ``event``):
+
+* ``start`` -- once per Sparsifier: ``config`` (AGPEConfig as a dict), ``layers``
+  ({name: {shape, block_size, grid}}), ``step``.
+* ``interval`` -- at every ``update_interval`` steps: ``step``, ``loss`` (mean training
+  loss of the interval, or null), ``flops`` ({sparse, dense} cumulative), ``updated``
+  (did masks change), ``schedule`` (the schedule's event), ``target_density``,
+  ``global_density_before``/``_after``, ``bucket`` (bucket of the global target),
+  ``rebucketed`` (layers whose layout moved to another density bucket at this update:
+  the next compiled call recompiles once), ``recompiles`` (graphs compiled since the
+  previous record, when a counter was given), ``pruned_saliency`` (the regret signal),
+  ``update_seconds`` and ``layers``: {name: {density_before, density_after, dropped,
+  grown, bucket_before, bucket_after, saliency: {mean, max, min, active_mean},
+  nonfinite_skips}}.
+* anything a caller adds with :meth:`AuditLog.write` (the example logs ``eval`` records).
+
+Example::
+
+    >>> log = AuditLog("run.jsonl")
+    >>> log.write({"event": "eval", "step": 100, "accuracy": 0.84})
+    >>> read_records("run.jsonl")[-1]["accuracy"]
+    0.84
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from agpe_compile.layout import bucket_for
+
+
+class AuditLog:
+    """Appends JSON records to ``path`` (nothing is written when ``path`` is None)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        if path is not None:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+
+def read_records(path: str) -> List[dict]:
+    """All records of a JSONL audit file, in order."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def saliency_stats(ema: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Summary of one layer's saliency EMA (all blocks, and the active ones' mean).
+
+    >>> saliency_stats(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]))
+    {'mean': 2.0, 'max': 3.0, 'min': 1.0, 'active_mean': 1.0}
+    """
+    active = ema[mask]
+    return {
+        "mean": float(ema.mean()),
+        "max": float(ema.max()),
+        "min": float(ema.min()),
+        "active_mean": float(active.mean()) if active.numel() else 0.0,
+    }
+
+
+def layer_records(layers: Dict[str, Any], before: Dict[str, torch.Tensor], saliency: Dict[str, torch.Tensor],
+                  skips: Dict[str, int], buckets: Tuple[float, ...]) -> Dict[str, dict]:
+    """The per-layer part of an ``interval`` record: masks before vs. the layers' live masks."""
+    records = {}
+    for name, state in layers.items():
+        mask, old = state.block_mask, before[name]
+        density_before, density_after = float(old.float().mean()), float(mask.float().mean())
+        records[name] = {
+            "density_before": density_before, "density_after": density_after,
+            "dropped": int((old & ~mask).sum()), "grown": int((~old & mask).sum()),
+            "bucket_before": bucket_for(density_before, buckets), "bucket_after": bucket_for(density_after, buckets),
+            "saliency": saliency_stats(saliency[name], mask), "nonfinite_skips": skips[name],
+        }
+    return records
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

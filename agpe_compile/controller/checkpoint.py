@@ -1,0 +1,106 @@
+"""The Sparsifier's checkpoint format: save, load, and upgrade older format versions.
+
+The format is documented field by field in docs/checkpoint-format.md; keep them in step.
+Version 2 (current) added the FLOP totals, the counter snapshots and the partial loss
+window to version 1, so a version-1 checkpoint resumes with FLOP accounting restarted
+from the model's counters and an empty loss window (logged).
+
+Load order: the Sparsifier's state first. It re-buckets each layer's layout buffer to the
+saved masks, so ``model.load_state_dict`` then finds layout buffers of the saved sizes.
+
+Example::
+
+    >>> torch.save({"model": model.state_dict(), "optim": opt.state_dict(),
+    ...             "sparsifier": sparsifier.state_dict()}, "ckpt.pt")
+    >>> ckpt = torch.load("ckpt.pt")
+    >>> sparsifier.load_state_dict(ckpt["sparsifier"]); model.load_state_dict(ckpt["model"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from agpe_compile.buckets import rebucket
+
+from .adaptive_schedule import AdaptiveState
+
+if TYPE_CHECKING:
+    from .sparsifier import Sparsifier
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+
+
+def save(sp: "Sparsifier") -> dict:
+    """The current-version state dict of ``sp`` (tensors are copies, on their own devices)."""
+    schedule = sp.schedule_state
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": sp.config.to_dict(),
+        "step": sp.step_count,
+        "target_density": sp.target_density,
+        "masks": {n: s.block_mask.clone() for n, s in sp.layers.items()},
+        "saliency_ema": {n: t.clone() for n, t in sp.saliency.values.items()},
+        "saliency_fresh": {n: t.clone() for n, t in sp.saliency.fresh.items()},
+        "pruned_saliency": sp.pruned_saliency,
+        "schedule_state": None if schedule is None else dataclasses.asdict(schedule),
+        "rng_state": sp.generator.get_state(),
+        "flops": sp.accountant.state_dict(),
+        "seen_counters": {n: list(v) for n, v in sp.seen_counters.items()},
+        "loss_window": {"sum": None if sp._loss_sum is None else float(sp._loss_sum), "steps": sp._loss_steps},
+        "scored_from": {n: int(t) for n, t in sp._scored_from.items()} if sp._flag_on else None,
+    }
+
+
+def upgrade(state: dict) -> dict:
+    """Bring a state dict of any supported version to the current one."""
+    version = state.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"agpe: checkpoint format_version got {version!r}; expected one of {SUPPORTED_VERSIONS}")
+    if version == 1:
+        log.warning("agpe: upgrading a version-1 sparsifier checkpoint: FLOP accounting restarts at the "
+                    "model's current counters and the partial loss window is empty")
+        state = dict(state, format_version=2, flops=None, seen_counters=None,
+                     loss_window={"sum": None, "steps": 0}, scored_from=None)
+    return state
+
+
+def load(sp: "Sparsifier", state: dict) -> None:
+    """Restore ``state`` into ``sp``; masks are copied in place (buffer identity kept)."""
+    state = upgrade(state)
+    names = set(sp.layers)
+    if set(state["masks"]) != names:
+        raise ValueError(f"agpe: checkpoint layers {sorted(state['masks'])} do not match the model's "
+                         f"agpe layers {sorted(names)}")
+    if state["config"] != sp.config.to_dict():
+        log.warning("agpe: checkpoint config differs from the Sparsifier's config; using the Sparsifier's")
+    sp.step_count = int(state["step"])
+    sp.target_density = float(state["target_density"])
+    with torch.no_grad():
+        for name, layer in sp.layers.items():
+            layer.block_mask.copy_(state["masks"][name])
+    sp.pruned_saliency = state["pruned_saliency"]
+    sp.saliency.load_state_dict({"values": state["saliency_ema"], "fresh": state["saliency_fresh"]})
+    schedule = state["schedule_state"]
+    sp.schedule_state = None if schedule is None else AdaptiveState(**schedule)
+    sp.generator.set_state(state["rng_state"])
+    if state["flops"] is not None:
+        sp.accountant.load_state_dict(state["flops"])
+    seen = state["seen_counters"]
+    sp.seen_counters = {n: list(seen[n]) if seen is not None else [int(v) for v in layer.counters.tolist()]
+                        for n, layer in sp.layers.items()}
+    window = state["loss_window"]
+    sp._loss_sum = None if window["sum"] is None else torch.tensor(window["sum"], dtype=torch.float32)
+    sp._loss_steps = int(window["steps"])
+    sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
+    if sp._flag_on and state["scored_from"] is not None:
+        # Not the live counters: the model's own state dict may be loaded after this one.
+        sp._scored_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
+                           for n, v in state["scored_from"].items()}
+    rebucket(list(sp.layers.values()), sp.config.buckets)

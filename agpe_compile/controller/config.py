@@ -1,0 +1,232 @@
+"""AGPEConfig: what the training controller does, as one frozen, validated value.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the
+field, the value got and what is accepted. The controller's mutable state (step, masks,
+EMAs, schedule state) lives in :class:`~agpe_compile.controller.sparsifier.Sparsifier`,
+never here.
+
+Example::
+
+    >>> cfg = AGPEConfig(target_sparsity=0.9, policy="rigl", block_size=8, end_step=5000)
+    >>> cfg.final_density
+    0.1
+    >>> AGPEConfig(target_sparsity=1.0)
+    Traceback (most recent call last):
+    ValueError: agpe: AGPEConfig.target_sparsity got 1.0; expected a number in [0, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from numbers import Real
+from typing import Any, Mapping, Optional, Tuple
+
+from torch import nn
+
+from agpe_compile.config import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SALIENCY_MODES
+from agpe_compile.layout import DEFAULT_BUCKETS
+from agpe_compile.state import layer_name
+
+AGPE_CONFIG_VERSION = 1
+POLICIES = ("dense", "static", "set", "rigl", "gmp", "snfs", "agpe")
+DISTRIBUTIONS = ("erk", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class AGPEConfig:
+    """Configuration of the prune-and-regrow controller.
+
+    Attributes:
+        target_sparsity: fraction of weight blocks pruned at the end, in [0, 1). Policy
+            ``dense`` ignores it.
+        policy: ``dense``, ``static`` (fixed sparse layout), ``set``, ``rigl``, ``gmp``,
+            ``snfs`` or ``agpe`` (see policies.py).
+        block_size: block side handed to ``agpe_compile.prepare``; ``None`` = the backend
+            default (32). Must divide both dimensions of every included linear layer.
+        include, exclude: fnmatch patterns on layer names, as in the backend options.
+        saliency: the backend's per-block score (``taylor``, ``gradient``, ``magnitude``,
+            ``movement``). It must equal the backend's ``saliency`` option; AGPE drops
+            the blocks with the lowest EMA of it.
+        distribution: how a global density is split over layers: ``erk`` or ``uniform``.
+        initial_density: density at step 0; ``None`` = the policy's default (1.0 for
+            ``dense``, ``gmp`` and ``agpe``, the final density for the others).
+        update_interval: training steps between mask updates (and audit records).
+        begin_step, end_step: masks change only at update steps in (begin_step, end_step];
+            the schedules run over this window (RigL's T_end, GMP's pruning window).
+        drop_fraction: initial fraction of active blocks swapped per update (cosine decay
+            to 0 at end_step) by set/rigl/snfs/agpe.
+        saliency_decay: EMA decay of the per-block saliency, per update interval.
+        max_layer_density: cap on any layer's density when budgets are redistributed.
+        buckets: density buckets of the kernel layouts; must include 1.0. AGPE's global
+            target moves between bucket values, and redistribution keeps every layer inside
+            its bucket while that target stays put, so layouts re-bucket (recompile) only at
+            the updates where the global target moves (Note [Layer budgets and buckets]).
+        improve_tol, backoff_tol, regret_threshold, patience, cooldown, max_backoffs,
+        max_density, loss_smoothing: the adaptive schedule's feedback rules (see
+            adaptive_schedule.py).
+        rescale_init: a sparse initial layout multiplies each layer's surviving weights by
+            1/sqrt(layer density), so the output variance of the default (fan-in) init is
+            kept with the smaller effective fan-in; without it a 90%-sparse 3-layer MLP
+            starts with ~30x smaller logits and barely trains at first.
+        seed: seeds random layouts and SET's random regrowth.
+        audit_path: JSONL file to append one record per update interval to, or ``None``.
+    """
+
+    target_sparsity: float = 0.9
+    policy: str = "agpe"
+    block_size: Optional[int] = None
+    include: Tuple[str, ...] = ("*",)
+    exclude: Tuple[str, ...] = ()
+    saliency: str = "taylor"
+    distribution: str = "erk"
+    initial_density: Optional[float] = None
+    update_interval: int = 100
+    begin_step: int = 0
+    end_step: int = 10_000
+    drop_fraction: float = 0.3
+    saliency_decay: float = 0.5
+    max_layer_density: float = 1.0
+    buckets: Tuple[float, ...] = DEFAULT_BUCKETS
+    improve_tol: float = 0.01
+    backoff_tol: float = 0.05
+    regret_threshold: float = 0.5
+    patience: int = 2
+    cooldown: int = 1
+    max_backoffs: int = 2
+    max_density: Optional[float] = None
+    loss_smoothing: float = 0.5
+    rescale_init: bool = True
+    seed: int = 0
+    audit_path: Optional[str] = None
+    version: int = AGPE_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        _number("target_sparsity", self.target_sparsity, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
+        _choice("policy", self.policy, POLICIES)
+        if self.block_size is not None:
+            _integer("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        _patterns("include", self.include)
+        _patterns("exclude", self.exclude)
+        _choice("saliency", self.saliency, SALIENCY_MODES)
+        _choice("distribution", self.distribution, DISTRIBUTIONS)
+        if self.initial_density is not None:
+            _number("initial_density", self.initial_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
+            if self.initial_density < self.final_density:
+                raise ValueError(_bad("initial_density", self.initial_density,
+                                      f"a density >= the final density {self.final_density}"))
+        _integer("update_interval", self.update_interval, 1)
+        _integer("begin_step", self.begin_step, 0)
+        _integer("end_step", self.end_step, 0)
+        if self.end_step <= self.begin_step:
+            raise ValueError(_bad("end_step", self.end_step, f"a step after begin_step={self.begin_step}"))
+        _number("drop_fraction", self.drop_fraction, 0.0, 1.0, "a number in [0, 1]")
+        _number("saliency_decay", self.saliency_decay, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
+        _number("max_layer_density", self.max_layer_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
+        _buckets(self.buckets)
+        _number("improve_tol", self.improve_tol, 0.0, 1.0, "a number in [0, 1]")
+        _number("backoff_tol", self.backoff_tol, 0.0, 1.0, "a number in [0, 1]")
+        _number("regret_threshold", self.regret_threshold, 0.0, float("inf"), "a number > 0", lo_open=True)
+        _integer("patience", self.patience, 1)
+        _integer("cooldown", self.cooldown, 0)
+        _integer("max_backoffs", self.max_backoffs, 0)
+        if self.max_density is not None:
+            _number("max_density", self.max_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
+            if self.max_density < self.final_density:
+                raise ValueError(_bad("max_density", self.max_density,
+                                      f"a density >= the final density {self.final_density}"))
+        top = max(self.start_density, self.max_density or 0.0)
+        if self.max_layer_density < top:
+            raise ValueError(_bad("max_layer_density", self.max_layer_density,
+                                  f"a density >= the start/max density {top}"))
+        _number("loss_smoothing", self.loss_smoothing, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
+        if not isinstance(self.rescale_init, bool):
+            raise ValueError(_bad("rescale_init", self.rescale_init, "True or False"))
+        _integer("seed", self.seed, 0)
+        if self.audit_path is not None and not isinstance(self.audit_path, str):
+            raise ValueError(_bad("audit_path", self.audit_path, "a file path string or None"))
+        if self.version != AGPE_CONFIG_VERSION:
+            raise ValueError(_bad("version", self.version, f"{AGPE_CONFIG_VERSION}"))
+
+    @property
+    def final_density(self) -> float:
+        """Density the schedules end at: 1 - target_sparsity (1.0 for policy ``dense``)."""
+        return 1.0 if self.policy == "dense" else round(1.0 - self.target_sparsity, 12)
+
+    @property
+    def start_density(self) -> float:
+        """``initial_density``, or the policy's default start."""
+        if self.initial_density is not None:
+            return 1.0 if self.policy == "dense" else self.initial_density
+        return 1.0 if self.policy in ("dense", "gmp", "agpe") else self.final_density
+
+    @property
+    def backend_options(self) -> dict:
+        """The options ``agpe_compile.prepare`` needs for this config."""
+        options: dict = {"include": list(self.include), "exclude": list(self.exclude)}
+        if self.block_size is not None:
+            options["block_size"] = self.block_size
+        return options
+
+    def check_model(self, model: Any, prepared: Mapping[str, Any]) -> None:
+        """Raise if a linear layer this config includes was not prepared because the block
+        size does not divide it (``prepared``: the names ``agpe_compile.prepare`` returned)."""
+        size = self.block_size or DEFAULT_BLOCK_SIZE
+        for module_name, module in model.named_modules():
+            name = layer_name(module_name, "weight")
+            if not isinstance(module, nn.Linear) or name in prepared:
+                continue
+            included = any(fnmatch.fnmatchcase(name, p) for p in self.include)
+            excluded = any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+            n, k = module.weight.shape
+            if included and not excluded and (n % size or k % size):
+                raise ValueError(_bad("block_size", size, f"a common divisor of the dimensions of every "
+                                      f"included layer; layer {name!r} is {n}x{k} (or exclude={name!r})"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AGPEConfig":
+        """Inverse of :meth:`to_dict` (JSON turns tuples into lists)."""
+        values = dict(values)
+        for key in ("include", "exclude", "buckets"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _bad(field: str, value: Any, accepted: str) -> str:
+    return f"agpe: AGPEConfig.{field} got {value!r}; expected {accepted}"
+
+
+def _number(field, value, lo, hi, accepted, lo_open=False, hi_open=False) -> None:
+    too_low = too_high = True
+    if not isinstance(value, bool) and isinstance(value, Real) and value == value:
+        too_low = value <= lo if lo_open else value < lo
+        too_high = value >= hi if hi_open else value > hi
+    if too_low or too_high:
+        raise ValueError(_bad(field, value, accepted))
+
+
+def _integer(field, value, lo, hi=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        upper = f", <= {hi}" if hi is not None else ""
+        raise ValueError(_bad(field, value, f"an int >= {lo}{upper}"))
+
+
+def _choice(field, value, accepted) -> None:
+    if value not in accepted:
+        raise ValueError(_bad(field, value, f"one of {accepted}"))
+
+
+def _patterns(field, value) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):
+        raise ValueError(_bad(field, value, "a tuple of non-empty fnmatch pattern strings"))
+
+
+def _buckets(value) -> None:
+    ok = isinstance(value, tuple) and value and all(
+        isinstance(b, Real) and not isinstance(b, bool) and 0.0 < b <= 1.0 for b in value)
+    if not ok or 1.0 not in value:
+        raise ValueError(_bad("buckets", value, "a tuple of densities in (0, 1] that includes 1.0"))

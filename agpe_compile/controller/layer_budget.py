@@ -1,0 +1,71 @@
+"""How many blocks each layer keeps, drops and grows at one update.
+
+Note [Layer budgets and buckets]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The global target density d gives a budget of ``round(d * all blocks)`` active blocks.
+
+* Policies that do not redistribute split it by the config's distribution (ERK or
+  uniform), the same split every time the target is the same.
+* Redistributing policies (SNFS, AGPE) start from the current counts rescaled to the new
+  budget and move a ``rate`` share of it by layer score (redistribute.py). While the
+  global target stays put, each layer stays inside its current density bucket (the
+  kernels' layout capacity); layers may change bucket only at an update where the global
+  target changes. So all re-bucketing, hence all recompiles, happens at the few updates
+  where the global target moves.
+
+Then a layer with ``a`` active blocks and new count ``n`` swaps
+``s = min(round(f * min(a, n)), blocks - max(a, n))`` blocks on top of the net change:
+``n_drop = max(a - n, 0) + s`` and ``n_grow = max(n - a, 0) + s``.
+Example: a = 10, n = 8, f = 0.3, 100 blocks: s = 2, drop 4, grow 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+from agpe_compile.layout import bucket_for
+
+from .init_layouts import block_counts, layer_densities
+from .redistribute import redistribute
+
+
+def swap_counts(active: int, target: int, blocks: int, fraction: float) -> Tuple[int, int]:
+    """(n_drop, n_grow) for one layer; see Note [Layer budgets and buckets].
+
+    >>> swap_counts(10, 8, 100, 0.3)
+    (4, 2)
+    """
+    swap = min(round(fraction * min(active, target)), blocks - max(active, target))
+    return max(active - target, 0) + swap, max(target - active, 0) + swap
+
+
+def bucket_bounds(count: int, blocks: int, buckets: Sequence[float], cap: float) -> Tuple[int, int]:
+    """The range of counts whose density has the same bucket as ``count``'s, capped.
+
+    >>> bucket_bounds(30, 100, (1.0, 0.5, 0.25), 1.0)
+    (26, 50)
+    """
+    top = bucket_for(count / blocks, buckets)
+    below = [b for b in buckets if b < top]
+    lo = math.floor(round(max(below) * blocks, 6)) + 1 if below else 1
+    hi = min(math.floor(round(top * blocks, 6)), math.floor(round(cap * blocks, 6)), blocks)
+    return min(max(lo, 1), count), max(hi, count)
+
+
+def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_size: Sequence[int],
+                target: float, target_moved: bool, distribution: str, scores: Optional[Sequence[float]],
+                rate: float, buckets: Sequence[float], cap: float) -> List[int]:
+    """New active-block count per layer for global density ``target``."""
+    sizes = [r * c for r, c in grids]
+    if scores is None:
+        shapes = [(r * b, c * b) for (r, c), b in zip(grids, block_size)]
+        return block_counts(layer_densities(distribution, shapes, target, cap), grids, target)
+    budget = min(max(round(target * sum(sizes)), len(sizes)), sum(sizes))
+    caps = [max(1, min(math.floor(round(cap * s, 6)), s)) for s in sizes]
+    lo, hi = [1] * len(sizes), caps
+    if not target_moved:
+        bounds = [bucket_bounds(a, s, buckets, cap) for a, s in zip(current, sizes)]
+        if sum(b[0] for b in bounds) <= budget <= sum(b[1] for b in bounds):
+            lo, hi = [b[0] for b in bounds], [b[1] for b in bounds]
+    return redistribute(current, budget, scores, rate, lo, hi)

@@ -1,0 +1,53 @@
+"""Zero the optimizer's per-element state of blocks that were pruned or regrown.
+
+A pruned block must stay exactly zero: its masked gradient is 0, but SGD momentum or
+Adam's ``exp_avg`` would keep moving it. A regrown block must start from zero, not from
+moments it collected before it was pruned. So at every mask update, every optimizer state
+tensor shaped like the weight (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``; likewise RMSprop, Adagrad...) is zeroed on the changed
+blocks. Per-parameter scalars (Adam's ``step``) cannot be reset per block and are left.
+
+Example::
+
+    >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)   # after a step
+    >>> zero_optimizer_state(opt, w, torch.tensor([[True, False]]), block_size=2)
+    ['momentum_buffer']
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from agpe_compile.ops.reference import expand_block_mask
+
+
+def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], weight: torch.Tensor,
+                         blocks: torch.Tensor, block_size: int) -> List[str]:
+    """Zero ``weight``'s optimizer state on ``blocks`` (bool [R, C]); the keys touched."""
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(weight)
+    if not state:
+        return []
+    touched = []
+    element_mask = None
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == weight.shape:
+            if element_mask is None:
+                element_mask = expand_block_mask(blocks.to(value.device), block_size, torch.bool)
+            value.masked_fill_(element_mask, 0)
+            touched.append(key)
+    return touched
+
+
+def momentum_of(optimizer: Optional[torch.optim.Optimizer], weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """SGD's ``momentum_buffer`` or Adam's ``exp_avg`` of ``weight`` (None if absent)."""
+    if optimizer is None:
+        return None
+    state = optimizer.state.get(weight, {})
+    for key in ("momentum_buffer", "exp_avg"):
+        if torch.is_tensor(state.get(key)):
+            return state[key]
+    return None

@@ -1,0 +1,307 @@
+"""The Sparsifier: runs a policy over a model's agpe layers, one call per training step.
+
+The training loop, and what happens where::
+
+    sparsifier = Sparsifier(model, optimizer, AGPEConfig(target_sparsity=0.9))  # prepare + layout
+    cmodel = torch.compile(model, backend="agpe")
+    for x, y in loader:
+        loss = loss_fn(cmodel(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
+        sparsifier.step(loss)
+
+``step`` adds the loss to a device-side sum and counts the step; nothing else happens
+(no host sync) except at every ``update_interval``-th step, where it, in order:
+
+1. reads the backward's counters and accounts training FLOPs at the masks in force;
+2. folds the saliency buffers into the per-block EMAs and zeroes them (saliency.py);
+3. at an update step: asks the policy for the global target (schedule), plans the
+   per-layer counts (layer_budget.py), drops and grows blocks (drop_grow.py), zeroes the
+   weights and optimizer moments of changed blocks (optimizer_state.py);
+4. appends an audit record (audit.py).
+
+Before the backward of every update step of a policy that regrows by gradient, it sets
+each layer's ``score_dense`` flag so the backward fills ``dense_grad_sq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from agpe_compile.buckets import rebucket
+from agpe_compile.layout import bucket_for
+from agpe_compile.ops.reference import expand_block_mask
+from agpe_compile.state import LayerState, prepare
+
+from . import checkpoint
+from .adaptive_schedule import Feedback
+from .audit import AuditLog, layer_records
+from .config import AGPEConfig
+from .drop_grow import drop_and_grow
+from .flops import FlopAccountant, FlopReport
+from .init_layouts import initial_masks
+from .layer_budget import plan_counts, swap_counts
+from .optimizer_state import momentum_of, zero_optimizer_state
+from .policies import LayerView, make_policy
+from .saliency import SaliencyEMA
+
+log = logging.getLogger(__name__)
+
+
+class Sparsifier:
+    """Prune-and-regrow controller for the agpe layers of ``model``.
+
+    Example::
+
+        >>> sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9, policy="rigl", block_size=8))
+        >>> round(sp.global_density, 2)
+        0.1
+        >>> sp.step(loss)          # after optimizer.step(), every training step
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], config: AGPEConfig,
+                 recompile_counter: Optional[Callable[[], int]] = None):
+        if not isinstance(config, AGPEConfig):
+            raise TypeError(f"agpe: Sparsifier expected an AGPEConfig, got {type(config).__name__}")
+        states = prepare(model, options=config.backend_options)
+        config.check_model(model, states)
+        self.model = model  # the layer states only hold weak references to their modules
+        self._setup(list(states.values()), optimizer, config, recompile_counter)
+
+    @classmethod
+    def for_layers(cls, states: List[LayerState], config: AGPEConfig,
+                   optimizer: Optional[torch.optim.Optimizer] = None) -> "Sparsifier":
+        """A Sparsifier over already prepared layer states (zero-code mode, tests)."""
+        self = cls.__new__(cls)
+        self._setup(list(states), optimizer, config, None)
+        return self
+
+    def _setup(self, states, optimizer, config, recompile_counter) -> None:
+        self.config = config
+        self.policy = make_policy(config)
+        self.optimizer = optimizer
+        self.layers: Dict[str, LayerState] = {s.name: s for s in states}
+        if not self.layers:
+            warnings.warn("agpe: no eligible linear layer; the model trains dense", stacklevel=3)
+        self.step_count = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.saliency = SaliencyEMA(config.saliency_decay)
+        self.accountant = FlopAccountant({n: (s.weight_shape, s.block_size) for n, s in self.layers.items()})
+        self.schedule_state = self.policy.initial_schedule_state()
+        self.pruned_saliency: Optional[float] = None
+        self.seen_counters = {}
+        self.audit = AuditLog(config.audit_path)
+        self.recompile_counter = recompile_counter
+        self._graphs_seen = recompile_counter() if recompile_counter else 0
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_steps = 0
+        self._flag_on = False
+        self._scored_from: Dict[str, torch.Tensor] = {}
+        self.seconds = 0.0
+        self.update_seconds = 0.0
+        for name, state in self.layers.items():
+            self.saliency.add_layer(name, state.grid, state.block_mask.device)
+            self.seen_counters[name] = [int(v) for v in state.counters.tolist()]
+            if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
+                log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
+        self.target_density = self.config.start_density
+        self.rebucketed: List[str] = []
+        self._apply_initial_layout()
+        self.rebucketed = rebucket(list(self.layers.values()), config.buckets)
+        self._set_score_dense(self._scores_dense_at(1))
+        self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
+            n: {"shape": list(s.weight_shape), "block_size": s.block_size, "grid": list(s.grid)}
+            for n, s in self.layers.items()}})
+
+    # ---- public API -------------------------------------------------------------------
+
+    def step(self, loss: Optional[torch.Tensor] = None) -> None:
+        """Count one finished training step; update masks if it was an update step."""
+        start = time.perf_counter()
+        if loss is not None:
+            value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
+            if self._loss_sum is None or self._loss_sum.device != value.device:
+                self._loss_sum = value.clone() if self._loss_sum is None else self._loss_sum.to(value.device) + value
+            else:
+                self._loss_sum.add_(value)
+            self._loss_steps += 1
+        self.step_count += 1
+        if self.step_count % self.config.update_interval == 0:
+            self._interval(self.step_count)
+        self._set_score_dense(self._scores_dense_at(self.step_count + 1))
+        self.seconds += time.perf_counter() - start
+
+    def densities(self) -> Dict[str, float]:
+        """Current density of every agpe layer."""
+        return {name: state.density for name, state in self.layers.items()}
+
+    @property
+    def global_density(self) -> float:
+        """Active blocks / all blocks over every agpe layer (1.0 with none)."""
+        total = sum(s.block_mask.numel() for s in self.layers.values())
+        return sum(int(s.block_mask.sum()) for s in self.layers.values()) / total if total else 1.0
+
+    @property
+    def flops(self) -> FlopReport:
+        """Cumulative training FLOPs so far, per layer and total (reads the counters)."""
+        self._account(scored=False)
+        return self.accountant.report()
+
+    @property
+    def audit_path(self) -> Optional[str]:
+        return self.audit.path
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-identically; see docs/checkpoint-format.md."""
+        return checkpoint.save(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (any supported format version), masks in place."""
+        checkpoint.load(self, state)
+
+    # ---- one interval -----------------------------------------------------------------
+
+    def _interval(self, step: int) -> None:
+        start = time.perf_counter()
+        loss = self._take_loss()
+        self._account(scored=self._flag_on)
+        skips = {n: self._take_skips(n) for n in self.layers}
+        for name, state in self.layers.items():
+            self.saliency.update(name, state.saliency, self.config.update_interval)
+            state.saliency.zero_()
+        dense_grad = {n: self._take_dense_grad(n, s) for n, s in self.layers.items()}
+        before = {n: s.block_mask.clone() for n, s in self.layers.items()}
+        record = {"event": "interval", "step": step, "loss": loss, "updated": False, "schedule": None,
+                  "global_density_before": self.global_density, "pruned_saliency": self.pruned_saliency}
+        self.rebucketed = []
+        if self._updates_at(step):
+            record["schedule"] = self._update(step, loss, dense_grad)
+            record["updated"] = True
+        record["rebucketed"] = self.rebucketed
+        if self.audit.path is not None:
+            self._write_record(record, before, skips, start)
+        self.update_seconds += time.perf_counter() - start
+
+    def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor]) -> str:
+        feedback = Feedback(loss=loss, pruned_saliency=self.pruned_saliency)
+        target, self.schedule_state, event = self.policy.target(step, self.schedule_state, feedback)
+        moved, self.target_density = target != self.target_density, target
+        views = [LayerView(n, s, self.saliency.values[n], dense_grad[n], momentum_of(self.optimizer, s.weight))
+                 for n, s in self.layers.items()]
+        fraction = self.policy.drop_fraction(step)
+        scores = [self.policy.layer_score(v) for v in views]
+        current = [int(v.state.block_mask.sum()) for v in views]
+        counts = plan_counts(current, [v.state.grid for v in views], [v.state.block_size for v in views],
+                             target, moved, self.config.distribution,
+                             None if any(s is None for s in scores) else scores,
+                             fraction, self.config.buckets, self.config.max_layer_density)
+        dropped_mass = active_mass = 0.0
+        dropped = 0
+        for view, active, count in zip(views, current, counts):
+            n_drop, n_grow = swap_counts(active, count, view.state.block_mask.numel(), fraction)
+            grow_score = self.policy.grow_score(view, self.generator) if n_grow else None
+            if grow_score is None:
+                n_grow, grow_score = 0, torch.zeros_like(view.saliency_ema)
+                n_drop = max(active - count, 0)
+            result = drop_and_grow(view.state.block_mask, self.policy.drop_score(view), grow_score, n_drop, n_grow)
+            dropped_mass += float(view.saliency_ema[result.dropped].sum())
+            dropped += int(result.dropped.sum())
+            active_mass += float(view.saliency_ema[view.state.block_mask].sum())
+            self._apply(view.name, view.state, result.mask, result.dropped, result.grown)
+        # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
+        mean_active = active_mass / max(sum(current), 1)
+        self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
+        self.rebucketed = rebucket(list(self.layers.values()), self.config.buckets)
+        return event
+
+    def _apply(self, name, state, mask, dropped, grown) -> None:
+        with torch.no_grad():
+            state.block_mask.copy_(mask)
+            # Re-zeroing every inactive block (not only the dropped ones) keeps the invariant
+            # even for weights an optimizer without our reset touched (zero-code mode).
+            state.weight.mul_(expand_block_mask(mask, state.block_size, state.weight.dtype))
+        zero_optimizer_state(self.optimizer, state.weight, dropped | grown, state.block_size)
+        self.saliency.mark_fresh(name, grown)
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _apply_initial_layout(self) -> None:
+        states = list(self.layers.values())
+        for state, mask in zip(states, initial_masks(states, self.config, self.generator)):
+            if mask is None:
+                continue
+            self._apply(state.name, state, mask, ~mask, torch.zeros_like(mask))
+            if self.config.rescale_init:
+                with torch.no_grad():
+                    state.weight.mul_((mask.numel() / int(mask.sum())) ** 0.5)
+
+    def _updates_at(self, step: int) -> bool:
+        cfg = self.config
+        return (self.policy.updates_masks and bool(self.layers) and step % cfg.update_interval == 0
+                and cfg.begin_step < step <= cfg.end_step)
+
+    def _scores_dense_at(self, step: int) -> bool:
+        return self.policy.needs_dense_grad and self._updates_at(step)
+
+    def _set_score_dense(self, on: bool, force: bool = False) -> None:
+        if on == self._flag_on and not force:
+            return
+        for name, state in self.layers.items():
+            state.score_dense.fill_(on)
+            if on:
+                self._scored_from[name] = state.counters[0].clone()
+        self._flag_on = on
+
+    def _account(self, scored: bool) -> None:
+        """FLOPs of the rows seen since the last call, at the current masks."""
+        for name, state in self.layers.items():
+            rows_now = int(state.counters[0])
+            rows = rows_now - self.seen_counters[name][0]
+            scored_rows = rows_now - int(self._scored_from[name]) if scored and name in self._scored_from else 0
+            self.accountant.add(name, rows, int(state.block_mask.sum()), scored_rows)
+            self.seen_counters[name][0] = rows_now
+
+    def _take_skips(self, name: str) -> int:
+        now = int(self.layers[name].counters[1])
+        skipped, self.seen_counters[name][1] = now - self.seen_counters[name][1], now
+        if skipped:
+            log.warning("agpe: %s: %d backward call(s) had non-finite scores; their scores were skipped",
+                        name, skipped)
+        return skipped
+
+    def _take_dense_grad(self, name: str, state: LayerState) -> torch.Tensor:
+        scores = state.dense_grad_sq.clone()
+        state.dense_grad_sq.zero_()
+        if not bool(torch.isfinite(scores).all()):
+            log.warning("agpe: %s: dense-gradient scores are not finite; regrowth falls back to zeros", name)
+            scores = torch.zeros_like(scores)
+        return scores
+
+    def _take_loss(self) -> Optional[float]:
+        if self._loss_sum is None or self._loss_steps == 0:
+            return None
+        loss = float(self._loss_sum) / self._loss_steps
+        self._loss_sum, self._loss_steps = None, 0
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            log.warning("agpe: training loss over the last interval is not finite; not used as feedback")
+            return None
+        return loss
+
+    def _write_record(self, record: dict, before: Dict[str, torch.Tensor], skips: Dict[str, int],
+                      start: float) -> None:
+        graphs = self.recompile_counter() if self.recompile_counter else None
+        report = self.accountant.report()
+        record.update({
+            "target_density": self.target_density, "bucket": bucket_for(self.target_density, self.config.buckets),
+            "global_density_after": self.global_density, "flops": {"sparse": report.sparse, "dense": report.dense},
+            "recompiles": None if graphs is None else graphs - self._graphs_seen,
+            "layers": layer_records(self.layers, before, self.saliency.values, skips, self.config.buckets),
+            "update_seconds": time.perf_counter() - start,
+        })
+        self.audit.write(record)
+        if graphs is not None:
+            self._graphs_seen = graphs

@@ -1,0 +1,133 @@
+"""Plots of AGPE audit trails: ``python -m agpe_compile.report RUN.jsonl [MORE.jsonl] [--out DIR]``.
+
+Renders, with matplotlib's Agg backend (no display needed):
+
+* ``density_<run>.png`` per run: each layer's density and the global target over steps;
+* ``loss_vs_flops.png``: training loss against cumulative training FLOPs (sparse,
+  executed), one line per run, so runs at different budgets compare on one axis.
+
+``--tensorboard DIR`` also writes the same scalars as TensorBoard events when
+``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package); otherwise it
+says so and skips.
+
+Example::
+
+    $ python -m agpe_compile.report runs/agpe.jsonl runs/rigl.jsonl --out runs/plots
+    wrote runs/plots/density_agpe.png
+    ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from agpe_compile.controller.audit import read_records
+
+log = logging.getLogger(__name__)
+
+
+def _intervals(records: List[dict]) -> List[dict]:
+    return [r for r in records if r.get("event") == "interval"]
+
+
+def run_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def plot_density(records: List[dict], title: str, out_path: str) -> str:
+    """Density per layer (and the global target) over training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = _intervals(records)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    layers: Dict[str, List[float]] = {}
+    for r in rows:
+        for name, layer in r["layers"].items():
+            layers.setdefault(name, []).append(layer["density_after"])
+    for name, values in layers.items():
+        ax.plot(steps, values, label=name)
+    ax.plot(steps, [r["target_density"] for r in rows], "k--", label="global target")
+    ax.set(xlabel="training step", ylabel="density (active blocks)", title=title, ylim=(0, 1.05))
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_loss_vs_flops(runs: Dict[str, List[dict]], out_path: str) -> str:
+    """Training loss against cumulative executed training FLOPs, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, records in runs.items():
+        rows = [r for r in _intervals(records) if r.get("loss") is not None]
+        ax.plot([r["flops"]["sparse"] for r in rows], [r["loss"] for r in rows], label=name)
+    ax.set(xlabel="cumulative training FLOPs (agpe layers)", ylabel="training loss", yscale="log")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def write_tensorboard(runs: Dict[str, List[dict]], log_dir: str) -> bool:
+    """Scalars per run under ``log_dir/<run>``; False (and a log line) without TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        log.warning("agpe.report: TensorBoard logging skipped (%s)", error)
+        return False
+    for name, records in runs.items():
+        writer = SummaryWriter(os.path.join(log_dir, name))
+        for r in _intervals(records):
+            if r.get("loss") is not None:
+                writer.add_scalar("loss", r["loss"], r["step"])
+            writer.add_scalar("density/global", r["global_density_after"], r["step"])
+            writer.add_scalar("flops/sparse", r["flops"]["sparse"], r["step"])
+            for layer, values in r["layers"].items():
+                writer.add_scalar(f"density/{layer}", values["density_after"], r["step"])
+        writer.close()
+    return True
+
+
+def render(paths: Sequence[str], out_dir: str, tensorboard_dir: Optional[str] = None) -> List[str]:
+    """Write every plot for the audit files ``paths`` into ``out_dir``; the PNG paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    runs = {run_name(p): read_records(p) for p in paths}
+    written = [plot_density(records, name, os.path.join(out_dir, f"density_{name}.png"))
+               for name, records in runs.items()]
+    written.append(plot_loss_vs_flops(runs, os.path.join(out_dir, "loss_vs_flops.png")))
+    if tensorboard_dir is not None:
+        write_tensorboard(runs, tensorboard_dir)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agpe_compile.report", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="audit JSONL files written by a Sparsifier")
+    parser.add_argument("--out", default=None, help="output directory (default: next to the first file)")
+    parser.add_argument("--tensorboard", default=None, help="also write TensorBoard events here")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.runs if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"no such audit file: {missing[0]}")
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.runs[0]))
+    for path in render(args.runs, out_dir, args.tensorboard):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

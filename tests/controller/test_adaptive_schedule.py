@@ -1,0 +1,143 @@
+"""The adaptive schedule: prunes faster on improving loss, holds on stalls, backs off on
+regression or regret, cannot oscillate, only visits bucket densities, meets its deadline."""
+
+import math
+
+import pytest
+
+from agpe_compile.controller import AdaptiveSchedule, Feedback
+from agpe_compile.layout import DEFAULT_BUCKETS, bucket_for
+
+INTERVAL = 10
+
+
+def schedule(**kw):
+    values = dict(initial_density=1.0, final_density=0.1, end_step=100_000, update_interval=INTERVAL)
+    values.update(kw)
+    return AdaptiveSchedule(**values)
+
+
+def run(sched, losses, regrets=None):
+    """Feed one loss (and regret lift) per update; the list of states after each update."""
+    state, states = sched.initial_state(), []
+    for i, loss in enumerate(losses):
+        regret = regrets[i] if regrets else None
+        state = sched.next_state(state, (i + 1) * INTERVAL, Feedback(loss=loss, pruned_saliency=regret))
+        states.append(state)
+    return states
+
+
+def test_ladder_is_bucket_values_between_start_and_final():
+    assert schedule().ladder == (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
+    # 0.07 lives in bucket 0.10, so 0.10 itself is not a separate rung.
+    assert schedule(final_density=0.07).ladder == (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.07)
+    sched = schedule(initial_density=0.25, max_density=0.5)
+    assert sched.ladder == (0.5, 0.35, 0.25, 0.15, 0.1)
+    assert sched.density(sched.initial_state()) == 0.25
+
+
+def test_note_worked_example():
+    sched = schedule(buckets=(1.0, 0.5, 0.1), loss_smoothing=0.0)
+    states = run(sched, [2.0, 1.5, 1.4, 1.39])
+    assert [s.event for s in states] == ["hold:stall", "prune:improving", "hold:cooldown", "hold:stall"]
+    assert [sched.density(s) for s in states] == [1.0, 0.5, 0.5, 0.5]
+
+
+def updates_to_final(states, sched):
+    return next(i + 1 for i, s in enumerate(states) if sched.density(s) == sched.final_density)
+
+
+def test_prunes_faster_while_loss_improves_than_when_it_stalls():
+    sched = schedule()
+    improving = run(sched, [2.0 * 0.9 ** i for i in range(40)])
+    stalled = run(sched, [2.0] * 40)
+    # Improving: hold (no previous loss), then prune + cooldown per rung: 2 + 5 * 2 = 12.
+    # Stalled: prune only after `patience` = 2 holds: 2 + 5 * (1 cooldown + 2 holds) = 17.
+    assert updates_to_final(improving, sched) == 12
+    assert updates_to_final(stalled, sched) == 17
+    assert {s.event for s in improving if s.event.startswith("prune")} == {"prune:improving"}
+    assert {s.event for s in stalled if s.event.startswith("prune")} == {"prune:patience"}
+
+
+def test_backs_off_when_loss_regresses_at_most_max_backoffs_times():
+    sched = schedule(max_backoffs=1)
+    # Two prunes while the loss falls, then it climbs for good.
+    losses = [2.0, 1.0, 1.0, 0.5, 0.5, 2.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    states = run(sched, losses)
+    events = [s.event for s in states]
+    assert events[:7] == ["hold:stall", "prune:improving", "hold:cooldown", "prune:improving",
+                          "hold:cooldown", "backoff:loss", "hold:cooldown"]
+    assert [sched.density(s) for s in states[:7]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.75, 0.75]
+    # Still getting worse, still room to go up, but the one back-off is spent: it holds
+    # (and never prunes on patience while the loss gets worse).
+    assert events[7:] == ["hold:worse"] * 4 and all(s.rung == 1 for s in states[6:])
+
+
+def test_backs_off_when_pruned_blocks_were_needed():
+    sched = schedule(regret_threshold=0.6)
+    losses = [2.0, 1.0, 1.0, 1.0]
+    states = run(sched, losses, regrets=[None, None, None, 0.6])
+    assert states[3].event == "backoff:regret" and sched.density(states[3]) == 1.0
+    calm = run(sched, losses, regrets=[None, None, None, 0.59])
+    assert calm[3].event != "backoff:regret"
+
+
+def test_no_oscillation_under_adversarial_feedback():
+    sched = schedule(max_backoffs=2, cooldown=1)
+    # The loss alternates between 1 and 2: every other update looks like a big improvement,
+    # the others like a big regression.
+    states = run(sched, [1.0 + (i % 2) for i in range(300)])
+    rungs = [s.rung for s in states]
+    moves = [b - a for a, b in zip(rungs, rungs[1:]) if b != a]
+    assert sum(1 for m in moves if m < 0) == sched.max_backoffs  # it did try to back off...
+    direction_changes = sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+    assert direction_changes <= 2 * sched.max_backoffs  # ...but cannot flip-flop
+    assert rungs[-1] == len(sched.ladder) - 1
+    changes = [i for i in range(1, len(rungs)) if rungs[i] != rungs[i - 1]]
+    assert all(b - a > sched.cooldown for a, b in zip(changes, changes[1:]))  # cooldown respected
+
+
+def test_only_bucket_densities_and_one_bucket_per_rung():
+    sched = schedule(final_density=0.07, max_backoffs=3)
+    losses = [2.0 * 0.9 ** i if i % 7 else 3.0 for i in range(120)]
+    densities = {sched.density(s) for s in run(sched, losses)}
+    assert densities <= set(sched.ladder)
+    assert set(sched.ladder) - {0.07} <= set(DEFAULT_BUCKETS)
+    buckets = [bucket_for(d) for d in sched.ladder]
+    assert len(set(buckets)) == len(buckets)
+
+
+def test_deadline_reaches_final_density_by_end_step():
+    sched = schedule(end_step=100, patience=50)  # 10 updates, 6 rungs, never improving
+    states = run(sched, [2.0] * 10)
+    assert sched.density(states[-1]) == 0.1
+    assert sum(s.event == "prune:deadline" for s in states) == 6
+
+
+def test_a_back_off_never_breaks_the_deadline():
+    # 7 updates up to step 70, regret at every one of them; ladder 1.0 .. 0.25 (4 steps down).
+    sched = schedule(final_density=0.25, end_step=70, patience=1, cooldown=0, max_backoffs=5)
+    states = run(sched, [None] * 7, regrets=[None] + [0.9] * 6)
+    assert [s.event for s in states] == ["prune:patience", "backoff:regret", "hold:stall"] + ["prune:deadline"] * 4
+    assert sched.density(states[-1]) == 0.25
+    # With 5 updates there is never room to go back up and still arrive in time.
+    short = schedule(final_density=0.25, end_step=50, patience=1, cooldown=0, max_backoffs=5)
+    states = run(short, [None] * 5, regrets=[None] + [0.9] * 4)
+    assert [s.event for s in states] == ["prune:patience"] * 4 + ["hold:final"]
+
+
+def test_without_loss_it_prunes_on_patience_and_still_backs_off_on_regret():
+    sched = schedule(patience=3)
+    states = run(sched, [None] * 5, regrets=[None] * 5)
+    assert [s.event for s in states] == ["hold:stall", "hold:stall", "prune:patience", "hold:cooldown", "hold:stall"]
+    regret = run(sched, [None] * 5, regrets=[None, None, None, None, 0.9])
+    assert regret[-1].event == "backoff:regret"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_is_ignored(bad):
+    sched = schedule(patience=10)
+    states = run(sched, [2.0, bad, 1.0])
+    assert states[1].smoothed_loss == 2.0 and states[1].event == "hold:stall"
+    assert states[2].event == "prune:improving"
+    assert math.isfinite(states[2].smoothed_loss)

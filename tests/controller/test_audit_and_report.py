@@ -1,0 +1,108 @@
+"""The JSONL audit trail records what really happened; the report renders it to PNGs."""
+
+import builtins
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agpe_compile import report
+from agpe_compile.controller import AGPEConfig, AuditLog, read_records
+
+from .helpers import batches, make_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def agpe_run(tmp_path_factory):
+    """An AGPE run of 24 steps with updates every 4 steps; the masks around each update."""
+    path = str(tmp_path_factory.mktemp("audit") / "agpe.jsonl")
+    config = AGPEConfig(policy="agpe", target_sparsity=0.75, block_size=4, update_interval=4, end_step=20,
+                        audit_path=path, cooldown=0, patience=1)
+    torch._dynamo.reset()
+    _, opt, sp, cmodel, backend = make_run(config)
+    masks = {}
+    for step, (x, y) in enumerate(batches(24), start=1):
+        loss = F.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        before = {n: s.block_mask.clone() for n, s in sp.layers.items()}
+        sp.step(loss)
+        masks[step] = (before, {n: s.block_mask.clone() for n, s in sp.layers.items()})
+    return path, sp, masks, backend
+
+
+def test_start_record(agpe_run):
+    path, sp, _, _ = agpe_run
+    start = read_records(path)[0]
+    assert start["event"] == "start" and start["step"] == 0
+    assert AGPEConfig.from_dict(start["config"]) == sp.config
+    assert start["layers"]["fc2"] == {"shape": [32, 32], "block_size": 4, "grid": [8, 8]}
+
+
+def test_interval_records_match_the_masks(agpe_run):
+    path, sp, masks, _ = agpe_run
+    records = [r for r in read_records(path) if r["event"] == "interval"]
+    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    assert [r["updated"] for r in records] == [True] * 5 + [False]
+    for r in records:
+        before, after = masks[r["step"]]
+        for name, layer in r["layers"].items():
+            assert layer["dropped"] == int((before[name] & ~after[name]).sum())
+            assert layer["grown"] == int((~before[name] & after[name]).sum())
+            assert layer["density_after"] == pytest.approx(float(after[name].float().mean()))
+            assert layer["nonfinite_skips"] == 0
+            assert set(layer["saliency"]) == {"mean", "max", "min", "active_mean"}
+        assert r["global_density_after"] == pytest.approx(
+            sum(int(m.sum()) for m in after.values()) / sum(m.numel() for m in after.values()))
+        assert r["loss"] > 0 and (r["schedule"] is not None) == r["updated"]
+    assert sum(layer["dropped"] for r in records for layer in r["layers"].values()) > 0
+    assert records[-1]["global_density_after"] == 0.25 and records[-1]["bucket"] == 0.25
+    sparse = [r["flops"]["sparse"] for r in records]
+    assert sparse == sorted(sparse) and sparse[-1] == sp.flops.sparse
+    # The graph compiled in the first interval; after that exactly one recompile follows
+    # each update that moved layers to another layout bucket, and none otherwise.
+    assert records[0]["recompiles"] == 1
+    assert [r["recompiles"] for r in records[1:]] == [int(bool(r["rebucketed"])) for r in records[:-1]]
+    assert sum(bool(r["rebucketed"]) for r in records) >= 3
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    log = AuditLog(str(tmp_path / "sub" / "a.jsonl"))
+    log.write({"event": "x", "loss": float("nan"), "nested": {"v": float("inf")}})
+    line = (tmp_path / "sub" / "a.jsonl").read_text()
+    assert json.loads(line) == {"event": "x", "loss": None, "nested": {"v": None}}
+    AuditLog(None).write({"event": "ignored"})  # no path: no file, no error
+
+
+def test_report_renders_pngs(agpe_run, tmp_path, capsys):
+    path = agpe_run[0]
+    assert report.main([path, "--out", str(tmp_path)]) == 0
+    for name in ("density_agpe.png", "loss_vs_flops.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert f"wrote {tmp_path / 'density_agpe.png'}" in capsys.readouterr().out
+
+
+def test_report_rejects_a_missing_file(tmp_path):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "nope.jsonl")])
+
+
+def test_tensorboard_is_skipped_cleanly_without_it(agpe_run, tmp_path, monkeypatch, caplog):
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with caplog.at_level(logging.WARNING):
+        written = report.render([agpe_run[0]], str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+    assert "TensorBoard logging skipped" in caplog.text
+    assert len(written) == 2 and not (tmp_path / "tb").exists()

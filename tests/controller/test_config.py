@@ -1,0 +1,93 @@
+"""AGPEConfig: every bad value raises ValueError naming field, value and what is accepted;
+bad models (block size not dividing a layer, no eligible layer) are reported."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from agpe_compile.controller import AGPEConfig, Sparsifier
+
+from .helpers import TinyMLP
+
+
+@pytest.mark.parametrize(
+    "field,value,accepted",
+    [
+        ("target_sparsity", 1.0, "a number in [0, 1)"),
+        ("target_sparsity", -0.1, "a number in [0, 1)"),
+        ("target_sparsity", float("nan"), "a number in [0, 1)"),
+        ("target_sparsity", "0.9", "a number in [0, 1)"),
+        ("policy", "lottery", "one of ('dense', 'static', 'set', 'rigl', 'gmp', 'snfs', 'agpe')"),
+        ("saliency", "fisher", "one of ('taylor', 'gradient', 'magnitude', 'movement')"),
+        ("distribution", "random", "one of ('erk', 'uniform')"),
+        ("block_size", 0, "an int >= 1, <= 1024"),
+        ("block_size", 8.0, "an int >= 1, <= 1024"),
+        ("update_interval", 0, "an int >= 1"),
+        ("end_step", 0, "a step after begin_step=0"),
+        ("drop_fraction", 1.5, "a number in [0, 1]"),
+        ("saliency_decay", 1.0, "a number in [0, 1)"),
+        ("buckets", (0.5, 0.25), "a tuple of densities in (0, 1] that includes 1.0"),
+        ("patience", 0, "an int >= 1"),
+        ("regret_threshold", 0.0, "a number > 0"),
+        ("initial_density", 0.05, "a density >= the final density 0.1"),
+        ("max_density", 0.05, "a density >= the final density 0.1"),
+        ("include", ("",), "a tuple of non-empty fnmatch pattern strings"),
+        ("rescale_init", 1, "True or False"),
+        ("version", 99, "1"),
+    ],
+)
+def test_bad_values_name_field_value_and_accepted(field, value, accepted):
+    expected = f"agpe: AGPEConfig.{field} got {value!r}; expected {accepted}"
+    with pytest.raises(ValueError) as info:
+        AGPEConfig(**{field: value})
+    assert str(info.value) == expected
+
+
+def test_end_before_begin_names_both():
+    with pytest.raises(ValueError, match=r"AGPEConfig.end_step got 50; expected a step after begin_step=100"):
+        AGPEConfig(begin_step=100, end_step=50)
+
+
+def test_frozen_and_round_trip_through_json_types():
+    config = AGPEConfig(policy="rigl", block_size=8, exclude=("head",), buckets=(1.0, 0.5, 0.1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.policy = "set"
+    as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
+    assert AGPEConfig.from_dict(as_json) == config
+
+
+def test_policy_defaults_for_start_density():
+    assert AGPEConfig(policy="agpe").start_density == 1.0
+    assert AGPEConfig(policy="gmp").start_density == 1.0
+    assert AGPEConfig(policy="rigl", target_sparsity=0.75).start_density == 0.25
+    assert AGPEConfig(policy="dense", target_sparsity=0.9).final_density == 1.0
+
+
+def test_block_size_not_dividing_a_layer_names_layer_and_shape():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"AGPEConfig.block_size got 8; expected a common divisor of the "
+                                         r"dimensions of every included layer; layer '2' is 10x32 \(or exclude='2'\)"):
+        Sparsifier(model, opt, AGPEConfig(block_size=8))
+    Sparsifier(model, opt, AGPEConfig(block_size=8, exclude=("2",)))  # excluding it is the way out
+
+
+def test_no_eligible_layer_warns_once_and_trains_dense():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="no eligible linear layer; the model trains dense"):
+        sparsifier = Sparsifier(model, opt, AGPEConfig(update_interval=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            sparsifier.step(torch.tensor(1.0))
+    assert sparsifier.global_density == 1.0 and sparsifier.densities() == {}
+    assert sparsifier.flops.ratio == 1.0
+
+
+def test_config_type_checked():
+    with pytest.raises(TypeError, match="expected an AGPEConfig, got dict"):
+        Sparsifier(TinyMLP(), None, {"target_sparsity": 0.9})

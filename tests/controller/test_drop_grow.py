@@ -1,0 +1,83 @@
+"""Drop/grow on hand-worked 8-block masks: exact masks, exact counts, ties, NaN; layer budgets."""
+
+import pytest
+import torch
+
+from agpe_compile.controller import drop_and_grow
+from agpe_compile.controller.layer_budget import bucket_bounds, plan_counts, swap_counts
+
+T, F = True, False
+
+
+def test_note_example():
+    mask = torch.tensor([[T, T, T, F, F, F]])
+    result = drop_and_grow(mask, torch.tensor([[3.0, 1, 2, 0, 0, 0]]), torch.tensor([[0.0, 0, 0, 5, 9, 7]]), 1, 1)
+    assert result.mask.tolist() == [[T, F, T, F, T, F]]
+    assert result.dropped.tolist() == [[F, T, F, F, F, F]]
+    assert result.grown.tolist() == [[F, F, F, F, T, F]]
+
+
+def test_exact_counts_and_scores_of_the_other_kind_are_ignored():
+    # 2 x 4 grid, 5 active. Drop 2 by lowest drop score among ACTIVE blocks (the inactive
+    # block at [1, 3] has the lowest score of all but is not a candidate); grow 3 by
+    # highest grow score among blocks inactive BEFORE the update (block [0, 1], just
+    # dropped, has the best grow score but is not a candidate).
+    mask = torch.tensor([[T, T, F, T], [F, T, T, F]])
+    drop = torch.tensor([[5.0, 0.5, 9, 4], [9, 7, 1, -1]])
+    grow = torch.tensor([[0.0, 99, 3, 0], [2, 0, 0, 1]])
+    result = drop_and_grow(mask, drop, grow, 2, 3)
+    assert result.dropped.tolist() == [[F, T, F, F], [F, F, T, F]]
+    assert result.grown.tolist() == [[F, F, T, F], [T, F, F, T]]
+    assert result.mask.tolist() == [[T, F, T, T], [T, T, F, T]]
+    assert int(result.mask.sum()) == 5 - 2 + 3
+
+
+def test_ties_go_to_the_lower_index():
+    mask = torch.tensor([T, T, T, T, F, F, F, F])
+    result = drop_and_grow(mask, torch.zeros(8), torch.zeros(8), 2, 2)
+    assert result.mask.tolist() == [F, F, T, T, T, T, F, F]
+
+
+def test_non_finite_scores_never_decide():
+    mask = torch.tensor([T, T, T, F, F, F])
+    nan = float("nan")
+    # A NaN drop score keeps the block; a NaN grow score comes last.
+    result = drop_and_grow(mask, torch.tensor([nan, 2.0, 3.0, 0, 0, 0]), torch.tensor([0, 0, 0, nan, 1.0, -5.0]), 1, 2)
+    assert result.mask.tolist() == [T, F, T, F, T, T]
+
+
+def test_bad_counts_raise():
+    mask = torch.tensor([T, F])
+    with pytest.raises(ValueError, match=r"expected n_drop in \[0, 1\] and n_grow in \[0, 1\], got 2 and 0"):
+        drop_and_grow(mask, torch.zeros(2), torch.zeros(2), 2, 0)
+    with pytest.raises(ValueError, match="expected a bool mask"):
+        drop_and_grow(mask.int(), torch.zeros(2), torch.zeros(2), 0, 0)
+
+
+def test_swap_counts_golden():
+    assert swap_counts(10, 8, 100, 0.3) == (4, 2)     # shrink by 2, swap round(0.3 * 8) = 2
+    assert swap_counts(8, 10, 100, 0.3) == (2, 4)     # grow by 2, swap 2
+    assert swap_counts(10, 10, 12, 0.5) == (2, 2)     # only 2 inactive blocks to swap into
+    assert swap_counts(10, 4, 100, 0.0) == (6, 0)     # GMP: pure pruning
+
+
+def test_bucket_bounds_keep_a_layer_in_its_bucket():
+    buckets = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.10, 0.05)
+    assert bucket_bounds(30, 100, buckets, 1.0) == (26, 35)    # 0.30 is in bucket 0.35: (0.25, 0.35]
+    assert bucket_bounds(10, 100, buckets, 1.0) == (6, 10)     # exactly on a bucket value
+    assert bucket_bounds(30, 100, buckets, 0.32) == (26, 32)   # capped by max_layer_density
+
+
+def test_plan_counts_redistributes_inside_buckets_until_the_target_moves():
+    grids, sizes = [(10, 10), (10, 10)], [4, 4]
+    buckets = (1.0, 0.5, 0.25)
+    # Both layers at 0.30 (bucket 0.5: counts 26..50); layer 2 has all the saliency.
+    kept = plan_counts([30, 30], grids, sizes, 0.3, False, "uniform", [0.0, 1.0], 1.0, buckets, 1.0)
+    assert kept == [26, 34]  # layer 1 can give only down to its bucket floor
+    moved = plan_counts([30, 30], grids, sizes, 0.3, True, "uniform", [0.0, 1.0], 1.0, buckets, 1.0)
+    assert moved == [1, 59]  # a moving target lets layers change bucket (all at the same update)
+
+
+def test_plan_counts_without_scores_follows_the_distribution():
+    counts = plan_counts([64, 64], [(8, 8), (4, 16)], [1, 1], 0.5, True, "uniform", None, 0.0, (1.0,), 1.0)
+    assert counts == [32, 32]

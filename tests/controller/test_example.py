@@ -1,0 +1,34 @@
+"""examples/fashion_mnist.py: the CI smoke run, and the error when the data is missing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "fashion_mnist.py")
+DATA = "/usr/share/datasets/fashion-mnist"
+
+
+def test_missing_dataset_names_the_apt_command(tmp_path):
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--data-dir", str(tmp_path), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"Fashion-MNIST file train-images-idx3-ubyte(.gz) not found in {tmp_path}" in result.stderr
+    assert "apt-get update && apt-get install -y dataset-fashion-mnist" in result.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
+def test_smoke_run_prints_the_table_and_writes_logs_and_plots(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "dense,agpe,rigl", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 7]
+    assert [r[0].strip() for r in rows] == ["method", "dense", "agpe", "rigl"]
+    flops = {r[0].strip(): float(r[2].strip().rstrip("x")) for r in rows[1:]}
+    assert flops["dense"] == 1.0 and flops["rigl"] < 0.2 and flops["agpe"] < flops["dense"]
+    assert "rigl [##############################] 40/40" in result.stderr  # the progress bar
+    for name in ("dense.jsonl", "agpe.jsonl", "rigl.jsonl", "density_agpe.png", "loss_vs_flops.png"):
+        assert (out / name).stat().st_size > 0
