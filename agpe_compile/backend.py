@@ -51,30 +51,37 @@ class GraphRecord:
 
 
 class AgpeCompiledGraph:
-    """Call wrapper: Dynamo's arguments + the live mask/saliency tensors of each layer."""
+    """Call wrapper: Dynamo's arguments + the live mask/saliency/layout tensors of each layer.
+
+    The tensors are read from the layer states on every call: a layer that left a density
+    bucket and later returns to it has a new layout buffer of the old length, and Dynamo
+    then reuses this cached graph (its guard is on the length), which must see the new one.
+    """
 
     def __init__(self, compiled: Callable, states: List[LayerState],
                  before_training_call: Optional[Callable[[], None]] = None):
         self.compiled = compiled
         self.states = states
         self.before_training_call = before_training_call
-        self.extra = [t for state in states for t in state.tensors()]
+        self.layout_shapes = [state.block_layout.shape for state in states]
 
     def __call__(self, *args):
         if self.before_training_call is not None and torch.is_grad_enabled():
             self.before_training_call()
-        for state in self.states:
+        extra = []
+        for state, shape in zip(self.states, self.layout_shapes):
             state.check_identity()
             state.sync_layout()
-        if any(a is not b for a, b in zip(self.extra, (t for s in self.states for t in s.tensors()))):
-            raise RuntimeError(
-                "agpe: a layer changed layout bucket, but this graph was compiled before "
-                "agpe_compile.prepare() registered the hook that lets Dynamo see it; prepare the "
-                "model before torch.compile (or call torch._dynamo.reset() and compile again)"
-            )
+            if state.block_layout.shape != shape:
+                raise RuntimeError(
+                    f"agpe: layer {state.name!r} changed layout bucket, but this graph was compiled "
+                    f"before agpe_compile.prepare() registered the hook that lets Dynamo see it; prepare "
+                    f"the model before torch.compile (or call torch._dynamo.reset() and compile again)"
+                )
+            extra.extend(state.tensors())
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
-        return self.compiled(*args, *self.extra)
+        return self.compiled(*args, *extra)
 
 
 class AgpeBackend:

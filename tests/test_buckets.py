@@ -82,3 +82,22 @@ def test_two_thousand_steps_compile_once_per_bucket_crossing():
     assert crossings >= 6  # 1.0 -> 0.75 -> 0.5 -> 0.35 -> 0.25 -> 0.15 -> 0.10
     assert backend.graph_count == 1 + crossings
     assert {s.layout_bucket for s in layer_states(model).values()} == {0.1}
+
+
+def test_returning_to_a_previous_bucket_reuses_its_graph_with_the_new_layout():
+    torch.manual_seed(0)
+    model = MLP((32, 32, 16))
+    states = agpe_compile.prepare(model, options={"block_size": 8})
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, 32)
+    compiled(x)
+    set_random_masks(model, 0.5)
+    assert rebucket(model)
+    torch.testing.assert_close(compiled(x), model(x))
+    old_layout = states["layers.0"].block_layout
+    set_random_masks(model, 1.0, seed=1)  # back to bucket 1.0: a new buffer of the old length
+    assert rebucket(model)
+    assert states["layers.0"].block_layout is not old_layout
+    torch.testing.assert_close(compiled(x), model(x))
+    assert backend.graph_count == 2

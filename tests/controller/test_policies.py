@@ -150,10 +150,6 @@ def test_pruned_blocks_stay_zero_in_weights_grads_and_moments(policy, optimizer)
     assert (grown_checked > 0) == (policy != "gmp")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="spine: the backend call wrapper keeps the layout tensors it was built with, so "
-                          "a layer that returns to a density bucket it left (an AGPE back-off) reuses a "
-                          "cached graph whose tensors were replaced and raises")
 def test_agpe_back_off_through_a_compiled_model():
     config = AGPEConfig(policy="agpe", target_sparsity=0.75, block_size=4, update_interval=2, end_step=100,
                         patience=1, cooldown=0, regret_threshold=1e-9)
