@@ -6,6 +6,11 @@ Example::
     >>> agpe_compile.prepare(model, options={"block_size": 32})
     >>> cmodel = torch.compile(model, backend="agpe")
     >>> print(agpe_compile.explain(model, x))
+
+Training with the controller::
+
+    >>> sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(target_sparsity=0.9))
+    >>> ...; optimizer.step(); sparsifier.step(loss)
 """
 
 import importlib.util as _importlib_util
@@ -19,11 +24,14 @@ if _importlib_util.find_spec("agpe_compile.passes") is None and _os.path.isdir(_
 
 from . import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from .backend import AgpeBackend, agpe_backend
+from .buckets import rebucket
 from .config import BackendConfig
+from .controller import AGPEConfig, Sparsifier
 from .explain import ExplainReport, LayerRecord, explain
 from .state import LayerState, layer_state, layer_states, prepare
 
 __all__ = [
+    "AGPEConfig",
     "AgpeBackend",
     "BackendConfig",
     "ExplainReport",
@@ -34,4 +42,6 @@ __all__ = [
     "layer_state",
     "layer_states",
     "prepare",
+    "rebucket",
+    "Sparsifier",
 ]
