@@ -30,6 +30,25 @@ from .controller import AGPEConfig, Sparsifier
 from .explain import ExplainReport, LayerRecord, explain
 from .state import LayerState, layer_state, layer_states, prepare
 
+
+
+def _register_without_entry_point() -> None:
+    """From a plain checkout no entry point exists: register ``backend="agpe"`` by hand.
+
+    With the package installed, torch finds the entry point itself and registering again
+    would fail with "duplicate name" (Dynamo's registry asserts on it).
+    """
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    installed = any(ep.name == "agpe" for ep in entry_points(group="torch_dynamo_backends"))
+    if not installed and "agpe" not in registry._COMPILER_FNS:
+        registry.register_backend(agpe_backend, name="agpe")
+
+
+_register_without_entry_point()
+
 __all__ = [
     "AGPEConfig",
     "AgpeBackend",

@@ -231,7 +231,7 @@ def layer_states(model: nn.Module) -> Dict[str, LayerState]:
 
 def layer_name(module_name: str, param_name: str) -> str:
     """Name used for patterns and reports: ``fc`` for ``fc.weight``, else the full name."""
-    if param_name == "weight":
+    if param_name == "weight" and module_name:
         return module_name
     return f"{module_name}.{param_name}" if module_name else param_name
 
