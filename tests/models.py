@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Dict, Sequence
 
 import torch
@@ -11,6 +13,9 @@ from torch import nn
 import agpe_compile
 from agpe_compile.ops.reference import expand_block_mask
 from agpe_compile.state import state_of
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from gpt import Block as GPTBlock  # noqa: E402  (the examples' GPT block: qkv/proj/fc1/fc2 + causal SDPA)
 
 
 class MLP(nn.Module):
@@ -24,28 +29,6 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
-
-
-class GPTBlock(nn.Module):
-    """Pre-LN block: qkv/proj attention with causal SDPA, fc1/fc2 MLP."""
-
-    def __init__(self, d_model: int = 64, n_heads: int = 4):
-        super().__init__()
-        self.n_heads = n_heads
-        self.ln1 = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.fc1 = nn.Linear(d_model, 4 * d_model)
-        self.fc2 = nn.Linear(4 * d_model, d_model)
-
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
-        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class TiedLM(nn.Module):

@@ -70,7 +70,7 @@ def test_transformer_encoder_layer():
 
 def test_gpt_block():
     torch.manual_seed(0)
-    model = GPTBlock()
+    model = GPTBlock(64, 4)
     agpe_compile.prepare(model, options={"block_size": 16})
     _check(model, lambda: (torch.randn(2, 8, 64),), aot_backend())
 
@@ -127,7 +127,7 @@ def test_batch_size_change_does_not_recompile_every_call():
 
 def test_eval_no_grad_inference():
     torch.manual_seed(0)
-    model = GPTBlock()
+    model = GPTBlock(64, 4)
     agpe_compile.prepare(model, options={"block_size": 16})
     set_random_masks(model, 0.5)
     model.eval()
@@ -139,7 +139,7 @@ def test_eval_no_grad_inference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make_model", [MLP, GPTBlock], ids=["mlp", "gpt_block"])
+@pytest.mark.parametrize("make_model", [MLP, lambda: GPTBlock(64, 4)], ids=["mlp", "gpt_block"])
 def test_through_inductor(make_model):
     """End to end with the default lowering (compile_fx): numerics and saliency updates."""
     torch.manual_seed(0)
