@@ -88,7 +88,7 @@ def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor) -> Call
     return step
 
 
-def run(size: dict, device: torch.device, warmup: int, iters: int, log=print) -> Dict:
+def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=print) -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device, dtype=dtype)
@@ -107,7 +107,7 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, log=print) ->
     torch._dynamo.reset()
     model = make_stack(size, device)
     agpe_compile.prepare(model, options={"block_size": size["block"]})
-    backend = agpe_compile.AgpeBackend()
+    backend = agpe_compile.AgpeBackend({"inductor": inductor})
     step = training_step(torch.compile(model, backend=backend), model, x)
     set_density(model, 1.0)
     t0 = time.perf_counter()
@@ -115,12 +115,75 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, log=print) ->
     results["agpe_first_step_s"] = time.perf_counter() - t0
     for density in DENSITIES:
         set_density(model, density)
+        agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
+        step()
         seconds = measure(step, warmup, iters)
         results["rows"].append({"density": density, "agpe_step_s": seconds, "ratio_vs_dense": seconds / dense_time,
                                 "speedup": dense_time / seconds})
         log(f"agpe d={density:<5} {1e3 * seconds:9.2f} ms/step  {seconds / dense_time:6.3f}x dense time")
     results["agpe_compilations"] = backend.graph_count
+    results.update(mask_update_cost(size, device, x, inductor, log))
     return results
+
+
+def mask_update_cost(size: dict, device: torch.device, x: torch.Tensor, inductor: bool, log,
+                     interval: int = 4) -> Dict:
+    """Mean time of a Sparsifier mask update (AGPE policy) vs a plain training step."""
+    torch._dynamo.reset()
+    model = make_stack(size, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    config = agpe_compile.AGPEConfig(target_sparsity=0.75, policy="agpe", block_size=size["block"],
+                                     update_interval=interval, end_step=1000)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, config)
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": inductor}))
+    steps = 3 * interval
+    for _ in range(steps):
+        loss = compiled(x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sparsifier.step(loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    updates = steps // interval
+    per_update = sparsifier.update_seconds / updates
+    log(f"mask update: {1e3 * per_update:.2f} ms each ({updates} updates)")
+    return {"mask_update_s": per_update}
+
+
+def schedule_compilations(steps: int, log) -> Dict:
+    """Compilations over a ``steps``-step AGPE run (small stack).
+
+    Each distinct set of layout buckets compiles once; returning to a set seen before (an
+    AGPE back-off and re-prune) reuses its cached graph.
+    """
+    torch._dynamo.reset()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = dict(SMALL_SIZE, dtype="float32", batch=2, seq=32)
+    model = make_stack(size, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    config = agpe_compile.AGPEConfig(target_sparsity=0.9, policy="agpe", block_size=size["block"],
+                                     update_interval=max(1, steps // 40), end_step=3 * steps // 4)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, config)
+    backend = agpe_compile.AgpeBackend({"inductor": False})
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device)
+    crossings = 0
+    signatures = set()
+    for _ in range(steps):
+        signatures.add(tuple(s.layout_bucket for s in sparsifier.layers.values()))
+        loss = compiled(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sparsifier.step(loss)
+        if sparsifier.step_count % config.update_interval == 0 and sparsifier.rebucketed:
+            crossings += 1
+    log(f"{steps}-step schedule: {backend.graph_count} compilations, {crossings} bucket-crossing events, "
+        f"{len(signatures)} distinct bucket sets, final density {sparsifier.global_density:.3f}")
+    return {"schedule_steps": steps, "schedule_compilations": backend.graph_count,
+            "schedule_crossings": crossings, "schedule_bucket_sets": len(signatures),
+            "schedule_final_density": sparsifier.global_density}
 
 
 def main(argv=None) -> None:
@@ -129,13 +192,19 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
+                        help="how agpe lowers (dense always uses Inductor); aot_eager only for quick smoke runs")
+    parser.add_argument("--schedule-steps", type=int, default=2000,
+                        help="length of the simulated AGPE schedule whose compilations are counted")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type == "cpu"
     size = SMALL_SIZE if small else GPU_SIZE
     warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     iters = args.iters if args.iters is not None else (3 if small else 10)
-    results = run(size, device, warmup, iters)
+    results = run(size, device, warmup, iters, inductor=args.lowering == "inductor")
+    results["lowering"] = args.lowering
+    results.update(schedule_compilations(args.schedule_steps, print))
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     results["torch"] = torch.__version__
     results["date"] = datetime.date.today().isoformat()

@@ -26,8 +26,12 @@ def test_quickstart():
 
 def test_train_step_benchmark_small(tmp_path):
     out = tmp_path / "train_step.json"
-    stdout = run(["benchmarks/train_step.py", "--small", "--warmup", "0", "--iters", "1", "--out", str(out)])
+    stdout = run(["benchmarks/train_step.py", "--small", "--warmup", "0", "--iters", "1", "--schedule-steps", "80",
+                  "--lowering", "aot_eager",
+                  "--out", str(out)])
     results = json.loads(out.read_text())
+    assert results["schedule_compilations"] == results["schedule_bucket_sets"] <= 1 + results["schedule_crossings"]
+    assert results["schedule_crossings"] >= 1 and results["mask_update_s"] > 0
     assert [row["density"] for row in results["rows"]] == [1.0, 0.5, 0.25, 0.1]
     assert all(row["agpe_step_s"] > 0 for row in results["rows"])
     assert "agpe/dense" in stdout
