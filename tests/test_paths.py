@@ -64,3 +64,10 @@ def test_cpu_choice_follows_cost_model():
     dense_layout = paths.layout_of(build_packed(torch.ones(16, 16, dtype=torch.bool), 128, DEFAULT_BUCKETS)[0],
                                    mask, 128)
     assert paths.choose(big, torch.empty(16 * 128, 16 * 128), dense_layout) == "dense"
+
+
+def test_reasons_the_kernels_cannot_run_are_named():
+    x32 = torch.empty(2, 64)
+    assert "block size 16" in paths._no_triton_reason(x32, torch.empty(64, 64), 16)
+    assert "float64" in paths._no_triton_reason(x32.double(), torch.empty(64, 64).double(), 32)
+    assert "float16" in paths._no_triton_reason(x32, torch.empty(64, 64).half(), 32)

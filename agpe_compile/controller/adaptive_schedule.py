@@ -14,17 +14,21 @@ At each update the mean training loss of the last interval is smoothed
 
 1. deadline: if the remaining updates before ``end_step`` are no more than the rungs
    left, go one rung down (the final density is always reached by ``end_step``);
-2. cooldown: for ``cooldown`` updates after any change, hold (lets the loss settle);
-3. back off (one rung UP, raising density) when ``rel < -backoff_tol`` (the loss got
-   worse) or the saliency of the blocks dropped at the last update says they were needed:
-   their mean saliency EMA was at least ``regret_threshold`` times the mean over the
-   blocks active before that update (0 = they carried nothing, 1 = as much as an average
-   block); at most ``max_backoffs`` times, never above the top of the ladder, and only
-   while enough updates are left to come back down by the deadline;
-4. hold while the loss gets worse and no back-off is left (never prune then);
-5. prune (one rung down) when ``rel >= improve_tol`` (the loss keeps improving), or after
+2. back off on regret (one rung UP, raising density) when the blocks dropped at the last
+   update were needed: their mean saliency EMA was at least ``regret_threshold`` times the
+   mean over the blocks active before that update (0 = they carried nothing, 1 = as much
+   as an average block). This is measured when they are dropped, so it needs no settling
+   and is acted on even during a cooldown (else a cooldown after every prune would hide
+   the regret of every prune);
+3. cooldown: for ``cooldown`` updates after any change, hold (lets the loss settle);
+4. back off on loss when ``rel < -backoff_tol`` (the loss got worse);
+5. hold while the loss gets worse and no back-off is left (never prune then);
+6. prune (one rung down) when ``rel >= improve_tol`` (the loss keeps improving), or after
    ``patience`` consecutive stalled holds (``2 * patience`` after a back-off: hysteresis);
-6. otherwise hold (the loss stalls inside the dead band ``[-backoff_tol, improve_tol)``).
+7. otherwise hold (the loss stalls inside the dead band ``[-backoff_tol, improve_tol)``).
+
+Back-offs (2 and 4) happen at most ``max_backoffs`` times in a run, never above the top of
+the ladder, and only while enough updates are left to come back down by the deadline.
 
 Worked example (ladder 1.0, 0.5, 0.1; improve_tol 0.01, cooldown 1, smoothing 0):
 losses 2.0, 1.5, 1.4, 1.39 at updates 1..4 give: update 1 hold (no previous loss),
@@ -115,15 +119,16 @@ class AdaptiveSchedule:
         updates_left = max((self.end_step - step) // self.update_interval + 1, 1)
         if state.rung < last and last - state.rung >= updates_left:
             return self._move(hold, +1, "prune:deadline")
+        # A back-off must leave enough updates to walk back down by end_step.
+        can_back_off = state.rung > 0 and state.backoffs < self.max_backoffs and last - state.rung + 1 < updates_left
+        regret = feedback.pruned_saliency is not None and feedback.pruned_saliency >= self.regret_threshold
+        if regret and can_back_off:
+            return self._back_off(hold, "backoff:regret")
         if state.cooldown_left > 0:
             return dataclasses.replace(hold, cooldown_left=state.cooldown_left - 1, event="hold:cooldown")
-        regret = feedback.pruned_saliency is not None and feedback.pruned_saliency >= self.regret_threshold
         worse = rel is not None and rel < -self.backoff_tol
-        # A back-off must leave enough updates to walk back down by end_step.
-        room = last - state.rung + 1 < updates_left
-        if (regret or worse) and state.rung > 0 and state.backoffs < self.max_backoffs and room:
-            moved = self._move(hold, -1, "backoff:regret" if regret else "backoff:loss")
-            return dataclasses.replace(moved, backoffs=state.backoffs + 1, backed_off=True)
+        if worse and can_back_off:
+            return self._back_off(hold, "backoff:loss")
         if worse:
             return dataclasses.replace(hold, event="hold:worse")
         if state.rung < last and rel is not None and rel >= self.improve_tol:
@@ -140,6 +145,10 @@ class AdaptiveSchedule:
             return loss, None
         smoothed = self.loss_smoothing * previous + (1.0 - self.loss_smoothing) * loss
         return smoothed, (previous - smoothed) / max(abs(previous), 1e-12)
+
+    def _back_off(self, state: AdaptiveState, event: str) -> AdaptiveState:
+        moved = self._move(state, -1, event)
+        return dataclasses.replace(moved, backoffs=state.backoffs + 1, backed_off=True)
 
     def _move(self, state: AdaptiveState, direction: int, event: str) -> AdaptiveState:
         return dataclasses.replace(state, rung=state.rung + direction, cooldown_left=self.cooldown,

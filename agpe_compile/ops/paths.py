@@ -17,6 +17,7 @@ reference.
 
 from __future__ import annotations
 
+import logging
 from typing import Tuple
 
 import torch
@@ -34,6 +35,8 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 0.75 dense. benchmarks/kernels.py measures the real crossover per block size.
 GPU_DENSE_CROSSOVER = {32: 0.75, 64: 0.75, 128: 0.75}
 
+log = logging.getLogger(__name__)
+
 
 def choose(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> str:
     """``"triton"``, ``"gather"`` or ``"dense"`` for this call."""
@@ -41,15 +44,38 @@ def choose(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> str:
     fraction = layout.capacity / (rows * cols)
     b = layout.block_size
     if x.device.type == "cuda":
-        if (b in TRITON_BLOCK_SIZES and x.dtype in TRITON_DTYPES and x.dtype == weight.dtype
-                and fraction < GPU_DENSE_CROSSOVER[b] and kernels.triton_available()):
+        if fraction >= GPU_DENSE_CROSSOVER.get(b, 0.0):
+            return "dense"  # by design: near full density cuBLAS on W*M is the fastest
+        reason = _no_triton_reason(x, weight, b)
+        if reason is None:
             return "triton"
+        _warn_once(f"agpe: sparse_linear runs the dense path on CUDA because {reason}; "
+                   f"no block-sparse speed-up for such layers")
         return "dense"
     if x.device.type == "cpu":
         m = max(1, x.numel() // x.shape[-1])
         n, k = weight.shape
         return kernels.choose_cpu_path(m, n, k, min(1.0, fraction), b)
     return "dense"
+
+
+def _no_triton_reason(x: torch.Tensor, weight: torch.Tensor, block_size: int):
+    if block_size not in TRITON_BLOCK_SIZES:
+        return f"block size {block_size} is not one of the kernels' {TRITON_BLOCK_SIZES}"
+    if x.dtype not in TRITON_DTYPES or x.dtype != weight.dtype:
+        return f"input/weight dtypes {x.dtype}/{weight.dtype} are not one of {TRITON_DTYPES} (both the same)"
+    if not kernels.triton_available():
+        return "triton is not installed"
+    return None
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def forward(x, weight, bias, block_mask, layout: BlockLayout, path: str) -> torch.Tensor:

@@ -82,6 +82,14 @@ def test_backs_off_when_pruned_blocks_were_needed():
     assert calm[3].event != "backoff:regret"
 
 
+def test_regret_is_acted_on_even_during_the_cooldown_after_a_prune():
+    sched = schedule(cooldown=3)
+    losses = [2.0, 1.0, 1.0, 1.0]
+    states = run(sched, losses, regrets=[None, None, 0.9, None])
+    assert [s.event for s in states] == ["hold:stall", "prune:improving", "backoff:regret", "hold:cooldown"]
+    assert [sched.density(s) for s in states] == [1.0, 0.75, 1.0, 1.0]
+
+
 def test_no_oscillation_under_adversarial_feedback():
     sched = schedule(max_backoffs=2, cooldown=1)
     # The loss alternates between 1 and 2: every other update looks like a big improvement,
