@@ -95,7 +95,8 @@ def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab
     steps = setting["steps"]
     config = AGPEConfig(
         target_sparsity=sparsity, policy="dense" if sparsity == 0 else "agpe", block_size=setting["block_size"],
-        exclude=("head",), update_interval=setting["update_interval"], begin_step=0, end_step=steps // 2,
+        exclude=("head",), update_interval=setting["update_interval"], begin_step=0,
+        end_step=max(setting["update_interval"], int(args.prune_until * steps)),
         seed=args.seed, audit_path=os.path.join(args.out, f"{name}.jsonl"),
     )
     if os.path.exists(config.audit_path):
@@ -161,11 +162,21 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor")
     parser.add_argument("--out", default="runs/char_lm")
+    parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
+    parser.add_argument("--block-size", type=int, default=None, help="override the setting's block size")
+    parser.add_argument("--prune-until", type=float, default=0.5,
+                        help="fraction of the steps over which sparsity is reached (AGPEConfig.end_step)")
     args = parser.parse_args(argv)
     for s in args.sparsities:
         if not 0 < s < 1:
             parser.error(f"--sparsities: expected values in (0, 1), got {s}")
-    setting = SETTINGS["full" if args.full else "smoke" if args.smoke else "quick"]
+    setting = dict(SETTINGS["full" if args.full else "smoke" if args.smoke else "quick"])
+    if args.steps is not None:
+        setting["steps"] = args.steps
+    if args.block_size is not None:
+        setting["block_size"] = args.block_size
+    if not 0 < args.prune_until <= 1:
+        parser.error(f"--prune-until: expected a fraction in (0, 1], got {args.prune_until}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.out, exist_ok=True)
     data, vocab = encode(load_text())
