@@ -1,8 +1,8 @@
 """Fashion-MNIST MLP at 90% block sparsity: dense vs AGPE vs RigL vs SET vs GMP.
 
-    python examples/fashion_mnist.py --quick            # ~5 min on 2 CPU cores
-    python examples/fashion_mnist.py --full             # the documented numbers
-    python examples/fashion_mnist.py --smoke            # CI: a few steps per method, < 60 s
+    python examples/fashion_mnist.py --quick            # 2 epochs; ~3 min on 2 CPU cores
+    python examples/fashion_mnist.py --full             # 15 epochs: the numbers below
+    python examples/fashion_mnist.py --smoke            # CI: a few steps per method, ~20 s
     python examples/fashion_mnist.py --methods agpe,rigl --seed 1 --out runs/fmnist
 
 Every method trains the same MLP (784-1000-1000-1000-10 by default) compiled with the agpe
@@ -13,6 +13,15 @@ clock, graphs compiled, time spent in the Sparsifier) and writes one JSONL audit
 method plus PNG plots (agpe_compile.report) into --out.
 
 Data: Debian's dataset-fashion-mnist (idx files, gzipped) in /usr/share/datasets/fashion-mnist.
+
+Measured (2026-11-26, 2-core x86 CPU VM shared with other jobs, torch 2.13.0+cpu, aot_eager,
+seed 0, block 8, 90% sparsity; wall clock is noisy on a shared machine):
+
+    --full   dense 90.52% 1.000x | agpe 89.95% 0.178x | rigl 90.07% 0.105x | set 89.73% 0.103x | gmp 89.84% 0.222x
+    --quick  dense 87.87% 1.000x | agpe 86.53% 0.238x | rigl 86.20% 0.126x | set 86.19% 0.103x | gmp 85.89% 0.220x
+
+(test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 0.2-0.5% of the
+training time with --full (update every 100 steps), 2-3.5% with --quick (every 10 steps).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ class Mode:
 MODES = {
     "smoke": Mode(train_samples=2048, test_samples=2000, epochs=2.5, batch_size=128, update_interval=5),
     "quick": Mode(train_samples=60000, test_samples=10000, epochs=2, batch_size=128, update_interval=10),
-    "full": Mode(train_samples=60000, test_samples=10000, epochs=30, batch_size=128, update_interval=100),
+    "full": Mode(train_samples=60000, test_samples=10000, epochs=15, batch_size=128, update_interval=100),
 }
 
 
