@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from .config import BackendConfig
-from .layout import DEFAULT_BUCKETS, BlockLayout, update_layout_
-from .packed_layout import build_packed, unpack
+from .layout import DEFAULT_BUCKETS, BlockLayout, capacity_for, update_layout_
+from .packed_layout import build_packed, capacity_of, unpack
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class LayerState:
             names = []
             setattr(module, LAYOUT_NAMES_ATTR, names)
             module.register_forward_pre_hook(_read_layouts)
+            module._register_load_state_dict_pre_hook(_resize_layouts_on_load, with_module=True)
         if self.layout_buffer_name not in names:
             names.append(self.layout_buffer_name)
         self.module_ref = weakref.ref(module)
@@ -200,6 +201,33 @@ def _read_layouts(module: nn.Module, args) -> None:
     """Forward pre-hook: touching the layout buffers makes Dynamo guard on their shapes."""
     for name in getattr(module, LAYOUT_NAMES_ATTR):
         getattr(module, name)
+
+
+def _resize_layouts_on_load(module: nn.Module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a saved layout of another bucket gets a buffer of its size.
+
+    So ``model.load_state_dict`` works before or after the Sparsifier's own state, and a
+    model saved at density 0.1 loads into a freshly prepared (dense) one.
+    """
+    for name in getattr(module, LAYOUT_NAMES_ATTR):
+        saved = state_dict.get(prefix + name)
+        current = module._buffers[name]
+        if saved is None or saved.shape == current.shape:
+            continue
+        state = state_of(getattr(module, name[: -len("_block_layout")]))
+        resized = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+        module.register_buffer(name, resized)
+        state.block_layout = resized
+        state.layout_bucket = _bucket_of_capacity(capacity_of(saved, state.grid), state.grid)
+        state.layout_mask_version = -1  # resync from the loaded mask on the next call
+
+
+def _bucket_of_capacity(capacity: int, grid: Tuple[int, int]) -> float:
+    blocks = grid[0] * grid[1]
+    for bucket in DEFAULT_BUCKETS:
+        if capacity_for(bucket, blocks) == capacity:
+            return bucket
+    return min(1.0, capacity / blocks)
 
 
 def state_of(param: torch.Tensor) -> Optional[LayerState]:

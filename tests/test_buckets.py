@@ -101,3 +101,23 @@ def test_returning_to_a_previous_bucket_reuses_its_graph_with_the_new_layout():
     assert states["layers.0"].block_layout is not old_layout
     torch.testing.assert_close(compiled(x), model(x))
     assert backend.graph_count == 2
+
+
+def test_model_state_dict_of_another_bucket_loads_into_a_fresh_model():
+    torch.manual_seed(0)
+    sparse = MLP((32, 32, 16))
+    agpe_compile.prepare(sparse, options={"block_size": 8})
+    set_random_masks(sparse, 0.25)
+    rebucket(sparse)
+    saved = {k: v.clone() for k, v in sparse.state_dict().items()}
+    fresh = MLP((32, 32, 16))
+    states = agpe_compile.prepare(fresh, options={"block_size": 8})
+    compiled = torch.compile(fresh, backend=aot_backend())
+    x = torch.randn(4, 32)
+    compiled(x)
+    fresh.load_state_dict(saved)
+    assert states["layers.0"].layout_bucket == 0.25
+    assert fresh.layers[0].weight_block_layout is states["layers.0"].block_layout
+    assert fresh.layers[0].weight_block_layout.shape == sparse.layers[0].weight_block_layout.shape
+    torch.testing.assert_close(compiled(x), sparse(x))
+    assert rebucket(fresh) == []

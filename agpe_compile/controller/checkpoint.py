@@ -5,8 +5,9 @@ Version 2 (current) added the FLOP totals, the counter snapshots and the partial
 window to version 1, so a version-1 checkpoint resumes with FLOP accounting restarted
 from the model's counters and an empty loss window (logged).
 
-Load order: the Sparsifier's state first. It re-buckets each layer's layout buffer to the
-saved masks, so ``model.load_state_dict`` then finds layout buffers of the saved sizes.
+Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
+``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
+``agpe_compile.prepare`` registers).
 
 Example::
 
