@@ -328,7 +328,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         name = layer_name(module_name, param_name)
         state = state_of(weight)
         if state is not None:
-            _check_block_size(state, config)
+            check_block_size_option(state, config)
             if state.module is None:
                 state.attach(module)
             prepared[name] = state
@@ -349,14 +349,15 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             state = state_of(param)
             if state is None:
                 continue
-            _check_block_size(state, config)
+            check_block_size_option(state, config)
             if state.module is None:
                 state.attach(module)
             prepared.setdefault(state.name, state)
     return prepared
 
 
-def _check_block_size(state: LayerState, config: BackendConfig) -> None:
+def check_block_size_option(state: LayerState, config: BackendConfig) -> None:
+    """An explicit ``block_size`` option must match the block size a layer was prepared with."""
     if config.block_size is not None and config.block_size != state.block_size:
         raise ValueError(
             f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r} was "

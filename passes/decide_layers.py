@@ -17,7 +17,8 @@ import torch
 from torch import fx
 
 from agpe_compile.config import BackendConfig
-from agpe_compile.state import STATE_ATTR, LayerState, layer_name, pattern_reason, skip_reason, state_of
+from agpe_compile.state import (STATE_ATTR, LayerState, check_block_size_option, layer_name, pattern_reason,
+                                skip_reason, state_of)
 
 from .match_linears import LinearSite, UnmatchedUse, embedding_weights
 
@@ -110,11 +111,7 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig) -> LayerDec
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
     state = state_of(weight) if isinstance(weight, torch.nn.Parameter) else None
     if state is not None:
-        if config.block_size is not None and config.block_size != state.block_size:
-            raise ValueError(
-                f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r} was "
-                f"prepared with block size {state.block_size}; expected {state.block_size} or unset"
-            )
+        check_block_size_option(state, config)
         reason = pattern_reason(state.name, config)
         if reason is not None:
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)
