@@ -44,7 +44,7 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-from agpe_compile.layout import bucket_for
+from agpe_compile.layout import DEFAULT_BUCKETS, bucket_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ class AdaptiveSchedule:
     end_step: int
     update_interval: int
     max_density: Optional[float] = None
-    buckets: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.10, 0.05)
+    buckets: Tuple[float, ...] = DEFAULT_BUCKETS
     improve_tol: float = 0.01
     backoff_tol: float = 0.05
     regret_threshold: float = 0.5
