@@ -109,7 +109,7 @@ def method_config(method: str, args, total_steps: int, audit_path: str) -> AGPEC
     """The Sparsifier config of one method; everything but the policy is shared."""
     common = dict(target_sparsity=args.sparsity, block_size=args.block_size, exclude=("head",),
                   update_interval=args.update_interval, end_step=int(0.75 * total_steps), seed=args.seed,
-                  audit_path=audit_path)
+                  audit_path=audit_path, min_layer_share=args.min_layer_share)
     if method == "gmp":
         common["end_step"] = int(0.5 * total_steps)
     return AGPEConfig(policy=method, **common)
@@ -206,6 +206,8 @@ def parse_args(argv: List[str]):
     parser.add_argument("--hidden", default="1000,1000,1000", help="hidden layer widths")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--block-size", type=int, default=8)
+    parser.add_argument("--min-layer-share", type=float, default=AGPEConfig.min_layer_share,
+                        help="floor on a layer's density as a share of the global target (redistributing policies)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--epochs", type=float, default=None, help="override the mode's epochs")

@@ -58,6 +58,8 @@ class AGPEConfig:
             to 0 at end_step) by set/rigl/snfs/agpe.
         saliency_decay: EMA decay of the per-block saliency, per update interval.
         max_layer_density: cap on any layer's density when budgets are redistributed.
+        min_layer_share: floor on any layer's density when budgets are redistributed, as a
+            share of the global target density (0.5: no layer below half the target).
         buckets: density buckets of the kernel layouts; must include 1.0. AGPE's global
             target moves between bucket values, and redistribution keeps every layer inside
             its bucket while that target stays put, so layouts re-bucket (recompile) only at
@@ -87,6 +89,7 @@ class AGPEConfig:
     drop_fraction: float = 0.3
     saliency_decay: float = 0.5
     max_layer_density: float = 1.0
+    min_layer_share: float = 0.0
     buckets: Tuple[float, ...] = DEFAULT_BUCKETS
     improve_tol: float = 0.01
     backoff_tol: float = 0.05
@@ -123,6 +126,7 @@ class AGPEConfig:
         _number("drop_fraction", self.drop_fraction, 0.0, 1.0, "a number in [0, 1]")
         _number("saliency_decay", self.saliency_decay, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
         _number("max_layer_density", self.max_layer_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
+        _number("min_layer_share", self.min_layer_share, 0.0, 1.0, "a number in [0, 1]")
         _buckets(self.buckets)
         _number("improve_tol", self.improve_tol, 0.0, 1.0, "a number in [0, 1]")
         _number("backoff_tol", self.backoff_tol, 0.0, 1.0, "a number in [0, 1]")

@@ -55,17 +55,23 @@ def bucket_bounds(count: int, blocks: int, buckets: Sequence[float], cap: float)
 
 def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_size: Sequence[int],
                 target: float, target_moved: bool, distribution: str, scores: Optional[Sequence[float]],
-                rate: float, buckets: Sequence[float], cap: float) -> List[int]:
-    """New active-block count per layer for global density ``target``."""
+                rate: float, buckets: Sequence[float], cap: float, floor: float = 0.0) -> List[int]:
+    """New active-block count per layer for global density ``target``.
+
+    ``floor``: when redistributing, no layer goes below ``floor * target`` density (a share
+    of the global target), so saliency cannot starve a layer.
+    """
     sizes = [r * c for r, c in grids]
     if scores is None:
         shapes = [(r * b, c * b) for (r, c), b in zip(grids, block_size)]
         return block_counts(layer_densities(distribution, shapes, target, cap), grids, target)
     budget = min(max(round(target * sum(sizes)), len(sizes)), sum(sizes))
     caps = [max(1, min(math.floor(round(cap * s, 6)), s)) for s in sizes]
-    lo, hi = [1] * len(sizes), caps
+    floors = [min(max(1, math.ceil(round(floor * target * s, 6))), c) for s, c in zip(sizes, caps)]
+    lo, hi = floors, caps
     if not target_moved:
         bounds = [bucket_bounds(a, s, buckets, cap) for a, s in zip(current, sizes)]
-        if sum(b[0] for b in bounds) <= budget <= sum(b[1] for b in bounds):
-            lo, hi = [b[0] for b in bounds], [b[1] for b in bounds]
+        kept = [(max(b[0], f), b[1]) for b, f in zip(bounds, floors)]
+        if all(l <= h for l, h in kept) and sum(k[0] for k in kept) <= budget <= sum(k[1] for k in kept):
+            lo, hi = [k[0] for k in kept], [k[1] for k in kept]
     return redistribute(current, budget, scores, rate, lo, hi)

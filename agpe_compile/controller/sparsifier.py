@@ -198,7 +198,8 @@ class Sparsifier:
         counts = plan_counts(current, [v.state.grid for v in views], [v.state.block_size for v in views],
                              target, moved, self.config.distribution,
                              None if any(s is None for s in scores) else scores,
-                             fraction, self.config.buckets, self.config.max_layer_density)
+                             fraction, self.config.buckets, self.config.max_layer_density,
+                             self.config.min_layer_share)
         dropped_mass = active_mass = 0.0
         dropped = 0
         for view, active, count in zip(views, current, counts):

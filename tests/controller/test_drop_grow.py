@@ -78,6 +78,14 @@ def test_plan_counts_redistributes_inside_buckets_until_the_target_moves():
     assert moved == [1, 59]  # a moving target lets layers change bucket (all at the same update)
 
 
+def test_plan_counts_floor_keeps_a_share_of_the_target_in_every_layer():
+    grids, sizes = [(10, 10), (10, 10)], [4, 4]
+    buckets = (1.0, 0.5, 0.25)
+    # Same as above, with min_layer_share 0.5: layer 1 keeps >= 0.5 * 0.3 * 100 = 15 blocks.
+    moved = plan_counts([30, 30], grids, sizes, 0.3, True, "uniform", [0.0, 1.0], 1.0, buckets, 1.0, floor=0.5)
+    assert moved == [15, 45]
+
+
 def test_plan_counts_without_scores_follows_the_distribution():
     counts = plan_counts([64, 64], [(8, 8), (4, 16)], [1, 1], 0.5, True, "uniform", None, 0.0, (1.0,), 1.0)
     assert counts == [32, 32]
