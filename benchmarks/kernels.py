@@ -46,6 +46,8 @@ from agpe_compile.layout import build_layout  # noqa: E402
 GPU_SHAPES = [(8192, 4096, 16384), (8192, 16384, 4096), (8192, 4096, 4096)]  # (M, K, N)
 SMALL_SHAPES = [(256, 512, 1024), (512, 1024, 512)]
 DENSITIES = [0.5, 0.25, 0.1]
+# On a GPU the buckets above 0.5 are timed too, to place the crossover to the dense path.
+GPU_DENSITIES = [1.0, 0.75, 0.5, 0.35, 0.25, 0.1]
 # fwd+bwd time / dense at block 128 that the kernels are designed to reach.
 TARGETS = {0.5: 0.60, 0.25: 0.35, 0.1: 0.16}
 DEVICE = "cuda"
@@ -79,7 +81,37 @@ def cpu_bench(fn: Callable[[], object], reps: int = 5) -> float:
     return best * 1e3
 
 
-def run_gpu(shapes, block_sizes, densities, dtype) -> List[Dict]:
+def op_fwd_bwd(x, weight, mask, block_size, dy) -> Callable[[], object]:
+    """One forward+backward of ``torch.ops.agpe.sparse_linear`` through autograd: the path
+    the op itself picks (Triton below the crossover, cuBLAS + fused masking above)."""
+    from agpe_compile.layout import DEFAULT_BUCKETS
+    from agpe_compile.packed_layout import build_packed
+
+    rows, cols = mask.shape
+    state = [torch.zeros(rows, cols, device=x.device), torch.zeros(rows, cols, device=x.device),
+             torch.tensor(False, device=x.device), torch.zeros(2, dtype=torch.int64, device=x.device)]
+    layout, _ = build_packed(mask, block_size, DEFAULT_BUCKETS)
+    xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
+
+    def step():
+        y = torch.ops.agpe.sparse_linear(xr, wr, None, mask, *state, layout, block_size, "taylor")
+        y.backward(dy)
+        xr.grad = wr.grad = None
+
+    return step
+
+
+def dense_fwd_bwd(x, weight, dy) -> Callable[[], object]:
+    xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
+
+    def step():
+        F.linear(xr, wr).backward(dy)
+        xr.grad = wr.grad = None
+
+    return step
+
+
+def run_gpu(shapes, block_sizes, densities, dtype, log=print) -> List[Dict]:
     rows = []
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -87,6 +119,7 @@ def run_gpu(shapes, block_sizes, densities, dtype) -> List[Dict]:
         weight = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
         dense_fwd = gpu_bench(lambda: F.linear(x, weight))
         dense_step = gpu_bench(lambda: (F.linear(x, weight), dy @ weight, dy.T @ x))
+        dense_autograd = gpu_bench(dense_fwd_bwd(x, weight, dy))
         for block_size in block_sizes:
             for density in densities:
                 mask = random_mask(n // block_size, k // block_size, density, DEVICE)
@@ -99,13 +132,29 @@ def run_gpu(shapes, block_sizes, densities, dtype) -> List[Dict]:
                     "fwd_bwd": gpu_bench(lambda: (block_sparse_forward(x, w, layout),
                                                   block_sparse_grad_input(dy, w, layout),
                                                   block_sparse_grad_weight(dy, x, layout))),
+                    "op_fwd_bwd": gpu_bench(op_fwd_bwd(x, w, mask, block_size, dy)),
                 }
-                rows.append(dict(m=m, k=k, n=n, block_size=block_size, density=density, bucket=layout.bucket,
-                                 agpe_ms=times, dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense_step,
-                                 fwd_ratio=times["fwd"] / dense_fwd, fwd_bwd_ratio=times["fwd_bwd"] / dense_step))
+                row = dict(m=m, k=k, n=n, block_size=block_size, density=density, bucket=layout.bucket,
+                           agpe_ms=times, dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense_step,
+                           dense_autograd_ms=dense_autograd,
+                           fwd_ratio=times["fwd"] / dense_fwd, fwd_bwd_ratio=times["fwd_bwd"] / dense_step,
+                           op_ratio=times["op_fwd_bwd"] / dense_autograd)
+                rows.append(row)
+                log(f"  {m}x{k}x{n} b={block_size} d={density}: kernels fwd+bwd {row['fwd_bwd_ratio']:.3f}x, "
+                    f"op (autograd) {row['op_ratio']:.3f}x dense", flush=True)
         del x, dy, weight
         torch.cuda.empty_cache()
     return rows
+
+
+def crossover(rows: List[Dict], margin: float = 0.97) -> Dict[int, float]:
+    """Per block size: the lowest density at which the kernels stop beating cuBLAS on some
+    shape (fwd+bwd ratio >= margin); the op should use the dense path from there up."""
+    result = {}
+    for block_size in sorted({r["block_size"] for r in rows}):
+        losing = [r["density"] for r in rows if r["block_size"] == block_size and r["fwd_bwd_ratio"] >= margin]
+        result[block_size] = min(losing) if losing else 1.0
+    return result
 
 
 def run_sweep(dtype) -> List[Dict]:
@@ -159,7 +208,7 @@ def run_small(shapes, block_sizes, densities) -> List[Dict]:
 
 def format_table(rows: List[Dict], gpu: bool) -> str:
     lines = [f"{'M':>6} {'K':>6} {'N':>6} {'b':>4} {'d':>5} {'fwd ms':>8} {'dense':>8} {'ratio':>6} "
-             f"{'step ms':>8} {'dense':>8} {'ratio':>6}  note"]
+             f"{'step ms':>8} {'dense':>8} {'ratio':>6} {'op':>6}  note"]
     for r in rows:
         note = ""
         if gpu and r["block_size"] == 128 and r["density"] in TARGETS:
@@ -170,7 +219,7 @@ def format_table(rows: List[Dict], gpu: bool) -> str:
         lines.append(f"{r['m']:>6} {r['k']:>6} {r['n']:>6} {r['block_size']:>4} {r['density']:>5.2f} "
                      f"{r['agpe_ms']['fwd']:>8.3f} {r['dense_fwd_ms']:>8.3f} {r['fwd_ratio']:>6.2f} "
                      f"{r['agpe_ms']['fwd_bwd']:>8.3f} {r['dense_fwd_bwd_ms']:>8.3f} {r['fwd_bwd_ratio']:>6.2f}"
-                     f"  {note}")
+                     f" {r.get('op_ratio', float('nan')):>6.2f}  {note}")
     return "\n".join(lines)
 
 
@@ -179,8 +228,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny CPU shapes, gather path (default without CUDA)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--no-sweep", action="store_true", help="skip the config sweep on GPU")
+    parser.add_argument("--block-sizes", default="64,128", help="GPU block sizes (32 is supported too)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.small
+    block_sizes = [int(b) for b in args.block_sizes.split(",")]
     started = time.time()
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "python": platform.python_version(),
@@ -189,7 +240,8 @@ def main() -> None:
         import triton
 
         report.update(device=torch.cuda.get_device_name(), triton=triton.__version__, dtype="bfloat16")
-        report["results"] = run_gpu(GPU_SHAPES, [64, 128], DENSITIES, torch.bfloat16)
+        report["results"] = run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16)
+        report["crossover"] = crossover(report["results"])
         report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
     else:
         # One thread: on a shared 2-core host, OpenMP threads that wait on a busy core
@@ -201,6 +253,8 @@ def main() -> None:
     report["seconds"] = round(time.time() - started, 1)
     print(f"{report['device']} | torch {report['torch']} | {report['dtype']} | {report['mode']}")
     print(format_table(report["results"], gpu))
+    if "crossover" in report:
+        print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
     for entry in report.get("sweep", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"sweep {entry['kernel']:<12} {entry['config']} {ms}")

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from typing import Callable, Dict, List
 
 import torch
@@ -88,7 +89,11 @@ def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor) -> Call
     return step
 
 
-def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=print) -> Dict:
+def _log(*args) -> None:
+    print(*args, flush=True)
+
+
+def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log) -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device, dtype=dtype)
@@ -116,11 +121,14 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     for density in DENSITIES:
         set_density(model, density)
         agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
+        t0 = time.perf_counter()
         step()
+        first = time.perf_counter() - t0
         seconds = measure(step, warmup, iters)
         results["rows"].append({"density": density, "agpe_step_s": seconds, "ratio_vs_dense": seconds / dense_time,
-                                "speedup": dense_time / seconds})
-        log(f"agpe d={density:<5} {1e3 * seconds:9.2f} ms/step  {seconds / dense_time:6.3f}x dense time")
+                                "speedup": dense_time / seconds, "first_step_after_rebucket_s": first})
+        log(f"agpe d={density:<5} {1e3 * seconds:9.2f} ms/step  {seconds / dense_time:6.3f}x dense time "
+            f"(first step after rebucket {first:.1f} s)")
     results["agpe_compilations"] = backend.graph_count
     results.update(mask_update_cost(size, device, x, inductor, log))
     return results
@@ -194,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
                         help="how agpe lowers (dense always uses Inductor); aot_eager only for quick smoke runs")
+    parser.add_argument("--opaque", action="store_true",
+                        help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
     parser.add_argument("--schedule-steps", type=int, default=2000,
                         help="length of the simulated AGPE schedule whose compilations are counted")
     args = parser.parse_args(argv)
@@ -202,9 +212,22 @@ def main(argv=None) -> None:
     size = SMALL_SIZE if small else GPU_SIZE
     warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     iters = args.iters if args.iters is not None else (3 if small else 10)
-    results = run(size, device, warmup, iters, inductor=args.lowering == "inductor")
+    from agpe_compile.ops import sparse_linear as op_module
+
+    op_module.INLINE_KERNELS = not args.opaque
+    try:
+        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor")
+    except Exception:  # report, then measure the opaque lowering rather than nothing
+        if args.opaque or device.type != "cuda":
+            raise
+        traceback.print_exc()
+        print("agpe: the inlined (triton_op) lowering FAILED above; measuring with opaque ops instead", flush=True)
+        op_module.INLINE_KERNELS = False
+        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor")
+        results["inline_failed"] = True
     results["lowering"] = args.lowering
-    results.update(schedule_compilations(args.schedule_steps, print))
+    results["inline_kernels"] = op_module.INLINE_KERNELS
+    results.update(schedule_compilations(args.schedule_steps, _log))
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     results["torch"] = torch.__version__
     results["date"] = datetime.date.today().isoformat()

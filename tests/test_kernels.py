@@ -28,6 +28,7 @@ from agpe_compile.kernels import (
     gather_grad_input,
     gather_grad_weight,
     inactive_grad_sq_,
+    mask_and_score_,
 )
 from agpe_compile.layout import build_layout, update_layout_
 
@@ -208,6 +209,35 @@ def test_inactive_grad_sq_enabled_flag(triton_kernels, flag, adds):
     buffer = torch.full(p.mask.shape, PREFILL)
     inactive_grad_sq_(p.grad_out, p.x, build_layout(p.mask, 16), buffer, enabled=flag)
     assert_scores(buffer, p.oracle()[4] if adds else torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", [*SALIENCY_MODES, None])
+@pytest.mark.parametrize("flag", [None, torch.tensor(True), torch.tensor(False)], ids=["noflag", "on", "off"])
+def test_mask_and_score_masks_the_dense_gradient_in_one_pass(triton_kernels, mode, dtype, flag):
+    # The CUDA dense path: cuBLAS gives the dense dW, this kernel masks it in place, adds the
+    # live blocks' saliency and (while the flag is on) the inactive blocks' dense norms.
+    p = make_problem(40, 3, 4, 16, 0.5, dtype, seed=11)
+    weight = torch.where(p.expanded(), p.weight, torch.randn(p.weight.shape).to(dtype))  # no NaN: W is read
+    p = dataclasses.replace(p, weight=weight)
+    layout = build_layout(p.mask, 16)
+    dense = (p.grad_out.double().reshape(-1, 48).T @ p.x.double().reshape(-1, 64)).to(dtype)
+    grad = dense.clone()
+    saliency = torch.full(p.mask.shape, PREFILL) if mode else None
+    dense_sq = torch.full(p.mask.shape, PREFILL)
+    out = mask_and_score_(grad, p.weight, layout, saliency=saliency, saliency_mode=mode, dense_grad_sq=dense_sq,
+                          enabled=flag)
+    assert out is grad
+    em = p.expanded()
+    assert torch.equal(grad, torch.where(em, dense, torch.zeros((), dtype=dtype)))  # bit-exact, in place
+    w = torch.where(em, p.weight.double(), 0.0)
+    g = grad.double()
+    if mode:
+        scores = {"taylor": (w * g).abs(), "gradient": g.abs(), "magnitude": w.abs(), "movement": -(w * g)}[mode]
+        assert_scores(saliency, p.block_sum(scores))
+    adds = flag is None or bool(flag)
+    expected_sq = p.block_sum(dense.double().square()) * ~p.mask if adds else torch.zeros(3, 4, dtype=torch.float64)
+    assert_scores(dense_sq, expected_sq)
 
 
 @settings(max_examples=25, deadline=None)

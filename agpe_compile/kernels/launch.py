@@ -142,6 +142,38 @@ def inactive_grad_sq_(
     )
 
 
+def mask_and_score_(
+    grad_weight: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *,
+    saliency: torch.Tensor, saliency_mode: Optional[str], dense_grad_sq: torch.Tensor,
+    enabled: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mask a DENSE weight gradient IN PLACE and score its blocks in the same pass.
+
+    Live blocks of ``grad_weight`` add their ``saliency_mode`` score to ``saliency``;
+    inactive blocks add ||G_block||_F^2 to ``dense_grad_sq`` (while ``enabled`` is non-zero)
+    and are zeroed. Returns ``grad_weight``. Used by the CUDA dense path (above the
+    crossover density), where cuBLAS computes the whole gradient anyway.
+    """
+    check_layout(layout)
+    check_operands(layout, weight, [grad_weight])
+    check_tensor("grad_weight", grad_weight, layout.shape, weight.dtype, weight.device)
+    check_saliency(saliency_mode, saliency, weight, layout, weight.device)
+    check_scores("dense_grad_sq", dense_grad_sq, layout, weight.device)
+    require_triton()
+    from .mask_scores import mask_scores_kernel
+
+    rows, cols = layout.grid_shape
+    b = layout.block_size
+    launcher(mask_scores_kernel, (rows * cols,), weight.device)(
+        grad_weight, weight, saliency if saliency is not None else dense_grad_sq, dense_grad_sq,
+        layout.block_slot, enabled if enabled is not None else layout.live_count,
+        cols, *grad_weight.stride(), *weight.stride(),
+        BLOCK_SIZE=b, SALIENCY=SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0,
+        HAS_FLAG=enabled is not None, num_warps=8 if b >= 128 else 4, num_stages=1,
+    )
+    return grad_weight
+
+
 def _grad_operands(grad_out, x, layout, weight):
     n, k = check_layout(layout).shape
     dy2, x2 = as_2d("grad_out", grad_out, n), as_2d("x", x, k)

@@ -9,7 +9,8 @@ tensor contents, so no host sync on GPU):
   picks the gathered-block path or the dense reference.
 * otherwise the dense reference ``F.linear(x, W*M)`` (cuBLAS/MKL on the masked weight):
   near full density this is the fastest, so agpe is never slower than dense by more
-  than the masking.
+  than the masking. On CUDA its backward masks and scores the dense weight gradient in
+  one fused Triton pass (kernels/mask_scores.py) instead of the reference's temporaries.
 
 Every path computes the same function; tests/test_paths.py checks each against the
 reference.
@@ -116,6 +117,14 @@ def grad_weight_and_scores(
         elif bool(score_dense):  # CPU: reading the flag costs no device sync
             _, _, dense = reference.backward(grad_out, x, weight, block_mask, b, False, True)
             dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b)
+        return grad_weight, scores, dense_sq
+    if x.device.type == "cuda" and _no_triton_reason(x, weight, b) is None:
+        # cuBLAS for the whole gradient, then one fused pass masks it and scores its blocks.
+        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        scores = torch.zeros(grid, dtype=torch.float32, device=x.device)
+        dense_sq = torch.zeros(grid, dtype=torch.float32, device=x.device)
+        kernels.mask_and_score_(grad_weight, weight, layout, saliency=scores, saliency_mode=mode,
+                                dense_grad_sq=dense_sq, enabled=score_dense)
         return grad_weight, scores, dense_sq
     _, grad_weight, dense = reference.backward(grad_out, x, weight, block_mask, b, False, True)
     scores = reference.block_scores(weight, grad_weight, b, mode) * block_mask

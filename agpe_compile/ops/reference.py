@@ -48,8 +48,23 @@ def block_sum(values: torch.Tensor, block_size: int) -> torch.Tensor:
     return values.float().reshape(n // b, b, k // b, b).sum(dim=(1, 3))
 
 
+def apply_block_mask(values: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``values * expand_block_mask(...)`` in one pass: the [R, C] mask is broadcast over a
+    [R, b, C, b] view, so no [N, K] mask is materialised.
+
+    >>> apply_block_mask(torch.ones(2, 4), torch.tensor([[True, False]]), 2)
+    tensor([[1., 1., 0., 0.],
+            [1., 1., 0., 0.]])
+    """
+    n, k = values.shape
+    rows, cols = block_mask.shape
+    b = block_size
+    blocks = values.reshape(rows, b, cols, b)
+    return (blocks * block_mask.to(values.dtype).view(rows, 1, cols, 1)).reshape(n, k)
+
+
 def masked_weight(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
-    return weight * expand_block_mask(block_mask, block_size, weight.dtype)
+    return apply_block_mask(weight, block_mask, block_size)
 
 
 def forward(
@@ -84,7 +99,7 @@ def backward(
     grad_weight = dense_grad = None
     if need_weight_grad:
         dense_grad = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-        grad_weight = dense_grad * expand_block_mask(block_mask, block_size, dense_grad.dtype)
+        grad_weight = apply_block_mask(dense_grad, block_mask, block_size)
     return grad_input, grad_weight, dense_grad
 
 
@@ -107,4 +122,4 @@ def inactive_dense_grad_sq(
     dense_grad: torch.Tensor, block_mask: torch.Tensor, block_size: int
 ) -> torch.Tensor:
     """Squared Frobenius norm of the dense gradient on inactive blocks, 0 on active ones."""
-    return block_sum(dense_grad.float().square(), block_size) * (~block_mask).float()
+    return block_sum(dense_grad.float().square(), block_size) * torch.logical_not(block_mask).float()

@@ -1,7 +1,7 @@
 """``torch.ops.agpe.sparse_linear``: the op every rewritten linear layer calls.
 
-Two custom ops, so that each is opaque to Dynamo/AOTAutograd and runs the fastest path
-for its device (ops/paths.py) without touching the graph rewrite:
+Two ops, each running the fastest path for its device (ops/paths.py) without touching
+the graph rewrite:
 
 * ``agpe::sparse_linear(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense,
   counters, block_layout, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
@@ -18,6 +18,15 @@ finite; otherwise it adds no scores and increments ``counters[1]``, so one overf
 mixed-precision step cannot poison the running sums. All of this is decided on tensors:
 toggling ``score_dense`` or hitting a non-finite gradient never recompiles.
 
+Lowering (Note [Triton op lowering]): both are ``torch.library.triton_op`` when triton is
+installed. On CUDA their bodies (Triton launchers through ``wrap_triton``, or cuBLAS plus
+the fused mask-and-score kernel above the crossover density) are traced by AOTAutograd,
+so Inductor sees and schedules the Triton kernels as user-defined kernels next to its own.
+Every other device calls the opaque host ops ``agpe::sparse_linear_host`` /
+``agpe::sparse_linear_backward_host`` (the CPU paths may read tensor contents, e.g. the
+scoring flag, which a traced body must not). Without triton both public ops are plain
+opaque custom ops with the same schema.
+
 Example::
 
     >>> y = torch.ops.agpe.sparse_linear(x, w, None, mask, sal, dgs, flag, counters, layout, 32, "taylor")
@@ -25,9 +34,12 @@ Example::
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
+
+from agpe_compile import kernels
 
 from . import paths
 
@@ -53,8 +65,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tenso
         raise ValueError(f"agpe.sparse_linear: expected a bool block mask, got {block_mask.dtype}")
 
 
-@torch.library.custom_op("agpe::sparse_linear", mutates_args=())
-def sparse_linear(
+def _forward_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -72,16 +83,7 @@ def sparse_linear(
     return paths.forward(x, weight, bias, block_mask, layout, paths.choose(x, weight, layout))
 
 
-@sparse_linear.register_fake
-def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-      block_size, saliency_mode):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op(
-    "agpe::sparse_linear_backward", mutates_args=("saliency", "dense_grad_sq", "counters")
-)
-def sparse_linear_backward(
+def _backward_impl(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -115,16 +117,97 @@ def accumulate_scores(scores, dense_sq, saliency, dense_grad_sq, counters, rows:
     finite = torch.isfinite(scores).all() & torch.isfinite(dense_sq).all()
     saliency.add_(torch.where(finite, scores, torch.zeros_like(scores)))
     dense_grad_sq.add_(torch.where(finite, dense_sq, torch.zeros_like(dense_sq)))
-    counters[0] += rows
-    counters[1] += (~finite).to(counters.dtype)
+    counters.narrow(0, 0, 1).add_(rows)  # aten views, not Python indexing: traceable on fake CUDA
+    counters.narrow(0, 1, 1).add_(torch.logical_not(finite).to(counters.dtype))
 
 
-@sparse_linear_backward.register_fake
+_MUTATED = ("saliency", "dense_grad_sq", "counters")
+
+# Host ops: opaque to tracing; every non-CUDA call (and every call without triton) runs here.
+sparse_linear_host = torch.library.custom_op("agpe::sparse_linear_host", _forward_impl, mutates_args=())
+sparse_linear_backward_host = torch.library.custom_op(
+    "agpe::sparse_linear_backward_host", _backward_impl, mutates_args=_MUTATED)
+
+
+@sparse_linear_host.register_fake
+def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
+      block_size, saliency_mode):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@sparse_linear_backward_host.register_fake
 def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
       block_size, saliency_mode, need_input_grad, need_weight_grad):
     grad_input = torch.empty_like(x) if need_input_grad else x.new_empty(_EMPTY)
     grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(_EMPTY)
     return grad_input, grad_weight
+
+
+# Set AGPE_INLINE_KERNELS=0 (before import) to keep the ops opaque on CUDA too: the host ops
+# then launch the same kernels eagerly, and Inductor schedules around one opaque call.
+INLINE_KERNELS = os.environ.get("AGPE_INLINE_KERNELS", "1") != "0"
+
+
+# Note [Triton op lowering]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``triton_op`` registers the body itself as the fake kernel and, under AOTAutograd's
+# FunctionalTensorMode, decomposes the op into its body. So the body must be traceable
+# with fake tensors: on CUDA it only looks at shapes and the layout's bucket (never at
+# tensor contents) and launches kernels through ``wrap_triton`` (kernels/runtime.py);
+# off CUDA it calls the opaque host op, which becomes one node of the traced graph.
+def _lowered_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    block_mask: torch.Tensor,
+    saliency: torch.Tensor,
+    dense_grad_sq: torch.Tensor,
+    score_dense: torch.Tensor,
+    counters: torch.Tensor,
+    block_layout: torch.Tensor,
+    block_size: int,
+    saliency_mode: str,
+) -> torch.Tensor:
+    if x.device.type != "cuda" or not INLINE_KERNELS:
+        return torch.ops.agpe.sparse_linear_host(x, weight, bias, block_mask, saliency, dense_grad_sq,
+                                                 score_dense, counters, block_layout, block_size, saliency_mode)
+    return _forward_impl(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters,
+                         block_layout, block_size, saliency_mode)
+
+
+def _lowered_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_mask: torch.Tensor,
+    saliency: torch.Tensor,
+    dense_grad_sq: torch.Tensor,
+    score_dense: torch.Tensor,
+    counters: torch.Tensor,
+    block_layout: torch.Tensor,
+    block_size: int,
+    saliency_mode: str,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type != "cuda" or not INLINE_KERNELS:
+        return torch.ops.agpe.sparse_linear_backward_host(
+            grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
+            block_size, saliency_mode, need_input_grad, need_weight_grad)
+    return _backward_impl(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,
+                          block_layout, block_size, saliency_mode, need_input_grad, need_weight_grad)
+
+
+if kernels.triton_available():
+    sparse_linear = torch.library.triton_op("agpe::sparse_linear", _lowered_forward, mutates_args=())
+    sparse_linear_backward = torch.library.triton_op("agpe::sparse_linear_backward", _lowered_backward,
+                                                     mutates_args=_MUTATED)
+else:  # same schema, opaque: the host ops' implementations serve every device
+    sparse_linear = torch.library.custom_op("agpe::sparse_linear", _lowered_forward, mutates_args=())
+    sparse_linear_backward = torch.library.custom_op("agpe::sparse_linear_backward", _lowered_backward,
+                                                     mutates_args=_MUTATED)
+    sparse_linear.register_fake(_lowered_forward)
+    sparse_linear_backward.register_fake(_lowered_backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:
