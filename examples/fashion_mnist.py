@@ -10,7 +10,8 @@ backend (dense = every mask all ones) and the same optimizer and data order; onl
 Sparsifier policy differs. The head (1000x10) stays dense: 10 outputs are not divisible by
 the block size. Prints a table (test accuracy, training FLOPs relative to dense, wall
 clock, graphs compiled, time spent in the Sparsifier) and writes one JSONL audit log per
-method plus PNG plots (agpe_compile.report) into --out.
+method, PNG plots (agpe_compile.report) and results.json (the settings and the table's
+figures per method, rewritten after each method) into --out.
 
 Data: Debian's dataset-fashion-mnist (idx files, gzipped) in /usr/share/datasets/fashion-mnist.
 
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import gzip
+import json
 import math
 import os
 import struct
@@ -195,6 +198,29 @@ def print_table(results: Dict[str, Dict[str, float]]) -> None:
           "update interval's bookkeeping and mask update")
 
 
+def write_results(args, results: Dict[str, Dict[str, float]]) -> str:
+    """results.json in --out: the run's settings and, per method, the figures of the table."""
+    path = os.path.join(args.out, "results.json")
+    payload = {
+        "example": "fashion_mnist",
+        "mode": args.mode or "quick",
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "settings": {key: getattr(args, key) for key in (
+            "hidden", "sparsity", "block_size", "min_layer_share", "lr", "weight_decay", "batch_size",
+            "update_interval", "train_samples", "test_samples", "inductor")},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "methods": results,
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
 def parse_args(argv: List[str]):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -236,7 +262,9 @@ def main(argv: List[str] = None) -> None:
     for method in args.methods:
         torch._dynamo.reset()
         results[method] = train_one(method, args, data)
+        write_results(args, results)  # after each method, so an interrupted run keeps what it finished
     print_table(results)
+    print(f"wrote {write_results(args, results)}")
     for path in render([os.path.join(args.out, f"{m}.jsonl") for m in args.methods], args.out):
         print(f"wrote {path}")
 
