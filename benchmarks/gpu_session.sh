@@ -17,6 +17,6 @@ if python -c "import pytest, hypothesis" 2>/dev/null; then
 else
   echo "pytest/hypothesis missing on this machine: GPU tests not run" | tee "$OUT/gpu_tests.txt"
 fi
-timeout 150 python benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -70
-timeout 200 python benchmarks/train_step.py --schedule-steps 200 --out "$OUT/train_step.json" 2>&1 \
+timeout 150 python benchmarks/kernels.py ${KERNEL_ARGS:-} --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -70
+timeout 200 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-200} --profile --out "$OUT/train_step.json" 2>&1 \
   | tee "$OUT/train_step.txt" | tail -30

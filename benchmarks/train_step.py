@@ -13,6 +13,9 @@ Sparsifier, and the number of compilations over a simulated 2,000-step schedule.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import datetime
 import json
 import os
@@ -54,18 +57,27 @@ def set_density(model: nn.Module, density: float, seed: int = 0) -> None:
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], None], int, int], float]:
-    """Median seconds per call of fn over `iters` calls after `warmup` calls."""
+    """Median seconds per call of fn over `iters` calls after `warmup` calls.
+
+    On CUDA the function also records, in ``measure.host``, the median time the host spent
+    issuing one call (before synchronising): when it is close to the device time, the step
+    is bound by launch overhead, not by the GPU.
+    """
 
     def measure(fn: Callable[[], None], warmup: int, iters: int) -> float:
         for _ in range(warmup):
             fn()
         times: List[float] = []
+        host: List[float] = []
         for _ in range(iters):
             if device.type == "cuda":
+                torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
                 start.record()
                 fn()
                 end.record()
+                host.append(time.perf_counter() - t0)
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
             else:
@@ -73,9 +85,34 @@ def timer(device: torch.device) -> Callable[[Callable[[], None], int, int], floa
                 fn()
                 times.append(time.perf_counter() - t0)
         times.sort()
+        host.sort()
+        measure.host = host[len(host) // 2] if host else None
         return times[len(times) // 2]
 
+    measure.host = None
     return measure
+
+
+def profile_step(step: Callable[[], None], path: str, log, rows: int = 25) -> Dict:
+    """Kernel-level profile of 3 steps: the top kernels by device time into ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    table = averages.table(sort_by=attr, row_limit=rows)
+    with open(path, "w") as f:
+        f.write(table)
+    device_us = sum(getattr(e, attr) for e in averages) / 3
+    log(table.splitlines()[0])
+    for line in table.splitlines()[1:14]:
+        log(line[:160])
+    log(f"profile: {device_us / 1e3:.2f} ms of kernel time per step (written to {path})")
+    return {"profile_kernel_ms_per_step": device_us / 1e3, "profile_table": path}
 
 
 def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -93,7 +130,8 @@ def _log(*args) -> None:
     print(*args, flush=True)
 
 
-def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log) -> Dict:
+def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log,
+        profile_dir: str = "") -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device, dtype=dtype)
@@ -107,6 +145,7 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     results["dense_first_step_s"] = time.perf_counter() - t0
     dense_time = measure(dense_step, warmup, iters)
     results["dense_step_s"] = dense_time
+    results["dense_host_issue_s"] = measure.host
     log(f"dense torch.compile: {1e3 * dense_time:.2f} ms/step (first step {results['dense_first_step_s']:.1f} s)")
 
     torch._dynamo.reset()
@@ -126,9 +165,13 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
         first = time.perf_counter() - t0
         seconds = measure(step, warmup, iters)
         results["rows"].append({"density": density, "agpe_step_s": seconds, "ratio_vs_dense": seconds / dense_time,
-                                "speedup": dense_time / seconds, "first_step_after_rebucket_s": first})
+                                "speedup": dense_time / seconds, "first_step_after_rebucket_s": first,
+                                "host_issue_s": measure.host})
+        host = f", host issue {1e3 * measure.host:.2f} ms" if measure.host is not None else ""
         log(f"agpe d={density:<5} {1e3 * seconds:9.2f} ms/step  {seconds / dense_time:6.3f}x dense time "
-            f"(first step after rebucket {first:.1f} s)")
+            f"(first step after rebucket {first:.1f} s{host})")
+    if profile_dir and device.type == "cuda":
+        results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{DENSITIES[-1]}.txt"), log))
     results["agpe_compilations"] = backend.graph_count
     results.update(mask_update_cost(size, device, x, inductor, log))
     return results
@@ -145,17 +188,30 @@ def mask_update_cost(size: dict, device: torch.device, x: torch.Tensor, inductor
     sparsifier = agpe_compile.Sparsifier(model, optimizer, config)
     compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": inductor}))
     steps = 3 * interval
-    for _ in range(steps):
+    profiler = cProfile.Profile()
+    for i in range(steps):
         loss = compiled(x).float().square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sparsifier.step(loss)
+        if i == steps - 1:  # the third update: where does a mask update spend its time?
+            profiler.enable()
+            sparsifier.step(loss)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            profiler.disable()
+        else:
+            sparsifier.step(loss)
     if device.type == "cuda":
         torch.cuda.synchronize()
     updates = steps // interval
     per_update = sparsifier.update_seconds / updates
-    log(f"mask update: {1e3 * per_update:.2f} ms each ({updates} updates)")
+    log(f"mask update: {1e3 * per_update:.2f} ms each ({updates} updates); the last one by function:")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    for line in text.getvalue().splitlines():
+        if line.strip() and not line.startswith(("   Ordered", "         ")):
+            log("  " + line[:150])
     return {"mask_update_s": per_update}
 
 
@@ -202,6 +258,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
                         help="how agpe lowers (dense always uses Inductor); aot_eager only for quick smoke runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: profile 3 agpe steps at the lowest density (table next to --out)")
     parser.add_argument("--opaque", action="store_true",
                         help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
     parser.add_argument("--schedule-steps", type=int, default=2000,
@@ -214,9 +272,11 @@ def main(argv=None) -> None:
     iters = args.iters if args.iters is not None else (3 if small else 10)
     from agpe_compile.ops import sparse_linear as op_module
 
+    profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
+
     op_module.INLINE_KERNELS = not args.opaque
     try:
-        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor")
+        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir)
     except Exception:  # report, then measure the opaque lowering rather than nothing
         if args.opaque or device.type != "cuda":
             raise

@@ -159,6 +159,24 @@ def test_saliency_modes_add_to_running_sums(path, mode, dtype):
     assert (saliency[~p.mask] == PREFILL).all()
 
 
+@pytest.mark.parametrize("m, split", [(200, 3), (300, 4), (130, 16)])
+@pytest.mark.parametrize("mode", ["taylor", "movement"])
+def test_grad_weight_split_k_matches_unsplit(triton_kernels, m, split, mode):
+    # Split-K (few live blocks, long M): partial sums in an fp32 workspace, reduced in a
+    # fixed order by the finish kernel; padded slots must stay untouched there too.
+    p = make_problem(m, 3, 4, 16, 0.4, torch.float32, seed=12)
+    layout = build_layout(torch.ones(3, 4, dtype=torch.bool), 16)
+    assert update_layout_(layout, p.mask)  # a full-capacity layout: padded slots exist
+    saliency = torch.full(p.mask.shape, PREFILL)
+    grad_weight = block_sparse_grad_weight(p.grad_out, p.x, layout, weight=p.weight, saliency=saliency,
+                                           saliency_mode=mode, split=split)
+    _, _, dw, scores, _ = p.oracle(mode)
+    assert_matches(grad_weight, dw, torch.float32)
+    assert_scores(saliency, scores)
+    with pytest.raises(ValueError, match=r"split to be a positive int, got 0"):
+        block_sparse_grad_weight(p.grad_out, p.x, layout, split=0)
+
+
 def test_grad_weight_without_saliency(path):
     p = make_problem(20, 2, 3, 16, 0.5, torch.float32, seed=4)
     assert_matches(path.grad_weight(p.grad_out, p.x, build_layout(p.mask, 16)), p.oracle()[2], torch.float32)

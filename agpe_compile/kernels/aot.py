@@ -49,18 +49,22 @@ class CompileReport:
 
 def compile_for_target(
     kernel: str, block_size: int, dtype: str, config: Optional[KernelConfig] = None, arch: int = 90,
+    constexprs: Optional[dict] = None,
 ) -> CompileReport:
-    """Compile one kernel variant for ``sm_{arch}`` and read its resource usage."""
+    """Compile one kernel variant for ``sm_{arch}`` and read its resource usage.
+
+    ``kernel`` is one of ``KERNELS`` or ``"grad_weight_finish"``; ``constexprs`` overrides
+    the defaults (e.g. ``{"SPLIT": 4}`` for the split-K variant of grad_weight)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _kernel(kernel)
-    cfg = config or config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
+    cfg = config or config_for(kernel.replace("_finish", ""), block_size, _DTYPES[dtype], interpret=False)
     element = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
     constexprs = {"BLOCK_SIZE": block_size, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k,
-                  "GROUP_M": cfg.group_m, "HAS_BIAS": True, "SALIENCY": 1, "HAS_FLAG": True,
-                  "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False}
+                  "GROUP_M": cfg.group_m, "HAS_BIAS": True, "SALIENCY": 1, "HAS_FLAG": True, "SPLIT": 1,
+                  "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, **(constexprs or {})}
     signature, constants, attrs = {}, {}, {}
     strides = [name for name in fn.arg_names if name.startswith("stride_")]
     for i, name in enumerate(fn.arg_names):
@@ -69,7 +73,7 @@ def compile_for_target(
         elif name in strides and strides.index(name) % 2 == 1:  # inner stride of a (outer, inner) pair
             signature[name], constants[name] = "constexpr", 1
         elif name.endswith("_ptr"):
-            signature[name] = ("*i32" if name in _INDEX_ARGS else "*fp32" if name == "scores_ptr"
+            signature[name] = ("*i32" if name in _INDEX_ARGS else "*fp32" if name in ("scores_ptr", "ws_ptr")
                                else "*i1" if name == "enabled_ptr" else element)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -86,11 +90,12 @@ def compile_for_target(
 
 
 def _kernel(name: str):
-    if name not in KERNELS:
-        raise ValueError(f"agpe aot: expected kernel in {KERNELS}, got {name!r}")
+    if name not in (*KERNELS, "grad_weight_finish"):
+        raise ValueError(f"agpe aot: expected kernel in {KERNELS} or 'grad_weight_finish', got {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{name}", __package__), f"{name}_kernel")
+    module = "grad_weight" if name == "grad_weight_finish" else name
+    return getattr(importlib.import_module(f".{module}", __package__), f"{name}_kernel")
 
 
 def _inspect(cubin: bytes, bindir: str):

@@ -7,9 +7,10 @@ the Hopper pipeline (``num_warps``, ``num_stages``). The table is keyed by
 
 Provenance: chosen for Hopper (H100/H200, 228 KB shared memory per SM) by shared-memory
 and register arithmetic, and checked to compile for sm_90 (wgmma, no spills) with
-Triton 3.9's ptxas on a CPU host (``python -m agpe_compile.kernels.aot``); NOT yet timed
-on a GPU. ``benchmarks/kernels.py`` times the alternatives in ``CANDIDATES`` on a GPU;
-move the winners here.
+Triton 3.9's ptxas on a CPU host (``python -m agpe_compile.kernels.aot``). Timed on an
+H200 for block 128 / bf16 only (docs/benchmarks.md): the sweep kept the forward and dW
+defaults within 2-3% of the best candidate and moved grad_input to 128 x 64 (-10%).
+``benchmarks/kernels.py`` times the alternatives in ``CANDIDATES``; move winners here.
 Shared memory per stage is (BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_SIZE) * bytes.
 
 Example::
@@ -55,6 +56,12 @@ _MATMUL: Dict[Tuple[int, int], KernelConfig] = {
     (32, 4): _C(64, 32, num_warps=4, num_stages=5),
     (16, 4): _C(64, 16, num_warps=4, num_stages=5),
 }
+# grad_input overrides of _MATMUL, timed on an H200 (torch 2.11, triton 3.6, 2026-11-26,
+# benchmarks/kernels.py sweep, 8192x4096 @ 16384x4096, d=0.25, bf16): 128 x 64 took 0.514 ms
+# against 0.572 ms for the 256 x 64 forward tile.
+_GRAD_INPUT: Dict[Tuple[int, int], KernelConfig] = {
+    (128, 2): _C(128, 64, num_warps=8, num_stages=5),
+}
 # grad_weight / grad_scores: the tile is BLOCK_SIZE x BLOCK_SIZE (block_k = block size),
 # block_m is the step of the M reduction; a plain loop keeps num_stages tiles in flight.
 _BLOCK_GRAD: Dict[Tuple[int, int], KernelConfig] = {
@@ -71,7 +78,7 @@ _BLOCK_GRAD: Dict[Tuple[int, int], KernelConfig] = {
 CANDIDATES: Dict[str, Tuple[KernelConfig, ...]] = {
     "forward": (_MATMUL[(128, 2)], _C(128, 64, num_warps=8, num_stages=5), _C(128, 128, num_warps=8, num_stages=4),
                 _C(256, 32, num_warps=8, num_stages=6)),
-    "grad_input": (_MATMUL[(128, 2)], _C(128, 64, num_warps=8, num_stages=5), _C(128, 128, num_warps=8, num_stages=4)),
+    "grad_input": (_GRAD_INPUT[(128, 2)], _MATMUL[(128, 2)], _C(128, 128, num_warps=8, num_stages=4)),
     "grad_weight": (_BLOCK_GRAD[(128, 2)], _C(128, 128, num_warps=8, num_stages=3),
                     _C(32, 128, num_warps=4, num_stages=6)),
 }
@@ -87,6 +94,8 @@ def config_for(kernel: str, block_size: int, dtype: torch.dtype, *, interpret: b
         return dataclasses.replace(_INTERPRETER, block_k=block_size)
     table = _MATMUL if kernel in ("forward", "grad_input") else _BLOCK_GRAD
     element_bytes = 4 if dtype == torch.float32 else 2
+    if kernel == "grad_input" and (block_size, element_bytes) in _GRAD_INPUT:
+        return _GRAD_INPUT[(block_size, element_bytes)]
     try:
         return table[(block_size, element_bytes)]
     except KeyError:

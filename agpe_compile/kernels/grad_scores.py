@@ -29,7 +29,7 @@ def grad_scores_kernel(
         return
     block_row = block // num_block_cols
     block_col = block % num_block_cols
-    grad = block_grad(dy_ptr, x_ptr, block_row, block_col, M, stride_dym, stride_dyn,
+    grad = block_grad(dy_ptr, x_ptr, block_row, block_col, 0, M, stride_dym, stride_dyn,
                       stride_xm, stride_xk, BLOCK_SIZE, BLOCK_M, INPUT_PRECISION, UPCAST)
     score_ptr = scores_ptr + block
     tl.store(score_ptr, tl.load(score_ptr) + tl.sum(tl.sum(grad * grad, axis=1), axis=0))

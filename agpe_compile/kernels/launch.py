@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -86,32 +87,71 @@ def block_sparse_grad_input(
 def block_sparse_grad_weight(
     grad_out: torch.Tensor, x: torch.Tensor, layout: BlockLayout, *,
     weight: Optional[torch.Tensor] = None, saliency: Optional[torch.Tensor] = None,
-    saliency_mode: Optional[str] = None, config: Optional[KernelConfig] = None,
+    saliency_mode: Optional[str] = None, config: Optional[KernelConfig] = None, split: Optional[int] = None,
 ) -> torch.Tensor:
     """dW = (dY^T @ X) * M: a fresh zero-filled [N, K] tensor in which only live blocks are computed.
 
     With ``saliency_mode`` in ``SALIENCY_MODES`` it also adds (+=, IN PLACE) each live
     block's score, taken from ``weight`` and the fp32 gradient, to the float32 [R, C]
     ``saliency`` buffer; inactive entries are left untouched (their score is 0 by the
-    formulas). ``weight`` is needed by every mode but "gradient".
+    formulas). ``weight`` is needed by every mode but "gradient". ``split`` (split-K over
+    M) defaults to :func:`split_for`, from the shapes and the GPU's size only.
     """
     dy2, x2 = _grad_operands(grad_out, x, layout, weight)
     check_saliency(saliency_mode, saliency, weight, layout, x.device)
     require_triton()
-    from .grad_weight import grad_weight_kernel
+    from .grad_weight import grad_weight_finish_kernel, grad_weight_kernel
 
     cfg = _config(grad_weight_kernel, "grad_weight", layout, x.dtype, config)
+    m = dy2.shape[0]
+    interpreted = is_interpreted(grad_weight_kernel)
+    if split is None:
+        split = split_for(layout.capacity, m, cfg.block_m, x.device, interpreted)
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"agpe kernels: expected split to be a positive int, got {split!r}")
+    m_chunk = cdiv(cdiv(max(m, 1), split), cfg.block_m) * cfg.block_m
+    split = max(1, cdiv(m, m_chunk))  # no empty partial
     dw = torch.zeros(layout.shape, dtype=x.dtype, device=x.device)
     w = weight if weight is not None else dw  # not read unless the mode needs it
-    launcher(grad_weight_kernel, (layout.capacity,), x.device)(
-        dy2, x2, w, dw, saliency if saliency is not None else dw, layout.slot_row, layout.col_idx,
-        layout.live_count, dy2.shape[0], layout.grid_shape[1],
+    scores = saliency if saliency is not None else dw
+    b = layout.block_size
+    mode = SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0
+    ws = dw if split == 1 else torch.empty((split, layout.capacity, b, b), dtype=torch.float32, device=x.device)
+    launcher(grad_weight_kernel, (layout.capacity, split), x.device)(
+        dy2, x2, w, dw, scores, ws, layout.slot_row, layout.col_idx, layout.live_count,
+        m, m_chunk, layout.capacity, layout.grid_shape[1],
         *dy2.stride(), *x2.stride(), *w.stride(), *dw.stride(),
-        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m,
-        SALIENCY=SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0,
+        BLOCK_SIZE=b, BLOCK_M=cfg.block_m, SALIENCY=mode, SPLIT=split,
         **dot_options(grad_weight_kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        launcher(grad_weight_finish_kernel, (layout.capacity,), x.device)(
+            ws, w, dw, scores, layout.slot_row, layout.col_idx, layout.live_count,
+            layout.capacity, layout.grid_shape[1], *w.stride(), *dw.stride(),
+            BLOCK_SIZE=b, SALIENCY=mode, SPLIT=split, num_warps=8 if b >= 128 else 4, num_stages=1,
+        )
     return dw
+
+
+def split_for(capacity: int, m: int, block_m: int, device: torch.device, interpreted: bool = False) -> int:
+    """Split-K factor of the dW kernel: enough programs for ~2 waves of the GPU, each still
+    reducing >= 8 tiles of M, at most 16. Decided from shapes and the device only.
+
+    >>> split_for(2048, 8192, 64, torch.device("cuda"))  # plenty of blocks: no split
+    1
+    """
+    programs = 8 if interpreted else 2 * _multiprocessors(device)
+    if capacity >= programs:
+        return 1
+    return max(1, min(cdiv(programs, max(capacity, 1)), m // (8 * block_m), 16))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    try:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    except (AssertionError, RuntimeError):  # fake CUDA tensors traced on a host without a GPU
+        return 132  # an H100/H200
 
 
 def inactive_grad_sq_(
