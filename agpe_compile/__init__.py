@@ -28,6 +28,7 @@ from .buckets import rebucket
 from .config import BackendConfig
 from .controller import AGPEConfig, Sparsifier
 from .explain import ExplainReport, LayerRecord, explain
+from .optim import BlockSparseAdamW
 from .state import LayerState, layer_state, layer_states, prepare
 
 
@@ -53,6 +54,7 @@ __all__ = [
     "AGPEConfig",
     "AgpeBackend",
     "BackendConfig",
+    "BlockSparseAdamW",
     "ExplainReport",
     "LayerRecord",
     "LayerState",

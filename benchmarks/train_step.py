@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -115,8 +115,22 @@ def profile_step(step: Callable[[], None], path: str, log, rows: int = 25) -> Di
     return {"profile_kernel_ms_per_step": device_us / 1e3, "profile_table": path}
 
 
-def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+def make_optimizer(kind: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """``foreach`` / ``fused``: torch's AdamW; ``block_sparse``: agpe's BlockSparseAdamW
+    (live blocks of agpe weights only; its other parameters through fused AdamW)."""
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if kind == "foreach":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    if kind == "fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    if kind == "block_sparse":
+        return agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-4, **fused)
+    raise ValueError(f"train_step: expected optimizer foreach/fused/block_sparse, got {kind!r}")
+
+
+def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor,
+                  optimizer: Optional[torch.optim.Optimizer] = None) -> Callable[[], None]:
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step() -> None:
         compiled(x).float().square().mean().backward()
@@ -131,7 +145,8 @@ def _log(*args) -> None:
 
 
 def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log,
-        profile_dir: str = "") -> Dict:
+        profile_dir: str = "", densities: Sequence[float] = DENSITIES,
+        optimizers: Sequence[str] = ("fused", "block_sparse"), mask_update: bool = True) -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device, dtype=dtype)
@@ -139,41 +154,53 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
 
     torch._dynamo.reset()
     dense = make_stack(size, device)
-    dense_step = training_step(torch.compile(dense), dense, x)
+    compiled_dense = torch.compile(dense)
     t0 = time.perf_counter()
-    dense_step()
+    training_step(compiled_dense, dense, x)()
     results["dense_first_step_s"] = time.perf_counter() - t0
-    dense_time = measure(dense_step, warmup, iters)
+    results["dense_step_s_by_optimizer"] = {}
+    for kind in [k for k in optimizers if k != "block_sparse"]:
+        seconds = measure(training_step(compiled_dense, dense, x, make_optimizer(kind, dense, device)), warmup, iters)
+        results["dense_step_s_by_optimizer"][kind] = seconds
+        log(f"dense torch.compile, AdamW {kind}: {1e3 * seconds:.2f} ms/step")
+    baseline = min(results["dense_step_s_by_optimizer"], key=results["dense_step_s_by_optimizer"].get)
+    dense_time = results["dense_step_s_by_optimizer"][baseline]
     results["dense_step_s"] = dense_time
+    results["dense_optimizer"] = baseline
     results["dense_host_issue_s"] = measure.host
-    log(f"dense torch.compile: {1e3 * dense_time:.2f} ms/step (first step {results['dense_first_step_s']:.1f} s)")
+    log(f"dense baseline: AdamW {baseline}, {1e3 * dense_time:.2f} ms/step "
+        f"(first step {results['dense_first_step_s']:.1f} s)")
 
     torch._dynamo.reset()
     model = make_stack(size, device)
     agpe_compile.prepare(model, options={"block_size": size["block"]})
     backend = agpe_compile.AgpeBackend({"inductor": inductor})
-    step = training_step(torch.compile(model, backend=backend), model, x)
+    compiled = torch.compile(model, backend=backend)
     set_density(model, 1.0)
     t0 = time.perf_counter()
-    step()
+    training_step(compiled, model, x)()
     results["agpe_first_step_s"] = time.perf_counter() - t0
-    for density in DENSITIES:
+    for density in densities:
         set_density(model, density)
         agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
         t0 = time.perf_counter()
-        step()
+        training_step(compiled, model, x)()
         first = time.perf_counter() - t0
-        seconds = measure(step, warmup, iters)
-        results["rows"].append({"density": density, "agpe_step_s": seconds, "ratio_vs_dense": seconds / dense_time,
-                                "speedup": dense_time / seconds, "first_step_after_rebucket_s": first,
-                                "host_issue_s": measure.host})
-        host = f", host issue {1e3 * measure.host:.2f} ms" if measure.host is not None else ""
-        log(f"agpe d={density:<5} {1e3 * seconds:9.2f} ms/step  {seconds / dense_time:6.3f}x dense time "
-            f"(first step after rebucket {first:.1f} s{host})")
+        for kind in optimizers:
+            step = training_step(compiled, model, x, make_optimizer(kind, model, device))
+            seconds = measure(step, warmup, iters)
+            results["rows"].append({"density": density, "optimizer": kind, "agpe_step_s": seconds,
+                                    "ratio_vs_dense": seconds / dense_time, "speedup": dense_time / seconds,
+                                    "first_step_after_rebucket_s": first, "host_issue_s": measure.host})
+            host = f", host issue {1e3 * measure.host:.2f} ms" if measure.host is not None else ""
+            log(f"agpe d={density:<5} AdamW {kind:<12} {1e3 * seconds:9.2f} ms/step  "
+                f"{seconds / dense_time:6.3f}x dense time (first step after rebucket {first:.1f} s{host})")
+        first = 0.0
     if profile_dir and device.type == "cuda":
-        results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{DENSITIES[-1]}.txt"), log))
+        results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{densities[-1]}.txt"), log))
     results["agpe_compilations"] = backend.graph_count
-    results.update(mask_update_cost(size, device, x, inductor, log))
+    if mask_update:
+        results.update(mask_update_cost(size, device, x, inductor, log))
     return results
 
 
@@ -262,6 +289,11 @@ def main(argv=None) -> None:
                         help="CUDA: profile 3 agpe steps at the lowest density (table next to --out)")
     parser.add_argument("--opaque", action="store_true",
                         help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
+    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)),
+                        help="agpe densities to time (comma-separated)")
+    parser.add_argument("--optimizers", default="foreach,fused,block_sparse",
+                        help="AdamW variants to time: foreach, fused (torch), block_sparse (agpe)")
+    parser.add_argument("--no-mask-update", action="store_true", help="skip timing the Sparsifier's mask update")
     parser.add_argument("--schedule-steps", type=int, default=2000,
                         help="length of the simulated AGPE schedule whose compilations are counted")
     args = parser.parse_args(argv)
@@ -272,29 +304,35 @@ def main(argv=None) -> None:
     iters = args.iters if args.iters is not None else (3 if small else 10)
     from agpe_compile.ops import sparse_linear as op_module
 
+    run_args = dict(densities=[float(d) for d in args.densities.split(",")],
+                    optimizers=args.optimizers.split(","), mask_update=not args.no_mask_update)
+
     profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
 
     op_module.INLINE_KERNELS = not args.opaque
     try:
-        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir)
+        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir,
+                      **run_args)
     except Exception:  # report, then measure the opaque lowering rather than nothing
         if args.opaque or device.type != "cuda":
             raise
         traceback.print_exc()
         print("agpe: the inlined (triton_op) lowering FAILED above; measuring with opaque ops instead", flush=True)
         op_module.INLINE_KERNELS = False
-        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor")
+        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", **run_args)
         results["inline_failed"] = True
     results["lowering"] = args.lowering
     results["inline_kernels"] = op_module.INLINE_KERNELS
-    results.update(schedule_compilations(args.schedule_steps, _log))
+    if args.schedule_steps > 0:
+        results.update(schedule_compilations(args.schedule_steps, _log))
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     results["torch"] = torch.__version__
     results["date"] = datetime.date.today().isoformat()
     print(f"\n{results['machine']}, torch {results['torch']}, {results['date']}")
-    print(f"{'density':>8} {'agpe/dense':>11} {'speedup':>8}")
+    print(f"dense baseline: torch.compile (Inductor) + AdamW {results['dense_optimizer']}")
+    print(f"{'density':>8} {'optimizer':>13} {'agpe/dense':>11} {'speedup':>8}")
     for row in results["rows"]:
-        print(f"{row['density']:>8} {row['ratio_vs_dense']:>11.3f} {row['speedup']:>8.2f}")
+        print(f"{row['density']:>8} {row['optimizer']:>13} {row['ratio_vs_dense']:>11.3f} {row['speedup']:>8.2f}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

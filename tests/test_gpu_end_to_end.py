@@ -103,3 +103,28 @@ def test_gpt_block_through_the_backend_bf16():
                                    msg=lambda m: f"{name}: {m}")
     states = agpe_compile.layer_states(model)
     assert all(s.layout_bucket == 0.25 for s in states.values())
+
+
+def test_block_sparse_adamw_matches_adamw_bf16():
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = GPTBlock(512, 8).cuda().to(torch.bfloat16)
+        agpe_compile.prepare(model, options={"block_size": 128})
+        set_random_masks(model, 0.25)
+        models.append(model)
+    reference, sparse = models
+    options = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    adamw = torch.optim.AdamW(reference.parameters(), foreach=True, **options)
+    block_sparse = agpe_compile.BlockSparseAdamW(sparse.parameters(), fused=True, **options)
+    x = torch.randn(2, 128, 512, device="cuda", dtype=torch.bfloat16)
+    for model, optimizer in ((reference, adamw), (sparse, block_sparse)):
+        compiled = torch.compile(model, backend="agpe")
+        for _ in range(3):
+            compiled(x).float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert block_sparse.sparse_updates == 3 * 4
+    for (name, p), q in zip(reference.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(q.float(), p.float(), rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")

@@ -214,6 +214,35 @@ def mask_and_score_(
     return grad_weight
 
 
+def block_sparse_adamw_(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    layout: BlockLayout, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> None:
+    """One AdamW step on the live blocks of ``param`` only, IN PLACE (kernels/adamw.py).
+
+    All four tensors are [N, K] (the layout's shape), contiguous, on one device, and of one
+    dtype; ``step`` is the step count after this update (1 on the first).
+    """
+    check_layout(layout)
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_tensor(name, t, layout.shape, param.dtype, param.device)
+    check_operands(layout, param, [grad, exp_avg, exp_avg_sq])
+    if not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)):
+        raise ValueError("agpe kernels: expected contiguous param, grad and AdamW moments")
+    if step < 1:
+        raise ValueError(f"agpe kernels: expected step >= 1, got {step}")
+    require_triton()
+    from .adamw import adamw_blocks_kernel
+
+    b = layout.block_size
+    launcher(adamw_blocks_kernel, (layout.capacity,), param.device)(
+        param, grad, exp_avg, exp_avg_sq, layout.slot_row, layout.col_idx, layout.live_count,
+        param.stride(0), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        float(lr) / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5,
+        BLOCK_SIZE=b, ROWS=min(b, 32), num_warps=4, num_stages=1,
+    )
+
+
 def _grad_operands(grad_out, x, layout, weight):
     n, k = check_layout(layout).shape
     dy2, x2 = as_2d("grad_out", grad_out, n), as_2d("x", x, k)

@@ -1,0 +1,105 @@
+"""``BlockSparseAdamW``: AdamW whose step touches only the live blocks of agpe weights.
+
+Dense AdamW reads and writes every element of every weight on every step (parameter,
+gradient and both moments: ~14 bytes per bf16 element), whatever the masks say. On a
+block-sparse model that is most of the optimizer's time spent on blocks whose weight,
+gradient and moments are all exactly zero. This subclass of ``torch.optim.AdamW`` updates
+each agpe weight (a parameter with a LayerState, see agpe_compile/state.py) with one
+Triton kernel over its live blocks (agpe_compile/kernels/adamw.py) and hands every other
+parameter (biases, norms, embeddings, dense layers) to AdamW unchanged.
+
+Equivalence. With the Sparsifier's invariant -- an inactive block's weight, gradient and
+moments are exactly zero, and a regrown block's moments are reset -- dense AdamW leaves
+inactive blocks at zero, so both optimizers train the same model (the kernel rounds once
+from fp32 where foreach AdamW rounds after each op: equal up to that rounding). Without
+the Sparsifier (masks edited by hand), inactive blocks keep whatever weight and moments
+they had instead of decaying; the model is the same, since masked blocks are not used.
+
+The state has AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints, the
+Sparsifier's moment reset and ``load_state_dict`` work as with AdamW. Not supported on
+the sparse path: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` (such
+groups raise). Parameters off CUDA (unless the Triton interpreter is on) take the dense
+AdamW path, as do weights whose block size is not a power of two up to 128.
+
+Example::
+
+    >>> optimizer = agpe_compile.BlockSparseAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    >>> sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(target_sparsity=0.9))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from . import kernels
+from .state import LayerState, state_of
+
+_SPARSE_BLOCK_SIZES = (16, 32, 64, 128)
+_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+class BlockSparseAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` with a live-blocks-only step for agpe weights (see module doc)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        for group in self.param_groups:
+            bad = [name for name in _UNSUPPORTED if group.get(name)]
+            if bad:
+                raise ValueError(f"BlockSparseAdamW: expected {bad[0]}=False (not supported), got True")
+        self.sparse_updates = 0  # parameters stepped on the block-sparse path, cumulative
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sparse: List[Tuple[torch.Tensor, torch.Tensor, dict, LayerState]] = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = state_of(param)
+                if param.grad is not None and state is not None and _sparse_ok(param, state):
+                    sparse.append((param, param.grad, group, state))
+        for param, _, _, _ in sparse:  # hidden from AdamW's dense step, restored below
+            param.grad = None
+        try:
+            super().step()
+        finally:
+            for param, grad, _, _ in sparse:
+                param.grad = grad
+        for param, grad, group, layer in sparse:
+            self._sparse_step(param, grad, group, layer)
+        return loss
+
+    def _sparse_step(self, param: torch.Tensor, grad: torch.Tensor, group: dict, layer: LayerState) -> None:
+        state = self.state[param]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        layer.sync_layout()
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        kernels.block_sparse_adamw_(
+            param, grad, state["exp_avg"], state["exp_avg_sq"], layer.layout(), lr=lr, beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=int(state["step"].item()),
+        )
+        self.sparse_updates += 1
+
+
+def _sparse_ok(param: torch.Tensor, layer: LayerState) -> bool:
+    if not kernels.triton_available() or layer.block_size not in _SPARSE_BLOCK_SIZES:
+        return False
+    if param.device.type != "cuda" and not (param.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    grad = param.grad
+    return (param.dtype in (torch.float32, torch.bfloat16, torch.float16) and param.is_contiguous()
+            and grad.dtype == param.dtype and grad.is_contiguous() and not grad.is_sparse
+            and param.dim() == 2 and tuple(param.shape) == tuple(layer.weight.shape))
