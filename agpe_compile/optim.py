@@ -51,6 +51,7 @@ class BlockSparseAdamW(torch.optim.AdamW):
             if bad:
                 raise ValueError(f"BlockSparseAdamW: expected {bad[0]}=False (not supported), got True")
         self.sparse_updates = 0  # parameters stepped on the block-sparse path, cumulative
+        self._layouts = {}
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -88,10 +89,19 @@ class BlockSparseAdamW(torch.optim.AdamW):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
         kernels.block_sparse_adamw_(
-            param, grad, state["exp_avg"], state["exp_avg_sq"], layer.layout(), lr=lr, beta1=beta1,
+            param, grad, state["exp_avg"], state["exp_avg_sq"], self._layout(layer), lr=lr, beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=int(state["step"].item()),
         )
         self.sparse_updates += 1
+
+    def _layout(self, layer: LayerState):
+        """The layer's BlockLayout, unpacked once per layout buffer: its views follow the
+        in-place edits of ``sync_layout``; a bucket crossing brings a new buffer."""
+        cached = self._layouts.get(id(layer))
+        if cached is None or cached[0] is not layer.block_layout:
+            cached = (layer.block_layout, layer.layout())
+            self._layouts[id(layer)] = cached
+        return cached[1]
 
 
 def _sparse_ok(param: torch.Tensor, layer: LayerState) -> bool:

@@ -41,9 +41,13 @@ def is_interpreted(kernel) -> bool:
 
 
 def launcher(kernel, grid, device: torch.device):
-    """``kernel[grid]``, through ``wrap_triton`` so a ``triton_op`` body can be traced.
+    """``kernel[grid]``: through ``wrap_triton`` while traced, so a ``triton_op`` body (or a
+    function compiled by Dynamo) records the launch; directly otherwise.
 
-    torch 2.11's ``wrap_triton`` rejects interpreter-mode kernels, so those launch directly.
+    Outside tracing ``wrap_triton`` would dispatch every launch through a higher-order op,
+    host work that made eager launches (the optimizer step, the kernel benchmark) slower
+    than the kernels themselves on an H200. torch 2.11's ``wrap_triton`` rejects
+    interpreter-mode kernels, so those always launch directly.
     """
     if is_interpreted(kernel):
         return kernel[grid]
@@ -52,7 +56,17 @@ def launcher(kernel, grid, device: torch.device):
             f"agpe kernels: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
             f"imported), got tensors on {device}"
         )
+    if not is_tracing():
+        return kernel[grid]
     return torch.library.wrap_triton(kernel)[grid]
+
+
+def is_tracing() -> bool:
+    """Whether a launch now would be recorded rather than run: Dynamo is compiling, or a
+    dispatch mode (fake, functional, proxy: make_fx / AOTAutograd) is active."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return torch.compiler.is_compiling() or bool(_get_current_dispatch_mode_stack())
 
 
 def dot_options(kernel, dtype: torch.dtype) -> dict:
