@@ -31,10 +31,13 @@ from . import reference
 
 TRITON_BLOCK_SIZES = (32, 64, 128)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Bucket capacity (fraction of blocks) at and above which CUDA uses the dense path. Not yet
-# measured on a GPU (no device in the session that wrote this): 0.75 keeps buckets 1.0 and
-# 0.75 dense. benchmarks/kernels.py measures the real crossover per block size.
-GPU_DENSE_CROSSOVER = {32: 0.75, 64: 0.75, 128: 0.75}
+# Bucket capacity (fraction of blocks) at and above which CUDA uses the dense path.
+# Measured on an H200 (torch 2.11, triton 3.6, bf16, 2026-11-26, benchmarks/kernels.py, two
+# runs, shapes 8192x4096 @ 16384x4096 and 8192x16384 @ 4096x16384; docs/benchmarks.md):
+# kernels fwd+bwd / cuBLAS at block 128: 0.95-1.04 at 0.75, 0.67-0.71 at 0.5; at block 64:
+# 0.98-1.07 at 0.5, 0.71-0.76 at 0.35. Block 32 was not timed: it takes block 64's value
+# (its tiles are smaller, so it cannot cross over later than 64).
+GPU_DENSE_CROSSOVER = {32: 0.5, 64: 0.5, 128: 0.75}
 
 log = logging.getLogger(__name__)
 
