@@ -87,6 +87,9 @@ class LayerState:
     block_layout: torch.Tensor
     layout_bucket: float = 1.0
     layout_mask_version: int = -1
+    # The saliency mode the backend compiled this layer with (None until compiled); the
+    # Sparsifier checks it against AGPEConfig.saliency.
+    saliency_mode: Optional[str] = None
     module_ref: Optional[weakref.ReferenceType] = None
     weight_ref: Optional[weakref.ReferenceType] = None
 

@@ -95,6 +95,7 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency
 
 def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mode: str) -> None:
     node = old_to_new[site.node]
+    state.saliency_mode = saliency_mode
     if site.form == "masked_weight":
         weight = old_to_new[site.weight]
         with graph.inserting_before(node):

@@ -171,6 +171,11 @@ class Sparsifier:
         self._account(scored=self._flag_on)
         skips = {n: self._take_skips(n) for n in self.layers}
         for name, state in self.layers.items():
+            if state.saliency_mode is not None and state.saliency_mode != self.config.saliency:
+                raise ValueError(
+                    f"agpe: layer {name!r} was compiled with saliency {state.saliency_mode!r} but "
+                    f"AGPEConfig.saliency is {self.config.saliency!r}; pass options={{'saliency': "
+                    f"{self.config.saliency!r}}} to torch.compile (or set AGPEConfig.saliency to match)")
             self.saliency.update(name, state.saliency, self.config.update_interval)
             state.saliency.zero_()
         dense_grad = {n: self._take_dense_grad(n, s) for n, s in self.layers.items()}

@@ -64,3 +64,19 @@ def test_non_finite_loss_is_not_feedback(caplog):
         sp.step(torch.tensor(1.0))
     assert "training loss over the last interval is not finite" in caplog.text
     assert sp.schedule_state.smoothed_loss is None
+
+
+def test_saliency_mode_mismatch_between_backend_and_config_raises():
+    import pytest
+
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=2, end_step=20,
+                        saliency="gradient")
+    model, opt, sp, cmodel, _ = make_run(config)  # the backend compiles with its default, "taylor"
+    (x, y), = list(batches(1))
+    import torch.nn.functional as F
+
+    F.cross_entropy(cmodel(x), y).backward()
+    assert {s.saliency_mode for s in sp.layers.values()} == {"taylor"}
+    with pytest.raises(ValueError, match=r"compiled with saliency 'taylor' but AGPEConfig.saliency is 'gradient'"):
+        for _ in range(config.update_interval):
+            sp.step(torch.tensor(1.0))
