@@ -1,0 +1,189 @@
+"""Seed averages of examples/fashion_mnist.py runs: mean ± sample std per method.
+
+    python examples/aggregate_seeds.py runs/fm_full_seed0 runs/fm_full_seed1 runs/fm_full_seed2
+
+Each argument is a results.json written by fashion_mnist.py (or the --out folder holding
+one). Files are grouped by their "seed" field; several files of the same seed are merged
+(e.g. one method run later into another --out), a method present twice for one seed is an
+error. Prints Markdown: the per-seed accuracy and training FLOPs of every method, mean ±
+sample standard deviation (n-1) of every figure of the example's table, the per-seed gaps
+AGPE − dense and AGPE − RigL (and −SET), and whether the mean meets the targets "AGPE within
+0.5 points of dense" and "AGPE at or above RigL and SET". A file with a "source" field (a
+result transcribed by hand, not written by the example) is marked in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+METHOD_ORDER = ("dense", "agpe", "rigl", "set", "gmp")
+# (key in results.json, column title, format of one value)
+METRICS = (
+    ("accuracy", "test acc %", "{:.2f}"),
+    ("flops_ratio", "train FLOPs", "{:.3f}"),
+    ("seconds", "wall s", "{:.0f}"),
+    ("graphs", "compilations", "{:.1f}"),
+    ("sparsifier_pct", "sparsifier %", "{:.2f}"),
+    ("density", "final density", "{:.3f}"),
+)
+# Settings that must agree for runs to be averaged together.
+COMPARED = ("example", "mode", "epochs", "settings")
+
+Runs = Dict[int, Dict[str, dict]]  # seed -> method -> the example's per-method figures
+
+
+def _results_path(path: str) -> str:
+    return os.path.join(path, "results.json") if os.path.isdir(path) else path
+
+
+def load_runs(paths: Iterable[str]) -> Tuple[Runs, Dict[int, List[str]], List[str]]:
+    """(runs, sources, warnings): the per-seed results of every file, merged by seed.
+
+    sources[seed] lists the "source" notes of hand-made files of that seed; warnings lists
+    settings that differ between files (the figures are still returned)."""
+    runs: Runs = {}
+    sources: Dict[int, List[str]] = {}
+    warnings: List[str] = []
+    reference: Optional[Tuple[str, dict]] = None
+    for path in paths:
+        path = _results_path(path)
+        with open(path) as f:
+            data = json.load(f)
+        if "seed" not in data or "methods" not in data:
+            raise ValueError(f"{path}: not a fashion_mnist results.json (needs 'seed' and 'methods')")
+        seed = int(data["seed"])
+        compared = {key: data[key] for key in COMPARED if key in data}
+        if reference is None:
+            reference = (path, compared)
+        else:
+            differing = sorted(k for k in compared.keys() & reference[1].keys() if compared[k] != reference[1][k])
+            if differing:
+                warnings.append(f"{path} differs from {reference[0]} in {', '.join(differing)}")
+        if data.get("source"):
+            sources.setdefault(seed, []).append(str(data["source"]))
+        per_seed = runs.setdefault(seed, {})
+        for method, figures in data["methods"].items():
+            if method in per_seed:
+                raise ValueError(f"{path}: method {method!r} of seed {seed} is already in another file")
+            per_seed[method] = figures
+    return runs, sources, warnings
+
+
+def methods_of(runs: Runs) -> List[str]:
+    """Every method present in any seed: the example's order first, then any others as found."""
+    seen: List[str] = []
+    for per_seed in runs.values():
+        seen.extend(m for m in per_seed if m not in seen)
+    return [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
+    """(mean, sample standard deviation, n); std is nan below two values, mean is nan with none."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan, 0
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return statistics.fmean(values), std, len(values)
+
+
+def summarize(runs: Runs, metric: str = "accuracy") -> Dict[str, Tuple[float, float, int]]:
+    """method -> (mean, sample std, number of seeds) of one metric over the seeds that ran it."""
+    return {m: mean_std([runs[s][m][metric] for s in sorted(runs) if m in runs[s] and metric in runs[s][m]])
+            for m in methods_of(runs)}
+
+
+def gaps(runs: Runs, method: str, baseline: str, metric: str = "accuracy") -> Dict[int, float]:
+    """seed -> method − baseline, for the seeds that ran both."""
+    return {s: float(runs[s][method][metric]) - float(runs[s][baseline][metric])
+            for s in sorted(runs) if method in runs[s] and baseline in runs[s]}
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    if math.isnan(mean):
+        return "—"
+    return fmt.format(mean) + ("" if math.isnan(std) else " ± " + fmt.replace("+", "").format(std))
+
+
+def verdict(runs: Runs, tolerance: float = 0.5) -> List[str]:
+    """The targets on the mean accuracy: AGPE within `tolerance` points of dense, at or above RigL and SET."""
+    acc = summarize(runs)
+    if "agpe" not in acc:
+        return []
+    agpe = acc["agpe"][0]
+    lines = []
+    if "dense" in acc:
+        gap = agpe - acc["dense"][0]
+        lines.append(f"AGPE within {tolerance} points of dense on the mean: "
+                     f"{'yes' if gap >= -tolerance else 'no'} (AGPE − dense = {gap:+.2f})")
+    for other, name in (("rigl", "RigL"), ("set", "SET")):
+        if other in acc:
+            gap = agpe - acc[other][0]
+            lines.append(f"AGPE at or above {name} on the mean: {'yes' if gap >= 0 else 'no'} "
+                         f"(AGPE − {name} = {gap:+.2f})")
+    return lines
+
+
+def report(runs: Runs, sources: Optional[Dict[int, List[str]]] = None) -> str:
+    """The Markdown report: per-seed table, mean ± std table, gaps, verdict."""
+    sources = sources or {}
+    seeds = sorted(runs)
+    methods = methods_of(runs)
+    label = {s: f"seed {s}" + ("*" if s in sources else "") for s in seeds}
+    out = ["### Per seed (test accuracy %, training FLOPs vs dense)", ""]
+    out.append("| method | " + " | ".join(label[s] for s in seeds) + " | mean ± std acc | mean FLOPs |")
+    out.append("|---" * (len(seeds) + 3) + "|")
+    acc, flops = summarize(runs, "accuracy"), summarize(runs, "flops_ratio")
+    for m in methods:
+        cells = [f"{runs[s][m]['accuracy']:.2f} ({runs[s][m]['flops_ratio']:.3f}×)" if m in runs[s] else "—"
+                 for s in seeds]
+        out.append(f"| {m} | " + " | ".join(cells) + f" | {_pm(*acc[m][:2], '{:.2f}')} | "
+                   f"{_pm(*flops[m][:2], '{:.3f}')}× |")
+    out += ["", "### Mean ± sample std over seeds", ""]
+    out.append("| method | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |")
+    out.append("|---" * (len(METRICS) + 2) + "|")
+    stats = {key: summarize(runs, key) for key, _, _ in METRICS}
+    for m in methods:
+        out.append(f"| {m} | {acc[m][2]} | " + " | ".join(_pm(*stats[key][m][:2], fmt) for key, _, fmt in METRICS)
+                   + " |")
+    pairs = [(a, b) for a, b in (("agpe", "dense"), ("agpe", "rigl"), ("agpe", "set")) if a in methods and b in methods]
+    if pairs:
+        out += ["", "### Per-seed accuracy gaps (points)", ""]
+        out.append("| gap | " + " | ".join(label[s] for s in seeds) + " | mean ± std |")
+        out.append("|---" * (len(seeds) + 2) + "|")
+        for a, b in pairs:
+            per_seed = gaps(runs, a, b)
+            cells = [f"{per_seed[s]:+.2f}" if s in per_seed else "—" for s in seeds]
+            mean, std, _ = mean_std(list(per_seed.values()))
+            out.append(f"| {a} − {b} | " + " | ".join(cells) + f" | {_pm(mean, std, '{:+.2f}')} |")
+    lines = verdict(runs)
+    if lines:
+        out += [""] + [f"- {line}" for line in lines]
+    for s in seeds:
+        for note in sources.get(s, []):
+            out += ["", f"\\* seed {s}: {note}"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="results.json files or the --out folders holding them")
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    runs, sources, warnings = load_runs(args.paths)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    text = report(runs, sources)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
