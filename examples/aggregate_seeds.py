@@ -6,7 +6,8 @@ Each argument is a results.json written by fashion_mnist.py (or the --out folder
 one). Files are grouped by their "seed" field; several files of the same seed are merged
 (e.g. one method run later into another --out), a method present twice for one seed is an
 error. Prints Markdown: the per-seed accuracy and training FLOPs of every method, mean ±
-sample standard deviation (n-1) of every figure of the example's table, the per-seed gaps
+sample standard deviation (n-1) of every figure of the example's table (a figure missing
+from some seeds is averaged over those that have it, marked "(n=k)"), the per-seed gaps
 AGPE − dense and AGPE − RigL (and −SET), and whether the mean meets the targets "AGPE within
 0.5 points of dense" and "AGPE at or above RigL and SET". A file with a "source" field (a
 result transcribed by hand, not written by the example) is marked in the output.
@@ -120,12 +121,12 @@ def verdict(runs: Runs, tolerance: float = 0.5) -> List[str]:
     if "dense" in acc:
         gap = agpe - acc["dense"][0]
         lines.append(f"AGPE within {tolerance} points of dense on the mean: "
-                     f"{'yes' if gap >= -tolerance else 'no'} (AGPE − dense = {gap:+.2f})")
+                     f"{'yes' if gap >= -tolerance else 'no'} (AGPE − dense = {gap:+.3f})")
     for other, name in (("rigl", "RigL"), ("set", "SET")):
         if other in acc:
             gap = agpe - acc[other][0]
             lines.append(f"AGPE at or above {name} on the mean: {'yes' if gap >= 0 else 'no'} "
-                         f"(AGPE − {name} = {gap:+.2f})")
+                         f"(AGPE − {name} = {gap:+.3f})")
     return lines
 
 
@@ -149,8 +150,9 @@ def report(runs: Runs, sources: Optional[Dict[int, List[str]]] = None) -> str:
     out.append("|---" * (len(METRICS) + 2) + "|")
     stats = {key: summarize(runs, key) for key, _, _ in METRICS}
     for m in methods:
-        out.append(f"| {m} | {acc[m][2]} | " + " | ".join(_pm(*stats[key][m][:2], fmt) for key, _, fmt in METRICS)
-                   + " |")
+        cells = [_pm(*stats[key][m][:2], fmt) + ("" if stats[key][m][2] in (0, acc[m][2]) else f" (n={stats[key][m][2]})")
+                 for key, _, fmt in METRICS]
+        out.append(f"| {m} | {acc[m][2]} | " + " | ".join(cells) + " |")
     pairs = [(a, b) for a, b in (("agpe", "dense"), ("agpe", "rigl"), ("agpe", "set")) if a in methods and b in methods]
     if pairs:
         out += ["", "### Per-seed accuracy gaps (points)", ""]
