@@ -8,6 +8,10 @@ run is policy ``dense`` (all blocks active), so FLOPs are counted the same way f
     python examples/char_lm.py --quick            # minutes on a 2-core CPU
     python examples/char_lm.py --full             # the documented setting (GPU)
     python examples/char_lm.py --quick --sparsities 0.75 --out runs/char_lm
+    bible -l0 "gen1:1-rev22:21" > kjv.txt && python examples/char_lm.py --full --text-file kjv.txt
+
+``--text-file`` reads the same text from a file, for machines without the ``bible``
+command (the GPU machine): write it once where bible-kjv is installed, carry the file.
 
 Prints a table (validation loss, training FLOPs relative to dense, wall-clock,
 compilations) and writes ``val_loss_vs_flops.png``, ``results.json`` and one audit JSONL
@@ -24,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +49,23 @@ SETTINGS = {
 }
 
 
-def load_text() -> str:
-    if shutil.which("bible") is None:
-        raise SystemExit("char_lm: the `bible` command is missing; install Debian's text with "
-                         "`apt-get install -y bible-kjv bible-kjv-text`")
-    out = subprocess.run(["bible", "-l0", "gen1:1-rev22:21"], capture_output=True, text=True, check=True)
-    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+def load_text(path: Optional[str] = None) -> str:
+    """The KJV text, one stripped non-empty line per verse: from ``bible`` or from ``path``
+    (a file holding the output of ``bible -l0 "gen1:1-rev22:21"``)."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise SystemExit(f"char_lm: --text-file {path!r} does not exist; write it with "
+                             f"`bible -l0 \"gen1:1-rev22:21\" > {path}`")
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    else:
+        if shutil.which("bible") is None:
+            raise SystemExit("char_lm: the `bible` command is missing; install Debian's text with "
+                             "`apt-get install -y bible-kjv bible-kjv-text` (or pass --text-file)")
+        raw = subprocess.run(["bible", "-l0", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"char_lm: no text in {path or 'the output of bible'}")
     return "\n".join(lines)
 
 
@@ -162,6 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor")
     parser.add_argument("--out", default="runs/char_lm")
+    parser.add_argument("--text-file", default=None,
+                        help="read the text from this file instead of running `bible` (same output)")
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
     parser.add_argument("--block-size", type=int, default=None, help="override the setting's block size")
     parser.add_argument("--prune-until", type=float, default=0.5,
@@ -179,7 +196,7 @@ def main(argv=None) -> None:
         parser.error(f"--prune-until: expected a fraction in (0, 1], got {args.prune_until}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.out, exist_ok=True)
-    data, vocab = encode(load_text())
+    data, vocab = encode(load_text(args.text_file))
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
     print(f"char_lm: {data.numel():,} chars, vocab {len(vocab)}, train {split:,} / val {data.numel() - split:,}; "

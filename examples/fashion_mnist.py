@@ -4,6 +4,12 @@
     python examples/fashion_mnist.py --full             # 15 epochs: the numbers below
     python examples/fashion_mnist.py --smoke            # CI: a few steps per method, ~20 s
     python examples/fashion_mnist.py --methods agpe,rigl --seed 1 --out runs/fmnist
+    python examples/fashion_mnist.py --full --validation 10000 --methods agpe --agpe improve_tol=0.03
+
+--validation N trains on the training set minus N held-out images (the same N for every
+seed) and reports accuracy on those instead of the test set: choose settings there, then
+report the test set with the settings fixed. --agpe KEY=VALUE (repeatable) overrides one
+AGPEConfig field of the agpe method only.
 
 Every method trains the same MLP (784-1000-1000-1000-10 by default) compiled with the agpe
 backend (dense = every mask all ones) and the same optimizer and data order; only the
@@ -38,7 +44,7 @@ import os
 import struct
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,9 @@ from agpe_compile.report import render
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 METHODS = ("dense", "agpe", "rigl", "set", "gmp")
+VALIDATION_SEED = 1234  # the held-out split is the same for every --seed
+# AGPE's settings in this example beyond the shared ones (chosen on --validation; docs/benchmarks.md).
+AGPE_SETTINGS: Dict[str, object] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +125,32 @@ def method_config(method: str, args, total_steps: int, audit_path: str) -> AGPEC
                   audit_path=audit_path, min_layer_share=args.min_layer_share)
     if method == "gmp":
         common["end_step"] = int(0.5 * total_steps)
+    if method == "agpe":
+        common.update(AGPE_SETTINGS)
+        common.update(args.agpe)
     return AGPEConfig(policy=method, **common)
+
+
+def parse_agpe_option(text: str) -> Tuple[str, object]:
+    """``KEY=VALUE`` -> (an AGPEConfig field, its value as int/float/bool/None/str)."""
+    key, sep, raw = text.partition("=")
+    # The budget and the layers (sparsity, block size, interval, include/exclude) stay shared flags.
+    fields = {f.name for f in dataclasses.fields(AGPEConfig)} - {
+        "policy", "audit_path", "seed", "version", "target_sparsity", "block_size", "update_interval",
+        "include", "exclude", "min_layer_share"}
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}; got {text!r}")
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    if lowered == "none":
+        return key, None
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
 
 
 def progress(method: str, step: int, total: int, loss: float, start: float) -> None:
@@ -170,12 +204,12 @@ def train_one(method: str, args, data) -> Dict[str, float]:
         if step % max(1, total // 100) == 0 or step == total - 1:
             progress(method, step + 1, total, float(loss), start)
     train_seconds = time.perf_counter() - start
-    accuracy = evaluate(cmodel, x_test, y_test)
+    accuracy = evaluate(cmodel, x_test, y_test)  # the validation split when --validation is set
     flops = sparsifier.flops
     # The dense head is not an agpe layer; count it so the ratio covers the whole model.
     rows = next(iter(flops.layers.values())).rows
     head = 6 * rows * model.head.weight.numel()
-    sparsifier.audit.write({"event": "eval", "step": total, "test_accuracy": accuracy})
+    sparsifier.audit.write({"event": "eval", "step": total, f"{args.eval_set}_accuracy": accuracy})
     return {
         "accuracy": accuracy,
         "flops_ratio": (flops.sparse + head) / (flops.dense + head),
@@ -187,8 +221,9 @@ def train_one(method: str, args, data) -> Dict[str, float]:
     }
 
 
-def print_table(results: Dict[str, Dict[str, float]]) -> None:
-    print(f"{'method':>7} | {'test acc %':>10} | {'train FLOPs':>11} | {'wall s':>7} | {'graphs':>6} | "
+def print_table(results: Dict[str, Dict[str, float]], eval_set: str = "test") -> None:
+    label = "test acc %" if eval_set == "test" else "val acc %"
+    print(f"{'method':>7} | {label:>10} | {'train FLOPs':>11} | {'wall s':>7} | {'graphs':>6} | "
           f"{'sparsifier %':>12} | {'ms/update':>9} | {'density':>7}")
     for method, r in results.items():
         print(f"{method:>7} | {r['accuracy']:10.2f} | {r['flops_ratio']:10.3f}x | {r['seconds']:7.1f} | "
@@ -207,9 +242,11 @@ def write_results(args, results: Dict[str, Dict[str, float]]) -> str:
         "mode": args.mode or "quick",
         "seed": args.seed,
         "epochs": args.epochs,
+        "eval_set": args.eval_set,
         "settings": {key: getattr(args, key) for key in (
             "hidden", "sparsity", "block_size", "min_layer_share", "lr", "weight_decay", "batch_size",
-            "update_interval", "train_samples", "test_samples", "inductor")},
+            "update_interval", "train_samples", "test_samples", "validation", "inductor")},
+        "agpe_settings": {**AGPE_SETTINGS, **args.agpe},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -240,7 +277,17 @@ def parse_args(argv: List[str]):
     parser.add_argument("--epochs", type=float, default=None, help="override the mode's epochs")
     parser.add_argument("--inductor", action="store_true", help="lower with Inductor instead of aot_eager")
     parser.add_argument("--data-dir", default=DATA_DIR)
+    parser.add_argument("--validation", type=int, default=0, metavar="N",
+                        help="hold out N training images and report accuracy on them instead of the test set")
+    parser.add_argument("--agpe", type=parse_agpe_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="override one AGPEConfig field of the agpe method (repeatable)")
     args = parser.parse_args(argv)
+    args.agpe = dict(args.agpe)
+    try:
+        AGPEConfig(policy="agpe", **{**AGPE_SETTINGS, **args.agpe})
+    except (TypeError, ValueError) as error:
+        parser.error(f"--agpe: {error}")
+    args.eval_set = "validation" if args.validation else "test"
     mode = MODES[args.mode or "quick"]
     args.hidden = [int(h) for h in args.hidden.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -250,6 +297,8 @@ def parse_args(argv: List[str]):
     args.epochs = mode.epochs if args.epochs is None else args.epochs
     args.batch_size, args.update_interval = mode.batch_size, mode.update_interval
     args.train_samples, args.test_samples = mode.train_samples, mode.test_samples
+    if not 0 <= args.validation < args.train_samples:
+        parser.error(f"--validation: expected 0 <= N < {args.train_samples} (the training samples); got {args.validation}")
     return args
 
 
@@ -257,14 +306,19 @@ def main(argv: List[str] = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.out, exist_ok=True)
     x_train, y_train, x_test, y_test = load_fashion_mnist(args.data_dir)
-    data = (x_train[:args.train_samples], y_train[:args.train_samples],
-            x_test[:args.test_samples], y_test[:args.test_samples])
+    x_train, y_train = x_train[:args.train_samples], y_train[:args.train_samples]
+    if args.validation:
+        split = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+        held, kept = split[:args.validation], split[args.validation:]
+        data = (x_train[kept], y_train[kept], x_train[held], y_train[held])
+    else:
+        data = (x_train, y_train, x_test[:args.test_samples], y_test[:args.test_samples])
     results = {}
     for method in args.methods:
         torch._dynamo.reset()
         results[method] = train_one(method, args, data)
         write_results(args, results)  # after each method, so an interrupted run keeps what it finished
-    print_table(results)
+    print_table(results, args.eval_set)
     print(f"wrote {write_results(args, results)}")
     for path in render([os.path.join(args.out, f"{m}.jsonl") for m in args.methods], args.out):
         print(f"wrote {path}")

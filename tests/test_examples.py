@@ -49,3 +49,35 @@ def test_char_lm_smoke(tmp_path):
     assert results["runs"][1]["train_flops"] < results["runs"][0]["train_flops"]
     assert (tmp_path / "val_loss_vs_flops.png").stat().st_size > 0
     assert "agpe-75" in stdout
+
+
+def test_char_lm_reads_the_text_from_a_file(tmp_path):
+    text = tmp_path / "kjv.txt"
+    verse = "In the beginning God created the heaven and the earth.\n\n  And the earth was without form.  \n"
+    text.write_text(verse * 400)
+    stdout = run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.75",
+                  "--text-file", str(text), "--out", str(tmp_path / "out")])
+    assert "agpe-75" in stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["run"] for r in results["runs"]] == ["dense", "agpe-75"]
+
+
+def test_char_lm_names_a_missing_text_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "char_lm.py"), "--smoke",
+                             "--text-file", str(missing), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"--text-file {str(missing)!r} does not exist" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
+def test_char_lm_text_file_holds_the_same_text_as_bible(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import char_lm
+    finally:
+        sys.path.pop(0)
+    raw = subprocess.run(["bible", "-l0", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    (tmp_path / "kjv.txt").write_text(raw, encoding="utf-8")
+    assert char_lm.load_text(str(tmp_path / "kjv.txt")) == char_lm.load_text()

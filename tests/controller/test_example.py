@@ -1,5 +1,6 @@
 """examples/fashion_mnist.py: the CI smoke run, and the error when the data is missing."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,32 @@ def test_smoke_run_prints_the_table_and_writes_logs_and_plots(tmp_path):
     assert "rigl [##############################] 40/40" in result.stderr  # the progress bar
     for name in ("dense.jsonl", "agpe.jsonl", "rigl.jsonl", "density_agpe.png", "loss_vs_flops.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
+def test_validation_split_and_agpe_overrides(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "agpe", "--validation", "500",
+                             "--agpe", "cooldown=3", "--agpe", "improve_tol=0.02", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val acc %" in result.stdout and "test acc %" not in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_set"] == "validation" and results["settings"]["validation"] == 500
+    assert results["agpe_settings"] == {"cooldown": 3, "improve_tol": 0.02}
+    records = [json.loads(line) for line in (out / "agpe.jsonl").read_text().splitlines()]
+    assert records[0]["config"]["cooldown"] == 3 and records[0]["config"]["improve_tol"] == 0.02
+    assert records[-1] == {"event": "eval", "step": records[-1]["step"],
+                           "validation_accuracy": results["methods"]["agpe"]["accuracy"]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--agpe", "target_sparsity=0.5"], "--agpe: expected KEY=VALUE with KEY one of"),
+    (["--agpe", "cooldown"], "--agpe: expected KEY=VALUE with KEY one of"),
+    (["--agpe", "cooldown=-1"], "--agpe: agpe: AGPEConfig.cooldown got -1; expected an int >= 0"),
+    (["--validation", "2048"], "--validation: expected 0 <= N < 2048"),
+])
+def test_bad_flags_are_named(tmp_path, args, message):
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--out", str(tmp_path), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
