@@ -150,7 +150,12 @@ def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab
 
 
 def plot(results: List[Dict], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"char_lm: matplotlib is not installed; {path} not written (results.json has the curves)",
+              file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,6 +170,14 @@ def plot(results: List[Dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_results(out: str, setting: dict, device, results: List[Dict]) -> None:
+    """results.json in ``out`` (atomically: a kill mid-write leaves the previous file)."""
+    path = os.path.join(out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"setting": setting, "device": str(device), "torch": torch.__version__, "runs": results}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> None:
@@ -202,7 +215,10 @@ def main(argv=None) -> None:
     print(f"char_lm: {data.numel():,} chars, vocab {len(vocab)}, train {split:,} / val {data.numel() - split:,}; "
           f"{setting['steps']} steps on {device}", file=sys.stderr)
     runs = [("dense", 0.0)] + [(f"agpe-{int(round(100 * s))}", s) for s in args.sparsities]
-    results = [train(name, s, setting, train_data, val_data, len(vocab), args, device) for name, s in runs]
+    results = []
+    for name, sparsity in runs:
+        results.append(train(name, sparsity, setting, train_data, val_data, len(vocab), args, device))
+        write_results(args.out, setting, device, results)  # an interrupted run keeps what it finished
     dense = results[0]
     print(f"\n{'run':<10} {'val loss':>9} {'vs dense':>9} {'train FLOPs':>12} {'vs dense':>9} "
           f"{'density':>8} {'wall s':>8} {'compiles':>9}")
@@ -211,8 +227,6 @@ def main(argv=None) -> None:
               f"{r['train_flops']:>12.3e} {r['train_flops'] / dense['train_flops']:>9.3f} "
               f"{r['final_density']:>8.3f} {r['wall_clock_s']:>8.1f} {r['compilations']:>9d}")
     plot(results, os.path.join(args.out, "val_loss_vs_flops.png"))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"setting": setting, "device": str(device), "torch": torch.__version__, "runs": results}, f, indent=2)
     if any(math.isnan(r["val_loss"]) for r in results):
         raise SystemExit("char_lm: a run diverged (NaN validation loss)")
 
