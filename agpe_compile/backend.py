@@ -11,7 +11,8 @@ through the ``torch_dynamo_backends`` entry point. The pipeline, in order:
    extra placeholders per layer (Note [Extra graph inputs] in passes/rewrite_linears.py).
 5. lower the copy with Inductor (``compile_fx``) or aot_eager.
 6. return :class:`AgpeCompiledGraph`, which appends the layers' live tensors to every call
-   (and, in zero-code mode, first ticks the graph's controller on every training call).
+   (and, in zero-code mode, first ticks the graph's controller on every training call; the
+   controller steps after the optimizer when it found one, see controller/zero_code.py).
 
 Example::
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -97,7 +98,8 @@ class AgpeBackend:
             config_from_options(self.zero_code_options)
         self.on_graph = on_graph
         self.graph_count = 0
-        self.controllers: List[Callable[[], None]] = []
+        self.controllers: List[Any] = []  # zero-code mode: one ZeroCodeController per set of layers
+        self._controllers_by_layers: Dict[Tuple[int, ...], Any] = {}
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         sites, unmatched = find_linear_sites(gm.graph)
@@ -112,9 +114,28 @@ class AgpeBackend:
         compiled = self._lower(result, list(example_inputs))
         controller = None
         if self.zero_code_options is not None and result.states:
-            controller = make_zero_code_controller(result.states, self.zero_code_options)
-            self.controllers.append(controller)
+            controller = self._controller_for(result.states)
         return AgpeCompiledGraph(compiled, result.states, controller)
+
+    def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
+        """Zero-code mode: one controller per set of layers, shared by every graph compiled
+        over them (recompiles after bucket crossings, the no-grad graph of an eval call);
+        a second controller would step the same masks twice and re-draw the initial layout."""
+        key = tuple(sorted(id(state) for state in states))
+        controller = self._controllers_by_layers.get(key)
+        if controller is not None:
+            return controller
+        owned = {id(s) for c in self.controllers for s in c.sparsifier.layers.values()}
+        shared = sorted(s.name for s in states if id(s) in owned)
+        if shared:
+            raise RuntimeError(
+                f"agpe: zero-code mode: a new graph covers layers {shared} together with other layers than "
+                f"the graph that already drives them (a different graph break?); their masks cannot follow two "
+                f"controllers. Use agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) instead")
+        controller = make_zero_code_controller(states, self.zero_code_options)
+        self._controllers_by_layers[key] = controller
+        self.controllers.append(controller)
+        return controller
 
     def _lower(self, result: RewriteResult, example_inputs: List[Any]) -> Callable:
         inputs = example_inputs + result.extra_inputs()

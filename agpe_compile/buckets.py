@@ -47,13 +47,17 @@ def ensure_recompile_budget(limit: int = RECOMPILE_LIMIT) -> None:
 def rebucket(
     model_or_states: Union[nn.Module, Dict[str, LayerState], Iterable[LayerState]],
     buckets: Iterable[float] = DEFAULT_BUCKETS,
+    between_steps: bool = True,
 ) -> List[str]:
     """Move every layer whose mask density left its layout bucket; returns their names.
 
     Layers whose density is still within their bucket keep their layout (it is synced in
     place). Call between training steps; the next compiled call recompiles once if any
-    layer moved. Layers compiled before :func:`agpe_compile.prepare` (zero-code mode) keep
-    their full-capacity layout: correct for every mask, but they run the dense path.
+    layer moved. A layer that cannot move keeps its layout while the mask still fits its
+    capacity (correct, but no smaller kernels): layers compiled before
+    :func:`agpe_compile.prepare` (their full-capacity layout fits every mask), and every
+    layer when ``between_steps`` is False (called inside a compiled call, where Dynamo has
+    already chosen the graph: zero-code mode's tick). A mask that no longer fits raises.
     """
     states = _states(model_or_states)
     buckets = tuple(buckets)
@@ -62,15 +66,22 @@ def rebucket(
         bucket = bucket_for(state.density, buckets)
         if bucket == state.layout_bucket:
             continue
-        if state.module is None:
-            if state.layout_bucket == 1.0:
-                # Compiled before prepare(): no guard can make Dynamo recompile for it, but a
-                # full-capacity layout fits every mask, so it stays correct (dense-speed path).
-                log.debug("agpe.rebucket: %s keeps its full-capacity layout (not prepared)", state.name)
+        if state.module is None or not between_steps:
+            if int(state.block_mask.sum()) <= state.layout().capacity:
+                log.debug("agpe.rebucket: %s keeps its layout of bucket %s (%s)", state.name, state.layout_bucket,
+                          "not prepared" if state.module is None else "inside a compiled call")
                 continue
-            raise ValueError(
-                f"agpe.rebucket: layer {state.name!r} is not a module buffer yet; call "
-                f"agpe_compile.prepare(model) BEFORE torch.compile so bucket changes can recompile"
+            if state.module is None:
+                raise ValueError(
+                    f"agpe.rebucket: layer {state.name!r} is not a module buffer yet; call "
+                    f"agpe_compile.prepare(model) BEFORE torch.compile so bucket changes can recompile"
+                )
+            raise RuntimeError(
+                f"agpe.rebucket: layer {state.name!r} grew to density {state.density:.3f}, above the capacity "
+                f"of its layout bucket {state.layout_bucket}, inside a compiled call, where the layout cannot "
+                f"change; in zero-code mode this happens when no torch.optim optimizer holding the layer's "
+                f"weight steps (the controller then counts compiled calls): use agpe_compile.Sparsifier, or "
+                f"do not prepare the model before torch.compile (full-capacity layouts fit every mask)"
             )
         packed, bucket = build_packed(state.block_mask, state.block_size, buckets)
         if packed.shape == state.block_layout.shape:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import agpe_compile
+from agpe_compile.controller import make_zero_code_controller
 from agpe_compile.state import layer_states
 
 from .models import MLP
@@ -44,3 +45,112 @@ def test_zero_code_bad_option_names_the_field():
         agpe_compile.AgpeBackend({"target_sparsity": 1.5})
     with pytest.raises(ValueError, match="snfs"):
         agpe_compile.AgpeBackend({"target_sparsity": 0.5, "policy": "snfs"})
+
+
+ZC_OPTIONS = {"block_size": 8, "target_sparsity": 0.75, "policy": "rigl", "update_interval": 5, "end_step": 40}
+
+
+def _train(compiled, model, optimizer, steps, micro_batches=1, after_step=None):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for _ in range(micro_batches):
+            x, y = torch.randn(16, 32, generator=gen), torch.randn(16, 16, generator=gen)
+            (torch.nn.functional.mse_loss(compiled(x), y) / micro_batches).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if after_step is not None:
+            after_step()
+
+
+def _zero_code_run(steps, micro_batches=1, prepare=True):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((32, 64, 16))
+    if prepare:
+        agpe_compile.prepare(model, {"block_size": 8})
+    backend = agpe_compile.AgpeBackend({"inductor": False, **ZC_OPTIONS})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train(torch.compile(model, backend=backend), model, optimizer, steps, micro_batches)
+    return model, optimizer, backend
+
+
+def _explicit_run(steps):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((32, 64, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = {k: v for k, v in ZC_OPTIONS.items()}
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(**config))
+    backend = agpe_compile.AgpeBackend({"inductor": False, "block_size": 8})
+    _train(torch.compile(model, backend=backend), model, optimizer, steps, after_step=lambda: sparsifier.step(None))
+    return model, optimizer, backend, sparsifier
+
+
+def test_zero_code_follows_the_optimizer_and_matches_explicit_mode_bit_for_bit():
+    # Prepared before torch.compile: the controller binds the SGD optimizer at its first
+    # step, re-buckets between steps (kernels sized to the sparse layout) and resets the
+    # momentum of changed blocks, exactly like an explicit Sparsifier stepped with loss=None.
+    model, optimizer, backend = _zero_code_run(23)
+    (controller,) = backend.controllers
+    assert controller.follows_optimizer and controller.optimizer is optimizer
+    assert controller.sparsifier.step_count == 23
+    ref_model, ref_optimizer, ref_backend, _ = _explicit_run(23)
+    states, ref_states = layer_states(model), layer_states(ref_model)
+    for name, state in states.items():
+        assert torch.equal(state.block_mask, ref_states[name].block_mask), name
+        assert state.layout_bucket == ref_states[name].layout_bucket < 1.0, name
+        assert torch.equal(state.block_layout, ref_states[name].block_layout), name
+    for (name, p), ref_p in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, ref_p), name
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], ref_optimizer.state[ref_p]["momentum_buffer"]), name
+    # The first graph is traced before the initial sparse layout exists (full capacity);
+    # moving it to its bucket after step 1 costs the one extra compile.
+    assert backend.graph_count == ref_backend.graph_count + 1
+
+
+def test_zero_code_counts_optimizer_steps_under_gradient_accumulation():
+    model, optimizer, backend = _zero_code_run(12, micro_batches=3)
+    (controller,) = backend.controllers
+    assert controller.calls == 36 and controller.sparsifier.step_count == 12
+    # the momentum of every inactive block is exactly zero (reset when it was dropped)
+    for state in layer_states(model).values():
+        momentum = optimizer.state[state.weight]["momentum_buffer"]
+        inactive = ~agpe_compile.ops.reference.expand_block_mask(state.block_mask, 8, torch.float32).bool()
+        assert momentum[inactive].abs().max() == 0
+
+
+def test_zero_code_ignores_an_optimizer_without_its_weights():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((32, 64, 16))
+    backend = agpe_compile.AgpeBackend({"inductor": False, **ZC_OPTIONS})
+    compiled = torch.compile(model, backend=backend)
+    compiled(torch.randn(4, 32)).sum().backward()
+    other = torch.nn.Parameter(torch.zeros(3))
+    other.grad = torch.ones(3)
+    torch.optim.SGD([other], lr=0.1).step()
+    assert not backend.controllers[0].follows_optimizer
+
+
+def test_tick_fallback_keeps_prepared_layouts_and_raises_when_a_mask_outgrows_them():
+    torch.manual_seed(0)
+    model = MLP((32, 64, 16))
+    states = list(agpe_compile.prepare(model, {"block_size": 8}).values())
+    # Built during a compile (between_steps=False): the initial 25% layout fits the full
+    # capacity of the prepared layout, so it is kept (no re-bucketing inside a call).
+    tick = make_zero_code_controller(states, ZC_OPTIONS, follow_optimizer=False)
+    assert [s.layout_bucket for s in states] == [1.0, 1.0]
+    state = states[0]
+    with torch.no_grad():
+        state.block_mask.zero_()
+        state.block_mask[0, 0] = True
+    assert agpe_compile.rebucket(states) == [s.name for s in states]  # between steps: every layer moves
+    small = state.layout_bucket
+    with torch.no_grad():
+        state.block_mask[0, 1] = True  # still fits that capacity: kept, no re-bucketing in a call
+    assert agpe_compile.rebucket(states, between_steps=False) == [] and state.layout_bucket == small
+    with torch.no_grad():
+        state.block_mask.fill_(True)
+    with pytest.raises(RuntimeError, match="inside a compiled call, where the layout cannot change"):
+        agpe_compile.rebucket(states, between_steps=False)
+    assert state.layout_bucket == small

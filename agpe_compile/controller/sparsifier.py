@@ -74,13 +74,17 @@ class Sparsifier:
 
     @classmethod
     def for_layers(cls, states: List[LayerState], config: AGPEConfig,
-                   optimizer: Optional[torch.optim.Optimizer] = None) -> "Sparsifier":
-        """A Sparsifier over already prepared layer states (zero-code mode, tests)."""
+                   optimizer: Optional[torch.optim.Optimizer] = None, between_steps: bool = True) -> "Sparsifier":
+        """A Sparsifier over already prepared layer states (zero-code mode, tests).
+
+        ``between_steps=False``: created while a graph is being compiled (zero-code mode),
+        so the initial layout is applied without re-bucketing (see :func:`agpe_compile.rebucket`).
+        """
         self = cls.__new__(cls)
-        self._setup(list(states), optimizer, config, None)
+        self._setup(list(states), optimizer, config, None, between_steps)
         return self
 
-    def _setup(self, states, optimizer, config, recompile_counter) -> None:
+    def _setup(self, states, optimizer, config, recompile_counter, between_steps: bool = True) -> None:
         self.config = config
         self.policy = make_policy(config)
         self.optimizer = optimizer
@@ -111,7 +115,7 @@ class Sparsifier:
         self.target_density = self.config.start_density
         self.rebucketed: List[str] = []
         self._apply_initial_layout()
-        self.rebucketed = rebucket(list(self.layers.values()), config.buckets)
+        self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
             n: {"shape": list(s.weight_shape), "block_size": s.block_size, "grid": list(s.grid)}
@@ -119,8 +123,12 @@ class Sparsifier:
 
     # ---- public API -------------------------------------------------------------------
 
-    def step(self, loss: Optional[torch.Tensor] = None) -> None:
-        """Count one finished training step; update masks if it was an update step."""
+    def step(self, loss: Optional[torch.Tensor] = None, between_steps: bool = True) -> None:
+        """Count one finished training step; update masks if it was an update step.
+
+        ``between_steps=False``: called inside a compiled call (zero-code mode's tick), so
+        layouts cannot re-bucket; see :func:`agpe_compile.rebucket`.
+        """
         start = time.perf_counter()
         if loss is not None:
             value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
@@ -131,7 +139,7 @@ class Sparsifier:
             self._loss_steps += 1
         self.step_count += 1
         if self.step_count % self.config.update_interval == 0:
-            self._interval(self.step_count)
+            self._interval(self.step_count, between_steps)
         self._set_score_dense(self._scores_dense_at(self.step_count + 1))
         self.seconds += time.perf_counter() - start
 
@@ -165,7 +173,7 @@ class Sparsifier:
 
     # ---- one interval -----------------------------------------------------------------
 
-    def _interval(self, step: int) -> None:
+    def _interval(self, step: int, between_steps: bool = True) -> None:
         start = time.perf_counter()
         loss = self._take_loss()
         self._account(scored=self._flag_on)
@@ -184,14 +192,15 @@ class Sparsifier:
                   "global_density_before": self.global_density, "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
         if self._updates_at(step):
-            record["schedule"] = self._update(step, loss, dense_grad)
+            record["schedule"] = self._update(step, loss, dense_grad, between_steps)
             record["updated"] = True
         record["rebucketed"] = self.rebucketed
         if self.audit.path is not None:
             self._write_record(record, before, skips, start)
         self.update_seconds += time.perf_counter() - start
 
-    def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor]) -> str:
+    def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor],
+                between_steps: bool = True) -> str:
         feedback = Feedback(loss=loss, pruned_saliency=self.pruned_saliency)
         target, self.schedule_state, event = self.policy.target(step, self.schedule_state, feedback)
         moved, self.target_density = target != self.target_density, target
@@ -221,7 +230,7 @@ class Sparsifier:
         # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
         mean_active = active_mass / max(sum(current), 1)
         self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
-        self.rebucketed = rebucket(list(self.layers.values()), self.config.buckets)
+        self.rebucketed = rebucket(list(self.layers.values()), self.config.buckets, between_steps)
         return event
 
     def _apply(self, name, state, mask, dropped, grown) -> None:

@@ -4,38 +4,48 @@ The backend splits the options (:func:`split_options`), builds one controller pe
 graph with :func:`make_zero_code_controller` over that graph's layer states, and its call
 wrapper calls the controller (the "tick") at the start of every compiled call made with
 grad enabled. The training loop is unchanged; the controller runs the same Sparsifier
-with no loss and no optimizer.
+with no loss, stepping after the optimizer it finds (or counting ticks without one).
 
 Note [Zero-code step counting]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-The controller counts its own ticks: tick k (k >= 2) means training step k - 1 is over
-(its forward, backward and optimizer step ran before this call), so it runs
-``Sparsifier.step()`` for step k - 1 and then, if step k is an update step, sets the
-``score_dense`` flags before this call's backward. So one compiled call with grad enabled
-= one training step. Consequences: a forward with grad enabled that is not a training
-step (validation without ``torch.no_grad()``) counts as one; with gradient accumulation
-every micro-batch counts, so scale ``update_interval``/``end_step`` by the micro-batches
-per optimizer step. The last step of a run is never processed (no tick follows it); it
-changes nothing. A graph break gives each graph its own controller and budget.
+The controller follows the optimizer when it can. It registers a global
+``torch.optim`` step post-hook; the first ``optimizer.step()`` of an optimizer that holds
+one of its layers' weights binds that optimizer, and from then on every step of it is one
+training step: right after it, the controller runs ``Sparsifier.step()`` (mask update,
+optimizer-moment reset of changed blocks, re-bucketing) and sets the ``score_dense`` flags
+for the next backward. This is the explicit Sparsifier's loop with ``loss=None``, at the
+same point of the step, so:
 
-What it cannot do, and the mitigation:
+* gradient accumulation and forwards with grad enabled that are not training steps
+  (validation without ``torch.no_grad()``) do not count; only optimizer steps do;
+* moments of pruned and regrown blocks are reset (the hook hands over the optimizer);
+* layouts re-bucket between steps, so prepared layers (``agpe_compile.prepare`` before
+  ``torch.compile``) shrink to their bucket's capacity and run the block-sparse kernels;
+  the next call recompiles once per crossing, as in explicit mode.
 
-* no optimizer: moments of pruned and regrown blocks cannot be reset. A pruned block's
-  weight may then drift from zero between updates (stale momentum); the compiled op masks
-  it so it never affects outputs or gradients, and every update re-zeroes all inactive
-  weights, so a regrown block still starts at exactly zero. Stale moments of regrown
-  blocks have decayed for ``update_interval`` steps (momentum 0.9: by 0.9^100).
-* no momentum, so policy ``snfs`` is refused;
+Fallback (no ``torch.optim`` optimizer holding these weights ever steps, e.g. a hand-written
+update, or ``follow_optimizer=False``): the call wrapper's "tick" at the start of every
+compiled call made with grad enabled counts steps. Tick k (k >= 2) means training step
+k - 1 is over, so it runs ``Sparsifier.step()`` for step k - 1 and sets the flags before
+this call's backward. One compiled call with grad enabled = one training step (scale
+``update_interval``/``end_step`` by micro-batches under gradient accumulation); the last
+step of a run is never processed. The tick runs inside a call whose graph Dynamo already
+chose, so a bucket change cannot be applied there: unprepared layers keep their
+full-capacity layout (correct, dense speed), and a prepared layer that would change bucket
+raises (use the explicit Sparsifier or a torch.optim optimizer). Without an optimizer the
+moments cannot be reset: a pruned block's weight may drift from zero between updates
+(stale momentum); the op masks it, and every update re-zeroes all inactive weights.
+
+A graph break gives each graph its own controller and budget.
+
+What zero-code mode cannot do:
+
 * no loss: the adaptive schedule prunes every ``patience`` updates and backs off on the
   regret signal only (Note [Adaptive schedule]);
+* policy ``snfs`` is refused (its budget follows the momentum of an optimizer that is
+  not known when the options are validated);
 * no checkpoint API in the training loop: the controller object has ``state_dict()``
-  like the Sparsifier, but only code holding it can save it.
-
-Layout buckets: like the Sparsifier, the tick calls ``agpe_compile.rebucket`` after an
-update, which needs the layer states to be module buffers (``agpe_compile.prepare`` before
-``torch.compile``). The tick runs inside the call wrapper, after Dynamo chose the graph for
-the current call: a bucket change at that point must be handled by the backend (the graph
-chosen for this call was built for the old layout sizes).
+  like the Sparsifier, but only code holding it (``backend.controllers``) can save it.
 
 Example::
 
@@ -48,12 +58,20 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import logging
+import weakref
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from agpe_compile.buckets import rebucket
 from agpe_compile.state import LayerState
 
 from .config import AGPEConfig
 from .sparsifier import Sparsifier
+
+log = logging.getLogger(__name__)
 
 SHARED_OPTION_KEYS = frozenset({"block_size", "include", "exclude", "saliency"})
 AGPE_OPTION_KEYS = frozenset(f.name for f in dataclasses.fields(AGPEConfig)) - SHARED_OPTION_KEYS - {"version"}
@@ -100,16 +118,64 @@ def config_from_options(options: Optional[Mapping[str, Any]]) -> Optional[AGPECo
 
 
 class ZeroCodeController:
-    """The tick: call it at the start of every compiled training call; see Note [Zero-code step counting]."""
+    """Runs the Sparsifier for one compiled graph; see Note [Zero-code step counting].
 
-    def __init__(self, states: List[LayerState], config: AGPEConfig):
-        self.sparsifier = Sparsifier.for_layers(states, config, optimizer=None)
+    Call it (the tick) at the start of every compiled call made with grad enabled; with
+    ``follow_optimizer`` it also binds to the first torch.optim optimizer that steps with
+    one of its layers' weights and then counts that optimizer's steps instead of ticks.
+    """
+
+    def __init__(self, states: List[LayerState], config: AGPEConfig, follow_optimizer: bool = True):
+        # Built while Dynamo compiles the first graph: no re-bucketing until between steps.
+        self.sparsifier = Sparsifier.for_layers(states, config, optimizer=None, between_steps=False)
         self.calls = 0
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._weights = {id(s.weight) for s in states}
+        self._gave_up = False
+        self._hook = None
+        if follow_optimizer and states:
+            self._hook = register_optimizer_step_post_hook(_weak_hook(weakref.ref(self)))
+            weakref.finalize(self, self._hook.remove)
+
+    @property
+    def follows_optimizer(self) -> bool:
+        """True once an optimizer is bound (steps are counted by it, not by ticks)."""
+        return self.optimizer is not None
 
     def __call__(self) -> None:
-        if self.calls > 0:
-            self.sparsifier.step(None)
+        if self.optimizer is None and self.calls > 0:
+            self.sparsifier.step(None, between_steps=False)
         self.calls += 1
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The global optimizer hook's work: bind on the first step of an optimizer holding
+        our weights, then one ``Sparsifier.step`` per step of that optimizer."""
+        sparsifier = self.sparsifier
+        if self.optimizer is None:
+            if self._gave_up or not self._holds_weights(optimizer):
+                return
+            if sparsifier.step_count >= sparsifier.config.update_interval:
+                # Ticks already ran an update (many micro-batches before the first optimizer
+                # step and a short interval): switching now would count steps twice.
+                self._gave_up = True
+                log.warning("agpe: zero-code mode keeps counting compiled calls as training steps: the first "
+                            "step of %s came after %d calls, past the first update", type(optimizer).__name__,
+                            self.calls)
+                return
+            self.optimizer = optimizer
+            sparsifier.optimizer = optimizer
+            # Steps the ticks counted before the first optimizer step were micro-batches of it;
+            # no update ran yet, so the count can restart (Note [Zero-code step counting]).
+            sparsifier.step_count = 0
+            # First point between steps: move the initial layout to its bucket (one recompile).
+            sparsifier.rebucketed = rebucket(list(sparsifier.layers.values()), sparsifier.config.buckets)
+            log.info("agpe: zero-code mode follows %s: one optimizer step = one training step",
+                     type(optimizer).__name__)
+        if optimizer is self.optimizer:
+            sparsifier.step(None)
+
+    def _holds_weights(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._weights for group in optimizer.param_groups for p in group["params"])
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "sparsifier": self.sparsifier.state_dict()}
@@ -119,10 +185,22 @@ class ZeroCodeController:
         self.sparsifier.load_state_dict(state["sparsifier"])
 
 
-def make_zero_code_controller(states: List[LayerState], options: Mapping[str, Any]) -> ZeroCodeController:
-    """A tick callable running the configured policy over ``states`` (``ValueError`` if no AGPE option)."""
+def _weak_hook(ref: "weakref.ReferenceType[ZeroCodeController]"):
+    """A global optimizer hook that does not keep the controller alive."""
+
+    def hook(optimizer, args, kwargs) -> None:
+        controller = ref()
+        if controller is not None:
+            controller.after_optimizer_step(optimizer)
+
+    return hook
+
+
+def make_zero_code_controller(states: List[LayerState], options: Mapping[str, Any],
+                              follow_optimizer: bool = True) -> ZeroCodeController:
+    """A controller running the configured policy over ``states`` (``ValueError`` if no AGPE option)."""
     config = config_from_options(options)
     if config is None:
         raise ValueError(f"agpe: zero-code mode needs at least one of the options {sorted(AGPE_OPTION_KEYS)}; "
                          f"got {sorted(dict(options))}")
-    return ZeroCodeController(states, config)
+    return ZeroCodeController(states, config, follow_optimizer)

@@ -35,12 +35,12 @@ def test_config_from_options_validates_through_agpe_config():
 
 
 def run_zero_code(steps):
-    """Train TinyMLP with the tick before every compiled call. Per tick: the score_dense flag
+    """Train TinyMLP with the tick before every compiled call (the fallback without an optimizer). Per tick: the score_dense flag
     and the largest |weight| of an inactive block right after the tick."""
     torch.manual_seed(0)
     model = TinyMLP()
     states = list(agpe_compile.prepare(model, options={"block_size": 4}).values())
-    tick = make_zero_code_controller(states, OPTIONS)
+    tick = make_zero_code_controller(states, OPTIONS, follow_optimizer=False)  # the tick fallback
     initial = {s.name: s.block_mask.clone() for s in states}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
@@ -91,6 +91,6 @@ def test_inactive_weights_drift_without_optimizer_reset_and_are_re_zeroed_at_upd
     state = tick.state_dict()
     assert state["calls"] == 14 and state["sparsifier"]["step"] == 13
     states = list(tick.sparsifier.layers.values())
-    resumed = make_zero_code_controller(states, OPTIONS)
+    resumed = make_zero_code_controller(states, OPTIONS, follow_optimizer=False)
     resumed.load_state_dict(state)
     assert resumed.calls == 14 and resumed.sparsifier.step_count == 13
