@@ -5,7 +5,7 @@
 Each argument is a results.json written by fashion_mnist.py (or the --out folder holding
 one). Files are grouped by their "seed" field; several files of the same seed are merged
 (e.g. one method run later into another --out), a method present twice for one seed is an
-error. Prints Markdown: the per-seed accuracy and training FLOPs of every method, mean ±
+error unless --replace (then the later file wins, and the replacement is listed). Prints Markdown: the per-seed accuracy and training FLOPs of every method, mean ±
 sample standard deviation (n-1) of every figure of the example's table (a figure missing
 from some seeds is averaged over those that have it, marked "(n=k)"), the per-seed gaps
 AGPE − dense and AGPE − RigL (and −SET), and whether the mean meets the targets "AGPE within
@@ -43,15 +43,21 @@ def _results_path(path: str) -> str:
     return os.path.join(path, "results.json") if os.path.isdir(path) else path
 
 
-def load_runs(paths: Iterable[str]) -> Tuple[Runs, Dict[int, List[str]], List[str]]:
+def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[int, List[str]], List[str]]:
     """(runs, sources, warnings): the per-seed results of every file, merged by seed.
 
     sources[seed] lists the "source" notes of hand-made files of that seed; warnings lists
-    settings that differ between files (the figures are still returned)."""
+    settings that differ between files (the figures are still returned; keys of
+    ``settings`` that only one file has are not compared: older files lack newer keys)
+    and, with ``replace``, every method a later file replaced (without it a method present
+    twice for one seed is an error). Files evaluated on different sets (test vs the
+    validation split) are never mixed: that raises."""
     runs: Runs = {}
     sources: Dict[int, List[str]] = {}
     warnings: List[str] = []
     reference: Optional[Tuple[str, dict]] = None
+    origin: Dict[Tuple[int, str], str] = {}
+    eval_set: Optional[Tuple[str, str]] = None
     for path in paths:
         path = _results_path(path)
         with open(path) as f:
@@ -59,11 +65,18 @@ def load_runs(paths: Iterable[str]) -> Tuple[Runs, Dict[int, List[str]], List[st
         if "seed" not in data or "methods" not in data:
             raise ValueError(f"{path}: not a fashion_mnist results.json (needs 'seed' and 'methods')")
         seed = int(data["seed"])
+        evaluated = str(data.get("eval_set", "test"))
+        if eval_set is None:
+            eval_set = (path, evaluated)
+        elif evaluated != eval_set[1]:
+            raise ValueError(f"{path}: accuracy on the {evaluated} set, but {eval_set[0]} has the {eval_set[1]} "
+                             f"set; they cannot be averaged together")
         compared = {key: data[key] for key in COMPARED if key in data}
         if reference is None:
             reference = (path, compared)
         else:
-            differing = sorted(k for k in compared.keys() & reference[1].keys() if compared[k] != reference[1][k])
+            differing = sorted(k for k in compared.keys() & reference[1].keys()
+                               if _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k]))
             if differing:
                 warnings.append(f"{path} differs from {reference[0]} in {', '.join(differing)}")
         if data.get("source"):
@@ -71,9 +84,22 @@ def load_runs(paths: Iterable[str]) -> Tuple[Runs, Dict[int, List[str]], List[st
         per_seed = runs.setdefault(seed, {})
         for method, figures in data["methods"].items():
             if method in per_seed:
-                raise ValueError(f"{path}: method {method!r} of seed {seed} is already in another file")
+                if not replace:
+                    raise ValueError(f"{path}: method {method!r} of seed {seed} is already in another file "
+                                     f"(--replace lets later files replace it)")
+                warnings.append(f"{path}: method {method!r} of seed {seed} replaces the one from "
+                                f"{origin[(seed, method)]}")
             per_seed[method] = figures
+            origin[(seed, method)] = path
     return runs, sources, warnings
+
+
+def _comparable(value, other=None):
+    """``value`` for comparison; dicts keep only the keys ``other`` (a dict) also has."""
+    if isinstance(value, dict):
+        keys = value.keys() if not isinstance(other, dict) else value.keys() & other.keys()
+        return {k: value[k] for k in keys}
+    return value
 
 
 def methods_of(runs: Runs) -> List[str]:
@@ -176,8 +202,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="results.json files or the --out folders holding them")
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--replace", action="store_true",
+                        help="a method a later file has for the same seed replaces the earlier one (listed)")
     args = parser.parse_args(argv)
-    runs, sources, warnings = load_runs(args.paths)
+    runs, sources, warnings = load_runs(args.paths, replace=args.replace)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     text = report(runs, sources)

@@ -122,3 +122,27 @@ def test_command_line_prints_and_writes_the_report(three_seeds, tmp_path):
     assert "| agpe − dense | -0.50 | -0.20 | -0.50 | -0.40 ± 0.17 |" in lines
     assert "| agpe − rigl | -0.10 | +0.20 | +0.20 | +0.10 ± 0.17 |" in lines
     assert any(line.startswith("| agpe | 3 | 90.10 ± 0.10 | 0.181 ± 0.001 |") for line in lines)
+
+
+def test_replace_lets_a_later_run_of_a_method_win_and_lists_it(tmp_path):
+    old = write(tmp_path / "old", 0, ["dense", "agpe", "rigl"])
+    new = write(tmp_path / "new", 0, ["agpe"])
+    data = json.loads((new / "results.json").read_text())
+    data["methods"]["agpe"]["accuracy"] = 91.0
+    data["settings"] = {**SETTINGS, "validation": 0}  # a newer file with one more settings key
+    (new / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="--replace lets later files replace it"):
+        agg.load_runs([old, new])
+    runs, _, warnings = agg.load_runs([old, new], replace=True)
+    assert runs[0]["agpe"]["accuracy"] == 91.0 and runs[0]["rigl"]["accuracy"] == ACC[0]["rigl"]
+    assert warnings == [f"{new / 'results.json'}: method 'agpe' of seed 0 replaces the one from "
+                        f"{old / 'results.json'}"]
+
+
+def test_validation_and_test_accuracies_are_never_mixed(tmp_path):
+    test = write(tmp_path / "test", 0, ["dense"])
+    val = write(tmp_path / "val", 1, ["dense"], eval_set="validation")
+    with pytest.raises(ValueError, match="accuracy on the validation set, but .* has the test set"):
+        agg.load_runs([test, val])
+    runs, _, warnings = agg.load_runs([val, write(tmp_path / "val2", 2, ["dense"], eval_set="validation")])
+    assert sorted(runs) == [1, 2] and warnings == []
