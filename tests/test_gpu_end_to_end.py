@@ -6,6 +6,7 @@
   kernels), against the float64 dense-with-zeros oracle, saliency buffers included.
 * a GPT block in bf16 compiled with ``backend="agpe"`` (Inductor) at density 0.25 against
   the eager W*M model.
+* BlockSparseAdamW against AdamW; zero-code mode shrinking layouts to the kernels.
 """
 
 import pytest
@@ -128,3 +129,29 @@ def test_block_sparse_adamw_matches_adamw_bf16():
     assert block_sparse.sparse_updates == 3 * 4
     for (name, p), q in zip(reference.named_parameters(), sparse.parameters()):
         torch.testing.assert_close(q.float(), p.float(), rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_zero_code_mode_shrinks_layouts_to_the_kernels_bf16():
+    # Zero-code mode on a prepared model: after the first optimizer step the controller moves
+    # the 25%-dense initial layouts to their bucket, below the crossover, so the next compiled
+    # call runs the Triton kernels (one extra compile), and training stays finite.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPTBlock(512, 8).cuda().to(torch.bfloat16)
+    agpe_compile.prepare(model, options={"block_size": 64})
+    backend = agpe_compile.AgpeBackend({"block_size": 64, "target_sparsity": 0.75, "policy": "rigl",
+                                        "distribution": "uniform", "update_interval": 2, "end_step": 8})
+    compiled = torch.compile(model, backend=backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    for _ in range(6):
+        loss = compiled(x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    (controller,) = backend.controllers
+    assert controller.follows_optimizer and controller.sparsifier.step_count == 6
+    states = agpe_compile.layer_states(model).values()
+    assert all(s.layout_bucket < agpe_compile.ops.paths.GPU_DENSE_CROSSOVER[64] for s in states)
+    assert backend.graph_count == 2
