@@ -176,7 +176,8 @@ def write_results(out: str, setting: dict, device, results: List[Dict]) -> None:
     """results.json in ``out`` (atomically: a kill mid-write leaves the previous file)."""
     path = os.path.join(out, "results.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({"setting": setting, "device": str(device), "torch": torch.__version__, "runs": results}, f, indent=2)
+        json.dump({"setting": setting, "device": str(device), "torch": torch.__version__,
+                   "float32_matmul_precision": torch.get_float32_matmul_precision(), "runs": results}, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
@@ -208,12 +209,15 @@ def main(argv=None) -> None:
     if not 0 < args.prune_until <= 1:
         parser.error(f"--prune-until: expected a fraction in (0, 1], got {args.prune_until}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 model, TF32 matmuls (cuBLAS and the Triton kernels)
     os.makedirs(args.out, exist_ok=True)
     data, vocab = encode(load_text(args.text_file))
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
     print(f"char_lm: {data.numel():,} chars, vocab {len(vocab)}, train {split:,} / val {data.numel() - split:,}; "
-          f"{setting['steps']} steps on {device}", file=sys.stderr)
+          f"{setting['steps']} steps on {device} (float32 matmul precision "
+          f"{torch.get_float32_matmul_precision()})", file=sys.stderr)
     runs = [("dense", 0.0)] + [(f"agpe-{int(round(100 * s))}", s) for s in args.sparsities]
     results = []
     for name, sparsity in runs:
