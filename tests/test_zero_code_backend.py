@@ -1,5 +1,8 @@
 """Zero-code mode through the backend: AGPE options in torch.compile, no other change."""
 
+import copy
+import gc
+
 import pytest
 import torch
 
@@ -154,3 +157,50 @@ def test_tick_fallback_keeps_prepared_layouts_and_raises_when_a_mask_outgrows_th
     with pytest.raises(RuntimeError, match="inside a compiled call, where the layout cannot change"):
         agpe_compile.rebucket(states, between_steps=False)
     assert state.layout_bucket == small
+
+
+def _manual_ticks(model, optimizer, controller, batches):
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))
+    for x, y in batches:
+        controller()
+        torch.nn.functional.mse_loss(compiled(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_zero_code_state_dict_resumes_following_the_optimizer_bit_for_bit():
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 32, generator=gen), torch.randn(16, 16, generator=gen)) for _ in range(23)]
+
+    def fresh():
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = MLP((32, 64, 16))
+        states = list(agpe_compile.prepare(model, {"block_size": 8}).values())
+        return model, states, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    model, states, optimizer = fresh()
+    straight = make_zero_code_controller(states, ZC_OPTIONS)
+    _manual_ticks(model, optimizer, straight, data)
+    want = ({n: s.block_mask.clone() for n, s in layer_states(model).items()},
+            [p.detach().clone() for p in model.parameters()], straight.sparsifier.step_count)
+    del straight
+    gc.collect()  # its optimizer hook goes with it
+
+    model, states, optimizer = fresh()
+    first = make_zero_code_controller(states, ZC_OPTIONS)
+    _manual_ticks(model, optimizer, first, data[:12])
+    saved = copy.deepcopy({"controller": first.state_dict(), "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict()})
+    assert saved["controller"]["follows_optimizer"]
+    del first
+    gc.collect()
+    resumed = make_zero_code_controller(states, ZC_OPTIONS)  # as in a new process: then load, in this order
+    resumed.load_state_dict(saved["controller"])
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    _manual_ticks(model, optimizer, resumed, data[12:])
+    assert resumed.follows_optimizer and resumed.sparsifier.step_count == want[2] == 23
+    for name, state in layer_states(model).items():
+        assert torch.equal(state.block_mask, want[0][name]), name
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want[1]))

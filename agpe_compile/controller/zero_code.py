@@ -46,6 +46,11 @@ What zero-code mode cannot do:
   not known when the options are validated);
 * no checkpoint API in the training loop: the controller object has ``state_dict()``
   like the Sparsifier, but only code holding it (``backend.controllers``) can save it.
+  To resume, build the controller over the prepared layers (``make_zero_code_controller``),
+  load its state, then the model's and the optimizer's, in that order (creating it draws
+  an initial layout; the model's state puts the weights back); a controller that followed
+  an optimizer binds again at that optimizer's next step and keeps its count
+  (tests/test_zero_code_backend.py). For checkpointing, the explicit Sparsifier is simpler.
 
 Example::
 
@@ -132,6 +137,7 @@ class ZeroCodeController:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._weights = {id(s.weight) for s in states}
         self._gave_up = False
+        self._resume_following = False
         self._hook = None
         if follow_optimizer and states:
             self._hook = register_optimizer_step_post_hook(_weak_hook(weakref.ref(self)))
@@ -143,7 +149,7 @@ class ZeroCodeController:
         return self.optimizer is not None
 
     def __call__(self) -> None:
-        if self.optimizer is None and self.calls > 0:
+        if self.optimizer is None and not self._resume_following and self.calls > 0:
             self.sparsifier.step(None, between_steps=False)
         self.calls += 1
 
@@ -154,6 +160,11 @@ class ZeroCodeController:
         if self.optimizer is None:
             if self._gave_up or not self._holds_weights(optimizer):
                 return
+            if self._resume_following:
+                # Restored from a state_dict that followed an optimizer: bind again, keep the count.
+                self._bind(optimizer)
+                sparsifier.step(None)
+                return
             if sparsifier.step_count >= sparsifier.config.update_interval:
                 # Ticks already ran an update (many micro-batches before the first optimizer
                 # step and a short interval): switching now would count steps twice.
@@ -162,27 +173,34 @@ class ZeroCodeController:
                             "step of %s came after %d calls, past the first update", type(optimizer).__name__,
                             self.calls)
                 return
-            self.optimizer = optimizer
-            sparsifier.optimizer = optimizer
             # Steps the ticks counted before the first optimizer step were micro-batches of it;
             # no update ran yet, so the count can restart (Note [Zero-code step counting]).
             sparsifier.step_count = 0
-            # First point between steps: move the initial layout to its bucket (one recompile).
-            sparsifier.rebucketed = rebucket(list(sparsifier.layers.values()), sparsifier.config.buckets)
-            log.info("agpe: zero-code mode follows %s: one optimizer step = one training step",
-                     type(optimizer).__name__)
+            self._bind(optimizer)
         if optimizer is self.optimizer:
             sparsifier.step(None)
+
+    def _bind(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.sparsifier.optimizer = optimizer
+        self._resume_following = False
+        # First point between steps: move the initial layout to its bucket (one recompile).
+        self.sparsifier.rebucketed = rebucket(list(self.sparsifier.layers.values()), self.sparsifier.config.buckets)
+        log.info("agpe: zero-code mode follows %s: one optimizer step = one training step", type(optimizer).__name__)
 
     def _holds_weights(self, optimizer: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._weights for group in optimizer.param_groups for p in group["params"])
 
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "sparsifier": self.sparsifier.state_dict()}
+        return {"calls": self.calls, "follows_optimizer": self.follows_optimizer,
+                "sparsifier": self.sparsifier.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`. A controller that followed an optimizer binds the
+        first optimizer holding its weights that steps next, keeping the restored count."""
         self.calls = int(state["calls"])
         self.sparsifier.load_state_dict(state["sparsifier"])
+        self._resume_following = bool(state.get("follows_optimizer", False)) and self._hook is not None
 
 
 def _weak_hook(ref: "weakref.ReferenceType[ZeroCodeController]"):
