@@ -197,11 +197,21 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="override the setting's block size")
     parser.add_argument("--prune-until", type=float, default=0.5,
                         help="fraction of the steps over which sparsity is reached (AGPEConfig.end_step)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one value of the setting (keys: {', '.join(SETTINGS['quick'])})")
     args = parser.parse_args(argv)
     for s in args.sparsities:
         if not 0 < s < 1:
             parser.error(f"--sparsities: expected values in (0, 1), got {s}")
     setting = dict(SETTINGS["full" if args.full else "smoke" if args.smoke else "quick"])
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in setting:
+            parser.error(f"--set: expected KEY=VALUE with KEY one of {sorted(setting)}; got {item!r}")
+        try:
+            setting[key] = type(setting[key])(value)
+        except ValueError:
+            parser.error(f"--set {key}: expected a {type(setting[key]).__name__}, got {value!r}")
     if args.steps is not None:
         setting["steps"] = args.steps
     if args.block_size is not None:

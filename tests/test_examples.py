@@ -56,10 +56,12 @@ def test_char_lm_reads_the_text_from_a_file(tmp_path):
     verse = "In the beginning God created the heaven and the earth.\n\n  And the earth was without form.  \n"
     text.write_text(verse * 400)
     stdout = run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.75",
-                  "--text-file", str(text), "--out", str(tmp_path / "out")])
+                  "--text-file", str(text), "--set", "steps=8", "--set", "lr=0.002", "--out", str(tmp_path / "out")])
     assert "agpe-75" in stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["run"] for r in results["runs"]] == ["dense", "agpe-75"]
+    assert results["setting"]["steps"] == 8 and results["setting"]["lr"] == 0.002  # --set overrides
+    assert [p["step"] for p in results["runs"][0]["curve"]] == [6, 8]
 
 
 def test_char_lm_names_a_missing_text_file(tmp_path):
