@@ -21,10 +21,5 @@ fi
 timeout 150 python benchmarks/kernels.py ${KERNEL_ARGS:-} --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -70
 timeout 200 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-200} --profile --out "$OUT/train_step.json" 2>&1 \
   | tee "$OUT/train_step.txt" | tail -30
-# Optional: the char-LM --full comparison at 75% (issue 5's target), when the text was carried
-# (the GPU machine has no `bible`): bible -l0 "gen1:1-rev22:21" > runs/kjv.txt, carry runs/kjv.txt,
-# CHAR_LM_TEXT=runs/kjv.txt. Dense + agpe-75 at 5000 steps each; partial results survive a timeout.
-if [ -n "${CHAR_LM_TEXT:-}" ]; then
-  timeout ${CHAR_LM_LIMIT:-300} python examples/char_lm.py --full --sparsities 0.75 --text-file "$CHAR_LM_TEXT" \
-    --out "$OUT/char_lm" 2>&1 | tee "$OUT/char_lm.txt" | tail -12
-fi
+# The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):
+# benchmarks/gpu_char_lm.sh.

