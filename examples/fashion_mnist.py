@@ -183,12 +183,12 @@ def train_one(method: str, args, data) -> Dict[str, float]:
     steps_per_epoch = len(x_train) // args.batch_size
     total = max(1, int(args.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    backend = agpe_compile.AgpeBackend({"inductor": args.inductor})
     audit_path = os.path.join(args.out, f"{method}.jsonl")
     if os.path.exists(audit_path):
         os.remove(audit_path)
-    sparsifier = Sparsifier(model, optimizer, method_config(method, args, total, audit_path),
-                            recompile_counter=lambda: backend.graph_count)
+    config = method_config(method, args, total, audit_path)
+    backend = agpe_compile.AgpeBackend({"inductor": args.inductor, "saliency": config.saliency})
+    sparsifier = Sparsifier(model, optimizer, config, recompile_counter=lambda: backend.graph_count)
     cmodel = torch.compile(model, backend=backend)
     order = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(len(x_train), generator=order)
