@@ -24,8 +24,8 @@ Data: Debian's dataset-fashion-mnist (idx files, gzipped) in /usr/share/datasets
 Measured (2026-11-26, 2-core x86 CPU VM shared with other jobs, torch 2.13.0+cpu, aot_eager,
 block 8, 90% sparsity; wall clock is noisy on a shared machine; docs/benchmarks.md):
 
-    --full   mean of seeds 0-2, 1 thread each (examples/aggregate_seeds.py):
-             dense 90.35% 1.000x | agpe 89.83% 0.179x | rigl 89.86% 0.105x | set 89.75% 0.103x | gmp 90.08% 0.222x
+    --full   mean of seeds 0-4, 1 thread each (examples/aggregate_seeds.py):
+             dense 90.33% 1.000x | agpe 89.79% 0.179x | rigl 89.82% 0.105x | set 89.80% 0.103x | gmp 90.07% 0.222x
     --quick  seed 0: dense 87.87% 1.000x | agpe 86.53% 0.238x | rigl 86.20% 0.126x | set 86.19% 0.103x | gmp 85.89% 0.220x
 
 (test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 0.2-0.5% of the
