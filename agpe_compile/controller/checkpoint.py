@@ -1,9 +1,12 @@
 """The Sparsifier's checkpoint format: save, load, and upgrade older format versions.
 
 The format is documented field by field in docs/checkpoint-format.md; keep them in step.
-Version 2 (current) added the FLOP totals, the counter snapshots and the partial loss
-window to version 1, so a version-1 checkpoint resumes with FLOP accounting restarted
-from the model's counters and an empty loss window (logged).
+Version 2 added the FLOP totals, the counter snapshots and the partial loss window to
+version 1, so a version-1 checkpoint resumes with FLOP accounting restarted from the
+model's counters and an empty loss window (logged). Version 3 (current) added the
+per-block ages since regrowth (``protect_grown``); an older checkpoint resumes with every
+block counted as never grown, so no block is protected at the first update (logged when
+``protect_grown`` is on).
 
 Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
 ``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
@@ -34,8 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 
 def save(sp: "Sparsifier") -> dict:
@@ -49,6 +52,7 @@ def save(sp: "Sparsifier") -> dict:
         "masks": {n: s.block_mask.clone() for n, s in sp.layers.items()},
         "saliency_ema": {n: t.clone() for n, t in sp.saliency.values.items()},
         "saliency_fresh": {n: t.clone() for n, t in sp.saliency.fresh.items()},
+        "grown_age": {n: t.clone() for n, t in sp.grown_age.items()},
         "pruned_saliency": sp.pruned_saliency,
         "schedule_state": None if schedule is None else dataclasses.asdict(schedule),
         "rng_state": sp.generator.get_state(),
@@ -69,6 +73,8 @@ def upgrade(state: dict) -> dict:
                     "model's current counters and the partial loss window is empty")
         state = dict(state, format_version=2, flops=None, seen_counters=None,
                      loss_window={"sum": None, "steps": 0}, scored_from=None)
+    if state["format_version"] == 2:
+        state = dict(state, format_version=3, grown_age=None)
     return state
 
 
@@ -88,6 +94,15 @@ def load(sp: "Sparsifier", state: dict) -> None:
             layer.block_mask.copy_(state["masks"][name])
     sp.pruned_saliency = state["pruned_saliency"]
     sp.saliency.load_state_dict({"values": state["saliency_ema"], "fresh": state["saliency_fresh"]})
+    from .sparsifier import AGE_NEVER_GROWN  # runtime import: sparsifier.py imports this module
+
+    ages = state["grown_age"]
+    if ages is None and sp.config.protect_grown:
+        log.warning("agpe: the checkpoint predates format 3 and has no regrowth ages; no block is "
+                    "protected from dropping at the next update (protect_grown=%d)", sp.config.protect_grown)
+    for name, age in sp.grown_age.items():
+        sp.grown_age[name] = (torch.full_like(age, AGE_NEVER_GROWN) if ages is None
+                              else ages[name].to(age.device, torch.int32).clone())
     schedule = state["schedule_state"]
     sp.schedule_state = None if schedule is None else AdaptiveState(**schedule)
     sp.generator.set_state(state["rng_state"])

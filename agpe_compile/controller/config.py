@@ -57,6 +57,10 @@ class AGPEConfig:
         drop_fraction: initial fraction of active blocks swapped per update (cosine decay
             to 0 at end_step) by set/rigl/snfs/agpe.
         saliency_decay: EMA decay of the per-block saliency, per update interval.
+        protect_grown: for this many mask updates after a block is grown it cannot be
+            dropped (0 = off). A grown block restarts from zero weight, so its first
+            interval's saliency is low by construction, not because it is not needed;
+            without protection it is the first candidate to be dropped again.
         max_layer_density: cap on any layer's density when budgets are redistributed.
         min_layer_share: floor on any layer's density when budgets are redistributed, as a
             share of the global target density (0.5: no layer below half the target).
@@ -88,6 +92,7 @@ class AGPEConfig:
     end_step: int = 10_000
     drop_fraction: float = 0.3
     saliency_decay: float = 0.5
+    protect_grown: int = 0
     max_layer_density: float = 1.0
     min_layer_share: float = 0.0
     buckets: Tuple[float, ...] = DEFAULT_BUCKETS
@@ -125,6 +130,7 @@ class AGPEConfig:
             raise ValueError(_bad("end_step", self.end_step, f"a step after begin_step={self.begin_step}"))
         _number("drop_fraction", self.drop_fraction, 0.0, 1.0, "a number in [0, 1]")
         _number("saliency_decay", self.saliency_decay, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
+        _integer("protect_grown", self.protect_grown, 0)
         _number("max_layer_density", self.max_layer_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
         _number("min_layer_share", self.min_layer_share, 0.0, 1.0, "a number in [0, 1]")
         _buckets(self.buckets)

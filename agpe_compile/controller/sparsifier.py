@@ -51,6 +51,16 @@ from .saliency import SaliencyEMA
 
 log = logging.getLogger(__name__)
 
+# Note [Protecting grown blocks]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``grown_age[layer]`` counts, per block, the mask updates since the block was last grown
+# (AGE_NEVER_GROWN for blocks never grown). At an update a block with age <
+# ``protect_grown`` gets drop score +inf: it is dropped only when the layer must lose
+# more blocks than it has unprotected ones (ties then go to the lower index). Age 0 is
+# set when a block is grown and every update adds 1, so ``protect_grown=1`` shields a
+# grown block at exactly the next update. The ages are part of the checkpoint.
+AGE_NEVER_GROWN = 2 ** 30
+
 
 class Sparsifier:
     """Prune-and-regrow controller for the agpe layers of ``model``.
@@ -94,6 +104,8 @@ class Sparsifier:
         self.step_count = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.saliency = SaliencyEMA(config.saliency_decay)
+        # Mask updates since each block was last grown (Note [Protecting grown blocks]).
+        self.grown_age: Dict[str, torch.Tensor] = {}
         self.accountant = FlopAccountant({n: (s.weight_shape, s.block_size) for n, s in self.layers.items()})
         self.schedule_state = self.policy.initial_schedule_state()
         self.pruned_saliency: Optional[float] = None
@@ -109,6 +121,8 @@ class Sparsifier:
         self.update_seconds = 0.0
         for name, state in self.layers.items():
             self.saliency.add_layer(name, state.grid, state.block_mask.device)
+            self.grown_age[name] = torch.full(state.grid, AGE_NEVER_GROWN, dtype=torch.int32,
+                                              device=state.block_mask.device)
             self.seen_counters[name] = [int(v) for v in state.counters.tolist()]
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
                 log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
@@ -222,7 +236,7 @@ class Sparsifier:
             if grow_score is None:
                 n_grow, grow_score = 0, torch.zeros_like(view.saliency_ema)
                 n_drop = max(active - count, 0)
-            result = drop_and_grow(view.state.block_mask, self.policy.drop_score(view), grow_score, n_drop, n_grow)
+            result = drop_and_grow(view.state.block_mask, self._drop_score(view), grow_score, n_drop, n_grow)
             dropped_mass += float(view.saliency_ema[result.dropped].sum())
             dropped += int(result.dropped.sum())
             active_mass += float(view.saliency_ema[view.state.block_mask].sum())
@@ -241,6 +255,17 @@ class Sparsifier:
             state.weight.mul_(expand_block_mask(mask, state.block_size, state.weight.dtype))
         zero_optimizer_state(self.optimizer, state.weight, dropped | grown, state.block_size)
         self.saliency.mark_fresh(name, grown)
+        age = self.grown_age[name]
+        self.grown_age[name] = torch.where(grown, torch.zeros_like(age), (age + 1).clamp_(max=AGE_NEVER_GROWN))
+
+    def _drop_score(self, view: LayerView) -> torch.Tensor:
+        """The policy's drop score, with blocks under protection (Note [Protecting grown
+        blocks]) moved to +inf so they go last, and only if the count demands it."""
+        score = self.policy.drop_score(view)
+        if self.config.protect_grown == 0:
+            return score
+        protected = self.grown_age[view.name] < self.config.protect_grown
+        return score.float().masked_fill(protected, float("inf"))
 
     # ---- helpers ----------------------------------------------------------------------
 

@@ -18,8 +18,9 @@ POLICIES = ("agpe", "set")
 
 
 def config(policy: str) -> AGPEConfig:
+    # protect_grown: the regrowth ages must survive the resume too.
     return AGPEConfig(policy=policy, target_sparsity=0.75, block_size=4, update_interval=4, end_step=20,
-                      patience=1, cooldown=0)
+                      patience=1, cooldown=0, protect_grown=1 if policy == "agpe" else 0)
 
 
 def steps(cmodel, opt, sp, data):

@@ -16,6 +16,7 @@ from .helpers import batches, make_run, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V2_ONLY = ("flops", "seen_counters", "loss_window", "scored_from")
+V3_ONLY = ("grown_age",)
 
 
 def worker(mode, out):
@@ -45,9 +46,9 @@ def test_state_dict_holds_the_documented_fields():
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=4)
     *_, sp, _, _ = make_run(config)
     state = sp.state_dict()
-    assert state["format_version"] == FORMAT_VERSION == 2
+    assert state["format_version"] == FORMAT_VERSION == 3
     assert set(state) == {"format_version", "config", "step", "target_density", "masks", "saliency_ema",
-                          "saliency_fresh", "pruned_saliency", "schedule_state", "rng_state", "flops",
+                          "saliency_fresh", "grown_age", "pruned_saliency", "schedule_state", "rng_state", "flops",
                           "seen_counters", "loss_window", "scored_from"}
     assert state["schedule_state"]["rung"] == 0
     assert state["masks"]["fc1"] is not sp.layers["fc1"].block_mask  # a copy, not the buffer
@@ -57,7 +58,7 @@ def test_version_1_still_loads(caplog):
     config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(5))
-    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY}
+    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY}
     v1["format_version"] = 1
     masks = {n: s.block_mask.clone() for n, s in sp.layers.items()}
 
@@ -73,10 +74,29 @@ def test_version_1_still_loads(caplog):
     assert upgrade(dict(v1))["format_version"] == FORMAT_VERSION
 
 
+def test_version_2_loads_with_no_block_protected(caplog):
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100,
+                        initial_density=0.5, protect_grown=2)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(4))
+    assert any(bool((age == 0).any()) for age in sp.grown_age.values())  # blocks were grown
+    state = sp.state_dict()
+    v2 = {k: v for k, v in state.items() if k not in V3_ONLY}
+    v2["format_version"] = 2
+    *_, fresh, _, _ = make_run(config)
+    with caplog.at_level(logging.WARNING):
+        fresh.load_state_dict(v2)
+    assert "predates format 3" in caplog.text
+    assert all(bool((age == 2 ** 30).all()) for age in fresh.grown_age.values())
+    fresh.load_state_dict(state)                      # the current format restores the ages
+    for name, age in sp.grown_age.items():
+        assert torch.equal(fresh.grown_age[name], age)
+
+
 def test_unknown_version_and_wrong_layers_are_refused():
     *_, sp, _, _ = make_run(AGPEConfig(block_size=4))
     state = sp.state_dict()
-    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2, 3\)"):
         sp.load_state_dict(dict(state, format_version=7))
     with pytest.raises(ValueError, match="checkpoint layers .* do not match"):
         sp.load_state_dict(dict(state, masks={"other": torch.ones(1, 1, dtype=torch.bool)}))

@@ -29,6 +29,8 @@ from .helpers import TinyMLP
         ("end_step", 0, "a step after begin_step=0"),
         ("drop_fraction", 1.5, "a number in [0, 1]"),
         ("saliency_decay", 1.0, "a number in [0, 1)"),
+        ("protect_grown", -1, "an int >= 0"),
+        ("protect_grown", 1.5, "an int >= 0"),
         ("buckets", (0.5, 0.25), "a tuple of densities in (0, 1] that includes 1.0"),
         ("patience", 0, "an int >= 1"),
         ("regret_threshold", 0.0, "a number > 0"),

@@ -163,3 +163,48 @@ def test_agpe_back_off_through_a_compiled_model():
         sp.step(loss)
         densities.append(sp.target_density)
     assert any(b > a for a, b in zip(densities, densities[1:]))  # the target density rose again
+
+
+NEVER = 2 ** 30  # the age of a block that was never grown
+
+
+def test_protect_grown_shields_a_grown_block_for_exactly_that_many_updates():
+    # RigL swapping 1 of 4 active blocks per update (drop_fraction 0.25). A grown block
+    # restarts from zero, so at the next update its magnitude is the lowest there is.
+    def run(protect):
+        sp, state, _ = one_layer("rigl", drop_fraction=0.25, protect_grown=protect)
+        masks, ages = [], []
+        # update 1 drops (0,0) (magnitude 1) and grows (1,1) (dense grad 7); before update 2
+        # (1,1) has grown to 0.5; before update 3, (0,0) to 0 and (1,1) to 1.0.
+        for weights, grad in (
+            (None, None),
+            ([[0.0, 2, 0, 0], [3, 0.5, 4, 0]], [[6.0, 0, 0, 0], [0, 0, 0, 0]]),
+            ([[0.0, 2, 0, 0], [3, 1.0, 4, 0]], [[0.0, 0, 0, 5], [0, 0, 0, 0]]),
+        ):
+            if weights is not None:
+                with torch.no_grad():
+                    state.weight.copy_(blocks(weights) * blocks(state.block_mask.float().tolist()))
+                state.dense_grad_sq.copy_(torch.tensor(grad))
+            sp.step(torch.tensor(1.0))
+            masks.append(state.block_mask.tolist())
+            ages.append(sp.grown_age["0"].tolist())
+        return masks, ages
+
+    masks, _ = run(0)
+    assert masks[0] == [[F, T, F, F], [T, T, T, F]]
+    assert masks[1] == [[T, T, F, F], [T, F, T, F]]   # the just-grown (1,1) went straight back out
+    assert masks[2] == [[F, T, F, T], [T, F, T, F]]   # ... and so did (0,0), grown at update 2
+    masks, ages = run(1)
+    assert masks[0] == [[F, T, F, F], [T, T, T, F]]
+    assert ages[0] == [[NEVER] * 4, [NEVER, 0, NEVER, NEVER]]
+    assert masks[1] == [[T, F, F, F], [T, T, T, F]]   # (1,1) shielded: (0,1), magnitude 2, went
+    assert masks[2] == [[T, F, F, T], [T, F, T, F]]   # (0,0) shielded; (1,1)'s shield ran out
+    assert ages[2] == [[1, NEVER, NEVER, 0], [NEVER, 2, NEVER, NEVER]]
+
+
+def test_protect_grown_yields_when_a_layer_must_drop_more_than_its_unprotected_blocks():
+    sp, state, _ = one_layer("rigl", drop_fraction=0.25, protect_grown=5)
+    sp.grown_age["0"].zero_()                         # every block counts as just grown
+    sp.step(torch.tensor(1.0))
+    # The swap still happens; among equally protected blocks the lower index goes first.
+    assert state.block_mask.tolist() == [[F, T, F, F], [T, T, T, F]]
