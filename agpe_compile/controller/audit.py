@@ -12,8 +12,8 @@ Record kinds (field ``event``):
   the next compiled call recompiles once), ``recompiles`` (graphs compiled since the
   previous record, when a counter was given), ``pruned_saliency`` (the regret signal),
   ``update_seconds`` and ``layers``: {name: {density_before, density_after, dropped,
-  grown, bucket_before, bucket_after, saliency: {mean, max, min, active_mean},
-  nonfinite_skips}}.
+  grown, dropped_just_grown (of the dropped blocks, those grown at the previous update),
+  bucket_before, bucket_after, saliency: {mean, max, min, active_mean}, nonfinite_skips}}.
 * anything a caller adds with :meth:`AuditLog.write` (the example logs ``eval`` records).
 
 Example::
@@ -74,8 +74,10 @@ def saliency_stats(ema: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def layer_records(layers: Dict[str, Any], before: Dict[str, torch.Tensor], saliency: Dict[str, torch.Tensor],
-                  skips: Dict[str, int], buckets: Tuple[float, ...]) -> Dict[str, dict]:
-    """The per-layer part of an ``interval`` record: masks before vs. the layers' live masks."""
+                  skips: Dict[str, int], buckets: Tuple[float, ...],
+                  just_grown: Dict[str, torch.Tensor]) -> Dict[str, dict]:
+    """The per-layer part of an ``interval`` record: masks before vs. the layers' live masks
+    (``just_grown``: the blocks grown at the previous update)."""
     records = {}
     for name, state in layers.items():
         mask, old = state.block_mask, before[name]
@@ -83,6 +85,7 @@ def layer_records(layers: Dict[str, Any], before: Dict[str, torch.Tensor], salie
         records[name] = {
             "density_before": density_before, "density_after": density_after,
             "dropped": int((old & ~mask).sum()), "grown": int((~old & mask).sum()),
+            "dropped_just_grown": int((old & ~mask & just_grown[name]).sum()),
             "bucket_before": bucket_for(density_before, buckets), "bucket_after": bucket_for(density_after, buckets),
             "saliency": saliency_stats(saliency[name], mask), "nonfinite_skips": skips[name],
         }

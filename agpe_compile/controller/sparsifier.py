@@ -202,6 +202,7 @@ class Sparsifier:
             state.saliency.zero_()
         dense_grad = {n: self._take_dense_grad(n, s) for n, s in self.layers.items()}
         before = {n: s.block_mask.clone() for n, s in self.layers.items()}
+        just_grown = {n: age == 0 for n, age in self.grown_age.items()}
         record = {"event": "interval", "step": step, "loss": loss, "updated": False, "schedule": None,
                   "global_density_before": self.global_density, "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
@@ -210,7 +211,7 @@ class Sparsifier:
             record["updated"] = True
         record["rebucketed"] = self.rebucketed
         if self.audit.path is not None:
-            self._write_record(record, before, skips, start)
+            self._write_record(record, before, just_grown, skips, start)
         self.update_seconds += time.perf_counter() - start
 
     def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor],
@@ -331,15 +332,16 @@ class Sparsifier:
             return None
         return loss
 
-    def _write_record(self, record: dict, before: Dict[str, torch.Tensor], skips: Dict[str, int],
-                      start: float) -> None:
+    def _write_record(self, record: dict, before: Dict[str, torch.Tensor], just_grown: Dict[str, torch.Tensor],
+                      skips: Dict[str, int], start: float) -> None:
         graphs = self.recompile_counter() if self.recompile_counter else None
         report = self.accountant.report()
         record.update({
             "target_density": self.target_density, "bucket": bucket_for(self.target_density, self.config.buckets),
             "global_density_after": self.global_density, "flops": {"sparse": report.sparse, "dense": report.dense},
             "recompiles": None if graphs is None else graphs - self._graphs_seen,
-            "layers": layer_records(self.layers, before, self.saliency.values, skips, self.config.buckets),
+            "layers": layer_records(self.layers, before, self.saliency.values, skips, self.config.buckets,
+                                    just_grown),
             "update_seconds": time.perf_counter() - start,
         })
         self.audit.write(record)

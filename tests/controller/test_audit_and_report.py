@@ -49,9 +49,13 @@ def test_interval_records_match_the_masks(agpe_run):
     records = [r for r in read_records(path) if r["event"] == "interval"]
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     assert [r["updated"] for r in records] == [True] * 5 + [False]
+    grown_at = {}  # (layer, step) -> blocks grown at that update
     for r in records:
         before, after = masks[r["step"]]
         for name, layer in r["layers"].items():
+            grown_at[name, r["step"]] = ~before[name] & after[name]
+            just_grown = grown_at.get((name, r["step"] - 4), torch.zeros_like(after[name]))
+            assert layer["dropped_just_grown"] == int((before[name] & ~after[name] & just_grown).sum())
             assert layer["dropped"] == int((before[name] & ~after[name]).sum())
             assert layer["grown"] == int((~before[name] & after[name]).sum())
             assert layer["density_after"] == pytest.approx(float(after[name].float().mean()))
