@@ -12,7 +12,8 @@ score (higher = grow first):
 
 Ties go to the lower flat (row-major) index, so masks are deterministic. Non-finite
 scores never decide anything: a NaN drop score counts as +inf (kept), a NaN grow score
-as -inf (grown last).
+as -inf (grown last). ``protected`` active blocks (``AGPEConfig.protect_grown``) are
+dropped only after every unprotected one, and then lowest drop score first.
 
 Tiny example, mask [1 1 1 0 0 0] (as one row), drop score [3 1 2 . . .], grow score
 [. . . 5 9 7], n_drop = n_grow = 1: drop block 1, grow block 4 -> [1 0 1 0 1 0].
@@ -21,6 +22,7 @@ Tiny example, mask [1 1 1 0 0 0] (as one row), drop score [3 1 2 . . .], grow sc
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -35,7 +37,7 @@ class DropGrow:
 
 
 def drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor,
-                  n_drop: int, n_grow: int) -> DropGrow:
+                  n_drop: int, n_grow: int, protected: Optional[torch.Tensor] = None) -> DropGrow:
     """See Note [Drop and grow].
 
     >>> m = torch.tensor([[True, True, True, False, False, False]])
@@ -51,7 +53,9 @@ def drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torc
     if not 0 <= n_drop <= active or not 0 <= n_grow <= flat.numel() - active:
         raise ValueError(f"agpe drop_and_grow: expected n_drop in [0, {active}] and n_grow in "
                          f"[0, {flat.numel() - active}], got {n_drop} and {n_grow}")
-    drop_idx = _pick(flat, torch.nan_to_num(drop_score.reshape(-1).float(), nan=float("inf")), n_drop, lowest=True)
+    last = None if protected is None else protected.reshape(-1)
+    drop_idx = _pick(flat, torch.nan_to_num(drop_score.reshape(-1).float(), nan=float("inf")), n_drop,
+                     lowest=True, last=last)
     grow_idx = _pick(~flat, torch.nan_to_num(grow_score.reshape(-1).float(), nan=-float("inf")), n_grow, lowest=False)
     dropped = torch.zeros_like(flat)
     dropped[drop_idx] = True
@@ -62,8 +66,12 @@ def drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torc
     return DropGrow(new.reshape(shape), dropped.reshape(shape), grown.reshape(shape))
 
 
-def _pick(candidates: torch.Tensor, score: torch.Tensor, count: int, lowest: bool) -> torch.Tensor:
-    """Flat indices of the ``count`` candidates with the lowest/highest score, ties to lower index."""
+def _pick(candidates: torch.Tensor, score: torch.Tensor, count: int, lowest: bool,
+          last: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat indices of the ``count`` candidates with the lowest/highest score, ties to lower
+    index; candidates flagged in ``last`` come after all the others."""
     index = torch.nonzero(candidates).reshape(-1)
     order = torch.sort(score[index], descending=not lowest, stable=True).indices
+    if last is not None:  # a stable sort on the flag keeps the score order inside each group
+        order = order[torch.sort(last[index][order].to(torch.uint8), stable=True).indices]
     return index[order[:count]]

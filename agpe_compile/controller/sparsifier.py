@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 # ``grown_age[layer]`` counts, per block, the mask updates since the block was last grown
 # (AGE_NEVER_GROWN for blocks never grown). At an update a block with age <
-# ``protect_grown`` gets drop score +inf: it is dropped only when the layer must lose
-# more blocks than it has unprotected ones (ties then go to the lower index). Age 0 is
+# ``protect_grown`` is protected: it is dropped only when the layer must lose more blocks
+# than it has unprotected ones, and then by its drop score (drop_grow.py). Age 0 is
 # set when a block is grown and every update adds 1, so ``protect_grown=1`` shields a
 # grown block at exactly the next update. The ages are part of the checkpoint.
 AGE_NEVER_GROWN = 2 ** 30
@@ -237,7 +237,8 @@ class Sparsifier:
             if grow_score is None:
                 n_grow, grow_score = 0, torch.zeros_like(view.saliency_ema)
                 n_drop = max(active - count, 0)
-            result = drop_and_grow(view.state.block_mask, self._drop_score(view), grow_score, n_drop, n_grow)
+            result = drop_and_grow(view.state.block_mask, self.policy.drop_score(view), grow_score, n_drop, n_grow,
+                                   protected=self._protected(view.name))
             dropped_mass += float(view.saliency_ema[result.dropped].sum())
             dropped += int(result.dropped.sum())
             active_mass += float(view.saliency_ema[view.state.block_mask].sum())
@@ -259,14 +260,11 @@ class Sparsifier:
         age = self.grown_age[name]
         self.grown_age[name] = torch.where(grown, torch.zeros_like(age), (age + 1).clamp_(max=AGE_NEVER_GROWN))
 
-    def _drop_score(self, view: LayerView) -> torch.Tensor:
-        """The policy's drop score, with blocks under protection (Note [Protecting grown
-        blocks]) moved to +inf so they go last, and only if the count demands it."""
-        score = self.policy.drop_score(view)
+    def _protected(self, name: str) -> Optional[torch.Tensor]:
+        """Blocks grown too recently to be dropped first (Note [Protecting grown blocks])."""
         if self.config.protect_grown == 0:
-            return score
-        protected = self.grown_age[view.name] < self.config.protect_grown
-        return score.float().masked_fill(protected, float("inf"))
+            return None
+        return self.grown_age[name] < self.config.protect_grown
 
     # ---- helpers ----------------------------------------------------------------------
 

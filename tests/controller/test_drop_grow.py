@@ -89,3 +89,14 @@ def test_plan_counts_floor_keeps_a_share_of_the_target_in_every_layer():
 def test_plan_counts_without_scores_follows_the_distribution():
     counts = plan_counts([64, 64], [(8, 8), (4, 16)], [1, 1], 0.5, True, "uniform", None, 0.0, (1.0,), 1.0)
     assert counts == [32, 32]
+
+
+def test_protected_blocks_go_after_every_unprotected_one_then_by_score():
+    mask = torch.tensor([True, True, True, True, False, False])
+    drop = torch.tensor([1.0, 2.0, 3.0, 0.5, 0, 0])
+    protected = torch.tensor([True, False, False, True, False, False])
+    result = drop_and_grow(mask, drop, torch.zeros(6), 3, 0, protected=protected)
+    # unprotected 1 and 2 first (scores 2, 3), then protected by score: 3 (0.5) before 0 (1.0)
+    assert result.dropped.tolist() == [False, True, True, True, False, False]
+    assert drop_and_grow(mask, drop, torch.zeros(6), 1, 0, protected=protected).dropped.tolist() == [
+        False, True, False, False, False, False]

@@ -202,9 +202,13 @@ def test_protect_grown_shields_a_grown_block_for_exactly_that_many_updates():
     assert ages[2] == [[1, NEVER, NEVER, 0], [NEVER, 2, NEVER, NEVER]]
 
 
-def test_protect_grown_yields_when_a_layer_must_drop_more_than_its_unprotected_blocks():
-    sp, state, _ = one_layer("rigl", drop_fraction=0.25, protect_grown=5)
-    sp.grown_age["0"].zero_()                         # every block counts as just grown
+def test_protect_grown_yields_by_score_when_a_layer_must_drop_more_than_its_unprotected_blocks():
+    sp, state, _ = one_layer("rigl", protect_grown=5)   # drop_fraction 0.5: swap 2 of 4 blocks
+    with torch.no_grad():
+        state.weight.copy_(blocks([[5.0, 2, 0, 0], [3, 0, 1, 0]]))
+    sp.grown_age["0"].zero_()
+    sp.grown_age["0"][0, 1] = 2 ** 30                    # only (0,1) is unprotected
     sp.step(torch.tensor(1.0))
-    # The swap still happens; among equally protected blocks the lower index goes first.
-    assert state.block_mask.tolist() == [[F, T, F, F], [T, T, T, F]]
+    # (0,1) goes first; the second drop is the protected block of lowest magnitude, (1,2),
+    # not the lowest index; then the two largest dense gradients grow: (1,1) and (0,2).
+    assert state.block_mask.tolist() == [[T, F, T, F], [T, T, F, F]]
