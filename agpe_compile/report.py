@@ -6,6 +6,10 @@ Renders, with matplotlib's Agg backend (no display needed):
 * ``loss_vs_flops.png``: training loss against cumulative training FLOPs (sparse,
   executed), one line per run, so runs at different budgets compare on one axis.
 
+and prints one summary line per run: mask updates, blocks dropped and grown, how many of
+the grown blocks were dropped again at the very next update (regrowth that never got a
+chance: see ``AGPEConfig.protect_grown``), final density and training-FLOP ratio.
+
 ``--tensorboard DIR`` also writes the same scalars as TensorBoard events when
 ``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package); otherwise it
 says so and skips.
@@ -102,6 +106,39 @@ def write_tensorboard(runs: Dict[str, List[dict]], log_dir: str) -> bool:
     return True
 
 
+def summarize(records: List[dict]) -> dict:
+    """Totals of a run's interval records (``regrown_dropped`` is None for audit files
+    written before the ``dropped_just_grown`` field existed)."""
+    intervals = _intervals(records)
+    layers = [layer for r in intervals for layer in r.get("layers", {}).values()]
+    has_churn = all("dropped_just_grown" in layer for layer in layers)
+    last = intervals[-1] if intervals else {}
+    flops = last.get("flops") or {}
+    return {
+        "updates": sum(1 for r in intervals if r.get("updated")),
+        "dropped": sum(layer["dropped"] for layer in layers),
+        "grown": sum(layer["grown"] for layer in layers),
+        "regrown_dropped": sum(layer["dropped_just_grown"] for layer in layers) if has_churn else None,
+        "final_density": last.get("global_density_after"),
+        "flops_ratio": flops["sparse"] / flops["dense"] if flops.get("dense") else None,
+    }
+
+
+def summary_line(name: str, summary: dict) -> str:
+    grown = summary["grown"]
+    churn = summary["regrown_dropped"]
+    if churn is None:
+        again = "n/a (older audit file)"
+    else:
+        again = f"{churn} ({100.0 * churn / grown:.0f}%)" if grown else "0"
+    density = summary["final_density"]
+    flops = summary["flops_ratio"]
+    return (f"{name}: {summary['updates']} mask updates, {summary['dropped']} blocks dropped, {grown} grown, "
+            f"of those dropped again at the next update: {again}; final density "
+            f"{'n/a' if density is None else f'{density:.3f}'}, training FLOPs "
+            f"{'n/a' if flops is None else f'{flops:.3f}x'} dense")
+
+
 def render(paths: Sequence[str], out_dir: str, tensorboard_dir: Optional[str] = None) -> List[str]:
     """Write every plot for the audit files ``paths`` into ``out_dir``; the PNG paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -126,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = args.out or os.path.dirname(os.path.abspath(args.runs[0]))
     for path in render(args.runs, out_dir, args.tensorboard):
         print(f"wrote {path}")
+    for path in args.runs:
+        print(summary_line(run_name(path), summarize(read_records(path))))
     return 0
 
 

@@ -89,7 +89,28 @@ def test_report_renders_pngs(agpe_run, tmp_path, capsys):
     for name in ("density_agpe.png", "loss_vs_flops.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
-    assert f"wrote {tmp_path / 'density_agpe.png'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'density_agpe.png'}" in out
+    records = read_records(path)
+    intervals = [r for r in records if r["event"] == "interval"]
+    summary = report.summarize(records)
+    assert summary["updates"] == sum(r["updated"] for r in intervals) == 5
+    assert summary["dropped"] == sum(layer["dropped"] for r in intervals for layer in r["layers"].values()) > 0
+    assert summary["regrown_dropped"] == sum(
+        layer["dropped_just_grown"] for r in intervals for layer in r["layers"].values())
+    assert summary["final_density"] == 0.25
+    assert report.summary_line("agpe", summary) in out
+
+
+def test_report_summary_of_an_older_audit_file_says_what_it_lacks():
+    layer = {"density_before": 1.0, "density_after": 0.5, "dropped": 4, "grown": 2}
+    records = [{"event": "start"}, {"event": "interval", "updated": True, "layers": {"fc": layer},
+                                    "global_density_after": 0.5, "flops": {"sparse": 3, "dense": 4}}]
+    summary = report.summarize(records)
+    assert summary["regrown_dropped"] is None and summary["flops_ratio"] == 0.75
+    assert report.summary_line("old", summary) == (
+        "old: 1 mask updates, 4 blocks dropped, 2 grown, of those dropped again at the next update: "
+        "n/a (older audit file); final density 0.500, training FLOPs 0.750x dense")
 
 
 def test_report_rejects_a_missing_file(tmp_path):
