@@ -45,9 +45,11 @@ def test_validation_split_and_agpe_overrides(tmp_path):
     assert "val acc %" in result.stdout and "test acc %" not in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["eval_set"] == "validation" and results["settings"]["validation"] == 500
-    assert results["agpe_settings"] == {"cooldown": 3, "improve_tol": 0.02}
+    # The example's own AGPE setting (AGPE_SETTINGS) plus the two overrides.
+    assert results["agpe_settings"] == {"saliency": "magnitude", "cooldown": 3, "improve_tol": 0.02}
     records = [json.loads(line) for line in (out / "agpe.jsonl").read_text().splitlines()]
     assert records[0]["config"]["cooldown"] == 3 and records[0]["config"]["improve_tol"] == 0.02
+    assert records[0]["config"]["saliency"] == "magnitude"
     assert records[-1] == {"event": "eval", "step": records[-1]["step"],
                            "validation_accuracy": results["methods"]["agpe"]["accuracy"]}
 
