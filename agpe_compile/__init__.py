@@ -28,6 +28,7 @@ from .buckets import rebucket
 from .config import BackendConfig
 from .controller import AGPEConfig, Sparsifier
 from .explain import ExplainReport, LayerRecord, explain
+from .graphs import GraphedStep
 from .optim import BlockSparseAdamW
 from .state import LayerState, layer_state, layer_states, prepare
 
@@ -56,6 +57,7 @@ __all__ = [
     "BackendConfig",
     "BlockSparseAdamW",
     "ExplainReport",
+    "GraphedStep",
     "LayerRecord",
     "LayerState",
     "agpe_backend",

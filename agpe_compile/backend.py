@@ -68,6 +68,11 @@ class AgpeCompiledGraph:
 
     def __call__(self, *args):
         if self.before_training_call is not None and torch.is_grad_enabled():
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "agpe: zero-code mode cannot run inside a CUDA graph capture: its controller ticks on the "
+                    "host in this call, which a replay would skip. Drive the masks with "
+                    "agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) between replays instead")
             self.before_training_call()
         extra = []
         for state, shape in zip(self.states, self.layout_shapes):

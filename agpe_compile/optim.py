@@ -59,6 +59,11 @@ class BlockSparseAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "agpe.BlockSparseAdamW cannot be captured in a CUDA graph: its bias correction is computed on the "
+                "host from the step count. Use torch.optim.AdamW(..., fused=True, capturable=True) with "
+                "agpe_compile.GraphedStep")
         sparse: List[Tuple[torch.Tensor, torch.Tensor, dict, LayerState]] = []
         for group in self.param_groups:
             for param in group["params"]:

@@ -117,7 +117,8 @@ def profile_step(step: Callable[[], None], path: str, log, rows: int = 25) -> Di
 
 def make_optimizer(kind: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """``foreach`` / ``fused``: torch's AdamW; ``block_sparse``: agpe's BlockSparseAdamW
-    (live blocks of agpe weights only; its other parameters through fused AdamW)."""
+    (live blocks of agpe weights only; its other parameters through fused AdamW);
+    ``graphed``: fused AdamW with ``capturable=True``, for the CUDA-graph step."""
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if kind == "foreach":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -125,7 +126,9 @@ def make_optimizer(kind: str, model: nn.Module, device: torch.device) -> torch.o
         return torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     if kind == "block_sparse":
         return agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-4, **fused)
-    raise ValueError(f"train_step: expected optimizer foreach/fused/block_sparse, got {kind!r}")
+    if kind == "graphed":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+    raise ValueError(f"train_step: expected optimizer foreach/fused/block_sparse/graphed, got {kind!r}")
 
 
 def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor,
@@ -138,6 +141,36 @@ def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor,
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def make_step(kind: str, compiled: Callable, model: nn.Module, x: torch.Tensor,
+              device: torch.device) -> Callable[[], None]:
+    """The timed step for optimizer ``kind``; ``graphed`` replays the whole step (forward,
+    backward, capturable fused AdamW) as one CUDA graph through ``agpe_compile.GraphedStep``."""
+    optimizer = make_optimizer(kind, model, device)
+    if kind != "graphed":
+        return training_step(compiled, model, x, optimizer)
+
+    def step() -> torch.Tensor:
+        loss = compiled(x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return agpe_compile.GraphedStep(step, model, optimizer)
+
+
+# Issue targets, as speed-ups over the best dense step (1/1.03: at most 3% slower).
+SPEEDUP_TARGETS = {1.0: 1 / 1.03, 0.25: 2.0, 0.1: 3.0}
+
+
+def best_by_density(rows: List[Dict]) -> Dict[float, Dict]:
+    """The fastest measured agpe variant at each density."""
+    best: Dict[float, Dict] = {}
+    for row in rows:
+        if not row.get("failed") and (row["density"] not in best or row["speedup"] > best[row["density"]]["speedup"]):
+            best[row["density"]] = row
+    return best
 
 
 def _log(*args) -> None:
@@ -160,7 +193,12 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     results["dense_first_step_s"] = time.perf_counter() - t0
     results["dense_step_s_by_optimizer"] = {}
     for kind in [k for k in optimizers if k != "block_sparse"]:
-        seconds = measure(training_step(compiled_dense, dense, x, make_optimizer(kind, dense, device)), warmup, iters)
+        try:
+            seconds = measure(make_step(kind, compiled_dense, dense, x, device), warmup, iters)
+        except Exception:  # report it and time the other variants rather than nothing
+            traceback.print_exc()
+            log(f"dense torch.compile, AdamW {kind}: FAILED (traceback above)")
+            continue
         results["dense_step_s_by_optimizer"][kind] = seconds
         log(f"dense torch.compile, AdamW {kind}: {1e3 * seconds:.2f} ms/step")
     baseline = min(results["dense_step_s_by_optimizer"], key=results["dense_step_s_by_optimizer"].get)
@@ -187,8 +225,14 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
         training_step(compiled, model, x)()
         first = time.perf_counter() - t0
         for kind in optimizers:
-            step = training_step(compiled, model, x, make_optimizer(kind, model, device))
-            seconds = measure(step, warmup, iters)
+            try:
+                step = make_step(kind, compiled, model, x, device)
+                seconds = measure(step, warmup, iters)
+            except Exception:
+                traceback.print_exc()
+                log(f"agpe d={density:<5} AdamW {kind:<12} FAILED (traceback above)")
+                results["rows"].append({"density": density, "optimizer": kind, "failed": True})
+                continue
             results["rows"].append({"density": density, "optimizer": kind, "agpe_step_s": seconds,
                                     "ratio_vs_dense": seconds / dense_time, "speedup": dense_time / seconds,
                                     "first_step_after_rebucket_s": first, "host_issue_s": measure.host})
@@ -291,8 +335,10 @@ def main(argv=None) -> None:
                         help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)),
                         help="agpe densities to time (comma-separated)")
-    parser.add_argument("--optimizers", default="foreach,fused,block_sparse",
-                        help="AdamW variants to time: foreach, fused (torch), block_sparse (agpe)")
+    parser.add_argument("--optimizers", default=None,
+                        help="AdamW variants to time: foreach, fused (torch), block_sparse (agpe), graphed (fused, "
+                             "capturable, whole step in a CUDA graph; CUDA only). Default: fused,block_sparse,graphed "
+                             "on CUDA, foreach,fused,block_sparse on CPU")
     parser.add_argument("--no-mask-update", action="store_true", help="skip timing the Sparsifier's mask update")
     parser.add_argument("--schedule-steps", type=int, default=2000,
                         help="length of the simulated AGPE schedule whose compilations are counted")
@@ -305,7 +351,8 @@ def main(argv=None) -> None:
     from agpe_compile.ops import sparse_linear as op_module
 
     run_args = dict(densities=[float(d) for d in args.densities.split(",")],
-                    optimizers=args.optimizers.split(","), mask_update=not args.no_mask_update)
+                    optimizers=(args.optimizers or ("fused,block_sparse,graphed" if device.type == "cuda"
+                                                      else "foreach,fused,block_sparse")).split(","), mask_update=not args.no_mask_update)
 
     profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
 
@@ -332,7 +379,19 @@ def main(argv=None) -> None:
     print(f"dense baseline: torch.compile (Inductor) + AdamW {results['dense_optimizer']}")
     print(f"{'density':>8} {'optimizer':>13} {'agpe/dense':>11} {'speedup':>8}")
     for row in results["rows"]:
+        if row.get("failed"):
+            print(f"{row['density']:>8} {row['optimizer']:>13} {'FAILED':>11}")
+            continue
         print(f"{row['density']:>8} {row['optimizer']:>13} {row['ratio_vs_dense']:>11.3f} {row['speedup']:>8.2f}")
+    results["best"] = best_by_density(results["rows"])
+    for density, row in results["best"].items():
+        target = SPEEDUP_TARGETS.get(density)
+        verdict = ""
+        if target is not None and device.type == "cuda":
+            ok = row["speedup"] >= target if target > 1 else row["ratio_vs_dense"] <= 1 / target
+            verdict = f"  target {'>= %.1fx' % target if target > 1 else '<= %.2fx time' % (1 / target)}: " \
+                      f"{'met' if ok else 'MISSED'}"
+        print(f"best at d={density}: {row['optimizer']}, {row['speedup']:.2f}x faster than the best dense step{verdict}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
