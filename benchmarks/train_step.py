@@ -208,6 +208,10 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     results["dense_host_issue_s"] = measure.host
     log(f"dense baseline: AdamW {baseline}, {1e3 * dense_time:.2f} ms/step "
         f"(first step {results['dense_first_step_s']:.1f} s)")
+    if profile_dir and device.type == "cuda":  # where the dense step's time goes, for comparison
+        results["dense_profile"] = profile_step(
+            training_step(compiled_dense, dense, x, make_optimizer(baseline, dense, device)),
+            os.path.join(profile_dir, "profile_dense.txt"), log)
 
     torch._dynamo.reset()
     model = make_stack(size, device)
@@ -330,7 +334,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
                         help="how agpe lowers (dense always uses Inductor); aot_eager only for quick smoke runs")
     parser.add_argument("--profile", action="store_true",
-                        help="CUDA: profile 3 agpe steps at the lowest density (table next to --out)")
+                        help="CUDA: profile 3 dense steps and 3 agpe steps at the lowest density (tables next to --out)")
     parser.add_argument("--opaque", action="store_true",
                         help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)),
