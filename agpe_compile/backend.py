@@ -143,7 +143,9 @@ class AgpeBackend:
         return controller
 
     def _lower(self, result: RewriteResult, example_inputs: List[Any]) -> Callable:
-        inputs = example_inputs + result.extra_inputs()
+        extra = result.extra_inputs()
+        fakes = _fakeify_static(extra)  # noqa: F841  (held: the fake mode memoizes them weakly)
+        inputs = example_inputs + extra
         if self.config.inductor:
             from torch._inductor.compile_fx import compile_fx
 
@@ -151,6 +153,26 @@ class AgpeBackend:
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(result.gm, inputs)
+
+
+# Note [Static extra inputs]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The layer tensors appended to Dynamo's inputs were never seen by Dynamo unless a prepared
+# module's hook read them. AOTAutograd fakeifies such tensors with a fresh symbol per size
+# and no source; when the op's traced body (CUDA) computes with those sizes (the packed
+# layout's capacity, the mask shape check), the guards it adds name symbols Dynamo cannot
+# express, and ``produce_guards`` fails with an IndexError. Their sizes are fixed for a
+# compiled graph (a bucket crossing replaces the layout and recompiles), so we fakeify them
+# first with static shapes in Dynamo's fake mode; AOTAutograd then finds them memoized. The
+# memo holds fakes weakly: the caller keeps the returned list alive until lowering is done.
+def _fakeify_static(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    fake_mode = context.fake_mode if context is not None else None
+    if fake_mode is None:
+        return []  # called outside Dynamo (no shape env): nothing symbolic to avoid
+    return [fake_mode.from_tensor(tensor, static_shapes=True) for tensor in tensors]
 
 
 def agpe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],

@@ -146,10 +146,8 @@ def test_zero_code_mode_refuses_capture():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(strict=True, reason="known bug (found 2026-11-26 on an H200, torch 2.11): zero-code mode on an "
-                   "UNPREPARED model fails on CUDA in Dynamo's guard creation (IndexError in produce_guards, a "
-                   "symbol allocated in split_with_sizes); prepared models work (test_gpu_end_to_end). Passes on CPU.")
 def test_zero_code_mode_without_prepare_on_cuda():
+    """Was a known bug (IndexError in produce_guards); see Note [Static extra inputs] in backend.py."""
     model = MLP((256, 512, 64)).cuda()
     cmodel = torch.compile(model, backend="agpe",
                            options={"block_size": 32, "target_sparsity": 0.5, "update_interval": 2})

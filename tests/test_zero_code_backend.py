@@ -1,6 +1,7 @@
 """Zero-code mode through the backend: AGPE options in torch.compile, no other change."""
 
 import copy
+import importlib
 import gc
 
 import pytest
@@ -204,3 +205,58 @@ def test_zero_code_state_dict_resumes_following_the_optimizer_bit_for_bit():
     for name, state in layer_states(model).items():
         assert torch.equal(state.block_mask, want[0][name]), name
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want[1]))
+
+
+class _SymbolCountingBackend(agpe_compile.AgpeBackend):
+    """Records how many symbolic sizes the shape env holds after each graph is lowered."""
+
+    symbols: list
+
+    def _lower(self, result, example_inputs):
+        from torch._guards import TracingContext
+
+        compiled = super()._lower(result, example_inputs)
+        self.symbols.append(len(TracingContext.try_get().fake_mode.shape_env.var_to_val))
+        return compiled
+
+
+def _unprepared_zero_code_run(steps=4):
+    torch.manual_seed(0)
+    model = MLP((64, 128, 32))
+    backend = _SymbolCountingBackend({"block_size": 16, "target_sparsity": 0.5, "policy": "rigl",
+                                      "update_interval": 2})
+    backend.symbols = []
+    compiled = torch.compile(model, backend=backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = compiled(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    masks = {name: s.block_mask.clone() for name, s in layer_states(model).items()}
+    return torch.stack(losses), masks, backend.symbols
+
+
+def test_zero_code_unprepared_with_the_traced_op_body(monkeypatch):
+    """Regression (found on an H200): on CUDA the op's body is traced, and the layer tensors
+    that zero-code mode creates during compilation were fakeified with sourceless symbolic
+    sizes, so guards on them failed in Dynamo's guard creation (IndexError in
+    produce_guards). Tracing the body on the CPU reproduces the symbols; the backend now
+    fakeifies those tensors statically (Note [Static extra inputs] in backend.py), so no
+    symbol is created at all, and the traced run matches the host-op run."""
+    op_module = importlib.import_module("agpe_compile.ops.sparse_linear")  # the package exports the op
+
+    host_losses, host_masks, host_symbols = _unprepared_zero_code_run()
+    torch._dynamo.reset()
+    monkeypatch.setattr(op_module, "TRACED_DEVICES", ("cuda", "cpu"))
+    # the traced body must not read tensor contents: take the shape-only dense reference path
+    monkeypatch.setattr(agpe_compile.kernels, "choose_cpu_path", lambda *args: "dense")
+    traced_losses, traced_masks, traced_symbols = _unprepared_zero_code_run()
+    assert host_symbols == [0] and traced_symbols == [0]
+    torch.testing.assert_close(traced_losses, host_losses)
+    assert traced_masks.keys() == host_masks.keys()
+    for name in host_masks:
+        assert torch.equal(traced_masks[name], host_masks[name]), name

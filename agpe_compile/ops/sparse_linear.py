@@ -146,6 +146,9 @@ def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, cou
 # Set AGPE_INLINE_KERNELS=0 (before import) to keep the ops opaque on CUDA too: the host ops
 # then launch the same kernels eagerly, and Inductor schedules around one opaque call.
 INLINE_KERNELS = os.environ.get("AGPE_INLINE_KERNELS", "1") != "0"
+# Devices whose calls trace the op's body (below) instead of calling the opaque host op.
+# Only CUDA in use; tests add "cpu" to run the traced body's tracing on CI machines.
+TRACED_DEVICES = ("cuda",)
 
 
 # Note [Triton op lowering]
@@ -168,7 +171,7 @@ def _lowered_forward(
     block_size: int,
     saliency_mode: str,
 ) -> torch.Tensor:
-    if x.device.type != "cuda" or not INLINE_KERNELS:
+    if x.device.type not in TRACED_DEVICES or not INLINE_KERNELS:
         return torch.ops.agpe.sparse_linear_host(x, weight, bias, block_mask, saliency, dense_grad_sq,
                                                  score_dense, counters, block_layout, block_size, saliency_mode)
     return _forward_impl(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters,
@@ -190,7 +193,7 @@ def _lowered_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if x.device.type != "cuda" or not INLINE_KERNELS:
+    if x.device.type not in TRACED_DEVICES or not INLINE_KERNELS:
         return torch.ops.agpe.sparse_linear_backward_host(
             grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
             block_size, saliency_mode, need_input_grad, need_weight_grad)
