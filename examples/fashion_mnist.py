@@ -206,7 +206,7 @@ def train_one(method: str, args, data) -> Dict[str, float]:
         scheduler.step()
         sparsifier.step(loss)
         if step % max(1, total // 100) == 0 or step == total - 1:
-            progress(method, step + 1, total, float(loss), start)
+            progress(method, step + 1, total, loss.detach().item(), start)
     train_seconds = time.perf_counter() - start
     accuracy = evaluate(cmodel, x_test, y_test)  # the validation split when --validation is set
     flops = sparsifier.flops
