@@ -73,14 +73,14 @@ def saliency_stats(ema: torch.Tensor, mask: torch.Tensor) -> dict:
     }
 
 
-def layer_records(layers: Dict[str, Any], before: Dict[str, torch.Tensor], saliency: Dict[str, torch.Tensor],
+def layer_records(after: Dict[str, torch.Tensor], before: Dict[str, torch.Tensor], saliency: Dict[str, torch.Tensor],
                   skips: Dict[str, int], buckets: Tuple[float, ...],
                   just_grown: Dict[str, torch.Tensor]) -> Dict[str, dict]:
-    """The per-layer part of an ``interval`` record: masks before vs. the layers' live masks
+    """The per-layer part of an ``interval`` record: host masks before vs. after the update
     (``just_grown``: the blocks grown at the previous update)."""
     records = {}
-    for name, state in layers.items():
-        mask, old = state.block_mask, before[name]
+    for name, mask in after.items():
+        old = before[name]
         density_before, density_after = float(old.float().mean()), float(mask.float().mean())
         records[name] = {
             "density_before": density_before, "density_after": density_after,

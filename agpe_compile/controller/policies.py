@@ -38,7 +38,6 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from agpe_compile.ops.reference import block_sum
 from agpe_compile.state import LayerState
 
 from .adaptive_schedule import AdaptiveSchedule, Feedback
@@ -48,13 +47,21 @@ from .schedules import CosineDropFraction, CubicSchedule
 
 @dataclasses.dataclass(frozen=True)
 class LayerView:
-    """What a policy sees of one layer at an update."""
+    """What a policy sees of one layer at an update: host tensors of the [R, C] grid
+    (Note [Host-side updates] in host_sync.py); ``state`` for shapes and names only.
+
+    ``magnitude`` (block L1 norm of the weight) is filled when the policy sets
+    ``uses_magnitude``, ``momentum_blocks`` (block L1 norm of SGD momentum / Adam's
+    ``exp_avg``) when it sets ``uses_momentum`` and the optimizer has one.
+    """
 
     name: str
     state: LayerState
+    mask: torch.Tensor
     saliency_ema: torch.Tensor
     dense_grad_sq: torch.Tensor
-    momentum: Optional[torch.Tensor] = None
+    magnitude: Optional[torch.Tensor] = None
+    momentum_blocks: Optional[torch.Tensor] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,8 @@ class Policy:
     config: AGPEConfig
     needs_dense_grad = False
     updates_masks = False
+    uses_magnitude = True  # the default drop score
+    uses_momentum = False
 
     def initial_schedule_state(self) -> Any:
         return None
@@ -75,7 +84,10 @@ class Policy:
         return 0.0
 
     def drop_score(self, layer: LayerView) -> torch.Tensor:
-        return block_sum(layer.state.weight.detach().abs(), layer.state.block_size)
+        if layer.magnitude is None:
+            raise RuntimeError(f"agpe: policy {type(self).__name__} drops by weight magnitude but the view of "
+                               f"{layer.name!r} has none (uses_magnitude must be set)")
+        return layer.magnitude
 
     def grow_score(self, layer: LayerView, generator: torch.Generator) -> Optional[torch.Tensor]:
         return None
@@ -103,7 +115,7 @@ class SET(Policy):
         return CosineDropFraction(self.config.drop_fraction, self.config.end_step).fraction_at(step)
 
     def grow_score(self, layer, generator):
-        return torch.rand(layer.state.grid, generator=generator).to(layer.state.block_mask.device)
+        return torch.rand(layer.mask.shape, generator=generator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +131,12 @@ class SNFS(RigL):
     """Our SNFS regrows by dense gradient (masked gradients leave inactive momentum at 0);
     with no momentum in the optimizer (plain SGD) it does not move the budget."""
 
+    uses_momentum = True
+
     def layer_score(self, layer):
-        if layer.momentum is None:
+        if layer.momentum_blocks is None:
             return None
-        return _active_mean(block_sum(layer.momentum.abs(), layer.state.block_size), layer.state.block_mask)
+        return _active_mean(layer.momentum_blocks, layer.mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +169,13 @@ class AGPE(RigL):
         new_state = schedule.next_state(schedule_state, step, feedback)
         return schedule.density(new_state), new_state, new_state.event
 
+    uses_magnitude = False  # drops by the saliency EMA
+
     def drop_score(self, layer):
         return layer.saliency_ema
 
     def layer_score(self, layer):
-        return _active_mean(layer.saliency_ema, layer.state.block_mask)
+        return _active_mean(layer.saliency_ema, layer.mask)
 
 
 POLICY_CLASSES = {"dense": Dense, "static": Static, "set": SET, "rigl": RigL, "snfs": SNFS, "gmp": GMP, "agpe": AGPE}

@@ -9,13 +9,15 @@ The training loop, and what happens where::
         sparsifier.step(loss)
 
 ``step`` adds the loss to a device-side sum and counts the step; nothing else happens
-(no host sync) except at every ``update_interval``-th step, where it, in order:
+(no host sync) except at every ``update_interval``-th step, where it takes one host
+snapshot of every layer's small tensors (Note [Host-side updates] in host_sync.py) and, in order:
 
 1. reads the backward's counters and accounts training FLOPs at the masks in force;
 2. folds the saliency buffers into the per-block EMAs and zeroes them (saliency.py);
 3. at an update step: asks the policy for the global target (schedule), plans the
-   per-layer counts (layer_budget.py), drops and grows blocks (drop_grow.py), zeroes the
-   weights and optimizer moments of changed blocks (optimizer_state.py);
+   per-layer counts (layer_budget.py), drops and grows blocks (drop_grow.py) on the host,
+   writes masks and layouts back in one transfer, and zeroes the weights and optimizer
+   moments of changed blocks on the device (optimizer_state.py);
 4. appends an audit record (audit.py).
 
 Before the backward of every update step of a policy that regrows by gradient, it sets
@@ -32,17 +34,18 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from agpe_compile.buckets import rebucket
+from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
-from agpe_compile.ops.reference import expand_block_mask
+from agpe_compile.ops.reference import block_sum, expand_block_mask
 from agpe_compile.state import LayerState, prepare
 
 from . import checkpoint
 from .adaptive_schedule import Feedback
 from .audit import AuditLog, layer_records
 from .config import AGPEConfig
-from .drop_grow import drop_and_grow
+from .drop_grow import DropGrow, drop_and_grow
 from .flops import FlopAccountant, FlopReport
+from .host_sync import to_device, to_host
 from .init_layouts import initial_masks
 from .layer_budget import plan_counts, swap_counts
 from .optimizer_state import momentum_of, zero_optimizer_state
@@ -120,10 +123,12 @@ class Sparsifier:
         self.seconds = 0.0
         self.update_seconds = 0.0
         for name, state in self.layers.items():
-            self.saliency.add_layer(name, state.grid, state.block_mask.device)
-            self.grown_age[name] = torch.full(state.grid, AGE_NEVER_GROWN, dtype=torch.int32,
-                                              device=state.block_mask.device)
-            self.seen_counters[name] = [int(v) for v in state.counters.tolist()]
+            # controller-side state lives on the host (Note [Host-side updates])
+            self.saliency.add_layer(name, state.grid, "cpu")
+            self.grown_age[name] = torch.full(state.grid, AGE_NEVER_GROWN, dtype=torch.int32)
+        for name, counters in zip(self.layers, to_host([s.counters for s in self.layers.values()])):
+            self.seen_counters[name] = [int(v) for v in counters.tolist()]
+        for name, state in self.layers.items():
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
                 log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
         self.target_density = self.config.start_density
@@ -158,19 +163,21 @@ class Sparsifier:
         self.seconds += time.perf_counter() - start
 
     def densities(self) -> Dict[str, float]:
-        """Current density of every agpe layer."""
-        return {name: state.density for name, state in self.layers.items()}
+        """Current density of every agpe layer (one device-to-host copy)."""
+        masks = to_host([s.block_mask for s in self.layers.values()])
+        return {name: float(mask.float().mean()) for name, mask in zip(self.layers, masks)}
 
     @property
     def global_density(self) -> float:
         """Active blocks / all blocks over every agpe layer (1.0 with none)."""
-        total = sum(s.block_mask.numel() for s in self.layers.values())
-        return sum(int(s.block_mask.sum()) for s in self.layers.values()) / total if total else 1.0
+        return _global_density(to_host([s.block_mask for s in self.layers.values()]))
 
     @property
     def flops(self) -> FlopReport:
         """Cumulative training FLOPs so far, per layer and total (reads the counters)."""
-        self._account(scored=False)
+        names = list(self.layers)
+        host = to_host([self.layers[n].counters for n in names] + [self.layers[n].block_mask for n in names])
+        self._account(False, dict(zip(names, host[:len(names)])), dict(zip(names, host[len(names):])), {})
         return self.accountant.report()
 
     @property
@@ -189,41 +196,60 @@ class Sparsifier:
 
     def _interval(self, step: int, between_steps: bool = True) -> None:
         start = time.perf_counter()
-        loss = self._take_loss()
-        self._account(scored=self._flag_on)
-        skips = {n: self._take_skips(n) for n in self.layers}
+        snap = self._snapshot()
+        loss = self._take_loss(snap.loss)
+        self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
+        skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
         for name, state in self.layers.items():
             if state.saliency_mode is not None and state.saliency_mode != self.config.saliency:
                 raise ValueError(
                     f"agpe: layer {name!r} was compiled with saliency {state.saliency_mode!r} but "
                     f"AGPEConfig.saliency is {self.config.saliency!r}; pass options={{'saliency': "
                     f"{self.config.saliency!r}}} to torch.compile (or set AGPEConfig.saliency to match)")
-            self.saliency.update(name, state.saliency, self.config.update_interval)
+            self.saliency.update(name, snap.saliency[name], self.config.update_interval)
             state.saliency.zero_()
-        dense_grad = {n: self._take_dense_grad(n, s) for n, s in self.layers.items()}
-        before = {n: s.block_mask.clone() for n, s in self.layers.items()}
+        dense_grad = {n: self._take_dense_grad(n, s, snap.dense_grad_sq[n]) for n, s in self.layers.items()}
+        before = snap.masks
         just_grown = {n: age == 0 for n, age in self.grown_age.items()}
         record = {"event": "interval", "step": step, "loss": loss, "updated": False, "schedule": None,
-                  "global_density_before": self.global_density, "pruned_saliency": self.pruned_saliency}
+                  "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
+        after = before
         if self._updates_at(step):
-            record["schedule"] = self._update(step, loss, dense_grad, between_steps)
+            record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
             record["updated"] = True
         record["rebucketed"] = self.rebucketed
         if self.audit.path is not None:
-            self._write_record(record, before, just_grown, skips, start)
+            self._write_record(record, before, after, just_grown, skips, start)
         self.update_seconds += time.perf_counter() - start
 
+    def _snapshot(self) -> "_Snapshot":
+        """Host copies of everything an interval reads, in one transfer (Note [Host-side updates])."""
+        names = list(self.layers)
+        parts = [(n, key, t) for n in names for key, t in (
+            ("masks", self.layers[n].block_mask), ("saliency", self.layers[n].saliency),
+            ("dense_grad_sq", self.layers[n].dense_grad_sq), ("counters", self.layers[n].counters))]
+        parts += [(n, "scored_from", t) for n, t in self._scored_from.items()]
+        if self._loss_sum is not None:
+            parts.append((None, "loss", self._loss_sum))
+        snap = _Snapshot()
+        for (name, key, _), host in zip(parts, to_host([t for _, _, t in parts])):
+            if name is None:
+                snap.loss = host
+            else:
+                getattr(snap, key)[name] = host
+        return snap
+
     def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor],
-                between_steps: bool = True) -> str:
+                masks: Dict[str, torch.Tensor], between_steps: bool = True):
+        """One mask update, decided on the host; returns (schedule event, new host masks)."""
         feedback = Feedback(loss=loss, pruned_saliency=self.pruned_saliency)
         target, self.schedule_state, event = self.policy.target(step, self.schedule_state, feedback)
         moved, self.target_density = target != self.target_density, target
-        views = [LayerView(n, s, self.saliency.values[n], dense_grad[n], momentum_of(self.optimizer, s.weight))
-                 for n, s in self.layers.items()]
+        views = self._views(masks, dense_grad)
         fraction = self.policy.drop_fraction(step)
         scores = [self.policy.layer_score(v) for v in views]
-        current = [int(v.state.block_mask.sum()) for v in views]
+        current = [int(v.mask.sum()) for v in views]
         counts = plan_counts(current, [v.state.grid for v in views], [v.state.block_size for v in views],
                              target, moved, self.config.distribution,
                              None if any(s is None for s in scores) else scores,
@@ -231,34 +257,64 @@ class Sparsifier:
                              self.config.min_layer_share)
         dropped_mass = active_mass = 0.0
         dropped = 0
+        results = []
         for view, active, count in zip(views, current, counts):
-            n_drop, n_grow = swap_counts(active, count, view.state.block_mask.numel(), fraction)
+            n_drop, n_grow = swap_counts(active, count, view.mask.numel(), fraction)
             grow_score = self.policy.grow_score(view, self.generator) if n_grow else None
             if grow_score is None:
                 n_grow, grow_score = 0, torch.zeros_like(view.saliency_ema)
                 n_drop = max(active - count, 0)
-            result = drop_and_grow(view.state.block_mask, self.policy.drop_score(view), grow_score, n_drop, n_grow,
+            result = drop_and_grow(view.mask, self.policy.drop_score(view), grow_score, n_drop, n_grow,
                                    protected=self._protected(view.name))
             dropped_mass += float(view.saliency_ema[result.dropped].sum())
             dropped += int(result.dropped.sum())
-            active_mass += float(view.saliency_ema[view.state.block_mask].sum())
-            self._apply(view.name, view.state, result.mask, result.dropped, result.grown)
+            active_mass += float(view.saliency_ema[view.mask].sum())
+            results.append(result)
         # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
         mean_active = active_mass / max(sum(current), 1)
         self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
-        self.rebucketed = rebucket(list(self.layers.values()), self.config.buckets, between_steps)
-        return event
+        self.rebucketed = self._apply_all(list(self.layers.values()), results, between_steps=between_steps)
+        return event, {v.name: r.mask for v, r in zip(views, results)}
 
-    def _apply(self, name, state, mask, dropped, grown) -> None:
-        with torch.no_grad():
-            state.block_mask.copy_(mask)
-            # Re-zeroing every inactive block (not only the dropped ones) keeps the invariant
-            # even for weights an optimizer without our reset touched (zero-code mode).
-            state.weight.mul_(expand_block_mask(mask, state.block_size, state.weight.dtype))
-        zero_optimizer_state(self.optimizer, state.weight, dropped | grown, state.block_size)
-        self.saliency.mark_fresh(name, grown)
-        age = self.grown_age[name]
-        self.grown_age[name] = torch.where(grown, torch.zeros_like(age), (age + 1).clamp_(max=AGE_NEVER_GROWN))
+    def _views(self, masks: Dict[str, torch.Tensor], dense_grad: Dict[str, torch.Tensor]) -> List[LayerView]:
+        """What the policy sees of each layer, on the host; the device-side block sums a
+        policy asks for (weight magnitude, momentum) come over in one transfer."""
+        states = list(self.layers.values())
+        needed = []
+        if self.policy.uses_magnitude:
+            needed += [block_sum(s.weight.detach().abs(), s.block_size) for s in states]
+        momenta = [momentum_of(self.optimizer, s.weight) for s in states] if self.policy.uses_momentum else []
+        needed += [block_sum(m.abs(), s.block_size) for m, s in zip(momenta, states) if m is not None]
+        host = iter(to_host(needed))
+        magnitude = [next(host) if self.policy.uses_magnitude else None for _ in states]
+        momentum = [next(host) if m is not None else None for m in momenta] or [None] * len(states)
+        return [LayerView(s.name, s, masks[s.name], self.saliency.values[s.name], dense_grad[s.name],
+                          magnitude=mag, momentum_blocks=mom)
+                for s, mag, mom in zip(states, magnitude, momentum)]
+
+    def _apply_all(self, states: List[LayerState], results, between_steps: bool = True,
+                   relayout: bool = True) -> List[str]:
+        """Write new masks (and their layouts) in one transfer, then update weights, moments
+        and the host-side EMA/ages; returns the layers that changed layout bucket."""
+        moved, writes = [], []
+        if relayout:
+            moved, writes = plan_layouts(states, [r.mask for r in results], self.config.buckets, between_steps)
+        changed = [torch.empty(s.grid, dtype=torch.bool, device=s.block_mask.device) for s in states]
+        to_device([(s.block_mask, r.mask) for s, r in zip(states, results)] + writes
+                  + [(c, r.dropped | r.grown) for c, r in zip(changed, results)])
+        if relayout:
+            mark_layouts_synced(states)
+        for state, result, blocks in zip(states, results, changed):
+            with torch.no_grad():
+                # Re-zeroing every inactive block (not only the dropped ones) keeps the invariant
+                # even for weights an optimizer without our reset touched (zero-code mode).
+                state.weight.mul_(expand_block_mask(state.block_mask, state.block_size, state.weight.dtype))
+            zero_optimizer_state(self.optimizer, state.weight, blocks, state.block_size)
+            self.saliency.mark_fresh(state.name, result.grown)
+            age = self.grown_age[state.name]
+            self.grown_age[state.name] = torch.where(result.grown, torch.zeros_like(age),
+                                                     (age + 1).clamp_(max=AGE_NEVER_GROWN))
+        return moved
 
     def _protected(self, name: str) -> Optional[torch.Tensor]:
         """Blocks grown too recently to be dropped first (Note [Protecting grown blocks])."""
@@ -270,12 +326,15 @@ class Sparsifier:
 
     def _apply_initial_layout(self) -> None:
         states = list(self.layers.values())
-        for state, mask in zip(states, initial_masks(states, self.config, self.generator)):
-            if mask is None:
-                continue
-            self._apply(state.name, state, mask, ~mask, torch.zeros_like(mask))
-            if self.config.rescale_init:
-                with torch.no_grad():
+        chosen = [(s, m.cpu()) for s, m in zip(states, initial_masks(states, self.config, self.generator))
+                  if m is not None]
+        if not chosen:
+            return
+        results = [DropGrow(mask, ~mask, torch.zeros_like(mask)) for _, mask in chosen]
+        self._apply_all([s for s, _ in chosen], results, relayout=False)  # _setup re-buckets next
+        if self.config.rescale_init:
+            with torch.no_grad():
+                for state, mask in chosen:
                     state.weight.mul_((mask.numel() / int(mask.sum())) ** 0.5)
 
     def _updates_at(self, step: int) -> bool:
@@ -295,53 +354,70 @@ class Sparsifier:
                 self._scored_from[name] = state.counters[0].clone()
         self._flag_on = on
 
-    def _account(self, scored: bool) -> None:
-        """FLOPs of the rows seen since the last call, at the current masks."""
-        for name, state in self.layers.items():
-            rows_now = int(state.counters[0])
+    def _account(self, scored: bool, counters: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor],
+                 scored_from: Dict[str, torch.Tensor]) -> None:
+        """FLOPs of the rows seen since the last call, at the current masks (host copies)."""
+        for name in self.layers:
+            rows_now = int(counters[name][0])
             rows = rows_now - self.seen_counters[name][0]
-            scored_rows = rows_now - int(self._scored_from[name]) if scored and name in self._scored_from else 0
-            self.accountant.add(name, rows, int(state.block_mask.sum()), scored_rows)
+            scored_rows = rows_now - int(scored_from[name]) if scored and name in scored_from else 0
+            self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
 
-    def _take_skips(self, name: str) -> int:
-        now = int(self.layers[name].counters[1])
+    def _take_skips(self, name: str, counters: torch.Tensor) -> int:
+        now = int(counters[1])
         skipped, self.seen_counters[name][1] = now - self.seen_counters[name][1], now
         if skipped:
             log.warning("agpe: %s: %d backward call(s) had non-finite scores; their scores were skipped",
                         name, skipped)
         return skipped
 
-    def _take_dense_grad(self, name: str, state: LayerState) -> torch.Tensor:
-        scores = state.dense_grad_sq.clone()
+    def _take_dense_grad(self, name: str, state: LayerState, scores: torch.Tensor) -> torch.Tensor:
         state.dense_grad_sq.zero_()
         if not bool(torch.isfinite(scores).all()):
             log.warning("agpe: %s: dense-gradient scores are not finite; regrowth falls back to zeros", name)
             scores = torch.zeros_like(scores)
         return scores
 
-    def _take_loss(self) -> Optional[float]:
-        if self._loss_sum is None or self._loss_steps == 0:
+    def _take_loss(self, loss_sum: Optional[torch.Tensor]) -> Optional[float]:
+        if loss_sum is None or self._loss_steps == 0:
             return None
-        loss = float(self._loss_sum) / self._loss_steps
+        loss = float(loss_sum) / self._loss_steps
         self._loss_sum, self._loss_steps = None, 0
         if loss != loss or loss in (float("inf"), float("-inf")):
             log.warning("agpe: training loss over the last interval is not finite; not used as feedback")
             return None
         return loss
 
-    def _write_record(self, record: dict, before: Dict[str, torch.Tensor], just_grown: Dict[str, torch.Tensor],
-                      skips: Dict[str, int], start: float) -> None:
+    def _write_record(self, record: dict, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor],
+                      just_grown: Dict[str, torch.Tensor], skips: Dict[str, int], start: float) -> None:
         graphs = self.recompile_counter() if self.recompile_counter else None
         report = self.accountant.report()
         record.update({
             "target_density": self.target_density, "bucket": bucket_for(self.target_density, self.config.buckets),
-            "global_density_after": self.global_density, "flops": {"sparse": report.sparse, "dense": report.dense},
+            "global_density_after": _global_density(after.values()), "flops": {"sparse": report.sparse, "dense": report.dense},
             "recompiles": None if graphs is None else graphs - self._graphs_seen,
-            "layers": layer_records(self.layers, before, self.saliency.values, skips, self.config.buckets,
-                                    just_grown),
+            "layers": layer_records(after, before, self.saliency.values, skips, self.config.buckets, just_grown),
             "update_seconds": time.perf_counter() - start,
         })
         self.audit.write(record)
         if graphs is not None:
             self._graphs_seen = graphs
+
+
+class _Snapshot:
+    """Host copies of one interval's inputs, per layer name (see Sparsifier._snapshot)."""
+
+    def __init__(self) -> None:
+        self.masks: Dict[str, torch.Tensor] = {}
+        self.saliency: Dict[str, torch.Tensor] = {}
+        self.dense_grad_sq: Dict[str, torch.Tensor] = {}
+        self.counters: Dict[str, torch.Tensor] = {}
+        self.scored_from: Dict[str, torch.Tensor] = {}
+        self.loss: Optional[torch.Tensor] = None
+
+
+def _global_density(masks) -> float:
+    masks = list(masks)
+    total = sum(m.numel() for m in masks)
+    return sum(int(m.sum()) for m in masks) / total if total else 1.0
