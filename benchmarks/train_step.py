@@ -17,6 +17,7 @@ import cProfile
 import io
 import pstats
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -178,7 +179,7 @@ def _log(*args) -> None:
 
 
 def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log,
-        profile_dir: str = "", densities: Sequence[float] = DENSITIES,
+        profile_dir: str = "", profile_rows: int = 25, densities: Sequence[float] = DENSITIES,
         optimizers: Sequence[str] = ("fused", "block_sparse"), mask_update: bool = True) -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
@@ -211,7 +212,7 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     if profile_dir and device.type == "cuda":  # where the dense step's time goes, for comparison
         results["dense_profile"] = profile_step(
             training_step(compiled_dense, dense, x, make_optimizer(baseline, dense, device)),
-            os.path.join(profile_dir, "profile_dense.txt"), log)
+            os.path.join(profile_dir, "profile_dense.txt"), log, rows=profile_rows)
 
     torch._dynamo.reset()
     model = make_stack(size, device)
@@ -245,7 +246,8 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
                 f"{seconds / dense_time:6.3f}x dense time (first step after rebucket {first:.1f} s{host})")
         first = 0.0
     if profile_dir and device.type == "cuda":
-        results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{densities[-1]}.txt"), log))
+        results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{densities[-1]}.txt"), log,
+                                    rows=profile_rows))
     results["agpe_compilations"] = backend.graph_count
     if mask_update:
         results.update(mask_update_cost(size, device, x, inductor, log))
@@ -335,6 +337,7 @@ def main(argv=None) -> None:
                         help="how agpe lowers (dense always uses Inductor); aot_eager only for quick smoke runs")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA: profile 3 dense steps and 3 agpe steps at the lowest density (tables next to --out)")
+    parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed in each profile table")
     parser.add_argument("--opaque", action="store_true",
                         help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)),
@@ -352,7 +355,8 @@ def main(argv=None) -> None:
     size = SMALL_SIZE if small else GPU_SIZE
     warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     iters = args.iters if args.iters is not None else (3 if small else 10)
-    from agpe_compile.ops import sparse_linear as op_module
+    # the module, not the op of the same name that agpe_compile.ops exports
+    op_module = importlib.import_module("agpe_compile.ops.sparse_linear")
 
     run_args = dict(densities=[float(d) for d in args.densities.split(",")],
                     optimizers=(args.optimizers or ("fused,block_sparse,graphed" if device.type == "cuda"
@@ -363,7 +367,7 @@ def main(argv=None) -> None:
     op_module.INLINE_KERNELS = not args.opaque
     try:
         results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir,
-                      **run_args)
+                      profile_rows=args.profile_rows, **run_args)
     except Exception:  # report, then measure the opaque lowering rather than nothing
         if args.opaque or device.type != "cuda":
             raise
