@@ -4,7 +4,8 @@ AOTAutograd decomposes a triton_op into its body under FunctionalTensorMode; thi
 the forward and backward ops the same way (``dispatch_functionalize`` + ``make_fx``) on
 fake CUDA tensors, which needs no GPU, and checks what Inductor would be given: the Triton
 kernels as ``triton_kernel_wrapper_functional`` nodes below the crossover density, cuBLAS
-matmuls plus the fused mask-and-score kernel above it, and the opaque host ops off CUDA.
+matmuls plus the fused mask-and-score kernel above it, the bias gradient's column-sum
+kernel on both (Note [Bias gradient]), and the opaque host ops off CUDA.
 Runs in a subprocess: the kernels must be real (not interpreted) Triton functions.
 """
 
@@ -36,7 +37,8 @@ def step(x, w, bias, m, sal, dgs, flag, counters, layout, dy):
     y = torch.ops.agpe.sparse_linear(x, w, bias, m, sal, dgs, flag, counters, layout, B, "taylor")
     gx, gw = torch.ops.agpe.sparse_linear_backward(dy, x, w, m, sal, dgs, flag, counters, layout, B, "taylor",
                                                    True, True)
-    return y, gx, gw
+    gb = torch.ops.agpe.bias_grad(dy)  # what the op's autograd formula calls for the bias
+    return y, gx, gw, gb
 
 with FakeTensorMode():
     def e(*shape, dtype=torch.bfloat16):
@@ -66,8 +68,8 @@ def _trace(device: str, density: float) -> dict:
 def test_cuda_below_crossover_inlines_the_block_sparse_kernels():
     traced = _trace("cuda", 0.25)
     assert traced["bucket"] == 0.25
-    assert sorted(traced["kernels"]) == ["forward_kernel", "grad_input_kernel", "grad_scores_kernel",
-                                         "grad_weight_kernel"]
+    assert sorted(traced["kernels"]) == ["column_sum_kernel", "forward_kernel", "grad_input_kernel",
+                                         "grad_scores_kernel", "grad_weight_kernel"]
     assert not any("agpe." in t for t in traced["targets"]), traced["targets"]  # fully decomposed
     assert not any(t.startswith("aten.mm") or t.startswith("aten.addmm") for t in traced["targets"])
 
@@ -75,7 +77,7 @@ def test_cuda_below_crossover_inlines_the_block_sparse_kernels():
 def test_cuda_above_crossover_uses_cublas_and_the_fused_mask_kernel():
     traced = _trace("cuda", 1.0)
     assert traced["bucket"] == 1.0
-    assert traced["kernels"] == ["mask_scores_kernel"]
+    assert traced["kernels"] == ["mask_scores_kernel", "column_sum_kernel"]
     assert not any("agpe." in t for t in traced["targets"]), traced["targets"]
     assert sum(t.startswith("aten.mm") or t.startswith("aten.addmm") for t in traced["targets"]) >= 2
 
@@ -85,3 +87,4 @@ def test_other_devices_call_the_opaque_host_ops():
     assert traced["kernels"] == []
     assert "agpe.sparse_linear_host.default" in traced["targets"]
     assert "agpe.sparse_linear_backward_host.default" in traced["targets"]
+    assert "aten.sum.dim_IntList" in traced["targets"]  # the bias gradient: a plain sum off CUDA

@@ -89,6 +89,29 @@ def compile_for_target(
                          sass.count("HGMMA"), len(re.findall(r"\bHMMA\b", sass)))
 
 
+def compile_column_sum(dtype: str = "bf16", even_n: bool = True, arch: int = 90) -> dict:
+    """Compile the bias-gradient kernel (kernels/column_sum.py) as the launcher configures it
+    on a GPU; report shared memory, registers, spills and the widest global load."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .column_sum import column_sum_kernel
+
+    element = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
+    signature = {"g_ptr": element, "partial_ptr": "*fp32", "M": "i32", "N": "i32", "rows_per_split": "i32",
+                 "stride_gm": "i32", "stride_gn": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                 "EVEN_N": "constexpr"}
+    constants = {"stride_gn": 1, "BLOCK_M": 32, "BLOCK_N": 128, "EVEN_N": even_n}
+    attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]]}
+    compiled = triton.compile(ASTSource(fn=column_sum_kernel, signature=signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+    usage, sass = _inspect(compiled.asm["cubin"], os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin"))
+    loads = re.findall(r"LDG\.E(?:\.U?(\d+))?", sass)
+    return {"shared_bytes": compiled.metadata.shared, "registers": usage["REG"], "spill_bytes": usage["LOCAL"],
+            "widest_load_bits": max((int(bits) if bits else 32) for bits in loads) if loads else 0}
+
+
 def _kernel(name: str):
     if name not in (*KERNELS, "grad_weight_finish"):
         raise ValueError(f"agpe aot: expected kernel in {KERNELS} or 'grad_weight_finish', got {name!r}")

@@ -154,6 +154,35 @@ def _multiprocessors(device: torch.device) -> int:
         return 132  # an H100/H200
 
 
+def bias_grad(grad_out: torch.Tensor, *, split: Optional[int] = None) -> torch.Tensor:
+    """``grad_out.reshape(-1, N).sum(0)`` for dY [..., N]: the bias gradient, in dY's dtype
+    (fp32 accumulation), from one read of dY (kernels/column_sum.py). Deterministic.
+    ``split`` (row ranges summed by separate programs) defaults to ~4 waves of the GPU."""
+    g2 = as_2d("grad_out", grad_out, grad_out.shape[-1])
+    require_triton()
+    from .column_sum import column_sum_kernel
+
+    m, n = g2.shape
+    interpreted = is_interpreted(column_sum_kernel)
+    block_n = 128 if n >= 128 or interpreted else max(16, 1 << (n - 1).bit_length())
+    block_m = 64 if interpreted else 32
+    tiles = cdiv(n, block_n)
+    if m == 0:
+        return torch.zeros(n, dtype=grad_out.dtype, device=grad_out.device)
+    if split is None:  # enough programs for ~4 waves on the GPU, each summing at least one BLOCK_M slab
+        split = 1 if interpreted else min(cdiv(4 * _multiprocessors(grad_out.device), tiles), cdiv(m, block_m))
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"agpe kernels: expected split to be a positive int, got {split!r}")
+    rows_per_split = cdiv(cdiv(m, split), block_m) * block_m
+    split = cdiv(m, rows_per_split)
+    partial = torch.empty((split, n), dtype=torch.float32, device=grad_out.device)
+    launcher(column_sum_kernel, (tiles, split), grad_out.device)(
+        g2, partial, m, n, rows_per_split, *g2.stride(), BLOCK_M=block_m, BLOCK_N=block_n,
+        EVEN_N=n % block_n == 0, num_warps=4, num_stages=3,
+    )
+    return partial.sum(0).to(grad_out.dtype)
+
+
 def inactive_grad_sq_(
     grad_out: torch.Tensor, x: torch.Tensor, layout: BlockLayout, dense_grad_sq: torch.Tensor,
     enabled: Optional[torch.Tensor] = None, *, config: Optional[KernelConfig] = None,
