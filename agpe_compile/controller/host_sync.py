@@ -46,16 +46,37 @@ def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         else:
             by_device.setdefault(t.device, []).append(i)
     for indices in by_device.values():
-        flat = torch.cat([tensors[i].detach().reshape(-1).to(_CARRIER) for i in indices]).cpu()  # the one sync
-        offset = 0
-        for i in indices:
-            t = tensors[i]
-            n = t.numel()
-            piece = flat[offset:offset + n]
-            if t.dtype == torch.int64 and n and bool(piece.abs().max() >= _EXACT_INT):
-                raise OverflowError("agpe: an int64 controller tensor exceeds 2**53 and cannot be moved exactly")
-            out[i] = piece.to(t.dtype).view(t.shape)
-            offset += n
+        group = [tensors[i] for i in indices]
+        flat, order = pack_flat(group)
+        for i, host in zip(indices, unpack_flat(flat.cpu(), group, order)):  # .cpu(): the one sync
+            out[i] = host
+    return out
+
+
+def pack_flat(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
+    """One float64 vector holding ``tensors`` grouped by dtype (one concatenation and one
+    conversion per dtype: a handful of launches on a GPU), and the order they are in."""
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    order = [i for members in groups.values() for i in members]
+    flat = torch.cat([torch.cat([tensors[i].detach().reshape(-1) for i in members]).to(_CARRIER)
+                      for members in groups.values()])
+    return flat, order
+
+
+def unpack_flat(flat: torch.Tensor, like: Sequence[torch.Tensor], order: List[int]) -> List[torch.Tensor]:
+    """Inverse of :func:`pack_flat` on the host: tensors shaped and typed like ``like``."""
+    out: List[torch.Tensor] = [None] * len(like)  # type: ignore[list-item]
+    offset = 0
+    for i in order:
+        t = like[i]
+        n = t.numel()
+        piece = flat[offset:offset + n]
+        if t.dtype == torch.int64 and n and bool(piece.abs().max() >= _EXACT_INT):
+            raise OverflowError("agpe: an int64 controller tensor exceeds 2**53 and cannot be moved exactly")
+        out[i] = piece.to(t.dtype).view(t.shape)
+        offset += n
     return out
 
 

@@ -148,3 +148,19 @@ def agpe_compile_sparsifier(model, opt, config):
     from agpe_compile.controller import Sparsifier
 
     return Sparsifier(model, opt, config)
+
+
+def test_the_packed_transfer_round_trips_mixed_dtypes_in_any_order():
+    # What a GPU snapshot does around its one .cpu(): pack by dtype, unpack in the caller's order.
+    from agpe_compile.controller.host_sync import pack_flat, unpack_flat
+
+    tensors = [torch.tensor([[True, False], [False, True]]), torch.tensor([1.5, -2.0]), torch.tensor([3, 2**52]),
+               torch.tensor([False]), torch.tensor([[0.25]]), torch.zeros(0, 3), torch.tensor(9, dtype=torch.int32)]
+    flat, order = pack_flat(tensors)
+    assert flat.dtype == torch.float64 and flat.numel() == sum(t.numel() for t in tensors)
+    back = unpack_flat(flat.clone(), tensors, order)
+    for a, b in zip(tensors, back):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    with pytest.raises(OverflowError):
+        big = [torch.tensor([2**53 + 1])]
+        unpack_flat(pack_flat(big)[0], big, [0])
