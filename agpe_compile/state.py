@@ -90,6 +90,9 @@ class LayerState:
     # The saliency mode the backend compiled this layer with (None until compiled); the
     # Sparsifier checks it against AGPEConfig.saliency.
     saliency_mode: Optional[str] = None
+    # Set by the explicit Sparsifier, which then keeps inactive weights exactly zero; graphs
+    # compiled afterwards skip masking W on the dense path (Note [Zero inactive weights]).
+    zero_inactive: bool = False
     module_ref: Optional[weakref.ReferenceType] = None
     weight_ref: Optional[weakref.ReferenceType] = None
 
@@ -164,6 +167,10 @@ class LayerState:
                 f"masks (the Sparsifier does this at its update steps)"
             )
         self.layout_mask_version = self.block_mask._version
+        if self.zero_inactive:  # a mask edited outside the Sparsifier: keep the promise
+            from .zero_weights import zero_inactive_
+
+            zero_inactive_(self)
 
     def attach(self, module: nn.Module) -> None:
         """Register the tensors as buffers of ``module`` (same objects, no copy).

@@ -7,7 +7,8 @@ part of the gap is unexplained. This script times each piece side by side on one
 profiles both sides at kernel level, for x[8192, 4096] @ W[16384, 4096]^T, bf16, block 128,
 all blocks live:
 
-* ``F.linear`` fwd+bwd (cuBLAS) and the op fwd+bwd (eager and captured in a CUDA graph);
+* ``F.linear`` fwd+bwd (cuBLAS) and the op fwd+bwd (eager and captured in a CUDA graph),
+  with and without the Sparsifier's zero-weight promise (no W*M passes);
 * ``F.linear`` on a precomputed W*M (the GEMMs alone with the masked weight's layout);
 * one W*M pass, the mask-and-score pass, and the scores' small ops;
 * the kernel tables of 5 iterations of each side (``--out-dir``/profile_*.txt).
@@ -77,6 +78,7 @@ def main() -> None:
     pieces = {
         "dense F.linear fwd+bwd": (dense, True),
         "op fwd+bwd (dense path)": (op, True),
+        "op fwd+bwd (dense path, zero_inactive)": (op_fwd_bwd(x, w, mask, b, dy, zero_inactive=True), True),
         "F.linear fwd+bwd on a precomputed W*M": (premasked, True),
         "one W*M pass": (lambda: reference.masked_weight(w, mask, b), True),
         "mask-and-score pass over dW": (lambda: kernels.mask_and_score_(

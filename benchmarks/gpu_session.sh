@@ -18,6 +18,7 @@ mkdir -p "$RUN_DIR"
 if python -c "import pytest, hypothesis" 2>/dev/null; then
   timeout 130 python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
     tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_graphs.py tests/controller/test_host_sync.py \
+    tests/controller/test_zero_weights.py \
     2>&1 | tee "$RUN_DIR/gpu_tests.txt" | tail -30
 else
   echo "pytest/hypothesis missing on this machine: GPU tests not run" | tee "$RUN_DIR/gpu_tests.txt"

@@ -99,9 +99,11 @@ def cpu_bench(fn: Callable[[], object], reps: int = 5) -> float:
     return best * 1e3
 
 
-def op_fwd_bwd(x, weight, mask, block_size, dy) -> Callable[[], object]:
+def op_fwd_bwd(x, weight, mask, block_size, dy, zero_inactive: bool = False) -> Callable[[], object]:
     """One forward+backward of ``torch.ops.agpe.sparse_linear`` through autograd: the path
-    the op itself picks (Triton below the crossover, cuBLAS + fused masking above)."""
+    the op itself picks (Triton below the crossover, cuBLAS + fused masking above).
+    ``zero_inactive``: the Sparsifier's promise (Note [Zero inactive weights]); the caller
+    must pass a weight that is zero on inactive blocks."""
     from agpe_compile.layout import DEFAULT_BUCKETS
     from agpe_compile.packed_layout import build_packed
 
@@ -112,7 +114,7 @@ def op_fwd_bwd(x, weight, mask, block_size, dy) -> Callable[[], object]:
     xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
 
     def step():
-        y = torch.ops.agpe.sparse_linear(xr, wr, None, mask, *state, layout, block_size, "taylor")
+        y = torch.ops.agpe.sparse_linear(xr, wr, None, mask, *state, layout, block_size, "taylor", zero_inactive)
         y.backward(dy)
         xr.grad = wr.grad = None
 

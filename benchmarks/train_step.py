@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import agpe_compile  # noqa: E402
+from agpe_compile.zero_weights import install as install_zero_hooks  # noqa: E402
 from agpe_compile.ops.reference import expand_block_mask  # noqa: E402
 from gpt import Block  # noqa: E402
 
@@ -149,6 +150,9 @@ def make_step(kind: str, compiled: Callable, model: nn.Module, x: torch.Tensor,
     """The timed step for optimizer ``kind``; ``graphed`` replays the whole step (forward,
     backward, capturable fused AdamW) as one CUDA graph through ``agpe_compile.GraphedStep``."""
     optimizer = make_optimizer(kind, model, device)
+    promised = [s for s in agpe_compile.layer_states(model).values() if s.zero_inactive]
+    if promised:  # what the Sparsifier installs with its promise (Note [Zero inactive weights])
+        install_zero_hooks(optimizer, promised)
     if kind != "graphed":
         return training_step(compiled, model, x, optimizer)
 
@@ -179,7 +183,7 @@ def _log(*args) -> None:
 
 
 def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log,
-        profile_dir: str = "", profile_rows: int = 25, densities: Sequence[float] = DENSITIES,
+        profile_dir: str = "", profile_rows: int = 25, zero_inactive: bool = True, densities: Sequence[float] = DENSITIES,
         optimizers: Sequence[str] = ("fused", "block_sparse"), mask_update: bool = True) -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
@@ -216,7 +220,9 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
 
     torch._dynamo.reset()
     model = make_stack(size, device)
-    agpe_compile.prepare(model, options={"block_size": size["block"]})
+    states = agpe_compile.prepare(model, options={"block_size": size["block"]})
+    for state in states.values():  # as under the Sparsifier: set_density zeroes inactive weights
+        state.zero_inactive = zero_inactive
     backend = agpe_compile.AgpeBackend({"inductor": inductor})
     compiled = torch.compile(model, backend=backend)
     set_density(model, 1.0)
@@ -338,6 +344,9 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="CUDA: profile 3 dense steps and 3 agpe steps at the lowest density (tables next to --out)")
     parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed in each profile table")
+    parser.add_argument("--masked-weights", action="store_true",
+                        help="agpe layers without the Sparsifier's zero-weight promise: the dense path masks W "
+                             "(the behaviour before Note [Zero inactive weights])")
     parser.add_argument("--opaque", action="store_true",
                         help="keep agpe's ops opaque to Inductor on CUDA (default: the triton_op lowering)")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)),
@@ -367,16 +376,18 @@ def main(argv=None) -> None:
     op_module.INLINE_KERNELS = not args.opaque
     try:
         results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir,
-                      profile_rows=args.profile_rows, **run_args)
+                      profile_rows=args.profile_rows, zero_inactive=not args.masked_weights, **run_args)
     except Exception:  # report, then measure the opaque lowering rather than nothing
         if args.opaque or device.type != "cuda":
             raise
         traceback.print_exc()
         print("agpe: the inlined (triton_op) lowering FAILED above; measuring with opaque ops instead", flush=True)
         op_module.INLINE_KERNELS = False
-        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", **run_args)
+        results = run(size, device, warmup, iters, inductor=args.lowering == "inductor",
+                      zero_inactive=not args.masked_weights, **run_args)
         results["inline_failed"] = True
     results["lowering"] = args.lowering
+    results["zero_inactive"] = not args.masked_weights
     results["inline_kernels"] = op_module.INLINE_KERNELS
     if args.schedule_steps > 0:
         results.update(schedule_compilations(args.schedule_steps, _log))

@@ -110,8 +110,11 @@ def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mo
     # addmm broadcasts any bias shape; the op takes the 1-D bias of F.linear only.
     separate_bias = bias is not None and _ndim(bias) != 1
     with graph.inserting_before(node):
+        # zero_inactive (Note [Zero inactive weights]) is static: passed only when set, so
+        # graphs of layers without the promise read as before
+        flag = (True,) if state.zero_inactive else ()
         call = graph.call_function(
-            SPARSE_LINEAR, (x, weight, None if separate_bias else bias, *extra, state.block_size, saliency_mode)
+            SPARSE_LINEAR, (x, weight, None if separate_bias else bias, *extra, state.block_size, saliency_mode, *flag)
         )
         result = graph.call_function(torch.add, (call, bias)) if separate_bias else call
     call.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})

@@ -216,7 +216,9 @@ class _SymbolCountingBackend(agpe_compile.AgpeBackend):
         from torch._guards import TracingContext
 
         compiled = super()._lower(result, example_inputs)
-        self.symbols.append(len(TracingContext.try_get().fake_mode.shape_env.var_to_val))
+        shape_env = TracingContext.try_get().fake_mode.shape_env
+        values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
+        self.symbols.append(len(values))
         return compiled
 
 

@@ -38,6 +38,8 @@ from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum, expand_block_mask
 from agpe_compile.state import LayerState, prepare
+from agpe_compile.zero_weights import install as install_zero_hooks
+from agpe_compile.zero_weights import zero_inactive_
 
 from . import checkpoint
 from .adaptive_schedule import Feedback
@@ -134,6 +136,14 @@ class Sparsifier:
         self.target_density = self.config.start_density
         self.rebucketed: List[str] = []
         self._apply_initial_layout()
+        self._hooks = []
+        if optimizer is not None and self.layers:
+            # Note [Zero inactive weights]: from here on inactive weights stay exactly zero,
+            # so graphs compiled afterwards skip masking W on the dense path.
+            for state in self.layers.values():
+                state.zero_inactive = True
+                zero_inactive_(state)
+            self._hooks = install_zero_hooks(optimizer, list(self.layers.values()))
         self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {

@@ -183,6 +183,22 @@ def bias_grad(grad_out: torch.Tensor, *, split: Optional[int] = None) -> torch.T
     return partial.sum(0).to(grad_out.dtype)
 
 
+def zero_inactive_blocks_(weight: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Write zeros into every inactive block of ``weight`` [N, K] IN PLACE (live blocks are
+    not touched); returns ``weight``. See kernels/zero_blocks.py."""
+    check_layout(layout)
+    check_operands(layout, weight, [weight])
+    require_triton()
+    from .zero_blocks import zero_blocks_kernel
+
+    rows, cols = layout.grid_shape
+    b = layout.block_size
+    launcher(zero_blocks_kernel, (rows * cols,), weight.device)(
+        weight, layout.block_slot, cols, *weight.stride(), BLOCK_SIZE=b, ROWS=min(b, 32), num_warps=4, num_stages=1,
+    )
+    return weight
+
+
 def inactive_grad_sq_(
     grad_out: torch.Tensor, x: torch.Tensor, layout: BlockLayout, dense_grad_sq: torch.Tensor,
     enabled: Optional[torch.Tensor] = None, *, config: Optional[KernelConfig] = None,

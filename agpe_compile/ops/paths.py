@@ -82,21 +82,60 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def forward(x, weight, bias, block_mask, layout: BlockLayout, path: str) -> torch.Tensor:
+# Note [Zero inactive weights]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The dense path computes with W*M: one full pass over W in the forward and another for
+# dX, both extra to cuBLAS's work. When the weight is exactly zero on every inactive
+# block, W*M == W and both passes can go. The explicit Sparsifier (with an optimizer)
+# keeps that true for the layers it manages and marks them ``LayerState.zero_inactive``,
+# which the rewrite passes to the op as a static ``zero_inactive=True``:
+#
+# * every mask update re-zeroes all inactive blocks (controller/sparsifier.py);
+# * after EVERY optimizer step a hook re-zeroes the inactive blocks of the layers that
+#   skip the masking (``skips_masking`` below), with a kernel that only writes inactive
+#   blocks; so any optimizer (momentum, preconditioners that mix elements) and
+#   ``load_state_dict`` of the module cannot leave a nonzero there.
+#
+# Only the dense path BY DENSITY (bucket at or above the crossover) skips the masking:
+# those are exactly the layers the hook keeps zeroed; every other path reads live blocks
+# only or masks as before. Without the flag (hand-edited masks, zero-code mode) nothing
+# changes.
+def skips_masking(layout: BlockLayout, device: torch.device, zero_inactive: bool) -> bool:
+    """Whether a call with this layout uses W unmasked (Note [Zero inactive weights])."""
+    if not zero_inactive:
+        return False
+    rows, cols = layout.grid_shape
+    return layout.capacity / (rows * cols) >= dense_from(layout.block_size, device)
+
+
+def dense_from(block_size: int, device: torch.device) -> float:
+    """Bucket capacity from which a layer runs the dense path by density on ``device``.
+    On the CPU (cost model per call) only full layouts count, so the rule stays shape-only."""
+    if device.type == "cuda":
+        return GPU_DENSE_CROSSOVER.get(block_size, 0.0)
+    return 1.0
+
+
+def forward(x, weight, bias, block_mask, layout: BlockLayout, path: str, zero_inactive: bool = False) -> torch.Tensor:
     if path == "triton":
         return kernels.block_sparse_forward(x, weight, layout, bias)
     if path == "gather":
         return kernels.gather_forward(x, weight, layout, bias)
+    if skips_masking(layout, x.device, zero_inactive):
+        return torch.nn.functional.linear(x, weight, bias)
     return reference.forward(x, weight, bias, block_mask, layout.block_size)
 
 
-def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str) -> torch.Tensor:
+def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str, zero_inactive: bool = False) -> torch.Tensor:
     if path == "triton":
         return kernels.block_sparse_grad_input(grad_out, weight, layout)
     if path == "gather":
         return kernels.gather_grad_input(grad_out, weight, layout)
     grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-    masked = reference.masked_weight(weight, block_mask, layout.block_size)
+    if skips_masking(layout, grad_out.device, zero_inactive):
+        masked = weight
+    else:
+        masked = reference.masked_weight(weight, block_mask, layout.block_size)
     return (grad_2d @ masked).reshape(*grad_out.shape[:-1], weight.shape[1])
 
 

@@ -4,12 +4,16 @@ Two ops, each running the fastest path for its device (ops/paths.py) without tou
 the graph rewrite:
 
 * ``agpe::sparse_linear(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense,
-  counters, block_layout, block_size, saliency_mode) -> y`` -- pure forward, mutates nothing.
+  counters, block_layout, block_size, saliency_mode, zero_inactive=False) -> y`` -- pure
+  forward, mutates nothing.
 * ``agpe::sparse_linear_backward(grad_out, x, weight, block_mask, saliency, dense_grad_sq,
   score_dense, counters, block_layout, block_size, saliency_mode, need_input_grad,
-  need_weight_grad) -> (grad_input, grad_weight)`` -- mutates ``saliency``,
-  ``dense_grad_sq`` and ``counters`` (declared in ``mutates_args``), see Note [Saliency
-  buffers] in reference.py.
+  need_weight_grad, zero_inactive=False) -> (grad_input, grad_weight)`` -- mutates
+  ``saliency``, ``dense_grad_sq`` and ``counters`` (declared in ``mutates_args``), see Note
+  [Saliency buffers] in reference.py.
+
+``zero_inactive=True`` promises that the weight is exactly zero on every inactive block
+(Note [Zero inactive weights] in ops/paths.py): the dense path then skips masking W.
 
 ``block_layout`` is the packed index buffer of the mask (Note [Packed layout]); the call
 wrapper keeps it in sync with ``block_mask``. The backward adds the rows it saw to
@@ -77,10 +81,11 @@ def _forward_impl(
     block_layout: torch.Tensor,
     block_size: int,
     saliency_mode: str,
+    zero_inactive: bool = False,
 ) -> torch.Tensor:
     _check_inputs(x, weight, block_mask, block_size)
     layout = paths.layout_of(block_layout, block_mask, block_size)
-    return paths.forward(x, weight, bias, block_mask, layout, paths.choose(x, weight, layout))
+    return paths.forward(x, weight, bias, block_mask, layout, paths.choose(x, weight, layout), zero_inactive)
 
 
 def _backward_impl(
@@ -97,13 +102,14 @@ def _backward_impl(
     saliency_mode: str,
     need_input_grad: bool,
     need_weight_grad: bool,
+    zero_inactive: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     layout = paths.layout_of(block_layout, block_mask, block_size)
     path = paths.choose(x, weight, layout)
     grad_input = x.new_empty(_EMPTY)
     grad_weight = weight.new_empty(_EMPTY)
     if need_input_grad:
-        grad_input = paths.grad_input(grad_out, weight, block_mask, layout, path)
+        grad_input = paths.grad_input(grad_out, weight, block_mask, layout, path, zero_inactive)
     if need_weight_grad:
         grad_weight, scores, dense_sq = paths.grad_weight_and_scores(
             grad_out, x, weight, block_mask, layout, score_dense, saliency_mode, path
@@ -131,13 +137,13 @@ sparse_linear_backward_host = torch.library.custom_op(
 
 @sparse_linear_host.register_fake
 def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-      block_size, saliency_mode):
+      block_size, saliency_mode, zero_inactive=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @sparse_linear_backward_host.register_fake
 def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-      block_size, saliency_mode, need_input_grad, need_weight_grad):
+      block_size, saliency_mode, need_input_grad, need_weight_grad, zero_inactive=False):
     grad_input = torch.empty_like(x) if need_input_grad else x.new_empty(_EMPTY)
     grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(_EMPTY)
     return grad_input, grad_weight
@@ -170,12 +176,14 @@ def _lowered_forward(
     block_layout: torch.Tensor,
     block_size: int,
     saliency_mode: str,
+    zero_inactive: bool = False,
 ) -> torch.Tensor:
     if x.device.type not in TRACED_DEVICES or not INLINE_KERNELS:
         return torch.ops.agpe.sparse_linear_host(x, weight, bias, block_mask, saliency, dense_grad_sq,
-                                                 score_dense, counters, block_layout, block_size, saliency_mode)
+                                                 score_dense, counters, block_layout, block_size, saliency_mode,
+                                                 zero_inactive)
     return _forward_impl(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters,
-                         block_layout, block_size, saliency_mode)
+                         block_layout, block_size, saliency_mode, zero_inactive)
 
 
 def _lowered_backward(
@@ -192,13 +200,14 @@ def _lowered_backward(
     saliency_mode: str,
     need_input_grad: bool,
     need_weight_grad: bool,
+    zero_inactive: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.device.type not in TRACED_DEVICES or not INLINE_KERNELS:
         return torch.ops.agpe.sparse_linear_backward_host(
             grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-            block_size, saliency_mode, need_input_grad, need_weight_grad)
+            block_size, saliency_mode, need_input_grad, need_weight_grad, zero_inactive)
     return _backward_impl(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,
-                          block_layout, block_size, saliency_mode, need_input_grad, need_weight_grad)
+                          block_layout, block_size, saliency_mode, need_input_grad, need_weight_grad, zero_inactive)
 
 
 def _dense_bias_grad(grad_out: torch.Tensor) -> torch.Tensor:
@@ -236,7 +245,8 @@ else:  # same schema, opaque: the host ops' implementations serve every device
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-     block_size, mode) = inputs
+     block_size, mode, *rest) = inputs
+    ctx.zero_inactive = bool(rest[0]) if rest else False
     ctx.save_for_backward(x, weight, block_mask, block_layout)
     # The accumulators are mutated by every backward that uses them: saving them would trip
     # autograd's version check when one weight feeds several calls (see test_golden).
@@ -252,7 +262,7 @@ def _backward(ctx, grad_out):
     need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
     grad_input, grad_weight = torch.ops.agpe.sparse_linear_backward(
         grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-        ctx.block_size, ctx.saliency_mode, need_input_grad, need_weight_grad,
+        ctx.block_size, ctx.saliency_mode, need_input_grad, need_weight_grad, ctx.zero_inactive,
     )
     grad_bias = None
     if ctx.has_bias and need_bias_grad:
@@ -261,7 +271,7 @@ def _backward(ctx, grad_out):
         grad_input if need_input_grad else None,
         grad_weight if need_weight_grad else None,
         grad_bias,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 

@@ -1,0 +1,153 @@
+"""Note [Zero inactive weights]: the dense path skips masking W only where the Sparsifier
+keeps inactive weights exactly zero, whatever the optimizer or the user does."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import agpe_compile
+from agpe_compile.controller import AGPEConfig, Sparsifier
+from agpe_compile.layout import build_layout
+from agpe_compile.ops.paths import skips_masking
+from agpe_compile.ops.reference import expand_block_mask
+from agpe_compile.state import state_of
+
+from .helpers import TinyMLP, batches
+
+
+class Meddling(torch.optim.SGD):
+    """SGD that then moves EVERY entry, inactive blocks included (like optimizers whose
+    preconditioners mix elements): the invariant must survive it."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(0.25)
+        return loss
+
+
+def _masked_reference(model, x):
+    params = {}
+    for name, p in model.named_parameters():
+        state = state_of(p)
+        params[name] = p * expand_block_mask(state.block_mask, state.block_size, p.dtype) if state else p
+    return torch.func.functional_call(model, params, (x,))
+
+
+def _run(monkeypatch, optimizer_cls=Meddling, steps=6):
+    # the dense reference path on the CPU, so skipping the masking is what runs
+    monkeypatch.setattr(agpe_compile.kernels, "choose_cpu_path", lambda *args: "dense")
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = optimizer_cls(model.parameters(), lr=0.05)
+    # density 0.8 stays in bucket 1.0: the CPU's dense-by-density bucket
+    config = AGPEConfig(target_sparsity=0.2, policy="static", block_size=4, buckets=(1.0, 0.5, 0.25),
+                        distribution="uniform")
+    sp = Sparsifier(model, opt, config)
+    graphs = []
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}, on_graph=graphs.append))
+    return model, opt, sp, cmodel, graphs
+
+
+def test_layers_of_the_sparsifier_skip_masking_and_stay_exact_under_a_meddling_optimizer(monkeypatch):
+    model, opt, sp, cmodel, graphs = _run(monkeypatch)
+    for state in sp.layers.values():
+        assert state.zero_inactive and not bool(state.block_mask.all())
+        assert skips_masking(state.layout(), state.weight.device, True)
+    for x, y in batches(6):
+        loss = F.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        for state in sp.layers.values():  # the hook re-zeroed what the optimizer moved
+            assert not state.weight[expand_block_mask(~state.block_mask, 4, torch.bool)].any()
+        torch.testing.assert_close(cmodel(x), _masked_reference(model, x))
+    code = graphs[0].rewritten.code
+    assert code.count("'taylor', True)") == 3, code  # the promise reaches the op
+
+
+def test_hand_edited_masks_and_loaded_weights_are_rezeroed(monkeypatch):
+    model, opt, sp, cmodel, _ = _run(monkeypatch)
+    x = torch.randn(8, 16)
+    cmodel(x)
+    state = sp.layers["fc2"]
+    with torch.no_grad():
+        state.block_mask[0, 0] = False  # by hand: the weight there is still nonzero
+    torch.testing.assert_close(cmodel(x), _masked_reference(model, x))
+    assert not state.weight[:4, :4].any()
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint["fc2.weight"].fill_(1.0)  # nonzero everywhere, inactive blocks included
+    model.load_state_dict(checkpoint)
+    assert not state.weight[expand_block_mask(~state.block_mask, 4, torch.bool)].any()
+    torch.testing.assert_close(cmodel(x), _masked_reference(model, x))
+
+
+def test_without_the_sparsifier_nothing_is_promised(monkeypatch):
+    monkeypatch.setattr(agpe_compile.kernels, "choose_cpu_path", lambda *args: "dense")
+    model = TinyMLP()
+    agpe_compile.prepare(model, {"block_size": 4})
+    graphs = []
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}, on_graph=graphs.append))
+    state = agpe_compile.layer_state(model.fc1)
+    with torch.no_grad():
+        state.block_mask[0, 0] = False
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(cmodel(x), _masked_reference(model, x))  # masked, weights untouched
+    assert model.fc1.weight[:4, :4].any()
+    assert "True)" not in graphs[0].rewritten.code
+
+
+def test_only_the_dense_path_by_density_skips_masking():
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    full = build_layout(mask, 128, (1.0, 0.75, 0.5))  # density 0.95: bucket 1.0
+    mask[:4] = False
+    half = build_layout(mask, 128, (1.0, 0.75, 0.5))  # density 0.45: bucket 0.5
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert skips_masking(full, cuda, True) and skips_masking(full, cpu, True)
+    assert not skips_masking(half, cuda, True) and not skips_masking(half, cpu, True)
+    assert not skips_masking(full, cuda, False)
+    three_quarters = build_layout(torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.7, 128,
+                                  (1.0, 0.75, 0.5))
+    assert three_quarters.bucket == 0.75
+    assert skips_masking(three_quarters, cuda, True)  # at the GPU crossover of block 128
+    assert not skips_masking(three_quarters, cpu, True)  # the CPU trusts full layouts only
+
+
+def test_zero_kernel_writes_only_inactive_blocks():
+    pytest.importorskip("triton")
+    from agpe_compile.kernels import zero_inactive_blocks_
+
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(3 * 16, 5 * 16).to(dtype)
+        expected = weight * expand_block_mask(mask, 16, dtype)
+        zero_inactive_blocks_(weight, build_layout(mask, 16))
+        assert torch.equal(weight, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_dense_path_skips_masking_and_stays_exact_under_inductor():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)).cuda()
+    opt = Meddling(model.parameters(), lr=0.01)
+    config = AGPEConfig(target_sparsity=0.2, policy="static", block_size=128, distribution="uniform")
+    sp = Sparsifier(model, opt, config)
+    for state in sp.layers.values():  # density 0.8 -> bucket 1.0, above the crossover: dense path
+        assert skips_masking(state.layout(), state.weight.device, True)
+    cmodel = torch.compile(model, backend="agpe")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(64, 512, generator=gen).cuda()
+        loss = cmodel(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        for state in sp.layers.values():
+            assert not state.weight[expand_block_mask(~state.block_mask, 128, torch.bool)].any()
+        torch.testing.assert_close(cmodel(x), _masked_reference(model, x), rtol=1e-4, atol=1e-4)
