@@ -26,7 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import agpe_compile  # registers torch.ops.agpe
 from agpe_compile.packed_layout import build_packed
 
-device, density = sys.argv[1], float(sys.argv[2])
+device, density, zero_inactive = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
 R = C = 4
 B = 64
 mask = torch.zeros(R * C, dtype=torch.bool)
@@ -34,9 +34,9 @@ mask[: round(density * R * C)] = True
 packed, bucket = build_packed(mask.view(R, C), B, (1.0, 0.75, 0.5, 0.25, 0.1))
 
 def step(x, w, bias, m, sal, dgs, flag, counters, layout, dy):
-    y = torch.ops.agpe.sparse_linear(x, w, bias, m, sal, dgs, flag, counters, layout, B, "taylor")
+    y = torch.ops.agpe.sparse_linear(x, w, bias, m, sal, dgs, flag, counters, layout, B, "taylor", zero_inactive)
     gx, gw = torch.ops.agpe.sparse_linear_backward(dy, x, w, m, sal, dgs, flag, counters, layout, B, "taylor",
-                                                   True, True)
+                                                   True, True, zero_inactive)
     gb = torch.ops.agpe.bias_grad(dy)  # what the op's autograd formula calls for the bias
     return y, gx, gw, gb
 
@@ -56,10 +56,10 @@ print(json.dumps({"bucket": bucket, "kernels": kernels, "targets": targets}))
 '''
 
 
-def _trace(device: str, density: float) -> dict:
+def _trace(device: str, density: float, zero_inactive: bool = False) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", PROBE, device, str(density)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", PROBE, device, str(density), str(int(zero_inactive))], capture_output=True, text=True,
                             timeout=180, env={**env, "PYTHONPATH": root}, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -88,3 +88,14 @@ def test_other_devices_call_the_opaque_host_ops():
     assert "agpe.sparse_linear_host.default" in traced["targets"]
     assert "agpe.sparse_linear_backward_host.default" in traced["targets"]
     assert "aten.sum.dim_IntList" in traced["targets"]  # the bias gradient: a plain sum off CUDA
+
+
+def test_cuda_dense_path_with_the_zero_weight_promise_does_not_mask_the_weight():
+    # Note [Zero inactive weights]: the two W*M products (forward, dX) disappear; the
+    # mask-and-score pass over dW stays.
+    masked = _trace("cuda", 1.0)
+    promised = _trace("cuda", 1.0, zero_inactive=True)
+    assert promised["kernels"] == ["mask_scores_kernel", "column_sum_kernel"]
+    assert masked["targets"].count("aten.mul.Tensor") - promised["targets"].count("aten.mul.Tensor") == 2
+    below = _trace("cuda", 0.25, zero_inactive=True)  # the block-sparse kernels never mask anyway
+    assert sorted(below["kernels"]) == sorted(_trace("cuda", 0.25)["kernels"])
