@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from agpe_compile.controller import AGPEConfig
+from agpe_compile.controller import AGPEConfig, Sparsifier
 from agpe_compile.controller.host_sync import to_device, to_host
 
 from .helpers import batches, make_run, train
@@ -111,7 +111,7 @@ def test_a_gpu_mask_update_synchronizes_a_bounded_number_of_times():
     model = TinyMLP().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     config = AGPEConfig(target_sparsity=0.75, policy="rigl", update_interval=2, end_step=40, block_size=4)
-    sp = agpe_compile_sparsifier(model, opt, config)
+    sp = Sparsifier(model, opt, config)
     cmodel = torch.compile(model, backend="agpe", options={"inductor": False, "block_size": 4})
     gen = torch.Generator().manual_seed(0)
     worst = 0
@@ -143,11 +143,6 @@ def test_a_gpu_mask_update_synchronizes_a_bounded_number_of_times():
         assert int(layout.live_count) == int(mask.sum())
         assert torch.equal(layout.row_ptr[1:] - layout.row_ptr[:-1], mask.sum(1).to(layout.row_ptr.dtype))
 
-
-def agpe_compile_sparsifier(model, opt, config):
-    from agpe_compile.controller import Sparsifier
-
-    return Sparsifier(model, opt, config)
 
 
 def test_the_packed_transfer_round_trips_mixed_dtypes_in_any_order():
