@@ -207,6 +207,29 @@ def run_sweep(dtype) -> List[Dict]:
     return results
 
 
+def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
+    """The TMA forward candidate (kernels/forward_tma.py) against the default forward kernel,
+    block 128, same config, same masks: which one should be the default."""
+    from agpe_compile.kernels.launch import block_sparse_forward_tma
+
+    results = []
+    for m, k, n in shapes:
+        x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+        for density in densities:
+            mask = random_mask(n // 128, k // 128, density, DEVICE)
+            layout = build_layout(mask, 128)
+            w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
+            pointer = gpu_bench(lambda: block_sparse_forward(x, w, layout))
+            try:
+                torch.testing.assert_close(block_sparse_forward_tma(x, w, layout), block_sparse_forward(x, w, layout),
+                                           rtol=2e-2, atol=2e-2)
+                tma, note = gpu_bench(lambda: block_sparse_forward_tma(x, w, layout)), ""
+            except Exception as error:  # report, keep measuring the rest
+                tma, note = None, f"{type(error).__name__}: {str(error)[:160]}"
+            results.append(dict(m=m, k=k, n=n, density=density, forward_ms=pointer, forward_tma_ms=tma, note=note))
+    return results
+
+
 def run_small(shapes, block_sizes, densities) -> List[Dict]:
     rows = []
     for m, k, n in shapes:
@@ -272,6 +295,7 @@ def main() -> None:
         report["results"] = run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16)
         report["crossover"] = crossover(report["results"])
         report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
+        report["tma"] = run_tma(torch.bfloat16)
     else:
         # One thread: on a shared 2-core host, OpenMP threads that wait on a busy core
         # make timings swing 10x; the cost model in cpu_gather was measured the same way.
@@ -284,6 +308,11 @@ def main() -> None:
     print(format_table(report["results"], gpu))
     if "crossover" in report:
         print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
+    for entry in report.get("tma", []):
+        tma = f"{entry['forward_tma_ms']:.3f} ms ({entry['forward_tma_ms'] / entry['forward_ms']:.3f}x)" \
+            if entry["forward_tma_ms"] is not None else entry["note"]
+        print(f"forward {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: pointer "
+              f"{entry['forward_ms']:.3f} ms, TMA {tma}")
     for entry in report.get("sweep", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"sweep {entry['kernel']:<12} {entry['config']} {ms}")

@@ -502,3 +502,42 @@ def test_bias_grad_kernel_compiles_for_hopper_with_vector_loads(triton_kernels):
         assert report["spill_bytes"] == 0 and report["shared_bytes"] <= 4096, report
     assert even_bf16["widest_load_bits"] == 128 and even_fp32["widest_load_bits"] == 128
     assert odd_bf16["widest_load_bits"] == 16  # the masked tail: why the launcher passes EVEN_N
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 70, 128])
+def test_tma_forward_candidate_matches_the_forward_kernel(triton_kernels, dtype, m):
+    from agpe_compile.kernels.launch import block_sparse_forward_tma
+
+    p = make_problem(m, 3, 4, 32, 0.5, dtype)
+    layout = build_layout(p.mask, 32)
+    expected = block_sparse_forward(p.x, p.weight, layout, p.bias)  # NaN in inactive blocks: never read
+    assert not expected.isnan().any()
+    torch.testing.assert_close(block_sparse_forward_tma(p.x, p.weight, layout, p.bias), expected, rtol=0, atol=0)
+
+
+def test_tma_forward_refuses_operands_tma_cannot_read(triton_kernels):
+    from agpe_compile.kernels.launch import block_sparse_forward_tma
+
+    p = make_problem(64, 2, 2, 32, 1.0, torch.float32)
+    layout = build_layout(p.mask, 32)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        block_sparse_forward_tma(p.x.t().contiguous().t(), p.weight, layout)
+
+
+def test_tma_forward_compiles_for_hopper_with_bulk_copies(triton_kernels):
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "import json\n"
+        "from agpe_compile.kernels.aot import compile_forward_tma\n"
+        "print(json.dumps(compile_forward_tma()))\n"
+    )
+    result = _run_python(code, TRITON_DEFAULT_FP_FUSION="1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    from agpe_compile.kernels.aot import HOPPER_SHARED_LIMIT
+
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["shared_bytes"] <= HOPPER_SHARED_LIMIT and report["spill_bytes"] == 0, report
+    assert report["tma_loads"] > 0 and report["wgmma"] > 0, report

@@ -182,3 +182,13 @@ def test_op_bias_gradient_compiled_matches_eager_sum():
         .square().mean().backward()
     torch.testing.assert_close(layer[0].bias.grad, b1.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer[2].bias.grad, b2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_tma_forward_candidate_at_size():
+    from agpe_compile.kernels import block_sparse_forward
+    from agpe_compile.kernels.launch import block_sparse_forward_tma
+
+    x, weight, _, bias, mask, _ = _problem(M, N, K, 128, 0.4, torch.bfloat16, seed=3)
+    layout = build_layout(mask, 128)
+    torch.testing.assert_close(block_sparse_forward_tma(x, weight, layout, bias),
+                               block_sparse_forward(x, weight, layout, bias), **TOLERANCES[torch.bfloat16])

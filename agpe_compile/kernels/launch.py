@@ -60,6 +60,44 @@ def block_sparse_forward(
     return y.view(*x.shape[:-1], n)
 
 
+def block_sparse_forward_tma(
+    x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, bias: Optional[torch.Tensor] = None,
+    *, config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """:func:`block_sparse_forward` through TMA tensor descriptors (kernels/forward_tma.py):
+    a candidate timed by ``benchmarks/kernels.py``. Needs X's and W's last dimension
+    contiguous and their other strides 16-byte aligned (TMA's rules)."""
+    x2 = as_2d("x", x, check_layout(layout).shape[1])
+    check_operands(layout, weight, [x2])
+    if bias is not None:
+        check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
+    for name, t in (("x", x2), ("weight", weight)):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            raise ValueError(f"agpe kernels: the TMA forward needs {name} with a contiguous last dimension and "
+                             f"16-byte aligned rows, got strides {tuple(t.stride())}")
+    require_triton()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .forward_tma import forward_tma_kernel
+
+    cfg = _config(forward_tma_kernel, "forward", layout, x.dtype, config)
+    m, n = x2.shape[0], layout.shape[0]
+    rows = layout.grid_shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.view(*x.shape[:-1], n)
+    x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [layout.block_size, cfg.block_k])
+    launcher(forward_tma_kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
+        x_desc, w_desc, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx,
+        m, rows, *y.stride(),
+        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, **dot_options(forward_tma_kernel, x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
 def block_sparse_grad_input(
     grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
 ) -> torch.Tensor:

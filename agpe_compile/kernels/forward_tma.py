@@ -1,0 +1,44 @@
+"""Forward kernel with tensor-memory-accelerator (TMA) loads: a candidate, not the default.
+
+Same work as forward.py (one [BLOCK_M, BLOCK_SIZE] tile of Y per program, walking the live
+block columns of one block row of W), but the X and W tiles come through host-built
+``TensorDescriptor``s: on Hopper each tile is one bulk asynchronous copy instead of
+per-thread address arithmetic and loads, which is how the fastest Triton GEMMs feed wgmma.
+The forward kernel runs at 56-66% of cuBLAS's FLOP rate on an H200 (docs/benchmarks.md),
+the weakest of the three; ``benchmarks/kernels.py`` times this variant beside it on a GPU.
+Rows past M are zero-filled by the TMA unit; the epilogue store is masked.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import dot_acc, grouped_tile
+
+
+@triton.jit
+def forward_tma_kernel(
+    x_desc, w_desc, bias_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
+    M, num_block_rows, stride_ym, stride_yn,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    steps_per_block = BLOCK_SIZE // BLOCK_K
+    pid_m, block_row = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_block_rows, GROUP_M)
+    m0 = pid_m * BLOCK_M
+    n0 = block_row * BLOCK_SIZE
+    first = tl.load(row_ptr_ptr + block_row)
+    last = tl.load(row_ptr_ptr + block_row + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
+    for step in range(first * steps_per_block, last * steps_per_block):
+        block_col = tl.load(col_idx_ptr + step // steps_per_block)
+        k = block_col * BLOCK_SIZE + (step % steps_per_block) * BLOCK_K
+        x = x_desc.load([m0, k])  # [BLOCK_M, BLOCK_K]
+        w = w_desc.load([n0, k])  # [BLOCK_SIZE, BLOCK_K]: W's rows as stored
+        acc = dot_acc(x, w.T, acc, INPUT_PRECISION, UPCAST)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_SIZE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=offs_m[:, None] < M)
