@@ -208,25 +208,31 @@ def run_sweep(dtype) -> List[Dict]:
 
 
 def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
-    """The TMA forward candidate (kernels/forward_tma.py) against the default forward kernel,
-    block 128, same config, same masks: which one should be the default."""
-    from agpe_compile.kernels.launch import block_sparse_forward_tma
+    """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py) against the default
+    kernels, block 128, same configs, same masks: which ones should be the default."""
+    from agpe_compile.kernels.launch import block_sparse_forward_tma, block_sparse_grad_input_tma
 
+    pairs = {"forward": (lambda x, dy, w, lay: block_sparse_forward(x, w, lay),
+                         lambda x, dy, w, lay: block_sparse_forward_tma(x, w, lay)),
+             "grad_input": (lambda x, dy, w, lay: block_sparse_grad_input(dy, w, lay),
+                            lambda x, dy, w, lay: block_sparse_grad_input_tma(dy, w, lay))}
     results = []
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+        dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
         for density in densities:
             mask = random_mask(n // 128, k // 128, density, DEVICE)
             layout = build_layout(mask, 128)
             w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
-            pointer = gpu_bench(lambda: block_sparse_forward(x, w, layout))
-            try:
-                torch.testing.assert_close(block_sparse_forward_tma(x, w, layout), block_sparse_forward(x, w, layout),
-                                           rtol=2e-2, atol=2e-2)
-                tma, note = gpu_bench(lambda: block_sparse_forward_tma(x, w, layout)), ""
-            except Exception as error:  # report, keep measuring the rest
-                tma, note = None, f"{type(error).__name__}: {str(error)[:160]}"
-            results.append(dict(m=m, k=k, n=n, density=density, forward_ms=pointer, forward_tma_ms=tma, note=note))
+            for kernel, (default, tma) in pairs.items():
+                default_ms = gpu_bench(lambda: default(x, dy, w, layout))
+                try:
+                    torch.testing.assert_close(tma(x, dy, w, layout), default(x, dy, w, layout), rtol=2e-2, atol=2e-2)
+                    tma_ms, note = gpu_bench(lambda: tma(x, dy, w, layout)), ""
+                except Exception as error:  # report, keep measuring the rest
+                    tma_ms, note = None, f"{type(error).__name__}: {str(error)[:160]}"
+                results.append(dict(kernel=kernel, m=m, k=k, n=n, density=density, default_ms=default_ms,
+                                    tma_ms=tma_ms, note=note))
     return results
 
 
@@ -309,10 +315,10 @@ def main() -> None:
     if "crossover" in report:
         print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
     for entry in report.get("tma", []):
-        tma = f"{entry['forward_tma_ms']:.3f} ms ({entry['forward_tma_ms'] / entry['forward_ms']:.3f}x)" \
-            if entry["forward_tma_ms"] is not None else entry["note"]
-        print(f"forward {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: pointer "
-              f"{entry['forward_ms']:.3f} ms, TMA {tma}")
+        tma = f"{entry['tma_ms']:.3f} ms ({entry['tma_ms'] / entry['default_ms']:.3f}x)" \
+            if entry["tma_ms"] is not None else entry["note"]
+        print(f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: default "
+              f"{entry['default_ms']:.3f} ms, TMA {tma}")
     for entry in report.get("sweep", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"sweep {entry['kernel']:<12} {entry['config']} {ms}")

@@ -192,3 +192,13 @@ def test_tma_forward_candidate_at_size():
     layout = build_layout(mask, 128)
     torch.testing.assert_close(block_sparse_forward_tma(x, weight, layout, bias),
                                block_sparse_forward(x, weight, layout, bias), **TOLERANCES[torch.bfloat16])
+
+
+def test_tma_grad_input_candidate_at_size():
+    from agpe_compile.kernels import block_sparse_grad_input
+    from agpe_compile.kernels.launch import block_sparse_grad_input_tma
+
+    _, weight, grad_out, _, mask, _ = _problem(M, N, K, 128, 0.4, torch.bfloat16, seed=4)
+    layout = build_layout(mask, 128)
+    torch.testing.assert_close(block_sparse_grad_input_tma(grad_out, weight, layout),
+                               block_sparse_grad_input(grad_out, weight, layout), **TOLERANCES[torch.bfloat16])

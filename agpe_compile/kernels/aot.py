@@ -112,35 +112,48 @@ def compile_column_sum(dtype: str = "bf16", even_n: bool = True, arch: int = 90)
             "widest_load_bits": max((int(bits) if bits else 32) for bits in loads) if loads else 0}
 
 
-def compile_forward_tma(block_size: int = 128, dtype: str = "bf16", arch: int = 90) -> dict:
-    """Compile the TMA forward candidate (kernels/forward_tma.py) with the forward kernel's
-    configuration; report shared memory, registers, spills, TMA loads and wgmma."""
+def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf16", arch: int = 90) -> dict:
+    """Compile a TMA candidate (``"forward"``: kernels/forward_tma.py, ``"grad_input"``:
+    kernels/grad_input_tma.py) with the default kernel's configuration; report shared
+    memory, registers, spills, TMA loads (UTMALDG) and wgmma (HGMMA)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .forward_tma import forward_tma_kernel
+    from .grad_input_tma import grad_input_tma_kernel
 
-    cfg = config_for("forward", block_size, _DTYPES[dtype], interpret=False)
-    element = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
-    signature = {"x_desc": f"tensordesc<{element}[{cfg.block_m},{cfg.block_k}]>",
-                 "w_desc": f"tensordesc<{element}[{block_size},{cfg.block_k}]>", "bias_ptr": f"*{element}",
-                 "y_ptr": f"*{element}", "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32", "M": "i32",
-                 "num_block_rows": "i32", "stride_ym": "i32", "stride_yn": "constexpr", "BLOCK_SIZE": "constexpr",
-                 "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "HAS_BIAS": "constexpr",
-                 "INPUT_PRECISION": "constexpr", "UPCAST": "constexpr"}
-    constants = {"stride_yn": 1, "BLOCK_SIZE": block_size, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k,
-                 "GROUP_M": cfg.group_m, "HAS_BIAS": True, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
-                 "UPCAST": False}
+    cfg = config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
+    e = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
+    if kernel == "forward":
+        fn = forward_tma_kernel
+        signature = {"x_desc": f"tensordesc<{e}[{cfg.block_m},{cfg.block_k}]>",
+                     "w_desc": f"tensordesc<{e}[{block_size},{cfg.block_k}]>", "bias_ptr": f"*{e}", "y_ptr": f"*{e}",
+                     "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32", "M": "i32", "num_block_rows": "i32",
+                     "stride_ym": "i32", "stride_yn": "constexpr"}
+        aligned = ("bias_ptr", "y_ptr", "row_ptr_ptr", "col_idx_ptr", "stride_ym")
+        extra = {"stride_yn": 1, "HAS_BIAS": True}
+    elif kernel == "grad_input":
+        fn = grad_input_tma_kernel
+        signature = {"dy_desc": f"tensordesc<{e}[{cfg.block_m},{cfg.block_k}]>",
+                     "w_desc": f"tensordesc<{e}[{cfg.block_k},{block_size}]>", "dx_ptr": f"*{e}",
+                     "col_ptr_ptr": "*i32", "row_idx_ptr": "*i32", "M": "i32", "num_block_cols": "i32",
+                     "stride_dxm": "i32", "stride_dxk": "constexpr"}
+        aligned = ("dx_ptr", "col_ptr_ptr", "row_idx_ptr", "stride_dxm")
+        extra = {"stride_dxk": 1}
+    else:
+        raise ValueError(f"agpe aot: expected kernel 'forward' or 'grad_input', got {kernel!r}")
+    constants = {"BLOCK_SIZE": block_size, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+                 "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, **extra}
+    signature.update({name: "constexpr" for name in constants if name not in signature})
     names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]]
-             for n in ("bias_ptr", "y_ptr", "row_ptr_ptr", "col_idx_ptr", "stride_ym")}
-    compiled = triton.compile(ASTSource(fn=forward_tma_kernel, signature=signature, constexprs=constants, attrs=attrs),
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     usage, sass = _inspect(compiled.asm["cubin"], os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin"))
-    return {"shared_bytes": compiled.metadata.shared, "registers": usage["REG"], "spill_bytes": usage["LOCAL"],
-            "tma_loads": sass.count("UTMALDG"), "wgmma": sass.count("HGMMA")}
+    return {"kernel": kernel, "shared_bytes": compiled.metadata.shared, "registers": usage["REG"],
+            "spill_bytes": usage["LOCAL"], "tma_loads": sass.count("UTMALDG"), "wgmma": sass.count("HGMMA")}
 
 
 def _kernel(name: str):

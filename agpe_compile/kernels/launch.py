@@ -71,10 +71,8 @@ def block_sparse_forward_tma(
     check_operands(layout, weight, [x2])
     if bias is not None:
         check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
-    for name, t in (("x", x2), ("weight", weight)):
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            raise ValueError(f"agpe kernels: the TMA forward needs {name} with a contiguous last dimension and "
-                             f"16-byte aligned rows, got strides {tuple(t.stride())}")
+    _check_tma("x", x2)
+    _check_tma("weight", weight)
     require_triton()
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -120,6 +118,43 @@ def block_sparse_grad_input(
         **dot_options(grad_input_kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dx.view(*grad_out.shape[:-1], k)
+
+
+def block_sparse_grad_input_tma(
+    grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """:func:`block_sparse_grad_input` through TMA tensor descriptors
+    (kernels/grad_input_tma.py): a candidate timed by ``benchmarks/kernels.py``."""
+    dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
+    check_operands(layout, weight, [dy2])
+    _check_tma("grad_out", dy2)
+    _check_tma("weight", weight)
+    require_triton()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .grad_input_tma import grad_input_tma_kernel
+
+    cfg = _config(grad_input_tma_kernel, "grad_input", layout, grad_out.dtype, config)
+    m, k = dy2.shape[0], layout.shape[1]
+    cols = layout.grid_shape[1]
+    dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
+    if m == 0:
+        return dx.view(*grad_out.shape[:-1], k)
+    dy_desc = TensorDescriptor.from_tensor(dy2, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_k, layout.block_size])
+    launcher(grad_input_tma_kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
+        dy_desc, w_desc, dx, layout.col_ptr, layout.row_idx, m, cols, *dx.stride(),
+        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        **dot_options(grad_input_tma_kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx.view(*grad_out.shape[:-1], k)
+
+
+def _check_tma(name: str, t: torch.Tensor) -> None:
+    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows and base."""
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        raise ValueError(f"agpe kernels: the TMA kernels need {name} with a contiguous last dimension and "
+                         f"16-byte aligned rows, got strides {tuple(t.stride())}")
 
 
 def block_sparse_grad_weight(
