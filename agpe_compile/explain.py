@@ -34,6 +34,9 @@ class LayerRecord:
     reason: Optional[str]
     graph: int
     lowering: Optional[str] = None
+    # the Sparsifier keeps its inactive weights at zero, so the dense path skips masking
+    # (Note [Zero inactive weights])
+    zero_inactive: bool = False
 
 
 @dataclasses.dataclass
@@ -61,7 +64,8 @@ def _table(layers: List[LayerRecord]) -> str:
             "-" if r.block_size is None else str(r.block_size),
             "-" if r.density is None else f"{r.density:.3f}",
             str(r.graph),
-            f"yes ({r.lowering})" if r.rewritten else f"no: {r.reason}",
+            (f"yes ({r.lowering}, inactive weights kept at zero)" if r.zero_inactive else f"yes ({r.lowering})")
+            if r.rewritten else f"no: {r.reason}",
         )
         for r in layers
     ]
@@ -78,7 +82,7 @@ def _records(graph: GraphRecord) -> List[LayerRecord]:
         st = d.state
         out.append(LayerRecord(d.name, d.shape, None if st is None else st.block_size,
                                None if st is None else st.density, d.rewritten, d.reason, graph.index,
-                               d.lowering))
+                               d.lowering, st is not None and st.zero_inactive))
     return out
 
 

@@ -151,3 +151,10 @@ def test_gpu_dense_path_skips_masking_and_stays_exact_under_inductor():
         for state in sp.layers.values():
             assert not state.weight[expand_block_mask(~state.block_mask, 128, torch.bool)].any()
         torch.testing.assert_close(cmodel(x), _masked_reference(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_explain_says_which_layers_keep_zero_weights():
+    model = TinyMLP()
+    Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=4))
+    table = str(agpe_compile.explain(model, torch.randn(2, 16)))
+    assert table.count("inactive weights kept at zero") == 3, table
