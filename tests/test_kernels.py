@@ -553,3 +553,28 @@ def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, 
     expected = block_sparse_grad_input(p.grad_out, p.weight, layout)  # NaN in inactive blocks: never read
     assert not expected.isnan().any()
     torch.testing.assert_close(block_sparse_grad_input_tma(p.grad_out, p.weight, layout), expected, rtol=0, atol=0)
+
+
+def test_tma_candidates_refuse_traced_calls(triton_kernels):
+    # wrap_triton would record the launch without the descriptors: refuse instead.
+    code = (
+        "import torch\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "from torch.fx.experimental.proxy_tensor import make_fx\n"
+        "from agpe_compile.layout import BlockLayout, build_layout\n"
+        "from agpe_compile.kernels.launch import block_sparse_forward_tma\n"
+        "layout = build_layout(torch.tensor([[True, False], [True, True]]), 64)\n"
+        "def step(x, w, *tensors):\n"
+        "    return block_sparse_forward_tma(x, w, BlockLayout.from_tensors(tensors, block_size=64, bucket=0.75))\n"
+        "with FakeTensorMode():\n"
+        "    e = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device='cuda')\n"
+        "    args = [e(300, 128), e(128, 128)] + [e(*t.shape, dtype=t.dtype) for t in layout.tensors()]\n"
+        "    try:\n"
+        "        make_fx(step, tracing_mode='fake')(*args)\n"
+        "    except RuntimeError as error:\n"
+        "        assert 'eagerly only' in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError('traced a TMA launch')\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]

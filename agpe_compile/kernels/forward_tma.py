@@ -7,6 +7,10 @@ per-thread address arithmetic and loads, which is how the fastest Triton GEMMs f
 The forward kernel runs at 56-66% of cuBLAS's FLOP rate on an H200 (docs/benchmarks.md),
 the weakest of the three; ``benchmarks/kernels.py`` times this variant beside it on a GPU.
 Rows past M are zero-filled by the TMA unit; the epilogue store is masked.
+
+Eager launches only: torch.compile's ``wrap_triton`` drops host-built descriptor arguments
+(checked with torch 2.13), so the launcher refuses traced calls; adopting this kernel in
+compiled code would need descriptors built on the device (``tl.make_tensor_descriptor``).
 """
 
 import triton

@@ -4,6 +4,10 @@ Same work as grad_input.py (one [BLOCK_M, BLOCK_SIZE] tile of dX per program, wa
 live block rows of one block column of W), with the dY and W tiles fetched through
 host-built ``TensorDescriptor``s (one bulk asynchronous copy per tile on Hopper; see
 forward_tma.py). ``benchmarks/kernels.py`` times it beside the default on a GPU.
+
+Eager launches only: torch.compile's ``wrap_triton`` drops host-built descriptor arguments
+(checked with torch 2.13), so the launcher refuses traced calls; adopting this kernel in
+compiled code would need descriptors built on the device (``tl.make_tensor_descriptor``).
 """
 
 import triton

@@ -29,7 +29,7 @@ from ..layout import BlockLayout
 from .checks import (SALIENCY_MODES, as_2d, check_layout, check_operands, check_rows, check_saliency,
                      check_scores, check_tensor)
 from .configs import KernelConfig, config_for
-from .runtime import cdiv, dot_options, is_interpreted, launcher, require_triton
+from .runtime import cdiv, dot_options, is_interpreted, is_tracing, launcher, require_triton
 
 
 def block_sparse_forward(
@@ -151,7 +151,15 @@ def block_sparse_grad_input_tma(
 
 
 def _check_tma(name: str, t: torch.Tensor) -> None:
-    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows and base."""
+    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows and base.
+
+    Also refuses traced calls: torch.compile's ``wrap_triton`` (checked with torch 2.13) drops
+    host-built ``TensorDescriptor`` arguments from the recorded launch, so these candidates
+    run eagerly only (the benchmark's way); a traced path would need device-side descriptors.
+    """
+    if is_tracing():
+        raise RuntimeError("agpe kernels: the TMA candidates run eagerly only; torch.compile's wrap_triton does "
+                           "not carry host-built TensorDescriptor arguments")
     if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
         raise ValueError(f"agpe kernels: the TMA kernels need {name} with a contiguous last dimension and "
                          f"16-byte aligned rows, got strides {tuple(t.stride())}")
