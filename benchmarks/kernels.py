@@ -236,6 +236,30 @@ def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Di
     return results
 
 
+def run_tma_configs(dtype) -> List[Dict]:
+    """Each configuration of ``TMA_CANDIDATES`` on the first shape, block 128, d=0.5."""
+    from agpe_compile.kernels.configs import TMA_CANDIDATES
+    from agpe_compile.kernels.launch import block_sparse_forward_tma, block_sparse_grad_input_tma
+
+    m, k, n = GPU_SHAPES[0]
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    mask = random_mask(n // 128, k // 128, 0.5, DEVICE)
+    layout = build_layout(mask, 128)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
+    calls = {"forward": lambda cfg: block_sparse_forward_tma(x, w, layout, config=cfg),
+             "grad_input": lambda cfg: block_sparse_grad_input_tma(dy, w, layout, config=cfg)}
+    results = []
+    for kernel, configs in TMA_CANDIDATES.items():
+        for cfg in configs:
+            try:
+                ms, note = gpu_bench(lambda: calls[kernel](cfg)), ""
+            except Exception as error:
+                ms, note = None, f"{type(error).__name__}: {str(error)[:120]}"
+            results.append(dict(kernel=kernel, config=dataclasses.asdict(cfg), ms=ms, note=note))
+    return results
+
+
 def run_small(shapes, block_sizes, densities) -> List[Dict]:
     rows = []
     for m, k, n in shapes:
@@ -302,6 +326,7 @@ def main() -> None:
         report["crossover"] = crossover(report["results"])
         report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
         report["tma"] = run_tma(torch.bfloat16)
+        report["tma_configs"] = run_tma_configs(torch.bfloat16)
     else:
         # One thread: on a shared 2-core host, OpenMP threads that wait on a busy core
         # make timings swing 10x; the cost model in cpu_gather was measured the same way.
@@ -319,6 +344,9 @@ def main() -> None:
             if entry["tma_ms"] is not None else entry["note"]
         print(f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: default "
               f"{entry['default_ms']:.3f} ms, TMA {tma}")
+    for entry in report.get("tma_configs", []):
+        ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
+        print(f"TMA {entry['kernel']:<10} d=0.5 {entry['config']} {ms}")
     for entry in report.get("sweep", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"sweep {entry['kernel']:<12} {entry['config']} {ms}")

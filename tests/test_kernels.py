@@ -530,7 +530,8 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
     code = (
         "import json\n"
         "from agpe_compile.kernels.aot import compile_tma\n"
-        "print(json.dumps([compile_tma('forward'), compile_tma('grad_input')]))\n"
+        "from agpe_compile.kernels.configs import TMA_CANDIDATES\n"
+        "print(json.dumps([compile_tma(k, config=c) for k, cs in TMA_CANDIDATES.items() for c in cs]))\n"
     )
     result = _run_python(code, TRITON_DEFAULT_FP_FUSION="1")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -112,7 +112,8 @@ def compile_column_sum(dtype: str = "bf16", even_n: bool = True, arch: int = 90)
             "widest_load_bits": max((int(bits) if bits else 32) for bits in loads) if loads else 0}
 
 
-def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf16", arch: int = 90) -> dict:
+def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf16", arch: int = 90,
+                config: Optional[KernelConfig] = None) -> dict:
     """Compile a TMA candidate (``"forward"``: kernels/forward_tma.py, ``"grad_input"``:
     kernels/grad_input_tma.py) with the default kernel's configuration; report shared
     memory, registers, spills, TMA loads (UTMALDG) and wgmma (HGMMA)."""
@@ -123,7 +124,7 @@ def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf
     from .forward_tma import forward_tma_kernel
     from .grad_input_tma import grad_input_tma_kernel
 
-    cfg = config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
+    cfg = config or config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
     e = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     if kernel == "forward":
         fn = forward_tma_kernel
