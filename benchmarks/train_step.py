@@ -16,6 +16,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import signal
 import datetime
 import importlib
 import json
@@ -165,6 +166,10 @@ def make_step(kind: str, compiled: Callable, model: nn.Module, x: torch.Tensor,
     return agpe_compile.GraphedStep(step, model, optimizer)
 
 
+# The results of the run in progress: written (marked incomplete) if a time limit stops it.
+PARTIAL: Dict = {}
+
+
 # Issue targets, as speed-ups over the best dense step (1/1.03: at most 3% slower).
 SPEEDUP_TARGETS = {1.0: 1 / 1.03, 0.25: 2.0, 0.1: 3.0}
 
@@ -189,6 +194,7 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     dtype = getattr(torch, size["dtype"])
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device, dtype=dtype)
     results: Dict = {"size": size, "rows": []}
+    PARTIAL["results"] = results  # what main writes if the run is cut off
 
     torch._dynamo.reset()
     dense = make_stack(size, device)
@@ -374,6 +380,8 @@ def main(argv=None) -> None:
     profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
 
     op_module.INLINE_KERNELS = not args.opaque
+    if args.out:  # `timeout` sends SIGTERM: keep what was measured
+        signal.signal(signal.SIGTERM, lambda *_: _write_partial(args.out))
     try:
         results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir,
                       profile_rows=args.profile_rows, zero_inactive=not args.masked_weights, **run_args)
@@ -415,6 +423,15 @@ def main(argv=None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _write_partial(path: str) -> None:
+    results = dict(PARTIAL.get("results", {}), incomplete=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"train_step: stopped by a time limit; partial results written to {path}", flush=True)
+    raise SystemExit(124)
 
 
 if __name__ == "__main__":
