@@ -25,8 +25,9 @@ import math
 import os
 import platform
 import sys
+import signal
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +132,8 @@ def dense_fwd_bwd(x, weight, dy) -> Callable[[], object]:
     return step
 
 
-def run_gpu(shapes, block_sizes, densities, dtype, log=print) -> List[Dict]:
-    rows = []
+def run_gpu(shapes, block_sizes, densities, dtype, log=print, rows: Optional[List[Dict]] = None) -> List[Dict]:
+    rows = [] if rows is None else rows  # filled as it goes: a time limit keeps what was measured
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
         dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
@@ -322,7 +323,10 @@ def main() -> None:
         import triton
 
         report.update(device=torch.cuda.get_device_name(), triton=triton.__version__, dtype="bfloat16")
-        report["results"] = run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16)
+        report["results"] = []
+        if args.out:  # `timeout` sends SIGTERM: keep what was measured
+            signal.signal(signal.SIGTERM, lambda *_: _write_partial(report, args.out))
+        run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16, rows=report["results"])
         report["crossover"] = crossover(report["results"])
         report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
         report["tma"] = run_tma(torch.bfloat16)
@@ -355,6 +359,14 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.out}")
+
+
+def _write_partial(report: Dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(report, incomplete=True), f, indent=1, default=str)
+    print(f"kernels: stopped by a time limit; partial results written to {path}", flush=True)
+    raise SystemExit(124)
 
 
 if __name__ == "__main__":
