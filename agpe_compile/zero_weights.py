@@ -37,8 +37,9 @@ def zero_inactive_(state) -> None:
     if weight is None:
         return
     with torch.no_grad():
+        # the kernel reads the layout: only when it matches the mask (else the mask itself)
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES
-                and weight.is_contiguous()):
+                and weight.is_contiguous() and state.layout_mask_version == state.block_mask._version):
             kernels.zero_inactive_blocks_(weight, state.layout())
         else:
             weight.mul_(expand_block_mask(state.block_mask, state.block_size, weight.dtype))

@@ -136,6 +136,7 @@ class Sparsifier:
         self.target_density = self.config.start_density
         self.rebucketed: List[str] = []
         self._apply_initial_layout()
+        self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._hooks = []
         if optimizer is not None and self.layers:
             # Note [Zero inactive weights]: from here on inactive weights stay exactly zero,
@@ -144,7 +145,6 @@ class Sparsifier:
                 state.zero_inactive = True
                 zero_inactive_(state)
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()))
-        self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
             n: {"shape": list(s.weight_shape), "block_size": s.block_size, "grid": list(s.grid)}
