@@ -71,3 +71,13 @@ def test_reasons_the_kernels_cannot_run_are_named():
     assert "block size 16" in paths._no_triton_reason(x32, torch.empty(64, 64), 16)
     assert "float64" in paths._no_triton_reason(x32.double(), torch.empty(64, 64).double(), 32)
     assert "float16" in paths._no_triton_reason(x32, torch.empty(64, 64).half(), 32)
+
+
+def test_activations_past_int32_indexing_take_the_dense_path():
+    # The kernels index with int32: 2**31 elements in x or y must not reach them (meta
+    # tensors: the rule looks at shapes only, nothing is allocated).
+    weight = torch.empty(4096, 2048, device="meta", dtype=torch.bfloat16)
+    fits = torch.empty(8, 1024, 2048, device="meta", dtype=torch.bfloat16)
+    too_many_outputs = torch.empty(64, 8192, 2048, device="meta", dtype=torch.bfloat16)  # y: 2**31 elements
+    assert "2**31" in paths._no_triton_reason(too_many_outputs, weight, 128)
+    assert "2**31" not in (paths._no_triton_reason(fits, weight, 128) or "")
