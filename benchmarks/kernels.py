@@ -186,17 +186,22 @@ def crossover(rows: List[Dict], margin: float = 0.97) -> Dict[int, float]:
 
 def run_sweep(dtype) -> List[Dict]:
     """Time each candidate config of CANDIDATES on the first shape, block 128, density 0.25."""
+    return _time_configs(dtype, CANDIDATES, 0.25, tma=False)
+
+
+def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
+    """Each configuration of ``candidates`` ({kernel: configs}) on the first shape, block 128."""
     m, k, n = GPU_SHAPES[0]
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
-    mask = random_mask(n // 128, k // 128, 0.25, DEVICE)
+    mask = random_mask(n // 128, k // 128, density, DEVICE)
     layout = build_layout(mask, 128)
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
-    calls = {"forward": lambda cfg: block_sparse_forward(x, w, layout, config=cfg),
-             "grad_input": lambda cfg: block_sparse_grad_input(dy, w, layout, config=cfg),
+    calls = {"forward": lambda cfg: block_sparse_forward(x, w, layout, config=cfg, tma=tma),
+             "grad_input": lambda cfg: block_sparse_grad_input(dy, w, layout, config=cfg, tma=tma),
              "grad_weight": lambda cfg: block_sparse_grad_weight(dy, x, layout, config=cfg)}
     results = []
-    for kernel, configs in CANDIDATES.items():
+    for kernel, configs in candidates.items():
         for cfg in configs:
             try:
                 ms = gpu_bench(lambda: calls[kernel](cfg))
@@ -211,12 +216,10 @@ def run_sweep(dtype) -> List[Dict]:
 def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
     """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py) against the default
     kernels, block 128, same configs, same masks: which ones should be the default."""
-    from agpe_compile.kernels.launch import block_sparse_forward_tma, block_sparse_grad_input_tma
-
     pairs = {"forward": (lambda x, dy, w, lay: block_sparse_forward(x, w, lay),
-                         lambda x, dy, w, lay: block_sparse_forward_tma(x, w, lay)),
+                         lambda x, dy, w, lay: block_sparse_forward(x, w, lay, tma=True)),
              "grad_input": (lambda x, dy, w, lay: block_sparse_grad_input(dy, w, lay),
-                            lambda x, dy, w, lay: block_sparse_grad_input_tma(dy, w, lay))}
+                            lambda x, dy, w, lay: block_sparse_grad_input(dy, w, lay, tma=True))}
     results = []
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -240,25 +243,8 @@ def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Di
 def run_tma_configs(dtype) -> List[Dict]:
     """Each configuration of ``TMA_CANDIDATES`` on the first shape, block 128, d=0.5."""
     from agpe_compile.kernels.configs import TMA_CANDIDATES
-    from agpe_compile.kernels.launch import block_sparse_forward_tma, block_sparse_grad_input_tma
 
-    m, k, n = GPU_SHAPES[0]
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
-    mask = random_mask(n // 128, k // 128, 0.5, DEVICE)
-    layout = build_layout(mask, 128)
-    w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
-    calls = {"forward": lambda cfg: block_sparse_forward_tma(x, w, layout, config=cfg),
-             "grad_input": lambda cfg: block_sparse_grad_input_tma(dy, w, layout, config=cfg)}
-    results = []
-    for kernel, configs in TMA_CANDIDATES.items():
-        for cfg in configs:
-            try:
-                ms, note = gpu_bench(lambda: calls[kernel](cfg)), ""
-            except Exception as error:
-                ms, note = None, f"{type(error).__name__}: {str(error)[:120]}"
-            results.append(dict(kernel=kernel, config=dataclasses.asdict(cfg), ms=ms, note=note))
-    return results
+    return _time_configs(dtype, TMA_CANDIDATES, 0.5, tma=True)
 
 
 def run_small(shapes, block_sizes, densities) -> List[Dict]:

@@ -338,6 +338,15 @@ def test_choose_cpu_path_follows_the_measured_crossover():
         choose_cpu_path(0, 8, 8, 0.5, 32)
 
 
+# Tracing on fake CUDA tensors needs no GPU, but the kernels must be real Triton functions
+# (not interpreted): such probes run in a subprocess through _run_python.
+FAKE_CUDA_HEADER = (
+    "import torch\n"
+    "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+    "from torch.fx.experimental.proxy_tensor import make_fx\n"
+)
+
+
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     environ = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -393,10 +402,7 @@ def test_launchers_trace_without_reading_tensor_contents(triton_kernels):
     # Inside a triton_op body the launchers run on fake tensors: any host read of a layout
     # tensor (.item(), bool()) would fail here, and each kernel must appear once, through
     # wrap_triton. Fake CUDA tensors need no GPU; the kernels must not be interpreted.
-    code = (
-        "import torch\n"
-        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
-        "from torch.fx.experimental.proxy_tensor import make_fx\n"
+    code = FAKE_CUDA_HEADER + (
         "from agpe_compile.layout import BlockLayout, build_layout\n"
         "from agpe_compile.kernels import (block_sparse_forward, block_sparse_grad_input,\n"
         "                                  block_sparse_grad_weight, inactive_grad_sq_)\n"
@@ -468,10 +474,7 @@ def test_bias_grad_rejects_a_bad_split(triton_kernels):
 
 def test_bias_grad_traces_as_one_user_kernel(triton_kernels):
     # Inside the op's backward on CUDA: fake tensors, one wrap_triton launch, no host read.
-    code = (
-        "import torch\n"
-        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
-        "from torch.fx.experimental.proxy_tensor import make_fx\n"
+    code = FAKE_CUDA_HEADER + (
         "from agpe_compile.kernels import bias_grad\n"
         "with FakeTensorMode():\n"
         "    dy = torch.empty(4, 256, 384, dtype=torch.bfloat16, device='cuda')\n"
@@ -558,10 +561,7 @@ def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, 
 
 def test_tma_candidates_refuse_traced_calls(triton_kernels):
     # wrap_triton would record the launch without the descriptors: refuse instead.
-    code = (
-        "import torch\n"
-        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
-        "from torch.fx.experimental.proxy_tensor import make_fx\n"
+    code = FAKE_CUDA_HEADER + (
         "from agpe_compile.layout import BlockLayout, build_layout\n"
         "from agpe_compile.kernels.launch import block_sparse_forward_tma\n"
         "layout = build_layout(torch.tensor([[True, False], [True, True]]), 64)\n"

@@ -34,128 +34,94 @@ from .runtime import cdiv, dot_options, is_interpreted, is_tracing, launcher, re
 
 def block_sparse_forward(
     x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, bias: Optional[torch.Tensor] = None,
-    *, config: Optional[KernelConfig] = None,
+    *, config: Optional[KernelConfig] = None, tma: bool = False,
 ) -> torch.Tensor:
-    """Y = X @ (W*M)^T + bias for X [..., K] -> Y [..., N]; reads only live blocks of W."""
+    """Y = X @ (W*M)^T + bias for X [..., K] -> Y [..., N]; reads only live blocks of W.
+
+    ``tma=True`` runs the TMA candidate (kernels/forward_tma.py; eager only, X's and W's
+    last dimension contiguous, rows 16-byte aligned), timed by ``benchmarks/kernels.py``."""
     x2 = as_2d("x", x, check_layout(layout).shape[1])
     check_operands(layout, weight, [x2])
     if bias is not None:
         check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
     require_triton()
-    from .forward import forward_kernel
+    if tma:
+        from .forward_tma import forward_tma_kernel as kernel
+    else:
+        from .forward import forward_kernel as kernel
 
-    cfg = _config(forward_kernel, "forward", layout, x.dtype, config)
+    cfg = _config(kernel, "forward", layout, x.dtype, config)
     m, n = x2.shape[0], layout.shape[0]
     rows = layout.grid_shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:  # an empty grid is not launchable
         return y.view(*x.shape[:-1], n)
-    launcher(forward_kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
-        x2, weight, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx,
-        m, rows, *x2.stride(), *weight.stride(), *y.stride(),
+    if tma:
+        operands = (_descriptor("x", x2, [cfg.block_m, cfg.block_k]),
+                    _descriptor("weight", weight, [layout.block_size, cfg.block_k]))
+    else:
+        operands = (x2, weight)
+    strides = (*y.stride(),) if tma else (*x2.stride(), *weight.stride(), *y.stride())
+    launcher(kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
+        *operands, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx, m, rows, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        HAS_BIAS=bias is not None, **dot_options(forward_kernel, x.dtype),
+        HAS_BIAS=bias is not None, **dot_options(kernel, x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.view(*x.shape[:-1], n)
 
 
-def block_sparse_forward_tma(
-    x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, bias: Optional[torch.Tensor] = None,
-    *, config: Optional[KernelConfig] = None,
-) -> torch.Tensor:
-    """:func:`block_sparse_forward` through TMA tensor descriptors (kernels/forward_tma.py):
-    a candidate timed by ``benchmarks/kernels.py``. Needs X's and W's last dimension
-    contiguous and their other strides 16-byte aligned (TMA's rules)."""
-    x2 = as_2d("x", x, check_layout(layout).shape[1])
-    check_operands(layout, weight, [x2])
-    if bias is not None:
-        check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
-    _check_tma("x", x2)
-    _check_tma("weight", weight)
-    require_triton()
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from .forward_tma import forward_tma_kernel
-
-    cfg = _config(forward_tma_kernel, "forward", layout, x.dtype, config)
-    m, n = x2.shape[0], layout.shape[0]
-    rows = layout.grid_shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y.view(*x.shape[:-1], n)
-    x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_m, cfg.block_k])
-    w_desc = TensorDescriptor.from_tensor(weight, [layout.block_size, cfg.block_k])
-    launcher(forward_tma_kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
-        x_desc, w_desc, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx,
-        m, rows, *y.stride(),
-        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        HAS_BIAS=bias is not None, **dot_options(forward_tma_kernel, x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y.view(*x.shape[:-1], n)
+def block_sparse_forward_tma(x, weight, layout, bias=None, *, config=None) -> torch.Tensor:
+    """``block_sparse_forward(..., tma=True)``."""
+    return block_sparse_forward(x, weight, layout, bias, config=config, tma=True)
 
 
 def block_sparse_grad_input(
     grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
+    tma: bool = False,
 ) -> torch.Tensor:
-    """dX = dY @ (W*M) for dY [..., N] -> dX [..., K]; walks the transposed arrays."""
+    """dX = dY @ (W*M) for dY [..., N] -> dX [..., K]; walks the transposed arrays.
+    ``tma=True``: the TMA candidate (kernels/grad_input_tma.py), as for the forward."""
     dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
     check_operands(layout, weight, [dy2])
     require_triton()
-    from .grad_input import grad_input_kernel
+    if tma:
+        from .grad_input_tma import grad_input_tma_kernel as kernel
+    else:
+        from .grad_input import grad_input_kernel as kernel
 
-    cfg = _config(grad_input_kernel, "grad_input", layout, grad_out.dtype, config)
+    cfg = _config(kernel, "grad_input", layout, grad_out.dtype, config)
     m, k = dy2.shape[0], layout.shape[1]
     cols = layout.grid_shape[1]
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
     if m == 0:
         return dx.view(*grad_out.shape[:-1], k)
-    launcher(grad_input_kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
-        dy2, weight, dx, layout.col_ptr, layout.row_idx,
-        m, cols, *dy2.stride(), *weight.stride(), *dx.stride(),
+    if tma:
+        operands = (_descriptor("grad_out", dy2, [cfg.block_m, cfg.block_k]),
+                    _descriptor("weight", weight, [cfg.block_k, layout.block_size]))
+    else:
+        operands = (dy2, weight)
+    strides = (*dx.stride(),) if tma else (*dy2.stride(), *weight.stride(), *dx.stride())
+    launcher(kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
+        *operands, dx, layout.col_ptr, layout.row_idx, m, cols, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        **dot_options(grad_input_kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **dot_options(kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dx.view(*grad_out.shape[:-1], k)
 
 
-def block_sparse_grad_input_tma(
-    grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
-) -> torch.Tensor:
-    """:func:`block_sparse_grad_input` through TMA tensor descriptors
-    (kernels/grad_input_tma.py): a candidate timed by ``benchmarks/kernels.py``."""
-    dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
-    check_operands(layout, weight, [dy2])
-    _check_tma("grad_out", dy2)
-    _check_tma("weight", weight)
-    require_triton()
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from .grad_input_tma import grad_input_tma_kernel
-
-    cfg = _config(grad_input_tma_kernel, "grad_input", layout, grad_out.dtype, config)
-    m, k = dy2.shape[0], layout.shape[1]
-    cols = layout.grid_shape[1]
-    dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
-    if m == 0:
-        return dx.view(*grad_out.shape[:-1], k)
-    dy_desc = TensorDescriptor.from_tensor(dy2, [cfg.block_m, cfg.block_k])
-    w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_k, layout.block_size])
-    launcher(grad_input_tma_kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
-        dy_desc, w_desc, dx, layout.col_ptr, layout.row_idx, m, cols, *dx.stride(),
-        BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        **dot_options(grad_input_tma_kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return dx.view(*grad_out.shape[:-1], k)
+def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> torch.Tensor:
+    """``block_sparse_grad_input(..., tma=True)``."""
+    return block_sparse_grad_input(grad_out, weight, layout, config=config, tma=True)
 
 
-def _check_tma(name: str, t: torch.Tensor) -> None:
-    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows and base.
+def _descriptor(name: str, t: torch.Tensor, block_shape):
+    """A host ``TensorDescriptor`` of a 2-D operand, after TMA's rules (contiguous last
+    dimension, 16-byte aligned rows and base).
 
-    Also refuses traced calls: torch.compile's ``wrap_triton`` (checked with torch 2.13) drops
-    host-built ``TensorDescriptor`` arguments from the recorded launch, so these candidates
-    run eagerly only (the benchmark's way); a traced path would need device-side descriptors.
+    Refuses traced calls: torch.compile's ``wrap_triton`` (checked with torch 2.13) drops
+    host-built descriptor arguments from the recorded launch, so the TMA candidates run
+    eagerly only (the benchmark's way); a traced path would need device-side descriptors.
     """
     if is_tracing():
         raise RuntimeError("agpe kernels: the TMA candidates run eagerly only; torch.compile's wrap_triton does "
@@ -163,6 +129,9 @@ def _check_tma(name: str, t: torch.Tensor) -> None:
     if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
         raise ValueError(f"agpe kernels: the TMA kernels need {name} with a contiguous last dimension and "
                          f"16-byte aligned rows, got strides {tuple(t.stride())}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block_shape)
 
 
 def block_sparse_grad_weight(
