@@ -5,9 +5,9 @@ Note [Host-side updates]
 A mask update looks at a handful of small [R, C] tensors per layer (mask, saliency sums,
 dense-gradient scores, counters) and takes decisions with data-dependent sizes (sorting,
 ``nonzero``, counts). Done on a GPU, every ``int(...)``, ``float(...)`` and ``nonzero``
-waits for the device, and every tiny op is a kernel launch: measured on an H200, ~290
-host syncs and ~2,200 launches per update for 16 layers, 30 ms of controller time
-against a 12-20 ms training step. So the Sparsifier takes one snapshot of everything it
+waits for the device, and every tiny op is a kernel launch: 260-290 host reads and
+1,700-2,200 tensor ops per update for 16 layers (counted on the CPU with a dispatch
+mode), and 30 ms of controller time per update on an H200 against a 12-20 ms step. So the Sparsifier takes one snapshot of everything it
 reads (:func:`to_host`: one device-to-host copy), decides on the host, and writes the new
 masks, changed-block masks and layouts back with one pinned, non-blocking host-to-device
 copy (:func:`to_device`); on the device only in-place updates of weights, optimizer
