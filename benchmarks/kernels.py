@@ -214,12 +214,11 @@ def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
 
 
 def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
-    """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py) against the default
-    kernels, block 128, same configs, same masks: which ones should be the default."""
-    pairs = {"forward": (lambda x, dy, w, lay: block_sparse_forward(x, w, lay),
-                         lambda x, dy, w, lay: block_sparse_forward(x, w, lay, tma=True)),
-             "grad_input": (lambda x, dy, w, lay: block_sparse_grad_input(dy, w, lay),
-                            lambda x, dy, w, lay: block_sparse_grad_input(dy, w, lay, tma=True))}
+    """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py; descriptors built on the
+    host and on the device) against the default kernels, block 128, same configs, same masks:
+    which one should be the default."""
+    calls = {"forward": lambda x, dy, w, lay, tma: block_sparse_forward(x, w, lay, tma=tma),
+             "grad_input": lambda x, dy, w, lay, tma: block_sparse_grad_input(dy, w, lay, tma=tma)}
     results = []
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -228,15 +227,18 @@ def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Di
             mask = random_mask(n // 128, k // 128, density, DEVICE)
             layout = build_layout(mask, 128)
             w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
-            for kernel, (default, tma) in pairs.items():
-                default_ms = gpu_bench(lambda: default(x, dy, w, layout))
-                try:
-                    torch.testing.assert_close(tma(x, dy, w, layout), default(x, dy, w, layout), rtol=2e-2, atol=2e-2)
-                    tma_ms, note = gpu_bench(lambda: tma(x, dy, w, layout)), ""
-                except Exception as error:  # report, keep measuring the rest
-                    tma_ms, note = None, f"{type(error).__name__}: {str(error)[:160]}"
-                results.append(dict(kernel=kernel, m=m, k=k, n=n, density=density, default_ms=default_ms,
-                                    tma_ms=tma_ms, note=note))
+            for kernel, call in calls.items():
+                row = dict(kernel=kernel, m=m, k=k, n=n, density=density,
+                           default_ms=gpu_bench(lambda: call(x, dy, w, layout, False)))
+                expected = call(x, dy, w, layout, False)
+                for mode in ("host", "device"):
+                    try:
+                        torch.testing.assert_close(call(x, dy, w, layout, mode), expected, rtol=2e-2, atol=2e-2)
+                        row[f"tma_{mode}_ms"] = gpu_bench(lambda: call(x, dy, w, layout, mode))
+                    except Exception as error:  # report, keep measuring the rest
+                        row[f"tma_{mode}_ms"] = None
+                        row[f"tma_{mode}_note"] = f"{type(error).__name__}: {str(error)[:160]}"
+                results.append(row)
     return results
 
 
@@ -330,10 +332,13 @@ def main() -> None:
     if "crossover" in report:
         print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
     for entry in report.get("tma", []):
-        tma = f"{entry['tma_ms']:.3f} ms ({entry['tma_ms'] / entry['default_ms']:.3f}x)" \
-            if entry["tma_ms"] is not None else entry["note"]
+        parts = []
+        for mode in ("host", "device"):
+            ms = entry[f"tma_{mode}_ms"]
+            parts.append(f"TMA {mode} " + (f"{ms:.3f} ms ({ms / entry['default_ms']:.3f}x)" if ms is not None
+                                           else entry.get(f"tma_{mode}_note", "failed")))
         print(f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: default "
-              f"{entry['default_ms']:.3f} ms, TMA {tma}")
+              f"{entry['default_ms']:.3f} ms, " + ", ".join(parts))
     for entry in report.get("tma_configs", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"TMA {entry['kernel']:<10} d=0.5 {entry['config']} {ms}")

@@ -507,16 +507,16 @@ def test_bias_grad_kernel_compiles_for_hopper_with_vector_loads(triton_kernels):
     assert odd_bf16["widest_load_bits"] == 16  # the masked tail: why the launcher passes EVEN_N
 
 
+@pytest.mark.parametrize("mode", ["host", "device"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 70, 128])
-def test_tma_forward_candidate_matches_the_forward_kernel(triton_kernels, dtype, m):
-    from agpe_compile.kernels.launch import block_sparse_forward_tma
-
+def test_tma_forward_candidate_matches_the_forward_kernel(triton_kernels, dtype, m, mode):
     p = make_problem(m, 3, 4, 32, 0.5, dtype)
     layout = build_layout(p.mask, 32)
     expected = block_sparse_forward(p.x, p.weight, layout, p.bias)  # NaN in inactive blocks: never read
     assert not expected.isnan().any()
-    torch.testing.assert_close(block_sparse_forward_tma(p.x, p.weight, layout, p.bias), expected, rtol=0, atol=0)
+    got = block_sparse_forward(p.x, p.weight, layout, p.bias, tma=mode)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_tma_forward_refuses_operands_tma_cannot_read(triton_kernels):
@@ -534,7 +534,9 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         "import json\n"
         "from agpe_compile.kernels.aot import compile_tma\n"
         "from agpe_compile.kernels.configs import TMA_CANDIDATES\n"
-        "print(json.dumps([compile_tma(k, config=c) for k, cs in TMA_CANDIDATES.items() for c in cs]))\n"
+        "reports = [compile_tma(k, config=c) for k, cs in TMA_CANDIDATES.items() for c in cs]\n"
+        "reports += [compile_tma(k, device_descriptors=True) for k in ('forward', 'grad_input')]\n"
+        "print(json.dumps(reports))\n"
     )
     result = _run_python(code, TRITON_DEFAULT_FP_FUSION="1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -547,16 +549,16 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         assert report["tma_loads"] > 0 and report["wgmma"] > 0, report
 
 
+@pytest.mark.parametrize("mode", ["host", "device"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 70, 128])
-def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, dtype, m):
-    from agpe_compile.kernels.launch import block_sparse_grad_input_tma
-
+def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, dtype, m, mode):
     p = make_problem(m, 3, 4, 32, 0.5, dtype)
     layout = build_layout(p.mask, 32)
     expected = block_sparse_grad_input(p.grad_out, p.weight, layout)  # NaN in inactive blocks: never read
     assert not expected.isnan().any()
-    torch.testing.assert_close(block_sparse_grad_input_tma(p.grad_out, p.weight, layout), expected, rtol=0, atol=0)
+    got = block_sparse_grad_input(p.grad_out, p.weight, layout, tma=mode)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_tma_candidates_refuse_traced_calls(triton_kernels):
@@ -579,3 +581,30 @@ def test_tma_candidates_refuse_traced_calls(triton_kernels):
     )
     result = _run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_tma_device_descriptor_candidates_trace_as_user_kernels(triton_kernels):
+    # Descriptors built in the kernel: plain pointer arguments, so wrap_triton records them.
+    code = FAKE_CUDA_HEADER + (
+        "from agpe_compile.layout import BlockLayout, build_layout\n"
+        "from agpe_compile.kernels import block_sparse_forward, block_sparse_grad_input\n"
+        "layout = build_layout(torch.tensor([[True, False], [True, True]]), 64)\n"
+        "def step(x, w, dy, *tensors):\n"
+        "    lay = BlockLayout.from_tensors(tensors, block_size=64, bucket=0.75)\n"
+        "    return (block_sparse_forward(x, w, lay, tma='device'), block_sparse_grad_input(dy, w, lay, tma='device'))\n"
+        "with FakeTensorMode():\n"
+        "    e = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device='cuda')\n"
+        "    args = [e(300, 128), e(128, 128), e(300, 128)] + [e(*t.shape, dtype=t.dtype) for t in layout.tensors()]\n"
+        "    graph = make_fx(step, tracing_mode='fake')(*args)\n"
+        "print(graph.code)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("triton_kernel_wrapper_mutation(") == 2, result.stdout
+    assert "'x_ptr'" in result.stdout and "'dy_ptr'" in result.stdout, result.stdout
+
+
+def test_tma_mode_must_be_named(triton_kernels):
+    p = make_problem(8, 2, 2, 32, 1.0, torch.float32)
+    with pytest.raises(ValueError, match="tma in"):
+        block_sparse_forward(p.x, p.weight, build_layout(p.mask, 32), tma="yes")

@@ -184,21 +184,33 @@ def test_op_bias_gradient_compiled_matches_eager_sum():
     torch.testing.assert_close(layer[2].bias.grad, b2.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_tma_forward_candidate_at_size():
-    from agpe_compile.kernels import block_sparse_forward
-    from agpe_compile.kernels.launch import block_sparse_forward_tma
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_tma_candidates_at_size(mode):
+    from agpe_compile.kernels import block_sparse_forward, block_sparse_grad_input
 
-    x, weight, _, bias, mask, _ = _problem(M, N, K, 128, 0.4, torch.bfloat16, seed=3)
+    x, weight, grad_out, bias, mask, _ = _problem(M, N, K, 128, 0.4, torch.bfloat16, seed=3)
     layout = build_layout(mask, 128)
-    torch.testing.assert_close(block_sparse_forward_tma(x, weight, layout, bias),
+    torch.testing.assert_close(block_sparse_forward(x, weight, layout, bias, tma=mode),
                                block_sparse_forward(x, weight, layout, bias), **TOLERANCES[torch.bfloat16])
-
-
-def test_tma_grad_input_candidate_at_size():
-    from agpe_compile.kernels import block_sparse_grad_input
-    from agpe_compile.kernels.launch import block_sparse_grad_input_tma
-
-    _, weight, grad_out, _, mask, _ = _problem(M, N, K, 128, 0.4, torch.bfloat16, seed=4)
-    layout = build_layout(mask, 128)
-    torch.testing.assert_close(block_sparse_grad_input_tma(grad_out, weight, layout),
+    torch.testing.assert_close(block_sparse_grad_input(grad_out, weight, layout, tma=mode),
                                block_sparse_grad_input(grad_out, weight, layout), **TOLERANCES[torch.bfloat16])
+
+
+def test_tma_device_candidate_inside_a_compiled_triton_op():
+    # Device-built descriptors are what a compiled step could use: does Inductor launch the
+    # kernel (it needs Triton's scratch allocator) and get the same result?
+    from agpe_compile.kernels import block_sparse_forward
+
+    @torch.library.triton_op("agpe_kernels_test::tma_forward", mutates_args=())
+    def tma_forward(x: torch.Tensor, weight: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                    slot_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor,
+                    block_slot: torch.Tensor, live_count: torch.Tensor) -> torch.Tensor:
+        layout = BlockLayout.from_tensors([row_ptr, col_idx, slot_row, col_ptr, row_idx, block_slot, live_count],
+                                          block_size=128, bucket=0.5)
+        return block_sparse_forward(x, weight, layout, tma="device")
+
+    x, weight, _, _, mask, _ = _problem(M, N, K, 128, 0.4, torch.bfloat16, seed=8)
+    layout = build_layout(mask, 128)
+    compiled = torch.compile(lambda *args: tma_forward(*args), fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight, *layout.tensors()), block_sparse_forward(x, weight, layout),
+                               **TOLERANCES[torch.bfloat16])

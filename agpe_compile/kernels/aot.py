@@ -113,7 +113,7 @@ def compile_column_sum(dtype: str = "bf16", even_n: bool = True, arch: int = 90)
 
 
 def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf16", arch: int = 90,
-                config: Optional[KernelConfig] = None) -> dict:
+                config: Optional[KernelConfig] = None, device_descriptors: bool = False) -> dict:
     """Compile a TMA candidate (``"forward"``: kernels/forward_tma.py, ``"grad_input"``:
     kernels/grad_input_tma.py) with the default kernel's configuration; report shared
     memory, registers, spills, TMA loads (UTMALDG) and wgmma (HGMMA)."""
@@ -121,12 +121,29 @@ def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .forward_tma import forward_tma_kernel
-    from .grad_input_tma import grad_input_tma_kernel
+    from .forward_tma import forward_tma_device_kernel, forward_tma_kernel
+    from .grad_input_tma import grad_input_tma_device_kernel, grad_input_tma_kernel
 
     cfg = config or config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
     e = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
-    if kernel == "forward":
+    if kernel == "forward" and device_descriptors:
+        fn = forward_tma_device_kernel
+        signature = {"x_ptr": f"*{e}", "w_ptr": f"*{e}", "bias_ptr": f"*{e}", "y_ptr": f"*{e}",
+                     "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32",
+                     "num_block_rows": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
+                     "stride_yn": "constexpr"}
+        aligned = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "row_ptr_ptr", "col_idx_ptr", "K", "N", "stride_xm",
+                   "stride_wn", "stride_ym")
+        extra = {"stride_yn": 1, "HAS_BIAS": True}
+    elif kernel == "grad_input" and device_descriptors:
+        fn = grad_input_tma_device_kernel
+        signature = {"dy_ptr": f"*{e}", "w_ptr": f"*{e}", "dx_ptr": f"*{e}", "col_ptr_ptr": "*i32",
+                     "row_idx_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "num_block_cols": "i32",
+                     "stride_dym": "i32", "stride_wn": "i32", "stride_dxm": "i32", "stride_dxk": "constexpr"}
+        aligned = ("dy_ptr", "w_ptr", "dx_ptr", "col_ptr_ptr", "row_idx_ptr", "N", "K", "stride_dym", "stride_wn",
+                   "stride_dxm")
+        extra = {"stride_dxk": 1}
+    elif kernel == "forward":
         fn = forward_tma_kernel
         signature = {"x_desc": f"tensordesc<{e}[{cfg.block_m},{cfg.block_k}]>",
                      "w_desc": f"tensordesc<{e}[{block_size},{cfg.block_k}]>", "bias_ptr": f"*{e}", "y_ptr": f"*{e}",

@@ -8,9 +8,10 @@ The forward kernel runs at 56-66% of cuBLAS's FLOP rate on an H200 (docs/benchma
 the weakest of the three; ``benchmarks/kernels.py`` times this variant beside it on a GPU.
 Rows past M are zero-filled by the TMA unit; the epilogue store is masked.
 
-Eager launches only: torch.compile's ``wrap_triton`` drops host-built descriptor arguments
-(checked with torch 2.13), so the launcher refuses traced calls; adopting this kernel in
-compiled code would need descriptors built on the device (``tl.make_tensor_descriptor``).
+Two entry points share the loop: ``*_tma_kernel`` takes host-built descriptors (eager only:
+torch.compile's ``wrap_triton`` drops such arguments, checked with torch 2.13, so the
+launcher refuses traced calls) and ``*_tma_device_kernel`` builds them on the device from
+plain pointers (traceable; Triton then needs a scratch allocator, set by the launcher).
 """
 
 import triton
@@ -21,6 +22,32 @@ from .common import dot_acc, grouped_tile
 
 @triton.jit
 def forward_tma_kernel(
+    x_desc, w_desc, bias_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
+    M, num_block_rows, stride_ym, stride_yn,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _forward_tile(x_desc, w_desc, bias_ptr, y_ptr, row_ptr_ptr, col_idx_ptr, M, num_block_rows, stride_ym, stride_yn,
+                  BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, HAS_BIAS, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
+def forward_tma_device_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
+    M, K, N, num_block_rows, stride_xm, stride_wn, stride_ym, stride_yn,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The same with descriptors built on the device: plain pointer arguments, so the
+    launch can be traced (``wrap_triton``); needs Triton's scratch allocator."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_SIZE, BLOCK_K])
+    _forward_tile(x_desc, w_desc, bias_ptr, y_ptr, row_ptr_ptr, col_idx_ptr, M, num_block_rows, stride_ym, stride_yn,
+                  BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, HAS_BIAS, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _forward_tile(
     x_desc, w_desc, bias_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
     M, num_block_rows, stride_ym, stride_yn,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -5,9 +5,10 @@ live block rows of one block column of W), with the dY and W tiles fetched throu
 host-built ``TensorDescriptor``s (one bulk asynchronous copy per tile on Hopper; see
 forward_tma.py). ``benchmarks/kernels.py`` times it beside the default on a GPU.
 
-Eager launches only: torch.compile's ``wrap_triton`` drops host-built descriptor arguments
-(checked with torch 2.13), so the launcher refuses traced calls; adopting this kernel in
-compiled code would need descriptors built on the device (``tl.make_tensor_descriptor``).
+Two entry points share the loop: ``*_tma_kernel`` takes host-built descriptors (eager only:
+torch.compile's ``wrap_triton`` drops such arguments, checked with torch 2.13, so the
+launcher refuses traced calls) and ``*_tma_device_kernel`` builds them on the device from
+plain pointers (traceable; Triton then needs a scratch allocator, set by the launcher).
 """
 
 import triton
@@ -18,6 +19,31 @@ from .common import dot_acc, grouped_tile
 
 @triton.jit
 def grad_input_tma_kernel(
+    dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr,
+    M, num_block_cols, stride_dxm, stride_dxk,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _grad_input_tile(dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr, M, num_block_cols, stride_dxm, stride_dxk,
+                     BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
+def grad_input_tma_device_kernel(
+    dy_ptr, w_ptr, dx_ptr, col_ptr_ptr, row_idx_ptr,
+    M, N, K, num_block_cols, stride_dym, stride_wn, stride_dxm, stride_dxk,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The same with descriptors built on the device (traceable; see forward_tma.py)."""
+    dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_K, BLOCK_SIZE])
+    _grad_input_tile(dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr, M, num_block_cols, stride_dxm, stride_dxk,
+                     BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _grad_input_tile(
     dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr,
     M, num_block_cols, stride_dxm, stride_dxk,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -34,19 +34,24 @@ from .runtime import cdiv, dot_options, is_interpreted, is_tracing, launcher, re
 
 def block_sparse_forward(
     x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, bias: Optional[torch.Tensor] = None,
-    *, config: Optional[KernelConfig] = None, tma: bool = False,
+    *, config: Optional[KernelConfig] = None, tma=False,
 ) -> torch.Tensor:
     """Y = X @ (W*M)^T + bias for X [..., K] -> Y [..., N]; reads only live blocks of W.
 
-    ``tma=True`` runs the TMA candidate (kernels/forward_tma.py; eager only, X's and W's
-    last dimension contiguous, rows 16-byte aligned), timed by ``benchmarks/kernels.py``."""
+    ``tma`` runs a TMA candidate (kernels/forward_tma.py; X's and W's last dimension
+    contiguous, rows 16-byte aligned), timed by ``benchmarks/kernels.py``: ``"host"`` (or
+    True) with host-built descriptors, eager only; ``"device"`` with descriptors built in
+    the kernel, traceable."""
     x2 = as_2d("x", x, check_layout(layout).shape[1])
     check_operands(layout, weight, [x2])
     if bias is not None:
         check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
     require_triton()
-    if tma:
+    tma = _tma_mode(tma)
+    if tma == "host":
         from .forward_tma import forward_tma_kernel as kernel
+    elif tma == "device":
+        from .forward_tma import forward_tma_device_kernel as kernel
     else:
         from .forward import forward_kernel as kernel
 
@@ -56,14 +61,21 @@ def block_sparse_forward(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:  # an empty grid is not launchable
         return y.view(*x.shape[:-1], n)
-    if tma:
+    if tma == "host":
         operands = (_descriptor("x", x2, [cfg.block_m, cfg.block_k]),
                     _descriptor("weight", weight, [layout.block_size, cfg.block_k]))
+        sizes, strides = (m, rows), (*y.stride(),)
+    elif tma == "device":
+        _check_tma_operand("x", x2)
+        _check_tma_operand("weight", weight)
+        _ensure_scratch_allocator(kernel)
+        operands = (x2, weight)
+        sizes, strides = (m, x2.shape[1], n, rows), (x2.stride(0), weight.stride(0), *y.stride())
     else:
         operands = (x2, weight)
-    strides = (*y.stride(),) if tma else (*x2.stride(), *weight.stride(), *y.stride())
+        sizes, strides = (m, rows), (*x2.stride(), *weight.stride(), *y.stride())
     launcher(kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
-        *operands, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx, m, rows, *strides,
+        *operands, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx, *sizes, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, **dot_options(kernel, x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -78,15 +90,18 @@ def block_sparse_forward_tma(x, weight, layout, bias=None, *, config=None) -> to
 
 def block_sparse_grad_input(
     grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
-    tma: bool = False,
+    tma=False,
 ) -> torch.Tensor:
     """dX = dY @ (W*M) for dY [..., N] -> dX [..., K]; walks the transposed arrays.
-    ``tma=True``: the TMA candidate (kernels/grad_input_tma.py), as for the forward."""
+    ``tma``: a TMA candidate (kernels/grad_input_tma.py), as for the forward."""
     dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
     check_operands(layout, weight, [dy2])
     require_triton()
-    if tma:
+    tma = _tma_mode(tma)
+    if tma == "host":
         from .grad_input_tma import grad_input_tma_kernel as kernel
+    elif tma == "device":
+        from .grad_input_tma import grad_input_tma_device_kernel as kernel
     else:
         from .grad_input import grad_input_kernel as kernel
 
@@ -96,14 +111,21 @@ def block_sparse_grad_input(
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
     if m == 0:
         return dx.view(*grad_out.shape[:-1], k)
-    if tma:
+    if tma == "host":
         operands = (_descriptor("grad_out", dy2, [cfg.block_m, cfg.block_k]),
                     _descriptor("weight", weight, [cfg.block_k, layout.block_size]))
+        sizes, strides = (m, cols), (*dx.stride(),)
+    elif tma == "device":
+        _check_tma_operand("grad_out", dy2)
+        _check_tma_operand("weight", weight)
+        _ensure_scratch_allocator(kernel)
+        operands = (dy2, weight)
+        sizes, strides = (m, dy2.shape[1], k, cols), (dy2.stride(0), weight.stride(0), *dx.stride())
     else:
         operands = (dy2, weight)
-    strides = (*dx.stride(),) if tma else (*dy2.stride(), *weight.stride(), *dx.stride())
+        sizes, strides = (m, cols), (*dy2.stride(), *weight.stride(), *dx.stride())
     launcher(kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
-        *operands, dx, layout.col_ptr, layout.row_idx, m, cols, *strides,
+        *operands, dx, layout.col_ptr, layout.row_idx, *sizes, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         **dot_options(kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -115,6 +137,38 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
     return block_sparse_grad_input(grad_out, weight, layout, config=config, tma=True)
 
 
+def _tma_mode(tma) -> Optional[str]:
+    if tma is False or tma is None:
+        return None
+    if tma is True or tma == "host":
+        return "host"
+    if tma == "device":
+        return "device"
+    raise ValueError(f"agpe kernels: expected tma in (False, True, 'host', 'device'), got {tma!r}")
+
+
+def _check_tma_operand(name: str, t: torch.Tensor) -> None:
+    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows.
+    (The base's alignment is checked at launch by Triton for pointer arguments.)"""
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16:
+        raise ValueError(f"agpe kernels: the TMA kernels need {name} with a contiguous last dimension and "
+                         f"16-byte aligned rows, got strides {tuple(t.stride())}")
+
+
+_SCRATCH = {"set": False}
+
+
+def _ensure_scratch_allocator(kernel) -> None:
+    """Device-side descriptors need Triton's global scratch allocator: one torch
+    allocation per launch on the GPU (not needed by the interpreter)."""
+    if _SCRATCH["set"] or is_interpreted(kernel):
+        return
+    import triton
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _SCRATCH["set"] = True
+
+
 def _descriptor(name: str, t: torch.Tensor, block_shape):
     """A host ``TensorDescriptor`` of a 2-D operand, after TMA's rules (contiguous last
     dimension, 16-byte aligned rows and base).
@@ -124,11 +178,11 @@ def _descriptor(name: str, t: torch.Tensor, block_shape):
     eagerly only (the benchmark's way); a traced path would need device-side descriptors.
     """
     if is_tracing():
-        raise RuntimeError("agpe kernels: the TMA candidates run eagerly only; torch.compile's wrap_triton does "
-                           "not carry host-built TensorDescriptor arguments")
-    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-        raise ValueError(f"agpe kernels: the TMA kernels need {name} with a contiguous last dimension and "
-                         f"16-byte aligned rows, got strides {tuple(t.stride())}")
+        raise RuntimeError("agpe kernels: the host-descriptor TMA candidates run eagerly only; torch.compile's "
+                           "wrap_triton does not carry host-built TensorDescriptor arguments (use tma='device')")
+    _check_tma_operand(name, t)
+    if t.data_ptr() % 16:
+        raise ValueError(f"agpe kernels: the TMA kernels need {name} 16-byte aligned")
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(t, block_shape)
