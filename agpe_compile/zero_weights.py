@@ -5,7 +5,7 @@ The explicit Sparsifier marks its layers ``LayerState.zero_inactive`` and calls
 
 * after every ``optimizer.step()`` the inactive blocks of each layer that skips masking
   (``ops.paths.skips_masking``: the dense path by density) are written with zeros
-  (a Triton kernel that touches only those blocks on CUDA; ``W *= M`` elsewhere);
+  (a Triton kernel that touches only those blocks on CUDA; ``W *= M`` in one pass elsewhere);
 * after a module's ``load_state_dict`` its layers are re-zeroed;
 * ``LayerState.sync_layout`` re-zeroes a layer whose mask was edited by hand.
 
@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import kernels
+from .ops.dense_path import mask_weight_in_place
 from .ops.paths import skips_masking
 from .ops.reference import expand_block_mask
 
@@ -41,7 +42,7 @@ def zero_inactive_(state) -> None:
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES
                 and weight.is_contiguous() and state.layout_mask_version == state.block_mask._version):
             kernels.zero_inactive_blocks_(weight, state.layout())
-        else:
+        elif mask_weight_in_place(weight, state.block_mask, state.block_size) is None:
             weight.mul_(expand_block_mask(state.block_mask, state.block_size, weight.dtype))
 
 

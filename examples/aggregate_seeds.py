@@ -23,7 +23,7 @@ import statistics
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-METHOD_ORDER = ("dense", "agpe", "rigl", "set", "gmp")
+METHOD_ORDER = ("plain", "dense", "agpe", "rigl", "set", "gmp")
 # (key in results.json, column title, format of one value)
 METRICS = (
     ("accuracy", "test acc %", "{:.2f}"),

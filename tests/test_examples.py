@@ -40,6 +40,16 @@ def test_train_step_benchmark_small(tmp_path):
     assert "agpe/dense" in stdout
 
 
+def test_cpu_layer_benchmark(tmp_path):
+    out = tmp_path / "cpu_layer.json"
+    stdout = run(["benchmarks/cpu_layer.py", "--rows", "4", "--features", "16", "--block", "8",
+                  "--densities", "1.0,0.5", "--out", str(out)])
+    figures = json.loads(out.read_text())["ms"]
+    assert list(figures) == ["plain F.linear", "agpe d=1", "agpe d=1 zero promise", "agpe d=0.5",
+                             "agpe d=0.5 zero promise"]
+    assert all(ms > 0 for ms in figures.values()) and "vs plain" in stdout
+
+
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
 def test_char_lm_smoke(tmp_path):
     stdout = run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.75",

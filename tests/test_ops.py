@@ -134,3 +134,34 @@ def test_wrong_input_width():
     args = _args(torch.randn(2, 40), torch.randn(32, 48), None, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="expected input with last dim 48"):
         torch.ops.agpe.sparse_linear(*args)
+
+
+def test_host_implementation_runs_directly_only_outside_tracing():
+    # Real CPU tensors skip the opaque host op's dispatch; anything traced (fake tensors,
+    # dispatch modes such as make_fx's) still meets the opaque op.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import importlib
+
+    op_module = importlib.import_module("agpe_compile.ops.sparse_linear")  # the package re-exports the op
+
+    x = torch.randn(2, 4)
+    assert op_module._run_directly(x)
+    with FakeTensorMode() as mode:
+        assert not op_module._run_directly(mode.from_tensor(x))
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not op_module._run_directly(x)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = _args(torch.randn(3, 32), torch.randn(32, 32), None, torch.tensor([[True, False], [False, True]]))
+    for tracing_mode in ("real", "fake"):
+        graph = make_fx(lambda *t: torch.ops.agpe.sparse_linear(*t, *args[-2:]), tracing_mode=tracing_mode)(*args[:-2])
+        targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+        assert any(t.startswith("agpe.") for t in targets), (tracing_mode, targets)
+        assert "aten.linear.default" not in targets and "aten.mm.default" not in targets, targets

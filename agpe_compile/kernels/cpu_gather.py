@@ -128,6 +128,19 @@ _GATHER_KAPPA = {32: 8.0, 64: 5.0, 128: 3.0}
 _GATHER_FIXED_FLOPS = 40e6
 
 
+def always_dense_from(block_size: int) -> float:
+    """Smallest bucket capacity from which :func:`choose_cpu_path` picks the dense path for
+    every row count (shape-only, so a layer's path by density is known before any call).
+
+    >>> always_dense_from(8), always_dense_from(32), always_dense_from(128)
+    (0.0, 0.125, 0.3333333333333333)
+    """
+    anchors = [size for size in _GATHER_KAPPA if size <= block_size]
+    if not anchors:
+        return 0.0
+    return 1.0 / _GATHER_KAPPA[max(anchors)]
+
+
 def choose_cpu_path(m: int, n: int, k: int, density: float, block_size: int) -> str:
     """``"gather"`` or ``"dense"`` (X @ (W*M)^T and friends) for a layer's step on CPU.
 

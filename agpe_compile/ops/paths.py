@@ -27,7 +27,7 @@ from agpe_compile import kernels
 from agpe_compile.layout import BlockLayout
 from agpe_compile.packed_layout import unpack
 
-from . import reference
+from . import dense_path, reference
 
 TRITON_BLOCK_SIZES = (32, 64, 128)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,9 +114,12 @@ def skips_masking(layout: BlockLayout, device: torch.device, zero_inactive: bool
 
 def dense_from(block_size: int, device: torch.device) -> float:
     """Bucket capacity from which a layer runs the dense path by density on ``device``.
-    On the CPU (cost model per call) only full layouts count, so the rule stays shape-only."""
+    On the CPU the cost model decides per call (from the row count too); this is where it
+    picks the dense path for every row count, so the rule stays shape-only."""
     if device.type == "cuda":
         return GPU_DENSE_CROSSOVER.get(block_size, 0.0)
+    if device.type == "cpu":
+        return kernels.always_dense_from(block_size)
     return 1.0
 
 
@@ -125,9 +128,8 @@ def forward(x, weight, bias, block_mask, layout: BlockLayout, path: str, zero_in
         return kernels.block_sparse_forward(x, weight, layout, bias)
     if path == "gather":
         return kernels.gather_forward(x, weight, layout, bias)
-    if skips_masking(layout, x.device, zero_inactive):
-        return torch.nn.functional.linear(x, weight, bias)
-    return reference.forward(x, weight, bias, block_mask, layout.block_size)
+    return dense_path.forward(x, weight, bias, block_mask, layout.block_size,
+                              skips_masking(layout, x.device, zero_inactive))
 
 
 def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str, zero_inactive: bool = False) -> torch.Tensor:
@@ -135,12 +137,8 @@ def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str, zer
         return kernels.block_sparse_grad_input(grad_out, weight, layout)
     if path == "gather":
         return kernels.gather_grad_input(grad_out, weight, layout)
-    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-    if skips_masking(layout, grad_out.device, zero_inactive):
-        masked = weight
-    else:
-        masked = reference.masked_weight(weight, block_mask, layout.block_size)
-    return (grad_2d @ masked).reshape(*grad_out.shape[:-1], weight.shape[1])
+    return dense_path.grad_input(grad_out, weight, block_mask, layout.block_size,
+                                 skips_masking(layout, grad_out.device, zero_inactive))
 
 
 def grad_weight_and_scores(
@@ -172,10 +170,7 @@ def grad_weight_and_scores(
         kernels.mask_and_score_(grad_weight, weight, layout, saliency=scores, saliency_mode=mode,
                                 dense_grad_sq=dense_sq, enabled=score_dense)
         return grad_weight, scores, dense_sq
-    _, grad_weight, dense = reference.backward(grad_out, x, weight, block_mask, b, False, True)
-    scores = reference.block_scores(weight, grad_weight, b, mode) * block_mask
-    dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b) * score_dense.to(torch.float32)
-    return grad_weight, scores, dense_sq
+    return dense_path.grad_weight_and_scores(grad_out, x, weight, block_mask, b, score_dense, mode)
 
 
 def layout_of(block_layout: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> BlockLayout:

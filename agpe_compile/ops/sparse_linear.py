@@ -45,7 +45,9 @@ import torch
 
 from agpe_compile import kernels
 
-from . import paths
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import dense_path, paths
 
 _EMPTY = (0,)
 
@@ -157,6 +159,15 @@ INLINE_KERNELS = os.environ.get("AGPE_INLINE_KERNELS", "1") != "0"
 TRACED_DEVICES = ("cuda",)
 
 
+def _run_directly(x: torch.Tensor) -> bool:
+    """Real CPU tensors, no tracing and no dispatch mode: run the host implementation
+    without going through the opaque host op, whose custom-op dispatch costs ~0.1 ms a call
+    (Note [Dense path passes] in ops/dense_path.py). Anything traced still meets the opaque
+    op, so no graph ever records the implementation's data-dependent choices."""
+    return (x.device.type not in TRACED_DEVICES and dense_path.host_readable(x)
+            and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
+
+
 # Note [Triton op lowering]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~
 # ``triton_op`` registers the body itself as the fake kernel and, under AOTAutograd's
@@ -178,6 +189,9 @@ def _lowered_forward(
     saliency_mode: str,
     zero_inactive: bool = False,
 ) -> torch.Tensor:
+    if _run_directly(x):
+        return _forward_impl(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters,
+                             block_layout, block_size, saliency_mode, zero_inactive)
     if x.device.type not in TRACED_DEVICES or not INLINE_KERNELS:
         return torch.ops.agpe.sparse_linear_host(x, weight, bias, block_mask, saliency, dense_grad_sq,
                                                  score_dense, counters, block_layout, block_size, saliency_mode,
@@ -202,6 +216,10 @@ def _lowered_backward(
     need_weight_grad: bool,
     zero_inactive: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _run_directly(x):
+        return _backward_impl(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters,
+                              block_layout, block_size, saliency_mode, need_input_grad, need_weight_grad,
+                              zero_inactive)
     if x.device.type not in TRACED_DEVICES or not INLINE_KERNELS:
         return torch.ops.agpe.sparse_linear_backward_host(
             grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,

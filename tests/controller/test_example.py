@@ -23,13 +23,18 @@ def test_missing_dataset_names_the_apt_command(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
 def test_smoke_run_prints_the_table_and_writes_logs_and_plots(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "dense,agpe,rigl", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "plain,dense,agpe,rigl", "--out",
+                             str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 7]
-    assert [r[0].strip() for r in rows] == ["method", "dense", "agpe", "rigl"]
+    assert [r[0].strip() for r in rows] == ["method", "plain", "dense", "agpe", "rigl"]
     flops = {r[0].strip(): float(r[2].strip().rstrip("x")) for r in rows[1:]}
     assert flops["dense"] == 1.0 and flops["rigl"] < 0.2 and flops["agpe"] < flops["dense"]
+    accuracy = {r[0].strip(): r[1].strip() for r in rows[1:]}
+    assert accuracy["plain"] == accuracy["dense"]  # the same training, without agpe
+    plain = rows[1]
+    assert int(plain[4]) >= 1 and plain[5].strip() == "-" and plain[6].strip() == "-"
+    assert not (out / "plain.jsonl").exists()  # no Sparsifier, no audit log
     assert "rigl [##############################] 40/40" in result.stderr  # the progress bar
     for name in ("dense.jsonl", "agpe.jsonl", "rigl.jsonl", "density_agpe.png", "loss_vs_flops.png"):
         assert (out / name).stat().st_size > 0

@@ -108,13 +108,28 @@ def test_only_the_dense_path_by_density_skips_masking():
     half = build_layout(mask, 128, (1.0, 0.75, 0.5))  # density 0.45: bucket 0.5
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert skips_masking(full, cuda, True) and skips_masking(full, cpu, True)
-    assert not skips_masking(half, cuda, True) and not skips_masking(half, cpu, True)
+    assert not skips_masking(half, cuda, True)  # the GPU's kernels read live blocks only at 0.5
+    assert skips_masking(half, cpu, True)  # block 128 at 0.5: the CPU cost model always picks dense
     assert not skips_masking(full, cuda, False)
     three_quarters = build_layout(torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.7, 128,
                                   (1.0, 0.75, 0.5))
     assert three_quarters.bucket == 0.75
     assert skips_masking(three_quarters, cuda, True)  # at the GPU crossover of block 128
-    assert not skips_masking(three_quarters, cpu, True)  # the CPU trusts full layouts only
+    # the CPU skips where its cost model picks the dense path for every row count
+    assert skips_masking(three_quarters, cpu, True)
+    quarter = build_layout(torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.2, 128,
+                           (1.0, 0.75, 0.5, 0.25))
+    assert quarter.bucket == 0.25 and not skips_masking(quarter, cpu, True)  # gather for large row counts
+
+
+def test_cpu_skips_masking_exactly_where_the_cost_model_is_always_dense():
+    from agpe_compile.kernels import always_dense_from, choose_cpu_path
+
+    for block in (8, 16, 32, 64, 128):
+        start = always_dense_from(block)
+        for bucket in (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05):
+            dense_for_all = all(choose_cpu_path(m, 4096, 4096, bucket, block) == "dense" for m in (1, 64, 8192, 2**20))
+            assert dense_for_all == (bucket >= start), (block, bucket)
 
 
 def test_zero_kernel_writes_only_inactive_blocks():

@@ -1,0 +1,167 @@
+"""The dense path off the Triton kernels: the reference's function with fewer passes over W.
+
+The dense path runs ``F.linear`` / matmuls on the whole weight (MKL on the CPU, cuBLAS on
+CUDA layers the kernels do not take). Next to the matmuls the reference spends up to eight
+elementwise passes over an [N, K] tensor per training step (mask W twice, mask dW, the
+score's product, ``abs``, block sums, the dense-gradient square and its sums), which on a
+CPU cost more than the three matmuls themselves (Note [Dense path passes]).
+
+Note [Dense path passes]
+~~~~~~~~~~~~~~~~~~~~~~~~
+Measured on the project's 2-core CI CPU (torch 2.13.0, fp32, 1000 x 1000 weight, block 8,
+128 rows, 2026-11-27, ``python benchmarks/cpu_layer.py``): the op's forward + backward on
+the reference's formulas took 9.2 ms against 3.3 ms for ``F.linear`` with autograd at full
+density; with this module 5.4 ms against 2.8 ms (docs/benchmarks.md). It computes the same
+values with:
+
+* no masking of W when every block is live, or when the layer keeps its inactive weights
+  at zero (``unmasked``: Note [Zero inactive weights] in ops/paths.py);
+* the masked dW made in place in the fresh matmul output when the dense gradient is not
+  needed afterwards (the dense-gradient flag is off or every block is live);
+* block sums as two contiguous reductions (rows of a block, then its columns) instead of
+  one reduction over a strided 4-D view, and ``abs`` in place;
+* the inactive blocks' dense-gradient norms only when the flag is set.
+
+Where the tensors can be read without cost (CPU tensors, not being traced) the flag and
+"every block live" are read on the host; elsewhere (a traced body) the code keeps to
+shape-only decisions and multiplies by the flag like the reference. Each function here is
+tested against ops/reference.py, which stays the oracle (tests/test_dense_path.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from . import reference
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s contents costs nothing: a real CPU tensor (no sync, no trace)."""
+    return t.device.type == "cpu" and not is_fake(t)
+
+
+def all_live(block_mask: torch.Tensor) -> bool:
+    """Every block active (read on the host; callers check :func:`host_readable` first)."""
+    return bool(block_mask.all())
+
+
+def forward(x, weight, bias, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
+    if not unmasked and host_readable(block_mask) and all_live(block_mask):
+        unmasked = True
+    w = weight if unmasked else reference.masked_weight(weight, block_mask, block_size)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def grad_input(grad_out, weight, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
+    if not unmasked and host_readable(block_mask) and all_live(block_mask):
+        unmasked = True
+    w = weight if unmasked else reference.masked_weight(weight, block_mask, block_size)
+    return (grad_out.reshape(-1, grad_out.shape[-1]) @ w).reshape(*grad_out.shape[:-1], weight.shape[1])
+
+
+def grad_weight_and_scores(
+    grad_out, x, weight, block_mask, block_size: int, score_dense, mode: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked dW, block scores, inactive dense-grad scores) like ops/paths.py's contract."""
+    b = block_size
+    dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if not host_readable(block_mask):  # traced or on a device: shape-only, the reference's formulas
+        grad_weight = reference.apply_block_mask(dense, block_mask, b)
+        scores = reference.block_scores(weight, grad_weight, b, mode) * block_mask
+        dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b) * score_dense.to(torch.float32)
+        return grad_weight, scores, dense_sq
+    flag = bool(score_dense)
+    live = all_live(block_mask)
+    dense_sq = inactive_grad_sq(dense, block_mask, b) if flag and not live else None
+    if live:
+        grad_weight = dense
+    else:  # `dense` is no longer needed: mask it in place
+        grad_weight = _mask_in_place(dense, block_mask, b)
+    if live or not _few_live(block_mask):
+        scores = block_scores(weight, grad_weight, b, mode)
+        if mode == "magnitude" and not live:
+            scores = scores * block_mask
+    else:
+        scores = live_block_scores(weight, grad_weight, block_mask, b, mode)
+    if dense_sq is None:
+        dense_sq = torch.zeros_like(scores)
+    return grad_weight, scores, dense_sq
+
+
+def block_sum(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``reference.block_sum`` as two contiguous reductions: [N, K] -> [N/b, K/b] float32."""
+    n, k = values.shape
+    b = block_size
+    values = values.float()
+    return values.reshape(n // b, b, k).sum(1).reshape(n // b, k // b, b).sum(2)
+
+
+def block_scores(weight, grad_weight, block_size: int, mode: str) -> torch.Tensor:
+    """``reference.block_scores`` with the product's ``abs`` in place."""
+    if mode == "taylor":
+        return block_sum((weight * grad_weight).abs_(), block_size)
+    if mode == "gradient":
+        return block_sum(grad_weight.abs(), block_size)
+    if mode == "magnitude":
+        return block_sum(weight.abs(), block_size)
+    if mode == "movement":
+        return block_sum((weight * grad_weight).neg_(), block_size)
+    raise ValueError(f"agpe: saliency mode {mode!r} is not one of taylor/gradient/magnitude/movement")
+
+
+# Up to this fraction of live blocks, scoring gathers the live blocks (two gathers of that
+# fraction of W and dW) instead of passing over all of W and dW (CPU, fp32, 1000 x 1000,
+# block 8: the gathers cost about what one full elementwise pass does at 0.3).
+GATHER_SCORES_BELOW = 0.3
+
+
+def _few_live(block_mask: torch.Tensor) -> bool:
+    return int(block_mask.sum()) <= GATHER_SCORES_BELOW * block_mask.numel()
+
+
+def live_block_scores(weight, grad_weight, block_mask, block_size: int, mode: str) -> torch.Tensor:
+    """:func:`block_scores` computed on the live blocks only (inactive blocks score 0)."""
+    rows, cols = block_mask.nonzero(as_tuple=True)
+    r, c = block_mask.shape
+    b = block_size
+    scores = torch.zeros(r, c, dtype=torch.float32, device=weight.device)
+
+    def blocks(t):  # [live, b, b]
+        return t.reshape(r, b, c, b)[rows, :, cols, :]
+
+    if mode == "taylor":
+        values = (blocks(weight) * blocks(grad_weight)).abs_()
+    elif mode == "gradient":
+        values = blocks(grad_weight).abs_()
+    elif mode == "magnitude":
+        values = blocks(weight).abs_()
+    elif mode == "movement":
+        values = (blocks(weight) * blocks(grad_weight)).neg_()
+    else:
+        raise ValueError(f"agpe: saliency mode {mode!r} is not one of taylor/gradient/magnitude/movement")
+    scores.index_put_((rows, cols), values.float().sum(dim=(1, 2)))
+    return scores
+
+
+def inactive_grad_sq(dense_grad, block_mask, block_size: int) -> torch.Tensor:
+    """``reference.inactive_dense_grad_sq`` (squared block norms, 0 on active blocks)."""
+    return block_sum(dense_grad.float().square(), block_size) * torch.logical_not(block_mask).float()
+
+
+def _mask_in_place(values: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    if not values.is_contiguous():
+        return reference.apply_block_mask(values, block_mask, block_size)
+    rows, cols = block_mask.shape
+    b = block_size
+    values.view(rows, b, cols, b).mul_(block_mask.to(values.dtype).view(rows, 1, cols, 1))
+    return values
+
+
+def mask_weight_in_place(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> Optional[torch.Tensor]:
+    """``weight *= M`` in one pass when the weight is contiguous; None otherwise."""
+    if not weight.is_contiguous():
+        return None
+    return _mask_in_place(weight, block_mask, block_size)

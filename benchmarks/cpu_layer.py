@@ -1,0 +1,87 @@
+"""One layer's forward + backward on the CPU: the agpe op against plain ``F.linear``.
+
+Times ``torch.ops.agpe.sparse_linear`` (taylor scoring, as in training) with autograd
+against ``F.linear`` with autograd on the same shapes, eagerly, at several densities, with
+and without the zero-weight promise (Note [Zero inactive weights]); best of 7 repeats of
+30 calls. This is the overhead a CPU user pays per layer (Note [Dense path passes] in
+agpe_compile/ops/dense_path.py).
+
+    python benchmarks/cpu_layer.py                      # 128 x 1000 @ 1000 x 1000, block 8
+    python benchmarks/cpu_layer.py --rows 512 --features 2048 --block 32 --out runs/cpu_layer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from torch import nn
+
+import agpe_compile
+from agpe_compile.ops.reference import expand_block_mask
+
+
+def best_ms(fn, calls: int = 30, repeats: int = 7) -> float:
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e3)
+    return best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--features", type=int, default=1000, help="in = out features")
+    parser.add_argument("--block", type=int, default=8)
+    parser.add_argument("--densities", default="1.0,0.5,0.1")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    m, f, b = args.rows, args.features, args.block
+    x = torch.randn(m, f, requires_grad=True)
+    grad = torch.randn(m, f)
+    plain_layer = nn.Linear(f, f)
+
+    def plain():
+        torch.nn.functional.linear(x, plain_layer.weight, plain_layer.bias).backward(grad)
+
+    rows = {"plain F.linear": best_ms(plain)}
+    for density in (float(d) for d in args.densities.split(",")):
+        layer = nn.Linear(f, f)
+        agpe_compile.prepare(layer, {"block_size": b})
+        state = agpe_compile.layer_state(layer)
+        if density < 1.0:
+            state.block_mask.copy_(torch.rand(state.grid) < density)
+            agpe_compile.rebucket(layer)
+            state.sync_layout()
+            with torch.no_grad():  # the promise holds: inactive weights are zero
+                layer.weight.mul_(expand_block_mask(state.block_mask, b, layer.weight.dtype))
+        for promise in (False, True):
+            def op():
+                torch.ops.agpe.sparse_linear(
+                    x, layer.weight, layer.bias, state.block_mask, state.saliency, state.dense_grad_sq,
+                    state.score_dense, state.counters, state.block_layout, b, "taylor", promise).backward(grad)
+            rows[f"agpe d={density:g}{' zero promise' if promise else ''}"] = best_ms(op)
+    base = rows["plain F.linear"]
+    print(f"{m} x {f} @ {f} x {f}, block {b}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'':28} {'ms':>7} {'vs plain':>9}")
+    for name, ms in rows.items():
+        print(f"{name:28} {ms:7.2f} {ms / base:8.2f}x")
+    result = {"rows": m, "features": f, "block": b, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.machine(), "ms": rows}
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""ops/dense_path.py (the dense path with fewer passes) against ops/reference.py, the oracle."""
+
+import pytest
+import torch
+
+from agpe_compile.ops import dense_path, reference
+
+from .tolerances import SCORE_TOLERANCE, TOLERANCES
+
+B = 4
+MODES = ("taylor", "gradient", "magnitude", "movement")
+
+
+def _case(density, dtype, seed=0, rows=6, cols=5):
+    gen = torch.Generator().manual_seed(seed)
+    if density == 1.0:
+        mask = torch.ones(rows, cols, dtype=torch.bool)
+    else:
+        mask = torch.rand(rows, cols, generator=gen) < density
+        mask[0, 0] = True
+    x = torch.randn(3, 7, cols * B, generator=gen).to(dtype)
+    w = torch.randn(rows * B, cols * B, generator=gen).to(dtype)
+    dy = torch.randn(3, 7, rows * B, generator=gen).to(dtype)
+    return x, w, dy, mask
+
+
+def _reference(x, w, dy, mask, mode, flag):
+    dx, dw, dense = reference.backward(dy, x, w, mask, B, True, True)
+    scores = reference.block_scores(w, dw, B, mode) * mask
+    dense_sq = reference.inactive_dense_grad_sq(dense, mask, B) * float(flag)
+    return reference.forward(x, w, None, mask, B), dx, dw, scores, dense_sq
+
+
+def _close(name, actual, expected):
+    tol = SCORE_TOLERANCE if name in ("scores", "dense_sq") else TOLERANCES[expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("density", [1.0, 0.7, 0.15])  # every block live; many live; few live (gathered scores)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("flag", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(density, mode, flag, dtype):
+    x, w, dy, mask = _case(density, dtype)
+    expected = _reference(x, w, dy, mask, mode, flag)
+    y = dense_path.forward(x, w, None, mask, B, unmasked=False)
+    dx = dense_path.grad_input(dy, w, mask, B, unmasked=False)
+    dw, scores, dense_sq = dense_path.grad_weight_and_scores(dy, x, w, mask, B, torch.tensor(flag), mode)
+    for name, a, e in zip(("y", "dx", "dw", "scores", "dense_sq"), (y, dx, dw, scores, dense_sq), expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        _close(name, a, e)
+    assert torch.all(dw.view(mask.shape[0], B, mask.shape[1], B)[~mask[:, None, :, None].expand(-1, B, -1, B)] == 0)
+    if flag and density < 1:
+        assert torch.all(dense_sq[~mask] > 0) and torch.all(dense_sq[mask] == 0)
+
+
+def test_unmasked_uses_the_weight_as_is():
+    # With the zero promise (or every block live) W is not masked: a nonzero inactive weight shows.
+    x, w, dy, mask = _case(0.5, torch.float32)
+    torch.testing.assert_close(dense_path.forward(x, w, None, mask, B, unmasked=True), torch.nn.functional.linear(x, w))
+    zeroed = reference.masked_weight(w, mask, B)
+    torch.testing.assert_close(dense_path.forward(x, zeroed, None, mask, B, unmasked=True),
+                               reference.forward(x, w, None, mask, B))
+
+
+def test_non_contiguous_weight_and_gradient():
+    x, w, dy, mask = _case(0.15, torch.float32)
+    w_t = w.t().contiguous().t()  # same values, column-major
+    expected = _reference(x, w, dy, mask, "taylor", False)
+    dw, scores, _ = dense_path.grad_weight_and_scores(dy, x, w_t, mask, B, torch.tensor(False), "taylor")
+    _close("dw", dw, expected[2])
+    _close("scores", scores, expected[3])
+    assert dense_path.mask_weight_in_place(w_t.clone().t().contiguous().t(), mask, B) is None
+    assert torch.equal(dense_path.mask_weight_in_place(w.clone(), mask, B), reference.masked_weight(w, mask, B))
+
+
+def test_block_sum_matches_reference():
+    values = torch.randn(12, 20)
+    torch.testing.assert_close(dense_path.block_sum(values, 4), reference.block_sum(values, 4))
+
+
+def test_non_finite_scores_propagate_like_the_reference():
+    # accumulate_scores (ops/sparse_linear.py) skips a call whose scores are not finite:
+    # the fast path must not hide an inf that the reference would see.
+    x, w, dy, mask = _case(0.15, torch.float32)
+    dy = dy.clone()
+    dy[0, 0, 0] = float("inf")
+    _, scores, _ = dense_path.grad_weight_and_scores(dy, x, w, mask, B, torch.tensor(False), "taylor")
+    expected = _reference(x, w, dy, mask, "taylor", False)[3]
+    assert torch.isfinite(scores).all() == torch.isfinite(expected).all()
+
+
+def test_traced_inputs_take_shape_only_decisions():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, dy, mask = _case(0.15, torch.float32)
+    with FakeTensorMode() as mode:
+        fx, fw, fdy, fmask, flag = (mode.from_tensor(t) for t in (x, w, dy, mask, torch.tensor(True)))
+        assert not dense_path.host_readable(fmask)
+        dw, scores, dense_sq = dense_path.grad_weight_and_scores(fdy, fx, fw, fmask, B, flag, "taylor")  # no data read
+        assert dw.shape == w.shape and scores.shape == mask.shape and dense_sq.shape == mask.shape
+
+
+def test_few_live_blocks_are_scored_by_gathering_them(monkeypatch):
+    calls = []
+    real = dense_path.live_block_scores
+    monkeypatch.setattr(dense_path, "live_block_scores", lambda *a: calls.append(a[-1]) or real(*a))
+    for density, gathered in ((0.15, True), (0.7, False), (1.0, False)):
+        calls.clear()
+        x, w, dy, mask = _case(density, torch.float32)
+        dense_path.grad_weight_and_scores(dy, x, w, mask, B, torch.tensor(False), "gradient")
+        assert bool(calls) == gathered, density
