@@ -120,6 +120,9 @@ def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mo
     call.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
     node.replace_all_uses_with(result)
     graph.erase_node(node)
+    # A later site may read this one's output (linear directly into linear): it must find
+    # the new node, not the erased one.
+    old_to_new[site.node] = result
     if site.transpose is not None:
         transpose = old_to_new[site.transpose]
         if not transpose.users:

@@ -60,6 +60,16 @@ def test_mlp():
     _check(model, lambda: (torch.randn(8, 64),), aot_backend())
 
 
+def test_linear_directly_into_linear():
+    # A rewritten site's output is the next site's input (nn.Sequential of Linears, a
+    # low-rank pair): the rewrite must wire the new node, not the erased one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64), nn.Linear(64, 64, bias=False))
+    agpe_compile.prepare(model, options={"block_size": 16})
+    assert len(layer_states(model)) == 3
+    _check(model, lambda: (torch.randn(8, 64),), aot_backend())
+
+
 def test_transformer_encoder_layer():
     torch.manual_seed(0)
     model = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
