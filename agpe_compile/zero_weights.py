@@ -5,7 +5,7 @@ The explicit Sparsifier marks its layers ``LayerState.zero_inactive`` and calls
 
 * after every ``optimizer.step()`` the inactive blocks of each layer that skips masking
   (``ops.paths.skips_masking``: the dense path by density) are written with zeros
-  (a Triton kernel that touches only those blocks on CUDA; ``W *= M`` in one pass elsewhere);
+  (a Triton kernel that touches only those blocks on CUDA; one in-place pass elsewhere);
 * after a module's ``load_state_dict`` its layers are re-zeroed;
 * ``LayerState.sync_layout`` re-zeroes a layer whose mask was edited by hand.
 
@@ -25,7 +25,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import kernels
-from .ops.dense_path import mask_weight_in_place
+from .ops.dense_path import zero_weight_blocks_
 from .ops.paths import skips_masking
 from .ops.reference import expand_block_mask
 
@@ -42,8 +42,8 @@ def zero_inactive_(state) -> None:
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES
                 and weight.is_contiguous() and state.layout_mask_version == state.block_mask._version):
             kernels.zero_inactive_blocks_(weight, state.layout())
-        elif mask_weight_in_place(weight, state.block_mask, state.block_size) is None:
-            weight.mul_(expand_block_mask(state.block_mask, state.block_size, weight.dtype))
+        elif zero_weight_blocks_(weight, state.block_mask, state.block_size) is None:  # not contiguous
+            weight.masked_fill_(~expand_block_mask(state.block_mask, state.block_size, torch.bool), 0)
 
 
 def skips(state) -> bool:

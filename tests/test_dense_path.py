@@ -70,8 +70,8 @@ def test_non_contiguous_weight_and_gradient():
     dw, scores, _ = dense_path.grad_weight_and_scores(dy, x, w_t, mask, B, torch.tensor(False), "taylor")
     _close("dw", dw, expected[2])
     _close("scores", scores, expected[3])
-    assert dense_path.mask_weight_in_place(w_t.clone().t().contiguous().t(), mask, B) is None
-    assert torch.equal(dense_path.mask_weight_in_place(w.clone(), mask, B), reference.masked_weight(w, mask, B))
+    assert dense_path.zero_weight_blocks_(w_t.clone().t().contiguous().t(), mask, B) is None
+    assert torch.equal(dense_path.zero_weight_blocks_(w.clone(), mask, B), reference.masked_weight(w, mask, B))
 
 
 def test_block_sum_matches_reference():

@@ -160,8 +160,12 @@ def _mask_in_place(values: torch.Tensor, block_mask: torch.Tensor, block_size: i
     return values
 
 
-def mask_weight_in_place(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> Optional[torch.Tensor]:
-    """``weight *= M`` in one pass when the weight is contiguous; None otherwise."""
+def zero_weight_blocks_(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> Optional[torch.Tensor]:
+    """Write zeros into the inactive blocks in one pass (NaN and inf there too, unlike
+    ``W *= M``) when the weight is contiguous; None otherwise."""
     if not weight.is_contiguous():
         return None
-    return _mask_in_place(weight, block_mask, block_size)
+    rows, cols = block_mask.shape
+    b = block_size
+    weight.view(rows, b, cols, b).masked_fill_(torch.logical_not(block_mask).view(rows, 1, cols, 1), 0)
+    return weight

@@ -132,6 +132,26 @@ def test_cpu_skips_masking_exactly_where_the_cost_model_is_always_dense():
             assert dense_for_all == (bucket >= start), (block, bucket)
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_zeroing_on_the_cpu_clears_nan_and_inf_in_inactive_blocks(contiguous):
+    from agpe_compile.zero_weights import zero_inactive_
+
+    layer = torch.nn.Linear(32, 48)
+    agpe_compile.prepare(layer, {"block_size": 16})
+    state = agpe_compile.layer_state(layer)
+    state.block_mask.copy_(torch.tensor([[True, False], [False, True], [True, True]]))
+    with torch.no_grad():
+        if not contiguous:
+            layer.weight.data = layer.weight.data.t().contiguous().t()
+        layer.weight[:16, 16:] = float("nan")
+        layer.weight[16:32, :16] = float("inf")
+        before = layer.weight.detach().clone()
+    zero_inactive_(state)
+    inactive = ~expand_block_mask(state.block_mask, 16, torch.bool)
+    assert torch.all(layer.weight[inactive] == 0)
+    assert torch.equal(layer.weight[~inactive], before[~inactive])  # live blocks untouched
+
+
 def test_zero_kernel_writes_only_inactive_blocks():
     pytest.importorskip("triton")
     from agpe_compile.kernels import zero_inactive_blocks_
