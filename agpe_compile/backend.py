@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import fx
@@ -103,8 +104,7 @@ class AgpeBackend:
             config_from_options(self.zero_code_options)
         self.on_graph = on_graph
         self.graph_count = 0
-        self.controllers: List[Any] = []  # zero-code mode: one ZeroCodeController per set of layers
-        self._controllers_by_layers: Dict[Tuple[int, ...], Any] = {}
+        self.controllers: List[Any] = []  # zero-code mode: the ZeroCodeControllers of its graphs
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         sites, unmatched = find_linear_sites(gm.graph)
@@ -124,21 +124,32 @@ class AgpeBackend:
 
     def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
         """Zero-code mode: one controller per set of layers, shared by every graph compiled
-        over them (recompiles after bucket crossings, the no-grad graph of an eval call);
-        a second controller would step the same masks twice and re-draw the initial layout."""
-        key = tuple(sorted(id(state) for state in states))
-        controller = self._controllers_by_layers.get(key)
-        if controller is not None:
-            return controller
-        owned = {id(s) for c in self.controllers for s in c.sparsifier.layers.values()}
-        shared = sorted(s.name for s in states if id(s) in owned)
-        if shared:
+        over them (recompiles after bucket crossings, the no-grad graph of an eval call),
+        whichever backend object compiles it: ``torch.compile(backend="agpe", options=...)``
+        builds a new backend per graph, so the controller is found through the layers'
+        states. A second controller would step the same masks twice and re-draw the
+        initial layout."""
+        drivers = {id(c): c for c in (_live_controller(s) for s in states) if c is not None}
+        if len(drivers) == 1:
+            (controller,) = drivers.values()
+            if {id(s) for s in controller.sparsifier.layers.values()} == {id(s) for s in states}:
+                if controller.sparsifier.config != config_from_options(self.zero_code_options):
+                    raise RuntimeError(
+                        f"agpe: zero-code mode: layers {sorted(s.name for s in states)} are already driven by a "
+                        f"zero-code controller with other options ({controller.sparsifier.config}); compile the "
+                        f"model with the same options, or use agpe_compile.Sparsifier")
+                if controller not in self.controllers:
+                    self.controllers.append(controller)
+                return controller
+        if drivers:
+            shared = sorted(s.name for s in states if _live_controller(s) is not None)
             raise RuntimeError(
                 f"agpe: zero-code mode: a new graph covers layers {shared} together with other layers than "
                 f"the graph that already drives them (a different graph break?); their masks cannot follow two "
                 f"controllers. Use agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) instead")
         controller = make_zero_code_controller(states, self.zero_code_options)
-        self._controllers_by_layers[key] = controller
+        for state in states:
+            state.controller_ref = weakref.ref(controller)
         self.controllers.append(controller)
         return controller
 
@@ -173,6 +184,11 @@ def _fakeify_static(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     if fake_mode is None:
         return []  # called outside Dynamo (no shape env): nothing symbolic to avoid
     return [fake_mode.from_tensor(tensor, static_shapes=True) for tensor in tensors]
+
+
+def _live_controller(state: LayerState):
+    ref = state.controller_ref
+    return ref() if ref is not None else None
 
 
 def agpe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],

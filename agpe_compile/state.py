@@ -95,6 +95,9 @@ class LayerState:
     zero_inactive: bool = False
     module_ref: Optional[weakref.ReferenceType] = None
     weight_ref: Optional[weakref.ReferenceType] = None
+    # Zero-code mode: the controller that drives this layer's mask, found by every backend
+    # instance (``backend="agpe"`` builds a new one per compiled graph).
+    controller_ref: Optional[weakref.ReferenceType] = None
 
     @classmethod
     def create(cls, name: str, param_name: str, weight: torch.Tensor, block_size: int) -> "LayerState":

@@ -112,6 +112,43 @@ def test_zero_code_follows_the_optimizer_and_matches_explicit_mode_bit_for_bit()
     assert backend.graph_count == ref_backend.graph_count + 1
 
 
+def test_zero_code_through_the_backend_string_keeps_one_controller_across_recompiles():
+    # torch.compile(backend="agpe", options=...) builds a new backend object per compiled
+    # graph; the recompiles at bucket crossings must reuse the controller already driving
+    # the layers (found through their states), not start another one on the same masks.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    compiled = torch.compile(model, backend="agpe", options={"inductor": False, **ZC_OPTIONS})
+    _train(compiled, model, optimizer, 23)
+    states = layer_states(model)
+    controllers = {id(state.controller_ref()) for state in states.values()}
+    assert len(controllers) == 1
+    (controller,) = {state.controller_ref() for state in states.values()}
+    assert controller.sparsifier.step_count == 23
+    ref_model, _, _, _ = _explicit_run(23)
+    ref_states = layer_states(ref_model)
+    assert any(state.layout_bucket < 1.0 for state in states.values())  # it did recompile at crossings
+    for name, state in states.items():
+        assert torch.equal(state.block_mask, ref_states[name].block_mask), name
+    for (name, p), ref_p in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, ref_p), name
+
+
+def test_zero_code_refuses_a_second_set_of_options_on_the_same_layers():
+    torch._dynamo.reset()
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    first = torch.compile(model, backend="agpe", options={"inductor": False, **ZC_OPTIONS})
+    first(torch.randn(4, 32))
+    # a second compile of the same model while the first one (and its controller) lives
+    other = torch.compile(model, backend="agpe", options={"inductor": False, **dict(ZC_OPTIONS, target_sparsity=0.5)})
+    with pytest.raises(Exception, match="already driven by a zero-code controller with other options"):
+        other(torch.randn(4, 32))
+
+
 def test_zero_code_counts_optimizer_steps_under_gradient_accumulation():
     model, optimizer, backend = _zero_code_run(12, micro_batches=3)
     (controller,) = backend.controllers
