@@ -56,3 +56,28 @@ def test_autocast_on_the_op_directly():
     y.float().sum().backward()
     assert w.grad.dtype == torch.float32 and sal.dtype == torch.float32 and sal[mask].gt(0).all()
     assert sal[~mask].eq(0).all()
+
+
+@pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
+def test_autocast_under_a_sparsifier(lowering):
+    # The Sparsifier marks its layers zero_inactive, so the rewritten calls pass the op's
+    # last argument; the autocast kernel must take it and pass it on.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((64, 128, 64, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(
+        target_sparsity=0.5, policy="static", block_size=16))
+    assert all(state.zero_inactive for state in sparsifier.layers.values())
+    backend = aot_backend() if lowering == "aot_eager" else agpe_compile.AgpeBackend({})
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_y = eager_masked(model, x)
+    torch.testing.assert_close(y.float(), want_y.float(), rtol=2e-2, atol=2e-2)
+    for state in sparsifier.layers.values():
+        assert state.weight.grad.dtype == torch.float32 and state.saliency.sum() > 0

@@ -159,3 +159,24 @@ def test_through_inductor(make_model):
     backend = agpe_compile.AgpeBackend({"inductor": True})
     _check(model, lambda: (torch.randn(*shape),), backend, densities=(0.5, 0.1))
     assert all(float(s.saliency.sum()) > 0 for s in layer_states(model).values())
+
+
+@pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
+def test_non_contiguous_input_like_batch_first_attention_output(lowering):
+    # The op's fake backward must give the strides the real one returns (contiguous), or
+    # the compiled backward mis-views the input gradient of a transposed input.
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.fc = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(self.pre(x).view(5, 2, 32).transpose(0, 1))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model()
+    agpe_compile.prepare(model, options={"block_size": 8, "exclude": ["pre"]})
+    backend = aot_backend() if lowering == "aot_eager" else agpe_compile.AgpeBackend({"block_size": 8})
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would hide the fake
+        _check(model, lambda: (torch.randn(10, 32),), backend)

@@ -33,12 +33,12 @@ def _autocast_kernel(device_type: str):
     key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _KEYS[device_type]))
 
     def sparse_linear(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
-                      block_size, saliency_mode):
+                      block_size, saliency_mode, zero_inactive=False):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(key):
             return torch.ops.agpe.sparse_linear(
                 _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), block_mask, saliency, dense_grad_sq,
-                score_dense, counters, block_layout, block_size, saliency_mode)
+                score_dense, counters, block_layout, block_size, saliency_mode, zero_inactive)
 
     return sparse_linear
 

@@ -146,8 +146,10 @@ def _(x, weight, bias, block_mask, saliency, dense_grad_sq, score_dense, counter
 @sparse_linear_backward_host.register_fake
 def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_layout,
       block_size, saliency_mode, need_input_grad, need_weight_grad, zero_inactive=False):
-    grad_input = torch.empty_like(x) if need_input_grad else x.new_empty(_EMPTY)
-    grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(_EMPTY)
+    # Contiguous, as every path returns them (empty_like would copy a non-contiguous x's
+    # strides, e.g. the transposed output of nn.MultiheadAttention(batch_first=True)).
+    grad_input = x.new_empty(x.shape) if need_input_grad else x.new_empty(_EMPTY)
+    grad_weight = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(_EMPTY)
     return grad_input, grad_weight
 
 
