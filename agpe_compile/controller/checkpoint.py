@@ -78,6 +78,20 @@ def upgrade(state: dict) -> dict:
     return state
 
 
+def _check_shapes(sp: "Sparsifier", state: dict) -> None:
+    """Every per-layer tensor of the checkpoint must have the layer's block-grid shape."""
+    for name, layer in sp.layers.items():
+        grid = tuple(layer.block_mask.shape)
+        for key in ("masks", "saliency_ema", "saliency_fresh", "grown_age"):
+            table = state.get(key)
+            tensor = table.get(name) if isinstance(table, dict) else None
+            if tensor is not None and tuple(tensor.shape) != grid:
+                raise ValueError(
+                    f"agpe: checkpoint {key}[{name!r}] has block-grid shape {tuple(tensor.shape)}, but layer "
+                    f"{name!r} (weight {tuple(layer.weight_shape)}, block {layer.block_size}) has {grid}: the "
+                    f"checkpoint is from a different model or block size; nothing was loaded")
+
+
 def load(sp: "Sparsifier", state: dict) -> None:
     """Restore ``state`` into ``sp``; masks are copied in place (buffer identity kept)."""
     state = upgrade(state)
@@ -85,6 +99,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     if set(state["masks"]) != names:
         raise ValueError(f"agpe: checkpoint layers {sorted(state['masks'])} do not match the model's "
                          f"agpe layers {sorted(names)}")
+    _check_shapes(sp, state)  # before anything is written: a failed load changes nothing
     if state["config"] != sp.config.to_dict():
         log.warning("agpe: checkpoint config differs from the Sparsifier's config; using the Sparsifier's")
     sp.step_count = int(state["step"])

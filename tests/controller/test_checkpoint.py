@@ -102,6 +102,23 @@ def test_unknown_version_and_wrong_layers_are_refused():
         sp.load_state_dict(dict(state, masks={"other": torch.ones(1, 1, dtype=torch.bool)}))
 
 
+@pytest.mark.parametrize("key", ["masks", "saliency_ema", "grown_age"])
+def test_a_checkpoint_of_another_shape_is_refused_before_anything_changes(key):
+    *_, sp, _, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5))
+    state = sp.state_dict()
+    before = sp.state_dict()
+    wrong = {name: tensor.clone() for name, tensor in state[key].items()}
+    wrong["fc2"] = torch.zeros(1, 1, dtype=wrong["fc2"].dtype)  # fc1 stays loadable: nothing may be copied
+    wrong["fc1"] = ~wrong["fc1"] if wrong["fc1"].dtype == torch.bool else wrong["fc1"] + 1
+    with pytest.raises(ValueError, match=rf"checkpoint {key}\['fc2'\] has block-grid shape \(1, 1\).*nothing was loaded"):
+        sp.load_state_dict(dict(state, **{key: wrong}))
+    after = sp.state_dict()
+    assert after["step"] == before["step"]
+    for table in ("masks", "saliency_ema", "grown_age"):
+        for name in before[table]:
+            assert torch.equal(after[table][name], before[table][name]), (table, name)
+
+
 def test_masks_load_in_place():
     *_, sp, _, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5))
     buffer = sp.layers["fc1"].block_mask
