@@ -33,7 +33,8 @@ from torch import fx
 
 from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from agpe_compile.config import BackendConfig
-from agpe_compile.controller.zero_code import config_from_options, make_zero_code_controller, split_options
+from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_options, make_zero_code_controller,
+                                               split_options)
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
@@ -97,7 +98,7 @@ class AgpeBackend:
     def __init__(self, options: Optional[Mapping[str, Any]] = None,
                  on_graph: Optional[Callable[[GraphRecord], None]] = None):
         backend_options, agpe_options = split_options(options)
-        self.config = BackendConfig.from_options(backend_options)
+        self.config = BackendConfig.from_options(backend_options, also_accepted=AGPE_OPTION_KEYS)
         # Zero-code mode: AGPE options given to the backend; validated now, run per graph.
         self.zero_code_options = dict(options) if agpe_options else None
         if self.zero_code_options is not None:

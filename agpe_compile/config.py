@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 CONFIG_VERSION = 1
 
@@ -61,8 +61,11 @@ class BackendConfig:
         return DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size
 
     @classmethod
-    def from_options(cls, options: Optional[Mapping[str, Any]]) -> "BackendConfig":
-        """Build a config from ``torch.compile``'s ``options`` dict (``None`` = defaults)."""
+    def from_options(cls, options: Optional[Mapping[str, Any]], also_accepted: Sequence[str] = ()) -> "BackendConfig":
+        """Build a config from ``torch.compile``'s ``options`` dict (``None`` = defaults).
+
+        ``also_accepted`` names keys a caller handles itself (the backend: AGPEConfig fields
+        of zero-code mode); they are listed in the unknown-option error, nothing more."""
         if options is None:
             return cls()
         if isinstance(options, BackendConfig):
@@ -73,7 +76,10 @@ class BackendConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             key = unknown[0]
-            raise ValueError(_bad(key, options[key], f"one of the keys {sorted(known)}", kind="option"))
+            accepted = f"one of the keys {sorted(known)}"
+            if also_accepted:
+                accepted += f", or, for zero-code mode, one of {sorted(also_accepted)}"
+            raise ValueError(_bad(key, options[key], accepted, kind="option"))
         values = dict(options)
         for key in ("include", "exclude"):
             if key in values and isinstance(values[key], (list, tuple)):

@@ -216,6 +216,10 @@ def main(argv=None) -> None:
         setting["steps"] = args.steps
     if args.block_size is not None:
         setting["block_size"] = args.block_size
+    block, width = setting["block_size"], setting["d_model"]
+    if isinstance(block, bool) or block < 1 or width % block:  # every block linear is a multiple of d_model wide
+        parser.error(f"--block-size: expected a positive divisor of d_model={width} (every block's linear "
+                     f"layers are multiples of it), got {block}")
     if not 0 < args.prune_until <= 1:
         parser.error(f"--prune-until: expected a fraction in (0, 1], got {args.prune_until}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

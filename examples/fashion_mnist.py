@@ -325,7 +325,18 @@ def parse_args(argv: List[str]):
         parser.error(f"--agpe: {error}")
     args.eval_set = "validation" if args.validation else "test"
     mode = MODES[args.mode or "quick"]
-    args.hidden = [int(h) for h in args.hidden.split(",")]
+    try:
+        args.hidden = [int(h) for h in args.hidden.split(",")]
+    except ValueError:
+        parser.error(f"--hidden: expected comma-separated integers, got {args.hidden!r}")
+    try:
+        AGPEConfig(target_sparsity=args.sparsity, block_size=args.block_size)
+    except ValueError as error:
+        parser.error(f"--sparsity/--block-size: {error}")
+    sizes = [784, *args.hidden]  # the sparse layers' dimensions (the 10-output head stays dense)
+    if any(size % args.block_size for size in sizes):
+        parser.error(f"--block-size: expected a divisor of every sparse layer's dimensions {sizes}, "
+                     f"got {args.block_size}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

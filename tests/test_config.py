@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from agpe_compile.config import BackendConfig
 
@@ -41,3 +42,13 @@ def test_bad_options_raise_value_error_naming_key_value_and_accepted(options, pa
 def test_options_must_be_a_mapping():
     with pytest.raises(ValueError, match="option 'options' got"):
         BackendConfig.from_options(["block_size", 32])
+
+
+def test_backend_unknown_option_lists_the_zero_code_fields_too():
+    import agpe_compile
+
+    with pytest.raises(ValueError, match=r"unknown option 'foo'.*or, for zero-code mode, one of \[.*'target_sparsity'"):
+        agpe_compile.AgpeBackend({"block_size": 8, "target_sparsity": 0.5, "foo": 1})
+    with pytest.raises(ValueError) as error:  # prepare takes backend options only: no zero-code list
+        agpe_compile.prepare(torch.nn.Linear(8, 8), {"target_sparsity": 0.5})
+    assert "zero-code" not in str(error.value)

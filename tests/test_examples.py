@@ -74,6 +74,13 @@ def test_char_lm_reads_the_text_from_a_file(tmp_path):
     assert [p["step"] for p in results["runs"][0]["curve"]] == [6, 8]
 
 
+def test_char_lm_refuses_a_block_size_that_does_not_divide_the_model(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "char_lm.py"), "--smoke",
+                             "--block-size", "7", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--block-size: expected a positive divisor of d_model=" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_char_lm_names_a_missing_text_file(tmp_path):
     missing = tmp_path / "nope.txt"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "char_lm.py"), "--smoke",

@@ -114,6 +114,10 @@ class AGPEConfig:
         _choice("policy", self.policy, POLICIES)
         if self.block_size is not None:
             _integer("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        for field in ("include", "exclude", "buckets"):  # lists and a lone pattern, as the backend options take
+            value = getattr(self, field)
+            if isinstance(value, list) or (field != "buckets" and isinstance(value, str)):
+                object.__setattr__(self, field, tuple(value) if isinstance(value, list) else (value,))
         _patterns("include", self.include)
         _patterns("exclude", self.exclude)
         _choice("saliency", self.saliency, SALIENCY_MODES)
@@ -232,11 +236,11 @@ def _choice(field, value, accepted) -> None:
 
 def _patterns(field, value) -> None:
     if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):
-        raise ValueError(_bad(field, value, "a tuple of non-empty fnmatch pattern strings"))
+        raise ValueError(_bad(field, value, "a list or tuple of non-empty fnmatch pattern strings"))
 
 
 def _buckets(value) -> None:
     ok = isinstance(value, tuple) and value and all(
         isinstance(b, Real) and not isinstance(b, bool) and 0.0 < b <= 1.0 for b in value)
     if not ok or 1.0 not in value:
-        raise ValueError(_bad("buckets", value, "a tuple of densities in (0, 1] that includes 1.0"))
+        raise ValueError(_bad("buckets", value, "a list or tuple of densities in (0, 1] that includes 1.0"))

@@ -31,12 +31,12 @@ from .helpers import TinyMLP
         ("saliency_decay", 1.0, "a number in [0, 1)"),
         ("protect_grown", -1, "an int >= 0"),
         ("protect_grown", 1.5, "an int >= 0"),
-        ("buckets", (0.5, 0.25), "a tuple of densities in (0, 1] that includes 1.0"),
+        ("buckets", (0.5, 0.25), "a list or tuple of densities in (0, 1] that includes 1.0"),
         ("patience", 0, "an int >= 1"),
         ("regret_threshold", 0.0, "a number > 0"),
         ("initial_density", 0.05, "a density >= the final density 0.1"),
         ("max_density", 0.05, "a density >= the final density 0.1"),
-        ("include", ("",), "a tuple of non-empty fnmatch pattern strings"),
+        ("include", ("",), "a list or tuple of non-empty fnmatch pattern strings"),
         ("rescale_init", 1, "True or False"),
         ("version", 99, "1"),
     ],
@@ -93,3 +93,9 @@ def test_no_eligible_layer_warns_once_and_trains_dense():
 def test_config_type_checked():
     with pytest.raises(TypeError, match="expected an AGPEConfig, got dict"):
         Sparsifier(TinyMLP(), None, {"target_sparsity": 0.9})
+
+
+def test_patterns_and_buckets_accept_lists_as_the_backend_options_do():
+    config = AGPEConfig(include="fc*", exclude=["head"], buckets=[1.0, 0.5])
+    assert (config.include, config.exclude, config.buckets) == (("fc*",), ("head",), (1.0, 0.5))
+    assert config == AGPEConfig(include=("fc*",), exclude=("head",), buckets=(1.0, 0.5))

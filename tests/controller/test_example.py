@@ -64,6 +64,10 @@ def test_validation_split_and_agpe_overrides(tmp_path):
     (["--agpe", "cooldown"], "--agpe: expected KEY=VALUE with KEY one of"),
     (["--agpe", "cooldown=-1"], "--agpe: agpe: AGPEConfig.cooldown got -1; expected an int >= 0"),
     (["--validation", "2048"], "--validation: expected 0 <= N < 2048"),
+    (["--sparsity", "1.5"], "--sparsity/--block-size: agpe: AGPEConfig.target_sparsity got 1.5"),
+    (["--block-size", "0"], "--sparsity/--block-size: agpe: AGPEConfig.block_size got 0"),
+    (["--block-size", "7"], "--block-size: expected a divisor of every sparse layer's dimensions [784, 1000"),
+    (["--hidden", "1000,x"], "--hidden: expected comma-separated integers, got '1000,x'"),
 ])
 def test_bad_flags_are_named(tmp_path, args, message):
     result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--out", str(tmp_path), *args],
