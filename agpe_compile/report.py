@@ -160,6 +160,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = [p for p in args.runs if not os.path.isfile(p)]
     if missing:
         parser.error(f"no such audit file: {missing[0]}")
+    for path in args.runs:
+        try:
+            records = read_records(path)
+        except UnicodeDecodeError as error:  # (a ValueError too: first)
+            parser.error(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start}): not an agpe audit file")
+        except ValueError as error:
+            parser.error(str(error))
+        if not records:
+            parser.error(f"{path}: no records (an empty audit file: a Sparsifier with audit_path= writes a "
+                         f"'start' record when it is created and one record per mask update)")
     out_dir = args.out or os.path.dirname(os.path.abspath(args.runs[0]))
     for path in render(args.runs, out_dir, args.tensorboard):
         print(f"wrote {path}")

@@ -53,9 +53,21 @@ class AuditLog:
 
 
 def read_records(path: str) -> List[dict]:
-    """All records of a JSONL audit file, in order."""
+    """All records of a JSONL audit file, in order; ``ValueError`` naming the line that is not
+    a JSON object."""
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not JSON ({error.msg}): not an agpe audit file") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {number} is not a JSON object: not an agpe audit file")
+            records.append(record)
+    return records
 
 
 def saliency_stats(ema: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -118,6 +118,23 @@ def test_report_rejects_a_missing_file(tmp_path):
         report.main([str(tmp_path / "nope.jsonl")])
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", "no records (an empty audit file"),
+    (b'{"event": "start"}\nnot json\n', "line 2 is not JSON"),
+    (b"[1, 2]\n", "line 1 is not a JSON object"),
+    (b"\x80\x81", "not a UTF-8 text file"),
+])
+def test_report_names_what_is_wrong_with_a_file(tmp_path, capsys, content, message):
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png"))  # nothing written
+
+
 def test_tensorboard_is_skipped_cleanly_without_it(agpe_run, tmp_path, monkeypatch, caplog):
     real_import = builtins.__import__
 
