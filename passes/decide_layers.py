@@ -93,8 +93,9 @@ def decide_layers(
                                            "weight is computed in the graph, not a parameter"))
             continue
         by_weight.setdefault(site.weight, []).append(site)
+    block_size = _default_block_size(by_weight, examples, config)
     for weight_node, weight_sites in by_weight.items():
-        decisions.append(_decide(weight_node, weight_sites, examples.get(weight_node), tied, config))
+        decisions.append(_decide(weight_node, weight_sites, examples.get(weight_node), tied, config, block_size))
     seen = set(by_weight)
     for use in unmatched:
         example = examples.get(use.weight)
@@ -106,7 +107,19 @@ def decide_layers(
     return decisions
 
 
-def _decide(weight_node, sites, weight, tied, config: BackendConfig) -> LayerDecision:
+def _default_block_size(by_weight, examples, config: BackendConfig) -> int:
+    """Block size of layers met here for the first time: the option, else the one block
+    size of this graph's prepared layers (``prepare(model, {"block_size": 8})`` then
+    ``torch.compile`` without options), else the default."""
+    if config.block_size is not None:
+        return config.block_size
+    prepared = {state.block_size for state in (
+        state_of(examples.get(w)) if isinstance(examples.get(w), torch.nn.Parameter) else None for w in by_weight)
+        if state is not None}
+    return prepared.pop() if len(prepared) == 1 else config.resolved_block_size
+
+
+def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size: int) -> LayerDecision:
     name = _layer_name(weight_node)
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
     state = state_of(weight) if isinstance(weight, torch.nn.Parameter) else None
@@ -116,12 +129,12 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig) -> LayerDec
         if reason is not None:
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)
         return LayerDecision(state.name, weight_node, sites, shape, state, None)
-    reason = skip_reason(name, weight, config, config.resolved_block_size)
+    reason = skip_reason(name, weight, config, block_size)
     if reason is None and weight_node in tied:
         reason = "weight tied/shared with an embedding"
     if reason is not None:
         return LayerDecision(name, weight_node, sites, shape, None, reason)
-    state = LayerState.create(name, _param_name(weight_node), weight, config.resolved_block_size)
+    state = LayerState.create(name, _param_name(weight_node), weight, block_size)
     setattr(weight, STATE_ATTR, state)
     return LayerDecision(name, weight_node, sites, shape, state, None)
 

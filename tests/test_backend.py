@@ -152,3 +152,25 @@ def test_explain_lists_graph_breaks():
     assert len(report.graph_breaks) == 1 and "graph_break" in report.graph_breaks[0]
     assert [r.graph for r in report.layers] == [0, 1]
     assert "1 graph break(s)" in str(report)
+
+
+def test_layers_met_at_compile_take_the_prepared_block_size():
+    # prepare(model, {"block_size": 8}) then torch.compile without options: a weight the
+    # backend meets for the first time (a raw parameter in a matmul) uses the prepared
+    # layers' block size, and a skipped layer's reason names that block size, not 32.
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+            self.w = torch.nn.Parameter(torch.randn(16, 16))
+            self.head = torch.nn.Linear(16, 12)
+
+        def forward(self, x):
+            return self.head(self.fc(x) @ self.w.t())
+
+    torch._dynamo.reset()
+    model = Model()
+    agpe_compile.prepare(model, {"block_size": 8})
+    report = agpe_compile.explain(model, torch.randn(2, 16), options={"inductor": False})
+    assert agpe_compile.layer_state(model, "w").block_size == 8
+    assert "not divisible by block size 8" in str(report) and "block size 32" not in str(report)
