@@ -126,6 +126,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     seen = state["seen_counters"]
     sp.seen_counters = {n: list(seen[n]) if seen is not None else [int(v) for v in layer.counters.tolist()]
                         for n, layer in sp.layers.items()}
+    sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
     window = state["loss_window"]
     sp._loss_sum = None if window["sum"] is None else torch.tensor(window["sum"], dtype=torch.float32)
     sp._loss_steps = int(window["steps"])

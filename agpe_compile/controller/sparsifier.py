@@ -130,6 +130,8 @@ class Sparsifier:
             self.grown_age[name] = torch.full(state.grid, AGE_NEVER_GROWN, dtype=torch.int32)
         for name, counters in zip(self.layers, to_host([s.counters for s in self.layers.values()])):
             self.seen_counters[name] = [int(v) for v in counters.tolist()]
+        self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
+        self._warned_no_backward = False
         for name, state in self.layers.items():
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
                 log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
@@ -208,6 +210,7 @@ class Sparsifier:
         start = time.perf_counter()
         snap = self._snapshot()
         loss = self._take_loss(snap.loss)
+        self._check_backward_reached(step, sum(int(snap.counters[n][0]) for n in self.layers))
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
         for name, state in self.layers.items():
@@ -373,6 +376,18 @@ class Sparsifier:
             scored_rows = rows_now - int(scored_from[name]) if scored and name in scored_from else 0
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
+
+    def _check_backward_reached(self, step: int, rows_now: int) -> None:
+        """Warn (once) when an update comes with no backward through the layers since the last
+        interval: the scores are all zero, e.g. the uncompiled module was trained."""
+        rows_before, self.rows_at_interval = self.rows_at_interval, rows_now
+        if rows_now == rows_before and self.layers and self._updates_at(step) and not self._warned_no_backward:
+            self._warned_no_backward = True
+            log.warning(
+                "agpe: Sparsifier update at step %d: no backward pass reached the agpe layers since the last "
+                "interval, so their saliency is zero and masks change without gradient information. Train the "
+                "model returned by torch.compile(model, backend='agpe') (not the module itself) and call "
+                "sparsifier.step() after loss.backward() and optimizer.step()", step)
 
     def _take_skips(self, name: str, counters: torch.Tensor) -> int:
         now = int(counters[1])

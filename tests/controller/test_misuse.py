@@ -1,0 +1,34 @@
+"""Misuse the Sparsifier should name: an update with no backward through the agpe layers."""
+
+import logging
+
+import torch
+
+from agpe_compile.controller import AGPEConfig
+
+from .helpers import batches, make_run, train
+
+
+def test_an_update_without_any_backward_warns_once(caplog):
+    # Training the module itself instead of the compiled model leaves the saliency at zero.
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                    update_interval=2, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(6):
+            torch.nn.functional.cross_entropy(model(x), y).backward()  # the uncompiled module
+            opt.step()
+            opt.zero_grad()
+            sp.step()
+    warnings = [r for r in caplog.records if "no backward pass reached the agpe layers" in r.getMessage()]
+    assert len(warnings) == 1 and "step 2" in warnings[0].getMessage()
+
+
+def test_no_warning_when_the_compiled_model_trains(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=2, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(6))
+        sp.state_dict()
+        _ = sp.flops  # reading the FLOPs between intervals must not confuse the check
+        train(cmodel, opt, sp, batches(4, seed=1))
+    assert not [r for r in caplog.records if "no backward pass reached" in r.getMessage()]
