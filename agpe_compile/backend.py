@@ -38,7 +38,7 @@ from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_opt
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
-from agpe_compile.state import LayerState
+from agpe_compile.state import STATE_ATTR, LayerState
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,16 @@ class AgpeCompiledGraph:
     """
 
     def __init__(self, compiled: Callable, states: List[LayerState],
-                 before_training_call: Optional[Callable[[], None]] = None):
+                 before_training_call: Optional[Callable[[], None]] = None,
+                 weight_indices: Optional[List[int]] = None):
         self.compiled = compiled
         self.states = states
         self.before_training_call = before_training_call
         self.layout_shapes = [state.block_layout.shape for state in states]
+        # Where each layer's weight sits in Dynamo's arguments (Note [Graphs shared by instances]).
+        self.weight_indices = weight_indices
+        self.compiled_as = [(state.block_size, state.grid, state.zero_inactive, state.saliency_mode)
+                            for state in states]
 
     def __call__(self, *args):
         if self.before_training_call is not None and torch.is_grad_enabled():
@@ -77,7 +82,11 @@ class AgpeCompiledGraph:
                     "agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) between replays instead")
             self.before_training_call()
         extra = []
-        for state, shape in zip(self.states, self.layout_shapes):
+        for i, (state, shape) in enumerate(zip(self.states, self.layout_shapes)):
+            if self.weight_indices is not None:
+                weight = args[self.weight_indices[i]]
+                if weight is not state.weight:
+                    state = self._state_of_another_instance(i, weight)
             state.check_identity()
             state.sync_layout()
             if state.block_layout.shape != shape:
@@ -90,6 +99,45 @@ class AgpeCompiledGraph:
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
         return self.compiled(*args, *extra)
+
+    # Note [Graphs shared by instances]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # Dynamo passes parameters as graph inputs and reuses a cached graph for every instance
+    # of the same module class whose guards pass (same shapes, same layout lengths). The
+    # graph was compiled with the states of the instance it first saw; a call from another
+    # instance must use THAT instance's masks and buffers, found through the weight Dynamo
+    # passes in. What the graph baked in (block size, grid, the zero-weight promise, the
+    # saliency mode) must match, or the call raises instead of computing something else.
+    def _state_of_another_instance(self, i: int, weight: torch.Tensor) -> LayerState:
+        from agpe_compile.state import state_of
+
+        compiled = self.states[i]
+        state = state_of(weight)
+        if state is None:  # never prepared nor compiled itself: dense, as the backend would make it
+            if not isinstance(weight, torch.nn.Parameter):
+                raise RuntimeError(f"agpe: layer {compiled.name!r} got a {type(weight).__name__}, not a Parameter")
+            state = LayerState.create(compiled.name, compiled.param_name, weight, compiled.block_size)
+            setattr(weight, STATE_ATTR, state)
+        block_size, grid, zero_inactive, mode = self.compiled_as[i]
+        if state.saliency_mode is None:
+            state.saliency_mode = mode
+        mismatch = [what for what, ok in (
+            ("block size", state.block_size == block_size), ("block grid", state.grid == grid),
+            ("layout length", state.block_layout.shape == self.layout_shapes[i]),
+            ("zero-weight promise (one model is under a Sparsifier, the other not)",
+             state.zero_inactive == zero_inactive or not zero_inactive),
+            ("saliency mode", state.saliency_mode == mode)) if not ok]
+        if mismatch:
+            raise RuntimeError(
+                f"agpe: a graph compiled for layer {compiled.name!r} of one model instance is being reused for "
+                f"another instance of the same class, whose layer differs in {', '.join(mismatch)}; compile each "
+                f"model after preparing it the same way, or call torch._dynamo.reset() between them")
+        if self.before_training_call is not None:
+            raise RuntimeError(
+                f"agpe: zero-code mode: this graph's controller drives the layers of the model it was first "
+                f"compiled for ({compiled.name!r}, ...); another instance of the same class cannot share it. Use "
+                f"agpe_compile.Sparsifier for each model, or call torch._dynamo.reset() between them")
+        return state
 
 
 class AgpeBackend:
@@ -121,7 +169,10 @@ class AgpeBackend:
         controller = None
         if self.zero_code_options is not None and result.states:
             controller = self._controller_for(result.states)
-        return AgpeCompiledGraph(compiled, result.states, controller)
+        position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        weight_indices = [position[d.weight] for d in decisions if d.rewritten]
+        assert [d.state for d in decisions if d.rewritten] == result.states
+        return AgpeCompiledGraph(compiled, result.states, controller, weight_indices)
 
     def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
         """Zero-code mode: one controller per set of layers, shared by every graph compiled

@@ -180,3 +180,41 @@ def test_non_contiguous_input_like_batch_first_attention_output(lowering):
     backend = aot_backend() if lowering == "aot_eager" else agpe_compile.AgpeBackend({"block_size": 8})
     with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would hide the fake
         _check(model, lambda: (torch.randn(10, 32),), backend)
+
+
+def test_two_instances_of_one_class_use_their_own_masks():
+    # Dynamo reuses one cached graph for both instances (parameters are graph inputs); each
+    # call must still read the masks and buffers of the instance it is called on
+    # (Note [Graphs shared by instances] in backend.py).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b = MLP(), MLP()
+    for model, seed in ((a, 1), (b, 2)):
+        agpe_compile.prepare(model, options={"block_size": 16})
+        set_random_masks(model, 0.5, seed=seed)
+    backend = aot_backend()
+    x = torch.randn(8, 64)
+    outs = {name: torch.compile(model, backend=backend)(x) for name, model in (("a", a), ("b", b))}
+    assert backend.graph_count == 1  # the graph is shared
+    for name, model in (("a", a), ("b", b)):
+        assert_close(outs[name], eager_masked(model, x), f"output of {name}")
+        outs[name].sum().backward()
+        for state in layer_states(model).values():
+            assert int(state.counters[0]) == 8  # each instance's own buffers saw its rows
+            blocks = state.weight.grad.abs().reshape(state.grid[0], 16, state.grid[1], 16).sum((1, 3))
+            assert torch.all(blocks[~state.block_mask] == 0)
+
+
+def test_an_instance_the_shared_graph_cannot_serve_is_refused():
+    # The first instance keeps its inactive weights at zero (a Sparsifier): its graph skips
+    # masking, which would be wrong for an instance without that promise.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b = MLP(), MLP()
+    agpe_compile.Sparsifier(a, torch.optim.SGD(a.parameters(), lr=0.1), agpe_compile.AGPEConfig(
+        block_size=16, target_sparsity=0.0, policy="static"))
+    agpe_compile.prepare(b, options={"block_size": 16})
+    backend = aot_backend()
+    torch.compile(a, backend=backend)(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="reused for another instance of the same class.*zero-weight promise"):
+        torch.compile(b, backend=backend)(torch.randn(8, 64))
