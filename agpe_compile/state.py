@@ -341,6 +341,10 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         name = layer_name(module_name, param_name)
         state = state_of(weight)
         if state is not None:
+            excluded = pattern_reason(name, config)
+            if excluded is not None:  # a state from an earlier compile or explain: not ours to manage
+                log.info("agpe.prepare: %s stays out: %s", name, excluded)
+                continue
             check_block_size_option(state, config)
             if state.module is None:
                 state.attach(module)
@@ -360,7 +364,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     for module in model.modules():
         for param in module.parameters(recurse=False):
             state = state_of(param)
-            if state is None:
+            if state is None or state.name in prepared or pattern_reason(state.name, config) is not None:
                 continue
             check_block_size_option(state, config)
             if state.module is None:
