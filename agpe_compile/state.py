@@ -63,6 +63,19 @@ BUFFER_SUFFIXES = (
 )
 
 
+# Note [Replaced buffers]
+# ~~~~~~~~~~~~~~~~~~~~~~
+# Everything reads a layer's tensors through its LayerState, and the call wrapper hands
+# them to the compiled graph on every call. ``model.to(dtype/device)`` (``Module._apply``)
+# and an assignment ``fc.weight_block_mask = t`` replace the module's buffer objects; the
+# wrapper then adopts them (``check_identity``) before the call, so the compiled code, the
+# Sparsifier and the optimizer hooks all see the module's current buffers. The fp32
+# saliency sums are cast back to fp32 if a dtype conversion touched them. A CUDA graph
+# captured by GraphedStep re-captures: its signature holds the buffers' addresses.
+_TENSOR_FIELDS = ("block_mask", "saliency", "dense_grad_sq", "score_dense", "counters", "block_layout")
+_FP32_FIELDS = ("saliency", "dense_grad_sq")
+
+
 @dataclasses.dataclass(eq=False)
 class LayerState:
     """Mask and saliency tensors of one weight; see Note [Where masks live].
@@ -124,8 +137,7 @@ class LayerState:
 
     def tensors(self) -> List[torch.Tensor]:
         """The op's state arguments, in the op's order."""
-        return [self.block_mask, self.saliency, self.dense_grad_sq, self.score_dense, self.counters,
-                self.block_layout]
+        return [getattr(self, field) for field in _TENSOR_FIELDS]
 
     def buffer_names(self) -> List[str]:
         return [f"{self.param_name}_{suffix}" for suffix in BUFFER_SUFFIXES]
@@ -198,16 +210,29 @@ class LayerState:
         self.module_ref = weakref.ref(module)
 
     def check_identity(self) -> None:
-        """Raise if a buffer was replaced instead of edited in place."""
+        """Adopt the buffers the module replaced (Note [Replaced buffers]); raise if one was
+        removed or replaced by a tensor of another shape or kind."""
         module = self.module
         if module is None:
             return
-        for buffer_name, tensor in zip(self.buffer_names(), self.tensors()):
-            if module._buffers.get(buffer_name) is not tensor:
+        for field, buffer_name in zip(_TENSOR_FIELDS, self.buffer_names()):
+            current, new = getattr(self, field), module._buffers.get(buffer_name)
+            if new is current:
+                continue
+            if not isinstance(new, torch.Tensor) or new.shape != current.shape:
                 raise RuntimeError(
-                    f"agpe: buffer {self.name}.{buffer_name} was replaced by a new tensor; compiled "
-                    f"code still uses the old one. Edit it in place instead (e.g. .copy_(new))."
-                )
+                    f"agpe: buffer {self.name}.{buffer_name} was replaced by "
+                    f"{'nothing' if new is None else f'a tensor of shape {tuple(new.shape)}'}; it must keep shape "
+                    f"{tuple(current.shape)}. Edit it in place instead (e.g. .copy_(new)).")
+            if field in _FP32_FIELDS and new.dtype != torch.float32:
+                new = new.float()  # model.to(torch.bfloat16) casts it: the running sums stay fp32
+                module.register_buffer(buffer_name, new)
+            elif new.dtype != current.dtype:
+                raise RuntimeError(f"agpe: buffer {self.name}.{buffer_name} was replaced by a {new.dtype} "
+                                   f"tensor; it must stay {current.dtype}")
+            setattr(self, field, new)
+            if field == "block_mask":
+                self.layout_mask_version = -1  # rewrite the layout from the adopted mask
 
 
 def _read_layouts(module: nn.Module, args) -> None:

@@ -10,7 +10,7 @@ import torch
 import agpe_compile
 from agpe_compile.state import layer_states
 
-from .models import MLP, BrokenMLP, TiedLM, aot_backend, set_random_masks
+from .models import MLP, BrokenMLP, TiedLM, aot_backend, eager_masked, set_random_masks
 
 
 def test_entry_point_without_import_and_with_options():
@@ -93,14 +93,41 @@ def test_unprepared_model_is_dense_then_adopted_by_prepare():
     torch.testing.assert_close(out, model(x))
 
 
-def test_replacing_a_buffer_instead_of_editing_in_place_raises():
+def test_a_replaced_buffer_is_adopted_and_one_of_another_shape_refused():
+    # Note [Replaced buffers]: the call wrapper adopts what the module holds now.
     model = MLP()
     agpe_compile.prepare(model, options={"block_size": 16})
-    compiled = torch.compile(model, backend=aot_backend())
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend)
     compiled(torch.randn(2, 64))
-    model.layers[0].weight_block_mask = torch.zeros_like(model.layers[0].weight_block_mask)
-    with pytest.raises(RuntimeError, match="was replaced by a new tensor"):
-        compiled(torch.randn(2, 64))
+    new_mask = torch.zeros_like(model.layers[0].weight_block_mask)
+    new_mask[0, 0] = True
+    model.layers[0].weight_block_mask = new_mask
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(compiled(x), eager_masked(model, x))
+    assert agpe_compile.layer_state(model.layers[0]).block_mask is new_mask and backend.graph_count == 1
+    model.layers[0].weight_block_mask = torch.ones(1, 1, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"weight_block_mask was replaced by a tensor of shape \(1, 1\)"):
+        compiled(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_to_another_dtype_after_prepare_and_compile(dtype):
+    # Module._apply replaces the floating-point buffers (the fp32 saliency sums among them).
+    torch._dynamo.reset()
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    set_random_masks(model, 0.5)
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(2, 64)).sum().backward()
+    model.to(dtype)
+    x = torch.randn(4, 64, dtype=dtype)
+    out = compiled(x)
+    out.float().sum().backward()
+    torch.testing.assert_close(out, eager_masked(model, x), rtol=2e-2, atol=2e-2)
+    for state in agpe_compile.layer_states(model).values():
+        assert state.saliency.dtype == torch.float32 and state.saliency is state.module.weight_saliency
+        assert int(state.counters[0]) == 2 + 4
 
 
 def test_block_size_conflict_with_prepared_layers():
