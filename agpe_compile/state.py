@@ -36,6 +36,7 @@ code keeps seeing them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 STATE_ATTR = "_agpe_state"
 LAYOUT_NAMES_ATTR = "_agpe_layout_buffers"
+LAYERS_ATTR = "_agpe_layers"  # param name -> LayerState, on the module (Note [Copying prepared models])
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
@@ -111,6 +113,8 @@ class LayerState:
     # Zero-code mode: the controller that drives this layer's mask, found by every backend
     # instance (``backend="agpe"`` builds a new one per compiled graph).
     controller_ref: Optional[weakref.ReferenceType] = None
+    # The explicit Sparsifier driving this layer's mask (one at a time).
+    sparsifier_ref: Optional[weakref.ReferenceType] = None
 
     @classmethod
     def create(cls, name: str, param_name: str, weight: torch.Tensor, block_size: int) -> "LayerState":
@@ -148,7 +152,44 @@ class LayerState:
 
     @property
     def weight(self) -> Optional[torch.nn.Parameter]:
+        if self.weight_ref is None and self.module is not None:  # unpickled: find it again
+            weight = self.module._parameters.get(self.param_name)
+            self.weight_ref = None if weight is None else weakref.ref(weight)
         return None if self.weight_ref is None else self.weight_ref()
+
+    # Note [Copying prepared models]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # ``copy.deepcopy(model)``: Parameter.__deepcopy__ drops the Parameter's attributes, so
+    # the state travels with the module (``attach`` lists it in ``module._agpe_layers``) and
+    # is copied onto the copies of the module, its buffers and its weight (``memo`` maps each
+    # original to its copy): the copy has its own masks, equal to the original's.
+    # ``torch.save(model)`` pickles the state with a strong reference to its module (weak
+    # references cannot be pickled); the weight is found again through the module.
+    # Controllers are not copied: a copy is driven by nothing until a Sparsifier takes it.
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for field in _TENSOR_FIELDS:
+            setattr(new, field, copy.deepcopy(getattr(self, field), memo))
+        module, weight = self.module, self.weight
+        new.module_ref = None if module is None else weakref.ref(copy.deepcopy(module, memo))
+        new_weight = None if weight is None else copy.deepcopy(weight, memo)
+        new.weight_ref = None if new_weight is None else weakref.ref(new_weight)
+        if new_weight is not None:
+            setattr(new_weight, STATE_ATTR, new)
+        new.controller_ref = new.sparsifier_ref = None
+        return new
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["module_ref"] = self.module
+        state["weight_ref"] = state["controller_ref"] = state["sparsifier_ref"] = None
+        return state
+
+    def __setstate__(self, state):
+        module = state.pop("module_ref")
+        self.__dict__.update(state)
+        self.module_ref = None if module is None else weakref.ref(module)
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -207,6 +248,7 @@ class LayerState:
             module._register_load_state_dict_pre_hook(_resize_layouts_on_load, with_module=True)
         if self.layout_buffer_name not in names:
             names.append(self.layout_buffer_name)
+        module.__dict__.setdefault(LAYERS_ATTR, {})[self.param_name] = self  # Note [Copying prepared models]
         self.module_ref = weakref.ref(module)
 
     def check_identity(self) -> None:

@@ -201,3 +201,30 @@ def test_layers_met_at_compile_take_the_prepared_block_size():
     report = agpe_compile.explain(model, torch.randn(2, 16), options={"inductor": False})
     assert agpe_compile.layer_state(model, "w").block_size == 8
     assert "not divisible by block size 8" in str(report) and "block size 32" not in str(report)
+
+
+def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):
+    # Note [Copying prepared models]: the copy has its own states over its own buffers.
+    import copy
+
+    torch._dynamo.reset()
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    set_random_masks(model, 0.5)
+    torch.save(model, tmp_path / "model.pt")
+    copies = {"deepcopy": copy.deepcopy(model), "torch.load": torch.load(tmp_path / "model.pt", weights_only=False)}
+    x = torch.randn(4, 64)
+    for how, clone in copies.items():
+        states, originals = agpe_compile.layer_states(clone), agpe_compile.layer_states(model)
+        assert sorted(states) == sorted(originals), how
+        for name, state in states.items():
+            assert torch.equal(state.block_mask, originals[name].block_mask), how
+            assert state.block_mask is not originals[name].block_mask, how
+            assert agpe_compile.state.state_of(state.weight) is state, how
+            assert state.block_mask is state.module.weight_block_mask and state.module is not originals[name].module
+        assert sorted(agpe_compile.prepare(clone, {"block_size": 16})) == sorted(states)  # adopts, no error
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(clone, backend=aot_backend())(x), eager_masked(model, x))
+        state = next(iter(states.values()))
+        state.block_mask.zero_()  # the copy's masks are its own
+        assert originals[state.name].block_mask.any()

@@ -27,6 +27,7 @@ each layer's ``score_dense`` flag so the backward fills ``dense_grad_sq``.
 from __future__ import annotations
 
 import logging
+import weakref
 import time
 import warnings
 from typing import Callable, Dict, List, Optional
@@ -84,6 +85,12 @@ class Sparsifier:
             raise TypeError(f"agpe: Sparsifier expected an AGPEConfig, got {type(config).__name__}")
         states = prepare(model, options=config.backend_options)
         config.check_model(model, states)
+        frozen = sorted(name for name, state in states.items()
+                        if state.weight is not None and not state.weight.requires_grad)
+        if frozen:  # no gradient, no saliency, no way to train a regrown block: keep their masks
+            log.warning("agpe: %s %s frozen (requires_grad=False): the Sparsifier leaves %s masks as they are",
+                        ", ".join(frozen), "is" if len(frozen) == 1 else "are", "its" if len(frozen) == 1 else "their")
+            states = {name: state for name, state in states.items() if name not in frozen}
         self.model = model  # the layer states only hold weak references to their modules
         self._setup(list(states.values()), optimizer, config, recompile_counter)
 
@@ -106,6 +113,12 @@ class Sparsifier:
         self.layers: Dict[str, LayerState] = {s.name: s for s in states}
         if not self.layers:
             warnings.warn("agpe: no eligible linear layer; the model trains dense", stacklevel=3)
+        driven = sorted(s.name for s in states if s.sparsifier_ref is not None and s.sparsifier_ref() is not None)
+        if driven:
+            log.warning("agpe: layers %s are already driven by another Sparsifier (or zero-code mode): both will "
+                        "step the same masks; call .close() on the one that should stop", driven)
+        for state in states:
+            state.sparsifier_ref = weakref.ref(self)
         self.step_count = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.saliency = SaliencyEMA(config.saliency_decay)
@@ -173,6 +186,19 @@ class Sparsifier:
             self._interval(self.step_count, between_steps)
         self._set_score_dense(self._scores_dense_at(self.step_count + 1))
         self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop driving the layers: remove the optimizer and load hooks and release the masks,
+        so another Sparsifier can take them. Masks and weights stay as they are. Graphs compiled
+        while this one ran keep skipping the masking of zero weights on the dense path: go on
+        with a new Sparsifier, or call ``torch._dynamo.reset()`` before training without one."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for state in self.layers.values():
+            if state.sparsifier_ref is not None and state.sparsifier_ref() is self:
+                state.sparsifier_ref = None
+                state.zero_inactive = False
 
     def densities(self) -> Dict[str, float]:
         """Current density of every agpe layer (one device-to-host copy)."""

@@ -50,3 +50,44 @@ def test_exclude_holds_for_layers_an_earlier_explain_or_compile_prepared():
     assert sorted(sp.layers) == ["fc2", "fc3"]
     assert agpe_compile.layer_state(model.fc1).block_mask.all() and bool((model.fc1.weight != 0).all())
     assert sorted(agpe_compile.prepare(model, {"block_size": 4, "exclude": ["fc1", "fc3"]})) == ["fc2"]
+
+
+def test_frozen_layers_keep_their_masks(caplog):
+    from agpe_compile.controller import Sparsifier
+
+    from .helpers import TinyMLP
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyMLP()
+    model.fc1.weight.requires_grad_(False)  # a frozen base layer
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl",
+                                               update_interval=2, end_step=100))
+    assert sorted(sp.layers) == ["fc2", "fc3"]
+    assert any("fc1 is frozen (requires_grad=False)" in r.getMessage() for r in caplog.records)
+    import agpe_compile
+
+    fc1 = agpe_compile.layer_state(model.fc1)
+    before = fc1.block_mask.clone()
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    train(cmodel, opt, sp, batches(6))
+    assert torch.equal(fc1.block_mask, before) and fc1.block_mask.all()
+
+
+def test_a_second_sparsifier_warns_and_close_releases_the_layers(caplog):
+    from agpe_compile.controller import Sparsifier
+
+    model, opt, sp, _, _ = make_run(AGPEConfig(block_size=4, target_sparsity=0.5, policy="static"))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        second = Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="static"))
+    assert any("already driven by another Sparsifier" in r.getMessage() for r in caplog.records)
+    second.close()
+    sp.close()
+    assert all(s.sparsifier_ref is None and not s.zero_inactive for s in sp.layers.values())
+    assert not opt._optimizer_step_post_hooks  # the zero-weight hooks are gone
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="static"))
+    assert not any("already driven" in r.getMessage() for r in caplog.records)
