@@ -106,6 +106,21 @@ def test_gpt_block_through_the_backend_bf16():
     assert all(s.layout_bucket == 0.25 for s in states.values())
 
 
+def test_two_instances_share_one_inductor_graph_with_their_own_masks_bf16():
+    # Note [Graphs shared by instances]: the traced CUDA bodies read each call's layouts.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = [GPTBlock(512, 8).cuda().to(torch.bfloat16) for _ in range(2)]
+    for seed, model in enumerate(models):
+        agpe_compile.prepare(model, options={"block_size": 64})
+        set_random_masks(model, 0.25, seed=seed)
+        agpe_compile.rebucket(model)
+    x = torch.randn(2, 128, 512, device="cuda", dtype=torch.bfloat16)
+    for model in models:
+        out = torch.compile(model, backend="agpe")(x)
+        torch.testing.assert_close(out.float(), eager_masked(model, x).float(), **BF16)
+
+
 def test_block_sparse_adamw_matches_adamw_bf16():
     torch.manual_seed(0)
     models = []
