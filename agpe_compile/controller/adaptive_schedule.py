@@ -13,7 +13,8 @@ At each update the mean training loss of the last interval is smoothed
 ``rel = (s_prev - s) / |s_prev|``. Then, in this order:
 
 1. deadline: if the remaining updates before ``end_step`` are no more than the rungs
-   left, go one rung down (the final density is always reached by ``end_step``);
+   left, go down (one rung, or as many as needed when fewer updates than rungs are left:
+   the final density is always reached at the last update at or before ``end_step``);
 2. back off on regret (one rung UP, raising density) when the blocks dropped at the last
    update were needed: their mean saliency EMA was at least ``regret_threshold`` times the
    mean over the blocks active before that update (0 = they carried nothing, 1 = as much
@@ -118,7 +119,8 @@ class AdaptiveSchedule:
         hold = dataclasses.replace(state, smoothed_loss=smoothed)
         updates_left = max((self.end_step - step) // self.update_interval + 1, 1)
         if state.rung < last and last - state.rung >= updates_left:
-            return self._move(hold, +1, "prune:deadline")
+            # one rung per update left; the excess at once when the window is too short
+            return self._move(hold, last - state.rung - updates_left + 1, "prune:deadline")
         # A back-off must leave enough updates to walk back down by end_step.
         can_back_off = state.rung > 0 and state.backoffs < self.max_backoffs and last - state.rung + 1 < updates_left
         regret = feedback.pruned_saliency is not None and feedback.pruned_saliency >= self.regret_threshold

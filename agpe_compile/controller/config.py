@@ -132,6 +132,11 @@ class AGPEConfig:
         _integer("end_step", self.end_step, 0)
         if self.end_step <= self.begin_step:
             raise ValueError(_bad("end_step", self.end_step, f"a step after begin_step={self.begin_step}"))
+        if (self.policy in ("gmp", "agpe") and self.target_sparsity > 0
+                and (self.end_step // self.update_interval) * self.update_interval <= self.begin_step):
+            raise ValueError(_bad("end_step", self.end_step, (
+                f"a step with at least one mask update after begin_step={self.begin_step} (every "
+                f"update_interval={self.update_interval} steps); policy {self.policy!r} prunes only at updates")))
         _number("drop_fraction", self.drop_fraction, 0.0, 1.0, "a number in [0, 1]")
         _number("saliency_decay", self.saliency_decay, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
         _integer("protect_grown", self.protect_grown, 0)

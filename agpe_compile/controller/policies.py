@@ -145,6 +145,8 @@ class GMP(Policy):
 
     def target(self, step, schedule_state, feedback):
         cfg = self.config
+        if step + cfg.update_interval > cfg.end_step:  # the last update of the window: the final density
+            return cfg.final_density, schedule_state, "cubic"
         schedule = CubicSchedule(cfg.start_density, cfg.final_density, cfg.begin_step, cfg.end_step)
         return schedule.density_at(step), schedule_state, "cubic"
 

@@ -2,6 +2,8 @@
 
 import logging
 
+import pytest
+
 import torch
 
 from agpe_compile.controller import AGPEConfig
@@ -91,3 +93,18 @@ def test_a_second_sparsifier_warns_and_close_releases_the_layers(caplog):
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="static"))
     assert not any("already driven" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("policy, interval, end", [("agpe", 4, 6), ("agpe", 2, 6), ("gmp", 4, 6), ("gmp", 3, 10)])
+def test_a_short_window_still_reaches_the_final_density(policy, interval, end):
+    # Fewer updates than ladder rungs, or end_step not a multiple of update_interval: the
+    # last update at or before end_step lands on the final density (Note [Adaptive schedule]).
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy=policy, block_size=4, target_sparsity=0.75,
+                                                update_interval=interval, end_step=end))
+    train(cmodel, opt, sp, batches(end + interval))
+    assert abs(sp.global_density - 0.25) < 0.01, sp.densities()
+
+
+def test_a_window_without_any_update_is_refused():
+    with pytest.raises(ValueError, match="at least one mask update after begin_step=0"):
+        AGPEConfig(policy="agpe", update_interval=10, end_step=9)
