@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 STATE_ATTR = "_agpe_state"
 LAYOUT_NAMES_ATTR = "_agpe_layout_buffers"
-LAYERS_ATTR = "_agpe_layers"  # param name -> LayerState, on the module (Note [Copying prepared models])
+LAYERS_ATTR = "_agpe_layers"
+# On a weight that prepare() left out by include/exclude: the backend keeps it dense too
+# (a Sparsifier's AGPEConfig(exclude=...) reaches torch.compile without repeating it).
+EXCLUDED_ATTR = "_agpe_excluded"  # param name -> LayerState, on the module (Note [Copying prepared models])
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
@@ -423,7 +426,11 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             reason = "weight tied/shared with an embedding"
         if reason is not None:
             log.info("agpe.prepare: %s stays dense: %s", name, reason)
+            if pattern_reason(name, config) is not None:  # the backend leaves it dense too
+                setattr(weight, EXCLUDED_ATTR, f"{reason} (at prepare)")
             continue
+        if hasattr(weight, EXCLUDED_ATTR):
+            delattr(weight, EXCLUDED_ATTR)
         state = LayerState.create(name, param_name, weight, block_size)
         setattr(weight, STATE_ATTR, state)
         state.attach(module)

@@ -17,8 +17,8 @@ import torch
 from torch import fx
 
 from agpe_compile.config import BackendConfig
-from agpe_compile.state import (STATE_ATTR, LayerState, check_block_size_option, layer_name, pattern_reason,
-                                skip_reason, state_of)
+from agpe_compile.state import (EXCLUDED_ATTR, STATE_ATTR, LayerState, check_block_size_option, layer_name,
+                                pattern_reason, skip_reason, state_of)
 
 from .match_linears import LinearSite, UnmatchedUse, embedding_weights
 
@@ -130,6 +130,8 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)
         return LayerDecision(state.name, weight_node, sites, shape, state, None)
     reason = skip_reason(name, weight, config, block_size)
+    if reason is None and isinstance(weight, torch.nn.Parameter):
+        reason = getattr(weight, EXCLUDED_ATTR, None)
     if reason is None and weight_node in tied:
         reason = "weight tied/shared with an embedding"
     if reason is not None:

@@ -108,3 +108,21 @@ def test_a_short_window_still_reaches_the_final_density(policy, interval, end):
 def test_a_window_without_any_update_is_refused():
     with pytest.raises(ValueError, match="at least one mask update after begin_step=0"):
         AGPEConfig(policy="agpe", update_interval=10, end_step=9)
+
+
+def test_a_layer_the_sparsifier_excludes_stays_dense_in_the_compiled_model():
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    from .helpers import TinyMLP
+
+    torch._dynamo.reset()
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    Sparsifier(model, opt, AGPEConfig(block_size=4, exclude=("fc3",), target_sparsity=0.5, policy="static"))
+    report = agpe_compile.explain(model, torch.randn(2, 16), options={"inductor": False})  # no exclude repeated
+    rows = {r.name: r for r in report.layers}
+    assert not rows["fc3"].rewritten and "excluded by pattern 'fc3' (at prepare)" in rows["fc3"].reason
+    assert "fc3" not in agpe_compile.layer_states(model)
+    assert sorted(agpe_compile.prepare(model, {"block_size": 4})) == ["fc1", "fc2", "fc3"]  # included again
+    assert not hasattr(model.fc3.weight, "_agpe_excluded")
