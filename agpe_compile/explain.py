@@ -24,7 +24,15 @@ from .backend import AgpeBackend, GraphRecord
 
 @dataclasses.dataclass(frozen=True)
 class LayerRecord:
-    """One weight used as a linear layer, and what the backend did with it."""
+    """One weight used as a linear layer, and what the backend did with it.
+
+    The columns of the printed table: ``layer`` (``name``: module path, plus the parameter
+    name when it is not ``weight``), ``shape`` (the weight's), ``block`` (``block_size``),
+    ``density`` (the fraction of active blocks of its mask now; ``-`` when not rewritten),
+    ``graph`` (index into :attr:`ExplainReport.graphs` of the graph it was found in) and
+    ``rewritten`` (``yes (lowering)`` with ``lowering`` the op the sites call,
+    ``sparse_linear`` or ``masked_weight`` for fused attention, or ``no: reason``).
+    """
 
     name: str
     shape: Tuple[int, ...]
@@ -41,6 +49,10 @@ class LayerRecord:
 
 @dataclasses.dataclass
 class ExplainReport:
+    """What :func:`explain` found: the code of every rewritten graph (``graphs``), one
+    :class:`LayerRecord` per weight used as a linear layer (``layers``) and Dynamo's
+    graph-break reasons (``graph_breaks``). ``str(report)`` prints all three."""
+
     graphs: List[str]
     layers: List[LayerRecord]
     graph_breaks: List[str]

@@ -5,11 +5,15 @@ sizes 64 and 128, densities 0.5 / 0.25 / 0.1. "agpe fwd+bwd" is forward + dX + s
 (``block_sparse_*``), "dense fwd+bwd" is F.linear + dY @ W + dY^T @ X (cuBLAS). Times are
 medians of ``triton.testing.do_bench`` (warm-up, L2 flushed between runs), launched eagerly
 from Python and, in the "graph" column, replayed from a CUDA graph capturing the same calls
-for both sides (kernel time without launch overhead, as in a compiled step). A short sweep
+for both sides (kernel time without launch overhead, as in a compiled step); the "op"
+column times ``torch.ops.agpe.sparse_linear`` forward+backward through autograd against
+``F.linear`` the same way (eager: the op's host-side work included). A short sweep
 of ``configs.CANDIDATES`` follows unless ``--no-sweep``. Finishes in ~1-2 minutes on an H100.
 
 ``--small`` (the default without CUDA) times tiny shapes on CPU: the torch gather path
-against the dense-with-zeros reference, with the cost model's pick, in a few seconds.
+against the dense-with-zeros reference, with the cost model's pick, in a few seconds
+(the "graph" and "op" columns are CUDA-only: nan there). Single CPU timings of the gather
+path vary by up to 2x on a shared 2-core host; the cost model holds medians.
 
     $ python benchmarks/kernels.py --out runs/kernels.json
     $ python benchmarks/kernels.py --small

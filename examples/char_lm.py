@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor")
-    parser.add_argument("--out", default="runs/char_lm")
+    parser.add_argument("--out", default=None, help="output folder (default runs/char_lm, runs/char_lm_smoke with --smoke)")
     parser.add_argument("--text-file", default=None,
                         help="read the text from this file instead of running `bible` (same output)")
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
@@ -200,6 +200,8 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one value of the setting (keys: {', '.join(SETTINGS['quick'])})")
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites a real one
+        args.out = "runs/char_lm_smoke" if args.smoke else "runs/char_lm"
     for s in args.sparsities:
         if not 0 < s < 1:
             parser.error(f"--sparsities: expected values in (0, 1), got {s}")

@@ -9,8 +9,10 @@ Record kinds (field ``event``):
   (did masks change), ``schedule`` (the schedule's event), ``target_density``,
   ``global_density_before``/``_after``, ``bucket`` (bucket of the global target),
   ``rebucketed`` (layers whose layout moved to another density bucket at this update:
-  the next compiled call recompiles once), ``recompiles`` (graphs compiled since the
-  previous record, when a counter was given), ``pruned_saliency`` (the regret signal),
+  the next compiled call recompiles at most once; not at all when Dynamo still holds a
+  graph for those layout sizes), ``recompiles`` (graphs compiled since the previous
+  record, when a counter was given: a recompile caused by this record's re-bucketing
+  shows in the next record), ``pruned_saliency`` (the regret signal),
   ``update_seconds`` and ``layers``: {name: {density_before, density_after, dropped,
   grown, dropped_just_grown (of the dropped blocks, those grown at the previous update),
   bucket_before, bucket_after, saliency: {mean, max, min, active_mean}, nonfinite_skips}}.
