@@ -145,12 +145,14 @@ class Sparsifier:
             self.seen_counters[name] = [int(v) for v in counters.tolist()]
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         self._warned_no_backward = False
+        self._warned_target = False
         for name, state in self.layers.items():
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
                 log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
         self.target_density = self.config.start_density
         self.rebucketed: List[str] = []
         self._apply_initial_layout()
+        self._check_target_reached(dict(zip(self.layers, to_host([s.block_mask for s in self.layers.values()]))))
         self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._hooks = []
         if optimizer is not None and self.layers:
@@ -257,6 +259,7 @@ class Sparsifier:
         if self._updates_at(step):
             record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
             record["updated"] = True
+            self._check_target_reached(after)
         record["rebucketed"] = self.rebucketed
         if self.audit.path is not None:
             self._write_record(record, before, after, just_grown, skips, start)
@@ -402,6 +405,17 @@ class Sparsifier:
             scored_rows = rows_now - int(scored_from[name]) if scored and name in scored_from else 0
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
+
+    def _check_target_reached(self, masks) -> None:
+        """Warn (once) when the masks cannot get near the global target: layers of very few
+        blocks (a layer keeps at least one block, and ERK caps small layers at density 1)."""
+        density = _global_density(masks.values())
+        if masks and density > self.target_density + 0.05 and not self._warned_target:
+            self._warned_target = True
+            sizes = ", ".join(f"{n}: {int(m.numel())}" for n, m in masks.items())
+            log.warning("agpe: global density %.3f instead of the target %.3f: the layers have too few blocks at "
+                        "block_size=%d to prune further (blocks per layer: %s); use a smaller block size",
+                        density, self.target_density, next(iter(self.layers.values())).block_size, sizes)
 
     def _check_backward_reached(self, step: int, rows_now: int) -> None:
         """Warn (once) when an update comes with no backward through the layers since the last

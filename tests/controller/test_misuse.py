@@ -126,3 +126,25 @@ def test_a_layer_the_sparsifier_excludes_stays_dense_in_the_compiled_model():
     assert "fc3" not in agpe_compile.layer_states(model)
     assert sorted(agpe_compile.prepare(model, {"block_size": 4})) == ["fc1", "fc2", "fc3"]  # included again
     assert not hasattr(model.fc3.weight, "_agpe_excluded")
+
+
+def test_layers_too_small_for_the_target_say_so(caplog):
+    from torch import nn
+
+    from agpe_compile.controller import Sparsifier
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16))  # 1 and 2 blocks at block 8
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        AGPEConfig(block_size=8, target_sparsity=0.9, policy="static"))
+    assert sp.global_density > 0.5
+    assert any("global density 0.667 instead of the target 0.100" in r.getMessage() for r in caplog.records)
+
+
+def test_no_target_warning_in_an_ordinary_run(caplog):
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for policy in ("static", "set", "rigl", "gmp", "agpe", "snfs"):
+            _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy=policy, block_size=4, target_sparsity=0.9,
+                                                        update_interval=2, end_step=8))
+            train(cmodel, opt, sp, batches(10))
+    assert not [r for r in caplog.records if "instead of the target" in r.getMessage()]
