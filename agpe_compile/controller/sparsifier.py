@@ -162,6 +162,9 @@ class Sparsifier:
                 state.zero_inactive = True
                 zero_inactive_(state)
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()))
+            self._hooks.append(optimizer.register_step_post_hook(_count_optimizer_steps(weakref.ref(self))))
+        self._optimizer_steps, self._optimizer_steps_at_step = 0, None
+        self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
             n: {"shape": list(s.weight_shape), "block_size": s.block_size, "grid": list(s.grid)}
@@ -176,6 +179,7 @@ class Sparsifier:
         layouts cannot re-bucket; see :func:`agpe_compile.rebucket`.
         """
         start = time.perf_counter()
+        self._check_one_call_per_optimizer_step()
         if loss is not None:
             value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
             if self._loss_sum is None or self._loss_sum.device != value.device:
@@ -406,6 +410,18 @@ class Sparsifier:
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
 
+    def _check_one_call_per_optimizer_step(self) -> None:
+        """Warn (once) when step() is called again with no optimizer step in between: each
+        call counts one training step, so intervals and schedules would run too fast."""
+        counted = self._optimizer_steps_at_step
+        self._optimizer_steps_at_step = self._optimizer_steps
+        if (counted is not None and self._optimizer_steps == counted and self._optimizer_steps > 0
+                and not self._warned_double_step):
+            self._warned_double_step = True
+            log.warning("agpe: Sparsifier.step() was called twice with no optimizer.step() in between; each call "
+                        "counts one training step (update_interval, end_step): call it once per optimizer step "
+                        "(under gradient accumulation too)")
+
     def _check_target_reached(self, masks) -> None:
         """Warn (once) when the masks cannot get near the global target: layers of very few
         blocks (a layer keeps at least one block, and ERK caps small layers at density 1)."""
@@ -480,6 +496,15 @@ class _Snapshot:
         self.counters: Dict[str, torch.Tensor] = {}
         self.scored_from: Dict[str, torch.Tensor] = {}
         self.loss: Optional[torch.Tensor] = None
+
+
+def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
+    def hook(optimizer, args, kwargs) -> None:
+        sparsifier = ref()
+        if sparsifier is not None:
+            sparsifier._optimizer_steps += 1
+
+    return hook
 
 
 def _global_density(masks) -> float:

@@ -148,3 +148,18 @@ def test_no_target_warning_in_an_ordinary_run(caplog):
                                                         update_interval=2, end_step=8))
             train(cmodel, opt, sp, batches(10))
     assert not [r for r in caplog.records if "instead of the target" in r.getMessage()]
+
+
+def test_two_step_calls_per_optimizer_step_warn_once(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=4, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(3))  # one call per optimizer step: quiet
+        assert not [r for r in caplog.records if "called twice" in r.getMessage()]
+        for x, y in batches(3, seed=1):
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step()
+            sp.step()
+    assert len([r for r in caplog.records if "called twice with no optimizer.step()" in r.getMessage()]) == 1
