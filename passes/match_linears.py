@@ -21,6 +21,16 @@ form ``masked_weight``: the op runs the projections internally, so the backend h
 ``W * M`` instead (see agpe_compile/ops/masked_weight.py).
 A placeholder that reaches a matmul-like op any other way (``x @ W``, ``W @ x``) is an
 *unmatched use*: the backend reports it instead of silently skipping it.
+
+Note [Weights inside higher-order ops]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Dynamo traces ``torch.utils.checkpoint`` regions (and other higher-order ops) into a
+body graph called by ``tag_activation_checkpoint(body, x, W, ...)``: the weights are
+operands of that call, and the ``x @ W^T`` nodes live in the body. The backend does not
+rewrite bodies; a weight the body uses as a linear weight is a site of form
+``masked_weight`` on the operand, like the fused attention weights: the body computes
+with ``W * M`` (masking and saliency exact, recomputation included; dense speed, and
+``counters[0]`` does not count its rows).
 """
 
 from __future__ import annotations
@@ -105,11 +115,40 @@ def _ndim(node: fx.Node) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else -1
 
 
+def _subgraph_weight_sites(node: fx.Node) -> List[LinearSite]:
+    """Weights a higher-order op (``torch.utils.checkpoint``'s ``tag_activation_checkpoint``,
+    ``wrap``) hands to its body graph, where the body uses them as linear weights: sites of
+    form ``masked_weight`` on the outer operand, so the body computes with ``W * M``
+    (Note [Weights inside higher-order ops])."""
+    if not isinstance(node.target, torch._ops.HigherOrderOperator) or not node.args:
+        return []
+    body_node, operands = node.args[0], node.args[1:]
+    owner = node.graph.owning_module
+    if not (isinstance(body_node, fx.Node) and body_node.op == "get_attr" and owner is not None):
+        return []
+    body = getattr(owner, body_node.target, None)
+    if not isinstance(body, fx.GraphModule):
+        return []
+    inner = [n for n in body.graph.nodes if n.op == "placeholder"]
+    if len(inner) != len(operands):
+        return []
+    outer_of = dict(zip(inner, operands))
+    sites: List[LinearSite] = []
+    for site in find_linear_sites(body.graph)[0]:
+        weight = outer_of.get(site.weight)
+        if (isinstance(weight, fx.Node) and weight.op == "placeholder" and _ndim(weight) == 2
+                and all(s.weight is not weight for s in sites)):
+            sites.append(LinearSite(node, None, weight, None, "masked_weight"))
+    return sites
+
+
 def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
     if node.op != "call_function":
         return [], []
     if node.target in FUSED_ATTENTION_TARGETS:
         return _fused_weight_sites(node), []
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return _subgraph_weight_sites(node), []
     if node.target in LINEAR_TARGETS:
         args = list(node.args) + [None] * 3
         x = args[0]

@@ -218,3 +218,63 @@ def test_an_instance_the_shared_graph_cannot_serve_is_refused():
     torch.compile(a, backend=backend)(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="reused for another instance of the same class.*zero-weight promise"):
         torch.compile(b, backend=backend)(torch.randn(8, 64))
+
+
+class _Checkpointed(nn.Module):
+    """A block under torch.utils.checkpoint (Note [Weights inside higher-order ops])."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.block = MLP((64, 128, 64))
+        self.head = nn.Linear(64, 32)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+        return self.head(h)
+
+
+def _masked_copy_reference(model, x):
+    """Output and masked weight gradients of a copy whose weights are W*M in place (the
+    reentrant checkpoint recomputes with the module's own parameters, so functional_call
+    cannot stand in for W*M there)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for state in layer_states(ref).values():
+            state.weight.mul_(agpe_compile.ops.reference.expand_block_mask(state.block_mask, 16, state.weight.dtype))
+    out = ref(x)
+    out.square().mean().backward()
+    want = grads(ref)
+    for name, state in layer_states(ref).items():  # d(W*M)/dW = G*M
+        key = f"{name}.weight"
+        want[key] = want[key] * agpe_compile.ops.reference.expand_block_mask(state.block_mask, 16, torch.float32)
+    return out.detach(), want
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_layers_inside_activation_checkpointing_are_masked_and_scored(use_reentrant):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Checkpointed(use_reentrant)
+    agpe_compile.prepare(model, options={"block_size": 16})
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend)
+    for i, density in enumerate(DENSITIES):
+        set_random_masks(model, density, seed=i)
+        x = torch.randn(8, 64, requires_grad=True)  # the reentrant variant only backpropagates then
+        out = compiled(x)
+        out.square().mean().backward()
+        got = grads(model)
+        want_out, want = _masked_copy_reference(model, x)
+        assert_close(out, want_out, f"output at density {density}")
+        for name in want:
+            assert_close(got[name], want[name], f"grad of {name} at density {density}")
+    assert backend.graph_count == 1
+    states = layer_states(model)
+    assert all(state.saliency.sum() > 0 for state in states.values())  # the recomputed backward scored them
+    report = agpe_compile.explain(model, torch.randn(8, 64), options={"inductor": False})
+    lowering = {r.name: r.lowering for r in report.layers}
+    assert lowering["head"] == "sparse_linear"
+    assert {lowering[n] for n in states if n.startswith("block.")} == {"masked_weight"}

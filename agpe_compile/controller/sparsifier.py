@@ -242,7 +242,8 @@ class Sparsifier:
         start = time.perf_counter()
         snap = self._snapshot()
         loss = self._take_loss(snap.loss)
-        self._check_backward_reached(step, sum(int(snap.counters[n][0]) for n in self.layers))
+        self._check_backward_reached(step, sum(int(snap.counters[n][0]) for n in self.layers),
+                                     any(bool(snap.saliency[n].any()) for n in self.layers))
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
         for name, state in self.layers.items():
@@ -433,17 +434,19 @@ class Sparsifier:
                         "block_size=%d to prune further (blocks per layer: %s); use a smaller block size",
                         density, self.target_density, next(iter(self.layers.values())).block_size, sizes)
 
-    def _check_backward_reached(self, step: int, rows_now: int) -> None:
+    def _check_backward_reached(self, step: int, rows_now: int, scored: bool) -> None:
         """Warn (once) when an update comes with no backward through the layers since the last
-        interval: the scores are all zero, e.g. the uncompiled module was trained."""
+        interval: the scores are all zero, e.g. the uncompiled module was trained. (Layers fed
+        ``W * M`` through ``masked_weight`` score without counting rows: hence both.)"""
         rows_before, self.rows_at_interval = self.rows_at_interval, rows_now
-        if rows_now == rows_before and self.layers and self._updates_at(step) and not self._warned_no_backward:
+        if (rows_now == rows_before and not scored and self.layers and self._updates_at(step)
+                and not self._warned_no_backward):
             self._warned_no_backward = True
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass reached the agpe layers since the last "
                 "interval, so their saliency is zero and masks change without gradient information. Train the "
-                "model returned by torch.compile(model, backend='agpe') (not the module itself) and call "
-                "sparsifier.step() after loss.backward() and optimizer.step()", step)
+                "model returned by torch.compile(model, backend='agpe') (not the module itself); with an "
+                "explicit Sparsifier, call sparsifier.step() after loss.backward() and optimizer.step()", step)
 
     def _take_skips(self, name: str, counters: torch.Tensor) -> int:
         now = int(counters[1])
