@@ -144,7 +144,7 @@ class AgpeBackend:
     """A configured agpe backend. ``on_graph`` receives a :class:`GraphRecord` per graph."""
 
     def __init__(self, options: Optional[Mapping[str, Any]] = None,
-                 on_graph: Optional[Callable[[GraphRecord], None]] = None):
+                 on_graph: Optional[Callable[[GraphRecord], None]] = None, mode: Optional[str] = None):
         backend_options, agpe_options = split_options(options)
         self.config = BackendConfig.from_options(backend_options, also_accepted=AGPE_OPTION_KEYS)
         # Zero-code mode: AGPE options given to the backend; validated now, run per graph.
@@ -152,6 +152,13 @@ class AgpeBackend:
         if self.zero_code_options is not None:
             config_from_options(self.zero_code_options)
         self.on_graph = on_graph
+        # torch.compile(..., mode=...): Inductor's mode options (Note [Compile modes])
+        if mode is not None and mode not in COMPILE_MODES:
+            raise ValueError(f"agpe: torch.compile mode got {mode!r}; expected one of {COMPILE_MODES}")
+        if mode not in (None, "default") and not self.config.inductor:
+            raise ValueError(f"agpe: torch.compile mode {mode!r} tunes Inductor; it needs the Inductor lowering "
+                             f"(options={{'inductor': True}}, the default)")
+        self.mode = mode
         self.graph_count = 0
         self.controllers: List[Any] = []  # zero-code mode: the ZeroCodeControllers of its graphs
 
@@ -210,9 +217,11 @@ class AgpeBackend:
         fakes = _fakeify_static(extra)  # noqa: F841  (held: the fake mode memoizes them weakly)
         inputs = example_inputs + extra
         if self.config.inductor:
+            from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(result.gm, inputs)
+            patches = list_mode_options(self.mode) if self.mode not in (None, "default") else None
+            return compile_fx(result.gm, inputs, config_patches=patches)
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(result.gm, inputs)
@@ -243,7 +252,16 @@ def _live_controller(state: LayerState):
     return ref() if ref is not None else None
 
 
+# Note [Compile modes]
+# ~~~~~~~~~~~~~~~~~~~~
+# ``torch.compile(model, backend="agpe", mode=...)`` hands ``mode`` to the backend, which
+# lowers the rewritten graph with Inductor's options of that mode (``list_mode_options``:
+# max-autotune, coordinate descent, CUDA graphs for "reduce-overhead"). With
+# ``options={"inductor": False}`` only "default" is accepted.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def agpe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                 options: Optional[Mapping[str, Any]] = None) -> Callable:
+                 options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> Callable:
     """The function registered as ``backend="agpe"``."""
-    return AgpeBackend(options)(gm, example_inputs)
+    return AgpeBackend(options, mode=mode)(gm, example_inputs)

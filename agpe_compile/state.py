@@ -410,6 +410,8 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     for module_name, module, param_name, weight in _linear_weights(model):
         name = layer_name(module_name, param_name)
         state = state_of(weight)
+        if state is not None and any(state is other for other in prepared.values()):
+            continue  # a weight shared by two modules: one layer, listed under its first name
         if state is not None:
             excluded = pattern_reason(name, config)
             if excluded is not None:  # a state from an earlier compile or explain: not ours to manage

@@ -228,3 +228,35 @@ def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):
         state = next(iter(states.values()))
         state.block_mask.zero_()  # the copy's masks are its own
         assert originals[state.name].block_mask.any()
+
+
+def test_compile_modes_reach_inductor_and_bad_ones_are_named():
+    # Note [Compile modes]: torch.compile hands mode= to the backend.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    set_random_masks(model, 0.5)
+    x = torch.randn(4, 64)
+    out = torch.compile(model, backend="agpe", mode="reduce-overhead")(x)
+    torch.testing.assert_close(out, eager_masked(model, x))
+    with pytest.raises(ValueError, match="mode got 'fastest'; expected one of"):
+        agpe_compile.AgpeBackend(mode="fastest")
+    with pytest.raises(ValueError, match="needs the Inductor lowering"):
+        agpe_compile.AgpeBackend({"inductor": False}, mode="max-autotune")
+
+
+def test_a_weight_shared_by_two_linears_is_one_layer():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1 = torch.nn.Linear(16, 16)
+            self.lin2 = torch.nn.Linear(16, 16, bias=False)
+            self.lin2.weight = self.lin1.weight
+
+        def forward(self, x):
+            return self.lin2(torch.tanh(self.lin1(x)))
+
+    model = Shared()
+    assert sorted(agpe_compile.prepare(model, {"block_size": 8})) == ["lin1"]
+    assert sorted(agpe_compile.layer_states(model)) == ["lin1"]
