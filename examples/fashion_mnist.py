@@ -31,7 +31,7 @@ block 8, 90% sparsity; wall clock is noisy on a shared machine; docs/benchmarks.
 
 (test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 0.2-0.5% of the
 training time with --full (update every 100 steps), 3-5% with --quick (every 10 steps).
-Wall clock (2026-11-27, idle 2-core CPU, --quick): plain 10.3 s, dense 15.4 s, agpe 17.9 s:
+Wall clock (2026-11-27, idle 2-core CPU, --quick): plain 10.2 s, dense 15.7 s, agpe 18.5 s:
 on the CPU the sparse runs save FLOPs, not time (block 8 runs the dense path).
 """
 
