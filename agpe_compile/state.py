@@ -168,7 +168,8 @@ class LayerState:
     # original to its copy): the copy has its own masks, equal to the original's.
     # ``torch.save(model)`` pickles the state with a strong reference to its module (weak
     # references cannot be pickled); the weight is found again through the module.
-    # Controllers are not copied: a copy is driven by nothing until a Sparsifier takes it.
+    # Controllers are not copied: a copy is driven by nothing until a Sparsifier takes it,
+    # so it makes no zero-weight promise (its graphs mask W) and its load hook is inert.
     def __deepcopy__(self, memo):
         new = copy.copy(self)
         memo[id(self)] = new
@@ -181,12 +182,14 @@ class LayerState:
         if new_weight is not None:
             setattr(new_weight, STATE_ATTR, new)
         new.controller_ref = new.sparsifier_ref = None
+        new.zero_inactive = False  # no Sparsifier keeps the copy's inactive weights at zero
         return new
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["module_ref"] = self.module
         state["weight_ref"] = state["controller_ref"] = state["sparsifier_ref"] = None
+        state["zero_inactive"] = False  # the loaded model is driven by no Sparsifier yet
         return state
 
     def __setstate__(self, state):

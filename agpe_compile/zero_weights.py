@@ -77,10 +77,23 @@ def install(optimizer: torch.optim.Optimizer, states: List) -> List:
         if module is not None:
             modules.setdefault(id(module), (module, []))[1].append(weakref.ref(state))
     for module, layer_refs in modules.values():
-        def after_load(mod, incompatible, layer_refs=layer_refs) -> None:
-            for ref in layer_refs:
-                state = ref()
-                if state is not None and state.zero_inactive:
-                    zero_inactive_(state)
-        handles.append(module.register_load_state_dict_post_hook(after_load))
+        handles.append(module.register_load_state_dict_post_hook(_ReZeroOnLoad(layer_refs)))
     return handles
+
+
+class _ReZeroOnLoad:
+    """load_state_dict post-hook: re-zero the layers' inactive blocks. A module with this
+    hook can be pickled and deep-copied: the copy's hook is inert (the copy's layers are
+    driven by no Sparsifier, Note [Copying prepared models] in state.py)."""
+
+    def __init__(self, layer_refs: List) -> None:
+        self.layer_refs = layer_refs
+
+    def __call__(self, module, incompatible) -> None:
+        for ref in self.layer_refs:
+            state = ref()
+            if state is not None and state.zero_inactive:
+                zero_inactive_(state)
+
+    def __reduce__(self):
+        return _ReZeroOnLoad, ([],)

@@ -163,3 +163,34 @@ def test_two_step_calls_per_optimizer_step_warn_once(caplog):
             sp.step()
             sp.step()
     assert len([r for r in caplog.records if "called twice with no optimizer.step()" in r.getMessage()]) == 1
+
+
+def test_a_copy_of_a_sparsifier_trained_model_masks_on_its_own(tmp_path):
+    # An EMA teacher: deep-copied from a model under a Sparsifier, then updated by hand. No
+    # Sparsifier keeps its inactive weights at zero, so its graphs must mask W; the model
+    # with the Sparsifier attached must still pickle.
+    import copy
+
+    import agpe_compile
+    from agpe_compile.ops.reference import expand_block_mask
+
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                    update_interval=2, end_step=100))
+    train(cmodel, opt, sp, batches(4))
+    torch.save(model, tmp_path / "model.pt")  # hooks of the Sparsifier attached
+    teacher = copy.deepcopy(model)
+    torch.save(teacher, tmp_path / "teacher.pt")
+    states = agpe_compile.layer_states(teacher)
+    assert states and not any(s.zero_inactive for s in states.values())
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01)  # inactive weights are no longer zero
+    torch._dynamo.reset()
+    x = torch.randn(8, 16)
+    got = agpe_compile.AgpeBackend({"inductor": False})
+    out = torch.compile(teacher, backend=got)(x)
+    reference = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for name, state in agpe_compile.layer_states(reference).items():
+            state.weight.mul_(expand_block_mask(state.block_mask, 4, state.weight.dtype))
+    torch.testing.assert_close(out, reference(x))
