@@ -110,3 +110,50 @@ def test_few_live_blocks_are_scored_by_gathering_them(monkeypatch):
         x, w, dy, mask = _case(density, torch.float32)
         dense_path.grad_weight_and_scores(dy, x, w, mask, B, torch.tensor(False), "gradient")
         assert bool(calls) == gathered, density
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_row_broadcast_masking_is_the_reference_to_the_bit(dtype):
+    # Note [Row-broadcast masks]: the same products as the reference, NaN and inf included.
+    x, w, dy, mask = _case(0.5, dtype, seed=3)
+    w[0, :] = float("nan")
+    w[B, :] = float("inf")
+    expected = reference.masked_weight(w, mask, B)
+    assert torch.equal(dense_path.masked_weight(w, mask, B).isnan(), expected.isnan())
+    torch.testing.assert_close(dense_path.masked_weight(w, mask, B), expected, rtol=0, atol=0, equal_nan=True)
+    values = w.clone()
+    assert dense_path._mask_in_place(values, mask, B) is values
+    torch.testing.assert_close(values, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zeroing_clears_non_finite_inactive_blocks_and_keeps_live_bits(dtype):
+    _, w, _, mask = _case(0.4, dtype, seed=4)
+    w[:, :] = w.abs().neg()  # negative weights: a sign bit left behind would show as -0.0
+    w[0:B, :] = float("nan")
+    w[B:2 * B, :] = float("-inf")
+    before = w.clone()
+    assert dense_path.zero_weight_blocks_(w, mask, B) is w
+    live = reference.expand_block_mask(mask, B, torch.bool)
+    assert torch.all(w[~live] == 0) and not torch.any(torch.signbit(w[~live]))
+    assert torch.equal(w[live].view(torch.uint8), before[live].view(torch.uint8))  # live bits untouched
+
+
+def test_zeroing_with_every_block_live_writes_nothing():
+    _, w, _, mask = _case(1.0, torch.float32)
+    w[0, 0] = float("nan")  # would be kept anyway; shows that nothing was rewritten
+    version = w._version
+    assert dense_path.zero_weight_blocks_(w, mask, B) is w
+    assert w._version == version and torch.isnan(w[0, 0])
+
+
+@pytest.mark.parametrize("grid", [(3, 1), (1, 3), (1, 1)])
+def test_masking_and_zeroing_one_block_wide_grids(grid):
+    # A single block column makes the row mask a view of the block mask (no copy).
+    mask = torch.tensor([True, False, True][: grid[0] * grid[1]]).view(grid)
+    w = torch.randn(grid[0] * B, grid[1] * B)
+    expected = reference.masked_weight(w, mask, B)
+    torch.testing.assert_close(dense_path.masked_weight(w, mask, B), expected, rtol=0, atol=0)
+    dense_path.zero_weight_blocks_(w, mask, B)
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
+    assert mask.tolist() == torch.tensor([True, False, True][: grid[0] * grid[1]]).view(grid).tolist()

@@ -51,14 +51,14 @@ def all_live(block_mask: torch.Tensor) -> bool:
 def forward(x, weight, bias, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
     if not unmasked and host_readable(block_mask) and all_live(block_mask):
         unmasked = True
-    w = weight if unmasked else reference.masked_weight(weight, block_mask, block_size)
+    w = weight if unmasked else masked_weight(weight, block_mask, block_size)
     return torch.nn.functional.linear(x, w, bias)
 
 
 def grad_input(grad_out, weight, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
     if not unmasked and host_readable(block_mask) and all_live(block_mask):
         unmasked = True
-    w = weight if unmasked else reference.masked_weight(weight, block_mask, block_size)
+    w = weight if unmasked else masked_weight(weight, block_mask, block_size)
     return (grad_out.reshape(-1, grad_out.shape[-1]) @ w).reshape(*grad_out.shape[:-1], weight.shape[1])
 
 
@@ -151,21 +151,62 @@ def inactive_grad_sq(dense_grad, block_mask, block_size: int) -> torch.Tensor:
     return block_sum(dense_grad.float().square(), block_size) * torch.logical_not(block_mask).float()
 
 
+def row_mask(block_mask: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[R, C] block mask -> [R, 1, C*b] mask of ``dtype``: each block's value repeated along
+    its columns, to broadcast over the b rows of a block row (an [R, b, K] view of W)."""
+    rows, cols = block_mask.shape
+    return block_mask.to(dtype).view(rows, cols, 1).expand(rows, cols, block_size).reshape(rows, 1, cols * block_size)
+
+
+# Note [Row-broadcast masks]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``reference.apply_block_mask`` broadcasts the [R, C] mask over an [R, b, C, b] view: its
+# innermost run is b elements, so on the CPU the elementwise loop barely vectorises
+# (block 8, 1000 x 1000 fp32, one thread: 600 us for the in-place product, 1,290 us for the
+# ``masked_fill_`` of the zero hook). Expanding the mask along the columns first (an
+# [R, 1, K] tensor, 1/b of W's size, built per call in ~60 us) makes the innermost run K
+# long: 230 us for the same product. The values are the reference's to the bit (each
+# element is multiplied by the same 1 or 0). The zero hook clears inactive blocks with a
+# bitwise AND on W's integer view (0 or all ones per element): NaN and inf become +0.0,
+# like ``masked_fill_``, at the product's speed (masked_fill_ does not vectorise).
+# Only host-readable (CPU) tensors take these forms; traced bodies keep the reference's.
+def masked_weight(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``reference.masked_weight`` (``W * M``), with a row-broadcast mask for CPU tensors."""
+    if not (host_readable(weight) and weight.is_contiguous()):
+        return reference.masked_weight(weight, block_mask, block_size)
+    n, k = weight.shape
+    rows = block_mask.shape[0]
+    return (weight.view(rows, block_size, k) * row_mask(block_mask, block_size, weight.dtype)).view(n, k)
+
+
 def _mask_in_place(values: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
     if not values.is_contiguous():
         return reference.apply_block_mask(values, block_mask, block_size)
-    rows, cols = block_mask.shape
-    b = block_size
-    values.view(rows, b, cols, b).mul_(block_mask.to(values.dtype).view(rows, 1, cols, 1))
+    n, k = values.shape
+    rows = block_mask.shape[0]
+    values.view(rows, block_size, k).mul_(row_mask(block_mask, block_size, values.dtype))
     return values
+
+
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def zero_weight_blocks_(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> Optional[torch.Tensor]:
     """Write zeros into the inactive blocks in one pass (NaN and inf there too, unlike
-    ``W *= M``) when the weight is contiguous; None otherwise."""
+    ``W *= M``) when the weight is contiguous; None otherwise. Every block live: nothing
+    to write (read on the host for CPU tensors)."""
     if not weight.is_contiguous():
         return None
-    rows, cols = block_mask.shape
-    b = block_size
-    weight.view(rows, b, cols, b).masked_fill_(torch.logical_not(block_mask).view(rows, 1, cols, 1), 0)
+    if host_readable(block_mask) and all_live(block_mask):
+        return weight
+    n, k = weight.shape
+    rows = block_mask.shape[0]
+    int_dtype = _INT_VIEWS.get(weight.element_size())
+    if weight.is_floating_point() and int_dtype is not None and not weight.is_complex():
+        # all ones (-1) on live blocks, 0 on inactive ones: AND keeps or clears every bit
+        keep = row_mask(block_mask, block_size, int_dtype).neg()  # (may be a view: not in place)
+        weight.view(int_dtype).view(rows, block_size, k).bitwise_and_(keep)
+        return weight
+    weight.view(rows, block_size, k).masked_fill_(
+        torch.logical_not(row_mask(block_mask, block_size, torch.bool)), 0)
     return weight
