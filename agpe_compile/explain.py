@@ -31,7 +31,8 @@ class LayerRecord:
     ``density`` (the fraction of active blocks of its mask now; ``-`` when not rewritten),
     ``graph`` (index into :attr:`ExplainReport.graphs` of the graph it was found in) and
     ``rewritten`` (``yes (lowering)`` with ``lowering`` the op the sites call,
-    ``sparse_linear`` or ``masked_weight`` for fused attention, or ``no: reason``).
+    ``sparse_linear``, or ``masked_weight`` for fused attention and for uses of the weight that are
+    not linear sites (Note [Every use sees W * M] in passes/decide_layers.py), or ``no: reason``).
     """
 
     name: str

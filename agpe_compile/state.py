@@ -366,6 +366,8 @@ def skip_reason(
     """Why a weight cannot be rewritten, or None. Shared by prepare() and the backend."""
     if not isinstance(weight, nn.Parameter):
         return "weight is not a parameter"
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "parameter not materialized yet (lazy module): run one forward pass before prepare"
     if weight.dim() != 2:
         return f"weight is {weight.dim()}-D, not 2-D"
     if not weight.dtype.is_floating_point:
@@ -384,8 +386,14 @@ def _linear_weights(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, nn.
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             yield module_name, module, "weight", module.weight
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            yield module_name, module, "in_proj_weight", module.in_proj_weight
+        elif isinstance(module, nn.MultiheadAttention):
+            if module.in_proj_weight is not None:
+                yield module_name, module, "in_proj_weight", module.in_proj_weight
+            else:  # kdim/vdim differ from embed_dim: three separate projections
+                for param_name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    weight = getattr(module, param_name, None)
+                    if weight is not None:
+                        yield module_name, module, param_name, weight
 
 
 def _embedding_weights(model: nn.Module) -> set:
@@ -410,6 +418,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     config = BackendConfig.from_options(options)
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}
+    unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
     for module_name, module, param_name, weight in _linear_weights(model):
         name = layer_name(module_name, param_name)
         state = state_of(weight)
@@ -431,11 +440,13 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             reason = "weight tied/shared with an embedding"
         if reason is not None:
             log.info("agpe.prepare: %s stays dense: %s", name, reason)
-            if pattern_reason(name, config) is not None:  # the backend leaves it dense too
+            if pattern_reason(name, config) is not None or id(weight) in tied:  # the backend leaves it dense too
                 setattr(weight, EXCLUDED_ATTR, f"{reason} (at prepare)")
+            else:
+                unexpected.append(f"{name} ({reason})")
             continue
-        if hasattr(weight, EXCLUDED_ATTR):
-            delattr(weight, EXCLUDED_ATTR)
+        if str(getattr(weight, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
+            delattr(weight, EXCLUDED_ATTR)  # an earlier prepare's exclusion (a tie found by the backend stays)
         state = LayerState.create(name, param_name, weight, block_size)
         setattr(weight, STATE_ATTR, state)
         state.attach(module)
@@ -449,6 +460,9 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             if state.module is None:
                 state.attach(module)
             prepared.setdefault(state.name, state)
+    if unexpected:
+        log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
+                    len(unexpected), "; ".join(unexpected))
     return prepared
 
 

@@ -4,7 +4,21 @@ Requires: the linear sites of a Dynamo graph (``match_linears``) and Dynamo's ex
 inputs, where ``example_inputs[i]`` is the live ``nn.Parameter`` of placeholder i.
 Ensures: every eligible weight has a :class:`~agpe_compile.state.LayerState` attached
 (created with all blocks active if the model was never prepared); every other weight
-gets a human-readable reason. Reads the graph, never changes it.
+gets a human-readable reason; every use of a rewritten weight that is not one of its
+linear sites is listed in ``other_uses`` (Note [Every use sees W * M]). Reads the graph,
+never changes it; marks parameters used as embedding tables (Note [Tied weights across
+graphs]).
+
+Note [Every use sees W * M]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A mask is a promise about the parameter: the model computes as if W were W * M. The
+rewrite keeps it at the linear sites; any other use of the same weight in the graph
+(``h @ W`` in a tied autoencoder, ``einsum("bi,oi->bo", x, W)``, ``W.sum()`` in a
+regulariser) would read the raw W and break it silently. So every such use is handed
+``masked_weight(W, ...)`` instead (dense compute, exact masking, saliency from its
+gradient too), and a *prepared* weight the matcher does not recognise as a linear layer
+at all is rewritten that way entirely (lowering ``masked_weight``). Uses that only read
+metadata (``W.shape``) or write W in place keep the raw weight.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from torch import fx
 from agpe_compile.config import BackendConfig
 from agpe_compile.state import (EXCLUDED_ATTR, STATE_ATTR, LayerState, check_block_size_option, layer_name,
                                 pattern_reason, skip_reason, state_of)
+from torch.nn.utils import parametrize
 
 from .match_linears import LinearSite, UnmatchedUse, embedding_weights
 
@@ -35,6 +50,7 @@ class LayerDecision:
     shape: Tuple[int, ...]
     state: Optional[LayerState]
     reason: Optional[str]
+    other_uses: List[fx.Node] = dataclasses.field(default_factory=list)
 
     @property
     def rewritten(self) -> bool:
@@ -42,10 +58,14 @@ class LayerDecision:
 
     @property
     def lowering(self) -> Optional[str]:
-        """``sparse_linear``, ``masked_weight`` (dense compute inside a fused op) or both."""
+        """``sparse_linear``, ``masked_weight`` (dense compute: inside a fused op, or a use
+        that is not a linear site, Note [Every use sees W * M]) or both."""
         if not self.rewritten:
             return None
-        return "+".join(sorted({"masked_weight" if s.form == "masked_weight" else "sparse_linear" for s in self.sites}))
+        forms = {"masked_weight" if s.form == "masked_weight" else "sparse_linear" for s in self.sites}
+        if self.other_uses:
+            forms.add("masked_weight")
+        return "+".join(sorted(forms))
 
 
 def source_path(placeholder: fx.Node) -> Optional[str]:
@@ -83,13 +103,14 @@ def decide_layers(
     """One decision per distinct weight (sites sharing a weight share a decision)."""
     examples = _placeholder_examples(graph, example_inputs)
     tied = embedding_weights(graph)
+    _mark_tables(tied, examples)
     by_weight: Dict[fx.Node, List[LinearSite]] = {}
     decisions: List[LayerDecision] = []
     for site in sites:
         if site.form == "masked_weight" and not isinstance(examples.get(site.weight), torch.nn.Parameter):
             continue  # a 2-D activation handed to a fused attention op, not a weight
         if site.weight.op != "placeholder":
-            decisions.append(LayerDecision(site.weight.name, site.weight, [site], (), None,
+            decisions.append(LayerDecision(_computed_name(site), site.weight, [site], _shape_of(site.weight), None,
                                            "weight is computed in the graph, not a parameter"))
             continue
         by_weight.setdefault(site.weight, []).append(site)
@@ -97,6 +118,12 @@ def decide_layers(
     for weight_node, weight_sites in by_weight.items():
         decisions.append(_decide(weight_node, weight_sites, examples.get(weight_node), tied, config, block_size))
     seen = set(by_weight)
+    for node, example in examples.items():  # prepared weights used in no form the matcher knows
+        state = state_of(example) if isinstance(example, torch.nn.Parameter) else None
+        if node in seen or state is None or not _other_uses(node, []):
+            continue
+        seen.add(node)
+        decisions.append(_decide(node, [], example, tied, config, block_size))
     for use in unmatched:
         example = examples.get(use.weight)
         if use.weight in seen or not isinstance(example, torch.nn.Parameter):
@@ -105,6 +132,78 @@ def decide_layers(
         decisions.append(LayerDecision(_layer_name(use.weight), use.weight, [], tuple(example.shape),
                                        None, use.reason))
     return decisions
+
+
+# Note [Tied weights across graphs]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A weight tied with an embedding stays dense (masking rows of an embedding table is not a
+# linear layer's pruning). Within one graph the embedding op shows the tie; across a graph
+# break (``wte(idx)``, a print, then ``head(h)``) the head's graph has no embedding op. The
+# graph with the lookup runs, so compiles, first: the table's parameter is marked there
+# (``EXCLUDED_ATTR``, like ``prepare``'s exclusions), and a later graph that meets it as a
+# linear weight leaves it dense with that reason.
+_TIED_REASON = "weight tied/shared with an embedding"
+
+
+def _mark_tables(tables, examples) -> None:
+    for node in tables:
+        weight = examples.get(node)
+        if isinstance(weight, torch.nn.Parameter) and state_of(weight) is None and not hasattr(weight, EXCLUDED_ATTR):
+            setattr(weight, EXCLUDED_ATTR, _TIED_REASON)
+
+
+# Ops that read only a tensor's metadata: they may keep the raw weight.
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "stride", "element_size", "nelement", "is_contiguous",
+                               "get_device", "data_ptr"})
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout"})
+
+
+def _reads_values(use: fx.Node) -> bool:
+    """Whether ``use`` reads the weight's values without writing them (in-place ops keep W)."""
+    if use.op == "call_method":
+        return use.target not in _METADATA_METHODS and not _in_place(use.target)
+    if use.op == "call_function":
+        if use.target is getattr and len(use.args) > 1 and use.args[1] in _METADATA_ATTRS:
+            return False
+        return not _in_place(getattr(use.target, "__name__", ""))
+    return use.op != "output"  # a graph output is the parameter itself
+
+
+def _in_place(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _other_uses(weight_node: fx.Node, sites: List[LinearSite]) -> List[fx.Node]:
+    """Uses of ``weight_node`` that its linear sites do not consume (Note [Every use sees W * M])."""
+    site_nodes = {s.node for s in sites}
+    transposes = set()
+    for s in sites:
+        node = s.transpose
+        while isinstance(node, fx.Node) and node is not weight_node:  # contiguous(t(W)): both
+            transposes.add(node)
+            node = node.args[0] if node.args else None
+
+    def consumed(node: fx.Node) -> bool:
+        return node in site_nodes or (node in transposes and all(consumed(u) for u in node.users))
+
+    return [u for u in weight_node.users if not consumed(u) and _reads_values(u)]
+
+
+def _shape_of(node: fx.Node) -> Tuple[int, ...]:
+    value = node.meta.get("example_value")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _computed_name(site: LinearSite) -> str:
+    """The module a computed weight's linear site runs in (``fc (computed weight)``), else the node."""
+    stack = site.node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, _ = list(stack.values())[-1]
+        path = str(path)  # "L['self'].blocks.0.fc": the root, then the module path
+        module_path = path[path.find("]") + 1:].lstrip(".") if path.startswith("L[") else path
+        if module_path:
+            return f"{module_path} (computed weight)"
+    return f"computed weight of {site.node.name}"
 
 
 def _default_block_size(by_weight, examples, config: BackendConfig) -> int:
@@ -125,20 +224,33 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
     state = state_of(weight) if isinstance(weight, torch.nn.Parameter) else None
     if state is not None:
         check_block_size_option(state, config)
+        _check_not_parametrized(state)
         reason = pattern_reason(state.name, config)
         if reason is not None:
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)
-        return LayerDecision(state.name, weight_node, sites, shape, state, None)
-    reason = skip_reason(name, weight, config, block_size)
-    if reason is None and isinstance(weight, torch.nn.Parameter):
-        reason = getattr(weight, EXCLUDED_ATTR, None)
+        return LayerDecision(state.name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
+    reason = getattr(weight, EXCLUDED_ATTR, None) if isinstance(weight, torch.nn.Parameter) else None
     if reason is None and weight_node in tied:
-        reason = "weight tied/shared with an embedding"
+        reason = _TIED_REASON
+    if reason is None:
+        reason = skip_reason(name, weight, config, block_size)
     if reason is not None:
         return LayerDecision(name, weight_node, sites, shape, None, reason)
     state = LayerState.create(name, _param_name(weight_node), weight, block_size)
     setattr(weight, STATE_ATTR, state)
-    return LayerDecision(name, weight_node, sites, shape, state, None)
+    return LayerDecision(name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
+
+
+def _check_not_parametrized(state: LayerState) -> None:
+    """A layer parametrized after prepare computes its weight from the prepared parameter:
+    the mask would apply to the parametrization's input, not to the weight the layer uses."""
+    module = state.module
+    if module is not None and parametrize.is_parametrized(module, state.param_name):
+        raise RuntimeError(
+            f"agpe: layer {state.name!r} was prepared and then parametrized (torch.nn.utils.parametrize): its "
+            f"weight is now computed from the prepared parameter, so its mask cannot describe the weight the "
+            f"layer uses. Parametrize before agpe_compile.prepare / Sparsifier (the layer then stays dense), "
+            f"or remove the parametrization")
 
 
 def _param_name(placeholder: fx.Node) -> str:

@@ -11,16 +11,21 @@ pattern                                     written by the user as
 ``torch._C._nn.linear(x, W, b)``            ``nn.Linear``, ``F.linear``
 ``matmul(x, t(W))``                         ``x @ W.t()``, ``x @ W.T``, ``torch.matmul``
 ``mm(x, t(W))``                             ``torch.mm(x, W.t())``
-``addmm(b, x, t(W))``                       ``torch.addmm(b, x, W.t())`` (alpha=beta=1)
+``addmm(b, x, t(W))``                       ``torch.addmm(b, x, W.t())`` (alpha=beta=1,
+                                            also as keywords)
 ==========================================  ==========================================
 
-where ``t(W)`` is ``W.t()``, ``W.T``, ``torch.t(W)`` or a transpose/permute of dims 0, 1.
-A 2-D placeholder passed to a fused attention op (``F.multi_head_attention_forward``, the
-eval fast paths of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer``) is a site of
-form ``masked_weight``: the op runs the projections internally, so the backend hands it
-``W * M`` instead (see agpe_compile/ops/masked_weight.py).
+where ``t(W)`` is ``W.t()``, ``W.T``, ``W.mT``, ``torch.t(W)``, a transpose/permute/swapaxes
+of dims 0, 1, or ``.contiguous()`` of one of those; ``F.linear`` may take its arguments as
+keywords. A 2-D placeholder passed as a projection weight to a fused attention op
+(``F.multi_head_attention_forward``'s ``in_proj_weight``, ``q/k/v_proj_weight``,
+``out_proj_weight``; the eval fast paths of ``nn.MultiheadAttention``/
+``nn.TransformerEncoderLayer``) is a site of form ``masked_weight``: the op runs the
+projections internally, so the backend hands it ``W * M`` instead (see
+agpe_compile/ops/masked_weight.py). Its other tensor arguments (``attn_mask``) are not weights.
 A placeholder that reaches a matmul-like op any other way (``x @ W``, ``W @ x``) is an
-*unmatched use*: the backend reports it instead of silently skipping it.
+*unmatched use*: the backend reports it instead of silently skipping it (and masks it when
+the weight is rewritten or prepared: Note [Every use sees W * M] in decide_layers.py).
 
 Note [Weights inside higher-order ops]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -46,6 +51,15 @@ LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm)
 ADDMM_TARGETS = (torch.addmm,)
 EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
+# The fused attention ops and where they take their projection weights: (positions, keyword
+# names). Only these arguments are weights; another 2-D parameter handed to the op (a learned
+# ``attn_mask``, say) is not a linear weight and is left alone.
+_FUSED_WEIGHT_ARGS = {
+    "multi_head_attention_forward": ((5, 11, 18, 19, 20), ("in_proj_weight", "out_proj_weight", "q_proj_weight",
+                                                           "k_proj_weight", "v_proj_weight")),
+    "_native_multi_head_attention": ((5, 7), ("qkv_weight", "proj_weight")),
+    "_transformer_encoder_layer_fwd": ((3, 5, 14, 16), ("qkv_weight", "proj_weight", "ffn_weight_1", "ffn_weight_2")),
+}
 FUSED_ATTENTION_TARGETS = tuple(
     op
     for op in (
@@ -79,9 +93,12 @@ class UnmatchedUse:
 
 
 def _transposed_placeholder(node) -> Optional[fx.Node]:
-    """W if ``node`` is a 2-D transpose of placeholder W, else None."""
+    """W if ``node`` is a 2-D transpose of placeholder W (``.contiguous()`` of one too), else None."""
     if not isinstance(node, fx.Node) or not node.args:
         return None
+    if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs:
+        inner = node.args[0]
+        return _transposed_placeholder(inner) if isinstance(inner, fx.Node) and len(inner.users) == 1 else None
     src = node.args[0]
     if not isinstance(src, fx.Node) or src.op != "placeholder":
         return None
@@ -90,7 +107,11 @@ def _transposed_placeholder(node) -> Optional[fx.Node]:
         return src
     if node.op == "call_function" and node.target is torch.t and not rest:
         return src
-    if node.op == "call_function" and node.target is getattr and rest == ("T",):
+    if node.op == "call_function" and node.target is getattr and rest in (("T",), ("mT",)) and _ndim(src) == 2:
+        return src
+    if node.op == "call_method" and node.target in ("swapaxes", "swapdims") and sorted(rest) in ([0, 1], [-2, -1]):
+        return src
+    if node.op == "call_function" and node.target in (torch.swapaxes, torch.swapdims) and sorted(rest) in ([0, 1], [-2, -1]):
         return src
     if node.op == "call_method" and node.target == "transpose" and sorted(rest) in ([0, 1], [-2, -1], [-1, 0], [0, -1]):
         return src
@@ -102,8 +123,10 @@ def _transposed_placeholder(node) -> Optional[fx.Node]:
 
 
 def _fused_weight_sites(node: fx.Node) -> List[LinearSite]:
+    positions, names = _FUSED_WEIGHT_ARGS.get(getattr(node.target, "__name__", ""), ((), ()))
+    candidates = [node.args[i] for i in positions if i < len(node.args)] + [node.kwargs.get(k) for k in names]
     sites = []
-    for arg in (*node.args, *node.kwargs.values()):
+    for arg in candidates:
         if isinstance(arg, fx.Node) and arg.op == "placeholder" and _ndim(arg) == 2:
             if all(site.weight is not arg for site in sites):
                 sites.append(LinearSite(node, None, arg, None, "masked_weight"))
@@ -151,7 +174,7 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
         return _subgraph_weight_sites(node), []
     if node.target in LINEAR_TARGETS:
         args = list(node.args) + [None] * 3
-        x = args[0]
+        x = args[0] if args[0] is not None else node.kwargs.get("input")
         weight = args[1] if args[1] is not None else node.kwargs.get("weight")
         bias = args[2] if args[2] is not None else node.kwargs.get("bias")
         if isinstance(weight, fx.Node):
@@ -163,7 +186,8 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
         if weight is not None:
             return [LinearSite(node, x, weight, None, "matmul", transpose=rhs)], []
         return [], _unmatched(node, (x, rhs))
-    if node.target in ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
+    if node.target in ADDMM_TARGETS and len(node.args) == 3 and all(
+            k in ("alpha", "beta") and v == 1 for k, v in node.kwargs.items()):
         bias, x, rhs = node.args
         weight = _transposed_placeholder(rhs)
         if weight is not None:

@@ -75,6 +75,7 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     anchor = placeholders[-1] if placeholders else None
     states: List[LayerState] = []
+    extras = []
     for decision in rewritten:
         state = decision.state
         extra = []
@@ -85,12 +86,29 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency
             anchor.meta["agpe_tensor"] = (state.name, suffix)
             extra.append(anchor)
         states.append(state)
+        extras.append(extra)
         for site in decision.sites:
             _replace_site(graph, old_to_new, site, extra, state, saliency_mode)
+    for decision, extra in zip(rewritten, extras):  # after every site: a use may be another layer's site
+        if decision.other_uses:
+            _mask_other_uses(graph, old_to_new, decision, extra, decision.state, saliency_mode)
     graph.lint()
     new_gm = fx.GraphModule(gm, graph, class_name="AgpeGraphModule")
     new_gm.meta.update(gm.meta)
     return RewriteResult(new_gm, states, changed=bool(rewritten))
+
+
+def _mask_other_uses(graph, old_to_new, decision: LayerDecision, extra, state: LayerState, saliency_mode: str) -> None:
+    """Hand every other use of the weight one shared ``masked_weight(W)`` (Note [Every use
+    sees W * M] in decide_layers.py)."""
+    weight = old_to_new[decision.weight]
+    uses = [old_to_new[u] for u in decision.other_uses]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(min(uses, key=order.__getitem__)):
+        masked = graph.call_function(MASKED_WEIGHT, (weight, *extra[:5], state.block_size, saliency_mode))
+    masked.meta["example_value"] = weight.meta.get("example_value")
+    for use in uses:
+        use.replace_input_with(weight, masked)
 
 
 def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mode: str) -> None:
@@ -123,10 +141,11 @@ def _replace_site(graph, old_to_new, site, extra, state: LayerState, saliency_mo
     # A later site may read this one's output (linear directly into linear): it must find
     # the new node, not the erased one.
     old_to_new[site.node] = result
-    if site.transpose is not None:
-        transpose = old_to_new[site.transpose]
-        if not transpose.users:
-            graph.erase_node(transpose)
+    transpose = old_to_new[site.transpose] if site.transpose is not None else None
+    while isinstance(transpose, fx.Node) and transpose.op != "placeholder" and not transpose.users:
+        source = transpose.args[0]  # contiguous(t(W)): the t goes too
+        graph.erase_node(transpose)
+        transpose = source
 
 
 def _ndim(node) -> int:

@@ -197,8 +197,13 @@ class AGPEConfig:
                 continue
             included = any(fnmatch.fnmatchcase(name, p) for p in self.include)
             excluded = any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+            if not included or excluded:
+                continue
+            if isinstance(module.weight, nn.parameter.UninitializedParameter):
+                raise ValueError(f"agpe: layer {name!r} is a lazy module whose weight is not materialized yet; run "
+                                 f"one forward pass before creating the Sparsifier (or exclude={name!r})")
             n, k = module.weight.shape
-            if included and not excluded and (n % size or k % size):
+            if n % size or k % size:
                 raise ValueError(_bad("block_size", size, f"a common divisor of the dimensions of every "
                                       f"included layer; layer {name!r} is {n}x{k} (or exclude={name!r})"))
 
