@@ -2,7 +2,10 @@
 
 Renders, with matplotlib's Agg backend (no display needed):
 
-* ``density_<run>.png`` per run: each layer's density and the global target over steps;
+* ``density_<run>.png`` per run: each layer's density and the global target over steps
+  (``<run>`` is the file name without ``.jsonl``; files of the same name are told apart by
+  their folders: ``seed0/agpe.jsonl`` and ``seed1/agpe.jsonl`` give ``density_seed0_agpe.png``
+  and ``density_seed1_agpe.png``);
 * ``loss_vs_flops.png``: training loss against cumulative training FLOPs (sparse,
   executed), one line per run, so runs at different budgets compare on one axis.
 
@@ -40,6 +43,69 @@ def _intervals(records: List[dict]) -> List[dict]:
 
 def run_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
+
+
+def run_labels(paths: Sequence[str]) -> List[str]:
+    """One distinct label per audit file: its name without ``.jsonl``, with as many parent
+    folders as it takes to tell files of the same name apart (``seed0/agpe`` and
+    ``seed1/agpe``). ``ValueError`` when one file is given twice."""
+    full = [os.path.normpath(os.path.abspath(p)) for p in paths]
+    seen: Dict[str, str] = {}
+    for given, path in zip(paths, full):
+        if path in seen:
+            raise ValueError(f"{given}: the same audit file as {seen[path]} (give each file once)")
+        seen[path] = given
+    parts = [[part for part in os.path.splitext(p)[0].split(os.sep) if part] for p in full]
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not clashing:
+            return labels
+        grew = False
+        for i in clashing:  # distinct absolute paths: a longer suffix tells them apart
+            if depth[i] < len(parts[i]):
+                depth[i], grew = depth[i] + 1, True
+        if not grew:  # the same path but for the extension (a/run.json, a/run.jsonl): keep it
+            return [label + os.path.splitext(p)[1] if i in clashing else label
+                    for i, (label, p) in enumerate(zip(labels, full))]
+
+
+def _file_label(label: str) -> str:
+    """``label`` as part of a file name (``seed0/agpe`` -> ``seed0_agpe``)."""
+    return label.replace("/", "_")
+
+
+# Fields of an "interval" record that the plots and the summary read.
+_INTERVAL_FIELDS = ("step", "target_density", "global_density_after", "flops", "layers")
+_LAYER_FIELDS = ("density_after", "dropped", "grown")
+
+
+def check_records(path: str, records: List[dict]) -> None:
+    """``ValueError`` naming the file and line of the first record the report cannot read, or
+    saying that the file holds no agpe audit records (no "start" or "interval" event)."""
+    with open(path, encoding="utf-8") as handle:  # read_records skips blank lines: number the others
+        numbers = [number for number, line in enumerate(handle, 1) if line.strip()]
+    for number, record in zip(numbers, records):
+        if record.get("event") != "interval":
+            continue
+        missing = [key for key in _INTERVAL_FIELDS if key not in record]
+        if missing:
+            raise ValueError(f"{path}: line {number}: an interval record without {', '.join(map(repr, missing))}: "
+                             f"not a complete agpe audit record")
+        flops, layers = record["flops"], record["layers"]
+        if not isinstance(flops, dict) or not {"sparse", "dense"} <= flops.keys():
+            raise ValueError(f"{path}: line {number}: 'flops' of an interval record needs 'sparse' and 'dense'")
+        if not isinstance(layers, dict):
+            raise ValueError(f"{path}: line {number}: 'layers' of an interval record is not an object")
+        for name, layer in layers.items():
+            lacking = [key for key in _LAYER_FIELDS if not isinstance(layer, dict) or key not in layer]
+            if lacking:
+                raise ValueError(f"{path}: line {number}: layer {name!r} of an interval record lacks "
+                                 f"{', '.join(map(repr, lacking))}")
+    if not any(r.get("event") in ("start", "interval") for r in records):
+        raise ValueError(f"{path}: no agpe audit records (no 'start' or 'interval' event in {len(records)} "
+                         f"JSON line(s)): not an agpe audit file")
 
 
 def plot_density(records: List[dict], title: str, out_path: str) -> str:
@@ -142,9 +208,14 @@ def summary_line(name: str, summary: dict) -> str:
 def render(paths: Sequence[str], out_dir: str, tensorboard_dir: Optional[str] = None) -> List[str]:
     """Write every plot for the audit files ``paths`` into ``out_dir``; the PNG paths."""
     os.makedirs(out_dir, exist_ok=True)
-    runs = {run_name(p): read_records(p) for p in paths}
-    written = [plot_density(records, name, os.path.join(out_dir, f"density_{name}.png"))
-               for name, records in runs.items()]
+    runs = {label: read_records(p) for label, p in zip(run_labels(paths), paths)}
+    written: List[str] = []
+    for name, records in runs.items():
+        file_label, n = _file_label(name), 1
+        while os.path.join(out_dir, f"density_{file_label}.png") in written:  # seed0/agpe vs seed0_agpe
+            n += 1
+            file_label = f"{_file_label(name)}-{n}"
+        written.append(plot_density(records, name, os.path.join(out_dir, f"density_{file_label}.png")))
     written.append(plot_loss_vs_flops(runs, os.path.join(out_dir, "loss_vs_flops.png")))
     if tensorboard_dir is not None:
         write_tensorboard(runs, tensorboard_dir)
@@ -160,6 +231,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = [p for p in args.runs if not os.path.isfile(p)]
     if missing:
         parser.error(f"no such audit file: {missing[0]}")
+    try:
+        labels = run_labels(args.runs)
+    except ValueError as error:
+        parser.error(str(error))
+    summaries = []
     for path in args.runs:
         try:
             records = read_records(path)
@@ -170,11 +246,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not records:
             parser.error(f"{path}: no records (an empty audit file: a Sparsifier with audit_path= writes a "
                          f"'start' record when it is created and one record per mask update)")
+        try:
+            check_records(path, records)
+        except ValueError as error:
+            parser.error(str(error))
+        summaries.append(summarize(records))
     out_dir = args.out or os.path.dirname(os.path.abspath(args.runs[0]))
-    for path in render(args.runs, out_dir, args.tensorboard):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        parser.error(f"--out: {out_dir!r} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create the folder {out_dir!r} ({error.strerror or error})")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        parser.error(f"--out: the folder {out_dir!r} is not writable")
+    try:
+        written = render(args.runs, out_dir, args.tensorboard)
+    except OSError as error:
+        parser.error(f"cannot write the plots into {out_dir!r}: {error}")
+    for path in written:
         print(f"wrote {path}")
-    for path in args.runs:
-        print(summary_line(run_name(path), summarize(read_records(path))))
+    for label, summary in zip(labels, summaries):
+        print(summary_line(label, summary))
     return 0
 
 

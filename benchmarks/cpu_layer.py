@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
+from typing import List
 
 import torch
 from torch import nn
 
 import agpe_compile
+from agpe_compile.config import MAX_BLOCK_SIZE
 from agpe_compile.ops.reference import expand_block_mask
 
 
@@ -36,14 +39,50 @@ def best_ms(fn, calls: int = 30, repeats: int = 7) -> float:
     return best
 
 
+def parse_densities(parser: argparse.ArgumentParser, text: str) -> List[float]:
+    """--densities as floats in (0, 1]; parser.error naming the flag otherwise."""
+    densities = []
+    for item in text.split(","):
+        try:
+            density = float(item)
+        except ValueError:
+            parser.error(f"--densities: expected comma-separated numbers in (0, 1], got {item.strip()!r} in {text!r}")
+        if not 0 < density <= 1:  # (not also refuses nan)
+            parser.error(f"--densities: expected densities in (0, 1] (the share of active blocks), got {density:g}")
+        densities.append(density)
+    return densities
+
+
+def check_out_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """--out must name a file in an existing, writable folder: checked before measuring."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"--out: {path!r} is a folder; expected a file name (e.g. {os.path.join(path, 'cpu_layer.json')})")
+    if not os.path.isdir(folder):
+        parser.error(f"--out: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"--out: cannot write {path!r}")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=128)
-    parser.add_argument("--features", type=int, default=1000, help="in = out features")
-    parser.add_argument("--block", type=int, default=8)
-    parser.add_argument("--densities", default="1.0,0.5,0.1")
+    parser.add_argument("--rows", type=int, default=128, help="rows of the input (>= 1)")
+    parser.add_argument("--features", type=int, default=1000, help="in = out features (>= 1)")
+    parser.add_argument("--block", type=int, default=8, help="block size: a positive divisor of --features")
+    parser.add_argument("--densities", default="1.0,0.5,0.1", help="comma-separated densities in (0, 1]")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    densities = parse_densities(parser, args.densities)
+    for flag, value in (("--rows", args.rows), ("--features", args.features), ("--block", args.block)):
+        if value < 1:
+            parser.error(f"{flag}: expected an integer >= 1, got {value}")
+    if args.block > MAX_BLOCK_SIZE:
+        parser.error(f"--block: expected at most {MAX_BLOCK_SIZE}, got {args.block}")
+    if args.features % args.block:
+        parser.error(f"--block: expected a divisor of --features={args.features} (the layer is split into "
+                     f"block x block tiles), got {args.block}")
+    if args.out:
+        check_out_file(parser, args.out)
     torch.manual_seed(0)
     m, f, b = args.rows, args.features, args.block
     x = torch.randn(m, f, requires_grad=True)
@@ -54,7 +93,7 @@ def main(argv=None) -> dict:
         torch.nn.functional.linear(x, plain_layer.weight, plain_layer.bias).backward(grad)
 
     rows = {"plain F.linear": best_ms(plain)}
-    for density in (float(d) for d in args.densities.split(",")):
+    for density in densities:
         layer = nn.Linear(f, f)
         agpe_compile.prepare(layer, {"block_size": b})
         state = agpe_compile.layer_state(layer)

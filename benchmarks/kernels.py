@@ -49,6 +49,7 @@ from agpe_compile.kernels import (  # noqa: E402
 )
 from agpe_compile.kernels.configs import CANDIDATES  # noqa: E402
 from agpe_compile.layout import build_layout  # noqa: E402
+from agpe_compile.ops.paths import TRITON_BLOCK_SIZES  # noqa: E402
 
 GPU_SHAPES = [(8192, 4096, 16384), (8192, 16384, 4096), (8192, 4096, 4096)]  # (M, K, N)
 SMALL_SHAPES = [(256, 512, 1024), (512, 1024, 512)]
@@ -298,15 +299,47 @@ def format_table(rows: List[Dict], gpu: bool) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_block_sizes(parser: argparse.ArgumentParser, text: str) -> List[int]:
+    """--block-sizes as ints, each one the Triton kernels support; parser.error otherwise."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            size = int(item)
+        except ValueError:
+            parser.error(f"--block-sizes: expected comma-separated integers from {TRITON_BLOCK_SIZES}, "
+                         f"got {item.strip()!r} in {text!r}")
+        if size not in TRITON_BLOCK_SIZES:
+            parser.error(f"--block-sizes: expected block sizes from {TRITON_BLOCK_SIZES} (the Triton kernels'), "
+                         f"got {size}")
+        sizes.append(size)
+    return sizes
+
+
+def check_out_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """--out must name a file that can be written: checked before measuring. Creates its folder."""
+    if os.path.isdir(path):
+        parser.error(f"--out: {path!r} is a folder; expected a file name (e.g. {os.path.join(path, 'kernels.json')})")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create the folder {folder!r} ({error.strerror or error})")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"--out: cannot write {path!r}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny CPU shapes, gather path (default without CUDA)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--no-sweep", action="store_true", help="skip the config sweep on GPU")
-    parser.add_argument("--block-sizes", default="64,128", help="GPU block sizes (32 is supported too)")
-    args = parser.parse_args()
+    parser.add_argument("--block-sizes", default="64,128",
+                        help=f"GPU block sizes, comma-separated, from {TRITON_BLOCK_SIZES} (unused with --small)")
+    args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.small
-    block_sizes = [int(b) for b in args.block_sizes.split(",")]
+    block_sizes = parse_block_sizes(parser, args.block_sizes)  # checked on the CPU too: a typo fails early
+    if args.out:
+        check_out_file(parser, args.out)
     started = time.time()
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "python": platform.python_version(),

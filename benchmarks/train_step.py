@@ -6,8 +6,15 @@ side. Also measured: first-compile time, the cost of a mask-update step of the
 Sparsifier, and the number of compilations over a simulated 2,000-step schedule.
 
     python benchmarks/train_step.py                 # GPU: d_model 2048, 4 blocks, seq 1024, batch 8, bf16
-    python benchmarks/train_step.py --small         # CPU smoke size (CI runs this)
+    python benchmarks/train_step.py --small         # CPU-sized stack: well over 3 min on 2 CPU cores,
+                                                    # most of it the 2,000-step schedule simulation
     python benchmarks/train_step.py --out runs/train_step.json
+
+CI (tests/test_examples.py) runs the quick form, about a minute on 2 CPU cores:
+
+    python benchmarks/train_step.py --small --warmup 0 --iters 1 --schedule-steps 80 --lowering aot_eager
+
+The schedule simulation prints a progress line to stderr every 50 steps.
 """
 
 from __future__ import annotations
@@ -304,6 +311,9 @@ def mask_update_cost(size: dict, device: torch.device, x: torch.Tensor, inductor
     return {"mask_update_s": per_update}
 
 
+SCHEDULE_PROGRESS_EVERY = 50  # steps between the schedule simulation's progress lines (stderr)
+
+
 def schedule_compilations(steps: int, log) -> Dict:
     """Compilations over a ``steps``-step AGPE run (small stack).
 
@@ -323,7 +333,9 @@ def schedule_compilations(steps: int, log) -> Dict:
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device)
     crossings = 0
     signatures = set()
-    for _ in range(steps):
+    start = time.perf_counter()
+    print(f"simulating a {steps}-step AGPE schedule (compilations counted)", file=sys.stderr, flush=True)
+    for done in range(1, steps + 1):
         signatures.add(tuple(s.layout_bucket for s in sparsifier.layers.values()))
         loss = compiled(x).square().mean()
         loss.backward()
@@ -332,11 +344,56 @@ def schedule_compilations(steps: int, log) -> Dict:
         sparsifier.step(loss)
         if sparsifier.step_count % config.update_interval == 0 and sparsifier.rebucketed:
             crossings += 1
+        if done % SCHEDULE_PROGRESS_EVERY == 0 and done < steps:
+            print(f"  schedule step {done}/{steps}: {backend.graph_count} compilations, density "
+                  f"{sparsifier.global_density:.3f}, {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
     log(f"{steps}-step schedule: {backend.graph_count} compilations, {crossings} bucket-crossing events, "
         f"{len(signatures)} distinct bucket sets, final density {sparsifier.global_density:.3f}")
     return {"schedule_steps": steps, "schedule_compilations": backend.graph_count,
             "schedule_crossings": crossings, "schedule_bucket_sets": len(signatures),
             "schedule_final_density": sparsifier.global_density}
+
+
+OPTIMIZERS = ("foreach", "fused", "block_sparse", "graphed")
+
+
+def check_args(parser: argparse.ArgumentParser, args, device: torch.device):
+    """(densities, optimizers) from the flags; parser.error naming the flag, before any work."""
+    for flag, value, least in (("--warmup", args.warmup, 0), ("--iters", args.iters, 1),
+                               ("--schedule-steps", args.schedule_steps, 0), ("--profile-rows", args.profile_rows, 1)):
+        if value is not None and value < least:
+            parser.error(f"{flag}: expected an integer >= {least}, got {value}")
+    densities = []
+    for item in args.densities.split(","):
+        try:
+            density = float(item)
+        except ValueError:
+            parser.error(f"--densities: expected comma-separated numbers in (0, 1], got {item.strip()!r}")
+        if not 0 < density <= 1:
+            parser.error(f"--densities: expected densities in (0, 1], got {density:g}")
+        densities.append(density)
+    text = args.optimizers or ("fused,block_sparse,graphed" if device.type == "cuda" else "foreach,fused,block_sparse")
+    optimizers = [k.strip() for k in text.split(",")]
+    unknown = [k for k in optimizers if k not in OPTIMIZERS]
+    if unknown:
+        parser.error(f"--optimizers: unknown {unknown}; expected a comma-separated subset of {OPTIMIZERS}")
+    if "graphed" in optimizers and device.type != "cuda":
+        parser.error("--optimizers: graphed needs CUDA (a CUDA-graph step)")
+    if all(k == "block_sparse" for k in optimizers):
+        parser.error("--optimizers: expected at least one of foreach, fused, graphed (the dense baseline "
+                     "uses the fastest of those)")
+    if args.out:
+        if os.path.isdir(args.out):
+            parser.error(f"--out: {args.out!r} is a folder; expected a file name")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--out: cannot create the folder {folder!r} ({error.strerror or error})")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"--out: cannot write into {folder!r}")
+    return densities, optimizers
 
 
 def main(argv=None) -> None:
@@ -366,6 +423,7 @@ def main(argv=None) -> None:
                         help="length of the simulated AGPE schedule whose compilations are counted")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    densities, optimizers = check_args(parser, args, device)
     small = args.small or device.type == "cpu"
     size = SMALL_SIZE if small else GPU_SIZE
     warmup = args.warmup if args.warmup is not None else (1 if small else 3)
@@ -373,9 +431,7 @@ def main(argv=None) -> None:
     # the module, not the op of the same name that agpe_compile.ops exports
     op_module = importlib.import_module("agpe_compile.ops.sparse_linear")
 
-    run_args = dict(densities=[float(d) for d in args.densities.split(",")],
-                    optimizers=(args.optimizers or ("fused,block_sparse,graphed" if device.type == "cuda"
-                                                      else "foreach,fused,block_sparse")).split(","), mask_update=not args.no_mask_update)
+    run_args = dict(densities=densities, optimizers=optimizers, mask_update=not args.no_mask_update)
 
     profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
 

@@ -43,6 +43,16 @@ def _results_path(path: str) -> str:
     return os.path.join(path, "results.json") if os.path.isdir(path) else path
 
 
+def eval_set_of(paths: Iterable[str]) -> str:
+    """The set the accuracies of these results.json files were measured on: "test" (the
+    default of files without an "eval_set" field) or "validation". Call after load_runs,
+    which refuses files that mix them."""
+    for path in paths:
+        with open(_results_path(path)) as f:
+            return str(json.load(f).get("eval_set", "test"))
+    return "test"
+
+
 def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[int, List[str]], List[str]]:
     """(runs, sources, warnings): the per-seed results of every file, merged by seed.
 
@@ -51,7 +61,8 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
     ``settings`` that only one file has are not compared: older files lack newer keys)
     and, with ``replace``, every method a later file replaced (without it a method present
     twice for one seed is an error). Files evaluated on different sets (test vs the
-    validation split) are never mixed: that raises."""
+    validation split) are never mixed: that raises. Raises ``ValueError`` (naming the file)
+    for a file that is not a results.json, ``OSError`` for one that cannot be read."""
     runs: Runs = {}
     sources: Dict[int, List[str]] = {}
     warnings: List[str] = []
@@ -61,8 +72,11 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
     for path in paths:
         path = _results_path(path)
         with open(path) as f:
-            data = json.load(f)
-        if "seed" not in data or "methods" not in data:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not JSON ({error}): not a fashion_mnist results.json") from None
+        if not isinstance(data, dict) or "seed" not in data or "methods" not in data:
             raise ValueError(f"{path}: not a fashion_mnist results.json (needs 'seed' and 'methods')")
         seed = int(data["seed"])
         evaluated = str(data.get("eval_set", "test"))
@@ -156,13 +170,16 @@ def verdict(runs: Runs, tolerance: float = 0.5) -> List[str]:
     return lines
 
 
-def report(runs: Runs, sources: Optional[Dict[int, List[str]]] = None) -> str:
-    """The Markdown report: per-seed table, mean ± std table, gaps, verdict."""
+def report(runs: Runs, sources: Optional[Dict[int, List[str]]] = None, eval_set: str = "test") -> str:
+    """The Markdown report: per-seed table, mean ± std table, gaps, verdict. ``eval_set`` is
+    what the accuracies were measured on ("test", or "validation" for --validation runs)."""
     sources = sources or {}
     seeds = sorted(runs)
     methods = methods_of(runs)
     label = {s: f"seed {s}" + ("*" if s in sources else "") for s in seeds}
-    out = ["### Per seed (test accuracy %, training FLOPs vs dense)", ""]
+    titles = {key: (f"{'val' if eval_set == 'validation' else eval_set} acc %" if key == "accuracy" else title)
+              for key, title, _ in METRICS}
+    out = [f"### Per seed ({eval_set} accuracy %, training FLOPs vs dense)", ""]
     out.append("| method | " + " | ".join(label[s] for s in seeds) + " | mean ± std acc | mean FLOPs |")
     out.append("|---" * (len(seeds) + 3) + "|")
     acc, flops = summarize(runs, "accuracy"), summarize(runs, "flops_ratio")
@@ -172,7 +189,7 @@ def report(runs: Runs, sources: Optional[Dict[int, List[str]]] = None) -> str:
         out.append(f"| {m} | " + " | ".join(cells) + f" | {_pm(*acc[m][:2], '{:.2f}')} | "
                    f"{_pm(*flops[m][:2], '{:.3f}')}× |")
     out += ["", "### Mean ± sample std over seeds", ""]
-    out.append("| method | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |")
+    out.append("| method | seeds | " + " | ".join(titles[key] for key, _, _ in METRICS) + " |")
     out.append("|---" * (len(METRICS) + 2) + "|")
     stats = {key: summarize(runs, key) for key, _, _ in METRICS}
     for m in methods:
@@ -205,14 +222,27 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="a method a later file has for the same seed replaces the earlier one (listed)")
     args = parser.parse_args(argv)
-    runs, sources, warnings = load_runs(args.paths, replace=args.replace)
+    try:
+        runs, sources, warnings = load_runs(args.paths, replace=args.replace)
+        eval_set = eval_set_of(args.paths)
+    except (OSError, ValueError) as error:  # a missing or unreadable file, not a results.json, a clash
+        raise SystemExit(_error(str(error)))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    text = report(runs, sources)
+    text = report(runs, sources, eval_set)
+    if args.out:  # written before printing: an unwritable --out fails without a half-done run
+        try:
+            with open(args.out, "w") as f:
+                f.write(text)
+        except OSError as error:
+            raise SystemExit(_error(f"--out: cannot write {args.out!r} ({error.strerror or error})"))
     print(text, end="")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+
+
+def _error(message: str) -> int:
+    """Print ``error: message`` to stderr; the exit code (2, as for a bad flag)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -102,18 +102,59 @@ def evaluate(compiled, data, setting, device, seed=1234) -> float:
     return total / setting["eval_batches"]
 
 
+def run_config(name: str, sparsity: float, setting: dict, args) -> AGPEConfig:
+    """The Sparsifier config of one run (``sparsity`` 0: the dense run)."""
+    return AGPEConfig(
+        target_sparsity=sparsity, policy="dense" if sparsity == 0 else "agpe", block_size=setting["block_size"],
+        exclude=("head",), update_interval=setting["update_interval"], begin_step=0,
+        end_step=max(setting["update_interval"], int(args.prune_until * setting["steps"])),
+        seed=args.seed, audit_path=os.path.join(args.out, f"{name}.jsonl"),
+    )
+
+
+def run_names(sparsities) -> List[Tuple[str, float]]:
+    """(name, target sparsity) of every run: the dense run, then agpe-<percent> per sparsity."""
+    return [("dense", 0.0)] + [(f"agpe-{int(round(100 * s))}", s) for s in sparsities]
+
+
+# Values of a setting that must be positive integers (and lr a positive number).
+POSITIVE = ("d_model", "n_layers", "n_heads", "seq_len", "batch", "steps", "eval_every", "eval_batches",
+            "block_size", "update_interval")
+
+
+def check_setting(parser: argparse.ArgumentParser, setting: dict) -> None:
+    """parser.error naming the flag for a setting the model or the loop cannot run."""
+    for key in POSITIVE:
+        value = setting[key]
+        if isinstance(value, bool) or value < 1:
+            flag = {"steps": "--steps/--set steps", "block_size": "--block-size"}.get(key, f"--set {key}")
+            parser.error(f"{flag}: expected an integer >= 1, got {value}")
+    if not setting["lr"] > 0 or not math.isfinite(setting["lr"]):
+        parser.error(f"--set lr: expected a learning rate > 0, got {setting['lr']}")
+    if setting["d_model"] % setting["n_heads"]:
+        parser.error(f"--set d_model/n_heads: d_model={setting['d_model']} must be divisible by "
+                     f"n_heads={setting['n_heads']}")
+
+
+def check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """--out must be (or become) a writable folder; created here, before any run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out: {out!r} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create the folder {out!r} ({error.strerror or error})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        parser.error(f"--out: the folder {out!r} is not writable")
+
+
 def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab: int, args, device) -> Dict:
     torch.manual_seed(args.seed)
     torch._dynamo.reset()
     model = GPT(vocab, setting["d_model"], setting["n_heads"], setting["n_layers"], setting["seq_len"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=setting["lr"], weight_decay=0.0)
     steps = setting["steps"]
-    config = AGPEConfig(
-        target_sparsity=sparsity, policy="dense" if sparsity == 0 else "agpe", block_size=setting["block_size"],
-        exclude=("head",), update_interval=setting["update_interval"], begin_step=0,
-        end_step=max(setting["update_interval"], int(args.prune_until * steps)),
-        seed=args.seed, audit_path=os.path.join(args.out, f"{name}.jsonl"),
-    )
+    config = run_config(name, sparsity, setting, args)
     if os.path.exists(config.audit_path):
         os.remove(config.audit_path)
     backend = agpe_compile.AgpeBackend({"exclude": ["head"], "inductor": args.lowering == "inductor"})
@@ -187,13 +228,14 @@ def main(argv=None) -> None:
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU (default)")
     size.add_argument("--full", action="store_true", help="the documented setting (GPU)")
     size.add_argument("--smoke", action="store_true", help="a few steps per run (CI)")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9],
+                        help="target sparsities in (0, 1), one agpe run each, named agpe-<percent>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor")
     parser.add_argument("--out", default=None, help="output folder (default runs/char_lm, runs/char_lm_smoke with --smoke)")
     parser.add_argument("--text-file", default=None,
                         help="read the text from this file instead of running `bible` (same output)")
-    parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
+    parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps (>= 1)")
     parser.add_argument("--block-size", type=int, default=None, help="override the setting's block size")
     parser.add_argument("--prune-until", type=float, default=0.5,
                         help="fraction of the steps over which sparsity is reached (AGPEConfig.end_step)")
@@ -224,17 +266,38 @@ def main(argv=None) -> None:
                      f"layers are multiples of it), got {block}")
     if not 0 < args.prune_until <= 1:
         parser.error(f"--prune-until: expected a fraction in (0, 1], got {args.prune_until}")
+    check_setting(parser, setting)
+    runs = run_names(args.sparsities)
+    first: Dict[str, float] = {}
+    for name, sparsity in runs[1:]:
+        if name in first:  # the second run would overwrite the first one's audit file and row
+            parser.error(f"--sparsities: {first[name]:g} and {sparsity:g} both name the run {name!r} (runs are "
+                         f"named by the percentage rounded to an integer); give each sparsity once, at least "
+                         f"0.01 apart")
+        first[name] = sparsity
+    for name, sparsity in runs:  # the configs train() builds: a bad combination fails here, not mid-run
+        try:
+            run_config(name, sparsity, setting, args)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--steps/--prune-until/--set: run {name!r}: {error}")
+    text = load_text(args.text_file)  # (exits with a message when the text is missing or empty)
+    need = setting["seq_len"] + 2  # one sequence + its shifted target, from each split
+    split = int(0.9 * len(text))  # as below: one character, one token
+    if min(split, len(text) - split) < need:
+        source = f"--text-file {args.text_file!r}" if args.text_file else "the text of `bible`"
+        parser.error(f"{source}: {len(text):,} characters is too short for --set seq_len={setting['seq_len']}: "
+                     f"the validation split (the last 10%) needs at least {need} characters, so the text at "
+                     f"least {10 * need:,}; give a longer text or a smaller seq_len")
+    check_out(parser, args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 model, TF32 matmuls (cuBLAS and the Triton kernels)
-    os.makedirs(args.out, exist_ok=True)
-    data, vocab = encode(load_text(args.text_file))
+    data, vocab = encode(text)
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
     print(f"char_lm: {data.numel():,} chars, vocab {len(vocab)}, train {split:,} / val {data.numel() - split:,}; "
           f"{setting['steps']} steps on {device} (float32 matmul precision "
           f"{torch.get_float32_matmul_precision()})", file=sys.stderr)
-    runs = [("dense", 0.0)] + [(f"agpe-{int(round(100 * s))}", s) for s in args.sparsities]
     results = []
     for name, sparsity in runs:
         results.append(train(name, sparsity, setting, train_data, val_data, len(vocab), args, device))

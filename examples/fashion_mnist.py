@@ -1,8 +1,10 @@
 """Fashion-MNIST MLP at 90% block sparsity: dense vs AGPE vs RigL vs SET vs GMP (+ plain torch.compile).
 
-    python examples/fashion_mnist.py --quick            # 2 epochs; ~3 min on 2 CPU cores
+    python examples/fashion_mnist.py --quick            # the default: 2 epochs; ~3 min on 2 CPU cores
     python examples/fashion_mnist.py --full             # 15 epochs: the numbers below
-    python examples/fashion_mnist.py --smoke            # CI: a few steps per method, ~20 s
+    python examples/fashion_mnist.py --smoke            # 40 steps per method: ~1 min for all six on 2
+                                                        # CPU cores, 2+ min on a busy machine (CI runs
+                                                        # it with --methods plain,dense,agpe,rigl)
     python examples/fashion_mnist.py --methods agpe,rigl --seed 1 --out runs/fmnist
     python examples/fashion_mnist.py --full --validation 10000 --methods agpe --agpe improve_tol=0.03
 
@@ -198,8 +200,8 @@ def train_one(method: str, args, data) -> Dict[str, float]:
     torch.manual_seed(args.seed)
     model = MLP(args.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    steps_per_epoch = len(x_train) // args.batch_size
-    total = max(1, int(args.epochs * steps_per_epoch))
+    per_epoch = len(x_train) // args.batch_size
+    total = max(1, total_steps(args, len(x_train)))  # parse_args checked it for the mode's image count
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     audit_path = os.path.join(args.out, f"{method}.jsonl")
     if os.path.exists(audit_path):
@@ -215,7 +217,7 @@ def train_one(method: str, args, data) -> Dict[str, float]:
     perm = torch.randperm(len(x_train), generator=order)
     start = time.perf_counter()
     for step in range(total):
-        at = (step % steps_per_epoch) * args.batch_size
+        at = (step % per_epoch) * args.batch_size
         if at == 0 and step:
             perm = torch.randperm(len(x_train), generator=order)
         idx = perm[at:at + args.batch_size]
@@ -295,22 +297,56 @@ def write_results(args, results: Dict[str, Dict[str, float]]) -> str:
     return path
 
 
+def steps_per_epoch(args) -> int:
+    """Training steps in one epoch: the training images (minus the held-out ones) // batch size."""
+    return (args.train_samples - args.validation) // args.batch_size
+
+
+def total_steps(args, train_images: int = None) -> int:
+    """Training steps of one method: ``--epochs`` epochs of ``train_images`` images (default:
+    the mode's training images minus ``--validation``)."""
+    per_epoch = steps_per_epoch(args) if train_images is None else train_images // args.batch_size
+    return int(args.epochs * per_epoch)
+
+
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """--out must be (or become) a writable folder: checked before any training."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out: {out!r} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create the folder {out!r} ({error.strerror or error})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        parser.error(f"--out: the folder {out!r} is not writable")
+
+
 def parse_args(argv: List[str]):
+    """The flags, every one checked (with the error naming it) before any work or file is touched;
+    creates --out if it is missing."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
-    for name in MODES:
-        size.add_argument(f"--{name}", dest="mode", action="store_const", const=name)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    for name, text in (("smoke", "an end-to-end check, ~1 min for all methods on 2 CPU cores"),
+                       ("quick", "the default; ~3 min for all methods on 2 CPU cores"),
+                       ("full", "the documented numbers")):
+        mode = MODES[name]
+        steps = int(mode.epochs * (mode.train_samples // mode.batch_size))
+        size.add_argument(f"--{name}", dest="mode", action="store_const", const=name,
+                          help=f"{mode.epochs:g} epochs of {mode.train_samples:,} training images ({steps} steps "
+                               f"per method, mask update every {mode.update_interval}): {text}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {', '.join(METHODS)} (default: all, in that order)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/fashion_mnist")
-    parser.add_argument("--hidden", default="1000,1000,1000", help="hidden layer widths")
+    parser.add_argument("--out", default="runs/fashion_mnist", help="output folder (default runs/fashion_mnist)")
+    parser.add_argument("--hidden", default="1000,1000,1000", help="comma-separated positive hidden layer widths")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--min-layer-share", type=float, default=AGPEConfig.min_layer_share,
-                        help="floor on a layer's density as a share of the global target (redistributing policies)")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--epochs", type=float, default=None, help="override the mode's epochs")
+                        help="floor on a layer's density as a share of the global target (redistributing "
+                             "policies), in [0, 1]")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (> 0)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (>= 0)")
+    parser.add_argument("--epochs", type=float, default=None, help="override the mode's epochs (> 0)")
     parser.add_argument("--inductor", action="store_true", help="lower with Inductor instead of aot_eager")
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--validation", type=int, default=0, metavar="N",
@@ -329,29 +365,65 @@ def parse_args(argv: List[str]):
         args.hidden = [int(h) for h in args.hidden.split(",")]
     except ValueError:
         parser.error(f"--hidden: expected comma-separated integers, got {args.hidden!r}")
+    if any(h < 1 for h in args.hidden):
+        parser.error(f"--hidden: expected positive layer widths, got {args.hidden}")
     try:
         AGPEConfig(target_sparsity=args.sparsity, block_size=args.block_size)
     except ValueError as error:
         parser.error(f"--sparsity/--block-size: {error}")
+    try:
+        AGPEConfig(min_layer_share=args.min_layer_share)
+    except ValueError as error:
+        parser.error(f"--min-layer-share: {error}")
     sizes = [784, *args.hidden]  # the sparse layers' dimensions (the 10-output head stays dense)
     if any(size % args.block_size for size in sizes):
         parser.error(f"--block-size: expected a divisor of every sparse layer's dimensions {sizes}, "
                      f"got {args.block_size}")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.lr > 0 or not math.isfinite(args.lr):  # (not > also refuses nan)
+        parser.error(f"--lr: expected a finite learning rate > 0, got {args.lr}")
+    if not args.weight_decay >= 0 or not math.isfinite(args.weight_decay):
+        parser.error(f"--weight-decay: expected a finite number >= 0, got {args.weight_decay}")
+    methods = [m.strip() for m in args.methods.split(",")]
+    if not any(methods):
+        parser.error(f"--methods: expected a non-empty comma-separated subset of {', '.join(METHODS)}; "
+                     f"got {args.methods!r}")
+    args.methods = [m for m in methods if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected a subset of {METHODS}")
+    repeated = sorted({m for m in args.methods if args.methods.count(m) > 1}, key=args.methods.index)
+    if repeated:
+        parser.error(f"--methods: {', '.join(repeated)} given more than once; name each method once")
     args.epochs = mode.epochs if args.epochs is None else args.epochs
+    if not args.epochs > 0 or not math.isfinite(args.epochs):
+        parser.error(f"--epochs: expected a finite number of epochs > 0, got {args.epochs}")
     args.batch_size, args.update_interval = mode.batch_size, mode.update_interval
     args.train_samples, args.test_samples = mode.train_samples, mode.test_samples
     if not 0 <= args.validation < args.train_samples:
         parser.error(f"--validation: expected 0 <= N < {args.train_samples} (the training samples); got {args.validation}")
+    if steps_per_epoch(args) < 1:
+        parser.error(f"--validation: holding out {args.validation} of {args.train_samples} images leaves fewer "
+                     f"than one batch ({args.batch_size}) to train on")
+    total = total_steps(args)
+    if total < 1:
+        parser.error(f"--epochs: {args.epochs} epochs of {steps_per_epoch(args)} steps is less than one "
+                     f"training step")
+    for method in args.methods:  # the configs train_one builds: a bad combination fails here, not mid-run
+        if method == "plain":
+            continue
+        try:
+            method_config(method, args, total, audit_path=None)
+        except (TypeError, ValueError) as error:
+            flags = "--epochs/--agpe" if method == "agpe" else "--epochs"
+            parser.error(f"{flags}: the {method} method's config for {total} training steps "
+                         f"({args.epochs:g} epochs of {steps_per_epoch(args)}, update interval "
+                         f"{args.update_interval}) is invalid: {error}")
+    _check_out(parser, args.out)
     return args
 
 
 def main(argv: List[str] = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = parse_args(sys.argv[1:] if argv is None else argv)  # also creates --out
     x_train, y_train, x_test, y_test = load_fashion_mnist(args.data_dir)
     x_train, y_train = x_train[:args.train_samples], y_train[:args.train_samples]
     if args.validation:

@@ -146,3 +146,24 @@ def test_validation_and_test_accuracies_are_never_mixed(tmp_path):
         agg.load_runs([test, val])
     runs, _, warnings = agg.load_runs([val, write(tmp_path / "val2", 2, ["dense"], eval_set="validation")])
     assert sorted(runs) == [1, 2] and warnings == []
+
+
+def test_validation_runs_are_labelled_as_validation_accuracy(tmp_path, capsys):
+    paths = [write(tmp_path / f"val{s}", s, ["dense", "agpe"], eval_set="validation") for s in (0, 1)]
+    assert agg.eval_set_of(paths) == "validation"
+    agg.main([str(p) for p in paths])
+    text = capsys.readouterr().out
+    assert "### Per seed (validation accuracy %, training FLOPs vs dense)" in text
+    assert "| method | seeds | val acc % | train FLOPs |" in text
+    assert "test acc" not in text and "test accuracy" not in text
+    runs, _, _ = agg.load_runs(paths)
+    assert "### Per seed (test accuracy %" in agg.report(runs)  # files without "eval_set": the test set
+    assert agg.eval_set_of([write(tmp_path / "t", 0, ["dense"])]) == "test"
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    a = write(tmp_path / "a", 0, ["dense"])
+    result = subprocess.run([sys.executable, SCRIPT, str(a), str(a)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {a / 'results.json'}: method 'dense' of seed 0 is already in another file "
+                             f"(--replace lets later files replace it)\n")
