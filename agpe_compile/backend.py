@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import weakref
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
@@ -38,6 +39,7 @@ from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_opt
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
+from agpe_compile.buckets import ensure_recompile_headroom
 from agpe_compile.state import STATE_ATTR, LayerState
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,8 @@ class AgpeBackend:
             if not decision.rewritten:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
         result = rewrite_linears(gm, decisions, self.config.saliency)
+        if result.states:
+            _keep_recompile_headroom(len(result.states))
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
@@ -225,6 +229,25 @@ class AgpeBackend:
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(result.gm, inputs)
+
+
+def _keep_recompile_headroom(layers: int) -> None:
+    """Note [Recompile budget] in buckets.py: this frame may recompile at every bucket crossing."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if compile_id is None or compile_id.frame_compile_id is None:
+        return  # not under Dynamo (a test handing a graph to the backend directly)
+    ensure_recompile_headroom(compile_id.frame_compile_id + 1, layers, _frame_name(compile_id.frame_id))
+
+
+def _frame_name(frame_id) -> str:
+    context = torch._guards.TracingContext.try_get()
+    codes = list(getattr(context, "traced_code", None) or [])
+    ours = os.path.dirname(os.path.abspath(__file__))
+    user = [c for c in codes if f"{os.sep}torch{os.sep}" not in c.co_filename and not c.co_filename.startswith(ours)]
+    if codes:
+        code = (user or codes)[0]
+        return f"{code.co_name!r} ({code.co_filename}:{code.co_firstlineno})"
+    return f"Dynamo frame {frame_id}"
 
 
 # Note [Static extra inputs]

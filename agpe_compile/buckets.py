@@ -7,10 +7,22 @@ bucket (Note [Packed layout]); a forward pre-hook reads that buffer, so Dynamo g
 its length. Mask edits inside a bucket rewrite the layout in place (the call wrapper does
 it before each call) and never recompile. :func:`rebucket`, called between steps, moves
 every layer whose density left its bucket to the new one AT THE SAME TIME, so one
-crossing event costs exactly one recompile of the frame however many layers moved. Each
-crossing leaves a dead cache entry behind, so the first rebucket raises Dynamo's
-recompile limit and turns on ``fail_on_recompile_limit_hit``: past the limit Dynamo
-raises instead of silently running the model eagerly.
+crossing event costs exactly one recompile of the frame however many layers moved (per
+kind of call: a training call and a ``no_grad`` evaluation are two graphs).
+
+Note [Recompile budget]
+~~~~~~~~~~~~~~~~~~~~~~~
+Each crossing leaves a dead cache entry behind, and layers of different shapes cross at
+different updates (GMP, ERK budgets): an 8-layer MLP with periodic evaluation made 64
+graphs of one frame in 51 steps. Past ``torch._dynamo.config.recompile_limit`` Dynamo
+would run the frame eagerly, i.e. unmasked. So the backend keeps headroom: whenever it
+compiles a frame for the ``k``-th time it raises the limits (``recompile_limit`` and
+``accumulated_recompile_limit``, never lowering them) to at least ``k + RECOMPILE_HEADROOM``,
+up to :func:`recompile_budget` compiles of one frame: ``RECOMPILE_FLOOR`` plus
+``RECOMPILES_PER_CROSSING`` for every possible crossing of its layers. Past that budget
+something other than crossings recompiles the frame on every call, and the backend raises
+(with the way to see why) instead of compiling forever. Dynamo's settings are otherwise
+left alone: other compiled code in the process keeps its own fallback behaviour.
 
 Example::
 
@@ -32,16 +44,33 @@ from .state import LayerState, layer_states
 
 log = logging.getLogger(__name__)
 
-RECOMPILE_LIMIT = 64
+RECOMPILE_FLOOR = 64
+RECOMPILE_HEADROOM = 16
+RECOMPILES_PER_CROSSING = 8  # kinds of call (train, no_grad, eval, ...) x shape variants
 
 
-def ensure_recompile_budget(limit: int = RECOMPILE_LIMIT) -> None:
-    """Raise Dynamo's per-frame recompile limit to ``limit`` and make hitting it an error."""
+def recompile_budget(layers: int, buckets: int = len(DEFAULT_BUCKETS)) -> int:
+    """Compiles of one frame that bucket crossings of ``layers`` layers can explain."""
+    return RECOMPILE_FLOOR + RECOMPILES_PER_CROSSING * max(1, layers) * max(1, buckets - 1)
+
+
+def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "this frame") -> None:
+    """Called by the backend at the ``frame_compiles``-th compile of a frame holding
+    ``layers`` agpe layers (Note [Recompile budget])."""
+    budget = recompile_budget(layers)
+    if frame_compiles > budget:
+        raise RuntimeError(
+            f"agpe: {frame} was compiled {frame_compiles} times, more than its {layers} agpe layer(s) can need for "
+            f"density-bucket crossings ({budget}); something else recompiles it on every call (a changing Python "
+            f"value or shape guarded by Dynamo). Run with TORCH_LOGS=recompiles to see the reason")
     config = torch._dynamo.config
-    if config.recompile_limit < limit:
-        log.info("agpe: raising torch._dynamo.config.recompile_limit %d -> %d", config.recompile_limit, limit)
-        config.recompile_limit = limit
-    config.fail_on_recompile_limit_hit = True
+    # budget + 2: Dynamo still compiles the budget + 1-th time, and the check above says why
+    wanted = min(frame_compiles + RECOMPILE_HEADROOM, budget + 2)
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if getattr(config, name) < wanted:
+            log.info("agpe: raising torch._dynamo.config.%s %d -> %d (%s compiled %d times)", name,
+                     getattr(config, name), wanted, frame, frame_compiles)
+            setattr(config, name, wanted)
 
 
 def rebucket(
@@ -103,7 +132,6 @@ def plan_layouts(states: List[LayerState], host_masks: List[torch.Tensor], bucke
         state.layout_bucket = bucket
         moved.append(state.name)
     if moved:
-        ensure_recompile_budget()
         log.info("agpe.rebucket: %d layer(s) changed bucket: %s", len(moved), ", ".join(moved))
     return moved, writes
 

@@ -54,8 +54,9 @@ class BrokenMLP(MLP):
         return self.layers[1](x)
 
 
-def set_random_masks(model: nn.Module, density: float, seed: int = 0) -> None:
+def set_random_masks(model: nn.Module, density: float, seed: int = 0, only: str = None) -> None:
     """Exactly round(density * blocks) active blocks per layer (at least 1); zero the rest.
+    ``only``: just the layer of that name.
 
     Zeroing inactive weights is the invariant the controller keeps.
     """
@@ -63,7 +64,7 @@ def set_random_masks(model: nn.Module, density: float, seed: int = 0) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             state = state_of(param)
-            if state is None:
+            if state is None or (only is not None and state.name != only):
                 continue
             total = state.block_mask.numel()
             active = max(1, round(density * total))

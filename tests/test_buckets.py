@@ -121,3 +121,44 @@ def test_model_state_dict_of_another_bucket_loads_into_a_fresh_model():
     assert fresh.layers[0].weight_block_layout.shape == sparse.layers[0].weight_block_layout.shape
     torch.testing.assert_close(compiled(x), sparse(x))
     assert rebucket(fresh) == []
+
+
+def test_many_crossings_with_evaluation_stay_compiled_and_masked():
+    # Note [Recompile budget]: layers crossing buckets one at a time, each crossing compiled
+    # for training and for no_grad evaluation, go far past Dynamo's default limit of 8
+    # graphs per frame; the model must stay compiled (masked), never fall back to eager.
+    from agpe_compile.ops.reference import expand_block_mask
+
+    torch.manual_seed(0)
+    model = MLP((32, 32, 32, 16))
+    states = agpe_compile.prepare(model, options={"block_size": 4})
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(8, 32)
+    for density in (0.75, 0.5, 0.3, 0.2, 0.1):  # buckets 0.75, 0.5, 0.35, 0.25, 0.1 for 64 and 32 blocks
+        for name in states:  # one layer per crossing event
+            set_random_masks(model, density, seed=len(name), only=name)
+            assert rebucket(model) == [name]
+            compiled(x).sum().backward()
+            with torch.no_grad():
+                compiled(x[:3])
+    assert backend.graph_count > 16
+    assert torch._dynamo.config.recompile_limit > backend.graph_count  # headroom kept ahead of the graphs
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit  # other compiled code keeps its fallback
+    expected = x
+    for i, layer in enumerate(model.layers):
+        weight = layer.weight * expand_block_mask(states[f"layers.{i}"].block_mask, 4, torch.float32)
+        expected = torch.nn.functional.linear(expected, weight, layer.bias)
+        if i < len(model.layers) - 1:
+            expected = torch.relu(expected)
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def test_a_frame_recompiled_past_its_crossing_budget_is_refused():
+    from agpe_compile.buckets import ensure_recompile_headroom, recompile_budget
+
+    budget = recompile_budget(2)
+    ensure_recompile_headroom(budget, 2)  # still explained by crossings
+    assert torch._dynamo.config.recompile_limit >= budget
+    with pytest.raises(RuntimeError, match="TORCH_LOGS=recompiles"):
+        ensure_recompile_headroom(budget + 1, 2)

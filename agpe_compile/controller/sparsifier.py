@@ -163,7 +163,8 @@ class Sparsifier:
                 zero_inactive_(state)
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()))
             self._hooks.append(optimizer.register_step_post_hook(_count_optimizer_steps(weakref.ref(self))))
-        self._optimizer_steps, self._optimizer_steps_at_step = 0, None
+        self._optimizer_steps, self._optimizer_steps_at_step = 0, 0
+        self._calls_without_step, self._counting_calls = 0, False
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
@@ -179,7 +180,9 @@ class Sparsifier:
         layouts cannot re-bucket; see :func:`agpe_compile.rebucket`.
         """
         start = time.perf_counter()
-        self._check_one_call_per_optimizer_step()
+        if not self._counts_as_training_step():
+            self.seconds += time.perf_counter() - start
+            return
         if loss is not None:
             value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
             if self._loss_sum is None or self._loss_sum.device != value.device:
@@ -373,6 +376,15 @@ class Sparsifier:
 
     def _apply_initial_layout(self) -> None:
         states = list(self.layers.values())
+        if self.config.start_density < 1.0 and not all(bool(m.all()) for m in to_host([s.block_mask for s in states])):
+            # Masks with inactive blocks: a loaded checkpoint, a previous Sparsifier or hand-set
+            # masks. Drawing a fresh layout (and rescaling) would destroy the trained weights.
+            log.warning("agpe: the layers' masks already have inactive blocks (a loaded model checkpoint, an earlier "
+                        "Sparsifier or hand-set masks): starting from them, with no initial layout drawn and no "
+                        "weight rescaling. The schedule starts at step 0: to resume a run exactly, use an explicit "
+                        "Sparsifier, create it before loading and load its state_dict() (docs/checkpoint-format.md; "
+                        "zero-code mode keeps no resumable schedule state)")
+            return
         chosen = [(s, m.cpu()) for s, m in zip(states, initial_masks(states, self.config, self.generator))
                   if m is not None]
         if not chosen:
@@ -411,17 +423,37 @@ class Sparsifier:
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
 
-    def _check_one_call_per_optimizer_step(self) -> None:
-        """Warn (once) when step() is called again with no optimizer step in between: each
-        call counts one training step, so intervals and schedules would run too fast."""
-        counted = self._optimizer_steps_at_step
+    # Note [One training step per optimizer step]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # With an optimizer, a training step is an optimizer step (as in zero-code mode). A
+    # step() call with no optimizer.step() since the previous call is not counted: torch.amp's
+    # GradScaler skips optimizer.step() when the scaled gradients overflow, and a step() per
+    # micro-batch under gradient accumulation would run intervals and schedules too fast.
+    # Both are said once. If the optimizer never steps at all for a whole update interval
+    # (a hand-written update, another optimizer object), step() calls are counted instead,
+    # with a warning, so the masks still follow the schedule.
+    def _counts_as_training_step(self) -> bool:
+        if not self._hooks:  # no optimizer: every call is a step
+            return True
+        stepped = self._optimizer_steps > self._optimizer_steps_at_step
         self._optimizer_steps_at_step = self._optimizer_steps
-        if (counted is not None and self._optimizer_steps == counted and self._optimizer_steps > 0
-                and not self._warned_double_step):
+        if stepped or self._counting_calls:
+            self._calls_without_step = 0
+            return True
+        self._calls_without_step += 1
+        if self._optimizer_steps == 0 and self._calls_without_step >= self.config.update_interval:
+            self._counting_calls = True
+            log.warning("agpe: the optimizer given to the Sparsifier has not stepped in %d Sparsifier.step() calls; "
+                        "counting the calls as training steps from now on (pass the optimizer that updates the "
+                        "model, so pruned blocks' moments are reset too)", self._calls_without_step)
+            return True
+        if not self._warned_double_step:
             self._warned_double_step = True
-            log.warning("agpe: Sparsifier.step() was called twice with no optimizer.step() in between; each call "
-                        "counts one training step (update_interval, end_step): call it once per optimizer step "
-                        "(under gradient accumulation too)")
+            log.warning("agpe: Sparsifier.step() with no optimizer.step() since the previous call: not counted as a "
+                        "training step (torch.amp.GradScaler skips optimizer.step() when gradients overflow; or "
+                        "step() is called per micro-batch under gradient accumulation: call it once per optimizer "
+                        "step)")
+        return False
 
     def _check_target_reached(self, masks) -> None:
         """Warn (once) when the masks cannot get near the global target: layers of very few

@@ -6,7 +6,8 @@ import pytest
 
 import torch
 
-from agpe_compile.controller import AGPEConfig
+import agpe_compile
+from agpe_compile.controller import AGPEConfig, Sparsifier
 
 from .helpers import batches, make_run, train
 
@@ -162,7 +163,39 @@ def test_two_step_calls_per_optimizer_step_warn_once(caplog):
             opt.zero_grad()
             sp.step()
             sp.step()
-    assert len([r for r in caplog.records if "called twice with no optimizer.step()" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "no optimizer.step() since the previous call" in r.getMessage()]) == 1
+    assert sp.step_count == 6  # Note [One training step per optimizer step]: the extra calls do not count
+
+
+def test_an_optimizer_step_skipped_by_a_grad_scaler_is_not_a_training_step(caplog):
+    # torch.amp.GradScaler skips optimizer.step() when the scaled gradients overflow; the loop
+    # still calls sparsifier.step() once: as in zero-code mode, that is not a training step.
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=4, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for i, (x, y) in enumerate(batches(6)):
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+            if i not in (2, 3):  # two overflowing steps: the scaler does not call opt.step()
+                opt.step()
+            opt.zero_grad()
+            sp.step()
+    assert sp.step_count == 4
+    assert any("GradScaler" in r.getMessage() for r in caplog.records)
+
+
+def test_an_optimizer_that_never_steps_falls_back_to_counting_calls(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=2, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(5):
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+            with torch.no_grad():  # a hand-written update; the Sparsifier's optimizer never steps
+                for p in cmodel.parameters():
+                    p.sub_(0.01 * p.grad)
+                    p.grad = None
+            sp.step()
+    assert sp.step_count == 4  # the first update_interval - 1 calls waited, then every call counts
+    assert any("has not stepped in 2 Sparsifier.step() calls" in r.getMessage() for r in caplog.records)
 
 
 def test_a_copy_of_a_sparsifier_trained_model_masks_on_its_own(tmp_path):
@@ -194,3 +227,23 @@ def test_a_copy_of_a_sparsifier_trained_model_masks_on_its_own(tmp_path):
         for name, state in agpe_compile.layer_states(reference).items():
             state.weight.mul_(expand_block_mask(state.block_mask, 4, state.weight.dtype))
     torch.testing.assert_close(out, reference(x))
+
+
+@pytest.mark.parametrize("policy", ["rigl", "set", "static"])
+def test_a_sparsifier_over_loaded_masks_keeps_the_trained_weights(policy, caplog):
+    # Loading a trained model before creating the Sparsifier (or zero-code mode's first
+    # compile after loading): no fresh layout is drawn and no weight is rescaled.
+    config = AGPEConfig(policy=policy, block_size=4, target_sparsity=0.5, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(8))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    sp.close()
+    torch._dynamo.reset()
+    fresh, fresh_opt, _, _, _ = make_run(AGPEConfig(policy="dense", block_size=4), seed=1)
+    agpe_compile.prepare(fresh, {"block_size": 4})
+    fresh.load_state_dict(saved)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        Sparsifier(fresh, fresh_opt, config)
+    assert "masks already have inactive blocks" in caplog.text
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key

@@ -39,7 +39,7 @@ def test_nan_gradients_skip_scores_and_keep_masks_valid(caplog):
                         initial_density=0.5)
     model, opt, sp, cmodel, _ = make_run(config)
     with caplog.at_level(logging.WARNING):
-        for i, (x, y) in enumerate(batches(8)):
+        for i, (x, y) in enumerate(batches(9)):
             if i == 2:
                 x = torch.full_like(x, float("nan"))
             loss = torch.nn.functional.cross_entropy(cmodel(x), y)
@@ -53,14 +53,16 @@ def test_nan_gradients_skip_scores_and_keep_masks_valid(caplog):
         assert int(state.counters[1]) == 1
         assert torch.isfinite(sp.saliency.values[name]).all()
     assert sp.global_density == 0.5  # exact budget after two updates (steps 4 and 8)
-    assert sp.step_count == 8
+    assert sp.step_count == 8  # the skipped optimizer step is not a training step
 
 
 def test_non_finite_loss_is_not_feedback(caplog):
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
-    _, _, sp, _, _ = make_run(config)
+    _, opt, sp, _, _ = make_run(config)
     with caplog.at_level(logging.WARNING):
+        opt.step()  # one training step = one optimizer step (no gradients here: nothing moves)
         sp.step(torch.tensor(float("nan")))
+        opt.step()
         sp.step(torch.tensor(1.0))
     assert "training loss over the last interval is not finite" in caplog.text
     assert sp.schedule_state.smoothed_loss is None
@@ -79,4 +81,5 @@ def test_saliency_mode_mismatch_between_backend_and_config_raises():
     assert {s.saliency_mode for s in sp.layers.values()} == {"taylor"}
     with pytest.raises(ValueError, match=r"compiled with saliency 'taylor' but AGPEConfig.saliency is 'gradient'"):
         for _ in range(config.update_interval):
+            opt.step()
             sp.step(torch.tensor(1.0))
