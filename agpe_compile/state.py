@@ -404,8 +404,10 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     """Give every eligible linear weight of ``model`` its mask and saliency buffers.
 
     Idempotent. Also adopts states the backend created for a model compiled without
-    prepare(). Returns the prepared layers by name; skipped layers are logged with the
-    reason (``agpe_compile.explain`` shows them too).
+    prepare(). Returns the prepared layers by name. Layers left dense by the user's
+    include/exclude patterns or tied with an embedding are logged at INFO; layers left dense
+    for their shape (not divisible by the block size), dtype or an unmaterialized lazy
+    parameter are named in one WARNING (``agpe_compile.explain`` shows every reason too).
 
     Example::
 
