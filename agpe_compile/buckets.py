@@ -20,9 +20,10 @@ compiles a frame for the ``k``-th time it raises the limits (``recompile_limit``
 ``accumulated_recompile_limit``, never lowering them) to at least ``k + RECOMPILE_HEADROOM``,
 up to :func:`recompile_budget` compiles of one frame: ``RECOMPILE_FLOOR`` plus
 ``RECOMPILES_PER_CROSSING`` for every possible crossing of its layers. Past that budget
-something other than crossings recompiles the frame on every call, and the backend raises
-(with the way to see why) instead of compiling forever. Dynamo's settings are otherwise
-left alone: other compiled code in the process keeps its own fallback behaviour.
+something other than crossings recompiles the frame (or many models of one class were
+compiled in one process without ``torch._dynamo.reset()``), and the backend raises (with
+the way to see why) instead of compiling forever. ``fail_on_recompile_limit_hit`` is left
+alone; the limits are process-wide numbers, so the first raise is logged as a warning.
 
 Example::
 
@@ -44,6 +45,7 @@ from .state import LayerState, layer_states
 
 log = logging.getLogger(__name__)
 
+_warned_raise = False
 RECOMPILE_FLOOR = 64
 RECOMPILE_HEADROOM = 16
 RECOMPILES_PER_CROSSING = 8  # kinds of call (train, no_grad, eval, ...) x shape variants
@@ -61,15 +63,20 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
     if frame_compiles > budget:
         raise RuntimeError(
             f"agpe: {frame} was compiled {frame_compiles} times, more than its {layers} agpe layer(s) can need for "
-            f"density-bucket crossings ({budget}); something else recompiles it on every call (a changing Python "
-            f"value or shape guarded by Dynamo). Run with TORCH_LOGS=recompiles to see the reason")
+            f"density-bucket crossings ({budget}). Either many models of this class were compiled in one process "
+            f"(a sweep: call torch._dynamo.reset() between them), or something recompiles it on every call (a "
+            f"changing Python value or shape guarded by Dynamo; run with TORCH_LOGS=recompiles to see the reason)")
     config = torch._dynamo.config
     # budget + 2: Dynamo still compiles the budget + 1-th time, and the check above says why
     wanted = min(frame_compiles + RECOMPILE_HEADROOM, budget + 2)
     for name in ("recompile_limit", "accumulated_recompile_limit"):
         if getattr(config, name) < wanted:
-            log.info("agpe: raising torch._dynamo.config.%s %d -> %d (%s compiled %d times)", name,
-                     getattr(config, name), wanted, frame, frame_compiles)
+            global _warned_raise
+            level = logging.INFO if _warned_raise else logging.WARNING
+            _warned_raise = True
+            log.log(level, "agpe: raising torch._dynamo.config.%s %d -> %d (%s compiled %d times; the limit is "
+                    "process-wide, so other compiled code may recompile that often too before falling back)",
+                    name, getattr(config, name), wanted, frame, frame_compiles)
             setattr(config, name, wanted)
 
 

@@ -426,6 +426,11 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         state = state_of(weight)
         if state is not None and any(state is other for other in prepared.values()):
             continue  # a weight shared by two modules: one layer, listed under its first name
+        if state is not None and id(weight) in tied and state.module is None:
+            raise RuntimeError(
+                f"agpe.prepare: {name} is tied with an embedding, but a graph compiled before prepare rewrote it "
+                f"as a linear layer; tied weights stay dense: call torch._dynamo.reset() before prepare, or "
+                f"prepare before torch.compile")
         if state is not None:
             excluded = pattern_reason(name, config)
             if excluded is not None:  # a state from an earlier compile or explain: not ours to manage

@@ -18,12 +18,15 @@ regulariser) would read the raw W and break it silently. So every such use is ha
 ``masked_weight(W, ...)`` instead (dense compute, exact masking, saliency from its
 gradient too), and a *prepared* weight the matcher does not recognise as a linear layer
 at all is rewritten that way entirely (lowering ``masked_weight``). Uses that only read
-metadata (``W.shape``) or write W in place keep the raw weight.
+metadata (``W.shape``, ``zeros_like(W)``) keep the raw weight, and so do uses through which
+the weight is written in place, directly or through an alias (``W.data.clamp_()``): the
+write must reach the parameter (``_role``/``_chain`` below).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -148,33 +151,94 @@ _TIED_REASON = "weight tied/shared with an embedding"
 def _mark_tables(tables, examples) -> None:
     for node in tables:
         weight = examples.get(node)
-        if isinstance(weight, torch.nn.Parameter) and state_of(weight) is None and not hasattr(weight, EXCLUDED_ATTR):
+        if not isinstance(weight, torch.nn.Parameter):
+            continue
+        state = state_of(weight)
+        if state is not None and state.module is None:
+            # a graph compiled earlier (the head ran before the lookup) made it a linear layer
+            raise RuntimeError(
+                f"agpe: parameter {_layer_name(node)!r} is an embedding table in this graph, but a graph compiled "
+                f"earlier rewrote it as the linear layer {state.name!r} (a head tied with the embedding that runs "
+                f"before the lookup, across a graph break). Tied weights stay dense: call "
+                f"agpe_compile.prepare(model) before torch.compile (it finds the tie), then torch._dynamo.reset()")
+        if state is None and not hasattr(weight, EXCLUDED_ATTR):
             setattr(weight, EXCLUDED_ATTR, _TIED_REASON)
 
 
-# Ops that read only a tensor's metadata: they may keep the raw weight.
+# How a use treats the weight (Note [Every use sees W * M]): metadata only (keeps the raw
+# weight, costs nothing), an alias of it (follow its users), or a read of its values.
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "stride", "element_size", "nelement", "is_contiguous",
-                               "get_device", "data_ptr"})
-_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout"})
+                               "get_device", "data_ptr", "new_zeros", "new_empty", "new_ones", "new_full",
+                               "new_tensor", "storage_offset", "is_floating_point", "is_complex"})
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_cpu", "layout",
+                             "is_leaf", "nbytes", "itemsize", "grad_fn", "names", "is_sparse", "is_quantized"})
+_METADATA_FUNCTIONS = frozenset({torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like,
+                                 torch.rand_like, torch.randn_like, torch.randint_like, torch.numel,
+                                 torch.is_floating_point, torch.is_complex, torch.is_tensor})
+# methods where a weight passed as an argument (not as self) only lends its dtype/device
+_METADATA_ARG_METHODS = frozenset({"type_as", "to", "new_zeros", "new_empty", "new_ones", "new_full"})
+_ALIAS_METHODS = frozenset({"detach", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "narrow",
+                            "select", "unsqueeze", "squeeze", "t", "transpose", "permute", "expand", "expand_as",
+                            "swapaxes", "swapdims", "movedim", "as_strided", "unbind", "split", "chunk",
+                            "contiguous", "__getitem__"})
+_ALIAS_ATTRS = frozenset({"data", "T", "mT", "H", "mH"})
+_ALIAS_FUNCTIONS = frozenset({operator.getitem, torch.detach, torch.t, torch.transpose, torch.narrow, torch.select,
+                              torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.permute,
+                              torch.swapaxes, torch.swapdims, torch.movedim, torch.unbind, torch.split,
+                              torch.chunk})
 
 
-def _reads_values(use: fx.Node) -> bool:
-    """Whether ``use`` reads the weight's values without writing them (in-place ops keep W)."""
+_ALIAS_FUNCTION_NAMES = frozenset({"_get_data_attr"})  # ``W.data`` as Dynamo records it
+
+
+def _role(use: fx.Node, source: fx.Node) -> str:
+    """``"metadata"``, ``"alias"``, ``"write"`` (an in-place op on ``source`` itself) or
+    ``"read"``: how ``use`` treats ``source`` (the weight, or an alias of it)."""
+    is_self = bool(use.args) and use.args[0] is source
     if use.op == "call_method":
-        return use.target not in _METADATA_METHODS and not _in_place(use.target)
+        if _in_place(use.target):
+            return "write" if is_self else "read"
+        if use.target in _METADATA_METHODS and is_self:
+            return "metadata"
+        if use.target in _METADATA_ARG_METHODS and not is_self:
+            return "metadata"
+        return "alias" if use.target in _ALIAS_METHODS and is_self else "read"
     if use.op == "call_function":
-        if use.target is getattr and len(use.args) > 1 and use.args[1] in _METADATA_ATTRS:
-            return False
-        return not _in_place(getattr(use.target, "__name__", ""))
-    return use.op != "output"  # a graph output is the parameter itself
+        target = use.target
+        if target is getattr and len(use.args) > 1:
+            return "metadata" if use.args[1] in _METADATA_ATTRS else ("alias" if use.args[1] in _ALIAS_ATTRS else "read")
+        if target in _METADATA_FUNCTIONS:
+            return "metadata"
+        if _in_place(getattr(target, "__name__", "")):
+            return "write" if is_self else "read"
+        aliasing = target in _ALIAS_FUNCTIONS or getattr(target, "__name__", "") in _ALIAS_FUNCTION_NAMES
+        return "alias" if aliasing and is_self else "read"
+    return "metadata" if use.op == "output" else "read"  # a graph output is the parameter itself
+
+
+_IN_PLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+                                 "iand", "ior", "ixor", "ilshift", "irshift"})
 
 
 def _in_place(name: str) -> bool:
-    return name.endswith("_") and not name.endswith("__")
+    return isinstance(name, str) and ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS)
+
+
+def _chain(node: fx.Node, source: fx.Node, depth: int = 0) -> set:
+    """The roles met along ``node``'s use of ``source``, following aliases."""
+    role = _role(node, source)
+    if role != "alias" or depth > 16:
+        return {role}
+    found = set()
+    for user in node.users:
+        found |= _chain(user, node, depth + 1)
+    return found or {"metadata"}
 
 
 def _other_uses(weight_node: fx.Node, sites: List[LinearSite]) -> List[fx.Node]:
-    """Uses of ``weight_node`` that its linear sites do not consume (Note [Every use sees W * M])."""
+    """Uses of ``weight_node`` that its linear sites do not consume and that read its values
+    (Note [Every use sees W * M]). A use through which the weight is written in place
+    (``W.data.clamp_()``) keeps the raw weight: the write must reach the parameter."""
     site_nodes = {s.node for s in sites}
     transposes = set()
     for s in sites:
@@ -186,7 +250,14 @@ def _other_uses(weight_node: fx.Node, sites: List[LinearSite]) -> List[fx.Node]:
     def consumed(node: fx.Node) -> bool:
         return node in site_nodes or (node in transposes and all(consumed(u) for u in node.users))
 
-    return [u for u in weight_node.users if not consumed(u) and _reads_values(u)]
+    uses = []
+    for use in weight_node.users:
+        if consumed(use):
+            continue
+        roles = _chain(use, weight_node)
+        if "read" in roles and "write" not in roles:
+            uses.append(use)
+    return uses
 
 
 def _shape_of(node: fx.Node) -> Tuple[int, ...]:

@@ -255,3 +255,120 @@ def test_prepare_warns_about_layers_its_block_size_does_not_divide(caplog):
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         agpe_compile.prepare(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 10)), {"block_size": 8, "exclude": ["1"]})
     assert "stay dense" not in caplog.text  # excluded on purpose: nothing to warn about
+
+
+class Writes(nn.Module):
+    """A forward that writes its weight in place through an alias, then uses it."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.mode = mode
+
+    def forward(self, x):
+        w = self.fc.weight
+        with torch.no_grad():
+            if self.mode == "data":
+                w.data.clamp_(-0.1, 0.1)
+            elif self.mode == "detach":
+                w.detach().clamp_(-0.1, 0.1)
+            elif self.mode == "view":
+                w.view(-1)[:8].zero_()
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("mode", ["data", "detach", "view"])
+def test_in_place_writes_through_an_alias_reach_the_parameter(mode):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, twin = Writes(mode), Writes(mode)
+    twin.load_state_dict(model.state_dict())
+    agpe_compile.prepare(model, {"block_size": B})
+    x = torch.randn(4, 16)
+    out = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(x)
+    expected = twin(x)  # every block live: the eager module is the oracle
+    torch.testing.assert_close(model.fc.weight, twin.fc.weight, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_weight_read_by_an_in_place_op_on_another_tensor_is_masked():
+    class Accumulates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(16, 32)
+
+        def forward(self, x):
+            acc = torch.zeros(32, 16)
+            acc.add_(self.enc.weight)
+            return self.enc(x) + (acc ** 2).sum()
+
+    model = Accumulates()
+    report = _check_against_oracle(model, model.enc, torch.randn(4, 16))
+    assert [r.lowering for r in report.layers] == ["masked_weight+sparse_linear"]
+
+
+def test_unknown_forms_backward_under_inductor(monkeypatch):
+    # masked_weight's gradient reaches it transposed through einsum: its fake kernel must
+    # promise the strides the real op returns (Inductor checks them).
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+    torch._dynamo.reset()
+    model = Spelling("einsum")
+    agpe_compile.prepare(model, {"block_size": B})
+    state = agpe_compile.layer_state(model.fc)
+    state.block_mask[0, 0] = False
+    state.sync_layout()
+    x = torch.randn(4, 16)
+    torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": True}))(x).sum().backward()
+    live = expand_block_mask(state.block_mask, B, torch.bool)
+    assert torch.all(model.fc.weight.grad[~live] == 0) and torch.all(model.fc.weight.grad[live] != 0)
+
+
+class HeadFirst(nn.Module):
+    """A tied head that runs before the embedding lookup, across a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(64, 16)
+        self.head = nn.Linear(16, 64, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, h, idx):
+        logits = self.head(h)
+        torch._dynamo.graph_break()
+        return logits.sum() + self.wte(idx).sum()
+
+
+def test_a_tied_head_compiled_before_its_lookup_is_refused_unless_prepared():
+    torch._dynamo.reset()
+    h, idx = torch.randn(2, 16), torch.randint(0, 64, (2, 3))
+    with pytest.raises(Exception, match="embedding table in this graph"):
+        torch.compile(HeadFirst(), backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))(h, idx)
+    torch._dynamo.reset()
+    model = HeadFirst()
+    agpe_compile.prepare(model, {"block_size": 8})  # finds the tie: the head stays dense
+    torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(h, idx)
+    assert not hasattr(model.wte.weight, "_agpe_state")
+
+
+def test_a_weight_parametrized_after_the_sparsifier_is_refused_at_its_next_step():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(
+        target_sparsity=0.5, block_size=8, policy="rigl", update_interval=2))
+    nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(RuntimeError, match=r"layers \['0'\] no longer have the weight"):
+        sparsifier.step()
+
+
+def test_an_optimizer_wrapper_is_refused_with_the_way_out():
+    class Wrapper:  # accelerate/Lightning style: holds the optimizer, is not one
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+            self.param_groups = optimizer.param_groups
+
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(TypeError, match="wrapper.optimizer"):
+        agpe_compile.Sparsifier(model, Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)),
+                                agpe_compile.AGPEConfig(target_sparsity=0.5, block_size=8))

@@ -150,11 +150,17 @@ class Sparsifier:
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
                 log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
         self.target_density = self.config.start_density
+        self._adopted = False
         self.rebucketed: List[str] = []
         self._apply_initial_layout()
         self._check_target_reached(dict(zip(self.layers, to_host([s.block_mask for s in self.layers.values()]))))
         self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._hooks = []
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"agpe: Sparsifier expects a torch.optim.Optimizer, got {type(optimizer).__name__}; pass the "
+                f"optimizer it wraps (e.g. `wrapper.optimizer`): the Sparsifier hooks its step() to keep pruned "
+                f"weights at zero and resets the moments of changed blocks")
         if optimizer is not None and self.layers:
             # Note [Zero inactive weights]: from here on inactive weights stay exactly zero,
             # so graphs compiled afterwards skip masking W on the dense path.
@@ -163,8 +169,7 @@ class Sparsifier:
                 zero_inactive_(state)
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()))
             self._hooks.append(optimizer.register_step_post_hook(_count_optimizer_steps(weakref.ref(self))))
-        self._optimizer_steps, self._optimizer_steps_at_step = 0, 0
-        self._calls_without_step, self._counting_calls = 0, False
+        self._optimizer_steps, self._optimizer_steps_at_step = 0, None
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
@@ -180,9 +185,8 @@ class Sparsifier:
         layouts cannot re-bucket; see :func:`agpe_compile.rebucket`.
         """
         start = time.perf_counter()
-        if not self._counts_as_training_step():
-            self.seconds += time.perf_counter() - start
-            return
+        self._check_weights_still_attached()
+        self._check_one_call_per_optimizer_step()
         if loss is not None:
             value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
             if self._loss_sum is None or self._loss_sum.device != value.device:
@@ -376,14 +380,21 @@ class Sparsifier:
 
     def _apply_initial_layout(self) -> None:
         states = list(self.layers.values())
-        if self.config.start_density < 1.0 and not all(bool(m.all()) for m in to_host([s.block_mask for s in states])):
+        host = to_host([s.block_mask for s in states])
+        if not all(bool(m.all()) for m in host):
             # Masks with inactive blocks: a loaded checkpoint, a previous Sparsifier or hand-set
             # masks. Drawing a fresh layout (and rescaling) would destroy the trained weights.
-            log.warning("agpe: the layers' masks already have inactive blocks (a loaded model checkpoint, an earlier "
-                        "Sparsifier or hand-set masks): starting from them, with no initial layout drawn and no "
-                        "weight rescaling. The schedule starts at step 0: to resume a run exactly, use an explicit "
-                        "Sparsifier, create it before loading and load its state_dict() (docs/checkpoint-format.md; "
-                        "zero-code mode keeps no resumable schedule state)")
+            self._adopted = True
+            starts_dense = self.config.start_density >= 1.0 and self.policy.updates_masks
+            log.warning(
+                "agpe: the layers' masks already have inactive blocks (global density %.3f; a loaded model, an "
+                "earlier Sparsifier or hand-set masks): no initial layout is drawn over them and no weight is "
+                "rescaled. %s The schedule starts at step 0; to resume a run exactly, load the Sparsifier's "
+                "state_dict() too (docs/checkpoint-format.md; zero-code mode keeps no resumable schedule state)",
+                _global_density(host),
+                f"Policy {self.config.policy!r} starts dense: its first update may regrow blocks toward its "
+                f"schedule." if starts_dense else
+                f"Policy {self.config.policy!r} starts from these masks (target density {self.target_density:.3f}).")
             return
         chosen = [(s, m.cpu()) for s, m in zip(states, initial_masks(states, self.config, self.generator))
                   if m is not None]
@@ -423,43 +434,38 @@ class Sparsifier:
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
 
-    # Note [One training step per optimizer step]
-    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-    # With an optimizer, a training step is an optimizer step (as in zero-code mode). A
-    # step() call with no optimizer.step() since the previous call is not counted: torch.amp's
-    # GradScaler skips optimizer.step() when the scaled gradients overflow, and a step() per
-    # micro-batch under gradient accumulation would run intervals and schedules too fast.
-    # Both are said once. If the optimizer never steps at all for a whole update interval
-    # (a hand-written update, another optimizer object), step() calls are counted instead,
-    # with a warning, so the masks still follow the schedule.
-    def _counts_as_training_step(self) -> bool:
-        if not self._hooks:  # no optimizer: every call is a step
-            return True
-        stepped = self._optimizer_steps > self._optimizer_steps_at_step
+    def _check_one_call_per_optimizer_step(self) -> None:
+        """Warn (once) when step() is called again with no optimizer step in between: each
+        call counts one training step. (Counting calls, not optimizer steps, keeps the count
+        right when the optimizer is replaced or wrapped; a step skipped by torch.amp's
+        GradScaler then counts too, which shifts the schedule by that one step.)"""
+        counted = self._optimizer_steps_at_step
         self._optimizer_steps_at_step = self._optimizer_steps
-        if stepped or self._counting_calls:
-            self._calls_without_step = 0
-            return True
-        self._calls_without_step += 1
-        if self._optimizer_steps == 0 and self._calls_without_step >= self.config.update_interval:
-            self._counting_calls = True
-            log.warning("agpe: the optimizer given to the Sparsifier has not stepped in %d Sparsifier.step() calls; "
-                        "counting the calls as training steps from now on (pass the optimizer that updates the "
-                        "model, so pruned blocks' moments are reset too)", self._calls_without_step)
-            return True
-        if not self._warned_double_step:
+        if (counted is not None and self._optimizer_steps == counted and self._optimizer_steps > 0
+                and not self._warned_double_step):
             self._warned_double_step = True
-            log.warning("agpe: Sparsifier.step() with no optimizer.step() since the previous call: not counted as a "
-                        "training step (torch.amp.GradScaler skips optimizer.step() when gradients overflow; or "
-                        "step() is called per micro-batch under gradient accumulation: call it once per optimizer "
-                        "step)")
-        return False
+            log.warning("agpe: Sparsifier.step() was called with no optimizer.step() since the previous call; each "
+                        "call counts one training step (update_interval, end_step). Call it once per optimizer "
+                        "step (under gradient accumulation too); a torch.amp.GradScaler that skipped an "
+                        "overflowing step also causes this, and then the skipped step counts as a step")
+
+    def _check_weights_still_attached(self) -> None:
+        """A layer whose weight stopped being its module's parameter (parametrized or replaced
+        after the Sparsifier was created) trains with a weight no mask describes."""
+        lost = [name for name, state in self.layers.items() if state.module is not None
+                and state.module._parameters.get(state.param_name) is not state.weight]
+        if lost:
+            raise RuntimeError(
+                f"agpe: layers {lost} no longer have the weight the Sparsifier prepared (a torch.nn.utils."
+                f"parametrize parametrization, or the parameter was replaced, after the Sparsifier was created): "
+                f"their masks no longer describe the weights they train with. Parametrize or replace weights before "
+                f"creating the Sparsifier (such layers then stay dense)")
 
     def _check_target_reached(self, masks) -> None:
         """Warn (once) when the masks cannot get near the global target: layers of very few
         blocks (a layer keeps at least one block, and ERK caps small layers at density 1)."""
         density = _global_density(masks.values())
-        if masks and density > self.target_density + 0.05 and not self._warned_target:
+        if masks and density > self.target_density + 0.05 and not self._warned_target and not self._adopted:
             self._warned_target = True
             sizes = ", ".join(f"{n}: {int(m.numel())}" for n, m in masks.items())
             log.warning("agpe: global density %.3f instead of the target %.3f: the layers have too few blocks at "

@@ -135,7 +135,9 @@ class ZeroCodeController:
         self.sparsifier = Sparsifier.for_layers(states, config, optimizer=None, between_steps=False)
         self.calls = 0
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self._weights = {id(s.weight) for s in states}
+        # weak references, compared by identity: an id() of a freed weight can be reused by
+        # another model's parameter, which this controller must not follow
+        self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
         self._gave_up = False
         self._resume_following = False
         self._hook = None
@@ -189,7 +191,7 @@ class ZeroCodeController:
         log.info("agpe: zero-code mode follows %s: one optimizer step = one training step", type(optimizer).__name__)
 
     def _holds_weights(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._weights for group in optimizer.param_groups for p in group["params"])
+        return any(self._weights.get(id(p), _dead)() is p for group in optimizer.param_groups for p in group["params"])
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "follows_optimizer": self.follows_optimizer,
@@ -201,6 +203,10 @@ class ZeroCodeController:
         self.calls = int(state["calls"])
         self.sparsifier.load_state_dict(state["sparsifier"])
         self._resume_following = bool(state.get("follows_optimizer", False)) and self._hook is not None
+
+
+def _dead() -> None:
+    return None
 
 
 def _weak_hook(ref: "weakref.ReferenceType[ZeroCodeController]"):

@@ -33,12 +33,15 @@ def masked_weight(
     saliency_mode: str,
 ) -> torch.Tensor:
     _check_inputs(weight[:1], weight, block_mask, block_size)
-    return reference.masked_weight(weight, block_mask, block_size)
+    return reference.masked_weight(weight, block_mask, block_size).contiguous()
 
 
+# Both ops return contiguous tensors, and their fake kernels say so: a gradient that reaches
+# W*M transposed (``einsum``, ``x @ W``) must not leave the real op's strides differing
+# from the fake ones (Inductor checks them).
 @masked_weight.register_fake
 def _(weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, saliency_mode):
-    return torch.empty_like(weight)
+    return weight.new_empty(weight.shape)
 
 
 @torch.library.custom_op(
@@ -59,12 +62,12 @@ def masked_weight_backward(
     scores = reference.block_scores(weight, grad_weight, block_size, saliency_mode) * block_mask
     dense_sq = reference.inactive_dense_grad_sq(grad, block_mask, block_size) * score_dense.to(torch.float32)
     accumulate_scores(scores, dense_sq, saliency, dense_grad_sq, counters, 0)
-    return grad_weight
+    return grad_weight.contiguous()
 
 
 @masked_weight_backward.register_fake
 def _(grad, weight, block_mask, saliency, dense_grad_sq, score_dense, counters, block_size, saliency_mode):
-    return torch.empty_like(weight)
+    return weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
