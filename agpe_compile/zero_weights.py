@@ -3,7 +3,8 @@
 The explicit Sparsifier marks its layers ``LayerState.zero_inactive`` and calls
 :func:`install` with its optimizer. From then on:
 
-* after every ``optimizer.step()`` the inactive blocks of each layer that skips masking
+* after every step of an optimizer holding the layers' weights (the Sparsifier's, or one
+  that replaced it) the inactive blocks of each layer that skips masking
   (``ops.paths.skips_masking``: the dense path by density) are written with zeros
   (a Triton kernel that touches only those blocks on CUDA; one in-place pass elsewhere);
 * after a module's ``load_state_dict`` its layers are re-zeroed;
@@ -23,6 +24,7 @@ import weakref
 from typing import Dict, List, Tuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import kernels
 from .ops.dense_path import zero_weight_blocks_
@@ -52,12 +54,38 @@ def skips(state) -> bool:
     return weight is not None and skips_masking(state.layout(), weight.device, state.zero_inactive)
 
 
-def install(optimizer: torch.optim.Optimizer, states: List) -> List:
-    """Register the hooks above for ``states``; returns their handles."""
+def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> List:
+    """Register the hooks above for ``states``; returns their handles. ``on_step`` (optional)
+    is also called after each such optimizer step.
+
+    The step hook is global (``torch.optim``'s ``register_optimizer_step_post_hook``) and acts
+    after the step of ANY optimizer that holds one of the layers' weights, compared by
+    identity: a user who replaces the optimizer mid-run (a new learning-rate phase, a
+    restarted AdamW) keeps the zeros, which the dense path relies on. ``optimizer`` is the
+    one the Sparsifier was given; it is always followed."""
     refs = [weakref.ref(s) for s in states]
+    weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
     decided: Dict[int, Tuple[int, bool]] = {}  # id(state) -> (id(layout buffer), skips)
+    holders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, holds)
+    given = weakref.ref(optimizer)
+
+    def holds(opt) -> bool:
+        if opt is given():
+            return True
+        count = sum(len(g["params"]) for g in opt.param_groups)
+        cached = holders.get(opt)
+        if cached is None or cached[0] != count:
+            found = any(weights.get(id(p), _dead)() is p for g in opt.param_groups for p in g["params"])
+            cached = (count, found)
+            try:
+                holders[opt] = cached
+            except TypeError:  # not weak-referenceable: decide every time
+                pass
+        return cached[1]
 
     def after_step(opt, args, kwargs) -> None:
+        if not holds(opt):
+            return
         for ref in refs:
             state = ref()
             if state is None:
@@ -69,8 +97,10 @@ def install(optimizer: torch.optim.Optimizer, states: List) -> List:
                 cached = decided[id(state)] = (key, skips(state))
             if cached[1]:
                 zero_inactive_(state)
+        if on_step is not None:
+            on_step(opt)
 
-    handles = [optimizer.register_step_post_hook(after_step)]
+    handles = [register_optimizer_step_post_hook(after_step)]
     modules = {}
     for state in states:
         module = state.module
@@ -79,6 +109,10 @@ def install(optimizer: torch.optim.Optimizer, states: List) -> List:
     for module, layer_refs in modules.values():
         handles.append(module.register_load_state_dict_post_hook(_ReZeroOnLoad(layer_refs)))
     return handles
+
+
+def _dead() -> None:
+    return None
 
 
 class _ReZeroOnLoad:

@@ -372,3 +372,18 @@ def test_an_optimizer_wrapper_is_refused_with_the_way_out():
     with pytest.raises(TypeError, match="wrapper.optimizer"):
         agpe_compile.Sparsifier(model, Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)),
                                 agpe_compile.AGPEConfig(target_sparsity=0.5, block_size=8))
+
+
+def test_an_optimizer_subclass_without_torch_hooks_is_refused_too():
+    class Accelerated(torch.optim.Optimizer):  # subclasses Optimizer, never calls its __init__
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(TypeError, match="wrapper.optimizer"):
+        agpe_compile.Sparsifier(model, Accelerated(torch.optim.SGD(model.parameters(), lr=0.1)),
+                                agpe_compile.AGPEConfig(target_sparsity=0.5, block_size=8))

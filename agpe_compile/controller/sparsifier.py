@@ -156,7 +156,8 @@ class Sparsifier:
         self._check_target_reached(dict(zip(self.layers, to_host([s.block_mask for s in self.layers.values()]))))
         self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._hooks = []
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        if optimizer is not None and (not isinstance(optimizer, torch.optim.Optimizer)
+                                      or not hasattr(optimizer, "_optimizer_step_post_hooks")):
             raise TypeError(
                 f"agpe: Sparsifier expects a torch.optim.Optimizer, got {type(optimizer).__name__}; pass the "
                 f"optimizer it wraps (e.g. `wrapper.optimizer`): the Sparsifier hooks its step() to keep pruned "
@@ -167,8 +168,9 @@ class Sparsifier:
             for state in self.layers.values():
                 state.zero_inactive = True
                 zero_inactive_(state)
-            self._hooks = install_zero_hooks(optimizer, list(self.layers.values()))
-            self._hooks.append(optimizer.register_step_post_hook(_count_optimizer_steps(weakref.ref(self))))
+            self._hooks = install_zero_hooks(optimizer, list(self.layers.values()),
+                                             on_step=_count_optimizer_steps(weakref.ref(self)))
+            weakref.finalize(self, _remove_handles, list(self._hooks))  # the step hook is global
         self._optimizer_steps, self._optimizer_steps_at_step = 0, None
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
@@ -539,8 +541,13 @@ class _Snapshot:
         self.loss: Optional[torch.Tensor] = None
 
 
+def _remove_handles(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
-    def hook(optimizer, args, kwargs) -> None:
+    def hook(optimizer) -> None:
         sparsifier = ref()
         if sparsifier is not None:
             sparsifier._optimizer_steps += 1

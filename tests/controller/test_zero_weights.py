@@ -193,3 +193,29 @@ def test_explain_says_which_layers_keep_zero_weights():
     Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=4))
     table = str(agpe_compile.explain(model, torch.randn(2, 16)))
     assert table.count("inactive weights kept at zero") == 3, table
+
+
+def test_an_optimizer_that_replaces_the_sparsifiers_keeps_inactive_weights_zero():
+    # The zero-weight promise must survive a new optimizer (a restarted AdamW with momentum
+    # over blocks the Sparsifier prunes later): the step hook follows any optimizer holding
+    # the layers' weights.
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    from .helpers import batches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = Sparsifier(model, first, AGPEConfig(policy="gmp", block_size=4, target_sparsity=0.75,
+                                                     update_interval=2, end_step=12))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    replacement = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(14):
+        torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+        replacement.step()
+        replacement.zero_grad()
+        sparsifier.step()
+    assert sparsifier.global_density < 0.5
+    for state in sparsifier.layers.values():
+        inactive = ~expand_block_mask(state.block_mask, 4, torch.bool)
+        assert torch.all(state.weight[inactive] == 0), state.name
