@@ -110,6 +110,9 @@ class Sparsifier:
         self.config = config
         self.policy = make_policy(config)
         self.optimizer = optimizer
+        # Other torch.optim optimizers seen stepping the layers' weights (one that replaced the
+        # Sparsifier's mid-run): their moments of changed blocks are reset too.
+        self._other_optimizers: "weakref.WeakSet" = weakref.WeakSet()
         self.layers: Dict[str, LayerState] = {s.name: s for s in states}
         if not self.layers:
             warnings.warn("agpe: no eligible linear layer; the model trains dense", stacklevel=3)
@@ -172,6 +175,7 @@ class Sparsifier:
                                              on_step=_count_optimizer_steps(weakref.ref(self)))
             weakref.finalize(self, _remove_handles, list(self._hooks))  # the step hook is global
         self._optimizer_steps, self._optimizer_steps_at_step = 0, None
+
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
         self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
@@ -365,7 +369,8 @@ class Sparsifier:
                 # Re-zeroing every inactive block (not only the dropped ones) keeps the invariant
                 # even for weights an optimizer without our reset touched (zero-code mode).
                 state.weight.mul_(expand_block_mask(state.block_mask, state.block_size, state.weight.dtype))
-            zero_optimizer_state(self.optimizer, state.weight, blocks, state.block_size)
+            for optimizer in (self.optimizer, *self._other_optimizers):  # a replacement too
+                zero_optimizer_state(optimizer, state.weight, blocks, state.block_size)
             self.saliency.mark_fresh(state.name, result.grown)
             age = self.grown_age[state.name]
             self.grown_age[state.name] = torch.where(result.grown, torch.zeros_like(age),
@@ -551,6 +556,8 @@ def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
         sparsifier = ref()
         if sparsifier is not None:
             sparsifier._optimizer_steps += 1
+            if optimizer is not sparsifier.optimizer:
+                sparsifier._other_optimizers.add(optimizer)
 
     return hook
 

@@ -219,3 +219,25 @@ def test_an_optimizer_that_replaces_the_sparsifiers_keeps_inactive_weights_zero(
     for state in sparsifier.layers.values():
         inactive = ~expand_block_mask(state.block_mask, 4, torch.bool)
         assert torch.all(state.weight[inactive] == 0), state.name
+
+
+def test_a_replacing_optimizer_gets_the_moments_of_changed_blocks_reset():
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    from .helpers import batches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            AGPEConfig(policy="gmp", block_size=4, target_sparsity=0.75, update_interval=2,
+                                       end_step=12))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    replacement = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(14):
+        torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+        replacement.step()
+        replacement.zero_grad()
+        sparsifier.step()
+    for state in sparsifier.layers.values():
+        inactive = ~expand_block_mask(state.block_mask, 4, torch.bool)
+        assert torch.all(replacement.state[state.weight]["momentum_buffer"][inactive] == 0), state.name
