@@ -12,5 +12,5 @@ OUT="${OUT:-runs/gpu_char_lm}"
 TEXT="${CHAR_LM_TEXT:-runs/kjv.txt}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/machine.txt"
-timeout "${CHAR_LM_LIMIT:-540}" python examples/char_lm.py --full --sparsities 0.75 --text-file "$TEXT" \
+timeout -k 10 "${CHAR_LM_LIMIT:-540}" python examples/char_lm.py --full --sparsities 0.75 --text-file "$TEXT" \
   --out "$OUT" 2>&1 | tee "$OUT/char_lm.txt" | tail -14

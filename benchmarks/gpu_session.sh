@@ -5,9 +5,13 @@
 # runs/gpu); when the device tool's $OUT is set, RUN_DIR is packed into $OUT/gpu_session.tgz
 # (the tool returns at most 8 files).
 #   run from the repository root:  bash benchmarks/gpu_session.sh
-# PARTS picks the sections (default all: "tests diagnose kernels train"); a lease's 10-minute
-# call limit fits "tests diagnose kernels" (<= 395 s) and "train" (<= 300 s) as two calls on
-# the same warm machine. KERNEL_ARGS="" adds the config sweep (+~60 s);
+# PARTS picks the sections (default: "tests diagnose kernels train"; also "tma" and "probe");
+# a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
+# the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
+# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 230 s)
+# times the training step with AGPE_TMA=auto and AGPE_TMA=off one after the other (Note
+# [TMA by default] in agpe_compile/kernels/launch.py); "probe" (<= 120 s) runs
+# benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
 # TRAIN_STEP_ARGS=--no-mask-update shortens the training step; SCHEDULE_STEPS=100 adds the
 # simulated schedule's compile count (measured before: 7 compilations for 10 crossings).
 set -uo pipefail
@@ -21,7 +25,7 @@ PARTS="${PARTS:-tests diagnose kernels train}"
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if ! has tests; then :
 elif python -c "import pytest, hypothesis" 2>/dev/null; then
-  timeout 200 python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
+  timeout -k 10 200 python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
     tests/test_graphs.py tests/controller/test_host_sync.py tests/controller/test_zero_weights.py \
     tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py \
     2>&1 | tee "$RUN_DIR/gpu_tests.txt" | tail -30
@@ -30,23 +34,37 @@ else
 fi
 if has diagnose; then
   # where the op's dense path loses time against cuBLAS (docs/benchmarks.md, "dense path")
-  timeout 45 python benchmarks/gpu_diagnose.py --out-dir "$RUN_DIR/diagnose" 2>&1 | tee "$RUN_DIR/diagnose.txt" | tail -14
+  timeout -k 10 45 python benchmarks/gpu_diagnose.py --out-dir "$RUN_DIR/diagnose" 2>&1 | tee "$RUN_DIR/diagnose.txt" | tail -14
 fi
 if has kernels; then
-  timeout 150 python benchmarks/kernels.py ${KERNEL_ARGS---no-sweep} --out "$RUN_DIR/kernels.json" 2>&1 \
+  timeout -k 10 150 python benchmarks/kernels.py ${KERNEL_ARGS---no-sweep} --out "$RUN_DIR/kernels.json" 2>&1 \
     | tee "$RUN_DIR/kernels.txt" | tail -70
 fi
 # The training step with its mask-update cost; 60-row kernel tables, and Inductor's generated
 # code of both steps (to see which reductions and copies surround the agpe op).
 if has train; then
   TORCH_LOGS="${TRAIN_STEP_LOGS:-output_code}" TORCH_LOGS_OUT="$RUN_DIR/output_code.txt" \
-    timeout 300 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-0} --profile --profile-rows 60 \
+    timeout -k 10 300 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-0} --profile --profile-rows 60 \
     ${TRAIN_STEP_ARGS:-} --out "$RUN_DIR/train_step.json" 2>&1 | tee "$RUN_DIR/train_step.txt" | tail -30
+fi
+# TMA on/off, one process each (the kernel choice is made when a graph is compiled); each
+# run times dense in the same process, so compare the agpe/dense ratios.
+if has tma; then
+  for setting in auto off; do
+    AGPE_TMA=$setting timeout -k 10 115 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
+      --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
+      > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1
+    grep -E "ms/step|best at" "$RUN_DIR/train_step_tma_$setting.txt"
+  done
+fi
+if has probe; then
+  timeout -k 10 120 python benchmarks/gpu_host_probe.py > "$RUN_DIR/host_probe.txt" 2>&1
+  grep -E "^==" "$RUN_DIR/host_probe.txt"
 fi
 if [ -n "${OUT:-}" ]; then
   [ -f "$RUN_DIR/output_code.txt" ] && gzip -f "$RUN_DIR/output_code.txt"
   tar czf "$OUT/gpu_session.tgz" -C "$RUN_DIR" .
-  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
   ls -la "$OUT"
 fi
 # The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):

@@ -220,7 +220,7 @@ def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
 
 def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
     """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py; descriptors built on the
-    host and on the device) against the default kernels, block 128, same configs, same masks:
+    host and on the device) against the plain kernels, block 128, same configs, same masks:
     which one should be the default."""
     calls = {"forward": lambda x, dy, w, lay, tma: block_sparse_forward(x, w, lay, tma=tma),
              "grad_input": lambda x, dy, w, lay, tma: block_sparse_grad_input(dy, w, lay, tma=tma)}
@@ -234,7 +234,7 @@ def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Di
             w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
             for kernel, call in calls.items():
                 row = dict(kernel=kernel, m=m, k=k, n=n, density=density,
-                           default_ms=gpu_bench(lambda: call(x, dy, w, layout, False)))
+                           plain_ms=gpu_bench(lambda: call(x, dy, w, layout, False)))
                 expected = call(x, dy, w, layout, False)
                 for mode in ("host", "device"):
                     try:
@@ -343,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     started = time.time()
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "python": platform.python_version(),
-              "mode": "gpu" if gpu else "small-cpu"}
+              "mode": "gpu" if gpu else "small-cpu", "tma_setting": os.environ.get("AGPE_TMA", "auto")}
     if gpu:
         import triton
 
@@ -372,10 +372,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         parts = []
         for mode in ("host", "device"):
             ms = entry[f"tma_{mode}_ms"]
-            parts.append(f"TMA {mode} " + (f"{ms:.3f} ms ({ms / entry['default_ms']:.3f}x)" if ms is not None
+            parts.append(f"TMA {mode} " + (f"{ms:.3f} ms ({ms / entry['plain_ms']:.3f}x)" if ms is not None
                                            else entry.get(f"tma_{mode}_note", "failed")))
-        print(f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: default "
-              f"{entry['default_ms']:.3f} ms, " + ", ".join(parts))
+        print(f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: plain "
+              f"{entry['plain_ms']:.3f} ms, " + ", ".join(parts))
     for entry in report.get("tma_configs", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"TMA {entry['kernel']:<10} d=0.5 {entry['config']} {ms}")

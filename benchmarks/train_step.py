@@ -453,6 +453,7 @@ def main(argv=None) -> None:
     results["lowering"] = args.lowering
     results["zero_inactive"] = not args.masked_weights
     results["inline_kernels"] = op_module.INLINE_KERNELS
+    results["tma_setting"] = os.environ.get("AGPE_TMA", "auto")
     if args.schedule_steps > 0:
         results.update(schedule_compilations(args.schedule_steps, _log))
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"

@@ -302,3 +302,23 @@ def test_kernels_benchmark_refuses_a_folder_as_out(capsys, tmp_path):
 ])
 def test_train_step_benchmark_checks_its_flags(capsys, args, message):
     assert message in refused(capsys, train_step.main, "--small", *args)
+
+
+def test_gpu_host_probe_refuses_to_run_without_cuda(monkeypatch, capsys):
+    import torch
+
+    probe = load("benchmarks/gpu_host_probe.py", "cli_gpu_host_probe")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["gpu_host_probe.py"])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        probe.main()
+    monkeypatch.setattr(sys, "argv", ["gpu_host_probe.py", "--steps", "x"])
+    with pytest.raises(SystemExit):
+        probe.main()
+    assert "--steps" in capsys.readouterr().err
+    for flags, named in ((["--steps", "0"], "--steps"), (["--density", "0"], "--density"),
+                         (["--d-model", "100"], "--d-model")):
+        monkeypatch.setattr(sys, "argv", ["gpu_host_probe.py", *flags])
+        with pytest.raises(SystemExit):
+            probe.main()
+        assert named in capsys.readouterr().err

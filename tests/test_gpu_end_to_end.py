@@ -61,7 +61,9 @@ def _eager(x, w, bias, mask, sal, dgs, flag, counters, layout):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("density, bucket", [(0.25, 0.25), (0.9, 1.0)], ids=["triton", "cublas"])
 @pytest.mark.parametrize("flag", [True, False])
-def test_op_every_cuda_path(density, bucket, compiled, flag):
+@pytest.mark.parametrize("tma", ["off", "auto"])  # Note [TMA by default]: eager "auto" failed once
+def test_op_every_cuda_path(density, bucket, compiled, flag, tma, monkeypatch):
+    monkeypatch.setenv("AGPE_TMA", tma)
     torch._dynamo.reset()
     x, w, bias, mask, em, dy = _op_problem(density, seed=int(density * 100))
     fn = torch.compile(_eager, fullgraph=True) if compiled else _eager

@@ -353,6 +353,57 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
                           env={**environ, **env}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def test_traced_kernels_get_no_views_and_no_aliased_outputs(triton_kernels):
+    # Note [Kernel operands]: a [B, S, K] activation or gradient reaches every kernel as the
+    # tensor itself (no reshape node in front of a kernel, which Inductor copies once per
+    # kernel), and no kernel gets one tensor both as an output it writes and as another
+    # argument (which makes Inductor clone the output first). Every launcher, the bias
+    # gradient included, traced on fake CUDA tensors.
+    code = FAKE_CUDA_HEADER + (
+        "from agpe_compile.layout import BlockLayout, build_layout\n"
+        "from agpe_compile.kernels import (bias_grad, block_sparse_forward, block_sparse_grad_input,\n"
+        "                                  block_sparse_grad_weight, inactive_grad_sq_)\n"
+        "def step(x, w, dy, sal, sq, flag, *tensors):\n"
+        "    x, dy = x * 2, dy * 2  # results not yet stored, as inside a compiled step\n"
+        "    layout = BlockLayout.from_tensors(tensors, block_size=64, bucket=0.75)\n"
+        "    y = block_sparse_forward(x, w, layout)\n"
+        "    dx = block_sparse_grad_input(dy, w, layout)\n"
+        "    dw = block_sparse_grad_weight(dy, x, layout, weight=w, saliency=sal, saliency_mode='taylor', split=1)\n"
+        "    dw2 = block_sparse_grad_weight(dy, x, layout, saliency_mode=None)\n"
+        "    inactive_grad_sq_(dy, x, layout, sq, enabled=flag)\n"
+        "    return y, dx, dw, dw2, bias_grad(dy)\n"
+        "layout = build_layout(torch.tensor([[True, False], [True, True]]), 64)\n"
+        "with FakeTensorMode():\n"
+        "    def e(*shape, dtype=torch.bfloat16):\n"
+        "        return torch.empty(shape, dtype=dtype, device='cuda')\n"
+        "    args = [e(3, 100, 128), e(128, 128), e(3, 100, 128), e(2, 2, dtype=torch.float32),\n"
+        "            e(2, 2, dtype=torch.float32), e(dtype=torch.bool)]\n"
+        "    args += [e(*t.shape, dtype=t.dtype) for t in layout.tensors()]\n"
+        "    graph = make_fx(step, tracing_mode='fake')(*args)\n"
+        "for node in graph.graph.nodes:\n"
+        "    if 'triton_kernel_wrapper_mutation' not in str(node.target):\n"
+        "        continue\n"
+        "    kwargs = node.kwargs['kwargs']\n"
+        "    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.fx.Node)}\n"
+        "    print('KERNEL', {k: (v.name, str(v.target)) for k, v in tensors.items()})\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import ast
+
+    kernels = [ast.literal_eval(line[len("KERNEL "):]) for line in result.stdout.splitlines()
+               if line.startswith("KERNEL")]
+    assert len(kernels) == 6, result.stdout  # forward, dX, 2 x dW (no split-K here), scores, column sum
+    # What kernels write: the buffers a launcher allocates (outputs, workspaces) and the
+    # score buffers (arg3_1: saliency, arg4_1: dense_grad_sq). Each goes to a kernel once.
+    for args in kernels:
+        for name, (node, target) in args.items():
+            assert "view" not in target and "reshape" not in target, (name, target, args)
+            if target.startswith(("aten.empty", "aten.zeros")) or node in ("arg3_1", "arg4_1"):
+                others = [other for other, (n, _) in args.items() if n == node and other != name]
+                assert not others, (name, others, args)
+
+
 def test_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -604,7 +655,66 @@ def test_tma_device_descriptor_candidates_trace_as_user_kernels(triton_kernels):
     assert "'x_ptr'" in result.stdout and "'dy_ptr'" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_tma_candidates_take_3d_operands(triton_kernels, mode):
+    # Note [Kernel operands]: the device-descriptor kernels get the [B, S, K] tensor itself.
+    p = make_problem(70, 3, 4, 32, 0.5, torch.float32, batch=2)
+    layout = build_layout(p.mask, 32)
+    torch.testing.assert_close(block_sparse_forward(p.x, p.weight, layout, p.bias, tma=mode),
+                               block_sparse_forward(p.x, p.weight, layout, p.bias, tma=False), rtol=0, atol=0)
+    torch.testing.assert_close(block_sparse_grad_input(p.grad_out, p.weight, layout, tma=mode),
+                               block_sparse_grad_input(p.grad_out, p.weight, layout, tma=False), rtol=0, atol=0)
+
+
 def test_tma_mode_must_be_named(triton_kernels):
     p = make_problem(8, 2, 2, 32, 1.0, torch.float32)
     with pytest.raises(ValueError, match="tma in"):
         block_sparse_forward(p.x, p.weight, build_layout(p.mask, 32), tma="yes")
+
+
+def _hopper_rule(*operands, dtype=torch.bfloat16, capability=(9, 0)):
+    from agpe_compile.kernels.launch import tma_applies
+
+    return tma_applies(torch.device("cuda"), dtype, operands, capability=capability)
+
+
+def test_auto_takes_tma_only_on_hopper_for_16_bit_operands_it_can_read():
+    # Note [TMA by default]: the rule on shapes, strides and offsets (no GPU needed: CPU
+    # tensors stand in for the operands, the device and capability are given).
+    w = torch.zeros(64, 32, dtype=torch.bfloat16)
+    x = torch.zeros(16, 32, dtype=torch.bfloat16)
+    assert _hopper_rule(x, w)
+    assert not _hopper_rule(x, w, capability=(8, 0))  # Ampere: no TMA
+    assert not _hopper_rule(x, w, capability=(10, 0))  # Blackwell: not timed
+    assert not _hopper_rule(x.float(), w.float(), dtype=torch.float32)  # tf32: not timed
+    assert not _hopper_rule(x.t().contiguous().t(), w)  # last dimension not contiguous
+    odd = torch.zeros(16, 36, dtype=torch.bfloat16)[:, :30]  # rows of 72 bytes: not 16-byte aligned
+    assert not _hopper_rule(odd, w)
+    shifted = torch.zeros(16 * 32 + 1, dtype=torch.bfloat16)[1:].view(16, 32)  # base 2 bytes off
+    assert not _hopper_rule(shifted, w)
+    from agpe_compile.kernels.launch import tma_applies
+
+    assert not tma_applies(torch.device("cpu"), torch.bfloat16, (x, w), capability=(9, 0))
+
+
+def test_agpe_tma_setting_is_validated_and_off_forces_the_plain_kernels(triton_kernels, monkeypatch):
+    from agpe_compile.kernels.launch import _tma_mode
+
+    x = torch.zeros(16, 32, dtype=torch.bfloat16)
+    monkeypatch.setenv("AGPE_TMA", "sometimes")
+    with pytest.raises(ValueError, match="AGPE_TMA"):
+        _tma_mode("auto", x, x)
+    monkeypatch.setenv("AGPE_TMA", "off")
+    assert _tma_mode("auto", x, x) is None
+    monkeypatch.setenv("AGPE_TMA", "device")
+    assert _tma_mode("auto", x, x) == "device"
+    assert _tma_mode(False, x, x) is None  # an explicit choice wins over the setting
+    monkeypatch.setenv("AGPE_TMA", "auto")
+    assert _tma_mode("auto", x, x) is None  # CPU operands: the plain kernels
+    monkeypatch.delenv("AGPE_TMA")
+    assert _tma_mode("auto", x, x) is None  # the default is off (Note [TMA by default])
+    p = make_problem(70, 3, 4, 32, 0.5, torch.float32)
+    layout = build_layout(p.mask, 32)
+    monkeypatch.setenv("AGPE_TMA", "device")  # forced: the TMA kernel, same result
+    torch.testing.assert_close(block_sparse_forward(p.x, p.weight, layout, p.bias),
+                               block_sparse_forward(p.x, p.weight, layout, p.bias, tma=False), rtol=0, atol=0)

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -34,20 +35,21 @@ from .runtime import cdiv, dot_options, is_interpreted, is_tracing, launcher, re
 
 def block_sparse_forward(
     x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, bias: Optional[torch.Tensor] = None,
-    *, config: Optional[KernelConfig] = None, tma=False,
+    *, config: Optional[KernelConfig] = None, tma="auto",
 ) -> torch.Tensor:
     """Y = X @ (W*M)^T + bias for X [..., K] -> Y [..., N]; reads only live blocks of W.
 
-    ``tma`` runs a TMA candidate (kernels/forward_tma.py; X's and W's last dimension
-    contiguous, rows 16-byte aligned), timed by ``benchmarks/kernels.py``: ``"host"`` (or
-    True) with host-built descriptors, eager only; ``"device"`` with descriptors built in
-    the kernel, traceable."""
+    ``tma`` picks the kernel (Note [TMA by default]): ``"auto"`` follows the ``AGPE_TMA``
+    setting (default off: the plain kernel, kernels/forward.py); ``False`` the plain
+    kernel; ``"device"`` the TMA kernel (kernels/forward_tma.py; X's and W's last dimension
+    contiguous, rows 16-byte aligned; traceable); ``"host"`` (or True) the TMA kernel with
+    host-built descriptors, eager only (benchmarks/kernels.py)."""
     x2 = as_2d("x", x, check_layout(layout).shape[1])
     check_operands(layout, weight, [x2])
     if bias is not None:
         check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
     require_triton()
-    tma = _tma_mode(tma)
+    tma = _tma_mode(tma, x2, weight)
     if tma == "host":
         from .forward_tma import forward_tma_kernel as kernel
     elif tma == "device":
@@ -69,13 +71,13 @@ def block_sparse_forward(
         _check_tma_operand("x", x2)
         _check_tma_operand("weight", weight)
         _ensure_scratch_allocator(kernel)
-        operands = (x2, weight)
+        operands = (kernel_operand(x, x2), weight)
         sizes, strides = (m, x2.shape[1], n, rows), (x2.stride(0), weight.stride(0), *y.stride())
     else:
-        operands = (x2, weight)
+        operands = (kernel_operand(x, x2), weight)
         sizes, strides = (m, rows), (*x2.stride(), *weight.stride(), *y.stride())
     launcher(kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
-        *operands, bias if bias is not None else y, y, layout.row_ptr, layout.col_idx, *sizes, *strides,
+        *operands, bias if bias is not None else weight, y, layout.row_ptr, layout.col_idx, *sizes, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, **dot_options(kernel, x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -90,14 +92,14 @@ def block_sparse_forward_tma(x, weight, layout, bias=None, *, config=None) -> to
 
 def block_sparse_grad_input(
     grad_out: torch.Tensor, weight: torch.Tensor, layout: BlockLayout, *, config: Optional[KernelConfig] = None,
-    tma=False,
+    tma="auto",
 ) -> torch.Tensor:
     """dX = dY @ (W*M) for dY [..., N] -> dX [..., K]; walks the transposed arrays.
-    ``tma``: a TMA candidate (kernels/grad_input_tma.py), as for the forward."""
+    ``tma``: which kernel (kernels/grad_input.py or grad_input_tma.py), as for the forward."""
     dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
     check_operands(layout, weight, [dy2])
     require_triton()
-    tma = _tma_mode(tma)
+    tma = _tma_mode(tma, dy2, weight)
     if tma == "host":
         from .grad_input_tma import grad_input_tma_kernel as kernel
     elif tma == "device":
@@ -119,10 +121,10 @@ def block_sparse_grad_input(
         _check_tma_operand("grad_out", dy2)
         _check_tma_operand("weight", weight)
         _ensure_scratch_allocator(kernel)
-        operands = (dy2, weight)
+        operands = (kernel_operand(grad_out, dy2), weight)
         sizes, strides = (m, dy2.shape[1], k, cols), (dy2.stride(0), weight.stride(0), *dx.stride())
     else:
-        operands = (dy2, weight)
+        operands = (kernel_operand(grad_out, dy2), weight)
         sizes, strides = (m, cols), (*dy2.stride(), *weight.stride(), *dx.stride())
     launcher(kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
         *operands, dx, layout.col_ptr, layout.row_idx, *sizes, *strides,
@@ -137,14 +139,66 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
     return block_sparse_grad_input(grad_out, weight, layout, config=config, tma=True)
 
 
-def _tma_mode(tma) -> Optional[str]:
+# Note [TMA by default]
+# ~~~~~~~~~~~~~~~~~~~~~
+# On Hopper (compute capability 9.x) the forward and dX kernels can load their tiles with
+# the tensor memory accelerator through descriptors built in the kernel (forward_tma.py,
+# grad_input_tma.py). Timed side by side with the plain kernels on an H200 (ninth session,
+# docs/benchmarks.md): 0.78-0.95x their time for the forward, 0.85-1.03x for dX. With
+# AGPE_TMA=auto they are taken for 16-bit operands that meet TMA's rules (last dimension
+# contiguous, 16-byte aligned rows and base) and the plain kernels otherwise; both compute
+# the same function, so the choice is speed only. AGPE_TMA=device forces them (raising on
+# operands they cannot take). The default is still "off": the first GPU run with "auto"
+# found eager autograd's backward (another thread) launching without Triton's scratch
+# allocator, fixed below (_ensure_scratch_allocator) but not yet re-run on a GPU. fp32
+# (tf32) stays on the plain kernels: its TMA variant has not been timed.
+TMA_ENV = "AGPE_TMA"
+_TMA_ENV_VALUES = ("off", "auto", "device")
+
+
+def tma_applies(device: torch.device, dtype: torch.dtype, operands, capability=None) -> bool:
+    """Whether "auto" takes the TMA kernels for these 2-D operands (Note [TMA by default]).
+    ``capability`` (major, minor) defaults to the device's."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if capability is None:
+        if not torch.cuda.is_available():  # fake CUDA tensors traced on a machine without CUDA
+            return False
+        capability = torch.cuda.get_device_capability(device)
+    if capability[0] != 9:
+        return False
+    for t in operands:
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16:
+            return False
+        if (t.storage_offset() * t.element_size()) % 16:
+            return False
+        if not is_tracing() and t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _tma_setting() -> str:
+    value = os.environ.get(TMA_ENV, "off").strip().lower() or "off"
+    if value not in _TMA_ENV_VALUES:
+        raise ValueError(f"agpe kernels: expected {TMA_ENV} in {_TMA_ENV_VALUES}, got {value!r}")
+    return value
+
+
+def _tma_mode(tma, *operands) -> Optional[str]:
+    if tma == "auto":
+        setting = _tma_setting()
+        if setting == "off":
+            return None
+        if setting == "device":
+            return "device"
+        return "device" if operands and tma_applies(operands[0].device, operands[0].dtype, operands) else None
     if tma is False or tma is None:
         return None
     if tma is True or tma == "host":
         return "host"
     if tma == "device":
         return "device"
-    raise ValueError(f"agpe kernels: expected tma in (False, True, 'host', 'device'), got {tma!r}")
+    raise ValueError(f"agpe kernels: expected tma in ('auto', False, True, 'host', 'device'), got {tma!r}")
 
 
 def _check_tma_operand(name: str, t: torch.Tensor) -> None:
@@ -155,18 +209,20 @@ def _check_tma_operand(name: str, t: torch.Tensor) -> None:
                          f"16-byte aligned rows, got strides {tuple(t.stride())}")
 
 
-_SCRATCH = {"set": False}
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _ensure_scratch_allocator(kernel) -> None:
-    """Device-side descriptors need Triton's global scratch allocator: one torch
-    allocation per launch on the GPU (not needed by the interpreter)."""
-    if _SCRATCH["set"] or is_interpreted(kernel):
+    """Device-side descriptors need Triton's global scratch allocator (one torch allocation
+    per launch). Triton keeps it in a context variable, so it is set at every launch: a
+    thread that never set it (eager autograd runs the backward on its own thread) would
+    launch with none. (Inductor's launches set their own.) Not needed by the interpreter."""
+    if is_interpreted(kernel):
         return
     import triton
 
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _SCRATCH["set"] = True
+    triton.set_allocator(_torch_scratch)
 
 
 def _descriptor(name: str, t: torch.Tensor, block_shape):
@@ -216,13 +272,16 @@ def block_sparse_grad_weight(
     m_chunk = cdiv(cdiv(max(m, 1), split), cfg.block_m) * cfg.block_m
     split = max(1, cdiv(m, m_chunk))  # no empty partial
     dw = torch.zeros(layout.shape, dtype=x.dtype, device=x.device)
-    w = weight if weight is not None else dw  # not read unless the mode needs it
-    scores = saliency if saliency is not None else dw
+    # Unused pointer arguments get a read-only layout tensor, never dw (Note [Kernel operands])
+    w = weight if weight is not None else layout.block_slot  # read only when the mode needs it
+    scores = saliency if saliency is not None else layout.block_slot  # written only with a mode
     b = layout.block_size
     mode = SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0
-    ws = dw if split == 1 else torch.empty((split, layout.capacity, b, b), dtype=torch.float32, device=x.device)
+    ws = (layout.live_count if split == 1  # the workspace of split-K only
+          else torch.empty((split, layout.capacity, b, b), dtype=torch.float32, device=x.device))
     launcher(grad_weight_kernel, (layout.capacity, split), x.device)(
-        dy2, x2, w, dw, scores, ws, layout.slot_row, layout.col_idx, layout.live_count,
+        kernel_operand(grad_out, dy2), kernel_operand(x, x2), w, dw, scores, ws, layout.slot_row, layout.col_idx,
+        layout.live_count,
         m, m_chunk, layout.capacity, layout.grid_shape[1],
         *dy2.stride(), *x2.stride(), *w.stride(), *dw.stride(),
         BLOCK_SIZE=b, BLOCK_M=cfg.block_m, SALIENCY=mode, SPLIT=split,
@@ -281,7 +340,7 @@ def bias_grad(grad_out: torch.Tensor, *, split: Optional[int] = None) -> torch.T
     split = cdiv(m, rows_per_split)
     partial = torch.empty((split, n), dtype=torch.float32, device=grad_out.device)
     launcher(column_sum_kernel, (tiles, split), grad_out.device)(
-        g2, partial, m, n, rows_per_split, *g2.stride(), BLOCK_M=block_m, BLOCK_N=block_n,
+        kernel_operand(grad_out, g2), partial, m, n, rows_per_split, *g2.stride(), BLOCK_M=block_m, BLOCK_N=block_n,
         EVEN_N=n % block_n == 0, num_warps=4, num_stages=3,
     )
     return partial.sum(0).to(grad_out.dtype)
@@ -324,7 +383,7 @@ def inactive_grad_sq_(
     cfg = _config(grad_scores_kernel, "grad_scores", layout, x.dtype, config)
     rows, cols = layout.grid_shape
     launcher(grad_scores_kernel, (rows * cols,), x.device)(
-        dy2, x2, dense_grad_sq, layout.block_slot, enabled if enabled is not None else layout.live_count,
+        kernel_operand(grad_out, dy2), kernel_operand(x, x2), dense_grad_sq, layout.block_slot, enabled if enabled is not None else layout.live_count,
         dy2.shape[0], cols, *dy2.stride(), *x2.stride(),
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, HAS_FLAG=enabled is not None,
         **dot_options(grad_scores_kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -354,7 +413,7 @@ def mask_and_score_(
     rows, cols = layout.grid_shape
     b = layout.block_size
     launcher(mask_scores_kernel, (rows * cols,), weight.device)(
-        grad_weight, weight, saliency if saliency is not None else dense_grad_sq, dense_grad_sq,
+        grad_weight, weight, saliency if saliency is not None else layout.block_slot, dense_grad_sq,
         layout.block_slot, enabled if enabled is not None else layout.live_count,
         cols, *grad_weight.stride(), *weight.stride(),
         BLOCK_SIZE=b, SALIENCY=SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0,
@@ -390,6 +449,25 @@ def block_sparse_adamw_(
         float(lr) / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5,
         BLOCK_SIZE=b, ROWS=min(b, 32), num_warps=4, num_stages=1,
     )
+
+
+# Note [Kernel operands]
+# ~~~~~~~~~~~~~~~~~~~~~~
+# Inside a compiled graph every tensor handed to a Triton kernel is an input of a
+# ``triton_kernel_wrapper_mutation`` node, and Inductor (torch 2.11, H200 output code of
+# the ninth session) gives each such node ITS OWN COPY of an input that is a view of a
+# not-yet-stored result: a GELU backward feeding the dX, dW, scores and bias-gradient
+# kernels through the [M, K] view of a [B, S, K] gradient was written four times, and
+# the q/k/v gradient concatenation four times. So a launcher passes the N-D tensor
+# itself when its [M, K] view shares its memory and address (a contiguous tensor: the
+# kernels get the 2-D strides), and no graph records a reshape in front of a kernel.
+# Likewise an unused pointer argument never aliases a tensor the kernel writes (dW, the
+# output): Inductor cloned a zero-filled dW that was also passed as the split-K
+# workspace. Unused pointers get a read-only layout tensor (or the weight) instead.
+def kernel_operand(t: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+    """The tensor to launch with for ``t2 = as_2d(t)``: ``t`` itself when it is contiguous
+    (the same memory, address and row stride as ``t2``), else ``t2`` (Note [Kernel operands])."""
+    return t if t.dim() > 2 and t.is_contiguous() else t2
 
 
 def _grad_operands(grad_out, x, layout, weight):

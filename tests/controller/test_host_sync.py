@@ -115,6 +115,13 @@ def test_a_gpu_mask_update_synchronizes_a_bounded_number_of_times():
     cmodel = torch.compile(model, backend="agpe", options={"inductor": False, "block_size": 4})
     gen = torch.Generator().manual_seed(0)
     worst = 0
+    # The first switch into "warn" mode itself reports one synchronizing call (seen on an
+    # H200 with torch 2.11, benchmarks/gpu_host_probe.py); switch once before counting.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        torch.cuda.set_sync_debug_mode("default")
     for step in range(12):
         x = torch.randn(32, 16, generator=gen).cuda()
         loss = cmodel(x).square().mean()
@@ -133,7 +140,7 @@ def test_a_gpu_mask_update_synchronizes_a_bounded_number_of_times():
         if (step + 1) % 2 == 0:
             worst = max(worst, syncs - len(sp.rebucketed))
         else:
-            assert syncs == 0, f"a plain step synchronized {syncs} times"
+            assert syncs == 0, f"a plain step (step {step + 1}) synchronized {syncs} times"
     assert worst <= 2, worst
     for state in sp.layers.values():  # the layouts written from the host match the masks
         mask = state.block_mask.cpu()
