@@ -25,7 +25,8 @@ graphs) and one capture.
 
 Limits: the step must be capturable (no host syncs such as ``loss.item()`` inside it,
 static input tensors refilled in place, a capturable optimizer such as
-``torch.optim.AdamW(fused=True, capturable=True)``); agpe's zero-code mode, whose
+``torch.optim.AdamW(fused=True, capturable=True)`` or
+``agpe_compile.BlockSparseAdamW(fused=True, capturable=True)``); agpe's zero-code mode, whose
 controller ticks on the host inside the compiled call, cannot be captured and raises.
 Replays skip Dynamo's guards: changing what the compiled code specialised on (train/eval,
 input shapes, requires_grad) needs :meth:`GraphedStep.reset`.
@@ -156,7 +157,8 @@ class GraphedStep:
             raise RuntimeError(
                 f"agpe.GraphedStep: capturing the step failed ({type(error).__name__}: {error}). The step must "
                 f"be capturable: no host syncs (.item(), printing tensors), static inputs, and a capturable "
-                f"optimizer, e.g. torch.optim.AdamW(..., fused=True, capturable=True)") from error
+                f"optimizer, e.g. torch.optim.AdamW(..., fused=True, capturable=True) or "
+                f"agpe_compile.BlockSparseAdamW(..., fused=True, capturable=True)") from error
         self.graph = graph
         self.signature = tensor_signature(self.model, self.optimizers)
         self.captures += 1

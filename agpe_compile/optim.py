@@ -17,9 +17,17 @@ they had instead of decaying; the model is the same, since masked blocks are not
 
 The state has AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints, the
 Sparsifier's moment reset and ``load_state_dict`` work as with AdamW. Not supported on
-the sparse path: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` (such
-groups raise). Parameters off CUDA (unless the Triton interpreter is on) take the dense
-AdamW path, as do weights whose block size is not a power of two up to 128.
+the sparse path: ``amsgrad``, ``maximize``, ``differentiable`` (such groups raise).
+Parameters off CUDA (unless the Triton interpreter is on) take the dense AdamW path, as
+do weights whose block size is not a power of two up to 128.
+
+CUDA graphs. With ``capturable=True`` (as for torch's AdamW) the step count lives on the
+device and the kernel reads it, and a tensor ``lr`` is read there too: the whole
+optimizer step can be captured and replayed by :class:`agpe_compile.GraphedStep`
+(``fused=True, capturable=True`` gives the other parameters torch's fused capturable
+path). Without it the bias correction is computed on the host from the step count, and
+capture is refused. A float ``lr`` is baked into a captured graph (as with torch's
+optimizers): give a tensor ``lr`` to a scheduler that changes it between replays.
 
 Example::
 
@@ -38,7 +46,7 @@ from . import kernels
 from .state import LayerState, state_of
 
 _SPARSE_BLOCK_SIZES = (16, 32, 64, 128)
-_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+_UNSUPPORTED = ("amsgrad", "maximize", "differentiable")
 
 
 class BlockSparseAdamW(torch.optim.AdamW):
@@ -59,11 +67,12 @@ class BlockSparseAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+                and not all(group.get("capturable", False) for group in self.param_groups)):
             raise RuntimeError(
-                "agpe.BlockSparseAdamW cannot be captured in a CUDA graph: its bias correction is computed on the "
-                "host from the step count. Use torch.optim.AdamW(..., fused=True, capturable=True) with "
-                "agpe_compile.GraphedStep")
+                "agpe.BlockSparseAdamW cannot be captured in a CUDA graph without capturable=True: its bias "
+                "correction is then computed on the host from the step count. Create it with "
+                "BlockSparseAdamW(..., fused=True, capturable=True) for agpe_compile.GraphedStep")
         sparse: List[Tuple[torch.Tensor, torch.Tensor, dict, LayerState]] = []
         for group in self.param_groups:
             for param in group["params"]:
@@ -83,19 +92,24 @@ class BlockSparseAdamW(torch.optim.AdamW):
 
     def _sparse_step(self, param: torch.Tensor, grad: torch.Tensor, group: dict, layer: LayerState) -> None:
         state = self.state[param]
+        capturable = group.get("capturable", False)
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # as torch's AdamW: the step count on the device when capturable, else on the host
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if capturable else "cpu")
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        elif capturable and state["step"].device != param.device:  # loaded from a host checkpoint
+            state["step"] = state["step"].to(param.device, torch.float32)
         state["step"] += 1
         layer.sync_layout()
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
+        if isinstance(lr, torch.Tensor) and not (capturable and lr.device == param.device and lr.dim() == 0):
             lr = float(lr)
+        step = state["step"] if capturable else int(state["step"].item())
         kernels.block_sparse_adamw_(
             param, grad, state["exp_avg"], state["exp_avg_sq"], self._layout(layer), lr=lr, beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=int(state["step"].item()),
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step,
         )
         self.sparse_updates += 1
 

@@ -128,7 +128,8 @@ def profile_step(step: Callable[[], None], path: str, log, rows: int = 25) -> Di
 def make_optimizer(kind: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """``foreach`` / ``fused``: torch's AdamW; ``block_sparse``: agpe's BlockSparseAdamW
     (live blocks of agpe weights only; its other parameters through fused AdamW);
-    ``graphed``: fused AdamW with ``capturable=True``, for the CUDA-graph step."""
+    ``graphed``: fused AdamW with ``capturable=True``, for the CUDA-graph step;
+    ``graphed_block_sparse``: BlockSparseAdamW with ``fused=True, capturable=True``, graphed."""
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if kind == "foreach":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -138,7 +139,9 @@ def make_optimizer(kind: str, model: nn.Module, device: torch.device) -> torch.o
         return agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-4, **fused)
     if kind == "graphed":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
-    raise ValueError(f"train_step: expected optimizer foreach/fused/block_sparse/graphed, got {kind!r}")
+    if kind == "graphed_block_sparse":
+        return agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+    raise ValueError(f"train_step: expected optimizer in {OPTIMIZERS}, got {kind!r}")
 
 
 def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor,
@@ -155,13 +158,14 @@ def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor,
 
 def make_step(kind: str, compiled: Callable, model: nn.Module, x: torch.Tensor,
               device: torch.device) -> Callable[[], None]:
-    """The timed step for optimizer ``kind``; ``graphed`` replays the whole step (forward,
-    backward, capturable fused AdamW) as one CUDA graph through ``agpe_compile.GraphedStep``."""
+    """The timed step for optimizer ``kind``; ``graphed`` and ``graphed_block_sparse`` replay
+    the whole step (forward, backward, capturable optimizer) as one CUDA graph through
+    ``agpe_compile.GraphedStep``."""
     optimizer = make_optimizer(kind, model, device)
     promised = [s for s in agpe_compile.layer_states(model).values() if s.zero_inactive]
     if promised:  # what the Sparsifier installs with its promise (Note [Zero inactive weights])
         install_zero_hooks(optimizer, promised)
-    if kind != "graphed":
+    if kind not in GRAPHED:
         return training_step(compiled, model, x, optimizer)
 
     def step() -> torch.Tensor:
@@ -210,7 +214,7 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     training_step(compiled_dense, dense, x)()
     results["dense_first_step_s"] = time.perf_counter() - t0
     results["dense_step_s_by_optimizer"] = {}
-    for kind in [k for k in optimizers if k != "block_sparse"]:
+    for kind in [k for k in optimizers if k not in BLOCK_SPARSE]:  # dense: torch's optimizers only
         try:
             seconds = measure(make_step(kind, compiled_dense, dense, x, device), warmup, iters)
         except Exception:  # report it and time the other variants rather than nothing
@@ -355,7 +359,9 @@ def schedule_compilations(steps: int, log) -> Dict:
             "schedule_final_density": sparsifier.global_density}
 
 
-OPTIMIZERS = ("foreach", "fused", "block_sparse", "graphed")
+OPTIMIZERS = ("foreach", "fused", "block_sparse", "graphed", "graphed_block_sparse")
+GRAPHED = ("graphed", "graphed_block_sparse")
+BLOCK_SPARSE = ("block_sparse", "graphed_block_sparse")
 
 
 def check_args(parser: argparse.ArgumentParser, args, device: torch.device):
@@ -373,14 +379,15 @@ def check_args(parser: argparse.ArgumentParser, args, device: torch.device):
         if not 0 < density <= 1:
             parser.error(f"--densities: expected densities in (0, 1], got {density:g}")
         densities.append(density)
-    text = args.optimizers or ("fused,block_sparse,graphed" if device.type == "cuda" else "foreach,fused,block_sparse")
+    text = args.optimizers or ("fused,block_sparse,graphed,graphed_block_sparse" if device.type == "cuda"
+                               else "foreach,fused,block_sparse")
     optimizers = [k.strip() for k in text.split(",")]
     unknown = [k for k in optimizers if k not in OPTIMIZERS]
     if unknown:
         parser.error(f"--optimizers: unknown {unknown}; expected a comma-separated subset of {OPTIMIZERS}")
-    if "graphed" in optimizers and device.type != "cuda":
-        parser.error("--optimizers: graphed needs CUDA (a CUDA-graph step)")
-    if all(k == "block_sparse" for k in optimizers):
+    if any(k in GRAPHED for k in optimizers) and device.type != "cuda":
+        parser.error("--optimizers: graphed and graphed_block_sparse need CUDA (a CUDA-graph step)")
+    if all(k in BLOCK_SPARSE for k in optimizers):
         parser.error("--optimizers: expected at least one of foreach, fused, graphed (the dense baseline "
                      "uses the fastest of those)")
     if args.out:
@@ -416,8 +423,9 @@ def main(argv=None) -> None:
                         help="agpe densities to time (comma-separated)")
     parser.add_argument("--optimizers", default=None,
                         help="AdamW variants to time: foreach, fused (torch), block_sparse (agpe), graphed (fused, "
-                             "capturable, whole step in a CUDA graph; CUDA only). Default: fused,block_sparse,graphed "
-                             "on CUDA, foreach,fused,block_sparse on CPU")
+                             "capturable, whole step in a CUDA graph; CUDA only), graphed_block_sparse (agpe's, "
+                             "capturable, graphed; CUDA only). Default: fused,block_sparse,graphed,"
+                             "graphed_block_sparse on CUDA, foreach,fused,block_sparse on CPU")
     parser.add_argument("--no-mask-update", action="store_true", help="skip timing the Sparsifier's mask update")
     parser.add_argument("--schedule-steps", type=int, default=2000,
                         help="length of the simulated AGPE schedule whose compilations are counted")

@@ -298,6 +298,7 @@ def test_kernels_benchmark_refuses_a_folder_as_out(capsys, tmp_path):
     (["--schedule-steps", "-1"], "--schedule-steps: expected an integer >= 0, got -1"),
     (["--optimizers", "adam"], "--optimizers: unknown ['adam']"),
     (["--optimizers", "block_sparse"], "--optimizers: expected at least one of foreach, fused, graphed"),
+    (["--optimizers", "fused,graphed_block_sparse"], "graphed and graphed_block_sparse need CUDA"),
     (["--out", "/proc/agpe-no-such-folder/t.json"], "--out: cannot create the folder"),
 ])
 def test_train_step_benchmark_checks_its_flags(capsys, args, message):

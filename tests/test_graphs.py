@@ -49,10 +49,11 @@ def test_graphed_step_needs_a_cuda_model():
         GraphedStep(None, model)
 
 
-def _train(graphed: bool, steps: int = 24):
+def _train(graphed: bool, steps: int = 24, block_sparse: bool = False):
     torch.manual_seed(0)
     model = MLP((256, 512, 512, 64)).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    kind = agpe_compile.BlockSparseAdamW if block_sparse else torch.optim.AdamW
+    optimizer = kind(model.parameters(), lr=1e-3, fused=True, capturable=True)
     config = agpe_compile.AGPEConfig(target_sparsity=0.9, policy="gmp", block_size=32, update_interval=2,
                                      end_step=16)
     sparsifier = agpe_compile.Sparsifier(model, optimizer, config)
@@ -89,11 +90,12 @@ def _train(graphed: bool, steps: int = 24):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graphed_training_matches_eager_across_mask_updates_and_crossings():
+@pytest.mark.parametrize("block_sparse", [False, True], ids=["adamw", "block-sparse-adamw"])
+def test_graphed_training_matches_eager_across_mask_updates_and_crossings(block_sparse):
     torch._dynamo.reset()
-    eager_losses, eager_masks, eager_model, _, eager_layouts, _ = _train(graphed=False)
+    eager_losses, eager_masks, eager_model, _, eager_layouts, _ = _train(graphed=False, block_sparse=block_sparse)
     torch._dynamo.reset()
-    losses, masks, model, graphed, layouts, sparsifier = _train(graphed=True)
+    losses, masks, model, graphed, layouts, sparsifier = _train(graphed=True, block_sparse=block_sparse)
     assert sparsifier.global_density < 0.2  # the schedule really pruned
     assert len(layouts) >= 3  # ... across several bucket crossings
     # One capture per distinct layout the step ran with (the last one's layout set is
@@ -109,19 +111,19 @@ def test_graphed_training_matches_eager_across_mask_updates_and_crossings():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_block_sparse_adamw_refuses_capture():
+def test_block_sparse_adamw_refuses_capture_unless_capturable():
     model = MLP((256, 512, 64)).cuda()
     agpe_compile.prepare(model, options={"block_size": 32})
     cmodel = torch.compile(model, backend="agpe")
     x = torch.randn(32, 256, device="cuda")
-    optimizer = agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-3)
+    optimizer = agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-3)  # capturable=False
 
     def step():
         cmodel(x).square().mean().backward()
         optimizer.step()
 
     graphed = GraphedStep(step, model, optimizer)
-    with pytest.raises(RuntimeError, match="BlockSparseAdamW cannot be captured"):
+    with pytest.raises(RuntimeError, match="BlockSparseAdamW cannot be captured in a CUDA graph without capturable"):
         graphed()
     assert graphed.graph is None and graphed.captures == 0
 

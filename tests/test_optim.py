@@ -108,3 +108,57 @@ def test_state_dict_round_trip_and_sparsifier_moment_reset():
     blocks[0, 0] = True
     assert zero_optimizer_state(optimizer, weight, blocks, 16) == ["exp_avg", "exp_avg_sq"]
     assert not optimizer.state[weight]["exp_avg"][:16, :16].any()
+
+
+def _weights(model):
+    return [layer.weight for layer in model.layers]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_capturable_reads_step_and_lr_on_the_device_and_matches_adamw(tensor_lr):
+    # capturable=True: the kernel takes the step count (and a tensor lr) from 0-d tensors
+    # on the parameters' device, so a CUDA graph can replay the step (Note in optim.py).
+    # Here on the CPU under the interpreter; a scheduler changes lr between steps.
+    reference, sparse = _model(), _model()
+    options = dict(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    adamw = torch.optim.AdamW(_weights(reference), lr=1e-2, **options)
+    lr = torch.tensor(1e-2) if tensor_lr else 1e-2
+    block_sparse = agpe_compile.BlockSparseAdamW(_weights(sparse), lr=lr, capturable=True, **options)
+    for step in range(4):
+        _train(reference, adamw, steps=1)
+        _train(sparse, block_sparse, steps=1)
+        for optimizer in (adamw, block_sparse):  # a schedule: lr halves after each step
+            group = optimizer.param_groups[0]
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].mul_(0.5)
+            else:
+                group["lr"] = group["lr"] * 0.5
+    assert block_sparse.sparse_updates == 2 * 4
+    for p, q in zip(_weights(reference), _weights(sparse)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(block_sparse.state[q][key], adamw.state[p][key], rtol=1e-5, atol=1e-7)
+        step = block_sparse.state[q]["step"]
+        assert step.device == q.device and step.dim() == 0 and float(step) == 4.0
+
+
+def test_capturable_state_loads_from_a_host_checkpoint():
+    model = _model()
+    plain = agpe_compile.BlockSparseAdamW(_weights(model), lr=1e-2)
+    _train(model, plain, steps=2)
+    capturable = agpe_compile.BlockSparseAdamW(_weights(model), lr=1e-2, capturable=True)
+    capturable.load_state_dict(plain.state_dict())
+    _train(model, capturable, steps=1)
+    assert float(capturable.state[model.layers[0].weight]["step"]) == 3.0
+
+
+def test_kernel_refuses_step_and_lr_tensors_it_cannot_read():
+    p = torch.zeros(32, 32)
+    layout = build_layout(torch.ones(2, 2, dtype=torch.bool), 16)
+    args = (p, p.clone(), p.clone(), p.clone(), layout)
+    with pytest.raises(ValueError, match="step as a number or a 0-d floating tensor"):
+        block_sparse_adamw_(*args, lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, step=torch.ones(1))
+    with pytest.raises(ValueError, match="lr as a number or a 0-d floating tensor"):
+        block_sparse_adamw_(*args, lr=torch.tensor(1), beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, step=1)
+    with pytest.raises(ValueError, match="step >= 1"):
+        block_sparse_adamw_(*args, lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, step=True)

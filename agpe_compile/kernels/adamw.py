@@ -11,6 +11,12 @@ formulas (decoupled weight decay, bias-corrected moments):
 Inactive blocks are never read or written. Under the Sparsifier's invariant (inactive
 weights, gradients and moments exactly zero) dense AdamW leaves them at zero too, so the
 two optimizers compute the same model; this one moves density x the bytes.
+
+The step count t and the learning rate come either as numbers from the host (``step_size``
+and ``bias_correction2_sqrt`` precomputed) or, for CUDA-graph capture (``capturable``),
+from 0-d device tensors read by every program (STEP_ON_DEVICE, LR_ON_DEVICE): a replayed
+graph then sees the step the optimizer counted on the device and the learning rate a
+scheduler wrote into the tensor, as torch's capturable AdamW does.
 """
 
 import triton
@@ -19,13 +25,22 @@ import triton.language as tl
 
 @triton.jit
 def adamw_blocks_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr,
+    p_ptr, g_ptr, m_ptr, v_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr, step_ptr, lr_ptr,
     stride_n, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
-    BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, STEP_ON_DEVICE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
 ):
     slot = tl.program_id(0)
     if slot >= tl.load(live_count_ptr):
         return
+    rate = lr
+    if LR_ON_DEVICE:
+        rate = tl.load(lr_ptr).to(tl.float32)
+    size = step_size
+    correction2_sqrt = bias_correction2_sqrt
+    if STEP_ON_DEVICE:
+        t = tl.load(step_ptr).to(tl.float32)
+        size = rate / (1.0 - tl.exp(t * tl.log(beta1)))
+        correction2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.log(beta2)))
     block_row = tl.load(slot_row_ptr + slot)
     block_col = tl.load(col_idx_ptr + slot)
     cols = block_col * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -36,10 +51,10 @@ def adamw_blocks_kernel(
         g = tl.load(g_ptr + offs).to(tl.float32)
         m = tl.load(m_ptr + offs).to(tl.float32)
         v = tl.load(v_ptr + offs).to(tl.float32)
-        p = p * (1.0 - lr * weight_decay)
+        p = p * (1.0 - rate * weight_decay)
         m = m + (1.0 - beta1) * (g - m)
         v = v * beta2 + (1.0 - beta2) * g * g
-        p = p - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+        p = p - size * m / (tl.sqrt(v) / correction2_sqrt + eps)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty))
         tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty))
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty))

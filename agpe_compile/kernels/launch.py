@@ -424,12 +424,14 @@ def mask_and_score_(
 
 def block_sparse_adamw_(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    layout: BlockLayout, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+    layout: BlockLayout, *, lr, beta1: float, beta2: float, eps: float, weight_decay: float, step,
 ) -> None:
     """One AdamW step on the live blocks of ``param`` only, IN PLACE (kernels/adamw.py).
 
     All four tensors are [N, K] (the layout's shape), contiguous, on one device, and of one
-    dtype; ``step`` is the step count after this update (1 on the first).
+    dtype. ``step`` is the step count after this update (1 on the first): an int, or a 0-d
+    float tensor on ``param``'s device that the kernel reads (CUDA-graph capture). ``lr`` is
+    a float, or such a 0-d tensor. Nothing here reads a device tensor on the host.
     """
     check_layout(layout)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -437,18 +439,35 @@ def block_sparse_adamw_(
     check_operands(layout, param, [grad, exp_avg, exp_avg_sq])
     if not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)):
         raise ValueError("agpe kernels: expected contiguous param, grad and AdamW moments")
-    if step < 1:
-        raise ValueError(f"agpe kernels: expected step >= 1, got {step}")
+    step_on_device = _device_scalar("step", step, param.device)
+    lr_on_device = _device_scalar("lr", lr, param.device)
+    if not step_on_device:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"agpe kernels: expected step >= 1 (an int or a 0-d tensor), got {step!r}")
     require_triton()
     from .adamw import adamw_blocks_kernel
 
     b = layout.block_size
+    rate = 0.0 if lr_on_device else float(lr)
+    step_size, correction2_sqrt = (0.0, 1.0) if step_on_device else (
+        rate / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5)
     launcher(adamw_blocks_kernel, (layout.capacity,), param.device)(
         param, grad, exp_avg, exp_avg_sq, layout.slot_row, layout.col_idx, layout.live_count,
-        param.stride(0), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        float(lr) / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5,
-        BLOCK_SIZE=b, ROWS=min(b, 32), num_warps=4, num_stages=1,
+        step if step_on_device else layout.live_count, lr if lr_on_device else layout.live_count,
+        param.stride(0), rate, float(beta1), float(beta2), float(eps), float(weight_decay), step_size, correction2_sqrt,
+        BLOCK_SIZE=b, ROWS=min(b, 32), STEP_ON_DEVICE=step_on_device, LR_ON_DEVICE=lr_on_device,
+        num_warps=4, num_stages=1,
     )
+
+
+def _device_scalar(name: str, value, device: torch.device) -> bool:
+    """Whether ``value`` is a 0-d floating tensor on ``device`` (read by the kernel)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.dim() != 0 or not value.is_floating_point() or value.device != device:
+        raise ValueError(f"agpe kernels: expected {name} as a number or a 0-d floating tensor on {device}, "
+                         f"got a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}")
+    return True
 
 
 # Note [Kernel operands]

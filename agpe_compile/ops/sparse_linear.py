@@ -121,12 +121,16 @@ def _backward_impl(
 
 
 def accumulate_scores(scores, dense_sq, saliency, dense_grad_sq, counters, rows: int) -> None:
-    """Add one call's scores to the running sums if all are finite, else count a skip."""
+    """Add one call's scores to the running sums if all are finite, else count a skip.
+
+    counters += [rows, not finite] in ONE in-place op on the whole buffer: two updates of
+    its slices compiled to two more kernel launches per layer and step on the GPU (ninth
+    session's Inductor code), and launches are what a non-graphed step's host time is."""
     finite = torch.isfinite(scores).all() & torch.isfinite(dense_sq).all()
     saliency.add_(torch.where(finite, scores, torch.zeros_like(scores)))
     dense_grad_sq.add_(torch.where(finite, dense_sq, torch.zeros_like(dense_sq)))
-    counters.narrow(0, 0, 1).add_(rows)  # aten views, not Python indexing: traceable on fake CUDA
-    counters.narrow(0, 1, 1).add_(torch.logical_not(finite).to(counters.dtype))
+    first = torch.arange(2, device=counters.device) == 0
+    counters.add_(torch.where(first, rows, torch.logical_not(finite).to(counters.dtype)))
 
 
 _MUTATED = ("saliency", "dense_grad_sq", "counters")
