@@ -8,7 +8,7 @@
 # PARTS picks the sections (default: "tests diagnose kernels train"; also "tma" and "probe");
 # a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
-# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 230 s)
+# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 290 s)
 # times the training step with AGPE_TMA=auto and AGPE_TMA=off one after the other (Note
 # [TMA by default] in agpe_compile/kernels/launch.py); "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
@@ -46,12 +46,15 @@ if has train; then
   TORCH_LOGS="${TRAIN_STEP_LOGS:-output_code}" TORCH_LOGS_OUT="$RUN_DIR/output_code.txt" \
     timeout -k 10 300 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-0} --profile --profile-rows 60 \
     ${TRAIN_STEP_ARGS:-} --out "$RUN_DIR/train_step.json" 2>&1 | tee "$RUN_DIR/train_step.txt" | tail -30
+  # kernels writing one value to several outputs (Note [Kernel operands]): none expected now
+  [ -f "$RUN_DIR/output_code.txt" ] && python benchmarks/inductor_copies.py "$RUN_DIR/output_code.txt" \
+    | tee "$RUN_DIR/inductor_copies.txt"
 fi
 # TMA on/off, one process each (the kernel choice is made when a graph is compiled); each
 # run times dense in the same process, so compare the agpe/dense ratios.
 if has tma; then
   for setting in auto off; do
-    AGPE_TMA=$setting timeout -k 10 115 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
+    AGPE_TMA=$setting timeout -k 10 140 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
       --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
       > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1
     grep -E "ms/step|best at" "$RUN_DIR/train_step_tma_$setting.txt"
@@ -64,7 +67,7 @@ fi
 if [ -n "${OUT:-}" ]; then
   [ -f "$RUN_DIR/output_code.txt" ] && gzip -f "$RUN_DIR/output_code.txt"
   tar czf "$OUT/gpu_session.tgz" -C "$RUN_DIR" .
-  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
   ls -la "$OUT"
 fi
 # The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):
