@@ -27,7 +27,11 @@ optimizer step can be captured and replayed by :class:`agpe_compile.GraphedStep`
 (``fused=True, capturable=True`` gives the other parameters torch's fused capturable
 path). Without it the bias correction is computed on the host from the step count, and
 capture is refused. A float ``lr`` is baked into a captured graph (as with torch's
-optimizers): give a tensor ``lr`` to a scheduler that changes it between replays.
+optimizers): give a 0-d tensor ``lr`` on the parameters' device to a scheduler that changes
+it between replays. ``load_state_dict`` replaces the parameter groups with the saved ones,
+``capturable`` included (as torch's AdamW does): set ``group["capturable"] = True`` again
+after loading a checkpoint saved without it. With ``capturable=True`` the parameters that
+take AdamW's own path (biases, norms) must be on a GPU, as torch requires.
 
 Example::
 
@@ -60,6 +64,7 @@ class BlockSparseAdamW(torch.optim.AdamW):
                 raise ValueError(f"BlockSparseAdamW: expected {bad[0]}=False (not supported), got True")
         self.sparse_updates = 0  # parameters stepped on the block-sparse path, cumulative
         self._layouts = {}
+        self._log_betas = {}  # (device, beta1, beta2) -> kernels.adamw_log_betas, for capture
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -75,10 +80,17 @@ class BlockSparseAdamW(torch.optim.AdamW):
                 "BlockSparseAdamW(..., fused=True, capturable=True) for agpe_compile.GraphedStep")
         sparse: List[Tuple[torch.Tensor, torch.Tensor, dict, LayerState]] = []
         for group in self.param_groups:
+            # groups added or loaded after __init__ are checked here too
+            bad = [name for name in _UNSUPPORTED if group.get(name)]
+            if bad:
+                raise ValueError(f"BlockSparseAdamW: expected {bad[0]}=False in every parameter group (not "
+                                 f"supported), got True")
             for param in group["params"]:
                 state = state_of(param)
                 if param.grad is not None and state is not None and _sparse_ok(param, state):
                     sparse.append((param, param.grad, group, state))
+            if group.get("capturable", False):
+                _check_capturable_group(group, {id(p) for p, _, _, _ in sparse})
         for param, _, _, _ in sparse:  # hidden from AdamW's dense step, restored below
             param.grad = None
         try:
@@ -93,6 +105,17 @@ class BlockSparseAdamW(torch.optim.AdamW):
     def _sparse_step(self, param: torch.Tensor, grad: torch.Tensor, group: dict, layer: LayerState) -> None:
         state = self.state[param]
         capturable = group.get("capturable", False)
+        lr = group["lr"]  # checked before the step count moves
+        if isinstance(lr, torch.Tensor):
+            if capturable:
+                if lr.dim() != 0 or lr.device != param.device:
+                    raise ValueError(f"BlockSparseAdamW: with capturable=True, expected lr as a float or a 0-d "
+                                     f"tensor on {param.device}, got a tensor of shape {tuple(lr.shape)} on "
+                                     f"{lr.device}")
+                if not lr.is_floating_point():
+                    lr = lr.float()
+            else:
+                lr = float(lr)
         if len(state) == 0:
             # as torch's AdamW: the step count on the device when capturable, else on the host
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if capturable else "cpu")
@@ -103,13 +126,16 @@ class BlockSparseAdamW(torch.optim.AdamW):
         state["step"] += 1
         layer.sync_layout()
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and not (capturable and lr.device == param.device and lr.dim() == 0):
-            lr = float(lr)
         step = state["step"] if capturable else int(state["step"].item())
+        log_betas = None
+        if capturable:
+            key = (param.device, float(beta1), float(beta2))
+            log_betas = self._log_betas.get(key)
+            if log_betas is None:  # made on the first (eager) step, reused inside a capture
+                log_betas = self._log_betas[key] = kernels.adamw_log_betas(beta1, beta2, param.device)
         kernels.block_sparse_adamw_(
             param, grad, state["exp_avg"], state["exp_avg_sq"], self._layout(layer), lr=lr, beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step, log_betas=log_betas,
         )
         self.sparse_updates += 1
 
@@ -121,6 +147,16 @@ class BlockSparseAdamW(torch.optim.AdamW):
             cached = (layer.block_layout, layer.layout())
             self._layouts[id(layer)] = cached
         return cached[1]
+
+
+def _check_capturable_group(group: dict, sparse_ids) -> None:
+    """torch's capturable AdamW asserts that its parameters are on a GPU; say which ones."""
+    on_cpu = [tuple(p.shape) for p in group["params"]
+              if p.grad is not None and id(p) not in sparse_ids and p.device.type == "cpu"]
+    if on_cpu:
+        raise ValueError(f"BlockSparseAdamW: capturable=True needs the parameters that take AdamW's own path "
+                         f"(not agpe weights: biases, norms, embeddings) on a GPU; got CPU parameters of shapes "
+                         f"{on_cpu[:4]}{' ...' if len(on_cpu) > 4 else ''}")
 
 
 def _sparse_ok(param: torch.Tensor, layer: LayerState) -> bool:

@@ -148,8 +148,53 @@ def test_capturable_state_loads_from_a_host_checkpoint():
     _train(model, plain, steps=2)
     capturable = agpe_compile.BlockSparseAdamW(_weights(model), lr=1e-2, capturable=True)
     capturable.load_state_dict(plain.state_dict())
+    assert capturable.param_groups[0]["capturable"] is False  # the saved groups replace ours, as in torch
+    capturable.param_groups[0]["capturable"] = True  # what the docstring tells a user to do
     _train(model, capturable, steps=1)
-    assert float(capturable.state[model.layers[0].weight]["step"]) == 3.0
+    step = capturable.state[model.layers[0].weight]["step"]
+    assert step.dim() == 0 and step.dtype == torch.float32 and float(step) == 3.0
+
+
+def test_capturable_bias_correction_keeps_double_precision():
+    # 1 - beta^t on the device comes from log(beta) in double (kernels/adamw.py): with
+    # extreme betas the capturable step matches the host path, which computes it in double.
+    host, device = _model(), _model()
+    options = dict(lr=1e-2, betas=(0.5, 0.99999), eps=1e-8, weight_decay=0.1)
+    plain = agpe_compile.BlockSparseAdamW(_weights(host), **options)
+    capturable = agpe_compile.BlockSparseAdamW(_weights(device), capturable=True, **options)
+    _train(host, plain, steps=40)
+    _train(device, capturable, steps=40)
+    for p, q in zip(_weights(host), _weights(device)):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_takes_a_tensor_lr_with_an_int_step():
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    layout = build_layout(mask, 16)
+    results = []
+    for lr in (0.1, torch.tensor(0.1)):
+        p, grad = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)), torch.ones(32, 32)
+        m, v = torch.zeros(32, 32), torch.zeros(32, 32)
+        block_sparse_adamw_(p, grad, m, v, layout, lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=2)
+        results.append(p)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_groups_added_later_and_bad_capturable_inputs_are_refused_before_the_step_moves():
+    model = _model()
+    optimizer = agpe_compile.BlockSparseAdamW([model.layers[0].weight], lr=1e-2, capturable=True)
+    optimizer.add_param_group({"params": [model.layers[1].weight], "amsgrad": True})
+    with pytest.raises(ValueError, match="expected amsgrad=False in every parameter group"):
+        _train(model, optimizer, steps=1)
+    optimizer = agpe_compile.BlockSparseAdamW(_weights(model), lr=torch.tensor([1e-2]), capturable=True)
+    with pytest.raises(ValueError, match="with capturable=True, expected lr as a float or a 0-d tensor"):
+        _train(model, optimizer, steps=1)
+    assert not any("step" in s for s in optimizer.state.values())  # nothing counted, no state made
+    optimizer = agpe_compile.BlockSparseAdamW(_weights(model), lr=torch.tensor(1), capturable=True)
+    _train(model, optimizer, steps=1)  # an integer lr tensor is taken as a float
+    optimizer = agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-2, capturable=True)
+    with pytest.raises(ValueError, match="capturable=True needs the parameters that take AdamW's own path"):
+        _train(model, optimizer, steps=1)  # the biases are on the CPU
 
 
 def test_kernel_refuses_step_and_lr_tensors_it_cannot_read():

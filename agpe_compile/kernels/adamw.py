@@ -12,11 +12,13 @@ Inactive blocks are never read or written. Under the Sparsifier's invariant (ina
 weights, gradients and moments exactly zero) dense AdamW leaves them at zero too, so the
 two optimizers compute the same model; this one moves density x the bytes.
 
-The step count t and the learning rate come either as numbers from the host (``step_size``
-and ``bias_correction2_sqrt`` precomputed) or, for CUDA-graph capture (``capturable``),
-from 0-d device tensors read by every program (STEP_ON_DEVICE, LR_ON_DEVICE): a replayed
-graph then sees the step the optimizer counted on the device and the learning rate a
-scheduler wrote into the tensor, as torch's capturable AdamW does.
+The step count t and the learning rate come either as numbers from the host (the bias
+corrections precomputed in double) or, for CUDA-graph capture (``capturable``), from 0-d
+device tensors read by every program (STEP_ON_DEVICE, LR_ON_DEVICE; each independently):
+a replayed graph then sees the step the optimizer counted on the device and the learning
+rate a scheduler wrote into the tensor, as torch's capturable AdamW does. On the device
+the corrections 1 - beta^t are computed in fp64 from log(beta) (``log_betas``, computed
+on the host in double).
 """
 
 import triton
@@ -25,8 +27,8 @@ import triton.language as tl
 
 @triton.jit
 def adamw_blocks_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr, step_ptr, lr_ptr,
-    stride_n, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
+    p_ptr, g_ptr, m_ptr, v_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr, step_ptr, lr_ptr, log_betas_ptr,
+    stride_n, lr, beta1, beta2, eps, weight_decay, inv_bias_correction1, bias_correction2_sqrt,
     BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, STEP_ON_DEVICE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
 ):
     slot = tl.program_id(0)
@@ -35,12 +37,15 @@ def adamw_blocks_kernel(
     rate = lr
     if LR_ON_DEVICE:
         rate = tl.load(lr_ptr).to(tl.float32)
-    size = step_size
+    inv_correction1 = inv_bias_correction1
     correction2_sqrt = bias_correction2_sqrt
     if STEP_ON_DEVICE:
-        t = tl.load(step_ptr).to(tl.float32)
-        size = rate / (1.0 - tl.exp(t * tl.log(beta1)))
-        correction2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.log(beta2)))
+        # 1 - beta^t in fp64 from log(beta) computed on the host in double: in fp32,
+        # 1 - exp(t * log(beta)) cancels (beta2 = 0.9999 lost 2e-4 relative).
+        t = tl.load(step_ptr).to(tl.float64)
+        inv_correction1 = (1.0 / (1.0 - tl.exp(t * tl.load(log_betas_ptr)))).to(tl.float32)
+        correction2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.load(log_betas_ptr + 1))).to(tl.float32)
+    size = rate * inv_correction1
     block_row = tl.load(slot_row_ptr + slot)
     block_col = tl.load(col_idx_ptr + slot)
     cols = block_col * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)

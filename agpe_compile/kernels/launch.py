@@ -425,13 +425,17 @@ def mask_and_score_(
 def block_sparse_adamw_(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     layout: BlockLayout, *, lr, beta1: float, beta2: float, eps: float, weight_decay: float, step,
+    log_betas: Optional[torch.Tensor] = None,
 ) -> None:
     """One AdamW step on the live blocks of ``param`` only, IN PLACE (kernels/adamw.py).
 
     All four tensors are [N, K] (the layout's shape), contiguous, on one device, and of one
     dtype. ``step`` is the step count after this update (1 on the first): an int, or a 0-d
     float tensor on ``param``'s device that the kernel reads (CUDA-graph capture). ``lr`` is
-    a float, or such a 0-d tensor. Nothing here reads a device tensor on the host.
+    a float, or such a 0-d tensor. With a step tensor, ``log_betas`` may give
+    ``[log(beta1), log(beta2)]`` as a float64 tensor on the device (made here otherwise: a
+    host-to-device copy, which a CUDA-graph capture cannot contain; BlockSparseAdamW keeps
+    one). Nothing here reads a device tensor on the host.
     """
     check_layout(layout)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -444,20 +448,37 @@ def block_sparse_adamw_(
     if not step_on_device:
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ValueError(f"agpe kernels: expected step >= 1 (an int or a 0-d tensor), got {step!r}")
+    if step_on_device:
+        if log_betas is None:
+            log_betas = adamw_log_betas(beta1, beta2, param.device)
+        elif (log_betas.shape != (2,) or log_betas.dtype != torch.float64 or log_betas.device != param.device):
+            raise ValueError(f"agpe kernels: expected log_betas as a float64 tensor of shape (2,) on "
+                             f"{param.device}, got {log_betas.dtype} {tuple(log_betas.shape)} on {log_betas.device}")
     require_triton()
     from .adamw import adamw_blocks_kernel
 
     b = layout.block_size
-    rate = 0.0 if lr_on_device else float(lr)
-    step_size, correction2_sqrt = (0.0, 1.0) if step_on_device else (
-        rate / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5)
+    inv_correction1, correction2_sqrt = (1.0, 1.0) if step_on_device else (
+        1.0 / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5)
     launcher(adamw_blocks_kernel, (layout.capacity,), param.device)(
         param, grad, exp_avg, exp_avg_sq, layout.slot_row, layout.col_idx, layout.live_count,
         step if step_on_device else layout.live_count, lr if lr_on_device else layout.live_count,
-        param.stride(0), rate, float(beta1), float(beta2), float(eps), float(weight_decay), step_size, correction2_sqrt,
+        log_betas if step_on_device else layout.live_count,
+        param.stride(0), 0.0 if lr_on_device else float(lr), float(beta1), float(beta2), float(eps),
+        float(weight_decay), inv_correction1, correction2_sqrt,
         BLOCK_SIZE=b, ROWS=min(b, 32), STEP_ON_DEVICE=step_on_device, LR_ON_DEVICE=lr_on_device,
         num_warps=4, num_stages=1,
     )
+
+
+def adamw_log_betas(beta1: float, beta2: float, device: torch.device) -> torch.Tensor:
+    """``[log(beta1), log(beta2)]`` in double, as the kernel's step-on-device path reads them."""
+    import math
+
+    def log(beta: float) -> float:
+        return math.log(beta) if beta > 0 else float("-inf")
+
+    return torch.tensor([log(float(beta1)), log(float(beta2))], dtype=torch.float64, device=device)
 
 
 def _device_scalar(name: str, value, device: torch.device) -> bool:
