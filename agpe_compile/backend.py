@@ -228,7 +228,10 @@ class AgpeBackend:
             return compile_fx(result.gm, inputs, config_patches=patches)
         from torch._dynamo.backends.debugging import aot_eager
 
-        return aot_eager(result.gm, inputs)
+        from agpe_compile.kernels.launch import traced_for_eager_replay
+
+        with traced_for_eager_replay():  # Note [TMA by default] in kernels/launch.py
+            return aot_eager(result.gm, inputs)
 
 
 def _keep_recompile_headroom(layers: int) -> None:

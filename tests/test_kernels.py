@@ -404,6 +404,91 @@ def test_traced_kernels_get_no_views_and_no_aliased_outputs(triton_kernels):
                 assert not others, (name, others, args)
 
 
+def test_split_partials_past_m_add_nothing(triton_kernels):
+    # A split that does not divide M leaves partials whose rows start past M (what a symbolic,
+    # dynamic-batch M can give at run time): they add zeros, in dW and in the bias gradient.
+    from agpe_compile.kernels import bias_grad
+
+    p = make_problem(70, 3, 4, 32, 0.5, torch.float32)  # interpreter tiles of 64 rows
+    layout = build_layout(p.mask, 32)
+    _, _, dw, _, _ = p.oracle()
+    for split in (2, 3, 5):
+        got = block_sparse_grad_weight(p.grad_out, p.x, layout, split=split)
+        torch.testing.assert_close(got.double(), dw, **TOLERANCES[torch.float32])
+    for split in (1, 3, 4):
+        torch.testing.assert_close(bias_grad(p.grad_out, split=split).double(), p.grad_out.double().sum(0),
+                                   **TOLERANCES[torch.float32])
+
+
+def test_launchers_trace_with_a_symbolic_row_count(triton_kernels):
+    # torch.compile recompiles with a symbolic M once the batch size changes; the split-K
+    # factors of dW and of the bias gradient must stay plain ints (launch.size_hint). One
+    # live block of four: few programs, so both launchers pick a split above 1.
+    code = FAKE_CUDA_HEADER + (
+        "from torch.fx.experimental.symbolic_shapes import ShapeEnv, DimDynamic\n"
+        "from torch._dynamo.source import ConstantSource\n"
+        "from agpe_compile.layout import BlockLayout, build_layout\n"
+        "from agpe_compile.kernels import (bias_grad, block_sparse_forward, block_sparse_grad_input,\n"
+        "                                  block_sparse_grad_weight, inactive_grad_sq_)\n"
+        "layout = build_layout(torch.tensor([[True, False], [False, False]]), 64)\n"
+        "env = ShapeEnv()\n"
+        "m = env.create_symintnode(env.create_symbol(1000, ConstantSource('m'), dynamic_dim=DimDynamic.DYNAMIC),\n"
+        "                          hint=1000)\n"
+        "with FakeTensorMode(shape_env=env):\n"
+        "    def e(*shape, dtype=torch.bfloat16):\n"
+        "        return torch.empty(shape, dtype=dtype, device='cuda')\n"
+        "    x, dy, w = e(3, m, 128), e(3, m, 128), e(128, 128)\n"
+        "    lay = BlockLayout.from_tensors([e(*t.shape, dtype=t.dtype) for t in layout.tensors()], block_size=64,\n"
+        "                                   bucket=layout.bucket)\n"
+        "    block_sparse_forward(x, w, lay)\n"
+        "    block_sparse_grad_input(dy, w, lay)\n"
+        "    dw = block_sparse_grad_weight(dy, x, lay, weight=w, saliency=e(2, 2, dtype=torch.float32),\n"
+        "                                  saliency_mode='taylor')\n"
+        "    inactive_grad_sq_(dy, x, lay, e(2, 2, dtype=torch.float32))\n"
+        "    db = bias_grad(dy)\n"
+        "    print('OK', tuple(dw.shape), tuple(db.shape))\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK (128, 128) (128,)" in result.stdout, result.stdout
+
+
+def test_forward_reads_a_strided_bias_right(triton_kernels):
+    p = make_problem(40, 3, 4, 32, 0.5, torch.float32)
+    layout = build_layout(p.mask, 32)
+    strided = torch.stack([p.bias, torch.full_like(p.bias, 1e3)], dim=1)[:, 0]  # stride 2
+    assert strided.stride(0) == 2
+    y, _, _, _, _ = p.oracle()
+    torch.testing.assert_close(block_sparse_forward(p.x, p.weight, layout, strided).double(), y,
+                               **TOLERANCES[torch.float32])
+
+
+def test_tma_device_refuses_a_misaligned_base(triton_kernels):
+    p = make_problem(64, 2, 2, 32, 1.0, torch.float32)
+    layout = build_layout(p.mask, 32)
+    shifted = torch.cat([torch.zeros(1), p.x.flatten()])[1:].view(p.x.shape)  # 4 bytes into its storage
+    with pytest.raises(ValueError, match="16-byte aligned, got an address 4 bytes"):
+        block_sparse_forward(shifted, p.weight, layout, tma="device")
+
+
+def test_tma_setting_is_not_followed_for_graphs_replayed_eagerly(monkeypatch):
+    # Note [TMA by default]: the backend's aot_eager lowering replays kernels through torch's
+    # wrapper, without Triton's scratch allocator: the setting cannot pick TMA there.
+    from agpe_compile.kernels import launch
+
+    x = torch.zeros(16, 32, dtype=torch.bfloat16)
+    monkeypatch.setattr(launch, "is_tracing", lambda: True)
+    monkeypatch.setattr(launch, "tma_applies", lambda *args, **kwargs: True)
+    monkeypatch.setenv("AGPE_TMA", "auto")
+    assert launch._tma_mode("auto", x, x) == "device"
+    with launch.traced_for_eager_replay():
+        assert launch._tma_mode("auto", x, x) is None
+        monkeypatch.setenv("AGPE_TMA", "device")
+        with pytest.raises(ValueError, match="AGPE_TMA=device needs the Inductor lowering"):
+            launch._tma_mode("auto", x, x)
+    assert launch._tma_mode("auto", x, x) == "device"
+
+
 def test_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"

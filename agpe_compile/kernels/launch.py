@@ -5,8 +5,10 @@ depend only on shapes and the layout's bucket (``layout.capacity`` or the block 
 on the live count, so one compiled launch serves every mask of the bucket and nothing here
 reads tensor contents on the host: the launchers can run inside a ``triton_op`` body.
 
-X [..., K] and dY [..., N] may be 2-D or 3-D; a contiguous batch is viewed as [M, K]
-without a copy and strides are passed through (transposed 2-D views work as well).
+X [..., K] and dY [..., N] may have any number of leading dimensions; a contiguous tensor
+reaches the kernels as itself with the strides of its [M, K] view (Note [Kernel operands]),
+others as that view (a copy only where the leading dimensions cannot be flattened), and
+strides are passed through (transposed 2-D views work as well).
 Triton is imported only when a kernel is first launched.
 
 Example::
@@ -20,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -48,6 +51,8 @@ def block_sparse_forward(
     check_operands(layout, weight, [x2])
     if bias is not None:
         check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
+        if bias.stride(0) != 1:  # the kernels read bias[n] at bias_ptr + n
+            bias = bias.contiguous()
     require_triton()
     tma = _tma_mode(tma, x2, weight)
     if tma == "host":
@@ -150,8 +155,11 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # the same function, so the choice is speed only. AGPE_TMA=device forces them (raising on
 # operands they cannot take). The default is still "off": the first GPU run with "auto"
 # found eager autograd's backward (another thread) launching without Triton's scratch
-# allocator, fixed below (_ensure_scratch_allocator) but not yet re-run on a GPU. fp32
-# (tf32) stays on the plain kernels: its TMA variant has not been timed.
+# allocator, fixed below (_ensure_scratch_allocator) but not yet re-run on a GPU. Graphs
+# the backend lowers with aot_eager (inductor=False) replay their kernels through torch's
+# own wrapper, which sets no allocator either: the setting does not apply to launches
+# traced for them (traced_for_eager_replay). fp32 (tf32) stays on the plain kernels: its
+# TMA variant has not been timed.
 TMA_ENV = "AGPE_TMA"
 _TMA_ENV_VALUES = ("off", "auto", "device")
 
@@ -184,10 +192,32 @@ def _tma_setting() -> str:
     return value
 
 
+_REPLAYED_EAGERLY = {"depth": 0}
+
+
+@contextlib.contextmanager
+def traced_for_eager_replay():
+    """Launches traced inside this block are replayed by torch's own kernel wrapper, not by
+    Inductor (the backend's aot_eager lowering): that wrapper does not set Triton's scratch
+    allocator, and autograd replays the backward on a thread where none is set, so the TMA
+    kernels (which need it) are not chosen by the AGPE_TMA setting there."""
+    _REPLAYED_EAGERLY["depth"] += 1
+    try:
+        yield
+    finally:
+        _REPLAYED_EAGERLY["depth"] -= 1
+
+
 def _tma_mode(tma, *operands) -> Optional[str]:
     if tma == "auto":
         setting = _tma_setting()
         if setting == "off":
+            return None
+        if _REPLAYED_EAGERLY["depth"] and is_tracing():
+            if setting == "device":
+                raise ValueError(f"agpe kernels: {TMA_ENV}=device needs the Inductor lowering (the backend's "
+                                 f"default): graphs lowered with inductor=False replay kernels without Triton's "
+                                 f"scratch allocator; use {TMA_ENV}=auto or off")
             return None
         if setting == "device":
             return "device"
@@ -202,11 +232,14 @@ def _tma_mode(tma, *operands) -> Optional[str]:
 
 
 def _check_tma_operand(name: str, t: torch.Tensor) -> None:
-    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows.
-    (The base's alignment is checked at launch by Triton for pointer arguments.)"""
+    """TMA's rules for a 2-D operand: contiguous last dimension, 16-byte aligned rows and
+    base (the base from the storage offset when tracing, from the address otherwise)."""
     if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16:
         raise ValueError(f"agpe kernels: the TMA kernels need {name} with a contiguous last dimension and "
                          f"16-byte aligned rows, got strides {tuple(t.stride())}")
+    if (t.storage_offset() * t.element_size()) % 16 or (not is_tracing() and t.data_ptr() % 16):
+        raise ValueError(f"agpe kernels: the TMA kernels need {name} 16-byte aligned, got an address "
+                         f"{t.storage_offset() * t.element_size()} bytes into its storage")
 
 
 def _torch_scratch(size: int, alignment: int, stream):
@@ -266,11 +299,12 @@ def block_sparse_grad_weight(
     m = dy2.shape[0]
     interpreted = is_interpreted(grad_weight_kernel)
     if split is None:
-        split = split_for(layout.capacity, m, cfg.block_m, x.device, interpreted)
+        split = split_for(layout.capacity, size_hint(m), cfg.block_m, x.device, interpreted)
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"agpe kernels: expected split to be a positive int, got {split!r}")
-    m_chunk = cdiv(cdiv(max(m, 1), split), cfg.block_m) * cfg.block_m
-    split = max(1, cdiv(m, m_chunk))  # no empty partial
+    # A partial whose rows start past M adds zeros: the split need not divide M evenly, so it
+    # stays one number for a symbolic (dynamic-batch) M.
+    m_chunk = cdiv(cdiv(torch.sym_max(m, 1), split), cfg.block_m) * cfg.block_m
     dw = torch.zeros(layout.shape, dtype=x.dtype, device=x.device)
     # Unused pointer arguments get a read-only layout tensor, never dw (Note [Kernel operands])
     w = weight if weight is not None else layout.block_slot  # read only when the mode needs it
@@ -294,6 +328,16 @@ def block_sparse_grad_weight(
             BLOCK_SIZE=b, SALIENCY=mode, SPLIT=split, num_warps=8 if b >= 128 else 4, num_stages=1,
         )
     return dw
+
+
+def size_hint(n) -> int:
+    """A plain int for a row count that may be symbolic (a compiled graph with a dynamic batch
+    size): its size hint, or 0 without one. Only launch choices (split-K factors) use it; the
+    kernels get the symbolic count itself, so every batch size computes the right result."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else 0
 
 
 def split_for(capacity: int, m: int, block_m: int, device: torch.device, interpreted: bool = False) -> int:
@@ -333,11 +377,11 @@ def bias_grad(grad_out: torch.Tensor, *, split: Optional[int] = None) -> torch.T
     if m == 0:
         return torch.zeros(n, dtype=grad_out.dtype, device=grad_out.device)
     if split is None:  # enough programs for ~4 waves on the GPU, each summing at least one BLOCK_M slab
-        split = 1 if interpreted else min(cdiv(4 * _multiprocessors(grad_out.device), tiles), cdiv(m, block_m))
+        split = 1 if interpreted else min(cdiv(4 * _multiprocessors(grad_out.device), tiles),
+                                          max(1, cdiv(size_hint(m), block_m)))
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"agpe kernels: expected split to be a positive int, got {split!r}")
-    rows_per_split = cdiv(cdiv(m, split), block_m) * block_m
-    split = cdiv(m, rows_per_split)
+    rows_per_split = cdiv(cdiv(m, split), block_m) * block_m  # a partial past M sums to zero
     partial = torch.empty((split, n), dtype=torch.float32, device=grad_out.device)
     launcher(column_sum_kernel, (tiles, split), grad_out.device)(
         kernel_operand(grad_out, g2), partial, m, n, rows_per_split, *g2.stride(), BLOCK_M=block_m, BLOCK_N=block_n,
