@@ -803,3 +803,15 @@ def test_agpe_tma_setting_is_validated_and_off_forces_the_plain_kernels(triton_k
     monkeypatch.setenv("AGPE_TMA", "device")  # forced: the TMA kernel, same result
     torch.testing.assert_close(block_sparse_forward(p.x, p.weight, layout, p.bias),
                                block_sparse_forward(p.x, p.weight, layout, p.bias, tma=False), rtol=0, atol=0)
+
+
+def test_tma_kernels_have_their_own_tiles_where_the_sweep_found_better_ones():
+    from agpe_compile.kernels.configs import TMA_CANDIDATES, config_for
+
+    plain = config_for("forward", 128, torch.bfloat16, interpret=False)
+    tma = config_for("forward", 128, torch.bfloat16, interpret=False, tma=True)
+    assert (plain.block_m, tma.block_m) == (256, 128)
+    for kernel in ("forward", "grad_input"):  # every TMA default is a candidate the sweep times
+        assert config_for(kernel, 128, torch.bfloat16, interpret=False, tma=True) in TMA_CANDIDATES[kernel]
+    assert config_for("forward", 64, torch.bfloat16, interpret=False, tma=True) == config_for(
+        "forward", 64, torch.bfloat16, interpret=False)  # no TMA table entry: the plain tile

@@ -82,6 +82,14 @@ CANDIDATES: Dict[str, Tuple[KernelConfig, ...]] = {
     "grad_weight": (_BLOCK_GRAD[(128, 2)], _C(128, 128, num_warps=8, num_stages=3),
                     _C(32, 128, num_warps=4, num_stages=6)),
 }
+# The TMA kernels' own defaults (AGPE_TMA, Note [TMA by default] in launch.py), from the
+# TMA sweep of the ninth session (H200, host descriptors, 8192x4096 @ 16384x4096, d=0.5,
+# bf16, one run): forward 128 x 64 took 0.867 ms against 0.966 ms for the 256 x 64 tile;
+# grad_input with 4 warps and 6 stages 0.888 ms against 0.940 ms. Keyed like _MATMUL.
+_TMA: Dict[Tuple[str, int, int], KernelConfig] = {
+    ("forward", 128, 2): _C(128, 64, num_warps=8, num_stages=5),
+    ("grad_input", 128, 2): _C(128, 64, num_warps=4, num_stages=6),
+}
 # Configurations for the TMA candidates (kernels/forward_tma.py, grad_input_tma.py), timed
 # by ``benchmarks/kernels.py`` at d=0.5 on its first shape; all compile for sm_90 without
 # spills and within shared memory (checked on a CPU host with kernels/aot.py).
@@ -95,12 +103,16 @@ TMA_CANDIDATES: Dict[str, Tuple[KernelConfig, ...]] = {
 _INTERPRETER = KernelConfig(block_m=64, block_k=0, group_m=2, num_warps=1, num_stages=1)
 
 
-def config_for(kernel: str, block_size: int, dtype: torch.dtype, *, interpret: bool) -> KernelConfig:
-    """The launch configuration of ``kernel`` for a layer's block size and dtype."""
+def config_for(kernel: str, block_size: int, dtype: torch.dtype, *, interpret: bool,
+               tma: bool = False) -> KernelConfig:
+    """The launch configuration of ``kernel`` for a layer's block size and dtype (``tma``:
+    of its TMA variant, where it has its own)."""
     if kernel not in KERNELS:
         raise ValueError(f"agpe kernels: expected kernel in {KERNELS}, got {kernel!r}")
     if interpret:
         return dataclasses.replace(_INTERPRETER, block_k=block_size)
+    if tma and (kernel, block_size, 4 if dtype == torch.float32 else 2) in _TMA:
+        return _TMA[(kernel, block_size, 4 if dtype == torch.float32 else 2)]
     table = _MATMUL if kernel in ("forward", "grad_input") else _BLOCK_GRAD
     element_bytes = 4 if dtype == torch.float32 else 2
     if kernel == "grad_input" and (block_size, element_bytes) in _GRAD_INPUT:

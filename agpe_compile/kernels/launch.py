@@ -62,7 +62,7 @@ def block_sparse_forward(
     else:
         from .forward import forward_kernel as kernel
 
-    cfg = _config(kernel, "forward", layout, x.dtype, config)
+    cfg = _config(kernel, "forward", layout, x.dtype, config, tma=tma is not None)
     m, n = x2.shape[0], layout.shape[0]
     rows = layout.grid_shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -112,7 +112,7 @@ def block_sparse_grad_input(
     else:
         from .grad_input import grad_input_kernel as kernel
 
-    cfg = _config(kernel, "grad_input", layout, grad_out.dtype, config)
+    cfg = _config(kernel, "grad_input", layout, grad_out.dtype, config, tma=tma is not None)
     m, k = dy2.shape[0], layout.shape[1]
     cols = layout.grid_shape[1]
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
@@ -562,8 +562,9 @@ def _grad_operands(grad_out, x, layout, weight):
     return dy2, x2
 
 
-def _config(kernel, name: str, layout: BlockLayout, dtype: torch.dtype, override: Optional[KernelConfig]):
-    cfg = override or config_for(name, layout.block_size, dtype, interpret=is_interpreted(kernel))
+def _config(kernel, name: str, layout: BlockLayout, dtype: torch.dtype, override: Optional[KernelConfig],
+            tma: bool = False):
+    cfg = override or config_for(name, layout.block_size, dtype, interpret=is_interpreted(kernel), tma=tma)
     if layout.block_size % cfg.block_k:
         raise ValueError(f"agpe kernels: expected config.block_k dividing {layout.block_size}, got {cfg.block_k}")
     return cfg
