@@ -149,7 +149,8 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # On Hopper (compute capability 9.x) the forward and dX kernels can load their tiles with
 # the tensor memory accelerator through descriptors built in the kernel (forward_tma.py,
 # grad_input_tma.py). Timed side by side with the plain kernels on an H200 (ninth session,
-# docs/benchmarks.md): 0.78-0.95x their time for the forward, 0.85-1.03x for dX. With
+# docs/benchmarks.md): 0.78-0.95x their time for the forward, 0.85-1.03x for dX, both with
+# the plain kernels' tiles (they now take the TMA sweep's, _TMA in configs.py). With
 # AGPE_TMA=auto they are taken for 16-bit operands that meet TMA's rules (last dimension
 # contiguous, 16-byte aligned rows and base) and the plain kernels otherwise; both compute
 # the same function, so the choice is speed only. AGPE_TMA=device forces them (raising on
