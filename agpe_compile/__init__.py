@@ -31,6 +31,7 @@ from .explain import ExplainReport, LayerRecord, explain
 from .graphs import GraphedStep
 from .optim import BlockSparseAdamW
 from .state import LayerState, layer_state, layer_states, prepare
+from .strip import strip
 
 
 
@@ -67,4 +68,5 @@ __all__ = [
     "prepare",
     "rebucket",
     "Sparsifier",
+    "strip",
 ]

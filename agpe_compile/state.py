@@ -118,6 +118,9 @@ class LayerState:
     controller_ref: Optional[weakref.ReferenceType] = None
     # The explicit Sparsifier driving this layer's mask (one at a time).
     sparsifier_ref: Optional[weakref.ReferenceType] = None
+    # Set by agpe_compile.strip(): the mask is folded into the weight and the buffers are
+    # gone; a graph compiled before raises instead of running on the orphaned tensors.
+    stripped: bool = False
 
     @classmethod
     def create(cls, name: str, param_name: str, weight: torch.Tensor, block_size: int) -> "LayerState":
@@ -260,6 +263,11 @@ class LayerState:
     def check_identity(self) -> None:
         """Adopt the buffers the module replaced (Note [Replaced buffers]); raise if one was
         removed or replaced by a tensor of another shape or kind."""
+        if self.stripped:
+            raise RuntimeError(
+                f"agpe: layer {self.name!r} was stripped by agpe_compile.strip() (its mask is folded into the "
+                f"weight, its buffers removed); this graph was compiled before: call torch._dynamo.reset() and "
+                f"compile the model again")
         module = self.module
         if module is None:
             return

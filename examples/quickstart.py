@@ -48,6 +48,17 @@ def main() -> None:
     top = max(states.values(), key=lambda s: float(s.saliency.sum()))
     print(f"most salient layer so far: {top.name} (density {top.density:.2f})")
 
+    # Done training: fold the masks into the weights and drop agpe's buffers and hooks. The
+    # plain model computes what the compiled one did (at dense speed) and its state_dict
+    # has only the keys of GPT itself.
+    with torch.no_grad():
+        expected = cmodel(idx)
+    densities = agpe_compile.strip(model)
+    with torch.no_grad():
+        error = float((model(idx) - expected).abs().max())
+    print(f"stripped {len(densities)} layers (mean density {sum(densities.values()) / len(densities):.2f}); "
+          f"{len(model.state_dict())} state_dict keys; max |plain - agpe| = {error:.1e}")
+
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,9 @@ def test_quickstart():
     assert "torch.ops.agpe.sparse_linear.default" in stdout
     assert "no: excluded by pattern 'head'" in stdout
     assert "step 19" in stdout
+    stripped = re.search(r"stripped 8 layers .*; (\d+) state_dict keys; max \|plain - agpe\| = (\S+)", stdout)
+    assert stripped is not None, stdout[-1000:]
+    assert float(stripped.group(2)) < 1e-4
 
 
 def test_train_step_benchmark_small(tmp_path):

@@ -1,0 +1,131 @@
+"""``agpe_compile.strip``: finish a sparse training run and hand back a plain model.
+
+After training, a user who ships the model wants the weights, not agpe: this folds every
+layer's block mask into its weight (inactive blocks become exact zeros) and removes
+everything :func:`agpe_compile.prepare` and the backend put on the model (the six buffers
+per layer, the two module hooks, the attributes on the weights). What is left is the
+model as its class defines it:
+
+* ``model.state_dict()`` has exactly the keys of an unprepared instance of the same class,
+  so it loads with ``strict=True`` into a model built without agpe (or agpe installed);
+* eager, ``torch.compile`` with any backend, ``torch.export`` and ``torch.save`` see plain
+  weights whose zeros are where the masks had inactive blocks;
+* it computes what the agpe-compiled model computed (the op's math is ``x·(W∘M)ᵀ + b``;
+  tested against it).
+
+The zeros stay dense: the stripped model runs at dense speed. To keep the block-sparse
+kernels at inference, keep the model prepared and compile it with ``backend="agpe"``
+(``model.eval()`` under ``torch.no_grad()`` runs only the forward kernel).
+
+Example::
+
+    >>> sparsifier.close()                       # stop driving the masks first
+    >>> densities = agpe_compile.strip(model)    # {layer name: density}
+    >>> torch.save(model.state_dict(), "model.pt")
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .ops.reference import expand_block_mask
+from .state import EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, LayerState, _read_layouts, \
+    _resize_layouts_on_load, state_of
+from .zero_weights import _ReZeroOnLoad
+
+
+def strip(model: nn.Module) -> Dict[str, float]:
+    """Fold each agpe layer's mask into its weight and remove agpe's state from ``model``.
+
+    Returns the density each layer had, by layer name. Raises, changing nothing, while an
+    :class:`agpe_compile.Sparsifier` (call ``close()`` first) or a zero-code controller
+    (``torch._dynamo.reset()`` and drop the compiled model first) still drives a layer.
+    Graphs compiled before are not reusable: a call to one raises; compile the stripped
+    model again. Idempotent: a model without agpe state is returned unchanged (``{}``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
+    states = _states(model)
+    _check_released(states)
+    densities: Dict[str, float] = {}
+    with torch.no_grad():
+        for state in states:
+            densities[state.name] = state.density
+            weight = state.weight
+            if weight is not None and not bool(state.block_mask.all()):
+                mask = expand_block_mask(state.block_mask.to(weight.device), state.block_size, torch.bool)
+                weight.masked_fill_(~mask, 0)
+    for state in states:
+        _detach(state)
+    for param in model.parameters():
+        for attr in (STATE_ATTR, EXCLUDED_ATTR):
+            if hasattr(param, attr):
+                delattr(param, attr)
+    for module in model.modules():
+        _remove_hooks(module)
+    return densities
+
+
+def _states(model: nn.Module) -> List[LayerState]:
+    """Every LayerState on the model, once: through its weights and through its modules
+    (a module keeps its states in ``_agpe_layers`` even where a weight was replaced)."""
+    found: Dict[int, LayerState] = {}
+    for param in model.parameters():
+        state = state_of(param)
+        if state is not None:
+            found.setdefault(id(state), state)
+    for module in model.modules():
+        for state in module.__dict__.get(LAYERS_ATTR, {}).values():
+            found.setdefault(id(state), state)
+    return list(found.values())
+
+
+def _check_released(states: List[LayerState]) -> None:
+    for state in states:
+        controller = None if state.controller_ref is None else state.controller_ref()
+        if controller is not None:
+            raise RuntimeError(
+                f"agpe.strip: zero-code mode still drives layer {state.name!r} (torch.compile(..., "
+                f"backend='agpe', options={{'target_sparsity': ...}})); call torch._dynamo.reset() and drop "
+                f"the compiled model before strip (nothing was changed)")
+        sparsifier = None if state.sparsifier_ref is None else state.sparsifier_ref()
+        if sparsifier is not None:
+            raise RuntimeError(
+                f"agpe.strip: a Sparsifier still drives layer {state.name!r}; call sparsifier.close() "
+                f"before strip (nothing was changed)")
+
+
+def _detach(state: LayerState) -> None:
+    module = state.module
+    if module is not None:
+        for name in state.buffer_names():
+            module._buffers.pop(name, None)
+        names = module.__dict__.get(LAYOUT_NAMES_ATTR)
+        if names is not None and state.layout_buffer_name in names:
+            names.remove(state.layout_buffer_name)
+        layers = module.__dict__.get(LAYERS_ATTR)
+        if layers is not None and layers.get(state.param_name) is state:
+            del layers[state.param_name]
+    state.stripped = True  # a graph compiled before raises instead of running on stale tensors
+    state.module_ref = None  # weight_ref stays (a weak reference): the call wrapper finds this state by it
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    """Remove the hooks ``LayerState.attach`` (and a Sparsifier, on a copied module) registered,
+    once the module has no layer left."""
+    if module.__dict__.get(LAYOUT_NAMES_ATTR) or module.__dict__.get(LAYERS_ATTR):
+        return
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _read_layouts:
+            del module._forward_pre_hooks[key]
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        if getattr(hook, "hook", hook) is _resize_layouts_on_load:
+            del module._load_state_dict_pre_hooks[key]
+    for key, hook in list(module._load_state_dict_post_hooks.items()):
+        if isinstance(hook, _ReZeroOnLoad):  # inert on copies (a closed Sparsifier removed its own)
+            del module._load_state_dict_post_hooks[key]
+    for attr in (LAYOUT_NAMES_ATTR, LAYERS_ATTR):
+        module.__dict__.pop(attr, None)

@@ -1,0 +1,155 @@
+"""agpe_compile.strip: the trained sparse model handed back as a plain model (CPU, fp32)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import agpe_compile
+from agpe_compile.ops.reference import expand_block_mask
+from agpe_compile.state import EXCLUDED_ATTR, STATE_ATTR, layer_states
+from tests.models import MLP
+
+BACKEND = {"inductor": False}
+
+
+def _hooks(model):
+    return [(len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks)) for m in model.modules()]
+
+
+def _set_masks(model, seed=0):
+    """Random masks with inactive blocks whose weights are NOT zero (no Sparsifier): the
+    agpe model computes x·(W∘M)ᵀ, the unprepared one x·Wᵀ."""
+    gen = torch.Generator().manual_seed(seed)
+    for state in layer_states(model).values():
+        state.block_mask.copy_(torch.rand(state.grid, generator=gen) < 0.5)
+        state.block_mask[0, 0] = True
+
+
+def test_strip_folds_masks_and_leaves_the_class_own_model():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((32, 64, 48, 16))
+    fresh = copy.deepcopy(model)  # the same class, never prepared
+    agpe_compile.prepare(model, {"block_size": 8})
+    _set_masks(model)
+    masks = {name: s.block_mask.clone() for name, s in layer_states(model).items()}
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))
+    x = torch.randn(4, 32)
+    expected = compiled(x).detach()
+    assert not torch.allclose(model(x), expected)  # eager on the prepared model ignores the masks
+
+    densities = agpe_compile.strip(model)
+
+    assert densities == pytest.approx({name: float(m.float().mean()) for name, m in masks.items()})
+    assert sorted(model.state_dict()) == sorted(fresh.state_dict())
+    assert _hooks(model) == _hooks(fresh)
+    for module in model.modules():
+        assert not [k for k in vars(module) if k.startswith("_agpe")], module
+    for param in model.parameters():
+        assert not hasattr(param, STATE_ATTR) and not hasattr(param, EXCLUDED_ATTR)
+    for i, layer in enumerate(model.layers):
+        inactive = ~expand_block_mask(masks[f"layers.{i}"], 8, torch.bool)
+        assert torch.all(layer.weight[inactive] == 0)
+        assert torch.all(layer.weight[~inactive] == fresh.layers[i].weight[~inactive])
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-6, atol=1e-6)
+    assert b"agpe_compile" not in pickle.dumps(model)  # torch.save(model) needs no agpe to load
+    # The graph compiled before no longer matches the model: Dynamo recompiles it as a
+    # model never prepared (every block active), which computes the same.
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_strip_is_idempotent_and_leaves_copies_alone():
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    _set_masks(model, seed=1)
+    twin = copy.deepcopy(model)
+    agpe_compile.strip(model)
+    assert agpe_compile.strip(model) == {}
+    assert sorted(layer_states(twin)) == ["layers.0", "layers.1"]
+    assert "layers.0.weight_block_mask" in twin.state_dict()
+    assert agpe_compile.strip(nn.Linear(4, 4)) == {}
+    with pytest.raises(TypeError, match="nn.Module"):
+        agpe_compile.strip(torch.zeros(3))
+
+
+def test_strip_refuses_while_a_sparsifier_drives_the_layers():
+    torch._dynamo.reset()
+    model = MLP((32, 64, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(
+        target_sparsity=0.5, block_size=8, update_interval=2, end_step=6))
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        F.mse_loss(compiled(torch.randn(8, 32, generator=gen)), torch.zeros(8, 16)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"sparsifier.close\(\)"):
+        agpe_compile.strip(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    densities = dict(sparsifier.densities())
+    assert min(densities.values()) < 1.0
+    twin = copy.deepcopy(model)  # driven by nothing; carries the Sparsifier's (inert) load hook
+    assert agpe_compile.strip(twin) == pytest.approx(densities)
+    assert b"agpe_compile" not in pickle.dumps(twin)
+    sparsifier.close()
+    assert agpe_compile.strip(model) == pytest.approx(densities)
+    assert b"agpe_compile" not in pickle.dumps(model)
+
+
+def test_strip_refuses_while_zero_code_mode_drives_the_layers():
+    torch._dynamo.reset()
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend(
+        {**BACKEND, "block_size": 8, "target_sparsity": 0.5, "update_interval": 2}))
+    compiled(torch.randn(4, 32))
+    with pytest.raises(RuntimeError, match=r"torch._dynamo.reset\(\)"):
+        agpe_compile.strip(model)
+    del compiled
+    torch._dynamo.reset()
+    import gc
+    gc.collect()
+    assert set(agpe_compile.strip(model)) == {"layers.0", "layers.1"}
+
+
+def test_a_graph_compiled_on_backend_made_states_raises_after_strip():
+    # Compiled without prepare: the backend made the states (no module buffers, no hook for
+    # Dynamo to guard on), so the old graph would be reused; it must not run on them.
+    torch._dynamo.reset()
+    model = MLP((32, 64, 16))
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({**BACKEND, "block_size": 8}))
+    x = torch.randn(4, 32)
+    compiled(x)
+    agpe_compile.layer_state(model.layers[0]).block_mask[1, 2] = False
+    expected = compiled(x).detach()
+    assert set(agpe_compile.strip(model)) == {"layers.0", "layers.1"}
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="stripped"):
+        compiled(x)
+
+
+def test_strip_multihead_attention_projection_weights():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    fresh = copy.deepcopy(model)
+    agpe_compile.prepare(model, {"block_size": 8})
+    assert "self_attn.in_proj_weight" in layer_states(model)
+    _set_masks(model, seed=2)
+    x = torch.randn(2, 5, 32)
+    expected = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))(x).detach()
+    agpe_compile.strip(model)
+    assert sorted(model.state_dict()) == sorted(fresh.state_dict())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
