@@ -90,8 +90,12 @@ def _placeholder_examples(graph: fx.Graph, example_inputs: Sequence) -> Dict[fx.
 
 def _layer_name(placeholder: fx.Node) -> str:
     path = source_path(placeholder)
-    if path is None:
-        return placeholder.name
+    if path is None:  # a graph input: its local name (``x`` for ``L['x']``), else the node's
+        grapharg = placeholder.meta.get("grapharg")
+        name = getattr(getattr(grapharg, "source", None), "name", None)
+        name = name() if callable(name) else name
+        local = re.fullmatch(r"L\['(\w+)'\]", name) if isinstance(name, str) else None
+        return local.group(1) if local else placeholder.name
     module_name, _, param_name = path.rpartition(".")
     return layer_name(module_name, param_name)
 
@@ -303,6 +307,9 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
     reason = getattr(weight, EXCLUDED_ATTR, None) if isinstance(weight, torch.nn.Parameter) else None
     if reason is None and weight_node in tied:
         reason = _TIED_REASON
+    if reason is None and not isinstance(weight, torch.nn.Parameter) and source_path(weight_node) is None:
+        reason = ("a graph input, not a parameter: used as W in x @ W.T (an activation, or a weight passed in "
+                  "as a tensor)")
     if reason is None:
         reason = skip_reason(name, weight, config, block_size)
     if reason is not None:

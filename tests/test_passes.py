@@ -88,6 +88,21 @@ def test_reasons_for_layers_that_stay_dense():
     assert reasons["left"] == "used as the right operand without transpose of matmul, not as x @ W.T"
 
 
+def test_a_graph_input_in_the_weight_position_is_named_as_an_input():
+    # ``w @ x.t()`` matches x @ W.T with the roles swapped: the "weight" is the input x.
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            return self.w @ x.t()
+
+    _, _, decisions, _, _ = passes_on(Swapped(), torch.randn(4, 32))
+    reasons = {d.name: d.reason for d in decisions}
+    assert reasons["x"].startswith("a graph input, not a parameter"), reasons
+
+
 def test_tied_weight_stays_dense():
     _, _, decisions, _, _ = passes_on(TiedLM(64, 32), torch.randint(0, 64, (2, 5)))
     reasons = {d.name: d.reason for d in decisions}
