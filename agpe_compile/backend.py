@@ -31,6 +31,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from agpe_compile.config import BackendConfig
@@ -87,7 +88,9 @@ class AgpeCompiledGraph:
         for i, (state, shape) in enumerate(zip(self.states, self.layout_shapes)):
             if self.weight_indices is not None:
                 weight = args[self.weight_indices[i]]
-                if weight is not state.weight:
+                # A FakeTensor: DDPOptimizer runs the pieces of a split graph on fakes to
+                # propagate shapes (Note [Fake example inputs] in passes/decide_layers.py).
+                if weight is not state.weight and not isinstance(weight, FakeTensor):
                     state = self._state_of_another_instance(i, weight)
             state.check_identity()
             state.sync_layout()

@@ -46,6 +46,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from . import distributed
 from .config import BackendConfig
 from .layout import DEFAULT_BUCKETS, BlockLayout, capacity_for, update_layout_
 from .packed_layout import build_packed, capacity_of, unpack
@@ -478,7 +479,20 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
                     len(unexpected), "; ".join(unexpected))
+    distributed.ignore_in_ddp(model, buffer_paths(model, prepared.values()))  # Note [Data-parallel masks]
     return prepared
+
+
+def buffer_paths(model: nn.Module, states) -> List[str]:
+    """The fully qualified names in ``model`` of the states' buffers."""
+    where = {id(module): name for name, module in model.named_modules()}
+    paths = []
+    for state in states:
+        module = state.module
+        if module is not None and id(module) in where:
+            prefix = where[id(module)] + "." if where[id(module)] else ""
+            paths += [prefix + name for name in state.buffer_names()]
+    return paths
 
 
 def check_block_size_option(state: LayerState, config: BackendConfig) -> None:

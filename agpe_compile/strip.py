@@ -31,9 +31,10 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from . import distributed
 from .ops.reference import expand_block_mask
 from .state import EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, LayerState, _read_layouts, \
-    _resize_layouts_on_load, state_of
+    _resize_layouts_on_load, buffer_paths, state_of
 from .zero_weights import _ReZeroOnLoad
 
 
@@ -50,6 +51,7 @@ def strip(model: nn.Module) -> Dict[str, float]:
         raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
     states = _states(model)
     _check_released(states)
+    distributed.forget_in_ddp(model, buffer_paths(model, states))
     densities: Dict[str, float] = {}
     with torch.no_grad():
         for state in states:

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from agpe_compile.config import BackendConfig
 from agpe_compile.state import (EXCLUDED_ATTR, STATE_ATTR, LayerState, check_block_size_option, layer_name,
@@ -85,7 +86,26 @@ def source_path(placeholder: fx.Node) -> Optional[str]:
 
 def _placeholder_examples(graph: fx.Graph, example_inputs: Sequence) -> Dict[fx.Node, object]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    return dict(zip(placeholders, example_inputs))
+    return {node: _live(node, example) for node, example in zip(placeholders, example_inputs)}
+
+
+# Note [Fake example inputs]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Dynamo hands a backend the live Parameters as example inputs, except where it splits a
+# graph itself: DDPOptimizer (``torch.compile`` of a DistributedDataParallel model larger
+# than one gradient bucket) compiles each piece with FakeTensors. A fake weight carries no
+# agpe state, so the backend would make a new, dense one at the default block size. Dynamo
+# keeps the live tensor behind the placeholder's ``grapharg`` (a weak reference): a weight
+# is looked up there when the example is fake.
+def _live(node: fx.Node, example: object) -> object:
+    if not isinstance(example, FakeTensor):
+        return example
+    grapharg = node.meta.get("grapharg")
+    try:
+        live = getattr(grapharg, "example", None)
+    except Exception:  # a collected weak reference: keep the fake
+        return example
+    return live if isinstance(live, torch.nn.Parameter) and not isinstance(live, FakeTensor) else example
 
 
 def _layer_name(placeholder: fx.Node) -> str:

@@ -37,6 +37,7 @@ def test_strip_folds_masks_and_leaves_the_class_own_model():
     model = MLP((32, 64, 48, 16))
     fresh = copy.deepcopy(model)  # the same class, never prepared
     agpe_compile.prepare(model, {"block_size": 8})
+    assert "layers.0.weight_saliency" in model._ddp_params_and_buffers_to_ignore  # Note [Data-parallel masks]
     _set_masks(model)
     masks = {name: s.block_mask.clone() for name, s in layer_states(model).items()}
     compiled = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))
@@ -49,6 +50,7 @@ def test_strip_folds_masks_and_leaves_the_class_own_model():
     assert densities == pytest.approx({name: float(m.float().mean()) for name, m in masks.items()})
     assert sorted(model.state_dict()) == sorted(fresh.state_dict())
     assert _hooks(model) == _hooks(fresh)
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
     for module in model.modules():
         assert not [k for k in vars(module) if k.startswith("_agpe")], module
     for param in model.parameters():

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum, expand_block_mask
@@ -254,7 +255,8 @@ class Sparsifier:
     def _interval(self, step: int, between_steps: bool = True) -> None:
         start = time.perf_counter()
         snap = self._snapshot()
-        loss = self._take_loss(snap.loss)
+        loss = self._take_loss(snap.loss) if snap.loss_over_ranks is None else self._take_loss_over_ranks(
+            snap.loss_over_ranks)
         self._check_backward_reached(step, sum(int(snap.counters[n][0]) for n in self.layers),
                                      any(bool(snap.saliency[n].any()) for n in self.layers))
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
@@ -292,13 +294,38 @@ class Sparsifier:
         parts += [(n, "scored_from", t) for n, t in self._scored_from.items()]
         if self._loss_sum is not None:
             parts.append((None, "loss", self._loss_sum))
+        summed_masks = None
+        if distributed.world_size() > 1:  # Note [Data-parallel masks]
+            parts, summed_masks = self._mean_over_ranks(parts)
         snap = _Snapshot()
         for (name, key, _), host in zip(parts, to_host([t for _, _, t in parts])):
-            if name is None:
+            if key == "loss_over_ranks":
+                snap.loss_over_ranks = host
+            elif name is None:
                 snap.loss = host
-            else:
+            elif key != "mask_sum":
                 getattr(snap, key)[name] = host
+        if summed_masks is not None:
+            distributed.check_same_on_every_rank(
+                snap.masks, f"at step {self.step_count}", summed=dict(zip(names, to_host(summed_masks))))
         return snap
+
+    def _mean_over_ranks(self, parts):
+        """Replace the interval's saliency sums, dense-gradient scores and loss by their mean
+        over the ranks, in one all-reduce that also sums the masks (for the check)."""
+        reduced = [(n, key, t) for n, key, t in parts if key in ("saliency", "dense_grad_sq")]
+        masks = [t for _, key, t in parts if key == "masks"]
+        device = masks[0].device if masks else torch.device("cpu")
+        loss = torch.zeros(2, dtype=torch.float64, device=device)
+        if self._loss_sum is not None:
+            loss[0] = self._loss_sum.detach().reshape(())
+        loss[1] = float(self._loss_steps)
+        means = distributed.mean_over_ranks([t for _, _, t in reduced] + [m.to(torch.float64) for m in masks] + [loss])
+        world = distributed.world_size()
+        mean_of = {(n, key): m for (n, key, _), m in zip(reduced, means)}
+        out = [(n, key, mean_of.get((n, key), t)) for n, key, t in parts if key != "loss"]
+        out.append((None, "loss_over_ranks", means[-1] * world))  # [loss sum, steps] over all ranks
+        return out, [m * world for m in means[len(reduced):-1]]
 
     def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor],
                 masks: Dict[str, torch.Tensor], between_steps: bool = True):
@@ -333,6 +360,9 @@ class Sparsifier:
         # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
         mean_active = active_mass / max(sum(current), 1)
         self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
+        if distributed.world_size() > 1:  # Note [Data-parallel masks]
+            distributed.check_same_on_every_rank({v.name: r.mask for v, r in zip(views, results)},
+                                                 f"after the mask update at step {step}")
         self.rebucketed = self._apply_all(list(self.layers.values()), results, between_steps=between_steps)
         return event, {v.name: r.mask for v, r in zip(views, results)}
 
@@ -508,11 +538,20 @@ class Sparsifier:
             scores = torch.zeros_like(scores)
         return scores
 
+    def _take_loss_over_ranks(self, sum_and_steps: torch.Tensor) -> Optional[float]:
+        total, steps = (float(v) for v in sum_and_steps)
+        self._loss_sum, self._loss_steps = None, 0
+        return self._checked_loss(total / steps) if steps else None
+
     def _take_loss(self, loss_sum: Optional[torch.Tensor]) -> Optional[float]:
         if loss_sum is None or self._loss_steps == 0:
             return None
         loss = float(loss_sum) / self._loss_steps
         self._loss_sum, self._loss_steps = None, 0
+        return self._checked_loss(loss)
+
+    @staticmethod
+    def _checked_loss(loss: float) -> Optional[float]:
         if loss != loss or loss in (float("inf"), float("-inf")):
             log.warning("agpe: training loss over the last interval is not finite; not used as feedback")
             return None
@@ -544,6 +583,7 @@ class _Snapshot:
         self.counters: Dict[str, torch.Tensor] = {}
         self.scored_from: Dict[str, torch.Tensor] = {}
         self.loss: Optional[torch.Tensor] = None
+        self.loss_over_ranks: Optional[torch.Tensor] = None  # [sum, steps] over all ranks (data-parallel)
 
 
 def _remove_handles(handles) -> None:

@@ -1,0 +1,100 @@
+"""One rank of a data-parallel agpe run (gloo, CPU), for tests/test_distributed.py.
+
+    python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside]
+
+``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``.
+
+Each rank trains the same seeded MLP on its own data shard under DistributedDataParallel and
+saves its masks, weights, saliency EMA and losses to OUT (torch.save), or the error message
+of a RuntimeError under "error".
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import agpe_compile
+from agpe_compile.state import layer_states
+
+STEPS = 30
+CONFIG = dict(target_sparsity=0.75, block_size=16, update_interval=5, end_step=25)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.fc1 = nn.Linear(32, width)
+        self.fc2 = nn.Linear(width, width)
+        self.out = nn.Linear(width, 16)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def main(argv) -> None:
+    rank, world, port, out, mode, policy = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4], argv[5]
+    edit_mask, split = "--edit-mask" in argv, "--split" in argv
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial model on every rank
+    model = MLP(width=512 if split else 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sparsifier = None
+    if mode == "explicit":
+        sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy=policy, **CONFIG))
+        backend = agpe_compile.AgpeBackend({"inductor": False})
+    else:
+        agpe_compile.prepare(model, {"block_size": CONFIG["block_size"]})
+        backend = agpe_compile.AgpeBackend({"inductor": False, "policy": policy, **CONFIG})
+    # --split: larger than one gradient bucket, so DDPOptimizer splits the graph (fake example inputs)
+    ddp_options = {"bucket_cap_mb": 1} if split else {}
+    if "--outside" in argv:
+        run = torch.compile(DDP(model, **ddp_options), backend=backend)
+    else:
+        run = DDP(torch.compile(model, backend=backend), **ddp_options)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+    teacher = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+    losses, result = [], {}
+    try:
+        for step in range(1, STEPS + 1):
+            x = torch.randn(16, 32, generator=gen)
+            loss = F.mse_loss(run(x), x @ teacher)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if sparsifier is not None:
+                sparsifier.step(loss)
+            losses.append(float(loss.detach()))
+            if edit_mask and rank == 1 and step == 7:
+                with torch.no_grad():
+                    agpe_compile.layer_state(model.fc2).block_mask[0, 0] ^= True
+    except RuntimeError as error:
+        result["error"] = str(error)
+    states = layer_states(model)
+    result.update(
+        losses=losses,
+        masks={n: s.block_mask.clone() for n, s in states.items()},
+        block_sizes={n: s.block_size for n, s in states.items()},
+        rows={n: int(s.counters[0]) for n, s in states.items()},
+        weights={n: p.detach().clone() for n, p in model.named_parameters()},
+        ema=({n: v.clone() for n, v in sparsifier.saliency.values.items()} if sparsifier is not None else {}),
+        ddp_ignored=list(getattr(model, "_ddp_params_and_buffers_to_ignore", [])),
+    )
+    torch.save(result, out)
+    dist.barrier()
+    # Not destroy_process_group(): with gloo it hung now and then on the rank that hosts the
+    # store once the other rank had exited. Every rank has saved its result by the barrier.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

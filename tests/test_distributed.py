@@ -1,0 +1,83 @@
+"""Data-parallel training (Note [Data-parallel masks]): two gloo ranks on the CPU, each in
+its own process, decide the same masks and keep the same weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(tmp_path, mode, policy, *flags, world=2):
+    port = _free_port()
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as log:  # files, not pipes: a rank blocked on a full pipe would stall the others
+            procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(r), str(world),
+                                           str(port), str(outs[r]), mode, policy, *flags],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-4000:]
+    return [torch.load(o, weights_only=False) for o in outs]
+
+
+@pytest.mark.parametrize("mode,policy,flags", [("explicit", "agpe", ()), ("explicit", "rigl", ()),
+                                              ("zerocode", "agpe", ()), ("explicit", "agpe", ("--outside",))])
+def test_ranks_decide_the_same_masks_and_keep_the_same_weights(tmp_path, mode, policy, flags):
+    ranks = _run(tmp_path, mode, policy, *flags)
+    for r in ranks:
+        assert "error" not in r, r["error"]
+    first, second = ranks
+    assert sorted(first["masks"]) == ["fc1", "fc2", "out"]
+    for name, mask in first["masks"].items():
+        assert torch.equal(mask, second["masks"][name]), name
+    assert min(float(m.float().mean()) for m in first["masks"].values()) < 1.0  # masks were updated
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+    for name, ema in first["ema"].items():
+        assert torch.equal(ema, second["ema"][name]), name
+    assert first["losses"] != second["losses"]  # the ranks did see different data
+    assert "fc1.weight_saliency" in first["ddp_ignored"]  # DDP does not broadcast the running sums
+
+
+def test_a_mask_edited_on_one_rank_only_is_an_error_on_every_rank(tmp_path):
+    ranks = _run(tmp_path, "explicit", "agpe", "--edit-mask")
+    for r in ranks:
+        assert "block masks differ between the 2 ranks" in r.get("error", ""), r.get("error")
+        assert "fc2" in r["error"]
+
+
+@pytest.mark.parametrize("flags", [(), ("--outside",)])
+def test_ddp_optimizer_split_graphs_find_the_prepared_layers(tmp_path, flags):
+    # A model larger than one gradient bucket: DDPOptimizer compiles each piece of the graph
+    # with fake example inputs and runs it on fakes (Note [Fake example inputs]).
+    (rank,) = _run(tmp_path, "explicit", "agpe", "--split", *flags, world=1)
+    assert "error" not in rank, rank["error"]
+    assert rank["block_sizes"] == {"fc1": 16, "fc2": 16, "out": 16}
+    assert all(rows == 16 * 30 for rows in rank["rows"].values()), rank["rows"]  # every step ran the agpe op
+    assert min(float(m.float().mean()) for m in rank["masks"].values()) < 1.0
