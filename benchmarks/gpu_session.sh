@@ -25,9 +25,9 @@ PARTS="${PARTS:-tests diagnose kernels train}"
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if ! has tests; then :
 elif python -c "import pytest, hypothesis" 2>/dev/null; then
-  timeout -k 10 200 python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
+  timeout -k 10 260 python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
     tests/test_graphs.py tests/controller/test_host_sync.py tests/controller/test_zero_weights.py \
-    tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py \
+    tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_distributed.py \
     2>&1 | tee "$RUN_DIR/gpu_tests.txt" | tail -30
 else
   echo "pytest/hypothesis missing on this machine: GPU tests not run" | tee "$RUN_DIR/gpu_tests.txt"

@@ -2,7 +2,8 @@
 
     python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside]
 
-``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``.
+``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``. ``--cuda``: both
+ranks on the one GPU, lowered with Inductor (the Triton kernels).
 
 Each rank trains the same seeded MLP on its own data shard under DistributedDataParallel and
 saves its masks, weights, saliency EMA and losses to OUT (torch.save), or the error message
@@ -28,11 +29,11 @@ CONFIG = dict(target_sparsity=0.75, block_size=16, update_interval=5, end_step=2
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, inputs: int = 32, outputs: int = 16):
         super().__init__()
-        self.fc1 = nn.Linear(32, width)
+        self.fc1 = nn.Linear(inputs, width)
         self.fc2 = nn.Linear(width, width)
-        self.out = nn.Linear(width, 16)
+        self.out = nn.Linear(width, outputs)
 
     def forward(self, x):
         return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
@@ -40,19 +41,27 @@ class MLP(nn.Module):
 
 def main(argv) -> None:
     rank, world, port, out, mode, policy = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4], argv[5]
-    edit_mask, split = "--edit-mask" in argv, "--split" in argv
+    edit_mask, split, cuda = "--edit-mask" in argv, "--split" in argv, "--cuda" in argv
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same initial model on every rank
-    model = MLP(width=512 if split else 64)
+    config = dict(CONFIG)
+    if cuda:  # both ranks on one GPU (gloo), Inductor + the Triton kernels at block 32
+        device = torch.device("cuda")
+        config["block_size"] = 32
+        model = MLP(width=128, inputs=64, outputs=64).to(device)
+    else:
+        device = torch.device("cpu")
+        model = MLP(width=512 if split else 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sparsifier = None
+    lowering = {"inductor": cuda}
     if mode == "explicit":
-        sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy=policy, **CONFIG))
-        backend = agpe_compile.AgpeBackend({"inductor": False})
+        sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy=policy, **config))
+        backend = agpe_compile.AgpeBackend(lowering)
     else:
-        agpe_compile.prepare(model, {"block_size": CONFIG["block_size"]})
-        backend = agpe_compile.AgpeBackend({"inductor": False, "policy": policy, **CONFIG})
+        agpe_compile.prepare(model, {"block_size": config["block_size"]})
+        backend = agpe_compile.AgpeBackend({**lowering, "policy": policy, **config})
     # --split: larger than one gradient bucket, so DDPOptimizer splits the graph (fake example inputs)
     ddp_options = {"bucket_cap_mb": 1} if split else {}
     if "--outside" in argv:
@@ -60,12 +69,12 @@ def main(argv) -> None:
     else:
         run = DDP(torch.compile(model, backend=backend), **ddp_options)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
-    teacher = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+    teacher = torch.randn(model.fc1.in_features, model.out.out_features, generator=torch.Generator().manual_seed(7))
     losses, result = [], {}
     try:
         for step in range(1, STEPS + 1):
-            x = torch.randn(16, 32, generator=gen)
-            loss = F.mse_loss(run(x), x @ teacher)
+            x = torch.randn(16, model.fc1.in_features, generator=gen)
+            loss = F.mse_loss(run(x.to(device)), (x @ teacher).to(device))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -80,10 +89,10 @@ def main(argv) -> None:
     states = layer_states(model)
     result.update(
         losses=losses,
-        masks={n: s.block_mask.clone() for n, s in states.items()},
+        masks={n: s.block_mask.cpu() for n, s in states.items()},
         block_sizes={n: s.block_size for n, s in states.items()},
         rows={n: int(s.counters[0]) for n, s in states.items()},
-        weights={n: p.detach().clone() for n, p in model.named_parameters()},
+        weights={n: p.detach().cpu() for n, p in model.named_parameters()},
         ema=({n: v.clone() for n, v in sparsifier.saliency.values.items()} if sparsifier is not None else {}),
         ddp_ignored=list(getattr(model, "_ddp_params_and_buffers_to_ignore", [])),
     )

@@ -65,6 +65,20 @@ def test_ranks_decide_the_same_masks_and_keep_the_same_weights(tmp_path, mode, p
     assert "fc1.weight_saliency" in first["ddp_ignored"]  # DDP does not broadcast the running sums
 
 
+@pytest.mark.gpu
+def test_two_ranks_on_one_gpu_through_inductor_keep_the_same_model(tmp_path):
+    first, second = _run(tmp_path, "explicit", "agpe", "--cuda")
+    for r in (first, second):
+        assert "error" not in r, r["error"]
+    assert first["block_sizes"] == {"fc1": 32, "fc2": 32, "out": 32}
+    assert min(float(m.float().mean()) for m in first["masks"].values()) < 1.0
+    for name, mask in first["masks"].items():
+        assert torch.equal(mask, second["masks"][name]), name
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+    assert first["losses"] != second["losses"]
+
+
 def test_a_mask_edited_on_one_rank_only_is_an_error_on_every_rank(tmp_path):
     ranks = _run(tmp_path, "explicit", "agpe", "--edit-mask")
     for r in ranks:
