@@ -1,6 +1,6 @@
 """One rank of a data-parallel agpe run (gloo, CPU), for tests/test_distributed.py.
 
-    python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside]
+    python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside] [--data-parallel-off]
 
 ``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``. ``--cuda``: both
 ranks on the one GPU, lowered with Inductor (the Triton kernels).
@@ -46,6 +46,8 @@ def main(argv) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same initial model on every rank
     config = dict(CONFIG)
+    if "--data-parallel-off" in argv:
+        config["data_parallel"] = "off"
     if cuda:  # both ranks on one GPU (gloo), Inductor + the Triton kernels at block 32
         device = torch.device("cuda")
         config["block_size"] = 32

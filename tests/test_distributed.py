@@ -79,6 +79,16 @@ def test_two_ranks_on_one_gpu_through_inductor_keep_the_same_model(tmp_path):
     assert first["losses"] != second["losses"]
 
 
+def test_data_parallel_off_lets_each_rank_decide_alone(tmp_path):
+    # Ranks that train different models (here: different data and no averaging) decide
+    # their own masks; nothing is averaged or checked.
+    first, second = _run(tmp_path, "explicit", "agpe", "--data-parallel-off", "--edit-mask")
+    for r in (first, second):
+        assert "error" not in r, r["error"]
+    assert first["ema"]["fc1"].shape == second["ema"]["fc1"].shape
+    assert any(not torch.equal(first["ema"][n], second["ema"][n]) for n in first["ema"])
+
+
 def test_a_mask_edited_on_one_rank_only_is_an_error_on_every_rank(tmp_path):
     ranks = _run(tmp_path, "explicit", "agpe", "--edit-mask")
     for r in ranks:

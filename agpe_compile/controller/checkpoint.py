@@ -31,6 +31,7 @@ import torch
 from agpe_compile.buckets import rebucket
 
 from .adaptive_schedule import AdaptiveState
+from .config import AGPEConfig
 
 if TYPE_CHECKING:
     from .sparsifier import Sparsifier
@@ -100,7 +101,8 @@ def load(sp: "Sparsifier", state: dict) -> None:
         raise ValueError(f"agpe: checkpoint layers {sorted(state['masks'])} do not match the model's "
                          f"agpe layers {sorted(names)}")
     _check_shapes(sp, state)  # before anything is written: a failed load changes nothing
-    if state["config"] != sp.config.to_dict():
+    saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
+    if saved_config != sp.config.to_dict():
         log.warning("agpe: checkpoint config differs from the Sparsifier's config; using the Sparsifier's")
     sp.step_count = int(state["step"])
     sp.target_density = float(state["target_density"])

@@ -31,6 +31,7 @@ from agpe_compile.state import layer_name
 AGPE_CONFIG_VERSION = 1
 POLICIES = ("dense", "static", "set", "rigl", "gmp", "snfs", "agpe")
 DISTRIBUTIONS = ("erk", "uniform")
+DATA_PARALLEL = ("auto", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,12 @@ class AGPEConfig:
             starts with ~30x smaller logits and barely trains at first.
         seed: seeds random layouts and SET's random regrowth.
         audit_path: JSONL file to append one record per update interval to, or ``None``.
+        data_parallel: ``auto`` (default): when ``torch.distributed`` is initialized with
+            more than one rank, the ranks are data-parallel replicas of one model (DDP):
+            every update averages the scores and loss over the ranks and checks that all
+            ranks hold the same masks (Note [Data-parallel masks] in distributed.py).
+            ``off``: each rank decides alone, e.g. ranks that train different models or
+            hold different layers (pipeline or tensor parallel).
     """
 
     target_sparsity: float = 0.9
@@ -107,6 +114,7 @@ class AGPEConfig:
     rescale_init: bool = True
     seed: int = 0
     audit_path: Optional[str] = None
+    data_parallel: str = "auto"
     version: int = AGPE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -122,6 +130,7 @@ class AGPEConfig:
         _patterns("exclude", self.exclude)
         _choice("saliency", self.saliency, SALIENCY_MODES)
         _choice("distribution", self.distribution, DISTRIBUTIONS)
+        _choice("data_parallel", self.data_parallel, DATA_PARALLEL)
         if self.initial_density is not None:
             _number("initial_density", self.initial_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
             if self.initial_density < self.final_density:

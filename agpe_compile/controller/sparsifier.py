@@ -295,7 +295,7 @@ class Sparsifier:
         if self._loss_sum is not None:
             parts.append((None, "loss", self._loss_sum))
         summed_masks = None
-        if distributed.world_size() > 1:  # Note [Data-parallel masks]
+        if self._data_parallel():  # Note [Data-parallel masks]
             parts, summed_masks = self._mean_over_ranks(parts)
         snap = _Snapshot()
         for (name, key, _), host in zip(parts, to_host([t for _, _, t in parts])):
@@ -309,6 +309,9 @@ class Sparsifier:
             distributed.check_same_on_every_rank(
                 snap.masks, f"at step {self.step_count}", summed=dict(zip(names, to_host(summed_masks))))
         return snap
+
+    def _data_parallel(self) -> bool:
+        return self.config.data_parallel == "auto" and distributed.world_size() > 1
 
     def _mean_over_ranks(self, parts):
         """Replace the interval's saliency sums, dense-gradient scores and loss by their mean
@@ -360,7 +363,7 @@ class Sparsifier:
         # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
         mean_active = active_mass / max(sum(current), 1)
         self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
-        if distributed.world_size() > 1:  # Note [Data-parallel masks]
+        if self._data_parallel():  # Note [Data-parallel masks]
             distributed.check_same_on_every_rank({v.name: r.mask for v, r in zip(views, results)},
                                                  f"after the mask update at step {step}")
         self.rebucketed = self._apply_all(list(self.layers.values()), results, between_steps=between_steps)
