@@ -21,7 +21,9 @@ with more than one rank, the Sparsifier at each update interval:
    and raises if not, instead of training diverged replicas.
 
 The decisions are then identical: same inputs, same code, and a random generator seeded by
-``AGPEConfig.seed`` on every rank. The counters behind ``Sparsifier.flops`` stay per rank
+``AGPEConfig.seed`` on every rank. So that every later collective matches, the Sparsifier
+checks when it is created that all ranks have the same AGPEConfig and layers
+(:func:`check_same_setup`) and the same initial masks. Rank 0 alone writes the audit file. The counters behind ``Sparsifier.flops`` stay per rank
 (the FLOPs this rank executed). ``prepare`` lists the agpe buffers in
 ``_ddp_params_and_buffers_to_ignore`` of the model it prepares, so DDP does not broadcast
 rank 0's running sums over the other ranks' at every forward; wrap that same module in DDP.
@@ -42,6 +44,11 @@ def world_size() -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size()
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 without torch.distributed."""
+    return torch.distributed.get_rank() if world_size() > 1 else 0
 
 
 def _collective_device(tensors: Sequence[torch.Tensor]) -> torch.device:
@@ -92,6 +99,28 @@ def _spellings(names: Sequence[str]) -> List[str]:
     # OptimizedModule, which reads the attribute through to ``model`` and names them
     # ``_orig_mod.<name>``.
     return [spelling for name in names for spelling in (name, f"_orig_mod.{name}")]
+
+
+def check_same_setup(config, layers: Dict) -> None:
+    """Raise on every rank, at once, unless all ranks have the same AGPEConfig (the audit path
+    aside) and the same layers (names, grids, block sizes): later collectives would otherwise
+    meet different vectors, which gloo answers by aborting the process and NCCL by hanging."""
+    import hashlib
+    import json
+
+    setup = {key: value for key, value in config.to_dict().items() if key != "audit_path"}
+    setup["layers"] = [(name, list(state.grid), state.block_size) for name, state in layers.items()]
+    digest = int.from_bytes(hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).digest()[:6], "big")
+    device = _collective_device([state.block_mask for state in layers.values()])
+    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if int(both[0]) != digest or int(both[1]) != -digest:
+        raise RuntimeError(
+            f"agpe: the {world_size()} ranks created their Sparsifiers with different AGPEConfigs or different "
+            f"layers (compared: every AGPEConfig field but audit_path, and each layer's name, block grid and "
+            f"block size). Data-parallel ranks must train the same model with the same config; ranks that train "
+            f"different models set AGPEConfig(data_parallel='off') (Note [Data-parallel masks] in "
+            f"agpe_compile/distributed.py)")
 
 
 def ignore_in_ddp(model: torch.nn.Module, names: Sequence[str]) -> None:

@@ -256,6 +256,7 @@ class LayerState:
             setattr(module, LAYOUT_NAMES_ATTR, names)
             module.register_forward_pre_hook(_read_layouts)
             module._register_load_state_dict_pre_hook(_resize_layouts_on_load, with_module=True)
+            module.register_load_state_dict_post_hook(_adopt_assigned_weights)
         if self.layout_buffer_name not in names:
             names.append(self.layout_buffer_name)
         module.__dict__.setdefault(LAYERS_ATTR, {})[self.param_name] = self  # Note [Copying prepared models]
@@ -315,6 +316,17 @@ def _resize_layouts_on_load(module: nn.Module, state_dict, prefix, *args) -> Non
         state.block_layout = resized
         state.layout_bucket = _bucket_of_capacity(capacity_of(saved, state.grid), state.grid)
         state.layout_mask_version = -1  # resync from the loaded mask on the next call
+
+
+def _adopt_assigned_weights(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: ``load_state_dict(..., assign=True)`` replaces the module's
+    Parameters; the layer's state moves to the new weight, so compiled calls keep masking it
+    (without this the backend would meet a weight with no state and run it dense)."""
+    for param_name, state in module.__dict__.get(LAYERS_ATTR, {}).items():
+        weight = module._parameters.get(param_name)
+        if isinstance(weight, nn.Parameter) and weight is not state.weight and state_of(weight) is None:
+            setattr(weight, STATE_ATTR, state)
+            state.weight_ref = weakref.ref(weight)
 
 
 def _bucket_of_capacity(capacity: int, grid: Tuple[int, int]) -> float:

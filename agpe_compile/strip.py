@@ -34,7 +34,7 @@ from torch import nn
 from . import distributed
 from .ops.reference import expand_block_mask
 from .state import EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, LayerState, _read_layouts, \
-    _resize_layouts_on_load, buffer_paths, state_of
+    _adopt_assigned_weights, _resize_layouts_on_load, buffer_paths, state_of
 from .zero_weights import _ReZeroOnLoad
 
 
@@ -51,12 +51,15 @@ def strip(model: nn.Module) -> Dict[str, float]:
         raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
     states = _states(model)
     _check_released(states)
-    distributed.forget_in_ddp(model, buffer_paths(model, states))
+    for module in model.modules():  # the prepared model may sit inside a wrapper (torch.compile, DDP)
+        if distributed.DDP_IGNORE_ATTR in module.__dict__:
+            distributed.forget_in_ddp(module, buffer_paths(module, states))
     densities: Dict[str, float] = {}
     with torch.no_grad():
         for state in states:
             densities[state.name] = state.density
-            weight = state.weight
+            module = state.module  # its current parameter: load_state_dict(assign=True) may have replaced it
+            weight = module._parameters.get(state.param_name) if module is not None else state.weight
             if weight is not None and not bool(state.block_mask.all()):
                 mask = expand_block_mask(state.block_mask.to(weight.device), state.block_size, torch.bool)
                 weight.masked_fill_(~mask, 0)
@@ -127,7 +130,8 @@ def _remove_hooks(module: nn.Module) -> None:
         if getattr(hook, "hook", hook) is _resize_layouts_on_load:
             del module._load_state_dict_pre_hooks[key]
     for key, hook in list(module._load_state_dict_post_hooks.items()):
-        if isinstance(hook, _ReZeroOnLoad):  # inert on copies (a closed Sparsifier removed its own)
+        # _ReZeroOnLoad: inert on copies (a closed Sparsifier removed its own)
+        if isinstance(hook, _ReZeroOnLoad) or hook is _adopt_assigned_weights:
             del module._load_state_dict_post_hooks[key]
     for attr in (LAYOUT_NAMES_ATTR, LAYERS_ATTR):
         module.__dict__.pop(attr, None)

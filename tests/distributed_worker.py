@@ -1,6 +1,7 @@
 """One rank of a data-parallel agpe run (gloo, CPU), for tests/test_distributed.py.
 
     python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside] [--data-parallel-off]
+        [--rank1-interval N] [--audit PATH]
 
 ``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``. ``--cuda``: both
 ranks on the one GPU, lowered with Inductor (the Triton kernels).
@@ -48,6 +49,10 @@ def main(argv) -> None:
     config = dict(CONFIG)
     if "--data-parallel-off" in argv:
         config["data_parallel"] = "off"
+    if "--rank1-interval" in argv and rank == 1:  # a config that differs between the ranks
+        config["update_interval"] = int(argv[argv.index("--rank1-interval") + 1])
+    if "--audit" in argv:  # the same path on every rank
+        config["audit_path"] = argv[argv.index("--audit") + 1]
     if cuda:  # both ranks on one GPU (gloo), Inductor + the Triton kernels at block 32
         device = torch.device("cuda")
         config["block_size"] = 32
@@ -59,7 +64,12 @@ def main(argv) -> None:
     sparsifier = None
     lowering = {"inductor": cuda}
     if mode == "explicit":
-        sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy=policy, **config))
+        try:
+            sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy=policy, **config))
+        except RuntimeError as error:
+            torch.save({"error": str(error), "at": "creation"}, out)
+            sys.stdout.flush()
+            os._exit(0)
         backend = agpe_compile.AgpeBackend(lowering)
     else:
         agpe_compile.prepare(model, {"block_size": config["block_size"]})

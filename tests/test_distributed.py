@@ -3,6 +3,7 @@ its own process, decide the same masks and keep the same weights."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -105,3 +106,19 @@ def test_ddp_optimizer_split_graphs_find_the_prepared_layers(tmp_path, flags):
     assert rank["block_sizes"] == {"fc1": 16, "fc2": 16, "out": 16}
     assert all(rows == 16 * 30 for rows in rank["rows"].values()), rank["rows"]  # every step ran the agpe op
     assert min(float(m.float().mean()) for m in rank["masks"].values()) < 1.0
+
+
+def test_ranks_with_different_configs_are_refused_when_the_sparsifiers_are_created(tmp_path):
+    # Otherwise their collectives would differ later (gloo aborts the process, NCCL hangs).
+    ranks = _run(tmp_path, "explicit", "agpe", "--rank1-interval", "10")
+    for r in ranks:
+        assert r.get("at") == "creation" and "different AGPEConfigs or different layers" in r["error"], r
+
+
+def test_the_audit_file_is_written_once_by_rank_0(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    ranks = _run(tmp_path, "explicit", "agpe", "--audit", str(path))
+    assert all("error" not in r for r in ranks)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records].count("start") == 1
+    assert [r["step"] for r in records if r["event"] == "interval"] == [5, 10, 15, 20, 25, 30]

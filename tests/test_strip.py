@@ -19,7 +19,8 @@ BACKEND = {"inductor": False}
 
 
 def _hooks(model):
-    return [(len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks)) for m in model.modules()]
+    return [(len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks), len(m._load_state_dict_post_hooks))
+            for m in model.modules()]
 
 
 def _set_masks(model, seed=0):
@@ -155,3 +156,31 @@ def test_strip_multihead_attention_projection_weights():
     agpe_compile.strip(model)
     assert sorted(model.state_dict()) == sorted(fresh.state_dict())
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_assigned_weights_keep_their_masks_and_strip_folds_into_them():
+    # load_state_dict(assign=True) replaces the Parameters: the layers adopt the new ones, so
+    # compiled calls keep masking and strip() zeroes the weights the model now has.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    _set_masks(model, seed=3)
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))
+    x = torch.randn(4, 32)
+    expected = compiled(x).detach()
+    old = model.layers[0].weight
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert model.layers[0].weight is not old
+    assert sorted(layer_states(model)) == ["layers.0", "layers.1"]
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+    agpe_compile.strip(model)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_strip_through_a_compiled_wrapper_removes_the_ddp_ignore_list():
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    assert set(agpe_compile.strip(torch.compile(model, backend="eager"))) == {"layers.0", "layers.1"}
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
+    assert not layer_states(model)

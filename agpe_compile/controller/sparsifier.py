@@ -123,6 +123,9 @@ class Sparsifier:
                         "step the same masks; call .close() on the one that should stop", driven)
         for state in states:
             state.sparsifier_ref = weakref.ref(self)
+        # The weights it prepared: a replaced parameter (even one the layer adopted, after a
+        # load_state_dict(assign=True)) is not the one the optimizer steps.
+        self._weights = {s.name: weakref.ref(s.weight) if s.weight is not None else _dead for s in states}
         self.step_count = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.saliency = SaliencyEMA(config.saliency_decay)
@@ -132,7 +135,8 @@ class Sparsifier:
         self.schedule_state = self.policy.initial_schedule_state()
         self.pruned_saliency: Optional[float] = None
         self.seen_counters = {}
-        self.audit = AuditLog(config.audit_path)
+        # Data-parallel ranks decide the same masks: the run is recorded once, by rank 0.
+        self.audit = AuditLog(config.audit_path if not self._data_parallel() or distributed.rank() == 0 else None)
         self.recompile_counter = recompile_counter
         self._graphs_seen = recompile_counter() if recompile_counter else 0
         self._loss_sum: Optional[torch.Tensor] = None
@@ -156,7 +160,12 @@ class Sparsifier:
         self.target_density = self.config.start_density
         self._adopted = False
         self.rebucketed: List[str] = []
+        if self._data_parallel():  # Note [Data-parallel masks]: same config and layers everywhere, from step 0
+            distributed.check_same_setup(config, self.layers)
         self._apply_initial_layout()
+        if self._data_parallel():
+            distributed.check_same_on_every_rank(
+                dict(zip(self.layers, to_host([s.block_mask for s in self.layers.values()]))), "at the start")
         self._check_target_reached(dict(zip(self.layers, to_host([s.block_mask for s in self.layers.values()]))))
         self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._hooks = []
@@ -493,7 +502,7 @@ class Sparsifier:
         """A layer whose weight stopped being its module's parameter (parametrized or replaced
         after the Sparsifier was created) trains with a weight no mask describes."""
         lost = [name for name, state in self.layers.items() if state.module is not None
-                and state.module._parameters.get(state.param_name) is not state.weight]
+                and state.module._parameters.get(state.param_name) is not self._weights[name]()]
         if lost:
             raise RuntimeError(
                 f"agpe: layers {lost} no longer have the weight the Sparsifier prepared (a torch.nn.utils."
@@ -587,6 +596,10 @@ class _Snapshot:
         self.scored_from: Dict[str, torch.Tensor] = {}
         self.loss: Optional[torch.Tensor] = None
         self.loss_over_ranks: Optional[torch.Tensor] = None  # [sum, steps] over all ranks (data-parallel)
+
+
+def _dead() -> None:
+    return None
 
 
 def _remove_handles(handles) -> None:
