@@ -28,6 +28,13 @@ def test_quickstart():
     assert float(stripped.group(2)) < 1e-4
 
 
+def test_ddp_example_two_ranks_stay_identical():
+    stdout = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "examples/ddp_fashion_mnist.py", "--max-steps", "30", "--update-interval", "5"])
+    assert "2 ranks, 30 steps" in stdout and "identical across ranks: yes" in stdout, stdout[-2000:]
+    assert re.search(r"test accuracy \d+\.\d+% at density 0\.\d+", stdout), stdout[-2000:]
+
+
 def test_train_step_benchmark_small(tmp_path):
     out = tmp_path / "train_step.json"
     stdout = run(["benchmarks/train_step.py", "--small", "--warmup", "0", "--iters", "1", "--schedule-steps", "80",
