@@ -244,6 +244,8 @@ class LayerState:
         Also registers a forward pre-hook that reads the layout buffer, so Dynamo guards on
         its length: a bucket crossing (a new length) recompiles once, in-place edits never.
         Dynamo only sees hooks that exist when it first compiles: prepare before compiling.
+        Two load_state_dict hooks resize a saved layout of another bucket (pre) and move the
+        state to a weight that ``load_state_dict(..., assign=True)`` put in place (post).
         """
         for buffer_name, tensor in zip(self.buffer_names(), self.tensors()):
             existing = module._buffers.get(buffer_name)

@@ -312,7 +312,7 @@ class Sparsifier:
                 snap.loss_over_ranks = host
             elif name is None:
                 snap.loss = host
-            elif key != "mask_sum":
+            else:
                 getattr(snap, key)[name] = host
         if summed_masks is not None:
             distributed.check_same_on_every_rank(
