@@ -97,8 +97,10 @@ class AgpeCompiledGraph:
             if state.block_layout.shape != shape:
                 raise RuntimeError(
                     f"agpe: layer {state.name!r} changed layout bucket, but this graph was compiled "
-                    f"before agpe_compile.prepare() registered the hook that lets Dynamo see it; prepare "
-                    f"the model before torch.compile (or call torch._dynamo.reset() and compile again)"
+                    f"without the module hook that lets Dynamo see it: either before agpe_compile.prepare() "
+                    f"registered it (prepare the model before torch.compile, or call torch._dynamo.reset() and "
+                    f"compile again), or Dynamo compiled the layer's forward as a frame of its own, outside its "
+                    f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))"
                 )
             extra.extend(state.tensors())
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though

@@ -3,7 +3,7 @@
 After training, a user who ships the model wants the weights, not agpe: this folds every
 layer's block mask into its weight (inactive blocks become exact zeros) and removes
 everything :func:`agpe_compile.prepare` and the backend put on the model (the six buffers
-per layer, the two module hooks, the attributes on the weights). What is left is the
+per layer, the module hooks, the attributes on the weights). What is left is the
 model as its class defines it:
 
 * ``model.state_dict()`` has exactly the keys of an unprepared instance of the same class,
@@ -44,8 +44,11 @@ def strip(model: nn.Module) -> Dict[str, float]:
     Returns the density each layer had, by layer name. Raises, changing nothing, while an
     :class:`agpe_compile.Sparsifier` (call ``close()`` first) or a zero-code controller
     (``torch._dynamo.reset()`` and drop the compiled model first) still drives a layer.
-    Graphs compiled before are not reusable: a call to one raises; compile the stripped
-    model again. Idempotent: a model without agpe state is returned unchanged (``{}``).
+    A model compiled with ``backend="agpe"`` before: Dynamo recompiles a prepared one at its
+    next call as a model never prepared (the same results; the backend then puts a dense
+    state on its weights again, which a second ``strip`` removes); a graph compiled without
+    ``prepare`` raises. Compile the stripped model anew, with any backend. Idempotent: a
+    model without agpe state is returned unchanged (``{}``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
