@@ -59,6 +59,10 @@ LAYERS_ATTR = "_agpe_layers"
 # On a weight that prepare() left out by include/exclude: the backend keeps it dense too
 # (a Sparsifier's AGPEConfig(exclude=...) reaches torch.compile without repeating it).
 EXCLUDED_ATTR = "_agpe_excluded"  # param name -> LayerState, on the module (Note [Copying prepared models])
+# On a weight that agpe_compile.strip() finished: the backend refuses to make a new state
+# for it (a graph compiled before would silently recompile it as an unprepared layer);
+# prepare() clears it. A plain bool, so a pickled model still loads without agpe.
+STRIPPED_ATTR = "_agpe_stripped"
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
@@ -446,6 +450,8 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
     for module_name, module, param_name, weight in _linear_weights(model):
         name = layer_name(module_name, param_name)
+        if hasattr(weight, STRIPPED_ATTR):
+            delattr(weight, STRIPPED_ATTR)  # prepared again after strip(): a new sparse run
         state = state_of(weight)
         if state is not None and any(state is other for other in prepared.values()):
             continue  # a weight shared by two modules: one layer, listed under its first name

@@ -33,8 +33,8 @@ from torch import nn
 
 from . import distributed
 from .ops.reference import expand_block_mask
-from .state import EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, LayerState, _read_layouts, \
-    _adopt_assigned_weights, _resize_layouts_on_load, buffer_paths, state_of
+from .state import (EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
+                    _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, buffer_paths, state_of)
 from .zero_weights import _ReZeroOnLoad
 
 
@@ -44,11 +44,11 @@ def strip(model: nn.Module) -> Dict[str, float]:
     Returns the density each layer had, by layer name. Raises, changing nothing, while an
     :class:`agpe_compile.Sparsifier` (call ``close()`` first) or a zero-code controller
     (``torch._dynamo.reset()`` and drop the compiled model first) still drives a layer.
-    A model compiled with ``backend="agpe"`` before: Dynamo recompiles a prepared one at its
-    next call as a model never prepared (the same results; the backend then puts a dense
-    state on its weights again, which a second ``strip`` removes); a graph compiled without
-    ``prepare`` raises. Compile the stripped model anew, with any backend. Idempotent: a
-    model without agpe state is returned unchanged (``{}``).
+    A graph compiled with ``backend="agpe"`` before raises at its next call (the stripped
+    weights carry one plain marker, ``_agpe_stripped``, so that the backend refuses to treat
+    them as new, unprepared layers); compile the stripped model anew with another backend,
+    or ``prepare`` it to train it sparse again. Idempotent: a model without agpe state is
+    returned unchanged (``{}``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
@@ -58,11 +58,14 @@ def strip(model: nn.Module) -> Dict[str, float]:
         if distributed.DDP_IGNORE_ATTR in module.__dict__:
             distributed.forget_in_ddp(module, buffer_paths(module, states))
     densities: Dict[str, float] = {}
+    folded = set()
     with torch.no_grad():
         for state in states:
             densities[state.name] = state.density
             module = state.module  # its current parameter: load_state_dict(assign=True) may have replaced it
             weight = module._parameters.get(state.param_name) if module is not None else state.weight
+            if weight is not None:
+                folded.add(id(weight))
             if weight is not None and not bool(state.block_mask.all()):
                 mask = expand_block_mask(state.block_mask.to(weight.device), state.block_size, torch.bool)
                 weight.masked_fill_(~mask, 0)
@@ -72,6 +75,8 @@ def strip(model: nn.Module) -> Dict[str, float]:
         for attr in (STATE_ATTR, EXCLUDED_ATTR):
             if hasattr(param, attr):
                 delattr(param, attr)
+        if id(param) in folded:
+            setattr(param, STRIPPED_ATTR, True)
     for module in model.modules():
         _remove_hooks(module)
     return densities

@@ -35,8 +35,8 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from agpe_compile.config import BackendConfig
-from agpe_compile.state import (EXCLUDED_ATTR, STATE_ATTR, LayerState, check_block_size_option, layer_name,
-                                pattern_reason, skip_reason, state_of)
+from agpe_compile.state import (EXCLUDED_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState, check_block_size_option,
+                                layer_name, pattern_reason, skip_reason, state_of)
 from torch.nn.utils import parametrize
 
 from .match_linears import LinearSite, UnmatchedUse, embedding_weights
@@ -324,6 +324,12 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
         if reason is not None:
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)
         return LayerDecision(state.name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
+    if isinstance(weight, torch.nn.Parameter) and getattr(weight, STRIPPED_ATTR, False):
+        raise RuntimeError(
+            f"agpe: layer {name!r} was finished by agpe_compile.strip(): its mask is folded into the weight and "
+            f"its agpe state removed. Compile the stripped model with another backend (it is a plain model now), "
+            f"or call agpe_compile.prepare(model) (or create a Sparsifier) to train it sparse again, then "
+            f"torch._dynamo.reset() and compile")
     reason = getattr(weight, EXCLUDED_ATTR, None) if isinstance(weight, torch.nn.Parameter) else None
     if reason is None and weight_node in tied:
         reason = _TIED_REASON

@@ -64,9 +64,29 @@ def test_strip_folds_masks_and_leaves_the_class_own_model():
     fresh.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), expected, rtol=1e-6, atol=1e-6)
     assert b"agpe_compile" not in pickle.dumps(model)  # torch.save(model) needs no agpe to load
-    # The graph compiled before no longer matches the model: Dynamo recompiles it as a
-    # model never prepared (every block active), which computes the same.
-    torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+    # The graph compiled before no longer matches the model (its layout buffers are gone):
+    # Dynamo recompiles, and the backend refuses the stripped weights instead of making
+    # them new, unprepared layers.
+    with pytest.raises(Exception, match="finished by agpe_compile.strip"):
+        compiled(x)
+    assert not layer_states(model)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stripped_model_prepared_again_trains_sparse_again():
+    torch._dynamo.reset()
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    _set_masks(model, seed=4)
+    agpe_compile.strip(model)
+    torch._dynamo.reset()
+    states = agpe_compile.prepare(model, {"block_size": 8})
+    assert sorted(states) == ["layers.0", "layers.1"] and all(s.density == 1.0 for s in states.values())
+    states["layers.0"].block_mask[0, 0] = False
+    x = torch.randn(4, 32)
+    y = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))(x)
+    y.sum().backward()
+    assert int(states["layers.0"].counters[0]) == 4
 
 
 def test_strip_is_idempotent_and_leaves_copies_alone():
