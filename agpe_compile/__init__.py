@@ -23,6 +23,7 @@ if _importlib_util.find_spec("agpe_compile.passes") is None and _os.path.isdir(_
     __path__.append(_checkout)
 
 from . import ops  # noqa: F401  (registers torch.ops.agpe.*)
+from .averaged import AveragedModel
 from .backend import AgpeBackend, agpe_backend
 from .buckets import rebucket
 from .config import BackendConfig
@@ -54,6 +55,7 @@ _register_without_entry_point()
 
 __all__ = [
     "AGPEConfig",
+    "AveragedModel",
     "AgpeBackend",
     "BackendConfig",
     "BlockSparseAdamW",

@@ -107,6 +107,7 @@ def rebucket(
     return moved
 
 
+@torch.inference_mode(False)  # layouts made during an inference_mode eval must serve the next training step
 def plan_layouts(states: List[LayerState], host_masks: List[torch.Tensor], buckets: Iterable[float] = DEFAULT_BUCKETS,
                  between_steps: bool = True):
     """Layouts of ``host_masks`` (the layers' masks, on the host), built on the host.

@@ -289,7 +289,8 @@ class LayerState:
                     f"{'nothing' if new is None else f'a tensor of shape {tuple(new.shape)}'}; it must keep shape "
                     f"{tuple(current.shape)}. Edit it in place instead (e.g. .copy_(new)).")
             if field in _FP32_FIELDS and new.dtype != torch.float32:
-                new = new.float()  # model.to(torch.bfloat16) casts it: the running sums stay fp32
+                with torch.inference_mode(False):  # an eval under inference_mode must not make them inference tensors
+                    new = new.float()  # model.to(torch.bfloat16) casts it: the running sums stay fp32
                 module.register_buffer(buffer_name, new)
             elif new.dtype != current.dtype:
                 raise RuntimeError(f"agpe: buffer {self.name}.{buffer_name} was replaced by a {new.dtype} "
@@ -317,7 +318,8 @@ def _resize_layouts_on_load(module: nn.Module, state_dict, prefix, *args) -> Non
         if saved is None or saved.shape == current.shape:
             continue
         state = state_of(getattr(module, name[: -len("_block_layout")]))
-        resized = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+        with torch.inference_mode(False):
+            resized = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
         module.register_buffer(name, resized)
         state.block_layout = resized
         state.layout_bucket = _bucket_of_capacity(capacity_of(saved, state.grid), state.grid)

@@ -13,6 +13,39 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_problem():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        from agpe_compile.kernels.runtime import interpreter_problem, triton_available
+    except ImportError:
+        return None
+    return interpreter_problem() if triton_available() else None
+
+
+def pytest_report_header(config):
+    problem = _interpreter_problem()
+    return [f"agpe: WARNING: {problem}; the tests that run those kernels are skipped"] if problem else []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test that needs the Triton interpreter skips, with the reason, where the installed
+    triton's interpreter is known not to run our kernels (kernels/runtime.py,
+    ``interpreter_problem``); any other error fails as usual."""
+    try:
+        return (yield)
+    except Exception as error:
+        from agpe_compile.kernels.runtime import InterpreterUnavailable
+
+        cause = error
+        while cause is not None and not isinstance(cause, InterpreterUnavailable):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        pytest.skip(str(cause))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -260,3 +260,43 @@ def test_a_weight_shared_by_two_linears_is_one_layer():
     model = Shared()
     assert sorted(agpe_compile.prepare(model, {"block_size": 8})) == ["lin1"]
     assert sorted(agpe_compile.layer_states(model)) == ["lin1"]
+
+
+def test_an_inference_mode_eval_after_a_dtype_change_or_a_rebucket_does_not_break_training():
+    # PyTorch Lightning's sanity check evaluates under inference_mode before training. The
+    # running sums cast back to fp32 after model.to(bf16), and layouts re-bucketed, during such
+    # an eval must be ordinary tensors, or every later backward fails ("Inference tensors
+    # cannot be saved for backward").
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, block_size=16, update_interval=2, end_step=10,
+                                           policy="gmp"))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(8, 64)
+
+    def train(steps, inputs):
+        for _ in range(steps):
+            loss = cmodel(inputs).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+
+    train(2, x)
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        cmodel(x.bfloat16())
+    states = layer_states(model)
+    assert all(s.saliency.dtype == torch.float32 and not s.saliency.is_inference() for s in states.values())
+    train(6, x.bfloat16())
+    assert sp.global_density < 1.0
+    for state in states.values():
+        state.block_mask.fill_(True)
+    with torch.inference_mode():
+        agpe_compile.rebucket(model)
+    assert not any(s.block_layout.is_inference() for s in states.values())
+    loss = cmodel(x.bfloat16()).float().pow(2).mean()
+    loss.backward()

@@ -815,3 +815,40 @@ def test_tma_kernels_have_their_own_tiles_where_the_sweep_found_better_ones():
         assert config_for(kernel, 128, torch.bfloat16, interpret=False, tma=True) in TMA_CANDIDATES[kernel]
     assert config_for("forward", 64, torch.bfloat16, interpret=False, tma=True) == config_for(
         "forward", 64, torch.bfloat16, interpret=False)  # no TMA table entry: the plain tile
+
+
+def test_known_interpreter_incompatibility_is_named(monkeypatch):
+    """triton <= 3.6's interpreter with numpy >= 2.4 cannot take loaded loop bounds; the
+    launch then raises InterpreterUnavailable naming both versions and the fix (conftest.py
+    skips with that reason), and any other combination or error is left alone."""
+    import numpy
+    import triton
+
+    from agpe_compile.kernels import runtime
+
+    check = runtime.interpreter_problem.__wrapped__
+    for triton_version, numpy_version, broken in [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                  ("3.7.1", "2.4.6", False), ("3.9.0", "2.4.6", False),
+                                                  ("3.5.1", "2.10.0", True)]:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        problem = check()
+        assert (problem is not None) == broken, (triton_version, numpy_version)
+        if broken:
+            assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
+
+    def failing(message):
+        def launch(*args, **kwargs):
+            raise RuntimeError(message)
+        return launch
+
+    monkeypatch.setattr(runtime, "interpreter_problem", lambda: "triton 3.6.0's CPU interpreter ...")
+    with pytest.raises(runtime.InterpreterUnavailable, match="3.6.0"):
+        runtime._interpreted(failing("TypeError('only 0-dimensional arrays can be converted')"))()
+    with pytest.raises(RuntimeError, match="something else") as info:
+        runtime._interpreted(failing("something else"))()
+    assert not isinstance(info.value, runtime.InterpreterUnavailable)
+    monkeypatch.setattr(runtime, "interpreter_problem", lambda: None)
+    with pytest.raises(RuntimeError) as info:
+        runtime._interpreted(failing("only 0-dimensional arrays"))()
+    assert not isinstance(info.value, runtime.InterpreterUnavailable)

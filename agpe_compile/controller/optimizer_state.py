@@ -4,8 +4,11 @@ A pruned block must stay exactly zero: its masked gradient is 0, but SGD momentu
 Adam's ``exp_avg`` would keep moving it. A regrown block must start from zero, not from
 moments it collected before it was pruned. So at every mask update, every optimizer state
 tensor shaped like the weight (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq``; likewise RMSprop, Adagrad...) is zeroed on the changed
-blocks. Per-parameter scalars (Adam's ``step``) cannot be reset per block and are left.
+``exp_avg_sq``, ``max_exp_avg_sq``; likewise RMSprop, Adagrad...) is reset on the changed
+blocks to the value a fresh parameter starts from: zero, except Rprop's ``step_size`` (the
+group's ``lr``) and Adagrad's ``sum`` (its ``initial_accumulator_value``); a zeroed Rprop
+step size would clamp to ``step_sizes[0]`` and leave a regrown block ~1000x slower.
+Per-parameter scalars (Adam's ``step``) cannot be reset per block and are left.
 
 Example::
 
@@ -25,7 +28,7 @@ from agpe_compile.ops.reference import expand_block_mask
 
 def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], weight: torch.Tensor,
                          blocks: torch.Tensor, block_size: int) -> List[str]:
-    """Zero ``weight``'s optimizer state on ``blocks`` (bool [R, C]); the keys touched."""
+    """Reset ``weight``'s optimizer state on ``blocks`` (bool [R, C]) to its fresh value; the keys touched."""
     if optimizer is None:
         return []
     state = optimizer.state.get(weight)
@@ -37,9 +40,20 @@ def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], weight: tor
         if torch.is_tensor(value) and value.shape == weight.shape:
             if element_mask is None:
                 element_mask = expand_block_mask(blocks.to(value.device), block_size, torch.bool)
-            value.masked_fill_(element_mask, 0)
+            value.masked_fill_(element_mask, _fresh_value(optimizer, weight, key))
             touched.append(key)
     return touched
+
+
+def _fresh_value(optimizer: torch.optim.Optimizer, weight: torch.Tensor, key: str) -> float:
+    """What ``optimizer`` initialises ``state[key]`` of a new parameter to (see module doc)."""
+    fresh = {(torch.optim.Rprop, "step_size"): "lr", (torch.optim.Adagrad, "sum"): "initial_accumulator_value"}
+    option = next((name for (kind, k), name in fresh.items() if k == key and isinstance(optimizer, kind)), None)
+    if option is None:
+        return 0.0
+    group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+    value = group[option]
+    return float(value.item() if torch.is_tensor(value) else value)
 
 
 def momentum_of(optimizer: Optional[torch.optim.Optimizer], weight: torch.Tensor) -> Optional[torch.Tensor]:

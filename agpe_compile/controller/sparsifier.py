@@ -39,7 +39,7 @@ from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum, expand_block_mask
-from agpe_compile.state import LayerState, prepare
+from agpe_compile.state import LayerState, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_
 
@@ -84,8 +84,8 @@ class Sparsifier:
                  recompile_counter: Optional[Callable[[], int]] = None):
         if not isinstance(config, AGPEConfig):
             raise TypeError(f"agpe: Sparsifier expected an AGPEConfig, got {type(config).__name__}")
+        config.check_model(model, layer_states(model))  # before prepare: a refused model is left as it was
         states = prepare(model, options=config.backend_options)
-        config.check_model(model, states)
         frozen = sorted(name for name, state in states.items()
                         if state.weight is not None and not state.weight.requires_grad)
         if frozen:  # no gradient, no saliency, no way to train a regrown block: keep their masks
@@ -154,6 +154,7 @@ class Sparsifier:
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         self._warned_no_backward = False
         self._warned_target = False
+        self._frozen = set()  # layers frozen since creation (Note [Frozen layers])
         for name, state in self.layers.items():
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
                 log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
@@ -288,7 +289,7 @@ class Sparsifier:
         if self._updates_at(step):
             record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
             record["updated"] = True
-            self._check_target_reached(after)
+            self._check_target_reached({n: m for n, m in after.items() if n not in self._frozen})
         record["rebucketed"] = self.rebucketed
         if self.audit.path is not None:
             self._write_record(record, before, after, just_grown, skips, start)
@@ -345,7 +346,9 @@ class Sparsifier:
         feedback = Feedback(loss=loss, pruned_saliency=self.pruned_saliency)
         target, self.schedule_state, event = self.policy.target(step, self.schedule_state, feedback)
         moved, self.target_density = target != self.target_density, target
-        views = self._views(masks, dense_grad)
+        all_views = self._views(masks, dense_grad)
+        frozen = self._frozen_now()  # Note [Frozen layers]
+        views = [v for v in all_views if v.name not in frozen]
         fraction = self.policy.drop_fraction(step)
         scores = [self.policy.layer_score(v) for v in views]
         current = [int(v.mask.sum()) for v in views]
@@ -353,7 +356,7 @@ class Sparsifier:
                              target, moved, self.config.distribution,
                              None if any(s is None for s in scores) else scores,
                              fraction, self.config.buckets, self.config.max_layer_density,
-                             self.config.min_layer_share)
+                             self.config.min_layer_share) if views else []
         dropped_mass = active_mass = 0.0
         dropped = 0
         results = []
@@ -372,11 +375,37 @@ class Sparsifier:
         # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
         mean_active = active_mass / max(sum(current), 1)
         self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
+        decided = {v.name: r for v, r in zip(views, results)}
+        results = [decided[v.name] if v.name in decided else
+                   DropGrow(v.mask.clone(), torch.zeros_like(v.mask), torch.zeros_like(v.mask)) for v in all_views]
         if self._data_parallel():  # Note [Data-parallel masks]
-            distributed.check_same_on_every_rank({v.name: r.mask for v, r in zip(views, results)},
+            distributed.check_same_on_every_rank({v.name: r.mask for v, r in zip(all_views, results)},
                                                  f"after the mask update at step {step}")
         self.rebucketed = self._apply_all(list(self.layers.values()), results, between_steps=between_steps)
-        return event, {v.name: r.mask for v, r in zip(views, results)}
+        return event, {v.name: r.mask for v, r in zip(all_views, results)}
+
+    # Note [Frozen layers]
+    # ~~~~~~~~~~~~~~~~~~~~
+    # A weight with requires_grad=False gets no gradient: no saliency, and a regrown block
+    # could never train (it would stay exactly zero while counted as active). Layers frozen
+    # when the Sparsifier is created are left out for good; a layer frozen later keeps its
+    # mask at every update while it is frozen (the target density is then planned over the
+    # layers that train) and takes part again once it is unfrozen. Each change is logged.
+    def _frozen_now(self) -> set:
+        frozen = {name for name, state in self.layers.items()
+                  if state.weight is not None and not state.weight.requires_grad}
+        if frozen != self._frozen:
+            newly, thawed = sorted(frozen - self._frozen), sorted(self._frozen - frozen)
+            if newly:
+                log.warning("agpe: %s frozen (requires_grad=False): the Sparsifier keeps %s while frozen and "
+                            "plans the target density over the other layers", ", ".join(newly),
+                            "its mask" if len(newly) == 1 else "their masks")
+            if thawed:
+                log.warning("agpe: %s again (requires_grad=True): the Sparsifier updates %s again",
+                            ", ".join(thawed) + (" trains" if len(thawed) == 1 else " train"),
+                            "its mask" if len(thawed) == 1 else "their masks")
+            self._frozen = frozen
+        return frozen
 
     def _views(self, masks: Dict[str, torch.Tensor], dense_grad: Dict[str, torch.Tensor]) -> List[LayerView]:
         """What the policy sees of each layer, on the host; the device-side block sums a

@@ -40,6 +40,39 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+class InterpreterUnavailable(RuntimeError):
+    """The installed triton's CPU interpreter cannot run these kernels (see
+    :func:`interpreter_problem`); compiled GPU kernels are not affected."""
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why this environment's ``TRITON_INTERPRET=1`` cannot run the kernels, or None.
+
+    Known case: triton <= 3.6's interpreter turns a loaded scalar into a Python int with
+    ``int()`` of a 1-element array, which numpy >= 2.4 rejects ("only 0-dimensional arrays
+    can be converted to Python scalars"); every kernel whose loop bounds come from the
+    layout (``range(first, last)``) fails. triton 3.7 fixed it (``.squeeze()``). Seen with
+    torch 2.11's triton 3.6.0.
+    """
+    import numpy
+    import triton
+
+    def minor(version: str) -> tuple[int, int]:
+        major, minor_, *_ = (version.split("+")[0].split(".") + ["0", "0"])
+        return int(major), int("".join(ch for ch in minor_ if ch.isdigit()) or 0)
+
+    if minor(triton.__version__) < (3, 7) and minor(numpy.__version__) >= (2, 4):
+        return (
+            f"triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run the "
+            f"agpe kernels with numpy {numpy.__version__}: it converts loaded loop bounds with "
+            f"int() of a 1-element array, which numpy >= 2.4 rejects (fixed in triton 3.7). "
+            f"Install numpy<2.4 or triton>=3.7 to run them interpreted; compiled GPU kernels "
+            f"are not affected"
+        )
+    return None
+
+
 def launcher(kernel, grid, device: torch.device):
     """``kernel[grid]``: through ``wrap_triton`` while traced, so a ``triton_op`` body (or a
     function compiled by Dynamo) records the launch; directly otherwise.
@@ -50,7 +83,7 @@ def launcher(kernel, grid, device: torch.device):
     interpreter-mode kernels, so those always launch directly.
     """
     if is_interpreted(kernel):
-        return kernel[grid]
+        return _interpreted(kernel[grid])
     if device.type != "cuda":
         raise ValueError(
             f"agpe kernels: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
@@ -59,6 +92,21 @@ def launcher(kernel, grid, device: torch.device):
     if not is_tracing():
         return kernel[grid]
     return torch.library.wrap_triton(kernel)[grid]
+
+
+def _interpreted(launch):
+    """``launch`` with the known interpreter incompatibility reported as what it is."""
+
+    def run(*args, **kwargs):
+        try:
+            return launch(*args, **kwargs)
+        except Exception as error:
+            problem = interpreter_problem()
+            if problem is not None and "only 0-dimensional arrays" in str(error):
+                raise InterpreterUnavailable(f"agpe kernels: {problem}") from error
+            raise
+
+    return run
 
 
 def is_tracing() -> bool:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import agpe_compile
 from agpe_compile.controller import AGPEConfig, Sparsifier
 
 from .helpers import TinyMLP
@@ -74,6 +75,7 @@ def test_block_size_not_dividing_a_layer_names_layer_and_shape():
     with pytest.raises(ValueError, match=r"AGPEConfig.block_size got 8; expected a common divisor of the "
                                          r"dimensions of every included layer; layer '2' is 10x32 \(or exclude='2'\)"):
         Sparsifier(model, opt, AGPEConfig(block_size=8))
+    assert agpe_compile.layer_states(model) == {} and not list(model.buffers())  # refused before preparing
     Sparsifier(model, opt, AGPEConfig(block_size=8, exclude=("2",)))  # excluding it is the way out
 
 

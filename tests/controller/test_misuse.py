@@ -79,6 +79,28 @@ def test_frozen_layers_keep_their_masks(caplog):
     assert torch.equal(fc1.block_mask, before) and fc1.block_mask.all()
 
 
+def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
+    # Note [Frozen layers]: frozen after the Sparsifier was created, a layer keeps its mask
+    # (and its weights) at every update; unfrozen, it is updated again. Both are logged.
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(block_size=4, target_sparsity=0.75, policy="rigl",
+                                                    update_interval=2, end_step=40), optimizer="adamw")
+    fc2 = sp.layers["fc2"]
+    train(cmodel, opt, sp, batches(4))
+    model.fc2.weight.requires_grad_(False)
+    mask, weight = fc2.block_mask.clone(), model.fc2.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(8, seed=1))
+    assert any("fc2 frozen (requires_grad=False): the Sparsifier keeps its mask" in r.getMessage()
+               for r in caplog.records)
+    assert torch.equal(fc2.block_mask, mask) and torch.equal(model.fc2.weight, weight)
+    caplog.clear()
+    model.fc2.weight.requires_grad_(True)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(8, seed=2))
+    assert any("fc2 trains again" in r.getMessage() for r in caplog.records)
+    assert not torch.equal(fc2.block_mask, mask)  # rigl swaps blocks at every update
+
+
 def test_a_second_sparsifier_warns_and_close_releases_the_layers(caplog):
     from agpe_compile.controller import Sparsifier
 

@@ -32,6 +32,31 @@ def test_zeroes_every_weight_shaped_state_on_the_blocks(kind, keys):
         assert torch.equal(opt.state[w]["step"], step_before)
 
 
+@pytest.mark.parametrize("make, key, fresh", [
+    (lambda w: torch.optim.Rprop([w], lr=0.01), "step_size", 0.01),
+    (lambda w: torch.optim.Rprop([{"params": [torch.nn.Parameter(torch.ones(1))]}, {"params": [w], "lr": 0.03}],
+                                 lr=0.01), "step_size", 0.03),
+    (lambda w: torch.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.5), "sum", 0.5),
+])
+def test_state_that_does_not_start_at_zero_is_reset_to_its_fresh_value(make, key, fresh):
+    # Rprop starts step_size at lr (a zeroed one clamps to 1e-6: a regrown block would learn
+    # ~1000x slower than a new parameter); Adagrad starts sum at initial_accumulator_value.
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    opt = make(w)
+    for _ in range(3):
+        w.grad = torch.randn(4, 4)
+        opt.step()
+    before = opt.state[w][key].clone()
+    assert not torch.allclose(before, torch.full_like(before, fresh))
+    touched = zero_optimizer_state(opt, w, torch.tensor([[True, False], [False, False]]), block_size=2)
+    assert key in touched
+    value = opt.state[w][key]
+    assert torch.equal(value[:2, :2], torch.full((2, 2), fresh))
+    assert torch.equal(value[2:], before[2:]) and torch.equal(value[:2, 2:], before[:2, 2:])
+    if "prev" in opt.state[w]:
+        assert not opt.state[w]["prev"][:2, :2].any()
+
+
 def test_no_optimizer_or_no_state_yet():
     w = torch.nn.Parameter(torch.ones(2, 2))
     assert zero_optimizer_state(None, w, torch.tensor([[True]]), 2) == []
