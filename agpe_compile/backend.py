@@ -75,6 +75,7 @@ class AgpeCompiledGraph:
         self.weight_indices = weight_indices
         self.compiled_as = [(state.block_size, state.grid, state.zero_inactive, state.saliency_mode)
                             for state in states]
+        self._compiled_capacity_layouts = {}  # Note [Layouts a graph cannot see change]
 
     def __call__(self, *args):
         if self.before_training_call is not None and torch.is_grad_enabled():
@@ -94,18 +95,61 @@ class AgpeCompiledGraph:
                     state = self._state_of_another_instance(i, weight)
             state.check_identity()
             state.sync_layout()
-            if state.block_layout.shape != shape:
-                raise RuntimeError(
-                    f"agpe: layer {state.name!r} changed layout bucket, but this graph was compiled "
-                    f"without the module hook that lets Dynamo see it: either before agpe_compile.prepare() "
-                    f"registered it (prepare the model before torch.compile, or call torch._dynamo.reset() and "
-                    f"compile again), or Dynamo compiled the layer's forward as a frame of its own, outside its "
-                    f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))"
-                )
-            extra.extend(state.tensors())
+            tensors = state.tensors()
+            if state.block_layout.shape != shape:  # Note [Layouts a graph cannot see change]
+                tensors[-1] = self._layout_at_compiled_capacity(i, state, shape)
+            extra.extend(tensors)
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
         return self.compiled(*args, *extra)
+
+    # Note [Layouts a graph cannot see change]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A bucket crossing gives a layer a layout buffer of another length, and Dynamo
+    # recompiles because the module's forward pre-hook read that buffer (state.py). A graph
+    # compiled without the hook never sees the change: it was compiled before prepare(), it
+    # uses the weight without calling the module (F.linear(x, module.weight)), it compiles
+    # the layer's own forward (Linear.compile()), or Dynamo compiled the layer's forward as a
+    # frame of its own (torch.compile(DDP(nn.Sequential(...)))). Such a graph keeps running
+    # at the capacity it was compiled with: the wrapper hands it a layout of that capacity
+    # rebuilt from the current mask (the kernels walk only the live blocks; the rest is
+    # padding), so it computes the same, without the smaller bucket's savings in layout
+    # size. It is logged once per layer and graph. A mask with more live blocks than that
+    # capacity cannot run in this graph: that raises, naming the causes.
+    def _layout_at_compiled_capacity(self, i: int, state: LayerState, shape: torch.Size) -> torch.Tensor:
+        from agpe_compile.layout import update_layout_
+        from agpe_compile.packed_layout import capacity_of, unpack
+
+        owner, version = (id(state), id(state.block_mask)), state.block_mask._version
+        cached = self._compiled_capacity_layouts.get(i)
+        if cached is not None and cached[0] == owner and cached[2] == version:
+            return cached[1]
+        with torch.no_grad(), torch.inference_mode(False):
+            # rewritten in place after the first time (a captured CUDA graph keeps its address)
+            layout = cached[1] if cached is not None and cached[0] == owner else torch.zeros(
+                shape, dtype=state.block_layout.dtype, device=state.block_layout.device)
+            capacity = capacity_of(layout, state.grid)
+            if not update_layout_(unpack(layout, state.grid, state.block_size), state.block_mask):
+                raise RuntimeError(
+                    f"agpe: layer {state.name!r} has {int(state.block_mask.sum())} live blocks, more than the "
+                    f"{capacity} this graph was compiled for, and the graph cannot recompile for it: it was compiled "
+                    f"without the module hook that lets Dynamo see a layout change. Either (a) it was compiled "
+                    f"before agpe_compile.prepare() registered the hook (prepare the model before torch.compile, or "
+                    f"call torch._dynamo.reset() and compile again); or (b) the graph uses the layer's weight "
+                    f"without calling its module (F.linear(x, module.weight)), or compiles the layer's own forward "
+                    f"(Linear.compile(), torch.compile(linear.forward)): call the module, and compile the module "
+                    f"that calls it; or (c) Dynamo compiled the layer's forward as a frame of its own, outside its "
+                    f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))")
+        if i not in self._compiled_capacity_layouts:
+            log.warning(
+                "agpe: layer %r changed layout bucket (capacity %d -> %d blocks), but this graph was compiled "
+                "without the module hook that makes Dynamo recompile for it (the weight used without calling its "
+                "module, the layer's own forward compiled, or compiled before prepare): it keeps running at its "
+                "compiled capacity of %d blocks, which is correct. Call the module, and compile the module that "
+                "calls it, to get the smaller layout (design.md, Known limits)", state.name, capacity,
+                capacity_of(state.block_layout, state.grid), capacity)
+        self._compiled_capacity_layouts[i] = (owner, layout, version)
+        return layout
 
     # Note [Graphs shared by instances]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -152,6 +196,14 @@ class AgpeBackend:
 
     def __init__(self, options: Optional[Mapping[str, Any]] = None,
                  on_graph: Optional[Callable[[GraphRecord], None]] = None, mode: Optional[str] = None):
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"agpe: options must be a dict of option names to values (e.g. {{'block_size': 32}}), "
+                            f"got {type(options).__name__} {options!r}")
+        if options is not None and "mode" in options:  # Note [Compile modes]
+            options = dict(options)
+            if mode is not None:
+                raise ValueError(f"agpe: got mode {mode!r} and options['mode'] {options['mode']!r}; give one")
+            mode = options.pop("mode")
         backend_options, agpe_options = split_options(options)
         self.config = BackendConfig.from_options(backend_options, also_accepted=AGPE_OPTION_KEYS)
         # Zero-code mode: AGPE options given to the backend; validated now, run per graph.
@@ -169,7 +221,12 @@ class AgpeBackend:
         self.graph_count = 0
         self.controllers: List[Any] = []  # zero-code mode: the ZeroCodeControllers of its graphs
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **compile_kwargs: Any) -> Callable:
+        if compile_kwargs:  # torch.compile(model, backend=AgpeBackend(...), mode=... or options=...)
+            raise TypeError(
+                f"agpe: torch.compile passed {sorted(compile_kwargs)} to an AgpeBackend instance; give them to the "
+                f"instance instead: AgpeBackend(options, mode=...), or use backend='agpe' with options={{..., "
+                f"'mode': ...}}")
         sites, unmatched = find_linear_sites(gm.graph)
         decisions = decide_layers(gm.graph, example_inputs, sites, unmatched, self.config)
         for decision in decisions:
@@ -185,6 +242,11 @@ class AgpeBackend:
         controller = None
         if self.zero_code_options is not None and result.states:
             controller = self._controller_for(result.states)
+        elif self.zero_code_options is not None and decisions:  # weights seen, none prunable: say so
+            dense = [f"{d.name} ({d.reason})" for d in decisions][:3]
+            log.warning("agpe: zero-code mode: no layer of this graph can be pruned, so it trains dense; %d weight "
+                        "use(s) stay dense, e.g. %s. agpe_compile.explain(model, x) lists them all",
+                        len(decisions), "; ".join(dense))
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
@@ -288,7 +350,10 @@ def _live_controller(state: LayerState):
 # ``torch.compile(model, backend="agpe", mode=...)`` hands ``mode`` to the backend, which
 # lowers the rewritten graph with Inductor's options of that mode (``list_mode_options``:
 # max-autotune, coordinate descent, CUDA graphs for "reduce-overhead"). With
-# ``options={"inductor": False}`` only "default" is accepted.
+# ``options={"inductor": False}`` only "default" is accepted. torch.compile refuses ``mode``
+# together with ``options``; with agpe options, put the mode among them
+# (``options={"mode": "max-autotune", "block_size": 64}``). An ``AgpeBackend`` instance
+# takes both itself: ``AgpeBackend(options, mode=...)``.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -64,8 +64,11 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
         raise RuntimeError(
             f"agpe: {frame} was compiled {frame_compiles} times, more than its {layers} agpe layer(s) can need for "
             f"density-bucket crossings ({budget}). Either many models of this class were compiled in one process "
-            f"(a sweep: call torch._dynamo.reset() between them), or something recompiles it on every call (a "
-            f"changing Python value or shape guarded by Dynamo; run with TORCH_LOGS=recompiles to see the reason)")
+            f"(a sweep: call torch._dynamo.reset() between them), or something recompiles it on every call: input "
+            f"shapes that change under torch.compile(..., dynamic=False) (leave dynamic at its default, or "
+            f"torch._dynamo.mark_dynamic the varying dimension), a changing Python value guarded by Dynamo, or many "
+            f"agpe_compile.explain() calls on this model (each compiles it once more). Run with "
+            f"TORCH_LOGS=recompiles to see the reason")
     config = torch._dynamo.config
     # budget + 2: Dynamo still compiles the budget + 1-th time, and the check above says why
     wanted = min(frame_compiles + RECOMPILE_HEADROOM, budget + 2)

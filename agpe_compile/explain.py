@@ -99,10 +99,12 @@ def _records(graph: GraphRecord) -> List[LayerRecord]:
     return out
 
 
-def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[str, Any]] = None) -> ExplainReport:
+def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[str, Any]] = None,
+            **example_kwargs: Any) -> ExplainReport:
     """Compile ``model`` with the agpe rewrite (aot_eager lowering) and report.
 
-    Runs ONE forward of ``model`` on ``example_inputs`` under ``torch.no_grad()`` (so
+    Runs ONE forward ``model(*example_inputs, **example_kwargs)`` (keyword inputs as in
+    ``model(**batch)``; ``options`` is agpe's) under ``torch.no_grad()`` (so
     saliency buffers are untouched; modules that update statistics in forward, like
     BatchNorm in train mode, still do). Compiling attaches agpe state to eligible layers
     that were not prepared, exactly as ``torch.compile(model, backend="agpe")`` would.
@@ -115,7 +117,7 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     backend = AgpeBackend(options, on_graph=graphs.append)
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
     with torch.no_grad():
-        torch.compile(model, backend=backend)(*example_inputs)
+        torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
     breaks_after = torch._dynamo.utils.counters["graph_break"]
     graph_breaks = [
         reason for reason, count in breaks_after.items() for _ in range(count - breaks_before.get(reason, 0))

@@ -474,8 +474,8 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             continue
         block_size = config.resolved_block_size
         reason = skip_reason(name, weight, config, block_size)
-        if reason is None and id(weight) in tied:
-            reason = "weight tied/shared with an embedding"
+        if reason is None and id(weight) in tied:  # named: explain lists it under the embedding's name
+            reason = f"weight tied/shared with an embedding, as the weight of linear {name!r}"
         if reason is not None:
             log.info("agpe.prepare: %s stays dense: %s", name, reason)
             if pattern_reason(name, config) is not None or id(weight) in tied:  # the backend leaves it dense too
@@ -522,5 +522,7 @@ def check_block_size_option(state: LayerState, config: BackendConfig) -> None:
     if config.block_size is not None and config.block_size != state.block_size:
         raise ValueError(
             f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r} was "
-            f"prepared with block size {state.block_size}; expected {state.block_size} or unset"
+            f"prepared with block size {state.block_size} (by prepare, or by a torch.compile(backend='agpe') or "
+            f"agpe_compile.explain call before it, which prepare unprepared layers with their options); expected "
+            f"{state.block_size} or unset, or call agpe_compile.strip(model) first to start over"
         )

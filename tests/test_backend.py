@@ -153,8 +153,13 @@ def test_state_dict_round_trip_keeps_buffer_identity():
 def test_prepare_rejects_non_module_and_skips_tied():
     with pytest.raises(TypeError, match="expected an nn.Module"):
         agpe_compile.prepare("model")
-    states = agpe_compile.prepare(TiedLM(64, 32), options={"block_size": 16})
+    model = TiedLM(64, 32)
+    states = agpe_compile.prepare(model, options={"block_size": 16})
     assert set(states) == {"fc"}
+    torch._dynamo.reset()
+    rows = {layer.name: layer for layer in agpe_compile.explain(model, torch.randint(0, 64, (2, 5))).layers}
+    # listed under the embedding's name (Dynamo's), with the linear that uses it
+    assert "weight tied/shared with an embedding, as the weight of linear 'head'" in rows["embed"].reason
 
 
 def test_explain_report():
@@ -246,6 +251,45 @@ def test_compile_modes_reach_inductor_and_bad_ones_are_named():
         agpe_compile.AgpeBackend({"inductor": False}, mode="max-autotune")
 
 
+def test_mode_among_the_options_and_clear_errors_for_the_other_spellings():
+    # torch.compile refuses mode= together with options=; the mode may sit among the options.
+    torch._dynamo.reset()
+    model = MLP()
+    x = torch.randn(4, 64)
+    out = torch.compile(model, backend="agpe", options={"mode": "max-autotune-no-cudagraphs", "block_size": 16})(x)
+    torch.testing.assert_close(out, eager_masked(model, x))
+    assert agpe_compile.AgpeBackend({"mode": "max-autotune", "block_size": 16}).mode == "max-autotune"
+    with pytest.raises(ValueError, match="needs the Inductor lowering"):
+        agpe_compile.AgpeBackend({"mode": "max-autotune", "inductor": False})
+    with pytest.raises(ValueError, match="give one"):
+        agpe_compile.AgpeBackend({"mode": "max-autotune"}, mode="default")
+    with pytest.raises(TypeError, match="options must be a dict of option names to values.*got str"):
+        agpe_compile.AgpeBackend("inductor=False")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="passed \\['mode'\\] to an AgpeBackend instance; give them to the instance"):
+        torch.compile(MLP(), backend=agpe_compile.AgpeBackend({"inductor": False}), mode="max-autotune")(x)
+
+
+def test_explain_takes_keyword_inputs_and_a_block_size_clash_says_who_prepared():
+    class KeywordsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, *, input_ids, scale=1.0):
+            return self.fc(input_ids) * scale
+
+    torch._dynamo.reset()
+    model = KeywordsOnly()
+    report = agpe_compile.explain(model, input_ids=torch.randn(2, 32), scale=2.0)
+    assert [layer.name for layer in report.layers if layer.rewritten] == ["fc"]
+    with pytest.raises(ValueError, match="by a torch.compile\\(backend='agpe'\\) or agpe_compile.explain call"):
+        agpe_compile.prepare(model, options={"block_size": 8})
+    agpe_compile.strip(model)  # the way to start over
+    assert sorted(agpe_compile.prepare(model, options={"block_size": 8})) == ["fc"]
+    assert agpe_compile.layer_state(model.fc).block_size == 8
+
+
 def test_a_weight_shared_by_two_linears_is_one_layer():
     class Shared(torch.nn.Module):
         def __init__(self):
@@ -300,3 +344,51 @@ def test_an_inference_mode_eval_after_a_dtype_change_or_a_rebucket_does_not_brea
     assert not any(s.block_layout.is_inference() for s in states.values())
     loss = cmodel(x.bfloat16()).float().pow(2).mean()
     loss.backward()
+
+
+def test_a_graph_that_cannot_see_a_bucket_crossing_keeps_its_capacity_and_says_so(caplog):
+    # Note [Layouts a graph cannot see change]: a weight used without calling its module gives
+    # Dynamo no hook to guard on the layout's length; the graph keeps its compiled capacity.
+    import logging
+
+    import torch.nn.functional as F
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return F.linear(x, self.proj.weight, self.proj.bias)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Functional()
+    agpe_compile.prepare(model, options={"block_size": 16})  # a 4 x 4 grid
+    state = agpe_compile.layer_state(model.proj)
+
+    def set_mask(live):  # inactive weights stay non-zero: an unmasked run would show
+        mask = torch.zeros(16, dtype=torch.bool)
+        mask[torch.randperm(16, generator=torch.Generator().manual_seed(live))[:live]] = True
+        state.block_mask.copy_(mask.view(4, 4))
+        agpe_compile.rebucket(model)
+
+    set_mask(8)
+    backend = agpe_compile.AgpeBackend({"inductor": False})
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(compiled(x), eager_masked(model, x))
+    compiled_length = state.block_layout.shape
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for live in (3, 2, 5):  # other buckets, all within the compiled capacity
+            set_mask(live)
+            assert state.block_layout.shape != compiled_length or live == 5
+            out = compiled(x)
+            torch.testing.assert_close(out, eager_masked(model, x))
+            out.sum().backward()
+    warnings = [r for r in caplog.records if "keeps running at its compiled capacity" in r.getMessage()]
+    assert len(warnings) == 1 and "'proj'" in warnings[0].getMessage()
+    assert backend.graph_count == 1 and int(state.counters[0]) > 0
+    set_mask(12)  # more live blocks than the graph was compiled for
+    with pytest.raises(RuntimeError, match="has 12 live blocks, more than the 8 this graph was compiled for"):
+        compiled(x)

@@ -44,6 +44,31 @@ def test_zero_code_mode_prunes_during_plain_training_loop():
     torch.testing.assert_close(compiled(x), reference)
 
 
+def test_zero_code_on_a_model_with_nothing_to_prune_says_it_trains_dense(caplog):
+    # Hugging Face GPT-2's Conv1D computes x @ W (+ b) with W stored [in, out]: not a linear
+    # agpe rewrites. Zero-code mode used to train such a model dense without a word.
+    class Conv1DLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(32, 64))
+            self.bias = torch.nn.Parameter(torch.zeros(64))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    import logging
+
+    torch._dynamo.reset()
+    model = Conv1DLike()
+    compiled = torch.compile(model, backend="agpe", options={"target_sparsity": 0.5, "block_size": 16,
+                                                             "inductor": False})
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        compiled(torch.randn(4, 32)).sum().backward()
+    messages = [r.getMessage() for r in caplog.records if "zero-code mode: no layer of this graph" in r.getMessage()]
+    assert len(messages) == 1 and "trains dense" in messages[0] and "addmm" in messages[0]
+    assert layer_states(model) == {}
+
+
 def test_zero_code_bad_option_names_the_field():
     with pytest.raises(ValueError, match="target_sparsity"):
         agpe_compile.AgpeBackend({"target_sparsity": 1.5})

@@ -153,6 +153,7 @@ class Sparsifier:
             self.seen_counters[name] = [int(v) for v in counters.tolist()]
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         self._warned_no_backward = False
+        self._warned_missed_layers = False
         self._warned_target = False
         self._frozen = set()  # layers frozen since creation (Note [Frozen layers])
         for name, state in self.layers.items():
@@ -269,6 +270,7 @@ class Sparsifier:
             snap.loss_over_ranks)
         self._check_backward_reached(step, sum(int(snap.counters[n][0]) for n in self.layers),
                                      any(bool(snap.saliency[n].any()) for n in self.layers))
+        self._check_every_layer_reached(step, snap)
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
         for name, state in self.layers.items():
@@ -563,6 +565,27 @@ class Sparsifier:
                 "interval, so their saliency is zero and masks change without gradient information. Train the "
                 "model returned by torch.compile(model, backend='agpe') (not the module itself); with an "
                 "explicit Sparsifier, call sparsifier.step() after loss.backward() and optimizer.step()", step)
+
+    def _check_every_layer_reached(self, step: int, snap: "_Snapshot") -> None:
+        """Warn (once) when some layers were trained through the compiled model since the last
+        interval and others were not (no rows, no saliency): e.g. regional compilation
+        (``block.compile()`` for the decoder blocks only) leaves the head eager, and its mask
+        would change on zero scores. (All layers missed: ``_check_backward_reached``.)"""
+        if self._warned_missed_layers or not self._updates_at(step):
+            return
+        missed = [n for n, s in self.layers.items()
+                  if int(snap.counters[n][0]) == self.seen_counters[n][0] and not bool(snap.saliency[n].any())
+                  and n not in self._frozen and s.weight is not None and s.weight.requires_grad]
+        if missed and len(missed) < len(self.layers):
+            self._warned_missed_layers = True
+            log.warning(
+                "agpe: Sparsifier update at step %d: no backward pass through the compiled model reached %s since "
+                "the last interval (the other layers were reached), so %s without gradient information. "
+                "Outside the compiled region (regional compilation: compile the module that calls %s too, or "
+                "exclude %s), or unused in this phase?", step, ", ".join(missed[:5]) +
+                (f" and {len(missed) - 5} more" if len(missed) > 5 else ""),
+                "its mask changes" if len(missed) == 1 else "their masks change",
+                "it" if len(missed) == 1 else "them", "it" if len(missed) == 1 else "them")
 
     def _take_skips(self, name: str, counters: torch.Tensor) -> int:
         now = int(counters[1])

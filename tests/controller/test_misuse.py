@@ -101,6 +101,39 @@ def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
     assert not torch.equal(fc2.block_mask, mask)  # rigl swaps blocks at every update
 
 
+def test_a_layer_outside_the_compiled_region_is_named(caplog):
+    # Regional compilation: the blocks are compiled, the head runs eagerly and is never scored.
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(Block(), Block())
+            self.head = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.head(self.blocks(x))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl", update_interval=2,
+                                           end_step=100))
+    for block in model.blocks:
+        block.compile(backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(model, opt, sp, batches(4))
+    messages = [r.getMessage() for r in caplog.records if "no backward pass through the compiled model reached" in r.getMessage()]
+    assert len(messages) == 1 and "reached head since" in messages[0] and "blocks" not in messages[0].split("(")[0]
+
+
 def test_a_second_sparsifier_warns_and_close_releases_the_layers(caplog):
     from agpe_compile.controller import Sparsifier
 
