@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import weakref
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import fx
@@ -220,6 +220,7 @@ class AgpeBackend:
         self.mode = mode
         self.graph_count = 0
         self.controllers: List[Any] = []  # zero-code mode: the ZeroCodeControllers of its graphs
+        self.for_explain = False  # set by explain(): its compiles do not count against the recompile budget
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **compile_kwargs: Any) -> Callable:
         if compile_kwargs:  # torch.compile(model, backend=AgpeBackend(...), mode=... or options=...)
@@ -234,7 +235,7 @@ class AgpeBackend:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
         result = rewrite_linears(gm, decisions, self.config.saliency)
         if result.states:
-            _keep_recompile_headroom(len(result.states))
+            _keep_recompile_headroom(len(result.states), self.for_explain)
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
@@ -301,12 +302,20 @@ class AgpeBackend:
             return aot_eager(result.gm, inputs)
 
 
-def _keep_recompile_headroom(layers: int) -> None:
-    """Note [Recompile budget] in buckets.py: this frame may recompile at every bucket crossing."""
+_explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()
+
+
+def _keep_recompile_headroom(layers: int, for_explain: bool = False) -> None:
+    """Note [Recompile budget] in buckets.py: this frame may recompile at every bucket crossing.
+    Each explain() call compiles the model's frame once more; those compiles are added to the
+    budget, so a training run that calls explain() every epoch never runs out of it."""
     compile_id = torch._guards.CompileContext.current_compile_id()
     if compile_id is None or compile_id.frame_compile_id is None:
         return  # not under Dynamo (a test handing a graph to the backend directly)
-    ensure_recompile_headroom(compile_id.frame_compile_id + 1, layers, _frame_name(compile_id.frame_id))
+    if for_explain:
+        _explain_compiles[compile_id.frame_id] = _explain_compiles.get(compile_id.frame_id, 0) + 1
+    ensure_recompile_headroom(compile_id.frame_compile_id + 1, layers, _frame_name(compile_id.frame_id),
+                              explained=_explain_compiles.get(compile_id.frame_id, 0))
 
 
 def _frame_name(frame_id) -> str:

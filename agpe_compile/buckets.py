@@ -24,6 +24,8 @@ something other than crossings recompiles the frame (or many models of one class
 compiled in one process without ``torch._dynamo.reset()``), and the backend raises (with
 the way to see why) instead of compiling forever. ``fail_on_recompile_limit_hit`` is left
 alone; the limits are process-wide numbers, so the first raise is logged as a warning.
+Compiles made by :func:`agpe_compile.explain` (one per call) are added to the frame's
+budget: explaining a model every epoch is not "something else recompiling it".
 
 Example::
 
@@ -56,19 +58,19 @@ def recompile_budget(layers: int, buckets: int = len(DEFAULT_BUCKETS)) -> int:
     return RECOMPILE_FLOOR + RECOMPILES_PER_CROSSING * max(1, layers) * max(1, buckets - 1)
 
 
-def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "this frame") -> None:
+def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "this frame", explained: int = 0) -> None:
     """Called by the backend at the ``frame_compiles``-th compile of a frame holding
-    ``layers`` agpe layers (Note [Recompile budget])."""
-    budget = recompile_budget(layers)
+    ``layers`` agpe layers (Note [Recompile budget]); ``explained`` of those compiles were
+    :func:`agpe_compile.explain` calls, which the budget does not count against training."""
+    budget = recompile_budget(layers) + explained
     if frame_compiles > budget:
         raise RuntimeError(
             f"agpe: {frame} was compiled {frame_compiles} times, more than its {layers} agpe layer(s) can need for "
             f"density-bucket crossings ({budget}). Either many models of this class were compiled in one process "
             f"(a sweep: call torch._dynamo.reset() between them), or something recompiles it on every call: input "
             f"shapes that change under torch.compile(..., dynamic=False) (leave dynamic at its default, or "
-            f"torch._dynamo.mark_dynamic the varying dimension), a changing Python value guarded by Dynamo, or many "
-            f"agpe_compile.explain() calls on this model (each compiles it once more). Run with "
-            f"TORCH_LOGS=recompiles to see the reason")
+            f"torch._dynamo.mark_dynamic the varying dimension) or a changing Python value guarded by Dynamo. "
+            f"Run with TORCH_LOGS=recompiles to see the reason")
     config = torch._dynamo.config
     # budget + 2: Dynamo still compiles the budget + 1-th time, and the check above says why
     wanted = min(frame_compiles + RECOMPILE_HEADROOM, budget + 2)

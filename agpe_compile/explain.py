@@ -115,6 +115,7 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     options["inductor"] = False
     graphs: List[GraphRecord] = []
     backend = AgpeBackend(options, on_graph=graphs.append)
+    backend.for_explain = True  # its compiles do not use up the model's recompile budget
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
     with torch.no_grad():
         torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)

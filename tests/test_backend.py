@@ -392,3 +392,24 @@ def test_a_graph_that_cannot_see_a_bucket_crossing_keeps_its_capacity_and_says_s
     set_mask(12)  # more live blocks than the graph was compiled for
     with pytest.raises(RuntimeError, match="has 12 live blocks, more than the 8 this graph was compiled for"):
         compiled(x)
+
+
+def test_explain_calls_do_not_use_up_the_recompile_budget(monkeypatch):
+    # Each explain() compiles the model's frame once more; a run that explains every epoch
+    # must not hit "compiled N times, more than its agpe layer(s) can need".
+    from agpe_compile import buckets
+
+    monkeypatch.setattr(buckets, "RECOMPILE_FLOOR", 0)
+    monkeypatch.setattr(buckets, "RECOMPILES_PER_CROSSING", 1)  # budget: 7 compiles for one layer
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    agpe_compile.prepare(model, options={"block_size": 16})
+    x = torch.randn(2, 32)
+    for _ in range(10):
+        agpe_compile.explain(model, x)
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    compiled(x).sum().backward()
+    state = agpe_compile.layer_state(model[0])
+    state.block_mask[0, 0] = False
+    agpe_compile.rebucket(model)
+    torch.testing.assert_close(compiled(x), eager_masked(model, x))
