@@ -37,18 +37,32 @@ from torch.optim.swa_utils import AveragedModel as _TorchAveragedModel
 from torch.optim.swa_utils import get_swa_avg_fn, get_swa_multi_avg_fn
 
 from .ops.reference import expand_block_mask
-from .state import _TENSOR_FIELDS, LayerState, layer_states
+from .state import _TENSOR_FIELDS, EXCLUDED_ATTR, STRIPPED_ATTR, LayerState, layer_states
 
 
 class AveragedModel(_TorchAveragedModel):
     """``torch.optim.swa_utils.AveragedModel`` that follows agpe's masks (see module doc)."""
 
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
-        super().__init__(_unwrap(model), device, avg_fn, multi_avg_fn, use_buffers)
-        if not layer_states(self.module):
+        model = _unwrap(model)
+        source = layer_states(model)
+        if not source:
             raise ValueError(
                 "agpe.AveragedModel: the model has no agpe layers; create it after the Sparsifier (or "
                 "agpe_compile.prepare), or use torch.optim.swa_utils.AveragedModel for a model agpe does not train")
+        unattached = sorted(name for name, state in source.items() if state.module is None)
+        if unattached:
+            raise ValueError(
+                f"agpe.AveragedModel: layers {unattached} were given agpe state by a compiled call, not by "
+                f"agpe_compile.prepare, so a copy of the model cannot carry it (zero-code mode on an unprepared "
+                f"model). Call agpe_compile.prepare(model, options) before torch.compile")
+        super().__init__(model, device, avg_fn, multi_avg_fn, use_buffers)
+        # Parameter.__deepcopy__ drops attributes: the copy's weights lose the marks that keep a layer
+        # dense (excluded, tied) or finished (stripped); without them its compiled graphs would adopt them.
+        for mine, theirs in zip(self.module.parameters(), model.parameters()):
+            for attr in (EXCLUDED_ATTR, STRIPPED_ATTR):
+                if hasattr(theirs, attr) and not hasattr(mine, attr):
+                    setattr(mine, attr, getattr(theirs, attr))
         self._fold()
 
     @torch.no_grad()
@@ -90,6 +104,7 @@ class AveragedModel(_TorchAveragedModel):
         for name, src in source.items():
             dst = mine[name]
             src.check_identity()  # adopt buffers that .to(device) or a load replaced
+            src.sync_layout()  # a mask edited since the model's last call: its layout first
             dst.check_identity()
             _resize_layout(dst, src)
             for field in _TENSOR_FIELDS:

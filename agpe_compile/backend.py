@@ -66,8 +66,10 @@ class AgpeCompiledGraph:
 
     def __init__(self, compiled: Callable, states: List[LayerState],
                  before_training_call: Optional[Callable[[], None]] = None,
-                 weight_indices: Optional[List[int]] = None):
+                 weight_indices: Optional[List[int]] = None, layout_read: Optional[List[bool]] = None):
         self.compiled = compiled
+        # Whether the graph reads each layer's layout (masked_weight layers, e.g. MHA, do not).
+        self.layout_read = layout_read if layout_read is not None else [True] * len(states)
         self.states = states
         self.before_training_call = before_training_call
         self.layout_shapes = [state.block_layout.shape for state in states]
@@ -120,6 +122,12 @@ class AgpeCompiledGraph:
         from agpe_compile.layout import update_layout_
         from agpe_compile.packed_layout import capacity_of, unpack
 
+        if not self.layout_read[i]:  # only masked_weight uses (dense W*M): any tensor of the length will do
+            unused = self._compiled_capacity_layouts.get(i)
+            if unused is None:
+                unused = self._compiled_capacity_layouts[i] = torch.zeros(
+                    shape, dtype=state.block_layout.dtype, device=state.block_layout.device)
+            return unused
         owner, version = (id(state), id(state.block_mask)), state.block_mask._version
         cached = self._compiled_capacity_layouts.get(i)
         if cached is not None and cached[0] == owner and cached[2] == version:
@@ -140,14 +148,16 @@ class AgpeCompiledGraph:
                     f"(Linear.compile(), torch.compile(linear.forward)): call the module, and compile the module "
                     f"that calls it; or (c) Dynamo compiled the layer's forward as a frame of its own, outside its "
                     f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))")
-        if i not in self._compiled_capacity_layouts:
+        if not state.warned_unseen_crossing:
+            state.warned_unseen_crossing = True
             log.warning(
                 "agpe: layer %r changed layout bucket (capacity %d -> %d blocks), but this graph was compiled "
-                "without the module hook that makes Dynamo recompile for it (the weight used without calling its "
-                "module, the layer's own forward compiled, or compiled before prepare): it keeps running at its "
-                "compiled capacity of %d blocks, which is correct. Call the module, and compile the module that "
-                "calls it, to get the smaller layout (design.md, Known limits)", state.name, capacity,
-                capacity_of(state.block_layout, state.grid), capacity)
+                "without the module hook that makes Dynamo recompile for it: the weight is used without calling its "
+                "module (F.linear(x, module.weight)), the layer's own forward was compiled (Linear.compile()), the "
+                "model was compiled before prepare, or torch.compile(DDP(nn.Sequential(...))) compiled each layer "
+                "alone (use DDP(torch.compile(model))). The graph keeps running at its capacity of %d blocks, which "
+                "is correct; a mask with more live blocks than that raises (design.md, Known limits)", state.name,
+                capacity, capacity_of(state.block_layout, state.grid), capacity)
         self._compiled_capacity_layouts[i] = (owner, layout, version)
         return layout
 
@@ -174,7 +184,6 @@ class AgpeCompiledGraph:
             state.saliency_mode = mode
         mismatch = [what for what, ok in (
             ("block size", state.block_size == block_size), ("block grid", state.grid == grid),
-            ("layout length", state.block_layout.shape == self.layout_shapes[i]),
             ("zero-weight promise (one model is under a Sparsifier, the other not)",
              state.zero_inactive == zero_inactive or not zero_inactive),
             ("saliency mode", state.saliency_mode == mode)) if not ok]
@@ -201,7 +210,7 @@ class AgpeBackend:
                             f"got {type(options).__name__} {options!r}")
         if options is not None and "mode" in options:  # Note [Compile modes]
             options = dict(options)
-            if mode is not None:
+            if mode is not None and mode != options["mode"]:
                 raise ValueError(f"agpe: got mode {mode!r} and options['mode'] {options['mode']!r}; give one")
             mode = options.pop("mode")
         backend_options, agpe_options = split_options(options)
@@ -243,7 +252,8 @@ class AgpeBackend:
         controller = None
         if self.zero_code_options is not None and result.states:
             controller = self._controller_for(result.states)
-        elif self.zero_code_options is not None and decisions:  # weights seen, none prunable: say so
+        elif (self.zero_code_options is not None and decisions  # weights seen, none prunable: say so (once)
+              and _first_time(("nothing prunable", tuple(d.name for d in decisions)))):
             dense = [f"{d.name} ({d.reason})" for d in decisions][:3]
             log.warning("agpe: zero-code mode: no layer of this graph can be pruned, so it trains dense; %d weight "
                         "use(s) stay dense, e.g. %s. agpe_compile.explain(model, x) lists them all",
@@ -251,7 +261,10 @@ class AgpeBackend:
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
-        return AgpeCompiledGraph(compiled, result.states, controller, weight_indices)
+        read = {n.meta["agpe_tensor"][0] for n in result.gm.graph.nodes
+                if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
+        return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
+                                 layout_read=[state.name in read for state in result.states])
 
     def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
         """Zero-code mode: one controller per set of layers, shared by every graph compiled
@@ -303,6 +316,15 @@ class AgpeBackend:
 
 
 _explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()
+_said: set = set()
+
+
+def _first_time(key) -> bool:
+    """Whether a once-per-process message with this key has not been logged yet."""
+    if key in _said:
+        return False
+    _said.add(key)
+    return True
 
 
 def _keep_recompile_headroom(layers: int, for_explain: bool = False) -> None:

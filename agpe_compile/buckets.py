@@ -106,9 +106,18 @@ def rebucket(
 
     states = _states(model_or_states)
     masks = to_host([state.block_mask for state in states])
+    # Masks edited by hand since their layouts were last synced: under the zero-weight promise
+    # (a Sparsifier drives the layer) their new inactive blocks must be zeroed, as the call
+    # wrapper's sync would have done; marking them synced below would skip that.
+    edited = [s for s in states if s.zero_inactive and s.layout_mask_version != s.block_mask._version]
     moved, writes = plan_layouts(states, masks, buckets, between_steps)
     to_device(writes)
     mark_layouts_synced(states)
+    if edited:
+        from .zero_weights import zero_inactive_
+
+        for state in edited:
+            zero_inactive_(state)
     return moved
 
 

@@ -111,6 +111,10 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.explain: expected an nn.Module, got {type(model).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"agpe.explain: options= is agpe's option dict (e.g. {{'block_size': 32}}), got "
+                        f"{type(options).__name__}; a model keyword input named 'options' cannot be passed through "
+                        f"explain: call explain(model, ..., **{{other inputs}}) on a wrapper that sets it")
     options = dict(options or {})
     options["inductor"] = False
     graphs: List[GraphRecord] = []

@@ -123,6 +123,9 @@ class LayerState:
     controller_ref: Optional[weakref.ReferenceType] = None
     # The explicit Sparsifier driving this layer's mask (one at a time).
     sparsifier_ref: Optional[weakref.ReferenceType] = None
+    # A graph that cannot see this layer's bucket crossings was told once (Note [Layouts a
+    # graph cannot see change] in backend.py).
+    warned_unseen_crossing: bool = False
     # Set by agpe_compile.strip(): the mask is folded into the weight and the buffers are
     # gone; a graph compiled before raises instead of running on the orphaned tensors.
     stripped: bool = False
@@ -447,6 +450,10 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.prepare: expected an nn.Module, got {type(model).__name__}")
     config = BackendConfig.from_options(options)
+    for _, param in model.named_parameters():  # refuse before changing anything
+        state = state_of(param)
+        if state is not None and pattern_reason(state.name, config) is None:
+            check_block_size_option(state, config)
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning

@@ -123,3 +123,46 @@ def test_clear_errors():
     agpe_compile.prepare(other, options={"block_size": 4})
     with pytest.raises(ValueError, match="differ from the average's"):
         average.update_parameters(other)
+
+
+def test_an_excluded_layer_stays_dense_in_the_average_and_a_hand_edited_mask_is_followed():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = agpe_compile.Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl",
+                                                         update_interval=2, end_step=20, exclude=("fc2",)))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    ours = agpe_compile.AveragedModel(model)
+    evaluate = torch.compile(ours, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x, _ = next(batches(1, seed=3))
+    for step, (xb, yb) in enumerate(batches(6)):
+        loss = F.cross_entropy(cmodel(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        ours.update_parameters(model)
+        with torch.no_grad():
+            torch.testing.assert_close(evaluate(x), ours(x))  # the copy's fc2 is not adopted as a layer
+    assert sorted(agpe_compile.layer_states(ours.module)) == ["fc1", "fc3"]
+    # a mask edited in place, then the average updated before the model's next call
+    fc1 = sp.layers["fc1"]
+    live = fc1.block_mask.nonzero()[0].tolist()
+    dead = (~fc1.block_mask).nonzero()[0].tolist()
+    fc1.block_mask[live[0], live[1]] = False
+    fc1.block_mask[dead[0], dead[1]] = True
+    ours.update_parameters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluate(x), ours(x))
+    assert torch.equal(agpe_compile.layer_states(ours.module)["fc1"].block_layout, fc1.block_layout)
+
+
+def test_zero_code_mode_on_an_unprepared_model_is_refused_with_the_way_out():
+    torch._dynamo.reset()
+    model = TinyMLP()
+    torch.compile(model, backend="agpe", options={"target_sparsity": 0.5, "block_size": 4, "inductor": False})(
+        torch.randn(2, 16))
+    assert agpe_compile.layer_states(model)  # the backend gave the layers state, prepare did not
+    with pytest.raises(ValueError, match="Call agpe_compile.prepare\\(model, options\\) before torch.compile"):
+        agpe_compile.AveragedModel(model)

@@ -137,6 +137,15 @@ def test_block_size_conflict_with_prepared_layers():
         torch.compile(model, backend=aot_backend(block_size=32))(torch.randn(2, 64))
 
 
+def test_prepare_refuses_a_block_size_clash_before_touching_any_layer():
+    model = MLP()
+    first = sorted(agpe_compile.prepare(model, options={"block_size": 16, "exclude": ["layers.0"]}))
+    with pytest.raises(ValueError, match="prepared with block size 16"):
+        agpe_compile.prepare(model, options={"block_size": 8})
+    assert sorted(layer_states(model)) == first  # layers.0 was not prepared at block 8 on the way
+    assert sorted(agpe_compile.prepare(model, options={"block_size": 16})) == sorted(layer_states(model))
+
+
 def test_state_dict_round_trip_keeps_buffer_identity():
     model = MLP()
     states = agpe_compile.prepare(model, options={"block_size": 16})
@@ -386,7 +395,7 @@ def test_a_graph_that_cannot_see_a_bucket_crossing_keeps_its_capacity_and_says_s
             out = compiled(x)
             torch.testing.assert_close(out, eager_masked(model, x))
             out.sum().backward()
-    warnings = [r for r in caplog.records if "keeps running at its compiled capacity" in r.getMessage()]
+    warnings = [r for r in caplog.records if "keeps running at its capacity" in r.getMessage()]
     assert len(warnings) == 1 and "'proj'" in warnings[0].getMessage()
     assert backend.graph_count == 1 and int(state.counters[0]) > 0
     set_mask(12)  # more live blocks than the graph was compiled for
@@ -413,3 +422,83 @@ def test_explain_calls_do_not_use_up_the_recompile_budget(monkeypatch):
     state.block_mask[0, 0] = False
     agpe_compile.rebucket(model)
     torch.testing.assert_close(compiled(x), eager_masked(model, x))
+
+
+def test_hookless_layers_of_mha_and_of_a_second_instance_follow_any_bucket(caplog):
+    # nn.MultiheadAttention uses out_proj.weight without calling out_proj: its layout is never
+    # read by the graph (masked_weight, dense W*M), so any mask runs, whatever graph Dynamo
+    # reuses. Two instances sharing a graph whose layer has no hook: each keeps the capacity.
+    import logging
+
+    import torch.nn.functional as F
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x, need_weights=False)[0])
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Attn()
+    agpe_compile.prepare(model, options={"block_size": 8})
+    states = layer_states(model)
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(2, 5, 64)
+
+    def set_live(state, live):
+        mask = torch.zeros(state.block_mask.numel(), dtype=torch.bool)
+        mask[:live] = True
+        state.block_mask.copy_(mask.view(state.grid))
+
+    for fc, out_proj in [(64, 64), (32, 16), (64, 32), (32, 32)]:  # regrowth past a reused graph's capacity
+        set_live(states["fc"], fc)
+        set_live(states["att.out_proj"], out_proj)
+        agpe_compile.rebucket(model)
+        torch.testing.assert_close(compiled(x), eager_masked(model, x))
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return F.linear(x, self.proj.weight, self.proj.bias)
+
+    torch._dynamo.reset()
+    a, b = Functional(), Functional()
+    for m in (a, b):
+        agpe_compile.prepare(m, options={"block_size": 8})
+    backend = agpe_compile.AgpeBackend({"inductor": False})
+    ca, cb = torch.compile(a, backend=backend), torch.compile(b, backend=backend)
+    x = torch.randn(4, 64)
+    ca(x), cb(x)
+    set_live(agpe_compile.layer_state(b.proj), 30)
+    agpe_compile.rebucket(b)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.testing.assert_close(cb(x), eager_masked(b, x))
+        torch.testing.assert_close(ca(x), eager_masked(a, x))
+    assert backend.graph_count == 1
+    assert sum("keeps running at its capacity" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_rebucket_after_a_hand_edit_keeps_the_zero_weight_promise():
+    # Under a Sparsifier the dense path skips masking W (inactive weights are zero); a mask
+    # edited by hand and then rebucketed must have its new inactive blocks zeroed too.
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    Sparsifier(model, opt, AGPEConfig(block_size=16, target_sparsity=0.5, policy="static"))
+    state = agpe_compile.layer_state(model.layers[0])
+    assert state.zero_inactive
+    live = state.block_mask.nonzero()[0].tolist()
+    state.block_mask[live[0], live[1]] = False
+    agpe_compile.rebucket(model)
+    inactive = ~torch.repeat_interleave(torch.repeat_interleave(state.block_mask, 16, 0), 16, 1)
+    assert not model.layers[0].weight[inactive].any()

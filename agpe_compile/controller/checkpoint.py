@@ -98,8 +98,16 @@ def load(sp: "Sparsifier", state: dict) -> None:
     state = upgrade(state)
     names = set(sp.layers)
     if set(state["masks"]) != names:
+        from agpe_compile.state import layer_states
+
+        model = getattr(sp, "model", None)
+        frozen = sorted(n for n, s in (layer_states(model) if model is not None else {}).items()
+                        if n in set(state["masks"]) - names and s.weight is not None and not s.weight.requires_grad)
+        hint = (f"; {frozen} {'is' if len(frozen) == 1 else 'are'} frozen (requires_grad=False), so this "
+                f"Sparsifier left {'it' if len(frozen) == 1 else 'them'} out: create the Sparsifier before "
+                f"freezing, as in the run that saved it" if frozen else "")
         raise ValueError(f"agpe: checkpoint layers {sorted(state['masks'])} do not match the model's "
-                         f"agpe layers {sorted(names)}")
+                         f"agpe layers {sorted(names)}{hint}")
     _check_shapes(sp, state)  # before anything is written: a failed load changes nothing
     saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
     if saved_config != sp.config.to_dict():

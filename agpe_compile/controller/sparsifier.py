@@ -153,7 +153,7 @@ class Sparsifier:
             self.seen_counters[name] = [int(v) for v in counters.tolist()]
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         self._warned_no_backward = False
-        self._warned_missed_layers = False
+        self._warned_missed_layers: set = set()
         self._warned_target = False
         self._frozen = set()  # layers frozen since creation (Note [Frozen layers])
         for name, state in self.layers.items():
@@ -351,6 +351,10 @@ class Sparsifier:
         all_views = self._views(masks, dense_grad)
         frozen = self._frozen_now()  # Note [Frozen layers]
         views = [v for v in all_views if v.name not in frozen]
+        if frozen and views:  # the global density stays at the target: the others take the rest of the budget
+            held = sum(int(v.mask.sum()) for v in all_views if v.name in frozen)
+            total = sum(v.mask.numel() for v in all_views)
+            target = min(1.0, max(0.0, (target * total - held) / sum(v.mask.numel() for v in views)))
         fraction = self.policy.drop_fraction(step)
         scores = [self.policy.layer_score(v) for v in views]
         current = [int(v.mask.sum()) for v in views]
@@ -391,17 +395,19 @@ class Sparsifier:
     # A weight with requires_grad=False gets no gradient: no saliency, and a regrown block
     # could never train (it would stay exactly zero while counted as active). Layers frozen
     # when the Sparsifier is created are left out for good; a layer frozen later keeps its
-    # mask at every update while it is frozen (the target density is then planned over the
-    # layers that train) and takes part again once it is unfrozen. Each change is logged.
+    # mask at every update while it is frozen (the layers that train share what is left of
+    # the global block budget, so the global density stays at the target) and takes part
+    # again once it is unfrozen. Each change is logged.
     def _frozen_now(self) -> set:
         frozen = {name for name, state in self.layers.items()
                   if state.weight is not None and not state.weight.requires_grad}
         if frozen != self._frozen:
             newly, thawed = sorted(frozen - self._frozen), sorted(self._frozen - frozen)
             if newly:
-                log.warning("agpe: %s frozen (requires_grad=False): the Sparsifier keeps %s while frozen and "
-                            "plans the target density over the other layers", ", ".join(newly),
-                            "its mask" if len(newly) == 1 else "their masks")
+                log.warning("agpe: %s frozen (requires_grad=False): the Sparsifier keeps %s while frozen%s",
+                            ", ".join(newly), "its mask" if len(newly) == 1 else "their masks",
+                            "; the other layers share the rest of the global block budget" if frozen != set(self.layers)
+                            else "; every agpe layer is frozen now, so no mask changes until one trains again")
             if thawed:
                 log.warning("agpe: %s again (requires_grad=True): the Sparsifier updates %s again",
                             ", ".join(thawed) + (" trains" if len(thawed) == 1 else " train"),
@@ -557,8 +563,9 @@ class Sparsifier:
         interval: the scores are all zero, e.g. the uncompiled module was trained. (Layers fed
         ``W * M`` through ``masked_weight`` score without counting rows: hence both.)"""
         rows_before, self.rows_at_interval = self.rows_at_interval, rows_now
+        all_frozen = all(s.weight is not None and not s.weight.requires_grad for s in self.layers.values())
         if (rows_now == rows_before and not scored and self.layers and self._updates_at(step)
-                and not self._warned_no_backward):
+                and not self._warned_no_backward and not all_frozen):
             self._warned_no_backward = True
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass reached the agpe layers since the last "
@@ -567,17 +574,17 @@ class Sparsifier:
                 "explicit Sparsifier, call sparsifier.step() after loss.backward() and optimizer.step()", step)
 
     def _check_every_layer_reached(self, step: int, snap: "_Snapshot") -> None:
-        """Warn (once) when some layers were trained through the compiled model since the last
-        interval and others were not (no rows, no saliency): e.g. regional compilation
+        """Warn (once per layer) when some layers were trained through the compiled model since
+        the last interval and others were not (no rows, no saliency): e.g. regional compilation
         (``block.compile()`` for the decoder blocks only) leaves the head eager, and its mask
         would change on zero scores. (All layers missed: ``_check_backward_reached``.)"""
-        if self._warned_missed_layers or not self._updates_at(step):
+        if not self._updates_at(step):
             return
         missed = [n for n, s in self.layers.items()
                   if int(snap.counters[n][0]) == self.seen_counters[n][0] and not bool(snap.saliency[n].any())
                   and n not in self._frozen and s.weight is not None and s.weight.requires_grad]
-        if missed and len(missed) < len(self.layers):
-            self._warned_missed_layers = True
+        if missed and len(missed) < len(self.layers) and not set(missed) <= self._warned_missed_layers:
+            self._warned_missed_layers |= set(missed)
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass through the compiled model reached %s since "
                 "the last interval (the other layers were reached), so %s without gradient information. "

@@ -1,5 +1,6 @@
 """Misuse the Sparsifier should name: an update with no backward through the agpe layers."""
 
+import copy
 import logging
 
 import pytest
@@ -93,12 +94,41 @@ def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
     assert any("fc2 frozen (requires_grad=False): the Sparsifier keeps its mask" in r.getMessage()
                for r in caplog.records)
     assert torch.equal(fc2.block_mask, mask) and torch.equal(model.fc2.weight, weight)
+    blocks = sum(s.block_mask.numel() for s in sp.layers.values())
+    assert abs(sp.global_density - 0.25) <= 1.5 / blocks * len(sp.layers)  # the others took the rest
     caplog.clear()
     model.fc2.weight.requires_grad_(True)
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         train(cmodel, opt, sp, batches(8, seed=2))
     assert any("fc2 trains again" in r.getMessage() for r in caplog.records)
     assert not torch.equal(fc2.block_mask, mask)  # rigl swaps blocks at every update
+
+
+def test_every_layer_frozen_holds_the_masks_without_a_misleading_warning(caplog):
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(block_size=4, target_sparsity=0.75, policy="rigl",
+                                                    update_interval=2, end_step=40))
+    train(cmodel, opt, sp, batches(2))
+    for layer in (model.fc1, model.fc2, model.fc3):
+        layer.weight.requires_grad_(False)
+    masks = {n: s.block_mask.clone() for n, s in sp.layers.items()}
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(4, seed=1))
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "every agpe layer is frozen now" in text and "no backward pass reached" not in text
+    assert all(torch.equal(sp.layers[n].block_mask, m) for n, m in masks.items())
+
+
+def test_resuming_with_a_layer_frozen_before_the_sparsifier_names_the_cause():
+    config = AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl", update_interval=2, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(2))
+    saved = sp.state_dict()
+    torch._dynamo.reset()
+    fresh = copy.deepcopy(model)
+    fresh.fc2.weight.requires_grad_(False)
+    other = Sparsifier(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), config)
+    with pytest.raises(ValueError, match=r"\['fc2'\] is frozen \(requires_grad=False\), so this Sparsifier left it out"):
+        other.load_state_dict(saved)
 
 
 def test_a_layer_outside_the_compiled_region_is_named(caplog):
