@@ -66,7 +66,8 @@ class AgpeCompiledGraph:
 
     def __init__(self, compiled: Callable, states: List[LayerState],
                  before_training_call: Optional[Callable[[], None]] = None,
-                 weight_indices: Optional[List[int]] = None, layout_read: Optional[List[bool]] = None):
+                 weight_indices: Optional[List[int]] = None, layout_read: Optional[List[bool]] = None,
+                 full_layouts: Optional[Dict[int, torch.Tensor]] = None):
         self.compiled = compiled
         # Whether the graph reads each layer's layout (masked_weight layers, e.g. MHA, do not).
         self.layout_read = layout_read if layout_read is not None else [True] * len(states)
@@ -78,6 +79,10 @@ class AgpeCompiledGraph:
         self.compiled_as = [(state.block_size, state.grid, state.zero_inactive, state.saliency_mode)
                             for state in states]
         self._compiled_capacity_layouts = {}  # Note [Layouts a graph cannot see change]
+        for i, layout in (full_layouts or {}).items():  # compiled at full capacity: rewritten in place
+            state = states[i]
+            self.layout_shapes[i] = layout.shape
+            self._compiled_capacity_layouts[i] = ((id(state), id(state.block_mask)), layout, state.block_mask._version)
 
     def __call__(self, *args):
         if self.before_training_call is not None and torch.is_grad_enabled():
@@ -112,12 +117,16 @@ class AgpeCompiledGraph:
     # compiled without the hook never sees the change: it was compiled before prepare(), it
     # uses the weight without calling the module (F.linear(x, module.weight)), it compiles
     # the layer's own forward (Linear.compile()), or Dynamo compiled the layer's forward as a
-    # frame of its own (torch.compile(DDP(nn.Sequential(...)))). Such a graph keeps running
-    # at the capacity it was compiled with: the wrapper hands it a layout of that capacity
-    # rebuilt from the current mask (the kernels walk only the live blocks; the rest is
-    # padding), so it computes the same, without the smaller bucket's savings in layout
-    # size. It is logged once per layer and graph. A mask with more live blocks than that
-    # capacity cannot run in this graph: that raises, naming the causes.
+    # frame of its own (torch.compile(DDP(nn.Sequential(...)))). The backend finds such
+    # layers when it compiles: their module is absent from every node's ``nn_module_stack``
+    # (``_full_layouts_for_unseen_modules``), and they are compiled at full capacity, where
+    # every mask fits (on a GPU that is the dense path by density). At every call the
+    # wrapper hands a graph whose layout length differs from the layer's a layout of the
+    # compiled capacity rebuilt from the current mask, in place (the kernels walk only the
+    # live blocks; the rest is padding), so it computes the same. That also serves a second
+    # instance sharing the graph, and a graph compiled before prepare. It is logged once per
+    # layer. A mask with more live blocks than the compiled capacity cannot run in the graph
+    # and raises, naming the causes; with the detection above no known case reaches it.
     def _layout_at_compiled_capacity(self, i: int, state: LayerState, shape: torch.Size) -> torch.Tensor:
         from agpe_compile.layout import update_layout_
         from agpe_compile.packed_layout import capacity_of, unpack
@@ -248,7 +257,10 @@ class AgpeBackend:
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
-        compiled = self._lower(result, list(example_inputs))
+        read = {n.meta["agpe_tensor"][0] for n in result.gm.graph.nodes
+                if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
+        full = _full_layouts_for_unseen_modules(gm, result.states, read)  # Note [Layouts a graph cannot see change]
+        compiled = self._lower(result, list(example_inputs), full)
         controller = None
         if self.zero_code_options is not None and result.states:
             controller = self._controller_for(result.states)
@@ -261,10 +273,8 @@ class AgpeBackend:
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
-        read = {n.meta["agpe_tensor"][0] for n in result.gm.graph.nodes
-                if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
         return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
-                                 layout_read=[state.name in read for state in result.states])
+                                 layout_read=[state.name in read for state in result.states], full_layouts=full)
 
     def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
         """Zero-code mode: one controller per set of layers, shared by every graph compiled
@@ -297,8 +307,12 @@ class AgpeBackend:
         self.controllers.append(controller)
         return controller
 
-    def _lower(self, result: RewriteResult, example_inputs: List[Any]) -> Callable:
+    def _lower(self, result: RewriteResult, example_inputs: List[Any],
+               full_layouts: Optional[Dict[int, torch.Tensor]] = None) -> Callable:
         extra = result.extra_inputs()
+        per_layer = len(extra) // max(1, len(result.states))
+        for i, layout in (full_layouts or {}).items():  # the layout is each layer's last extra input
+            extra[(i + 1) * per_layer - 1] = layout
         fakes = _fakeify_static(extra)  # noqa: F841  (held: the fake mode memoizes them weakly)
         inputs = example_inputs + extra
         if self.config.inductor:
@@ -313,6 +327,34 @@ class AgpeBackend:
 
         with traced_for_eager_replay():  # Note [TMA by default] in kernels/launch.py
             return aot_eager(result.gm, inputs)
+
+
+def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState], read: set) -> Dict[int, torch.Tensor]:
+    """Layers whose layout the graph reads but whose module is never called in it (Note
+    [Layouts a graph cannot see change]): Dynamo records every module a node was traced in,
+    keyed by ``str(id(module))`` in ``nn_module_stack`` (torch 2.11 and 2.13), so a layer
+    whose module is absent had no hook traced and gets no recompile at its bucket crossings.
+    Such a layer is compiled at full capacity (every mask fits; the dense path by density):
+    {layer index: its full-capacity layout}."""
+    from agpe_compile.packed_layout import build_packed
+
+    called = {key for node in gm.graph.nodes for key in (node.meta.get("nn_module_stack") or {})}
+    full = {}
+    for i, state in enumerate(states):
+        module = state.module
+        if module is None or state.name not in read or str(id(module)) in called or state.layout_bucket == 1.0:
+            continue  # unprepared layers never move bucket; a full layout already is one
+        packed, _ = build_packed(state.block_mask.cpu(), state.block_size, (1.0,))
+        full[i] = packed.to(state.block_layout.device)
+        if not state.warned_unseen_crossing:
+            state.warned_unseen_crossing = True
+            log.warning(
+                "agpe: layer %r: this graph uses its weight without calling its module (F.linear(x, module.weight), "
+                "or the layer's own forward compiled), so Dynamo cannot recompile it at the layer's bucket crossings; "
+                "the layer is compiled at full capacity, which is correct at every density but runs the dense path. "
+                "Call the module, and compile the module that calls it, for the block-sparse kernels (design.md, "
+                "Known limits)", state.name)
+    return full
 
 
 _explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()

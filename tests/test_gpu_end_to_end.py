@@ -108,6 +108,34 @@ def test_gpt_block_through_the_backend_bf16():
     assert all(s.layout_bucket == 0.25 for s in states.values())
 
 
+def test_a_weight_used_without_its_module_is_compiled_at_full_capacity_bf16():
+    # Note [Layouts a graph cannot see change]: F.linear(x, module.weight) next to a normally
+    # called layer; the functional one is compiled at full capacity (dense path on CUDA) and
+    # stays right as the masks move across buckets, through Inductor.
+    import torch.nn.functional as F
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(512, 512)
+            self.proj = torch.nn.Linear(512, 512)
+
+        def forward(self, x):
+            return F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Mixed().cuda().to(torch.bfloat16)
+    agpe_compile.prepare(model, options={"block_size": 64})
+    compiled = torch.compile(model, backend="agpe")
+    x = torch.randn(2, 128, 512, device="cuda", dtype=torch.bfloat16)
+    for seed, (fc, proj) in enumerate([(1.0, 1.0), (0.5, 0.25), (1.0, 0.5), (0.5, 0.5), (0.25, 1.0)]):
+        set_random_masks(model, fc, seed=seed, only="fc")
+        set_random_masks(model, proj, seed=seed, only="proj")
+        agpe_compile.rebucket(model)
+        torch.testing.assert_close(compiled(x).float(), eager_masked(model, x).float(), **BF16)
+
+
 def test_two_instances_share_one_inductor_graph_with_their_own_masks_bf16():
     # Note [Graphs shared by instances]: the traced CUDA bodies read each call's layouts.
     torch._dynamo.reset()

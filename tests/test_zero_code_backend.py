@@ -274,10 +274,10 @@ class _SymbolCountingBackend(agpe_compile.AgpeBackend):
 
     symbols: list
 
-    def _lower(self, result, example_inputs):
+    def _lower(self, result, example_inputs, full_layouts=None):
         from torch._guards import TracingContext
 
-        compiled = super()._lower(result, example_inputs)
+        compiled = super()._lower(result, example_inputs, full_layouts)
         shape_env = TracingContext.try_get().fake_mode.shape_env
         values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
         self.symbols.append(len(values))
