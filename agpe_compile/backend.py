@@ -126,7 +126,9 @@ class AgpeCompiledGraph:
     # live blocks; the rest is padding), so it computes the same. That also serves a second
     # instance sharing the graph, and a graph compiled before prepare. It is logged once per
     # layer. A mask with more live blocks than the compiled capacity cannot run in the graph
-    # and raises, naming the causes; with the detection above no known case reaches it.
+    # and raises, naming the causes. One case the detection misses (found by an audit): a
+    # module whose class overrides ``__call__`` to skip the hooks is in the stack but had no
+    # hook traced; it raises if its mask grows past the compiled capacity.
     def _layout_at_compiled_capacity(self, i: int, state: LayerState, shape: torch.Size) -> torch.Tensor:
         from agpe_compile.layout import update_layout_
         from agpe_compile.packed_layout import capacity_of, unpack
