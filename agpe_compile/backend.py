@@ -351,11 +351,12 @@ def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState
         if not state.warned_unseen_crossing:
             state.warned_unseen_crossing = True
             log.warning(
-                "agpe: layer %r: this graph uses its weight without calling its module (F.linear(x, module.weight), "
-                "or the layer's own forward compiled), so Dynamo cannot recompile it at the layer's bucket crossings; "
-                "the layer is compiled at full capacity, which is correct at every density but runs the dense path. "
-                "Call the module, and compile the module that calls it, for the block-sparse kernels (design.md, "
-                "Known limits)", state.name)
+                "agpe: layer %r: this graph uses its weight without calling its module (F.linear(x, module.weight); "
+                "the layer's own forward compiled; a graph break inside a loop over the layers; or "
+                "torch.compile(DDP(nn.Sequential(...))), where DDP(torch.compile(model)) works), so Dynamo cannot "
+                "recompile it at the layer's bucket crossings; the layer is compiled at full capacity, which is "
+                "correct at every density but runs the dense path. Call the module, and compile the module that "
+                "calls it, for the block-sparse kernels (design.md, Known limits)", state.name)
     return full
 
 

@@ -95,8 +95,8 @@ def rebucket(
     Layers whose density is still within their bucket keep their layout buffer (rewritten
     in place). Call between training steps; the next compiled call recompiles once if any
     layer moved. A layer that cannot move keeps its layout while the mask still fits its
-    capacity (correct, but no smaller kernels): layers compiled before
-    :func:`agpe_compile.prepare` (their full-capacity layout fits every mask), and every
+    capacity (correct, but no smaller kernels): layers that were never prepared (states the
+    backend created at compile time; their full-capacity layout fits every mask), and every
     layer when ``between_steps`` is False (called inside a compiled call, where Dynamo has
     already chosen the graph: zero-code mode's tick). A mask that no longer fits raises.
     The masks are read with one device-to-host copy and the layouts written with one

@@ -291,7 +291,8 @@ class Sparsifier:
         if self._updates_at(step):
             record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
             record["updated"] = True
-            self._check_target_reached({n: m for n, m in after.items() if n not in self._frozen})
+            if self._frozen != set(self.layers):  # every layer frozen: the masks are held, not planned
+                self._check_target_reached(after)  # frozen layers included: the plan keeps the global density
         record["rebucketed"] = self.rebucketed
         if self.audit.path is not None:
             self._write_record(record, before, after, just_grown, skips, start)

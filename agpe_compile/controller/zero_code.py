@@ -31,8 +31,9 @@ this call's backward. One compiled call with grad enabled = one training step (s
 ``update_interval``/``end_step`` by micro-batches under gradient accumulation); the last
 step of a run is never processed. The tick runs inside a call whose graph Dynamo already
 chose, so a bucket change cannot be applied there: unprepared layers keep their
-full-capacity layout (correct, dense speed), and a prepared layer that would change bucket
-raises (use the explicit Sparsifier or a torch.optim optimizer). Without an optimizer the
+full-capacity layout (correct, dense speed), and a prepared layer keeps its layout while
+its mask fits and raises if the mask outgrows its capacity (use the explicit Sparsifier or
+a torch.optim optimizer). Without an optimizer the
 moments cannot be reset: a pruned block's weight may drift from zero between updates
 (stale momentum); the op masks it, and every update re-zeroes all inactive weights.
 

@@ -93,6 +93,7 @@ def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
         train(cmodel, opt, sp, batches(8, seed=1))
     assert any("fc2 frozen (requires_grad=False): the Sparsifier keeps its mask" in r.getMessage()
                for r in caplog.records)
+    assert not any("instead of the target" in r.getMessage() for r in caplog.records)
     assert torch.equal(fc2.block_mask, mask) and torch.equal(model.fc2.weight, weight)
     blocks = sum(s.block_mask.numel() for s in sp.layers.values())
     assert abs(sp.global_density - 0.25) <= 1.5 / blocks * len(sp.layers)  # the others took the rest
