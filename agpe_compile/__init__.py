@@ -28,6 +28,7 @@ from .backend import AgpeBackend, agpe_backend
 from .buckets import rebucket
 from .config import BackendConfig
 from .controller import AGPEConfig, Sparsifier
+from .conv1d import conv1d_from_linear, linear_from_conv1d
 from .explain import ExplainReport, LayerRecord, explain
 from .graphs import GraphedStep
 from .optim import BlockSparseAdamW
@@ -64,9 +65,11 @@ __all__ = [
     "LayerRecord",
     "LayerState",
     "agpe_backend",
+    "conv1d_from_linear",
     "explain",
     "layer_state",
     "layer_states",
+    "linear_from_conv1d",
     "prepare",
     "rebucket",
     "Sparsifier",

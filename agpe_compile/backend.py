@@ -269,9 +269,12 @@ class AgpeBackend:
         elif (self.zero_code_options is not None and decisions  # weights seen, none prunable: say so (once)
               and _first_time(("nothing prunable", tuple(d.name for d in decisions)))):
             dense = [f"{d.name} ({d.reason})" for d in decisions][:3]
+            conv1d = any("without transpose" in str(d.reason) for d in decisions)
             log.warning("agpe: zero-code mode: no layer of this graph can be pruned, so it trains dense; %d weight "
-                        "use(s) stay dense, e.g. %s. agpe_compile.explain(model, x) lists them all",
-                        len(decisions), "; ".join(dense))
+                        "use(s) stay dense, e.g. %s. agpe_compile.explain(model, x) lists them all%s",
+                        len(decisions), "; ".join(dense),
+                        ". Hugging Face Conv1D layers (GPT-2): convert them with agpe_compile.linear_from_conv1d(model) "
+                        "before compiling" if conv1d else "")
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states

@@ -66,6 +66,7 @@ def test_zero_code_on_a_model_with_nothing_to_prune_says_it_trains_dense(caplog)
         compiled(torch.randn(4, 32)).sum().backward()
     messages = [r.getMessage() for r in caplog.records if "zero-code mode: no layer of this graph" in r.getMessage()]
     assert len(messages) == 1 and "trains dense" in messages[0] and "addmm" in messages[0]
+    assert "agpe_compile.linear_from_conv1d(model)" in messages[0]
     assert layer_states(model) == {}
 
 
