@@ -28,7 +28,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .state import STATE_ATTR
+from .state import STATE_ATTR, layer_states
 
 CONV1D_ATTR = "_agpe_from_conv1d"  # on a converted nn.Linear: the Conv1D class it replaced
 
@@ -47,6 +47,11 @@ def linear_from_conv1d(model: nn.Module) -> List[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.linear_from_conv1d: expected an nn.Module, got {type(model).__name__}")
     found = [(name, module) for name, module in model.named_modules() if name and _is_conv1d(module)]
+    prepared = sorted(layer_states(model))
+    if found and prepared:
+        raise RuntimeError(f"agpe.linear_from_conv1d: the model is already prepared (agpe layers {prepared[:3]}"
+                           f"{'...' if len(prepared) > 3 else ''}); convert first, then create the optimizer, the "
+                           f"Sparsifier (or prepare) and torch.compile, so they see the new layers")
     owners = {}
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List
 
 import torch
@@ -37,13 +38,16 @@ from .state import (EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, S
                     _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, buffer_paths, state_of)
 from .zero_weights import _ReZeroOnLoad
 
+log = logging.getLogger(__name__)
+
 
 def strip(model: nn.Module) -> Dict[str, float]:
     """Fold each agpe layer's mask into its weight and remove agpe's state from ``model``.
 
     Returns the density each layer had, by layer name. Raises, changing nothing, while an
-    :class:`agpe_compile.Sparsifier` (call ``close()`` first) or a zero-code controller
-    (``torch._dynamo.reset()`` and drop the compiled model first) still drives a layer.
+    :class:`agpe_compile.Sparsifier` still drives a layer (call ``close()`` first). Zero-code
+    mode's controllers are stopped here (they only run inside compiled calls, which raise
+    after strip).
     A graph compiled with ``backend="agpe"`` before raises at its next call (the stripped
     weights carry one plain marker, ``_agpe_stripped``, so that the backend refuses to treat
     them as new, unprepared layers); compile the stripped model anew with another backend,
@@ -54,6 +58,7 @@ def strip(model: nn.Module) -> Dict[str, float]:
         raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
     states = _states(model)
     _check_released(states)
+    _stop_zero_code(states)
     for module in model.modules():  # the prepared model may sit inside a wrapper (torch.compile, DDP)
         if distributed.DDP_IGNORE_ATTR in module.__dict__:
             distributed.forget_in_ddp(module, buffer_paths(module, states))
@@ -98,17 +103,28 @@ def _states(model: nn.Module) -> List[LayerState]:
 
 def _check_released(states: List[LayerState]) -> None:
     for state in states:
-        controller = None if state.controller_ref is None else state.controller_ref()
-        if controller is not None:
-            raise RuntimeError(
-                f"agpe.strip: zero-code mode still drives layer {state.name!r} (torch.compile(..., "
-                f"backend='agpe', options={{'target_sparsity': ...}})); call torch._dynamo.reset() and drop "
-                f"the compiled model before strip (nothing was changed)")
         sparsifier = None if state.sparsifier_ref is None else state.sparsifier_ref()
+        controller = None if state.controller_ref is None else state.controller_ref()
+        if controller is not None and sparsifier is controller.sparsifier:
+            continue  # zero-code mode: _stop_zero_code closes its controller
         if sparsifier is not None:
             raise RuntimeError(
                 f"agpe.strip: a Sparsifier still drives layer {state.name!r}; call sparsifier.close() "
                 f"before strip (nothing was changed)")
+
+
+def _stop_zero_code(states: List[LayerState]) -> None:
+    """Zero-code mode ticks only inside compiled calls, and those meet stripped weights and
+    raise: strip stops its controllers itself (an explicit Sparsifier is the user's to close).
+    Dynamo may keep a compiled function, and with it the controller, alive after
+    ``torch._dynamo.reset()`` (Hugging Face models: in their module's globals)."""
+    controllers = {id(c): c for c in (None if s.controller_ref is None else s.controller_ref() for s in states)
+                   if c is not None}
+    for controller in controllers.values():
+        controller.close()
+    if controllers:
+        log.info("agpe.strip: stopped %d zero-code controller(s); graphs compiled with them raise at their next call",
+                 len(controllers))
 
 
 def _detach(state: LayerState) -> None:

@@ -63,12 +63,16 @@ def test_refusals_change_nothing():
         agpe_compile.conv1d_from_linear(model)
     assert isinstance(model.transformer.h[0].mlp.c_fc, torch.nn.Linear)
 
-    prepared = tiny_gpt2()
-    conv = prepared.transformer.h[0].mlp.c_fc
-    setattr(conv.weight, agpe_compile.state.STATE_ATTR, object())
-    with pytest.raises(RuntimeError, match="already has agpe state; convert before"):
+    late = tiny_gpt2()  # a Sparsifier on the unconverted model says what to do
+    with pytest.warns(UserWarning, match="call agpe_compile.linear_from_conv1d\\(model\\) before"):
+        agpe_compile.Sparsifier(late, None, AGPEConfig(block_size=16))
+
+    prepared = tiny_gpt2()  # prepared (here: an extra linear) before converting: refused, nothing changed
+    prepared.transformer.h[0].mlp.add_module("side", torch.nn.Linear(64, 64))
+    agpe_compile.prepare(prepared, options={"block_size": 16})
+    with pytest.raises(RuntimeError, match="already prepared .*convert first"):
         agpe_compile.linear_from_conv1d(prepared)
-    assert prepared.transformer.h[0].attn.c_attn.__class__.__name__ == "Conv1D"  # nothing converted
+    assert type(prepared.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
 
     tied = tiny_gpt2()
     tied.transformer.h[0].mlp.c_proj.weight = tied.transformer.h[0].attn.c_proj.weight

@@ -93,6 +93,10 @@ class Sparsifier:
                         ", ".join(frozen), "is" if len(frozen) == 1 else "are", "its" if len(frozen) == 1 else "their")
             states = {name: state for name, state in states.items() if name not in frozen}
         self.model = model  # the layer states only hold weak references to their modules
+        if not states and any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            warnings.warn("agpe: the model's projections are Hugging Face Conv1D layers (GPT-2), which agpe does not "
+                          "rewrite: call agpe_compile.linear_from_conv1d(model) before creating the optimizer and "
+                          "the Sparsifier", stacklevel=2)
         self._setup(list(states.values()), optimizer, config, recompile_counter)
 
     @classmethod

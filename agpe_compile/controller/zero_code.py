@@ -141,10 +141,25 @@ class ZeroCodeController:
         self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
         self._gave_up = False
         self._resume_following = False
+        self.closed = False
         self._hook = None
         if follow_optimizer and states:
             self._hook = register_optimizer_step_post_hook(_weak_hook(weakref.ref(self)))
             weakref.finalize(self, self._hook.remove)
+
+    def close(self) -> None:
+        """Stop for good (``agpe_compile.strip``): remove the global optimizer hook, release the
+        layers (their ``controller_ref`` and the Sparsifier's hold), and make later ticks no-ops.
+        A graph that still holds this controller (Dynamo may keep compiled functions alive
+        after ``torch._dynamo.reset()``) then meets stripped weights and raises."""
+        self.closed = True
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.sparsifier.close()
+        for state in self.sparsifier.layers.values():
+            if state.controller_ref is not None and state.controller_ref() is self:
+                state.controller_ref = None
 
     @property
     def follows_optimizer(self) -> bool:
@@ -152,6 +167,8 @@ class ZeroCodeController:
         return self.optimizer is not None
 
     def __call__(self) -> None:
+        if self.closed:
+            return
         if self.optimizer is None and not self._resume_following and self.calls > 0:
             self.sparsifier.step(None, between_steps=False)
         self.calls += 1
@@ -160,6 +177,8 @@ class ZeroCodeController:
         """The global optimizer hook's work: bind on the first step of an optimizer holding
         our weights, then one ``Sparsifier.step`` per step of that optimizer."""
         sparsifier = self.sparsifier
+        if self.closed:
+            return
         if self.optimizer is None:
             if self._gave_up or not self._holds_weights(optimizer):
                 return
