@@ -83,6 +83,7 @@ class AgpeCompiledGraph:
             state = states[i]
             self.layout_shapes[i] = layout.shape
             self._compiled_capacity_layouts[i] = ((id(state), id(state.block_mask)), layout, state.block_mask._version)
+            state.add_capacity_layout(layout)
 
     def __call__(self, *args):
         if self.before_training_call is not None and torch.is_grad_enabled():
@@ -126,12 +127,13 @@ class AgpeCompiledGraph:
     # live blocks; the rest is padding), so it computes the same. That also serves a second
     # instance sharing the graph, and a graph compiled before prepare. It is logged once per
     # layer. A mask with more live blocks than the compiled capacity cannot run in the graph
-    # and raises, naming the causes. One case the detection misses (found by an audit): a
+    # and raises, naming the causes. The layer's state tracks these layouts (weakly), so
+    # GraphedStep, whose replays skip this wrapper, rebuilds them before each replay
+    # (``LayerState.sync_capacity_layouts``). One case the detection misses (found by an audit): a
     # module whose class overrides ``__call__`` to skip the hooks is in the stack but had no
     # hook traced; it raises if its mask grows past the compiled capacity.
     def _layout_at_compiled_capacity(self, i: int, state: LayerState, shape: torch.Size) -> torch.Tensor:
-        from agpe_compile.layout import update_layout_
-        from agpe_compile.packed_layout import capacity_of, unpack
+        from agpe_compile.packed_layout import capacity_of
 
         if not self.layout_read[i]:  # only masked_weight uses (dense W*M): any tensor of the length will do
             unused = self._compiled_capacity_layouts.get(i)
@@ -143,22 +145,13 @@ class AgpeCompiledGraph:
         cached = self._compiled_capacity_layouts.get(i)
         if cached is not None and cached[0] == owner and cached[2] == version:
             return cached[1]
-        with torch.no_grad(), torch.inference_mode(False):
-            # rewritten in place after the first time (a captured CUDA graph keeps its address)
-            layout = cached[1] if cached is not None and cached[0] == owner else torch.zeros(
-                shape, dtype=state.block_layout.dtype, device=state.block_layout.device)
-            capacity = capacity_of(layout, state.grid)
-            if not update_layout_(unpack(layout, state.grid, state.block_size), state.block_mask):
-                raise RuntimeError(
-                    f"agpe: layer {state.name!r} has {int(state.block_mask.sum())} live blocks, more than the "
-                    f"{capacity} this graph was compiled for, and the graph cannot recompile for it: it was compiled "
-                    f"without the module hook that lets Dynamo see a layout change. Either (a) it was compiled "
-                    f"before agpe_compile.prepare() registered the hook (prepare the model before torch.compile, or "
-                    f"call torch._dynamo.reset() and compile again); or (b) the graph uses the layer's weight "
-                    f"without calling its module (F.linear(x, module.weight)), or compiles the layer's own forward "
-                    f"(Linear.compile(), torch.compile(linear.forward)): call the module, and compile the module "
-                    f"that calls it; or (c) Dynamo compiled the layer's forward as a frame of its own, outside its "
-                    f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))")
+        if cached is not None and cached[0] == owner:
+            layout = cached[1]  # rewritten in place after the first time (a CUDA graph keeps its address)
+        else:
+            layout = torch.zeros(shape, dtype=state.block_layout.dtype, device=state.block_layout.device)
+            state.add_capacity_layout(layout)  # GraphedStep rebuilds it before a replay
+        capacity = capacity_of(layout, state.grid)
+        state.rebuild_capacity_layout(layout)
         if not state.warned_unseen_crossing:
             state.warned_unseen_crossing = True
             log.warning(

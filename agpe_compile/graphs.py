@@ -16,7 +16,9 @@ layout]), pruned weights are zeroed in place and the optimizer's moments are zer
 place (controller/optimizer_state.py). So a mask update between two replays is seen by the
 next replay. Two things are not: (1) the packed layout is rewritten from the mask by the
 call wrapper on the host (``LayerState.sync_layout``), which a replay skips, so
-:class:`GraphedStep` syncs every layer itself before each replay; (2) a bucket crossing
+:class:`GraphedStep` syncs every layer itself before each replay (the layouts handed to
+graphs compiled at a fixed capacity too, Note [Layouts a graph cannot see change] in
+backend.py); (2) a bucket crossing
 replaces the layout buffer (a new length), so the captured graph would read the old one.
 Before each replay :class:`GraphedStep` compares the addresses of every parameter, gradient,
 optimizer state tensor and agpe buffer with those it captured, and re-captures when one
@@ -113,6 +115,7 @@ class GraphedStep:
         for state in layer_states(self.model).values():
             state.check_identity()
             state.sync_layout()  # a replay skips the call wrapper, which does this (module doc)
+            state.sync_capacity_layouts()
         signature = tensor_signature(self.model, self.optimizers)
         if self.graph is not None and signature == self.signature:
             self.graph.replay()
@@ -148,6 +151,7 @@ class GraphedStep:
             param.grad = None
         for state in layer_states(self.model).values():
             state.sync_layout()
+            state.sync_capacity_layouts()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

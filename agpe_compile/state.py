@@ -126,6 +126,10 @@ class LayerState:
     # A graph that cannot see this layer's bucket crossings was told once (Note [Layouts a
     # graph cannot see change] in backend.py).
     warned_unseen_crossing: bool = False
+    # The layouts handed to such graphs, at the capacity they were compiled for, with the
+    # mask version each was last rebuilt from; weakly held (the call wrapper owns them).
+    # GraphedStep rebuilds them before a replay, which skips the call wrapper.
+    capacity_layouts: List[list] = dataclasses.field(default_factory=list)
     # Set by agpe_compile.strip(): the mask is folded into the weight and the buffers are
     # gone; a graph compiled before raises instead of running on the orphaned tensors.
     stripped: bool = False
@@ -193,6 +197,7 @@ class LayerState:
         if new_weight is not None:
             setattr(new_weight, STATE_ATTR, new)
         new.controller_ref = new.sparsifier_ref = None
+        new.capacity_layouts = []  # the copy is compiled by graphs of its own
         new.zero_inactive = False  # no Sparsifier keeps the copy's inactive weights at zero
         return new
 
@@ -201,6 +206,7 @@ class LayerState:
         state["module_ref"] = self.module
         state["weight_ref"] = state["controller_ref"] = state["sparsifier_ref"] = None
         state["zero_inactive"] = False  # the loaded model is driven by no Sparsifier yet
+        state["capacity_layouts"] = []  # weak references; graphs are not pickled
         return state
 
     def __setstate__(self, state):
@@ -244,6 +250,34 @@ class LayerState:
             from .zero_weights import zero_inactive_
 
             zero_inactive_(self)
+
+    def add_capacity_layout(self, layout: torch.Tensor) -> None:
+        """Track a layout at a graph's compiled capacity (Note [Layouts a graph cannot see
+        change] in backend.py) so :meth:`sync_capacity_layouts` keeps it current."""
+        self.capacity_layouts = [entry for entry in self.capacity_layouts
+                                 if entry[0]() is not None and entry[0]() is not layout]
+        self.capacity_layouts.append([weakref.ref(layout), -1])
+
+    def rebuild_capacity_layout(self, layout: torch.Tensor) -> None:
+        """Rewrite ``layout`` (a compiled capacity, possibly not this layer's bucket) in place
+        from the mask; raises if the mask has more live blocks than it holds."""
+        with torch.no_grad(), torch.inference_mode(False):
+            if not update_layout_(unpack(layout, self.grid, self.block_size), self.block_mask):
+                raise RuntimeError(unseen_capacity_error(self, capacity_of(layout, self.grid)))
+        for entry in self.capacity_layouts:
+            if entry[0]() is layout:
+                entry[1] = self.block_mask._version
+
+    def sync_capacity_layouts(self) -> None:
+        """Rebuild every tracked compiled-capacity layout whose mask changed since (what the
+        call wrapper does at every call; a CUDA graph replay skips the wrapper)."""
+        version = self.block_mask._version
+        for entry in list(self.capacity_layouts):
+            layout = entry[0]()
+            if layout is None:
+                self.capacity_layouts.remove(entry)
+            elif entry[1] != version:
+                self.rebuild_capacity_layout(layout)
 
     def attach(self, module: nn.Module) -> None:
         """Register the tensors as buffers of ``module`` (same objects, no copy).
@@ -346,6 +380,21 @@ def _bucket_of_capacity(capacity: int, grid: Tuple[int, int]) -> float:
         if capacity_for(bucket, blocks) == capacity:
             return bucket
     return min(1.0, capacity / blocks)
+
+
+def unseen_capacity_error(state: LayerState, capacity: int) -> str:
+    """Why a graph compiled without the layer's module hook cannot run its mask (Note
+    [Layouts a graph cannot see change] in backend.py)."""
+    return (
+        f"agpe: layer {state.name!r} has {int(state.block_mask.sum())} live blocks, more than the "
+        f"{capacity} this graph was compiled for, and the graph cannot recompile for it: it was compiled "
+        f"without the module hook that lets Dynamo see a layout change. Either (a) it was compiled "
+        f"before agpe_compile.prepare() registered the hook (prepare the model before torch.compile, or "
+        f"call torch._dynamo.reset() and compile again); or (b) the graph uses the layer's weight "
+        f"without calling its module (F.linear(x, module.weight)), or compiles the layer's own forward "
+        f"(Linear.compile(), torch.compile(linear.forward)): call the module, and compile the module "
+        f"that calls it; or (c) Dynamo compiled the layer's forward as a frame of its own, outside its "
+        f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))")
 
 
 def state_of(param: torch.Tensor) -> Optional[LayerState]:

@@ -400,6 +400,64 @@ def test_a_layer_whose_module_the_graph_never_calls_is_compiled_at_full_capacity
     assert backend.graph_count == 1 and int(state.counters[0]) > 0
 
 
+def test_compiled_capacity_layouts_are_rebuilt_without_the_call_wrapper():
+    # A CUDA graph replay (GraphedStep) skips the call wrapper, which rebuilds the layout it
+    # hands a graph compiled at a fixed capacity. The layer state tracks that layout, and
+    # sync_capacity_layouts (called by GraphedStep before a replay) brings it up to date.
+    import gc
+
+    import torch.nn.functional as F
+
+    from agpe_compile.packed_layout import capacity_of, unpack
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return F.linear(x, self.proj.weight, self.proj.bias)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Functional()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    state = agpe_compile.layer_state(model.proj)
+
+    def set_mask(live):
+        mask = torch.zeros(16, dtype=torch.bool)
+        mask[torch.randperm(16, generator=torch.Generator().manual_seed(live))[:live]] = True
+        state.block_mask.copy_(mask.view(4, 4))
+        agpe_compile.rebucket(model)
+        return mask.view(4, 4)
+
+    set_mask(8)
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(4, 64)
+    compiled(x)
+    set_mask(4)  # another bucket: the wrapper hands the graph a full-capacity layout
+    compiled(x)
+    tracked = [entry[0]() for entry in state.capacity_layouts]
+    assert len(tracked) == 1 and capacity_of(tracked[0], state.grid) == 16
+    layout = tracked[0]
+    for live in (2, 5, 12):  # no compiled call in between: only the sync can update it
+        mask = set_mask(live)
+        assert not torch.equal(unpack(layout, state.grid, 16).to_mask(), mask)
+        state.sync_capacity_layouts()
+        assert torch.equal(unpack(layout, state.grid, 16).to_mask(), mask)
+        assert [entry[0]() for entry in state.capacity_layouts] == [layout]  # same tensor, same address
+    torch.testing.assert_close(compiled(x), eager_masked(model, x))
+    # weakly held: the graph's wrapper owns it, and a copy starts with none
+    import copy
+    assert copy.deepcopy(model).proj.weight is not None
+    assert agpe_compile.layer_state(copy.deepcopy(model).proj).capacity_layouts == []
+    del compiled, layout, tracked
+    torch._dynamo.reset()
+    gc.collect()
+    state.sync_capacity_layouts()
+    assert state.capacity_layouts == []
+
+
 def test_hookless_layers_of_mha_and_of_a_second_instance_follow_any_bucket(caplog):
     # nn.MultiheadAttention uses out_proj.weight without calling out_proj: its layout is never
     # read by the graph (masked_weight, dense W*M), so any mask runs, whatever graph Dynamo
