@@ -48,6 +48,7 @@ from agpe_compile.kernels import (  # noqa: E402
     gather_grad_weight,
 )
 from agpe_compile.kernels.configs import CANDIDATES  # noqa: E402
+from agpe_compile.kernels.launch import _tma_setting  # noqa: E402
 from agpe_compile.layout import build_layout  # noqa: E402
 from agpe_compile.ops.paths import TRITON_BLOCK_SIZES  # noqa: E402
 
@@ -204,7 +205,7 @@ def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) * expanded(mask, 128)
     calls = {"forward": lambda cfg: block_sparse_forward(x, w, layout, config=cfg, tma=tma),
              "grad_input": lambda cfg: block_sparse_grad_input(dy, w, layout, config=cfg, tma=tma),
-             "grad_weight": lambda cfg: block_sparse_grad_weight(dy, x, layout, config=cfg)}
+             "grad_weight": lambda cfg: block_sparse_grad_weight(dy, x, layout, config=cfg, tma=tma)}
     results = []
     for kernel, configs in candidates.items():
         for cfg in configs:
@@ -219,11 +220,12 @@ def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
 
 
 def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
-    """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py; descriptors built on the
-    host and on the device) against the plain kernels, block 128, same configs, same masks:
-    which one should be the default."""
+    """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py, grad_weight_tma.py;
+    descriptors built on the host and on the device) against the plain kernels, block 128,
+    each with its own default config, same masks: which one should be the default."""
     calls = {"forward": lambda x, dy, w, lay, tma: block_sparse_forward(x, w, lay, tma=tma),
-             "grad_input": lambda x, dy, w, lay, tma: block_sparse_grad_input(dy, w, lay, tma=tma)}
+             "grad_input": lambda x, dy, w, lay, tma: block_sparse_grad_input(dy, w, lay, tma=tma),
+             "grad_weight": lambda x, dy, w, lay, tma: block_sparse_grad_weight(dy, x, lay, tma=tma)}
     results = []
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -343,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     started = time.time()
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "python": platform.python_version(),
-              "mode": "gpu" if gpu else "small-cpu", "tma_setting": os.environ.get("AGPE_TMA", "auto")}
+              "mode": "gpu" if gpu else "small-cpu", "tma_setting": _tma_setting()}
     if gpu:
         import triton
 

@@ -671,7 +671,7 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         "from agpe_compile.kernels.aot import compile_tma\n"
         "from agpe_compile.kernels.configs import TMA_CANDIDATES\n"
         "reports = [compile_tma(k, config=c) for k, cs in TMA_CANDIDATES.items() for c in cs]\n"
-        "reports += [compile_tma(k, device_descriptors=True) for k in ('forward', 'grad_input')]\n"
+        "reports += [compile_tma(k, device_descriptors=True) for k in ('forward', 'grad_input', 'grad_weight')]\n"
         "print(json.dumps(reports))\n"
     )
     result = _run_python(code, TRITON_DEFAULT_FP_FUSION="1")
@@ -695,6 +695,38 @@ def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, 
     assert not expected.isnan().any()
     got = block_sparse_grad_input(p.grad_out, p.weight, layout, tma=mode)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, split, saliency_mode", [(1, 1, "taylor"), (70, 1, "magnitude"), (128, 1, "movement"),
+                                                     (200, 3, "taylor"), (130, 16, "gradient")])
+def test_tma_grad_weight_candidate_matches_the_grad_weight_kernel(triton_kernels, dtype, m, split, saliency_mode,
+                                                                   mode):
+    # A full-capacity layout over a half-live mask: padded slots exist and must stay untouched.
+    p = make_problem(m, 3, 4, 32, 0.5, dtype, seed=5)
+    layout = build_layout(torch.ones(3, 4, dtype=torch.bool), 32)
+    assert update_layout_(layout, p.mask)
+    weight = None if saliency_mode == "gradient" else p.weight  # NaN in inactive blocks: never read
+    sums = {}
+    for tma in (False, mode):
+        sums[tma] = torch.full(p.mask.shape, PREFILL)
+        sums[tma, "dw"] = block_sparse_grad_weight(p.grad_out, p.x, layout, weight=weight, saliency=sums[tma],
+                                                   saliency_mode=saliency_mode, split=split, tma=tma)
+    assert not sums[False, "dw"].isnan().any()
+    torch.testing.assert_close(sums[mode, "dw"], sums[False, "dw"], rtol=0, atol=0)
+    torch.testing.assert_close(sums[mode], sums[False], rtol=0, atol=0)
+    assert (sums[mode][~p.mask] == PREFILL).all()
+
+
+def test_tma_grad_weight_of_no_rows_takes_the_plain_kernel(triton_kernels):
+    # No descriptor of zero rows: the plain kernel writes zeros and still adds magnitude scores.
+    p = make_problem(4, 2, 2, 32, 1.0, torch.float32)
+    saliency = torch.zeros(p.mask.shape)
+    dw = block_sparse_grad_weight(p.grad_out[:0], p.x[:0], build_layout(p.mask, 32), weight=p.weight,
+                                  saliency=saliency, saliency_mode="magnitude", tma="device")
+    assert not dw.any()
+    torch.testing.assert_close(saliency, p.weight.abs().view(2, 32, 2, 32).sum((1, 3)))
 
 
 def test_tma_candidates_refuse_traced_calls(triton_kernels):
@@ -723,11 +755,12 @@ def test_tma_device_descriptor_candidates_trace_as_user_kernels(triton_kernels):
     # Descriptors built in the kernel: plain pointer arguments, so wrap_triton records them.
     code = FAKE_CUDA_HEADER + (
         "from agpe_compile.layout import BlockLayout, build_layout\n"
-        "from agpe_compile.kernels import block_sparse_forward, block_sparse_grad_input\n"
+        "from agpe_compile.kernels import block_sparse_forward, block_sparse_grad_input, block_sparse_grad_weight\n"
         "layout = build_layout(torch.tensor([[True, False], [True, True]]), 64)\n"
         "def step(x, w, dy, *tensors):\n"
         "    lay = BlockLayout.from_tensors(tensors, block_size=64, bucket=0.75)\n"
-        "    return (block_sparse_forward(x, w, lay, tma='device'), block_sparse_grad_input(dy, w, lay, tma='device'))\n"
+        "    return (block_sparse_forward(x, w, lay, tma='device'), block_sparse_grad_input(dy, w, lay, tma='device'),\n"
+        "            block_sparse_grad_weight(dy, x, lay, tma='device'))\n"
         "with FakeTensorMode():\n"
         "    e = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device='cuda')\n"
         "    args = [e(300, 128), e(128, 128), e(300, 128)] + [e(*t.shape, dtype=t.dtype) for t in layout.tensors()]\n"
@@ -736,7 +769,7 @@ def test_tma_device_descriptor_candidates_trace_as_user_kernels(triton_kernels):
     )
     result = _run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("triton_kernel_wrapper_mutation(") == 2, result.stdout
+    assert result.stdout.count("triton_kernel_wrapper_mutation(") == 3, result.stdout
     assert "'x_ptr'" in result.stdout and "'dy_ptr'" in result.stdout, result.stdout
 
 
@@ -749,6 +782,8 @@ def test_tma_candidates_take_3d_operands(triton_kernels, mode):
                                block_sparse_forward(p.x, p.weight, layout, p.bias, tma=False), rtol=0, atol=0)
     torch.testing.assert_close(block_sparse_grad_input(p.grad_out, p.weight, layout, tma=mode),
                                block_sparse_grad_input(p.grad_out, p.weight, layout, tma=False), rtol=0, atol=0)
+    torch.testing.assert_close(block_sparse_grad_weight(p.grad_out, p.x, layout, tma=mode),
+                               block_sparse_grad_weight(p.grad_out, p.x, layout, tma=False), rtol=0, atol=0)
 
 
 def test_tma_mode_must_be_named(triton_kernels):

@@ -115,16 +115,18 @@ def compile_column_sum(dtype: str = "bf16", even_n: bool = True, arch: int = 90)
 def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf16", arch: int = 90,
                 config: Optional[KernelConfig] = None, device_descriptors: bool = False) -> dict:
     """Compile a TMA candidate (``"forward"``: kernels/forward_tma.py, ``"grad_input"``:
-    kernels/grad_input_tma.py) with the default kernel's configuration; report shared
-    memory, registers, spills, TMA loads (UTMALDG) and wgmma (HGMMA)."""
+    kernels/grad_input_tma.py, ``"grad_weight"``: kernels/grad_weight_tma.py) with the
+    default kernel's configuration; report shared memory, registers, spills, TMA loads
+    (UTMALDG) and wgmma (HGMMA)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .forward_tma import forward_tma_device_kernel, forward_tma_kernel
     from .grad_input_tma import grad_input_tma_device_kernel, grad_input_tma_kernel
+    from .grad_weight_tma import grad_weight_tma_device_kernel, grad_weight_tma_kernel
 
-    cfg = config or config_for(kernel, block_size, _DTYPES[dtype], interpret=False)
+    cfg = config or config_for(kernel, block_size, _DTYPES[dtype], interpret=False, tma=True)
     e = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     if kernel == "forward" and device_descriptors:
         fn = forward_tma_device_kernel
@@ -159,10 +161,31 @@ def compile_tma(kernel: str = "forward", block_size: int = 128, dtype: str = "bf
                      "stride_dxm": "i32", "stride_dxk": "constexpr"}
         aligned = ("dx_ptr", "col_ptr_ptr", "row_idx_ptr", "stride_dxm")
         extra = {"stride_dxk": 1}
+    elif kernel == "grad_weight":
+        slots = {"w_ptr": f"*{e}", "dw_ptr": f"*{e}", "scores_ptr": "*fp32", "ws_ptr": "*fp32",
+                 "slot_row_ptr": "*i32", "col_idx_ptr": "*i32", "live_count_ptr": "*i32"}
+        if device_descriptors:
+            fn = grad_weight_tma_device_kernel
+            signature = {"dy_ptr": f"*{e}", "x_ptr": f"*{e}", **slots, "M": "i32", "N": "i32", "K": "i32",
+                         "m_chunk": "i32", "capacity": "i32", "num_block_cols": "i32", "stride_dym": "i32",
+                         "stride_xm": "i32"}
+            aligned = ("dy_ptr", "x_ptr", "N", "K", "stride_dym", "stride_xm")
+        else:
+            fn = grad_weight_tma_kernel
+            signature = {"dy_desc": f"tensordesc<{e}[{cfg.block_m},{block_size}]>",
+                         "x_desc": f"tensordesc<{e}[{cfg.block_m},{block_size}]>", **slots, "M": "i32",
+                         "m_chunk": "i32", "capacity": "i32", "num_block_cols": "i32"}
+            aligned = ()
+        signature.update({"stride_wn": "i32", "stride_wk": "constexpr", "stride_dwn": "i32",
+                          "stride_dwk": "constexpr"})
+        aligned += ("w_ptr", "dw_ptr", "scores_ptr", "ws_ptr", "slot_row_ptr", "col_idx_ptr", "stride_wn",
+                    "stride_dwn")
+        extra = {"stride_wk": 1, "stride_dwk": 1, "SALIENCY": 1, "SPLIT": 1}
     else:
-        raise ValueError(f"agpe aot: expected kernel 'forward' or 'grad_input', got {kernel!r}")
+        raise ValueError(f"agpe aot: expected kernel 'forward', 'grad_input' or 'grad_weight', got {kernel!r}")
     constants = {"BLOCK_SIZE": block_size, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                  "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, **extra}
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature.update({name: "constexpr" for name in constants if name not in signature})
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}

@@ -90,7 +90,8 @@ _TMA: Dict[Tuple[str, int, int], KernelConfig] = {
     ("forward", 128, 2): _C(128, 64, num_warps=8, num_stages=5),
     ("grad_input", 128, 2): _C(128, 64, num_warps=4, num_stages=6),
 }
-# Configurations for the TMA candidates (kernels/forward_tma.py, grad_input_tma.py), timed
+# Configurations for the TMA candidates (kernels/forward_tma.py, grad_input_tma.py,
+# grad_weight_tma.py; the grad_weight ones not yet timed on a GPU), timed
 # by ``benchmarks/kernels.py`` at d=0.5 on its first shape; all compile for sm_90 without
 # spills and within shared memory (checked on a CPU host with kernels/aot.py).
 TMA_CANDIDATES: Dict[str, Tuple[KernelConfig, ...]] = {
@@ -98,6 +99,10 @@ TMA_CANDIDATES: Dict[str, Tuple[KernelConfig, ...]] = {
                 _C(128, 128, num_warps=8, num_stages=4), _C(256, 32, num_warps=8, num_stages=6)),
     "grad_input": (_GRAD_INPUT[(128, 2)], _C(256, 64, num_warps=8, num_stages=4), _C(128, 128, num_warps=8, num_stages=4),
                    _C(128, 64, num_warps=4, num_stages=6)),
+    # grad_weight_tma.py (block_k unused: the tile is the block): BLOCK_M rows of the M
+    # reduction per step, a dY and an X tile of BLOCK_M x 128 each per stage.
+    "grad_weight": (_BLOCK_GRAD[(128, 2)], _C(128, 128, num_warps=8, num_stages=3),
+                    _C(64, 128, num_warps=4, num_stages=5), _C(32, 128, num_warps=4, num_stages=6)),
 }
 # The interpreter runs each program in Python: few, large programs are fastest there.
 _INTERPRETER = KernelConfig(block_m=64, block_k=0, group_m=2, num_warps=1, num_stages=1)

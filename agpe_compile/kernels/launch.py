@@ -146,11 +146,14 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 
 # Note [TMA by default]
 # ~~~~~~~~~~~~~~~~~~~~~
-# On Hopper (compute capability 9.x) the forward and dX kernels can load their tiles with
-# the tensor memory accelerator through descriptors built in the kernel (forward_tma.py,
-# grad_input_tma.py). Timed side by side with the plain kernels on an H200 (ninth session,
-# docs/benchmarks.md): 0.78-0.95x their time for the forward, 0.85-1.03x for dX, both with
-# the plain kernels' tiles (they now take the TMA sweep's, _TMA in configs.py). With
+# On Hopper (compute capability 9.x) the forward, dX and dW kernels can load their tiles
+# with the tensor memory accelerator through descriptors built in the kernel
+# (forward_tma.py, grad_input_tma.py, grad_weight_tma.py). Timed side by side with the
+# plain kernels on an H200 (ninth session, docs/benchmarks.md): 0.78-0.95x their time for
+# the forward, 0.85-1.03x for dX, both with the plain kernels' tiles (they now take the TMA
+# sweep's, _TMA in configs.py). The dW variant (twelfth session, no GPU) is checked under
+# the interpreter and compiled for sm_90 on the CPU host (bulk copies, wgmma, no spills);
+# its GPU time is open. With
 # AGPE_TMA=auto they are taken for 16-bit operands that meet TMA's rules (last dimension
 # contiguous, 16-byte aligned rows and base) and the plain kernels otherwise; both compute
 # the same function, so the choice is speed only. AGPE_TMA=device forces them (raising on
@@ -282,6 +285,7 @@ def block_sparse_grad_weight(
     grad_out: torch.Tensor, x: torch.Tensor, layout: BlockLayout, *,
     weight: Optional[torch.Tensor] = None, saliency: Optional[torch.Tensor] = None,
     saliency_mode: Optional[str] = None, config: Optional[KernelConfig] = None, split: Optional[int] = None,
+    tma="auto",
 ) -> torch.Tensor:
     """dW = (dY^T @ X) * M: a fresh zero-filled [N, K] tensor in which only live blocks are computed.
 
@@ -289,16 +293,27 @@ def block_sparse_grad_weight(
     block's score, taken from ``weight`` and the fp32 gradient, to the float32 [R, C]
     ``saliency`` buffer; inactive entries are left untouched (their score is 0 by the
     formulas). ``weight`` is needed by every mode but "gradient". ``split`` (split-K over
-    M) defaults to :func:`split_for`, from the shapes and the GPU's size only.
+    M) defaults to :func:`split_for`, from the shapes and the GPU's size only. ``tma``: which
+    kernel (kernels/grad_weight.py or grad_weight_tma.py), as for the forward.
     """
     dy2, x2 = _grad_operands(grad_out, x, layout, weight)
     check_saliency(saliency_mode, saliency, weight, layout, x.device)
     require_triton()
-    from .grad_weight import grad_weight_finish_kernel, grad_weight_kernel
+    from .grad_weight import grad_weight_finish_kernel
 
-    cfg = _config(grad_weight_kernel, "grad_weight", layout, x.dtype, config)
+    tma = _tma_mode(tma, dy2, x2)
+    if tma is not None and dy2.shape[0] == 0:  # no rows: no descriptor; the plain kernel still scores
+        tma = None
+    if tma == "host":
+        from .grad_weight_tma import grad_weight_tma_kernel as kernel
+    elif tma == "device":
+        from .grad_weight_tma import grad_weight_tma_device_kernel as kernel
+    else:
+        from .grad_weight import grad_weight_kernel as kernel
+
+    cfg = _config(kernel, "grad_weight", layout, x.dtype, config, tma=tma is not None)
     m = dy2.shape[0]
-    interpreted = is_interpreted(grad_weight_kernel)
+    interpreted = is_interpreted(kernel)
     if split is None:
         split = split_for(layout.capacity, size_hint(m), cfg.block_m, x.device, interpreted)
     if not isinstance(split, int) or split < 1:
@@ -314,13 +329,23 @@ def block_sparse_grad_weight(
     mode = SALIENCY_MODES.index(saliency_mode) + 1 if saliency_mode else 0
     ws = (layout.live_count if split == 1  # the workspace of split-K only
           else torch.empty((split, layout.capacity, b, b), dtype=torch.float32, device=x.device))
-    launcher(grad_weight_kernel, (layout.capacity, split), x.device)(
-        kernel_operand(grad_out, dy2), kernel_operand(x, x2), w, dw, scores, ws, layout.slot_row, layout.col_idx,
-        layout.live_count,
-        m, m_chunk, layout.capacity, layout.grid_shape[1],
-        *dy2.stride(), *x2.stride(), *w.stride(), *dw.stride(),
+    if tma == "host":
+        operands = (_descriptor("grad_out", dy2, [cfg.block_m, b]), _descriptor("x", x2, [cfg.block_m, b]))
+        sizes, strides = (m, m_chunk), ()
+    elif tma == "device":
+        _check_tma_operand("grad_out", dy2)
+        _check_tma_operand("x", x2)
+        _ensure_scratch_allocator(kernel)
+        operands = (kernel_operand(grad_out, dy2), kernel_operand(x, x2))
+        sizes, strides = (m, layout.shape[0], layout.shape[1], m_chunk), (dy2.stride(0), x2.stride(0))
+    else:
+        operands = (kernel_operand(grad_out, dy2), kernel_operand(x, x2))
+        sizes, strides = (m, m_chunk), (*dy2.stride(), *x2.stride())
+    launcher(kernel, (layout.capacity, split), x.device)(
+        *operands, w, dw, scores, ws, layout.slot_row, layout.col_idx, layout.live_count,
+        *sizes, layout.capacity, layout.grid_shape[1], *strides, *w.stride(), *dw.stride(),
         BLOCK_SIZE=b, BLOCK_M=cfg.block_m, SALIENCY=mode, SPLIT=split,
-        **dot_options(grad_weight_kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **dot_options(kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         launcher(grad_weight_finish_kernel, (layout.capacity,), x.device)(
