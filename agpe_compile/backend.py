@@ -41,7 +41,7 @@ from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import ensure_recompile_headroom
-from agpe_compile.state import STATE_ATTR, LayerState
+from agpe_compile.state import _TENSOR_FIELDS, STATE_ATTR, LayerState
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class AgpeCompiledGraph:
                     "host in this call, which a replay would skip. Drive the masks with "
                     "agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) between replays instead")
             self.before_training_call()
-        extra = []
+        extra, written = [], []
         for i, (state, shape) in enumerate(zip(self.states, self.layout_shapes)):
             if self.weight_indices is not None:
                 weight = args[self.weight_indices[i]]
@@ -104,12 +104,18 @@ class AgpeCompiledGraph:
             state.check_identity()
             state.sync_layout()
             tensors = state.tensors()
+            for j in _MUTATED_IN_BACKWARD:  # Note [Buffers written by the backward]
+                tensors[j] = tensors[j].data
+                written.append(tensors[j])
             if state.block_layout.shape != shape:  # Note [Layouts a graph cannot see change]
                 tensors[-1] = self._layout_at_compiled_capacity(i, state, shape)
             extra.extend(tensors)
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
-        return self.compiled(*args, *extra)
+        outputs = self.compiled(*args, *extra)
+        if written and torch.is_grad_enabled():
+            _restore_versions_before_backward(outputs, written)
+        return outputs
 
     # Note [Layouts a graph cannot see change]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -354,6 +360,50 @@ def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState
                 "correct at every density but runs the dense path. Call the module, and compile the module that "
                 "calls it, for the block-sparse kernels (design.md, Known limits)", state.name)
     return full
+
+
+# Note [Buffers written by the backward]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The op's backward adds block scores, inactive-block gradient norms and FLOP counts into
+# the layer's saliency, dense_grad_sq and counters buffers, in place (the Sparsifier reads
+# the sums). AOTAutograd keeps such an input for the backward and autograd checks, when the
+# backward runs, that its version has not changed since the forward. Two compiled calls
+# before one backward (D(real) + D(fake), siamese losses, two losses backwarded one after
+# the other, retain_graph, a layer used on both sides of a graph break) would fail that
+# check: the first backward's write bumps the version the second call recorded. So each
+# call hands the graph ``buffer.data``: the same storage (every backward adds into the
+# buffer itself, so the scores are the sum over the calls) with a version counter of its
+# own. Running one graph's backward twice (``retain_graph=True``, ``autograd.functional.
+# jacobian``) would still fail the check on that alias, so a pre-hook on the outputs'
+# autograd nodes sets the aliases' versions back to their forward-time values before each
+# backward reaches the graph (``torch._C._autograd._unsafe_set_version_counter``, in torch
+# 2.11 and 2.13). Nothing else writes these buffers between a forward and its backward.
+_MUTATED_IN_BACKWARD = tuple(_TENSOR_FIELDS.index(field) for field in ("saliency", "dense_grad_sq", "counters"))
+
+def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor]) -> None:
+    """Note [Buffers written by the backward]: before each backward through this call, put
+    the aliases' version counters back to what the graph recorded at the forward."""
+    versions = [alias._version for alias in aliases]
+    nodes = {}
+    for output in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+        node = getattr(output, "grad_fn", None) if isinstance(output, torch.Tensor) else None
+        if node is not None:
+            nodes[id(node)] = node
+    if not nodes:
+        return
+
+    def restore(grad_outputs):
+        if torch.is_grad_enabled():  # the engine runs a create_graph=True backward with grad mode on
+            raise RuntimeError(
+                "agpe: double backward (autograd.grad/backward with create_graph=True, e.g. a gradient penalty) "
+                "through a graph compiled with agpe is not supported: its backward writes the layers' score "
+                "buffers, which AOTAutograd cannot differentiate. Compute the penalty on a model compiled with "
+                "another backend or run eagerly, or leave the penalised layers out of agpe (options={'exclude': "
+                "[...]})")
+        torch._C._autograd._unsafe_set_version_counter(aliases, versions)
+
+    for node in nodes.values():
+        node.register_prehook(restore)
 
 
 _explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()

@@ -130,6 +130,9 @@ class LayerState:
     # mask version each was last rebuilt from; weakly held (the call wrapper owns them).
     # GraphedStep rebuilds them before a replay, which skips the call wrapper.
     capacity_layouts: List[list] = dataclasses.field(default_factory=list)
+    # Set when the module ran outside a compiled graph since the last optimizer step that
+    # held its weight (``_read_layouts``); the step hook then re-zeroes its inactive blocks.
+    ran_eagerly: bool = False
     # Set by agpe_compile.strip(): the mask is folded into the weight and the buffers are
     # gone; a graph compiled before raises instead of running on the orphaned tensors.
     stripped: bool = False
@@ -338,9 +341,16 @@ class LayerState:
 
 
 def _read_layouts(module: nn.Module, args) -> None:
-    """Forward pre-hook: touching the layout buffers makes Dynamo guard on their shapes."""
+    """Forward pre-hook: touching the layout buffers makes Dynamo guard on their shapes.
+
+    Run eagerly (not traced: a ``torch.compiler.disable`` region, an eager model), the
+    layer computes with its raw weight and its gradient reaches inactive blocks; it is
+    marked so the Sparsifier's step hook re-zeroes it (Note [Zero inactive weights])."""
     for name in getattr(module, LAYOUT_NAMES_ATTR):
         getattr(module, name)
+    if not torch.compiler.is_compiling():
+        for state in module.__dict__.get(LAYERS_ATTR, {}).values():
+            state.ran_eagerly = True
 
 
 def _resize_layouts_on_load(module: nn.Module, state_dict, prefix, *args) -> None:

@@ -4,14 +4,21 @@ The explicit Sparsifier marks its layers ``LayerState.zero_inactive`` and calls
 :func:`install` with its optimizer. From then on:
 
 * after every step of an optimizer holding the layers' weights (the Sparsifier's, or one
-  that replaced it) the inactive blocks of each layer that skips masking
-  (``ops.paths.skips_masking``: the dense path by density) are written with zeros
-  (a Triton kernel that touches only those blocks on CUDA; one in-place pass elsewhere);
+  that replaced it) the inactive blocks are written with zeros (a Triton kernel that
+  touches only those blocks on CUDA; one in-place pass elsewhere) in each layer that
+  skips masking (``ops.paths.skips_masking``: the dense path by density), that ran
+  outside a compiled graph since the last step (``LayerState.ran_eagerly``: its gradient
+  reached inactive blocks), and in every layer after a step of an optimizer not known to
+  keep zero-gradient entries at zero (``keeps_zeros``: e.g. Muon, LBFGS, third-party
+  preconditioners). Elsewhere inactive weights stay zero by themselves: their gradient is
+  exactly zero and their optimizer state was reset when they were pruned;
 * after a module's ``load_state_dict`` its layers are re-zeroed;
 * ``LayerState.sync_layout`` re-zeroes a layer whose mask was edited by hand.
 
 So whatever the optimizer does (momentum, preconditioners that mix elements), a compiled
-call never sees a nonzero inactive weight on a layer that skips masking.
+call never sees a nonzero inactive weight on a layer that skips masking, and after every
+optimizer step every inactive weight is zero (what eager calls, ``torch.export`` and a
+plain model loading the state dict compute with).
 
 Example::
 
@@ -54,6 +61,22 @@ def skips(state) -> bool:
     return weight is not None and skips_masking(state.layout(), weight.device, state.zero_inactive)
 
 
+def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` leaves a weight entry at zero when its gradient and its state
+    are zero (elementwise updates; multiplicative or L2 weight decay): torch's elementwise
+    optimizers and BlockSparseAdamW. Anything else (Muon's orthogonalised update, LBFGS's
+    history of directions, subclasses and unknown classes) is assumed to write inactive
+    blocks."""
+    from .optim import BlockSparseAdamW
+
+    known = [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+             torch.optim.Adamax, torch.optim.Adadelta, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Rprop,
+             torch.optim.ASGD, torch.optim.SparseAdam, BlockSparseAdamW]
+    if hasattr(torch.optim, "Adafactor"):  # update = gradient / factored RMS
+        known.append(torch.optim.Adafactor)
+    return type(optimizer) in known  # a subclass may change step(): assumed to write anywhere
+
+
 def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> List:
     """Register the hooks above for ``states``; returns their handles. ``on_step`` (optional)
     is also called after each such optimizer step.
@@ -86,6 +109,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     def after_step(opt, args, kwargs) -> None:
         if not holds(opt):
             return
+        mixes = not keeps_zeros(opt)
         for ref in refs:
             state = ref()
             if state is None:
@@ -95,8 +119,9 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             cached = decided.get(id(state))
             if cached is None or cached[0] != key:
                 cached = decided[id(state)] = (key, skips(state))
-            if cached[1]:
+            if cached[1] or mixes or state.ran_eagerly:
                 zero_inactive_(state)
+            state.ran_eagerly = False
         if on_step is not None:
             on_step(opt)
 

@@ -58,6 +58,24 @@ def test_autocast_on_the_op_directly():
     assert sal[~mask].eq(0).all()
 
 
+def test_autocast_leaves_float64_operands_alone():
+    # torch's autocast does not cast float64 ops; neither does agpe's (found by an audit)
+    from agpe_compile.layout import DEFAULT_BUCKETS
+    from agpe_compile.packed_layout import build_packed
+
+    mask = torch.tensor([[True, False], [True, True]])
+    layout, _ = build_packed(mask, 16, DEFAULT_BUCKETS)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    w = torch.randn(32, 32, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.agpe.sparse_linear(x, w, None, mask, torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor(False),
+                                         torch.zeros(2, dtype=torch.int64), layout, 16, "taylor")
+        plain = torch.nn.functional.linear(x, w)
+    assert y.dtype == plain.dtype == torch.float64
+    em = mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    torch.testing.assert_close(y, x @ (w * em).T)
+
+
 @pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
 def test_autocast_under_a_sparsifier(lowering):
     # The Sparsifier marks its layers zero_inactive, so the rewritten calls pass the op's

@@ -200,3 +200,24 @@ def test_zero_code_mode_shrinks_layouts_to_the_kernels_bf16():
     states = agpe_compile.layer_states(model).values()
     assert all(s.layout_bucket < agpe_compile.ops.paths.GPU_DENSE_CROSSOVER[64] for s in states)
     assert backend.graph_count == 2
+
+
+def test_two_calls_then_one_backward_through_the_kernels_bf16():
+    # Note [Buffers written by the backward]: D(real) + D(fake) with the Triton kernels
+    # writing the scores in the backward of each call.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPTBlock(512, 8).cuda().to(torch.bfloat16)
+    agpe_compile.prepare(model, options={"block_size": 64})
+    set_random_masks(model, 0.25, seed=3)
+    agpe_compile.rebucket(model)
+    compiled = torch.compile(model, backend="agpe")
+    a, b = (torch.randn(2, 128, 512, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    (compiled(a).float().square().mean() + compiled(b).float().mean()).backward()
+    got = grads(model)
+    (eager_masked(model, a).float().square().mean() + eager_masked(model, b).float().mean()).backward()
+    want = grads(model)
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-3,
+                                   msg=lambda m: f"{name}: {m}")
+    assert all(int(s.counters[0]) > 0 for s in agpe_compile.layer_states(model).values())

@@ -66,6 +66,25 @@ def test_cpu_choice_follows_cost_model():
     assert paths.choose(big, torch.empty(16 * 128, 16 * 128), dense_layout) == "dense"
 
 
+def test_float64_on_the_cpu_takes_the_dense_path_where_gather_would_win():
+    # the gathered path takes fp32/fp16/bf16 only: a float64 layer stays on the dense path
+    # (found by an audit: it raised once a layer got sparse enough for the cost model)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:, :2] = True
+    layout = paths.layout_of(build_packed(mask, 128, DEFAULT_BUCKETS)[0], mask, 128)
+    big = torch.empty(1024, 16 * 128, dtype=torch.float64)
+    assert paths.choose(big, torch.empty(16 * 128, 16 * 128, dtype=torch.float64), layout) == "dense"
+    assert paths.choose(big.float(), torch.empty(16 * 128, 16 * 128), layout) == "gather"
+    x = torch.randn(64, 512, dtype=torch.float64)
+    w = torch.randn(512, 512, dtype=torch.float64, requires_grad=True)
+    small = torch.zeros(4, 4, dtype=torch.bool)
+    small[0, 0] = True
+    packed, _ = build_packed(small, 128, DEFAULT_BUCKETS)
+    y = torch.ops.agpe.sparse_linear(x, w, None, small, torch.zeros(4, 4), torch.zeros(4, 4), torch.tensor(False),
+                                     torch.zeros(2, dtype=torch.int64), packed, 128, "taylor")
+    torch.testing.assert_close(y, x[:, :128] @ w[:128, :128].T @ torch.eye(128, 512, dtype=torch.float64))
+
+
 def test_reasons_the_kernels_cannot_run_are_named():
     x32 = torch.empty(2, 64)
     assert "block size 16" in paths._no_triton_reason(x32, torch.empty(64, 64), 16)

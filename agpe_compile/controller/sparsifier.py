@@ -98,6 +98,12 @@ class Sparsifier:
                           "rewrite: call agpe_compile.linear_from_conv1d(model) before creating the optimizer and "
                           "the Sparsifier", stacklevel=2)
         self._setup(list(states.values()), optimizer, config, recompile_counter)
+        if optimizer is None and self.layers:
+            warnings.warn(
+                "agpe: Sparsifier without an optimizer: pruned weights are zeroed only at mask updates and the "
+                "optimizer moments of changed blocks are never reset, so momentum keeps moving pruned weights and "
+                "a regrown block restarts with stale moments. Create the optimizer first and pass it: "
+                "Sparsifier(model, optimizer, config)", stacklevel=2)
 
     @classmethod
     def for_layers(cls, states: List[LayerState], config: AGPEConfig,
@@ -118,6 +124,9 @@ class Sparsifier:
         # Other torch.optim optimizers seen stepping the layers' weights (one that replaced the
         # Sparsifier's mid-run): their moments of changed blocks are reset too.
         self._other_optimizers: "weakref.WeakSet" = weakref.WeakSet()
+        # The optimizer that stepped the layers' weights last (momentum-reading policies follow it).
+        self._last_optimizer: Optional["weakref.ReferenceType"] = None
+        self._warned_no_momentum = False
         self.layers: Dict[str, LayerState] = {s.name: s for s in states}
         if not self.layers:
             warnings.warn("agpe: no eligible linear layer; the model trains dense", stacklevel=3)
@@ -162,7 +171,9 @@ class Sparsifier:
         self._frozen = set()  # layers frozen since creation (Note [Frozen layers])
         for name, state in self.layers.items():
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
-                log.warning("agpe: %s.weight is not in the optimizer; its moments cannot be reset", name)
+                log.warning("agpe: %s.weight is not in the optimizer given to the Sparsifier: the moments of its "
+                            "changed blocks are reset only in optimizers seen stepping it (from their first step)",
+                            name)
         self.target_density = self.config.start_density
         self._adopted = False
         self.rebucketed: List[str] = []
@@ -183,9 +194,13 @@ class Sparsifier:
                 f"weights at zero and resets the moments of changed blocks")
         if optimizer is not None and self.layers:
             # Note [Zero inactive weights]: from here on inactive weights stay exactly zero,
-            # so graphs compiled afterwards skip masking W on the dense path.
+            # so graphs compiled afterwards skip masking W on the dense path. Not with an
+            # optimizer that evaluates the model inside its step (LBFGS runs the closure
+            # again after moving the weights along its history, which reaches pruned blocks):
+            # zeros hold only after the step, so those graphs keep masking.
+            promise = not isinstance(optimizer, torch.optim.LBFGS)
             for state in self.layers.values():
-                state.zero_inactive = True
+                state.zero_inactive = promise
                 zero_inactive_(state)
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()),
                                              on_step=_count_optimizer_steps(weakref.ref(self)))
@@ -427,7 +442,12 @@ class Sparsifier:
         needed = []
         if self.policy.uses_magnitude:
             needed += [block_sum(s.weight.detach().abs(), s.block_size) for s in states]
-        momenta = [momentum_of(self.optimizer, s.weight) for s in states] if self.policy.uses_momentum else []
+        momenta = [self._momentum(s.weight) for s in states] if self.policy.uses_momentum else []
+        if momenta and all(m is None for m in momenta) and not self._warned_no_momentum:
+            self._warned_no_momentum = True
+            log.warning("agpe: policy %r moves the layer budget by optimizer momentum, but no optimizer keeps one "
+                        "for the agpe layers (momentum_buffer or exp_avg; e.g. plain SGD, Rprop): the budget "
+                        "stays where it is", self.config.policy)
         needed += [block_sum(m.abs(), s.block_size) for m, s in zip(momenta, states) if m is not None]
         host = iter(to_host(needed))
         magnitude = [next(host) if self.policy.uses_magnitude else None for _ in states]
@@ -451,8 +471,11 @@ class Sparsifier:
         for state, result, blocks in zip(states, results, changed):
             with torch.no_grad():
                 # Re-zeroing every inactive block (not only the dropped ones) keeps the invariant
-                # even for weights an optimizer without our reset touched (zero-code mode).
-                state.weight.mul_(expand_block_mask(state.block_mask, state.block_size, state.weight.dtype))
+                # even for weights an optimizer without our reset touched (zero-code mode, no
+                # optimizer given); grown blocks restart from zero too, whatever their pruned
+                # weights drifted to there (changed & mask = grown).
+                keep = state.block_mask & ~blocks
+                state.weight.mul_(expand_block_mask(keep, state.block_size, state.weight.dtype))
             for optimizer in (self.optimizer, *self._other_optimizers):  # a replacement too
                 zero_optimizer_state(optimizer, state.weight, blocks, state.block_size)
             self.saliency.mark_fresh(state.name, result.grown)
@@ -460,6 +483,15 @@ class Sparsifier:
             self.grown_age[state.name] = torch.where(result.grown, torch.zeros_like(age),
                                                      (age + 1).clamp_(max=AGE_NEVER_GROWN))
         return moved
+
+    def _momentum(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """The momentum of ``weight`` in the optimizer that stepped it last: a replacement
+        optimizer's, not the stale state of the one the Sparsifier was given."""
+        last = None if self._last_optimizer is None else self._last_optimizer()
+        for optimizer in (last, self.optimizer, *self._other_optimizers):
+            if optimizer is not None and weight in optimizer.state:
+                return momentum_of(optimizer, weight)
+        return None
 
     def _protected(self, name: str) -> Optional[torch.Tensor]:
         """Blocks grown too recently to be dropped first (Note [Protecting grown blocks])."""
@@ -676,6 +708,7 @@ def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
         sparsifier = ref()
         if sparsifier is not None:
             sparsifier._optimizer_steps += 1
+            sparsifier._last_optimizer = weakref.ref(optimizer)
             if optimizer is not sparsifier.optimizer:
                 sparsifier._other_optimizers.add(optimizer)
 

@@ -24,7 +24,8 @@ _KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    if t is None or not t.is_floating_point() or t.dtype == dtype:
+    # like torch's autocast: float64 operands are left alone
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
         return t
     return t.to(dtype)
 

@@ -58,6 +58,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> str:
                    f"no block-sparse speed-up for such layers")
         return "dense"
     if x.device.type == "cpu":
+        if x.dtype not in TRITON_DTYPES or x.dtype != weight.dtype:  # the gathered path's dtypes (float64: dense)
+            return "dense"
         m = max(1, x.numel() // x.shape[-1])
         n, k = weight.shape
         return kernels.choose_cpu_path(m, n, k, min(1.0, fraction), b)
@@ -98,7 +100,12 @@ def _warn_once(message: str) -> None:
 # * after EVERY optimizer step a hook re-zeroes the inactive blocks of the layers that
 #   skip the masking (``skips_masking`` below), with a kernel that only writes inactive
 #   blocks; so any optimizer (momentum, preconditioners that mix elements) and
-#   ``load_state_dict`` of the module cannot leave a nonzero there.
+#   ``load_state_dict`` of the module cannot leave a nonzero there. The same hook
+#   re-zeroes every layer after a step of an optimizer that may write zero-gradient
+#   entries, and a layer that ran eagerly (zero_weights.py), so after each step every
+#   inactive weight is zero;
+# * not with LBFGS, which evaluates the model inside its step after moving the weights
+#   along its history: its layers get no flag and keep masking.
 #
 # Only the dense path BY DENSITY (bucket at or above the crossover) skips the masking:
 # those are exactly the layers the hook keeps zeroed; every other path reads live blocks

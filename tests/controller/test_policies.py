@@ -212,3 +212,49 @@ def test_protect_grown_yields_by_score_when_a_layer_must_drop_more_than_its_unpr
     # (0,1) goes first; the second drop is the protected block of lowest magnitude, (1,2),
     # not the lowest index; then the two largest dense gradients grow: (1,1) and (0,2).
     assert state.block_mask.tolist() == [[T, F, T, F], [T, T, F, F]]
+
+
+def test_snfs_reads_the_momentum_of_the_optimizer_that_steps_now(caplog):
+    # Found by an audit: after a replacement optimizer (a new learning-rate phase) SNFS kept
+    # reading the first optimizer's frozen momentum.
+    import logging
+
+    import torch.nn.functional as F
+
+    import agpe_compile
+
+    from .helpers import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    first = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = AGPEConfig(target_sparsity=0.5, policy="snfs", block_size=4, update_interval=2, end_step=100)
+    sp = Sparsifier(model, first, config)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    opt = first
+    for i, (x, y) in enumerate(batches(6)):
+        if i == 3:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss = F.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+    weight = model.fc1.weight
+    assert sp._momentum(weight) is opt.state[weight]["momentum_buffer"]
+    assert sp._momentum(weight) is not first.state[weight]["momentum_buffer"]
+
+    torch._dynamo.reset()
+    model = TinyMLP()
+    opt = torch.optim.Rprop(model.parameters(), lr=1e-3)
+    sp = Sparsifier(model, opt, config)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(6):
+            loss = F.cross_entropy(cmodel(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+    said = [r.getMessage() for r in caplog.records if "moves the layer budget by optimizer momentum" in r.getMessage()]
+    assert len(said) == 1

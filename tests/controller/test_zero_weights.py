@@ -241,3 +241,154 @@ def test_a_replacing_optimizer_gets_the_moments_of_changed_blocks_reset():
     for state in sparsifier.layers.values():
         inactive = ~expand_block_mask(state.block_mask, 4, torch.bool)
         assert torch.all(replacement.state[state.weight]["momentum_buffer"][inactive] == 0), state.name
+
+
+class _Wide(torch.nn.Module):
+    """Two 256 x 256 layers at block 32 (8 x 8 grids): at 3 live blocks of 64 the bucket is
+    below the CPU's always-dense capacity, so these layers keep masking (do not skip it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(256, 256)
+        self.head = torch.nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.run_head(torch.relu(self.fc1(x)))
+
+    def run_head(self, h):
+        return self.head(h)
+
+
+class _Mixing(torch.optim.Optimizer):
+    """Not a known elementwise optimizer: its update reaches every entry (like Muon's)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.mean() + 0.01, alpha=-group["lr"])
+        return None
+
+
+def _sparse_wide(optimizer_cls, **kwargs):
+    torch.manual_seed(0)
+    model = _Wide()
+    opt = optimizer_cls(model.parameters(), lr=0.05, **kwargs)
+    config = AGPEConfig(target_sparsity=0.95, policy="static", block_size=32, distribution="uniform")
+    sp = Sparsifier(model, opt, config)
+    for state in sp.layers.values():
+        assert not skips_masking(state.layout(), state.weight.device, True)  # what this test is about
+    return model, opt, sp
+
+
+def _inactive_max(sp):
+    return {name: float(s.weight[expand_block_mask(~s.block_mask, s.block_size, torch.bool)].abs().max())
+            for name, s in sp.layers.items()}
+
+
+def test_known_elementwise_optimizers_keep_zeros_and_others_do_not():
+    from agpe_compile.zero_weights import keeps_zeros
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert keeps_zeros(torch.optim.SGD(params, lr=0.1)) and keeps_zeros(torch.optim.AdamW(params))
+    assert not keeps_zeros(torch.optim.LBFGS(params))
+    assert not keeps_zeros(Meddling(params, lr=0.1))  # a subclass may change step()
+    assert not keeps_zeros(_Mixing(params, lr=0.1))
+
+
+def test_after_a_step_of_an_optimizer_that_mixes_entries_every_inactive_weight_is_zero():
+    # Found by an audit (Muon): the hook re-zeroed only the layers that skip masking, so
+    # export, eager calls and a plain model loading the state dict saw nonzero pruned weights.
+    model, opt, sp = _sparse_wide(_Mixing)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(8, 256)
+    for _ in range(4):
+        loss = cmodel(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        assert _inactive_max(sp) == {"fc1": 0.0, "head": 0.0}
+        torch.testing.assert_close(model(x), _masked_reference(model, x))  # eager = oracle
+
+
+def test_a_layer_run_outside_the_compiled_graph_is_rezeroed_after_each_step():
+    # A layer inside a torch.compiler.disable region computes eagerly with its raw weight and
+    # gets gradient on inactive blocks; plain SGD then moves them (found by an audit).
+    model, opt, sp = _sparse_wide(torch.optim.SGD, momentum=0.9)
+    model.run_head = torch.compiler.disable(model.run_head)  # the head runs eagerly, its hooks too
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(8, 256)
+    for _ in range(4):
+        masks = {name: expand_block_mask(s.block_mask, 32, torch.float32) for name, s in sp.layers.items()}
+        oracle = F.linear(torch.relu(F.linear(x, model.fc1.weight * masks["fc1"], model.fc1.bias)),
+                          model.head.weight * masks["head"], model.head.bias)
+        torch.testing.assert_close(cmodel(x), oracle)
+        loss = cmodel(x).square().mean()
+        loss.backward()
+        assert agpe_compile.layer_state(model.head).ran_eagerly and not agpe_compile.layer_state(model.fc1).ran_eagerly
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        assert _inactive_max(sp) == {"fc1": 0.0, "head": 0.0}
+
+
+def test_lbfgs_gets_no_zero_promise_and_every_closure_call_is_exact():
+    # LBFGS evaluates the closure again after moving the weights along its history, which
+    # reaches pruned blocks: the graphs must keep masking (found by an audit).
+    model, opt, sp = _sparse_wide(torch.optim.LBFGS, max_iter=4, history_size=4)
+    monkey_dense = pytest.MonkeyPatch()
+    monkey_dense.setattr(agpe_compile.kernels, "choose_cpu_path", lambda *args: "dense")
+    try:
+        assert not any(s.zero_inactive for s in sp.layers.values())
+        cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+        x = torch.randn(8, 256)
+        calls = []
+
+        def closure():
+            opt.zero_grad()
+            out = cmodel(x)
+            calls.append(float((out - _masked_reference(model, x)).abs().max()))
+            loss = out.square().mean()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            loss = opt.step(closure)
+            sp.step(loss)
+            assert _inactive_max(sp) == {"fc1": 0.0, "head": 0.0}
+        assert len(calls) > 3 and max(calls) < 1e-5
+    finally:
+        monkey_dense.undo()
+
+
+def test_without_an_optimizer_it_warns_and_grown_blocks_restart_from_zero():
+    # Found by an audit: Sparsifier(model, None, ...) with the optimizer made afterwards; momentum
+    # moves pruned weights, and a regrown block kept what they drifted to.
+    torch.manual_seed(0)
+    model = TinyMLP()
+    config = AGPEConfig(target_sparsity=0.5, policy="set", block_size=4, update_interval=2, end_step=100,
+                        distribution="uniform")
+    with pytest.warns(UserWarning, match="without an optimizer"):
+        sp = Sparsifier(model, None, config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    grown = 0
+    for x, y in batches(8):
+        loss = F.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        before = {name: s.block_mask.clone() for name, s in sp.layers.items()}
+        sp.step(loss)
+        for name, state in sp.layers.items():
+            new = state.block_mask & ~before[name]
+            grown += int(new.sum())
+            assert not state.weight[expand_block_mask(new, 4, torch.bool)].any(), name
+            if sp.step_count % 2 == 0:  # an update zeroes every inactive block (between updates they drift)
+                assert not state.weight[expand_block_mask(~state.block_mask, 4, torch.bool)].any(), name
+    assert grown > 0
