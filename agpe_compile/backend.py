@@ -114,7 +114,10 @@ class AgpeCompiledGraph:
         # it inherits a `_boxed_call` attribute from what it wraps.
         outputs = self.compiled(*args, *extra)
         if written and torch.is_grad_enabled():
-            _restore_versions_before_backward(outputs, written)
+            token = _restore_versions_before_backward(outputs, written)
+            awaiting = getattr(self.before_training_call, "awaiting_backward", None)
+            if token is not None and awaiting is not None:  # zero-code mode (Note [Zero-code step counting])
+                awaiting(token)
         return outputs
 
     # Note [Layouts a graph cannot see change]
@@ -380,19 +383,52 @@ def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState
 # 2.11 and 2.13). Nothing else writes these buffers between a forward and its backward.
 _MUTATED_IN_BACKWARD = tuple(_TENSOR_FIELDS.index(field) for field in ("saliency", "dense_grad_sq", "counters"))
 
-def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor]) -> None:
+def _compiled_nodes(outputs) -> Dict[int, Any]:
+    """The autograd nodes of this call's compiled graph (AOTAutograd's
+    ``CompiledFunctionBackward``), found from the outputs' ``grad_fn`` through the view
+    nodes AOTAutograd may put on top. An output that is only a view of an input (rebuilt
+    outside the graph) leads to no such node and gets no hook."""
+    nodes: Dict[int, Any] = {}
+    frontier = [getattr(o, "grad_fn", None) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])
+                if isinstance(o, torch.Tensor)]
+    for _ in range(4):  # the compiled node, or views of its outputs
+        following = []
+        for node in frontier:
+            if node is None:
+                continue
+            if "CompiledFunction" in node.name():
+                nodes[id(node)] = node
+            else:
+                following += [next_node for next_node, _ in node.next_functions]
+        frontier = following
+    return nodes
+
+
+class BackwardToken:
+    """Held only by the pre-hooks of one compiled call's autograd nodes: it lives as long as
+    that call's graph, and ``reached`` calls ``on_backward`` (set by whoever waits for it)
+    when a backward first reaches the call."""
+
+    def __init__(self) -> None:
+        self.reached = False
+        self.on_backward: Optional[Callable[[], None]] = None
+
+
+def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor]) -> Optional[BackwardToken]:
     """Note [Buffers written by the backward]: before each backward through this call, put
-    the aliases' version counters back to what the graph recorded at the forward."""
+    the aliases' version counters back to what the graph recorded at the forward. Returns
+    the call's :class:`BackwardToken` (None when no output has a graph)."""
     versions = [alias._version for alias in aliases]
-    nodes = {}
-    for output in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
-        node = getattr(output, "grad_fn", None) if isinstance(output, torch.Tensor) else None
-        if node is not None:
-            nodes[id(node)] = node
+    nodes = _compiled_nodes(outputs)
     if not nodes:
-        return
+        return None
+    token = BackwardToken()
 
     def restore(grad_outputs):
+        if not token.reached:
+            token.reached = True
+            if token.on_backward is not None:
+                token.on_backward()
         if torch.is_grad_enabled():  # the engine runs a create_graph=True backward with grad mode on
             raise RuntimeError(
                 "agpe: double backward (autograd.grad/backward with create_graph=True, e.g. a gradient penalty) "
@@ -404,6 +440,7 @@ def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor]) -> N
 
     for node in nodes.values():
         node.register_prehook(restore)
+    return token
 
 
 _explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()

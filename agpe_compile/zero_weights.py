@@ -89,17 +89,16 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     refs = [weakref.ref(s) for s in states]
     weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
     decided: Dict[int, Tuple[int, bool]] = {}  # id(state) -> (id(layout buffer), skips)
-    holders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, holds)
+    holders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, held ids)
     given = weakref.ref(optimizer)
 
-    def holds(opt) -> bool:
-        if opt is given():
-            return True
+    def held(opt) -> frozenset:
+        """ids of the layers' weights that ``opt`` holds."""
         count = sum(len(g["params"]) for g in opt.param_groups)
         cached = holders.get(opt)
         if cached is None or cached[0] != count:
-            found = any(weights.get(id(p), _dead)() is p for g in opt.param_groups for p in g["params"])
-            cached = (count, found)
+            ids = frozenset(id(p) for g in opt.param_groups for p in g["params"] if weights.get(id(p), _dead)() is p)
+            cached = (count, ids)
             try:
                 holders[opt] = cached
             except TypeError:  # not weak-referenceable: decide every time
@@ -107,7 +106,8 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
         return cached[1]
 
     def after_step(opt, args, kwargs) -> None:
-        if not holds(opt):
+        ours = held(opt)
+        if not ours and opt is not given():
             return
         mixes = not keeps_zeros(opt)
         for ref in refs:
@@ -121,7 +121,13 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
                 cached = decided[id(state)] = (key, skips(state))
             if cached[1] or mixes or state.ran_eagerly:
                 zero_inactive_(state)
-            state.ran_eagerly = False
+            if state.ran_eagerly and id(state.weight) in ours:
+                # its eager gradient reached inactive blocks: their moments too (else compiled
+                # steps would go on moving them); cleared only by an optimizer that steps it
+                from .controller.optimizer_state import zero_optimizer_state
+
+                zero_optimizer_state(opt, state.weight, ~state.block_mask, state.block_size)
+                state.ran_eagerly = False
         if on_step is not None:
             on_step(opt)
 

@@ -325,3 +325,33 @@ def test_zero_code_unprepared_with_the_traced_op_body(monkeypatch):
     assert traced_masks.keys() == host_masks.keys()
     for name in host_masks:
         assert torch.equal(traced_masks[name], host_masks[name]), name
+
+
+@pytest.mark.parametrize("hand_written", [True, False], ids=["tick_fallback", "follows_sgd"])
+def test_zero_code_with_two_compiled_calls_before_one_backward(hand_written):
+    # D(real) + D(fake) in zero-code mode (found by an audit): a tick between the two calls'
+    # forward and backward edited weights and flags their graphs had saved. Calls made while
+    # an earlier graph waits for its backward now belong to the same training step.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32))
+    options = {"target_sparsity": 0.75, "block_size": 8, "update_interval": 2, "end_step": 50, "policy": "rigl"}
+    backend = agpe_compile.AgpeBackend(options)
+    cmodel = torch.compile(model, backend=backend)
+    opt = None if hand_written else torch.optim.SGD(model.parameters(), lr=0.01)
+    a, b = torch.randn(4, 32), torch.randn(4, 32)
+    for _ in range(9):
+        (cmodel(a).sum() + cmodel(b).pow(2).sum()).backward()
+        with torch.no_grad():
+            if hand_written:
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+            else:
+                opt.step()
+                opt.zero_grad()
+    (controller,) = backend.controllers
+    # the fallback processes step k - 1 at step k's first call: 8 of the 9 steps
+    assert controller.sparsifier.step_count == (8 if hand_written else 9)
+    assert controller.calls == 18
+    assert controller.sparsifier.global_density < 1.0

@@ -27,7 +27,9 @@ Fallback (no ``torch.optim`` optimizer holding these weights ever steps, e.g. a 
 update, or ``follow_optimizer=False``): the call wrapper's "tick" at the start of every
 compiled call made with grad enabled counts steps. Tick k (k >= 2) means training step
 k - 1 is over, so it runs ``Sparsifier.step()`` for step k - 1 and sets the flags before
-this call's backward. One compiled call with grad enabled = one training step (scale
+this call's backward; calls made while an earlier call's graph still waits for its
+backward (D(real) + D(fake), losses summed before one backward) belong to that step and
+do not tick it. One backward after compiled calls with grad enabled = one training step (scale
 ``update_interval``/``end_step`` by micro-batches under gradient accumulation); the last
 step of a run is never processed. The tick runs inside a call whose graph Dynamo already
 chose, so a bucket change cannot be applied there: unprepared layers keep their
@@ -141,6 +143,9 @@ class ZeroCodeController:
         self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
         self._gave_up = False
         self._resume_following = False
+        # Compiled calls since the last backward that reached one of ours (their BackwardTokens,
+        # weakly: a graph dropped without a backward no longer counts).
+        self._awaiting: List["weakref.ReferenceType"] = []
         self.closed = False
         self._hook = None
         if follow_optimizer and states:
@@ -169,9 +174,21 @@ class ZeroCodeController:
     def __call__(self) -> None:
         if self.closed:
             return
-        if self.optimizer is None and not self._resume_following and self.calls > 0:
+        if (self.optimizer is None and not self._resume_following and self.calls > 0
+                and not any(ref() is not None for ref in self._awaiting)):
             self.sparsifier.step(None, between_steps=False)
         self.calls += 1
+
+    def awaiting_backward(self, token) -> None:
+        """A compiled call of ours returned a graph (backend.BackwardToken): until a backward
+        reaches one of them, further calls belong to the same training step (D(real) +
+        D(fake), several losses summed before one backward), so ticks do not step, which
+        would also edit masks and weights that graph saved for its backward."""
+        token.on_backward = self._backward_reached
+        self._awaiting.append(weakref.ref(token))
+
+    def _backward_reached(self) -> None:
+        self._awaiting = []
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The global optimizer hook's work: bind on the first step of an optimizer holding

@@ -392,3 +392,46 @@ def test_without_an_optimizer_it_warns_and_grown_blocks_restart_from_zero():
             if sp.step_count % 2 == 0:  # an update zeroes every inactive block (between updates they drift)
                 assert not state.weight[expand_block_mask(~state.block_mask, 4, torch.bool)].any(), name
     assert grown > 0
+
+
+def test_an_eager_step_resets_the_moments_of_inactive_blocks_too():
+    # One eager training step (gradient on inactive blocks) with AdamW, then compiled steps:
+    # the moments the eager step left there would keep moving the pruned weights.
+    model, opt, sp = _sparse_wide(torch.optim.AdamW)
+    x = torch.randn(8, 256)
+    model(x).square().mean().backward()  # eager
+    opt.step()
+    opt.zero_grad()
+    for name, state in sp.layers.items():
+        inactive = expand_block_mask(~state.block_mask, 32, torch.bool)
+        assert not opt.state[state.weight]["exp_avg"][inactive].any(), name
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    for _ in range(3):
+        loss = cmodel(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        assert _inactive_max(sp) == {"fc1": 0.0, "head": 0.0}
+
+
+def test_a_layer_run_eagerly_and_stepped_by_a_second_optimizer_is_rezeroed():
+    # The first optimizer's step must not clear the mark of a layer only the second one steps.
+    torch.manual_seed(0)
+    model = _Wide()
+    first = torch.optim.AdamW(model.fc1.parameters(), lr=0.05)
+    second = torch.optim.AdamW(model.head.parameters(), lr=0.05)
+    config = AGPEConfig(target_sparsity=0.95, policy="static", block_size=32, distribution="uniform")
+    sp = Sparsifier(model, first, config)
+    model.run_head = torch.compiler.disable(model.run_head)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(8, 256)
+    for _ in range(3):
+        loss = cmodel(x).square().mean()
+        loss.backward()
+        first.step()
+        second.step()
+        first.zero_grad()
+        second.zero_grad()
+        sp.step(loss)
+        assert _inactive_max(sp) == {"fc1": 0.0, "head": 0.0}
