@@ -190,7 +190,10 @@ class AgpeCompiledGraph:
         if state is None:  # never prepared nor compiled itself: dense, as the backend would make it
             if not isinstance(weight, torch.nn.Parameter):
                 raise RuntimeError(f"agpe: layer {compiled.name!r} got a {type(weight).__name__}, not a Parameter")
-            state = LayerState.create(compiled.name, compiled.param_name, weight, compiled.block_size)
+            # Named after the graph's layer, made unique: sibling blocks of one model compiled as
+            # frames of their own share this graph, and prepare() renames it to its path later.
+            state = LayerState.create(f"{compiled.name}#{id(weight):x}", compiled.param_name, weight,
+                                      compiled.block_size)
             setattr(weight, STATE_ATTR, state)
         block_size, grid, zero_inactive, mode = self.compiled_as[i]
         if state.saliency_mode is None:
@@ -207,9 +210,13 @@ class AgpeCompiledGraph:
                 f"model after preparing it the same way, or call torch._dynamo.reset() between them")
         if self.before_training_call is not None:
             raise RuntimeError(
-                f"agpe: zero-code mode: this graph's controller drives the layers of the model it was first "
-                f"compiled for ({compiled.name!r}, ...); another instance of the same class cannot share it. Use "
-                f"agpe_compile.Sparsifier for each model, or call torch._dynamo.reset() between them")
+                f"agpe: zero-code mode: this graph's controller drives the layers it was first compiled for "
+                f"({compiled.name!r}, ...), and Dynamo is reusing the graph for another module of the same class: "
+                f"either another model instance, or sibling submodules of one model that Dynamo compiled as frames "
+                f"of their own (e.g. after a graph break inside a loop over the layers: `for block in self.blocks: "
+                f"x = block(x); print(...)`). One controller cannot drive both. Use the explicit "
+                f"agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) (it prepares the model; create it "
+                f"before torch.compile), or remove the graph break, or call torch._dynamo.reset() between models")
         return state
 
 

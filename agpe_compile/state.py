@@ -535,6 +535,10 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 continue
             check_block_size_option(state, config)
             if state.module is None:
+                # Made by a graph compiled before prepare (or explain): named from that graph's
+                # frame, which for a block compiled as a frame of its own ("fc1") is not the
+                # layer's path in the model ("blocks.1.fc1"); sibling blocks would share it.
+                state.name = name
                 state.attach(module)
             prepared[name] = state
             continue

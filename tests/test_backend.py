@@ -536,3 +536,54 @@ def test_rebucket_after_a_hand_edit_keeps_the_zero_weight_promise():
     agpe_compile.rebucket(model)
     inactive = ~torch.repeat_interleave(torch.repeat_interleave(state.block_mask, 16, 0), 16, 1)
     assert not model.layers[0].weight[inactive].any()
+
+
+class _BlockWithBreak(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(32, 32)
+        self.fc2 = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _BlocksWithBreak(torch.nn.Module):
+    # a graph break inside the loop: Dynamo compiles each block's forward as a frame of its
+    # own, named "fc1"/"fc2", and the three blocks share that graph
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_BlockWithBreak() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            torch._dynamo.graph_break()
+        return x
+
+
+@pytest.mark.parametrize("first", ["explain", "compile"])
+def test_layers_made_by_a_graph_before_prepare_get_their_model_paths(first):
+    # Found by an audit: states made by a block's own frame were named "fc1"/"fc2" for every
+    # block, so a Sparsifier created afterwards saw 2 layers of 6 and pruned only one block.
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BlocksWithBreak()
+    x = torch.randn(4, 32)
+    if first == "explain":
+        agpe_compile.explain(model, x, options={"block_size": 8})
+    else:
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.75, policy="static", block_size=8,
+                                           distribution="uniform"))
+    names = [f"blocks.{i}.{fc}" for i in range(3) for fc in ("fc1", "fc2")]
+    assert sorted(sp.layers) == names
+    assert sorted(agpe_compile.layer_states(model)) == names
+    assert all(abs(d - 0.25) < 1e-6 for d in sp.densities().values())
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    torch.testing.assert_close(compiled(x), eager_masked(model, x))
+    sp.close()
+    agpe_compile.strip(model)
