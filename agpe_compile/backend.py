@@ -114,7 +114,7 @@ class AgpeCompiledGraph:
         # it inherits a `_boxed_call` attribute from what it wraps.
         outputs = self.compiled(*args, *extra)
         if written and torch.is_grad_enabled():
-            token = _restore_versions_before_backward(outputs, written)
+            token = _restore_versions_before_backward(outputs, written, args)
             awaiting = getattr(self.before_training_call, "awaiting_backward", None)
             if token is not None and awaiting is not None:  # zero-code mode (Note [Zero-code step counting])
                 awaiting(token)
@@ -268,7 +268,7 @@ class AgpeBackend:
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
-        read = {n.meta["agpe_tensor"][0] for n in result.gm.graph.nodes
+        read = {n.meta["agpe_tensor"][2] for n in result.gm.graph.nodes  # indices of layers reading their layout
                 if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
         full = _full_layouts_for_unseen_modules(gm, result.states, read)  # Note [Layouts a graph cannot see change]
         compiled = self._lower(result, list(example_inputs), full)
@@ -288,7 +288,7 @@ class AgpeBackend:
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
         return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
-                                 layout_read=[state.name in read for state in result.states], full_layouts=full)
+                                 layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
 
     def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
         """Zero-code mode: one controller per set of layers, shared by every graph compiled
@@ -356,7 +356,7 @@ def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState
     full = {}
     for i, state in enumerate(states):
         module = state.module
-        if module is None or state.name not in read or str(id(module)) in called or state.layout_bucket == 1.0:
+        if module is None or i not in read or str(id(module)) in called or state.layout_bucket == 1.0:
             continue  # unprepared layers never move bucket; a full layout already is one
         packed, _ = build_packed(state.block_mask.cpu(), state.block_size, (1.0,))
         full[i] = packed.to(state.block_layout.device)
@@ -390,24 +390,22 @@ def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState
 # 2.11 and 2.13). Nothing else writes these buffers between a forward and its backward.
 _MUTATED_IN_BACKWARD = tuple(_TENSOR_FIELDS.index(field) for field in ("saliency", "dense_grad_sq", "counters"))
 
-def _compiled_nodes(outputs) -> Dict[int, Any]:
+def _compiled_nodes(outputs, inputs) -> Dict[int, Any]:
     """The autograd nodes of this call's compiled graph (AOTAutograd's
-    ``CompiledFunctionBackward``), found from the outputs' ``grad_fn`` through the view
-    nodes AOTAutograd may put on top. An output that is only a view of an input (rebuilt
-    outside the graph) leads to no such node and gets no hook."""
+    ``CompiledFunctionBackward``): an output's ``grad_fn``, or, for an output AOTAutograd
+    rebuilt as a view outside the graph, its base's. A view of an input (whose base may be
+    another graph's output) leads to none and gets no hook."""
     nodes: Dict[int, Any] = {}
-    frontier = [getattr(o, "grad_fn", None) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])
-                if isinstance(o, torch.Tensor)]
-    for _ in range(4):  # the compiled node, or views of its outputs
-        following = []
-        for node in frontier:
-            if node is None:
+    given = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
+    for output in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+        if not isinstance(output, torch.Tensor):
+            continue
+        for tensor in (output, output._base):
+            if tensor is None or id(tensor) in given:
                 continue
-            if "CompiledFunction" in node.name():
+            node = tensor.grad_fn
+            if node is not None and "CompiledFunction" in node.name():
                 nodes[id(node)] = node
-            else:
-                following += [next_node for next_node, _ in node.next_functions]
-        frontier = following
     return nodes
 
 
@@ -421,12 +419,12 @@ class BackwardToken:
         self.on_backward: Optional[Callable[[], None]] = None
 
 
-def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor]) -> Optional[BackwardToken]:
+def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inputs=()) -> Optional[BackwardToken]:
     """Note [Buffers written by the backward]: before each backward through this call, put
     the aliases' version counters back to what the graph recorded at the forward. Returns
     the call's :class:`BackwardToken` (None when no output has a graph)."""
     versions = [alias._version for alias in aliases]
-    nodes = _compiled_nodes(outputs)
+    nodes = _compiled_nodes(outputs, inputs)
     if not nodes:
         return None
     token = BackwardToken()

@@ -529,16 +529,13 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 f"as a linear layer; tied weights stay dense: call torch._dynamo.reset() before prepare, or "
                 f"prepare before torch.compile")
         if state is not None:
+            _take_path_name(state, name)
             excluded = pattern_reason(name, config)
             if excluded is not None:  # a state from an earlier compile or explain: not ours to manage
                 log.info("agpe.prepare: %s stays out: %s", name, excluded)
                 continue
             check_block_size_option(state, config)
             if state.module is None:
-                # Made by a graph compiled before prepare (or explain): named from that graph's
-                # frame, which for a block compiled as a frame of its own ("fc1") is not the
-                # layer's path in the model ("blocks.1.fc1"); sibling blocks would share it.
-                state.name = name
                 state.attach(module)
             prepared[name] = state
             continue
@@ -559,10 +556,13 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         setattr(weight, STATE_ATTR, state)
         state.attach(module)
         prepared[name] = state
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
             state = state_of(param)
-            if state is None or state.name in prepared or pattern_reason(state.name, config) is not None:
+            if state is None or any(state is other for other in prepared.values()):
+                continue
+            _take_path_name(state, layer_name(module_name, param_name))
+            if state.name in prepared or pattern_reason(state.name, config) is not None:
                 continue
             check_block_size_option(state, config)
             if state.module is None:
@@ -573,6 +573,21 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                     len(unexpected), "; ".join(unexpected))
     distributed.ignore_in_ddp(model, buffer_paths(model, prepared.values()))  # Note [Data-parallel masks]
     return prepared
+
+
+def _take_path_name(state: LayerState, name: str) -> None:
+    """Name a layer by its path in the model being prepared. A state made by a graph compiled
+    before prepare (or by explain) is named from that graph's frame, which for a block
+    compiled as a frame of its own ("fc1") is not its path ("blocks.1.fc1"), and sibling
+    blocks would share it; one prepared through a submodule is named from there. Not while
+    a Sparsifier or zero-code controller drives it (its checkpoint and audit use the name)."""
+    if state.name == name:
+        return
+    for ref in (state.sparsifier_ref, state.controller_ref):
+        if ref is not None and ref() is not None:
+            return
+    log.info("agpe.prepare: layer %r is %r in this model", state.name, name)
+    state.name = name
 
 
 def buffer_paths(model: nn.Module, states) -> List[str]:

@@ -76,14 +76,19 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency
     anchor = placeholders[-1] if placeholders else None
     states: List[LayerState] = []
     extras = []
-    for decision in rewritten:
+    used = {n.target for n in placeholders}
+    for index, decision in enumerate(rewritten):
         state = decision.state
         extra = []
+        stem = f"agpe_{_safe(state.name)}"
+        if any(f"{stem}_{suffix}" in used for suffix in BUFFER_SUFFIXES):  # two layers of one name
+            stem = f"{stem}_{index}"
         for suffix, tensor in zip(BUFFER_SUFFIXES, state.tensors()):
             with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
-                anchor = graph.placeholder(f"agpe_{_safe(state.name)}_{suffix}")
+                anchor = graph.placeholder(f"{stem}_{suffix}")
+            used.add(anchor.target)
             anchor._dynamo_source = None
-            anchor.meta["agpe_tensor"] = (state.name, suffix)
+            anchor.meta["agpe_tensor"] = (state.name, suffix, index)
             extra.append(anchor)
         states.append(state)
         extras.append(extra)

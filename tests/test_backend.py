@@ -587,3 +587,55 @@ def test_layers_made_by_a_graph_before_prepare_get_their_model_paths(first):
     torch.testing.assert_close(compiled(x), eager_masked(model, x))
     sp.close()
     agpe_compile.strip(model)
+
+
+def test_an_excluded_block_stays_dense_when_the_model_was_compiled_before_the_sparsifier():
+    # Found by an audit: the exclusion was checked against the graph's frame-local name.
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BlocksWithBreak()
+    torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))(torch.randn(4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.75, policy="static", block_size=8,
+                                           distribution="uniform", exclude=("blocks.1.*",)))
+    assert sorted(sp.layers) == ["blocks.0.fc1", "blocks.0.fc2", "blocks.2.fc1", "blocks.2.fc2"]
+    assert bool(agpe_compile.layer_state(model.blocks[1].fc1).block_mask.all())
+
+
+def test_submodules_prepared_first_take_their_paths_in_the_whole_model():
+    # Found by an audit: prepare(encoder) and prepare(decoder), each with a "proj", gave two
+    # layers named "proj": one was dropped from the Sparsifier and compiling raised a
+    # SyntaxError (duplicate graph argument).
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return torch.relu(self.proj(x))
+
+    class EncDec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = Half(), Half()
+
+        def forward(self, x):
+            return self.decoder(self.encoder(x))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = EncDec()
+    for half in (model.encoder, model.decoder):
+        agpe_compile.prepare(half, options={"block_size": 8})
+    x = torch.randn(4, 32)
+    set_random_masks(model, 0.5, seed=3)
+    agpe_compile.rebucket(model)
+    compiled = torch.compile(model, backend=aot_backend())  # two layers still named "proj"
+    torch.testing.assert_close(compiled(x), eager_masked(model, x))
+    sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=8))
+    assert sorted(sp.layers) == ["decoder.proj", "encoder.proj"]
+    assert sorted(agpe_compile.layer_states(model)) == ["decoder.proj", "encoder.proj"]

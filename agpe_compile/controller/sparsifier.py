@@ -232,6 +232,11 @@ class Sparsifier:
                 self._loss_sum.add_(value)
             self._loss_steps += 1
         self.step_count += 1
+        if not self._hooks and between_steps:  # no step hook: re-zero layers run eagerly here
+            for state in self.layers.values():
+                if state.ran_eagerly:
+                    zero_inactive_(state)
+                    state.ran_eagerly = False
         if self.step_count % self.config.update_interval == 0:
             self._interval(self.step_count, between_steps)
         self._set_score_dense(self._scores_dense_at(self.step_count + 1))

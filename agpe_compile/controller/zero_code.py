@@ -27,9 +27,11 @@ Fallback (no ``torch.optim`` optimizer holding these weights ever steps, e.g. a 
 update, or ``follow_optimizer=False``): the call wrapper's "tick" at the start of every
 compiled call made with grad enabled counts steps. Tick k (k >= 2) means training step
 k - 1 is over, so it runs ``Sparsifier.step()`` for step k - 1 and sets the flags before
-this call's backward; calls made while an earlier call's graph still waits for its
-backward (D(real) + D(fake), losses summed before one backward) belong to that step and
-do not tick it. One backward after compiled calls with grad enabled = one training step (scale
+this call's backward; calls made while an earlier call's graph is alive and still waits
+for its backward (D(real) + D(fake), losses summed before one backward) belong to that
+step and do not tick it. A call whose graph is dropped without a backward (validation
+with grad enabled) still counts as a step: wrap validation in ``torch.no_grad()``. So one
+compiled call with grad enabled, or several before one backward, = one training step (scale
 ``update_interval``/``end_step`` by micro-batches under gradient accumulation); the last
 step of a run is never processed. The tick runs inside a call whose graph Dynamo already
 chose, so a bucket change cannot be applied there: unprepared layers keep their
@@ -185,6 +187,7 @@ class ZeroCodeController:
         D(fake), several losses summed before one backward), so ticks do not step, which
         would also edit masks and weights that graph saved for its backward."""
         token.on_backward = self._backward_reached
+        self._awaiting = [ref for ref in self._awaiting if ref() is not None]  # graphs dropped unused
         self._awaiting.append(weakref.ref(token))
 
     def _backward_reached(self) -> None:

@@ -435,3 +435,24 @@ def test_a_layer_run_eagerly_and_stepped_by_a_second_optimizer_is_rezeroed():
         second.zero_grad()
         sp.step(loss)
         assert _inactive_max(sp) == {"fc1": 0.0, "head": 0.0}
+
+
+def test_without_an_optimizer_a_layer_run_eagerly_is_rezeroed_at_each_sparsifier_step():
+    # Found by an audit: hand-written updates (no torch.optim) and an eager head.
+    torch.manual_seed(0)
+    model = _Wide()
+    config = AGPEConfig(target_sparsity=0.95, policy="static", block_size=32, distribution="uniform")
+    with pytest.warns(UserWarning, match="without an optimizer"):
+        sp = Sparsifier(model, None, config)
+    model.run_head = torch.compiler.disable(model.run_head)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(8, 256)
+    for _ in range(3):
+        loss = cmodel(x).square().mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+                p.grad = None
+        sp.step(loss)
+        assert _inactive_max(sp)["head"] == 0.0
