@@ -194,6 +194,7 @@ class AgpeCompiledGraph:
             # frames of their own share this graph, and prepare() renames it to its path later.
             state = LayerState.create(f"{compiled.name}#{id(weight):x}", compiled.param_name, weight,
                                       compiled.block_size)
+            state.graph_named = True
             setattr(weight, STATE_ATTR, state)
         block_size, grid, zero_inactive, mode = self.compiled_as[i]
         if state.saliency_mode is None:

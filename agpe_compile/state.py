@@ -133,6 +133,9 @@ class LayerState:
     # Set when the module ran outside a compiled graph since the last optimizer step that
     # held its weight (``_read_layouts``); the step hook then re-zeroes its inactive blocks.
     ran_eagerly: bool = False
+    # Made by a graph compiled before prepare (named from that graph's frame, not from the
+    # layer's path in the model): prepare() gives it its path once (``_take_path_name``).
+    graph_named: bool = False
     # Set by agpe_compile.strip(): the mask is folded into the weight and the buffers are
     # gone; a graph compiled before raises instead of running on the orphaned tensors.
     stripped: bool = False
@@ -426,12 +429,19 @@ def layer_state(module: nn.Module, param_name: str = "weight") -> LayerState:
 
 def layer_states(model: nn.Module) -> Dict[str, LayerState]:
     """All LayerStates reachable from ``model``'s parameters, keyed by layer name."""
-    found: Dict[str, LayerState] = {}
-    for _, param in model.named_parameters():
+    found: Dict[str, List[LayerState]] = {}
+    paths: Dict[int, str] = {}
+    for path, param in model.named_parameters():
         state = state_of(param)
-        if state is not None:
-            found[state.name] = state
-    return found
+        if state is not None and id(state) not in paths:
+            module_path, _, param_name = path.rpartition(".")
+            paths[id(state)] = layer_name(module_path, param_name)
+            found.setdefault(state.name, [])
+            found[state.name].append(state)
+    # Two layers of one name (prepared through different submodules, each driven by its own
+    # Sparsifier): listed under their paths in ``model`` so neither hides the other.
+    return {(name if len(states) == 1 else paths[id(state)]): state
+            for name, states in found.items() for state in states}
 
 
 def layer_name(module_name: str, param_name: str) -> str:
@@ -568,6 +578,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             if state.module is None:
                 state.attach(module)
             prepared.setdefault(state.name, state)
+    _separate_clashing_names(prepared)
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
                     len(unexpected), "; ".join(unexpected))
@@ -576,18 +587,42 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
 
 
 def _take_path_name(state: LayerState, name: str) -> None:
-    """Name a layer by its path in the model being prepared. A state made by a graph compiled
-    before prepare (or by explain) is named from that graph's frame, which for a block
-    compiled as a frame of its own ("fc1") is not its path ("blocks.1.fc1"), and sibling
-    blocks would share it; one prepared through a submodule is named from there. Not while
-    a Sparsifier or zero-code controller drives it (its checkpoint and audit use the name)."""
-    if state.name == name:
+    """Name a layer made by a graph compiled before prepare (or by explain) by its path in
+    the model being prepared: the graph named it from its frame, which for a block compiled
+    as a frame of its own ("fc1") is not its path ("blocks.1.fc1"), and sibling blocks would
+    share it. Once only, and not while a zero-code controller drives it. Layers prepare()
+    made keep their names (a later prepare through a wrapper, ``torch.compile``'s
+    ``_orig_mod.`` or a submodule, must not change what checkpoints are keyed by)."""
+    if not state.graph_named or state.name == name:
         return
-    for ref in (state.sparsifier_ref, state.controller_ref):
-        if ref is not None and ref() is not None:
-            return
+    if state.controller_ref is not None and state.controller_ref() is not None:
+        return
     log.info("agpe.prepare: layer %r is %r in this model", state.name, name)
     state.name = name
+    state.graph_named = False
+
+
+def _separate_clashing_names(prepared: Dict[str, LayerState]) -> None:
+    """Layers prepared through different submodules can share a name (``prepare(encoder)``
+    and ``prepare(decoder)``, each with a ``proj``); one model's Sparsifier, checkpoint and
+    report key layers by name, so clashing layers take their paths in this model ("encoder.
+    proj", "decoder.proj"), except while a Sparsifier or controller drives them."""
+    by_name: Dict[str, List[Tuple[str, LayerState]]] = {}
+    for path, state in prepared.items():
+        if not any(state is other for _, other in by_name.get(state.name, [])):
+            by_name.setdefault(state.name, []).append((path, state))
+    for name, entries in by_name.items():
+        if len(entries) < 2:
+            continue
+        for path, state in entries:
+            driven = any(ref is not None and ref() is not None for ref in (state.sparsifier_ref, state.controller_ref))
+            if driven:
+                log.warning("agpe.prepare: layers %s share the name %r, and %s is driven by a Sparsifier or "
+                            "zero-code controller, so it keeps it; reports and checkpoints cannot tell them apart",
+                            [p for p, _ in entries], name, path)
+            elif path != state.name:
+                log.info("agpe.prepare: layer %r is %r in this model (its name clashed)", state.name, path)
+                state.name = path
 
 
 def buffer_paths(model: nn.Module, states) -> List[str]:

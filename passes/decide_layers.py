@@ -341,6 +341,7 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
     if reason is not None:
         return LayerDecision(name, weight_node, sites, shape, None, reason)
     state = LayerState.create(name, _param_name(weight_node), weight, block_size)
+    state.graph_named = True  # named from this graph's frame; prepare() gives it its model path
     setattr(weight, STATE_ATTR, state)
     return LayerDecision(name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
 

@@ -639,3 +639,32 @@ def test_submodules_prepared_first_take_their_paths_in_the_whole_model():
     sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=8))
     assert sorted(sp.layers) == ["decoder.proj", "encoder.proj"]
     assert sorted(agpe_compile.layer_states(model)) == ["decoder.proj", "encoder.proj"]
+
+
+def test_layer_names_survive_wrappers_and_clashes():
+    # A layer prepared under the model keeps its name when a Sparsifier is given the compiled
+    # wrapper (its checkpoint must load into the plain model); layers of one name driven by
+    # two submodule Sparsifiers are both listed by layer_states (found by audits).
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+    agpe_compile.prepare(model, options={"block_size": 8})
+    sp = Sparsifier(torch.compile(model), torch.optim.SGD(model.parameters(), lr=0.1),
+                    AGPEConfig(target_sparsity=0.5, block_size=8))
+    assert sorted(sp.layers) == ["0", "2"]
+    saved = sp.state_dict()
+    sp.close()
+    again = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=8))
+    again.load_state_dict(saved)
+
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 32)
+
+    pair = torch.nn.ModuleDict({"encoder": Half(), "decoder": Half()})
+    for half in pair.values():
+        Sparsifier(half, torch.optim.SGD(half.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=8))
+    assert sorted(agpe_compile.layer_states(pair)) == ["decoder.proj", "encoder.proj"]
