@@ -526,7 +526,8 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
-    for module_name, module, param_name, weight in _linear_weights(model):
+    named = _unwrapped(model)  # layer names: paths in the model torch.compile wrapped, if it did
+    for module_name, module, param_name, weight in _linear_weights(named):
         name = layer_name(module_name, param_name)
         if hasattr(weight, STRIPPED_ATTR):
             delattr(weight, STRIPPED_ATTR)  # prepared again after strip(): a new sparse run
@@ -566,7 +567,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         setattr(weight, STATE_ATTR, state)
         state.attach(module)
         prepared[name] = state
-    for module_name, module in model.named_modules():
+    for module_name, module in named.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             state = state_of(param)
             if state is None or any(state is other for other in prepared.values()):
@@ -584,6 +585,14 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                     len(unexpected), "; ".join(unexpected))
     distributed.ignore_in_ddp(model, buffer_paths(model, prepared.values()))  # Note [Data-parallel masks]
     return prepared
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), so that layers are
+    named alike whether a Sparsifier is given the model or its compiled wrapper."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 def _take_path_name(state: LayerState, name: str) -> None:

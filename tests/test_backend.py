@@ -668,3 +668,21 @@ def test_layer_names_survive_wrappers_and_clashes():
     for half in pair.values():
         Sparsifier(half, torch.optim.SGD(half.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=8))
     assert sorted(agpe_compile.layer_states(pair)) == ["decoder.proj", "encoder.proj"]
+
+
+def test_a_sparsifier_given_the_compiled_wrapper_names_layers_like_the_model():
+    # Without prepare first, the names had torch.compile's "_orig_mod." prefix, and the
+    # checkpoint did not load into a Sparsifier over the plain model.
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+    compiled = torch.compile(model, backend=aot_backend())
+    sp = Sparsifier(compiled, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(target_sparsity=0.5, block_size=8))
+    assert sorted(sp.layers) == ["0", "2"] and sorted(agpe_compile.layer_states(model)) == ["0", "2"]
+    torch.testing.assert_close(compiled(torch.ones(2, 32)), eager_masked(model, torch.ones(2, 32)))
+    saved = sp.state_dict()
+    sp.close()
+    Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+               AGPEConfig(target_sparsity=0.5, block_size=8)).load_state_dict(saved)
