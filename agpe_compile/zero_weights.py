@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Dict, List, Tuple
 
@@ -38,6 +39,7 @@ from .ops.dense_path import zero_weight_blocks_
 from .ops.paths import skips_masking
 from .ops.reference import expand_block_mask
 
+log = logging.getLogger(__name__)
 _KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -90,6 +92,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
     decided: Dict[int, Tuple[int, bool]] = {}  # id(state) -> (id(layout buffer), skips)
     holders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, held ids)
+    warned_lbfgs: List[bool] = []
     given = weakref.ref(optimizer)
 
     def held(opt) -> frozenset:
@@ -110,6 +113,12 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
         if not ours and opt is not given():
             return
         mixes = not keeps_zeros(opt)
+        if isinstance(opt, torch.optim.LBFGS) and opt is not given() and not warned_lbfgs:
+            warned_lbfgs.append(True)
+            log.warning("agpe: an LBFGS optimizer steps layers whose Sparsifier was given another optimizer: graphs "
+                        "compiled under that Sparsifier skip masking zero weights, and LBFGS evaluates the model "
+                        "inside its step with pruned weights moved (outputs inside its closure are then off). Give "
+                        "the LBFGS to the Sparsifier (Sparsifier(model, lbfgs, config)), which keeps masking")
         for ref in refs:
             state = ref()
             if state is None:

@@ -686,3 +686,16 @@ def test_a_sparsifier_given_the_compiled_wrapper_names_layers_like_the_model():
     sp.close()
     Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
                AGPEConfig(target_sparsity=0.5, block_size=8)).load_state_dict(saved)
+
+
+def test_patterns_match_the_same_names_through_the_compiled_wrapper():
+    # exclude="head" must name the head whether the Sparsifier gets the model or its wrapper
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(32, 32))
+    model.add_module("head", torch.nn.Linear(32, 10))  # 10 rows: not divisible by 8
+    sp = Sparsifier(torch.compile(model, backend=aot_backend()), torch.optim.SGD(model.parameters(), lr=0.1),
+                    AGPEConfig(target_sparsity=0.5, block_size=8, exclude=("head",)))
+    assert sorted(sp.layers) == ["body"]

@@ -199,8 +199,10 @@ class AGPEConfig:
     def check_model(self, model: Any, prepared: Mapping[str, Any]) -> None:
         """Raise if a linear layer this config includes was not prepared because the block
         size does not divide it (``prepared``: the names ``agpe_compile.prepare`` returned)."""
+        from agpe_compile.state import _unwrapped  # names as prepare() gives them
+
         size = self.block_size or DEFAULT_BLOCK_SIZE
-        for module_name, module in model.named_modules():
+        for module_name, module in _unwrapped(model).named_modules():
             name = layer_name(module_name, "weight")
             if not isinstance(module, nn.Linear) or name in prepared:
                 continue

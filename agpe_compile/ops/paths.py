@@ -104,8 +104,10 @@ def _warn_once(message: str) -> None:
 #   re-zeroes every layer after a step of an optimizer that may write zero-gradient
 #   entries, and a layer that ran eagerly (zero_weights.py), so after each step every
 #   inactive weight is zero;
-# * not with LBFGS, which evaluates the model inside its step after moving the weights
-#   along its history: its layers get no flag and keep masking.
+# * not with LBFGS given to the Sparsifier, which evaluates the model inside its step after
+#   moving the weights along its history: its layers get no flag and keep masking (an
+#   LBFGS that replaces the Sparsifier's optimizer mid-run is warned about: the graphs
+#   compiled with the flag cannot take it back).
 #
 # Only the dense path BY DENSITY (bucket at or above the crossover) skips the masking:
 # those are exactly the layers the hook keeps zeroed; every other path reads live blocks

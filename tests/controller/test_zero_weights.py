@@ -456,3 +456,23 @@ def test_without_an_optimizer_a_layer_run_eagerly_is_rezeroed_at_each_sparsifier
                 p.grad = None
         sp.step(loss)
         assert _inactive_max(sp)["head"] == 0.0
+
+
+def test_an_lbfgs_that_replaces_the_sparsifiers_optimizer_is_warned_about(caplog):
+    import logging
+
+    model, opt, sp = _sparse_wide(torch.optim.AdamW)
+    lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=2)
+    x = torch.randn(8, 256)
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        lbfgs.step(closure)
+        lbfgs.step(closure)
+    said = [r.getMessage() for r in caplog.records if "Give the LBFGS to the Sparsifier" in r.getMessage()]
+    assert len(said) == 1
