@@ -36,7 +36,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel as _TorchAveragedModel
 from torch.optim.swa_utils import get_swa_avg_fn, get_swa_multi_avg_fn
 
-from .ops.reference import expand_block_mask
+from .zero_weights import zero_outside_
 from .state import _TENSOR_FIELDS, EXCLUDED_ATTR, STRIPPED_ATTR, LayerState, layer_states
 
 
@@ -148,7 +148,8 @@ class AveragedModel(_TorchAveragedModel):
         for state in layer_states(self.module).values():
             weight = state.weight
             if weight is not None:
-                weight.detach().mul_(expand_block_mask(state.block_mask, state.block_size, weight.dtype))
+                with torch.no_grad():
+                    zero_outside_(weight, state.block_mask, state.block_size)
 
 
 def _resize_layout(dst: LayerState, src: LayerState) -> None:

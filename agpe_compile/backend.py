@@ -235,7 +235,8 @@ class AgpeBackend:
                 raise ValueError(f"agpe: got mode {mode!r} and options['mode'] {options['mode']!r}; give one")
             mode = options.pop("mode")
         backend_options, agpe_options = split_options(options)
-        self.config = BackendConfig.from_options(backend_options, also_accepted=AGPE_OPTION_KEYS)
+        self.config = BackendConfig.from_options(backend_options, also_accepted=AGPE_OPTION_KEYS,
+                                                 handled=("mode",))
         # Zero-code mode: AGPE options given to the backend; validated now, run per graph.
         self.zero_code_options = dict(options) if agpe_options else None
         if self.zero_code_options is not None:
@@ -263,7 +264,7 @@ class AgpeBackend:
         for decision in decisions:
             if not decision.rewritten:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
-        result = rewrite_linears(gm, decisions, self.config.saliency)
+        result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
             _keep_recompile_headroom(len(result.states), self.for_explain)
         if self.on_graph is not None:
@@ -290,6 +291,12 @@ class AgpeBackend:
         assert [d.state for d in decisions if d.rewritten] == result.states
         return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
                                  layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
+
+    def _saliency_of(self, state: LayerState) -> str:
+        """The score ``state``'s layer computes: the saliency option, else the AGPEConfig's of
+        the Sparsifier driving it, else taylor (the two must agree when both are given)."""
+        driver = state.sparsifier_ref() if state.sparsifier_ref is not None else None
+        return self.config.saliency_for(state.name, getattr(getattr(driver, "config", None), "saliency", None))
 
     def _controller_for(self, states: List[LayerState]) -> Callable[[], None]:
         """Zero-code mode: one controller per set of layers, shared by every graph compiled

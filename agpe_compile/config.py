@@ -19,6 +19,7 @@ CONFIG_VERSION = 1
 
 SALIENCY_MODES = ("taylor", "gradient", "magnitude", "movement")
 DEFAULT_BLOCK_SIZE = 32
+DEFAULT_SALIENCY = "taylor"
 MAX_BLOCK_SIZE = 1024
 
 
@@ -37,14 +38,16 @@ class BackendConfig:
             uses aot_eager, which is slower to run but quick to compile and easy to debug.
         saliency: per-block score accumulated by the backward pass: ``"taylor"``
             (sum |w*g|), ``"gradient"`` (sum |g|), ``"magnitude"`` (sum |w|) or
-            ``"movement"`` (sum -w*g).
+            ``"movement"`` (sum -w*g). ``None`` (not given): the ``AGPEConfig.saliency`` of
+            the Sparsifier driving the layer, else ``"taylor"``. Given, it must match
+            that Sparsifier's (the compile raises if not).
     """
 
     block_size: Optional[int] = None
     include: Tuple[str, ...] = ("*",)
     exclude: Tuple[str, ...] = ()
     inductor: bool = True
-    saliency: str = "taylor"
+    saliency: Optional[str] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -53,19 +56,33 @@ class BackendConfig:
         _check_patterns("exclude", self.exclude)
         if not isinstance(self.inductor, bool):
             raise ValueError(_bad("inductor", self.inductor, "True or False"))
-        if self.saliency not in SALIENCY_MODES:
+        if self.saliency is not None and self.saliency not in SALIENCY_MODES:
             raise ValueError(_bad("saliency", self.saliency, f"one of {SALIENCY_MODES}"))
 
     @property
     def resolved_block_size(self) -> int:
         return DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size
 
+    def saliency_for(self, name: str, driver_saliency: Optional[str]) -> str:
+        """The score a layer's graph computes: this option, else the saliency of the
+        Sparsifier driving the layer (``driver_saliency``), else ``"taylor"``."""
+        if self.saliency is None:
+            return driver_saliency or DEFAULT_SALIENCY
+        if driver_saliency is not None and driver_saliency != self.saliency:
+            raise ValueError(
+                f"agpe: option 'saliency' is {self.saliency!r}, but layer {name!r} is driven by a Sparsifier with "
+                f"AGPEConfig.saliency={driver_saliency!r}; give one value (leave the option out and the backend "
+                f"uses the Sparsifier's)")
+        return self.saliency
+
     @classmethod
-    def from_options(cls, options: Optional[Mapping[str, Any]], also_accepted: Sequence[str] = ()) -> "BackendConfig":
+    def from_options(cls, options: Optional[Mapping[str, Any]], also_accepted: Sequence[str] = (),
+                     handled: Sequence[str] = ()) -> "BackendConfig":
         """Build a config from ``torch.compile``'s ``options`` dict (``None`` = defaults).
 
-        ``also_accepted`` names keys a caller handles itself (the backend: AGPEConfig fields
-        of zero-code mode); they are listed in the unknown-option error, nothing more."""
+        ``handled`` names keys the caller took out of ``options`` itself (the backend:
+        ``mode``) and ``also_accepted`` those it handles elsewhere (AGPEConfig fields of
+        zero-code mode); both are listed in the unknown-option error, nothing more."""
         if options is None:
             return cls()
         if isinstance(options, BackendConfig):
@@ -76,7 +93,7 @@ class BackendConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             key = unknown[0]
-            accepted = f"one of the keys {sorted(known)}"
+            accepted = f"one of the keys {sorted(known | set(handled))}"
             if also_accepted:
                 accepted += f", or, for zero-code mode, one of {sorted(also_accepted)}"
             raise ValueError(_bad(key, options[key], accepted, kind="option"))

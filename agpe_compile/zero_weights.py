@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 _KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
 
+def zero_outside_(weight: torch.Tensor, keep: torch.Tensor, block_size: int) -> None:
+    """Write zeros into the blocks of ``weight`` where ``keep`` is False (NaN and inf there
+    too: ``weight * mask`` would leave NaN * 0 = NaN), in place; call under ``no_grad``."""
+    if zero_weight_blocks_(weight, keep, block_size) is None:  # not contiguous
+        weight.masked_fill_(~expand_block_mask(keep, block_size, torch.bool), 0)
+
+
 def zero_inactive_(state) -> None:
     """Write zeros into every inactive block of the layer's weight, in place."""
     weight = state.weight
@@ -53,8 +60,8 @@ def zero_inactive_(state) -> None:
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES
                 and weight.is_contiguous() and state.layout_mask_version == state.block_mask._version):
             kernels.zero_inactive_blocks_(weight, state.layout())
-        elif zero_weight_blocks_(weight, state.block_mask, state.block_size) is None:  # not contiguous
-            weight.masked_fill_(~expand_block_mask(state.block_mask, state.block_size, torch.bool), 0)
+        else:
+            zero_outside_(weight, state.block_mask, state.block_size)
 
 
 def skips(state) -> bool:

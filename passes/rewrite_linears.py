@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 from torch import fx
@@ -68,14 +68,18 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name) or "layer"
 
 
-def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency_mode: str) -> RewriteResult:
-    """Copy ``gm`` and route every rewritten site through ``agpe::sparse_linear``."""
+def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision],
+                    saliency_mode: Union[str, Callable[[LayerState], str]]) -> RewriteResult:
+    """Copy ``gm`` and route every rewritten site through ``agpe::sparse_linear``.
+    ``saliency_mode``: the score every layer computes, or a function of the layer's state
+    giving it (the backend: its option, else the Sparsifier's)."""
     graph, old_to_new = copy_graph(gm)
     rewritten = [d for d in decisions if d.rewritten]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     anchor = placeholders[-1] if placeholders else None
     states: List[LayerState] = []
     extras = []
+    modes: List[str] = []
     used = {n.target for n in placeholders}
     for index, decision in enumerate(rewritten):
         state = decision.state
@@ -92,11 +96,12 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision], saliency
             extra.append(anchor)
         states.append(state)
         extras.append(extra)
+        modes.append(saliency_mode(state) if callable(saliency_mode) else saliency_mode)
         for site in decision.sites:
-            _replace_site(graph, old_to_new, site, extra, state, saliency_mode)
-    for decision, extra in zip(rewritten, extras):  # after every site: a use may be another layer's site
+            _replace_site(graph, old_to_new, site, extra, state, modes[-1])
+    for decision, extra, mode in zip(rewritten, extras, modes):  # after every site: a use may be another layer's site
         if decision.other_uses:
-            _mask_other_uses(graph, old_to_new, decision, extra, decision.state, saliency_mode)
+            _mask_other_uses(graph, old_to_new, decision, extra, decision.state, mode)
     graph.lint()
     new_gm = fx.GraphModule(gm, graph, class_name="AgpeGraphModule")
     new_gm.meta.update(gm.meta)

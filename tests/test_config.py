@@ -52,3 +52,11 @@ def test_backend_unknown_option_lists_the_zero_code_fields_too():
     with pytest.raises(ValueError) as error:  # prepare takes backend options only: no zero-code list
         agpe_compile.prepare(torch.nn.Linear(8, 8), {"target_sparsity": 0.5})
     assert "zero-code" not in str(error.value)
+
+
+def test_backend_unknown_option_lists_mode_which_the_backend_accepts():
+    import agpe_compile
+
+    with pytest.raises(ValueError, match=r"unknown option 'modes'.*one of the keys \[.*'mode'"):
+        agpe_compile.AgpeBackend({"modes": "max-autotune"})
+    agpe_compile.AgpeBackend({"mode": "max-autotune"})  # what the message offers is accepted

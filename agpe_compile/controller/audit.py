@@ -44,6 +44,9 @@ class AuditLog:
     def __init__(self, path: Optional[str]):
         self.path = path
         if path is not None:
+            if os.path.isdir(path):
+                raise ValueError(f"agpe: AGPEConfig.audit_path {path!r} is a directory; expected a file path "
+                                 f"(e.g. {os.path.join(path, 'agpe.jsonl')!r})")
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
 

@@ -110,8 +110,11 @@ def load(sp: "Sparsifier", state: dict) -> None:
                          f"agpe layers {sorted(names)}{hint}")
     _check_shapes(sp, state)  # before anything is written: a failed load changes nothing
     saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
-    if saved_config != sp.config.to_dict():
-        log.warning("agpe: checkpoint config differs from the Sparsifier's config; using the Sparsifier's")
+    same_config = saved_config == sp.config.to_dict()
+    if not same_config:
+        changed = sorted(k for k, v in sp.config.to_dict().items() if saved_config.get(k) != v)
+        log.warning("agpe: checkpoint config differs from the Sparsifier's config in %s; using the Sparsifier's",
+                    ", ".join(changed))
     sp.step_count = int(state["step"])
     sp.target_density = float(state["target_density"])
     with torch.no_grad():
@@ -129,7 +132,8 @@ def load(sp: "Sparsifier", state: dict) -> None:
         sp.grown_age[name] = (torch.full_like(age, AGE_NEVER_GROWN) if ages is None
                               else ages[name].to(age.device, torch.int32).clone())
     schedule = state["schedule_state"]
-    sp.schedule_state = None if schedule is None else AdaptiveState(**schedule)
+    loaded = None if schedule is None else AdaptiveState(**schedule)
+    sp.schedule_state = loaded if same_config else _fit_schedule_state(sp, loaded)
     sp.generator.set_state(state["rng_state"])
     if state["flops"] is not None:
         sp.accountant.load_state_dict(state["flops"])
@@ -146,3 +150,23 @@ def load(sp: "Sparsifier", state: dict) -> None:
         sp._scored_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
                            for n, v in state["scored_from"].items()}
     rebucket(list(sp.layers.values()), sp.config.buckets)
+
+
+def _fit_schedule_state(sp: "Sparsifier", loaded) -> object:
+    """The schedule state to go on with after a checkpoint saved under another config (the
+    Sparsifier's config is used): the checkpoint's when it fits this config's schedule, else
+    a state at the rung of this schedule nearest the checkpoint's target density (another
+    policy, target or bucket ladder). Policies without a schedule state keep none."""
+    fresh = sp.policy.initial_schedule_state()
+    if fresh is None:
+        return None
+    ladder = sp.policy.schedule().ladder
+    if loaded is not None and 0 <= loaded.rung < len(ladder) and ladder[loaded.rung] == sp.target_density:
+        return loaded
+    rung = min(range(len(ladder)), key=lambda i: (abs(ladder[i] - sp.target_density), i))
+    log.warning("agpe: the checkpoint's schedule state does not fit this config's schedule (%s); the adaptive "
+                "schedule goes on from density %g (rung %d of %s), the nearest to the checkpoint's target density "
+                "%g", "none saved: another policy" if loaded is None else f"rung {loaded.rung}",
+                ladder[rung], rung, ladder, sp.target_density)
+    return dataclasses.replace(fresh, rung=rung, smoothed_loss=None if loaded is None else loaded.smoothed_loss,
+                               event="resume")

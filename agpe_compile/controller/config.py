@@ -32,6 +32,11 @@ AGPE_CONFIG_VERSION = 1
 POLICIES = ("dense", "static", "set", "rigl", "gmp", "snfs", "agpe")
 DISTRIBUTIONS = ("erk", "uniform")
 DATA_PARALLEL = ("auto", "off")
+MASK_UPDATING_POLICIES = ("set", "rigl", "gmp", "snfs", "agpe")  # the others keep their initial layout
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+FLOAT_FIELDS = ("target_sparsity", "initial_density", "drop_fraction", "saliency_decay", "max_layer_density",
+                "min_layer_share", "improve_tol", "backoff_tol", "regret_threshold", "max_density",
+                "loss_smoothing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +51,14 @@ class AGPEConfig:
         block_size: block side handed to ``agpe_compile.prepare``; ``None`` = the backend
             default (32). Must divide both dimensions of every included linear layer.
         include, exclude: fnmatch patterns on layer names, as in the backend options.
-        saliency: the backend's per-block score (``taylor``, ``gradient``, ``magnitude``,
-            ``movement``). It must equal the backend's ``saliency`` option; AGPE drops
-            the blocks with the lowest EMA of it.
+        saliency: the per-block score the backend computes for this Sparsifier's layers
+            (``taylor``, ``gradient``, ``magnitude``, ``movement``); the backend's
+            ``saliency`` option may be left out, and if given must be the same (the compile
+            raises otherwise). AGPE drops the blocks with the lowest EMA of it.
         distribution: how a global density is split over layers: ``erk`` or ``uniform``.
         initial_density: density at step 0; ``None`` = the policy's default (1.0 for
-            ``dense``, ``gmp`` and ``agpe``, the final density for the others).
+            ``dense``, ``gmp`` and ``agpe``, the final density for the others). ``static``
+            never changes its layout, so it takes only the final density.
         update_interval: training steps between mask updates (and audit records).
         begin_step, end_step: masks change only at update steps in (begin_step, end_step];
             the schedules run over this window (RigL's T_end, GMP's pruning window).
@@ -64,7 +71,10 @@ class AGPEConfig:
             without protection it is the first candidate to be dropped again.
         max_layer_density: cap on any layer's density when budgets are redistributed.
         min_layer_share: floor on any layer's density when budgets are redistributed, as a
-            share of the global target density (0.5: no layer below half the target).
+            share of the global target density (0.5: no layer below half the target). Floors
+            are whole blocks, at least one per layer; where they add up to more than the
+            global budget (shares near 1, small layers) the largest are lowered a block at a
+            time until they fit.
         buckets: density buckets of the kernel layouts; must include 1.0. AGPE's global
             target moves between bucket values, and redistribution keeps every layer inside
             its bucket while that target stays put, so layouts re-bucket (recompile) only at
@@ -141,11 +151,16 @@ class AGPEConfig:
         _integer("end_step", self.end_step, 0)
         if self.end_step <= self.begin_step:
             raise ValueError(_bad("end_step", self.end_step, f"a step after begin_step={self.begin_step}"))
-        if (self.policy in ("gmp", "agpe") and self.target_sparsity > 0
+        if (self.policy in MASK_UPDATING_POLICIES and self.target_sparsity > 0
                 and (self.end_step // self.update_interval) * self.update_interval <= self.begin_step):
             raise ValueError(_bad("end_step", self.end_step, (
                 f"a step with at least one mask update after begin_step={self.begin_step} (every "
-                f"update_interval={self.update_interval} steps); policy {self.policy!r} prunes only at updates")))
+                f"update_interval={self.update_interval} steps); policy {self.policy!r} changes masks only at "
+                f"updates")))
+        if self.policy == "static" and self.initial_density is not None and self.initial_density != self.final_density:
+            raise ValueError(_bad("initial_density", self.initial_density, (
+                f"None or the final density {self.final_density} (1 - target_sparsity): policy 'static' keeps "
+                f"its initial layout, so it would never reach the target")))
         _number("drop_fraction", self.drop_fraction, 0.0, 1.0, "a number in [0, 1]")
         _number("saliency_decay", self.saliency_decay, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
         _integer("protect_grown", self.protect_grown, 0)
@@ -170,11 +185,18 @@ class AGPEConfig:
         _number("loss_smoothing", self.loss_smoothing, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
         if not isinstance(self.rescale_init, bool):
             raise ValueError(_bad("rescale_init", self.rescale_init, "True or False"))
-        _integer("seed", self.seed, 0)
-        if self.audit_path is not None and not isinstance(self.audit_path, str):
-            raise ValueError(_bad("audit_path", self.audit_path, "a file path string or None"))
+        _integer("seed", self.seed, 0, MAX_SEED)
+        if self.audit_path is not None and (not isinstance(self.audit_path, str) or not self.audit_path):
+            raise ValueError(_bad("audit_path", self.audit_path, "a non-empty file path string or None"))
         if self.version != AGPE_CONFIG_VERSION:
             raise ValueError(_bad("version", self.version, f"{AGPE_CONFIG_VERSION}"))
+        # numpy scalars, Fractions, ... pass the checks as Real numbers; keep plain floats, so
+        # the config serializes (audit file, checkpoints) and compares like any other
+        for field in FLOAT_FIELDS:
+            value = getattr(self, field)
+            if value is not None and type(value) is not float:
+                object.__setattr__(self, field, float(value))
+        object.__setattr__(self, "buckets", tuple(float(b) for b in self.buckets))
 
     @property
     def final_density(self) -> float:

@@ -66,8 +66,9 @@ def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_
         shapes = [(r * b, c * b) for (r, c), b in zip(grids, block_size)]
         return block_counts(layer_densities(distribution, shapes, target, cap), grids, target)
     budget = min(max(round(target * sum(sizes)), len(sizes)), sum(sizes))
-    caps = [max(1, min(math.floor(round(cap * s, 6)), s)) for s in sizes]
-    floors = [min(max(1, math.ceil(round(floor * target * s, 6))), c) for s, c in zip(sizes, caps)]
+    caps = _fit_caps([max(1, min(math.floor(round(cap * s, 6)), s)) for s in sizes], sizes, budget)
+    floors = _fit(
+        [min(max(1, math.ceil(round(floor * target * s, 6))), c) for s, c in zip(sizes, caps)], budget)
     lo, hi = floors, caps
     if not target_moved:
         bounds = [bucket_bounds(a, s, buckets, cap) for a, s in zip(current, sizes)]
@@ -75,3 +76,30 @@ def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_
         if all(l <= h for l, h in kept) and sum(k[0] for k in kept) <= budget <= sum(k[1] for k in kept):
             lo, hi = [k[0] for k in kept], [k[1] for k in kept]
     return redistribute(current, budget, scores, rate, lo, hi)
+
+
+def _fit(floors: List[int], budget: int) -> List[int]:
+    """Floors rounded up per layer can add up to more blocks than the global budget
+    (``min_layer_share`` near 1, or small layers at one block each): lower the largest ones
+    a block at a time until they fit, so every layer keeps its floor to within a block or
+    two. ``budget`` is at least one block per layer."""
+    floors = list(floors)
+    while sum(floors) > budget:
+        i = max(range(len(floors)), key=lambda j: (floors[j], j))
+        if floors[i] <= 1:
+            break
+        floors[i] -= 1
+    return floors
+
+
+def _fit_caps(caps: List[int], sizes: Sequence[int], budget: int) -> List[int]:
+    """Caps rounded down per layer can add up to fewer blocks than the global budget (small
+    layers under ``max_layer_density``): raise the ones with the most room a block at a
+    time until the budget fits (it never exceeds the blocks there are)."""
+    caps = list(caps)
+    while sum(caps) < budget:
+        i = max(range(len(caps)), key=lambda j: (sizes[j] - caps[j], -j))
+        if caps[i] >= sizes[i]:
+            break
+        caps[i] += 1
+    return caps

@@ -38,10 +38,10 @@ from torch import nn
 from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
-from agpe_compile.ops.reference import block_sum, expand_block_mask
+from agpe_compile.ops.reference import block_sum
 from agpe_compile.state import LayerState, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
-from agpe_compile.zero_weights import zero_inactive_
+from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
 from . import checkpoint
 from .adaptive_schedule import Feedback
@@ -67,6 +67,24 @@ log = logging.getLogger(__name__)
 # set when a block is grown and every update adds 1, so ``protect_grown=1`` shields a
 # grown block at exactly the next update. The ages are part of the checkpoint.
 AGE_NEVER_GROWN = 2 ** 30
+
+
+def _loss_value(loss) -> torch.Tensor:
+    """``step``'s loss as a 0-d float tensor; a clear error for anything else (a per-sample
+    loss would otherwise pass until the update reads the interval's mean)."""
+    if torch.is_tensor(loss):
+        if loss.numel() != 1:
+            raise ValueError(f"agpe: Sparsifier.step(loss) expects the scalar loss of the step (the one "
+                             f"backward was called on), got a tensor of shape {tuple(loss.shape)}; "
+                             f"reduce it first, e.g. loss.mean()")
+        return loss.detach().float().reshape(())
+    try:
+        if isinstance(loss, (bool, str, bytes)):
+            raise TypeError
+        return torch.tensor(float(loss))  # int, float, numpy scalars, ...
+    except (TypeError, ValueError):
+        raise TypeError(f"agpe: Sparsifier.step(loss) expects a scalar tensor or number, got "
+                        f"{type(loss).__name__} {loss!r}") from None
 
 
 class Sparsifier:
@@ -225,7 +243,7 @@ class Sparsifier:
         self._check_weights_still_attached()
         self._check_one_call_per_optimizer_step()
         if loss is not None:
-            value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
+            value = _loss_value(loss)
             if self._loss_sum is None or self._loss_sum.device != value.device:
                 self._loss_sum = value.clone() if self._loss_sum is None else self._loss_sum.to(value.device) + value
             else:
@@ -301,8 +319,10 @@ class Sparsifier:
             if state.saliency_mode is not None and state.saliency_mode != self.config.saliency:
                 raise ValueError(
                     f"agpe: layer {name!r} was compiled with saliency {state.saliency_mode!r} but "
-                    f"AGPEConfig.saliency is {self.config.saliency!r}; pass options={{'saliency': "
-                    f"{self.config.saliency!r}}} to torch.compile (or set AGPEConfig.saliency to match)")
+                    f"AGPEConfig.saliency is {self.config.saliency!r}: its graph was compiled before this "
+                    f"Sparsifier drove it, and keeps its score. Create the Sparsifier before torch.compile (or "
+                    f"call torch._dynamo.reset() after creating it), or set AGPEConfig.saliency="
+                    f"{state.saliency_mode!r}")
             self.saliency.update(name, snap.saliency[name], self.config.update_interval)
             state.saliency.zero_()
         dense_grad = {n: self._take_dense_grad(n, s, snap.dense_grad_sq[n]) for n, s in self.layers.items()}
@@ -480,7 +500,7 @@ class Sparsifier:
                 # optimizer given); grown blocks restart from zero too, whatever their pruned
                 # weights drifted to there (changed & mask = grown).
                 keep = state.block_mask & ~blocks
-                state.weight.mul_(expand_block_mask(keep, state.block_size, state.weight.dtype))
+                zero_outside_(state.weight, keep, state.block_size)
             for optimizer in (self.optimizer, *self._other_optimizers):  # a replacement too
                 zero_optimizer_state(optimizer, state.weight, blocks, state.block_size)
             self.saliency.mark_fresh(state.name, result.grown)

@@ -4,7 +4,7 @@ import logging
 
 import torch
 
-from agpe_compile.controller import AGPEConfig, SaliencyEMA
+from agpe_compile.controller import AGPEConfig, SaliencyEMA, Sparsifier
 from agpe_compile.controller.saliency import next_ema
 
 from .helpers import batches, make_run
@@ -68,18 +68,26 @@ def test_non_finite_loss_is_not_feedback(caplog):
     assert sp.schedule_state.smoothed_loss is None
 
 
-def test_saliency_mode_mismatch_between_backend_and_config_raises():
+def test_saliency_mode_mismatch_between_a_graph_compiled_before_the_sparsifier_and_config_raises():
     import pytest
-
-    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=2, end_step=20,
-                        saliency="gradient")
-    model, opt, sp, cmodel, _ = make_run(config)  # the backend compiles with its default, "taylor"
-    (x, y), = list(batches(1))
     import torch.nn.functional as F
 
-    F.cross_entropy(cmodel(x), y).backward()
+    import agpe_compile
+    from .helpers import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 4}))
+    (x, y), = list(batches(1))
+    F.cross_entropy(cmodel(x), y).backward()  # compiled before any Sparsifier: the default, "taylor"
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=2, end_step=20,
+                        saliency="gradient")
+    sp = Sparsifier(model, opt, config)
     assert {s.saliency_mode for s in sp.layers.values()} == {"taylor"}
-    with pytest.raises(ValueError, match=r"compiled with saliency 'taylor' but AGPEConfig.saliency is 'gradient'"):
+    with pytest.raises(ValueError, match=r"compiled with saliency 'taylor' but AGPEConfig.saliency is 'gradient': "
+                                         r"its graph was compiled before this Sparsifier"):
         for _ in range(config.update_interval):
+            F.cross_entropy(cmodel(x), y).backward()
             opt.step()
             sp.step(torch.tensor(1.0))
