@@ -197,8 +197,9 @@ class AgpeCompiledGraph:
             state.graph_named = True
             setattr(weight, STATE_ATTR, state)
         block_size, grid, zero_inactive, mode = self.compiled_as[i]
-        if state.saliency_mode is None:
-            state.saliency_mode = mode
+        if state.saliency_mode is None:  # never compiled itself: what its Sparsifier wants, else the graph's
+            driver = state.sparsifier_ref() if state.sparsifier_ref is not None else None
+            state.saliency_mode = getattr(getattr(driver, "config", None), "saliency", None) or mode
         mismatch = [what for what, ok in (
             ("block size", state.block_size == block_size), ("block grid", state.grid == grid),
             ("zero-weight promise (one model is under a Sparsifier, the other not)",
@@ -276,7 +277,8 @@ class AgpeBackend:
         compiled = self._lower(result, list(example_inputs), full)
         controller = None
         if self.zero_code_options is not None and result.states:
-            controller = self._controller_for(result.states)
+            if not self.for_explain:  # explain compiles to report: nothing to drive
+                controller = self._controller_for(result.states)
         elif (self.zero_code_options is not None and decisions  # weights seen, none prunable: say so (once)
               and _first_time(("nothing prunable", tuple(d.name for d in decisions)))):
             dense = [f"{d.name} ({d.reason})" for d in decisions][:3]

@@ -104,10 +104,14 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     """Compile ``model`` with the agpe rewrite (aot_eager lowering) and report.
 
     Runs ONE forward ``model(*example_inputs, **example_kwargs)`` (keyword inputs as in
-    ``model(**batch)``; ``options`` is agpe's) under ``torch.no_grad()`` (so
-    saliency buffers are untouched; modules that update statistics in forward, like
-    BatchNorm in train mode, still do). Compiling attaches agpe state to eligible layers
-    that were not prepared, exactly as ``torch.compile(model, backend="agpe")`` would.
+    ``model(**batch)``; ``options`` is agpe's) with gradients enabled when the model is in
+    training mode, as a training step's forward (activation checkpointing, for one, is
+    traced only then; the backward graph is compiled too, so this takes longer than in
+    eval mode), else under ``torch.no_grad()``. No backward runs, so saliency
+    buffers are untouched, and no zero-code controller is made or ticked; modules that
+    update statistics in forward, like BatchNorm in train mode, still do. Compiling
+    attaches agpe state to eligible layers that were not prepared, exactly as
+    ``torch.compile(model, backend="agpe")`` would.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.explain: expected an nn.Module, got {type(model).__name__}")
@@ -121,7 +125,7 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     backend = AgpeBackend(options, on_graph=graphs.append)
     backend.for_explain = True  # its compiles do not use up the model's recompile budget
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
-    with torch.no_grad():
+    with torch.enable_grad() if model.training else torch.no_grad():
         torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
     breaks_after = torch._dynamo.utils.counters["graph_break"]
     graph_breaks = [

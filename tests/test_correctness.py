@@ -93,6 +93,30 @@ def test_huggingface_llama_from_config():
     _check(model, lambda: (torch.randint(0, 64, (2, 8)),), aot_backend(), grad_input=False)
 
 
+def test_explain_of_a_training_model_shows_the_lowering_training_uses():
+    # Hugging Face checkpoints its layers only with gradients on (training); explain ran under
+    # no_grad and reported sparse_linear where training runs masked_weight
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _llama()
+    model.gradient_checkpointing_enable()
+    model.train()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    ids = torch.randint(0, 64, (2, 8))
+    report = agpe_compile.explain(model, ids, options={"inductor": False})
+    explained = {r.name: r.lowering for r in report.layers if r.rewritten}
+    assert all(float(s.saliency.abs().sum()) == 0 for s in layer_states(model).values())  # no backward ran
+    records = []
+    backend = agpe_compile.AgpeBackend({"inductor": False}, on_graph=records.append)
+    torch.compile(model, backend=backend)(ids).last_hidden_state.sum().backward()
+    trained = {d.name: d.lowering for g in records for d in g.decisions if d.rewritten}
+    assert explained == trained
+    assert set(explained.values()) == {"masked_weight"}
+    model.eval()  # eval: no checkpointing, and explain runs under no_grad
+    report = agpe_compile.explain(model, ids, options={"inductor": False})
+    assert {r.lowering for r in report.layers if r.rewritten} == {"sparse_linear"}
+
+
 def test_masked_out_weight_gradients_are_exactly_zero():
     torch.manual_seed(0)
     model = MLP()

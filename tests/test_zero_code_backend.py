@@ -355,3 +355,19 @@ def test_zero_code_with_two_compiled_calls_before_one_backward(hand_written):
     assert controller.sparsifier.step_count == (8 if hand_written else 9)
     assert controller.calls == 18
     assert controller.sparsifier.global_density < 1.0
+
+
+def test_explain_with_zero_code_options_drives_nothing_and_warns_nothing(caplog):
+    import logging
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()  # training mode: explain runs with grad enabled, as a training step would
+    with caplog.at_level(logging.WARNING, logger="agpe_compile.backend"):
+        report = agpe_compile.explain(model, torch.randn(4, 64),
+                                      options={"block_size": 16, "target_sparsity": 0.5, "inductor": False})
+    assert report.layers and all(r.rewritten for r in report.layers)
+    assert "no layer of this graph can be pruned" not in caplog.text
+    states = layer_states(model)
+    assert all(s.controller_ref is None for s in states.values())  # no controller made or ticked
+    assert all(float(s.saliency.abs().sum()) == 0 and int(s.counters[0]) == 0 for s in states.values())

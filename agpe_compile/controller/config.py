@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from numbers import Real
 from typing import Any, Mapping, Optional, Tuple
 
@@ -69,12 +70,15 @@ class AGPEConfig:
             dropped (0 = off). A grown block restarts from zero weight, so its first
             interval's saliency is low by construction, not because it is not needed;
             without protection it is the first candidate to be dropped again.
-        max_layer_density: cap on any layer's density when budgets are redistributed.
+        max_layer_density: cap on any layer's density when budgets are redistributed. Caps
+            are whole blocks; where they add up to fewer blocks than the global budget (small
+            layers) the layers with the most room are raised a block at a time until it fits,
+            so such a layer can end above the cap.
         min_layer_share: floor on any layer's density when budgets are redistributed, as a
             share of the global target density (0.5: no layer below half the target). Floors
             are whole blocks, at least one per layer; where they add up to more than the
             global budget (shares near 1, small layers) the largest are lowered a block at a
-            time until they fit.
+            time until they fit, so such a layer can end below the floor.
         buckets: density buckets of the kernel layouts; must include 1.0. AGPE's global
             target moves between bucket values, and redistribution keeps every layer inside
             its bucket while that target stays put, so layouts re-bucket (recompile) only at
@@ -188,6 +192,9 @@ class AGPEConfig:
         _integer("seed", self.seed, 0, MAX_SEED)
         if self.audit_path is not None and (not isinstance(self.audit_path, str) or not self.audit_path):
             raise ValueError(_bad("audit_path", self.audit_path, "a non-empty file path string or None"))
+        if self.audit_path is not None and (self.audit_path.endswith(("/", os.sep)) or os.path.isdir(self.audit_path)):
+            raise ValueError(_bad("audit_path", self.audit_path,
+                                  f"a file path, not a directory (e.g. {os.path.join(self.audit_path, 'agpe.jsonl')!r})"))
         if self.version != AGPE_CONFIG_VERSION:
             raise ValueError(_bad("version", self.version, f"{AGPE_CONFIG_VERSION}"))
         # numpy scalars, Fractions, ... pass the checks as Real numbers; keep plain floats, so

@@ -81,8 +81,8 @@ def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_
 def _fit(floors: List[int], budget: int) -> List[int]:
     """Floors rounded up per layer can add up to more blocks than the global budget
     (``min_layer_share`` near 1, or small layers at one block each): lower the largest ones
-    a block at a time until they fit, so every layer keeps its floor to within a block or
-    two. ``budget`` is at least one block per layer."""
+    a block at a time until they fit (never below one block; ``budget`` is at least one
+    block per layer)."""
     floors = list(floors)
     while sum(floors) > budget:
         i = max(range(len(floors)), key=lambda j: (floors[j], j))

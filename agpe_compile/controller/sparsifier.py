@@ -50,7 +50,7 @@ from .config import AGPEConfig
 from .drop_grow import DropGrow, drop_and_grow
 from .flops import FlopAccountant, FlopReport
 from .host_sync import to_device, to_host
-from .init_layouts import initial_masks
+from .init_layouts import block_counts, initial_masks, layer_densities
 from .layer_budget import plan_counts, swap_counts
 from .optimizer_state import momentum_of, zero_optimizer_state
 from .policies import LayerView, make_policy
@@ -307,6 +307,7 @@ class Sparsifier:
 
     def _interval(self, step: int, between_steps: bool = True) -> None:
         start = time.perf_counter()
+        self._check_modules_still_in_model()
         snap = self._snapshot()
         loss = self._take_loss(snap.loss) if snap.loss_over_ranks is None else self._take_loss_over_ranks(
             snap.loss_over_ranks)
@@ -529,6 +530,8 @@ class Sparsifier:
     def _apply_initial_layout(self) -> None:
         states = list(self.layers.values())
         host = to_host([s.block_mask for s in states])
+        if all(bool(m.all()) for m in host) and self.config.policy != "dense":
+            host = self._masks_from_zero_blocks(states, host)
         if not all(bool(m.all()) for m in host):
             # Masks with inactive blocks: a loaded checkpoint, a previous Sparsifier or hand-set
             # masks. Drawing a fresh layout (and rescaling) would destroy the trained weights.
@@ -554,6 +557,43 @@ class Sparsifier:
             with torch.no_grad():
                 for state, mask in chosen:
                     state.weight.mul_((mask.numel() / int(mask.sum())) ** 0.5)
+            log.warning("agpe: policy %r starts sparse: a random initial layout was drawn (global density %.3f) and "
+                        "each layer's surviving weights were scaled by 1/sqrt(its density) (rescale_init=True, which "
+                        "keeps the output scale of freshly initialized weights). For pretrained weights pass "
+                        "rescale_init=False, or use policy 'agpe' or 'gmp', which start dense and prune by score",
+                        self.config.policy, _global_density([m for _, m in chosen]))
+
+    def _masks_from_zero_blocks(self, states: List[LayerState], host: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Note [Masks from zero blocks]: a pruned model loaded without its agpe buffers
+        (``from_pretrained``, a stripped checkpoint) arrives with full masks and its pruned
+        blocks as exact zeros. Drawing a layout over it (and rescaling) would scramble it, so
+        the blocks that are all zero start inactive. Only when the whole model looks pruned:
+        some layer has both zero and nonzero blocks, and every layer the config's layout
+        would make sparse at the final density has zero blocks. A freshly initialized
+        weight has no all-zero block; one initialized with structure (``nn.init.eye_``)
+        may, but then the model's other layers have none; and a layer initialized to zeros
+        (a LoRA B matrix, a zero-init projection) tells nothing and keeps its full mask."""
+        live = to_host([(s.weight.detach() != 0).view(s.grid[0], s.block_size, s.grid[1], s.block_size)
+                        .any(3).any(1) for s in states])
+        found = {s.name: m for s, m in zip(states, live) if not bool(m.all()) and bool(m.any())}
+        if not found:
+            return host
+        cfg = self.config
+        counts = block_counts(layer_densities(cfg.distribution, [s.weight_shape for s in states], cfg.final_density,
+                                              cfg.max_layer_density), [s.grid for s in states], cfg.final_density)
+        unpruned = [s.name for s, m, count in zip(states, live, counts) if bool(m.all()) and count < m.numel()]
+        if unpruned:  # a fresh model with a structured init, not a pruned one
+            log.info("agpe: %s ha%s all-zero weight blocks, but %s, which the layout would prune, ha%s none: not "
+                     "read as a pruned model", ", ".join(found), "s" if len(found) == 1 else "ve",
+                     ", ".join(unpruned[:5]), "s" if len(unpruned) == 1 else "ve")
+            return host
+        to_device([(s.block_mask, found[s.name]) for s in states if s.name in found])
+        log.warning("agpe: %s ha%s weight blocks that are all exactly zero (%s): a pruned model loaded without its "
+                    "agpe buffers (from_pretrained, a stripped checkpoint)? Those blocks start inactive",
+                    ", ".join(list(found)[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else ""),
+                    "s" if len(found) == 1 else "ve",
+                    ", ".join(f"{n}: {int((~m).sum())} of {m.numel()}" for n, m in list(found.items())[:5]))
+        return [found.get(s.name, m) for s, m in zip(states, host)]
 
     def _updates_at(self, step: int) -> bool:
         cfg = self.config
@@ -608,6 +648,24 @@ class Sparsifier:
                 f"parametrize parametrization, or the parameter was replaced, after the Sparsifier was created): "
                 f"their masks no longer describe the weights they train with. Parametrize or replace weights before "
                 f"creating the Sparsifier (such layers then stay dense)")
+
+    def _check_modules_still_in_model(self) -> None:
+        """A layer whose module was swapped out of the model after the Sparsifier was created
+        (``resize_token_embeddings`` makes a new head, a user replaces a block) is no longer
+        trained: its mask drives nothing, and the new module trains dense, unseen. Checked at
+        updates (one walk over the modules)."""
+        model = getattr(self, "model", None)  # None: for_layers (zero-code mode)
+        if model is None:
+            return
+        present = {id(m) for m in model.modules()}
+        gone = [name for name, state in self.layers.items()  # module None: attached once, since freed
+                if state.module_ref is not None and (state.module is None or id(state.module) not in present)]
+        if gone:
+            raise RuntimeError(
+                f"agpe: layers {gone} are no longer part of the model: their modules were replaced after the "
+                f"Sparsifier was created (e.g. by resize_token_embeddings, or a module swap), so their masks drive "
+                f"nothing and the new modules train dense. Change the model's modules before creating the "
+                f"Sparsifier (and the optimizer)")
 
     def _check_target_reached(self, masks) -> None:
         """Warn (once) when the masks cannot get near the global target: layers of very few

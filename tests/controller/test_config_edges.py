@@ -79,9 +79,14 @@ def test_out_of_range_seed_and_empty_audit_path_are_refused_at_construction():
         AGPEConfig(audit_path="")
 
 
-def test_an_audit_path_that_is_a_directory_is_refused_when_the_sparsifier_is_made(tmp_path):
+def test_an_audit_path_that_is_a_directory_is_refused(tmp_path):
+    for path in (str(tmp_path), str(tmp_path / "not_yet") + "/"):  # on every rank alike: in the config
+        with pytest.raises(ValueError, match="AGPEConfig.audit_path got .*expected a file path, not a directory"):
+            AGPEConfig(target_sparsity=0.5, block_size=4, audit_path=path)
+    config = AGPEConfig(target_sparsity=0.5, block_size=4, audit_path=str(tmp_path / "later"))
+    (tmp_path / "later").mkdir()  # made a directory after the config: the Sparsifier says so
     with pytest.raises(ValueError, match="is a directory"):
-        make_run(AGPEConfig(target_sparsity=0.5, block_size=4, audit_path=str(tmp_path)))
+        make_run(config)
 
 
 @pytest.mark.parametrize("policy", ["set", "rigl", "snfs"])
@@ -222,3 +227,19 @@ def test_a_saliency_option_that_contradicts_the_sparsifier_fails_at_compile():
     cmodel = torch.compile(model, backend="agpe", options={"inductor": False, "saliency": "gradient"})
     with pytest.raises(Exception, match="option 'saliency' is 'gradient'"):
         cmodel(torch.randn(2, 16))
+
+
+def test_two_models_of_one_class_under_sparsifiers_of_different_saliency_are_told_apart():
+    runs = []
+    for saliency in ("magnitude", "taylor"):
+        torch.manual_seed(0)
+        model = TinyMLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, saliency=saliency, block_size=4,
+                                               update_interval=4, end_step=40))
+        runs.append((model, opt, sp, torch.compile(model, backend="agpe", options={"inductor": False})))
+    model, opt, sp, cmodel = runs[0]
+    train(cmodel, opt, sp, batches(4))
+    model, opt, sp, cmodel = runs[1]  # Dynamo reuses the first model's graph (it computes magnitude)
+    with pytest.raises(RuntimeError, match="another instance of the same class, whose layer differs in saliency mode"):
+        train(cmodel, opt, sp, batches(1))  # failed only at the first update, blaming the compile order
