@@ -265,6 +265,7 @@ class AgpeBackend:
         for decision in decisions:
             if not decision.rewritten:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
+        _warn_misfit_block_size(decisions, self.for_explain)
         result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
             _keep_recompile_headroom(len(result.states), self.for_explain)
@@ -460,6 +461,19 @@ def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inpu
 
 _explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()
 _said: set = set()
+
+
+def _warn_misfit_block_size(decisions, for_explain: bool) -> None:
+    """Say (once per set of layers) which linear layers stay dense because the block size
+    does not divide them: otherwise a typo in ``block_size`` compiles a dense model with no
+    word (``prepare`` and the Sparsifier say it themselves)."""
+    misfits = [d for d in decisions if not d.rewritten and "not divisible by block size" in str(d.reason)]
+    if not misfits or for_explain or not _first_time(("misfit", tuple(d.name for d in misfits))):
+        return
+    log.warning("agpe: %d linear layer(s) stay dense (not pruned): %s; a block size that divides them "
+                "(options={'block_size': ...}) makes them prunable, exclude=[...] says they are meant to be dense",
+                len(misfits), "; ".join(f"{d.name} ({d.reason})" for d in misfits[:5])
+                + (f" and {len(misfits) - 5} more" if len(misfits) > 5 else ""))
 
 
 def _first_time(key) -> bool:

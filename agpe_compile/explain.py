@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .backend import AgpeBackend, GraphRecord
+from .state import _unwrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,7 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
         raise TypeError(f"agpe.explain: options= is agpe's option dict (e.g. {{'block_size': 32}}), got "
                         f"{type(options).__name__}; a model keyword input named 'options' cannot be passed through "
                         f"explain: call explain(model, ..., **{{other inputs}}) on a wrapper that sets it")
+    model = _unwrapped(model)  # a torch.compile wrapper: its module (layer names without "__self__.")
     options = dict(options or {})
     options["inductor"] = False
     graphs: List[GraphRecord] = []

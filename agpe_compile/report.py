@@ -11,7 +11,9 @@ Renders, with matplotlib's Agg backend (no display needed):
 
 and prints one summary line per run: mask updates, blocks dropped and grown, how many of
 the grown blocks were dropped again at the very next update (regrowth that never got a
-chance: see ``AGPEConfig.protect_grown``), final density and training-FLOP ratio.
+chance: see ``AGPEConfig.protect_grown``), final density and the training-FLOP ratio of
+the agpe layers (the examples' tables also count the dense layers, such as a head).
+Without ``--out`` the files go to a folder ``report`` next to the first audit file.
 
 ``--tensorboard DIR`` also writes the same scalars as TensorBoard events when
 ``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package); otherwise it
@@ -201,7 +203,7 @@ def summary_line(name: str, summary: dict) -> str:
     flops = summary["flops_ratio"]
     return (f"{name}: {summary['updates']} mask updates, {summary['dropped']} blocks dropped, {grown} grown, "
             f"of those dropped again at the next update: {again}; final density "
-            f"{'n/a' if density is None else f'{density:.3f}'}, training FLOPs "
+            f"{'n/a' if density is None else f'{density:.3f}'}, training FLOPs of the agpe layers "
             f"{'n/a' if flops is None else f'{flops:.3f}x'} dense")
 
 
@@ -225,9 +227,14 @@ def render(paths: Sequence[str], out_dir: str, tensorboard_dir: Optional[str] = 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agpe_compile.report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="audit JSONL files written by a Sparsifier")
-    parser.add_argument("--out", default=None, help="output directory (default: next to the first file)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: a folder 'report' next to the first file, so the plots "
+                             "an example wrote beside its audit files stay as they are)")
     parser.add_argument("--tensorboard", default=None, help="also write TensorBoard events here")
     args = parser.parse_args(argv)
+    folders = [p for p in args.runs if os.path.isdir(p)]
+    if folders:
+        parser.error(f"{folders[0]} is a folder; give the audit files in it (e.g. {os.path.join(folders[0], '*.jsonl')})")
     missing = [p for p in args.runs if not os.path.isfile(p)]
     if missing:
         parser.error(f"no such audit file: {missing[0]}")
@@ -251,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         summaries.append(summarize(records))
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.runs[0]))
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "report")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         parser.error(f"--out: {out_dir!r} exists and is not a folder")
     try:

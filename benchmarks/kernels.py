@@ -368,6 +368,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     report["seconds"] = round(time.time() - started, 1)
     print(f"{report['device']} | torch {report['torch']} | {report['dtype']} | {report['mode']}")
     print(format_table(report["results"], gpu))
+    print("fwd ms / step ms: agpe forward / forward+backward in milliseconds; dense: F.linear on the same shapes; "
+          "ratio: agpe / dense" + ("; graph: fwd+bwd ratio with both replayed as CUDA graphs; op: the whole "
+                                    "custom op (dispatch included) / dense" if gpu else
+                                    "; agpe here is the gathered-block CPU path, timed even where the cost model "
+                                    "(note) picks the dense path that training then runs; graph and op are "
+                                    "CUDA-only (nan)"))
     if "crossover" in report:
         print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
     for entry in report.get("tma", []):

@@ -6,8 +6,9 @@ side. Also measured: first-compile time, the cost of a mask-update step of the
 Sparsifier, and the number of compilations over a simulated 2,000-step schedule.
 
     python benchmarks/train_step.py                 # GPU: d_model 2048, 4 blocks, seq 1024, batch 8, bf16
-    python benchmarks/train_step.py --small         # CPU-sized stack: well over 3 min on 2 CPU cores,
-                                                    # most of it the 2,000-step schedule simulation
+    python benchmarks/train_step.py --small         # CPU-sized stack: about a minute on 2 CPU cores
+                                                    # (51 s, 13th session), most of it the 2,000-step
+                                                    # schedule simulation
     python benchmarks/train_step.py --out runs/train_step.json
 
 CI (tests/test_examples.py) runs the quick form, about a minute on 2 CPU cores:

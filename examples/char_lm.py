@@ -211,6 +211,7 @@ def plot(results: List[Dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    print(f"wrote {path}")
 
 
 def write_results(out: str, setting: dict, device, results: List[Dict]) -> None:
@@ -230,7 +231,8 @@ def main(argv=None) -> None:
     size.add_argument("--smoke", action="store_true", help="a few steps per run (CI)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9],
                         help="target sparsities in (0, 1), one agpe run each, named agpe-<percent>")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the batches and the layouts (>= 0; default 0)")
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor")
     parser.add_argument("--out", default=None, help="output folder (default runs/char_lm, runs/char_lm_smoke with --smoke)")
     parser.add_argument("--text-file", default=None,
@@ -247,6 +249,8 @@ def main(argv=None) -> None:
     for s in args.sparsities:
         if not 0 < s < 1:
             parser.error(f"--sparsities: expected values in (0, 1), got {s}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed: expected an int >= 0, got {args.seed}")
     setting = dict(SETTINGS["full" if args.full else "smoke" if args.smoke else "quick"])
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -309,6 +313,12 @@ def main(argv=None) -> None:
         print(f"{r['run']:<10} {r['val_loss']:>9.4f} {r['val_loss'] / dense['val_loss'] - 1:>+9.2%} "
               f"{r['train_flops']:>12.3e} {r['train_flops'] / dense['train_flops']:>9.3f} "
               f"{r['final_density']:>8.3f} {r['wall_clock_s']:>8.1f} {r['compilations']:>9d}")
+    print("val loss: nats/char on the validation split; train FLOPs: executed training FLOPs of the whole model "
+          "(agpe layers at their live blocks, the rest dense); vs dense: ratio to the dense run; density: final "
+          "global density of the agpe layers; compiles: backend compilations")
+    if args.smoke:
+        print("(--smoke trains a few steps per run: an end-to-end check, its losses say nothing about accuracy)")
+    print(f"wrote {os.path.join(args.out, 'results.json')} and one audit JSONL per run")
     plot(results, os.path.join(args.out, "val_loss_vs_flops.png"))
     if any(math.isnan(r["val_loss"]) for r in results):
         raise SystemExit("char_lm: a run diverged (NaN validation loss)")

@@ -336,11 +336,14 @@ def parse_args(argv: List[str]):
                                f"per method, mask update every {mode.update_interval}): {text}")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {', '.join(METHODS)} (default: all, in that order)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the data order and the layouts (>= 0; default 0)")
     parser.add_argument("--out", default="runs/fashion_mnist", help="output folder (default runs/fashion_mnist)")
     parser.add_argument("--hidden", default="1000,1000,1000", help="comma-separated positive hidden layer widths")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--block-size", type=int, default=8)
+    parser.add_argument("--sparsity", type=float, default=0.9,
+                        help="target fraction of weight blocks pruned, in [0, 1) (default 0.9)")
+    parser.add_argument("--block-size", type=int, default=8,
+                        help="side of the square weight blocks; must divide 784 and every hidden width (default 8)")
     parser.add_argument("--min-layer-share", type=float, default=AGPEConfig.min_layer_share,
                         help="floor on a layer's density as a share of the global target (redistributing "
                              "policies), in [0, 1]")
@@ -348,7 +351,9 @@ def parse_args(argv: List[str]):
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (>= 0)")
     parser.add_argument("--epochs", type=float, default=None, help="override the mode's epochs (> 0)")
     parser.add_argument("--inductor", action="store_true", help="lower with Inductor instead of aot_eager")
-    parser.add_argument("--data-dir", default=DATA_DIR)
+    parser.add_argument("--data-dir", default=DATA_DIR,
+                        help=f"folder of the Fashion-MNIST idx files (default {DATA_DIR}, from Debian's "
+                             f"dataset-fashion-mnist)")
     parser.add_argument("--validation", type=int, default=0, metavar="N",
                         help="hold out N training images and report accuracy on them instead of the test set")
     parser.add_argument("--agpe", type=parse_agpe_option, action="append", default=[], metavar="KEY=VALUE",
@@ -375,6 +380,10 @@ def parse_args(argv: List[str]):
         AGPEConfig(min_layer_share=args.min_layer_share)
     except ValueError as error:
         parser.error(f"--min-layer-share: {error}")
+    try:
+        AGPEConfig(seed=args.seed)
+    except ValueError as error:
+        parser.error(f"--seed: {error}")
     sizes = [784, *args.hidden]  # the sparse layers' dimensions (the 10-output head stays dense)
     if any(size % args.block_size for size in sizes):
         parser.error(f"--block-size: expected a divisor of every sparse layer's dimensions {sizes}, "
@@ -438,6 +447,9 @@ def main(argv: List[str] = None) -> None:
         results[method] = train_one(method, args, data)
         write_results(args, results)  # after each method, so an interrupted run keeps what it finished
     print_table(results, args.eval_set)
+    if args.mode == "smoke":
+        print("(--smoke trains 40 steps on 2,048 images: an end-to-end check; its accuracies say nothing about "
+              "the methods)")
     print(f"wrote {write_results(args, results)}")
     for path in render([os.path.join(args.out, f"{m}.jsonl") for m in args.methods if m != "plain"], args.out):
         print(f"wrote {path}")

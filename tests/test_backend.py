@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 import agpe_compile
 from agpe_compile.state import layer_states
@@ -699,3 +700,11 @@ def test_patterns_match_the_same_names_through_the_compiled_wrapper():
     sp = Sparsifier(torch.compile(model, backend=aot_backend()), torch.optim.SGD(model.parameters(), lr=0.1),
                     AGPEConfig(target_sparsity=0.5, block_size=8, exclude=("head",)))
     assert sorted(sp.layers) == ["body"]
+
+
+def test_explain_of_the_compiled_wrapper_names_layers_as_the_module_does():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    compiled = torch.compile(model, backend="agpe", options={"inductor": False})
+    names = [r.name for r in agpe_compile.explain(compiled, torch.randn(2, 64)).layers]
+    assert names == ["0", "2"]  # were "__self__.0", "__self__.2"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import os
 from numbers import Real
 from typing import Any, Mapping, Optional, Tuple
@@ -231,6 +232,7 @@ class AGPEConfig:
         from agpe_compile.state import _unwrapped  # names as prepare() gives them
 
         size = self.block_size or DEFAULT_BLOCK_SIZE
+        misfits, dims = [], []
         for module_name, module in _unwrapped(model).named_modules():
             name = layer_name(module_name, "weight")
             if not isinstance(module, nn.Linear) or name in prepared:
@@ -243,9 +245,18 @@ class AGPEConfig:
                 raise ValueError(f"agpe: layer {name!r} is a lazy module whose weight is not materialized yet; run "
                                  f"one forward pass before creating the Sparsifier (or exclude={name!r})")
             n, k = module.weight.shape
+            dims += [n, k]
             if n % size or k % size:
-                raise ValueError(_bad("block_size", size, f"a common divisor of the dimensions of every "
-                                      f"included layer; layer {name!r} is {n}x{k} (or exclude={name!r})"))
+                misfits.append((name, n, k))
+        if misfits:
+            shapes = ", ".join(f"{name!r} is {n}x{k}" for name, n, k in misfits)
+            divisor = math.gcd(*dims)
+            fits = [b for b in (128, 64, 32, 16, 8) if divisor % b == 0]
+            hint = f", or block_size={fits[0]}, which divides every included layer" if fits else ""
+            raise ValueError(_bad("block_size", size, (
+                f"a common divisor of the dimensions of every included layer; {shapes} (keep "
+                f"{'it' if len(misfits) == 1 else 'them'} dense with exclude={[name for name, _, _ in misfits]!r}"
+                f"{hint})")))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -240,6 +240,9 @@ class Sparsifier:
         layouts cannot re-bucket; see :func:`agpe_compile.rebucket`.
         """
         start = time.perf_counter()
+        if getattr(self, "_closed", False):
+            raise RuntimeError("agpe: Sparsifier.step() after close(): this Sparsifier no longer drives the layers "
+                               "(their masks stay as they are); create a new Sparsifier to go on pruning")
         self._check_weights_still_attached()
         self._check_one_call_per_optimizer_step()
         if loss is not None:
@@ -265,6 +268,7 @@ class Sparsifier:
         so another Sparsifier can take them. Masks and weights stay as they are. Graphs compiled
         while this one ran keep skipping the masking of zero weights on the dense path: go on
         with a new Sparsifier, or call ``torch._dynamo.reset()`` before training without one."""
+        self._closed = True
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

@@ -110,12 +110,29 @@ def test_report_summary_of_an_older_audit_file_says_what_it_lacks():
     assert summary["regrown_dropped"] is None and summary["flops_ratio"] == 0.75
     assert report.summary_line("old", summary) == (
         "old: 1 mask updates, 4 blocks dropped, 2 grown, of those dropped again at the next update: "
-        "n/a (older audit file); final density 0.500, training FLOPs 0.750x dense")
+        "n/a (older audit file); final density 0.500, training FLOPs of the agpe layers 0.750x dense")
 
 
 def test_report_rejects_a_missing_file(tmp_path):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "nope.jsonl")])
+
+
+def test_report_of_a_folder_says_to_give_its_files(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
+    assert f"{tmp_path} is a folder; give the audit files in it" in capsys.readouterr().err
+
+
+def test_report_without_out_leaves_the_plots_beside_the_audit_file_alone(agpe_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "agpe.jsonl"
+    shutil.copy(agpe_run[0], run)
+    (tmp_path / "loss_vs_flops.png").write_bytes(b"the example's comparison of five methods")
+    assert report.main([str(run)]) == 0
+    assert (tmp_path / "loss_vs_flops.png").read_bytes() == b"the example's comparison of five methods"
+    assert (tmp_path / "report" / "loss_vs_flops.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("content, message", [

@@ -73,10 +73,21 @@ def test_block_size_not_dividing_a_layer_names_layer_and_shape():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"AGPEConfig.block_size got 8; expected a common divisor of the "
-                                         r"dimensions of every included layer; layer '2' is 10x32 \(or exclude='2'\)"):
+                                         r"dimensions of every included layer; '2' is 10x32 \(keep it dense with "
+                                         r"exclude=\['2'\]\)"):
         Sparsifier(model, opt, AGPEConfig(block_size=8))
     assert agpe_compile.layer_states(model) == {} and not list(model.buffers())  # refused before preparing
     Sparsifier(model, opt, AGPEConfig(block_size=8, exclude=("2",)))  # excluding it is the way out
+
+
+def test_every_layer_the_block_size_does_not_divide_is_named_in_one_error():
+    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"'0' is 256x784, '4' is 10x256 \(keep them dense with exclude=\['0', '4'\]\)"):
+        Sparsifier(model, opt, AGPEConfig())  # one at a time before: fix one, meet the next
+    model = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 48))
+    with pytest.raises(ValueError, match=r"exclude=\['0', '2'\], or block_size=16, which divides every included"):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig())
 
 
 def test_no_eligible_layer_warns_once_and_trains_dense():

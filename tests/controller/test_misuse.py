@@ -281,3 +281,12 @@ def test_a_sparsifier_over_loaded_masks_keeps_the_trained_weights(policy, caplog
     assert "masks already have inactive blocks" in caplog.text
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_step_after_close_says_the_sparsifier_is_closed():
+    config = AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl", update_interval=2, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(1))
+    sp.close()
+    with pytest.raises(RuntimeError, match=r"Sparsifier.step\(\) after close\(\)"):
+        sp.step(1.0)  # only an unrelated "no optimizer.step() since the previous call" warning before
