@@ -41,7 +41,7 @@ from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import ensure_recompile_headroom
-from agpe_compile.state import _TENSOR_FIELDS, STATE_ATTR, LayerState
+from agpe_compile.state import _TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,6 @@ class AgpeBackend:
         for decision in decisions:
             if not decision.rewritten:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
-        _warn_misfit_block_size(decisions, self.for_explain)
         result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
             _keep_recompile_headroom(len(result.states), self.for_explain)
@@ -290,6 +289,9 @@ class AgpeBackend:
                         ". Hugging Face Conv1D layers (GPT-2): convert them with agpe_compile.linear_from_conv1d(model) "
                         "before compiling" if conv1d else "")
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        if self.zero_code_options is None or result.states:  # else "nothing prunable" above said it
+            _warn_misfit_block_size([d for d in decisions if not (d.weight in position and getattr(
+                example_inputs[position[d.weight]], DENSE_SAID_ATTR, False))], self.for_explain)
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
         return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
@@ -466,9 +468,10 @@ _said: set = set()
 def _warn_misfit_block_size(decisions, for_explain: bool) -> None:
     """Say (once per set of layers) which linear layers stay dense because the block size
     does not divide them: otherwise a typo in ``block_size`` compiles a dense model with no
-    word (``prepare`` and the Sparsifier say it themselves)."""
+    word. Callers leave out the layers ``prepare`` already warned about (``DENSE_SAID_ATTR``;
+    the Sparsifier refuses such layers itself)."""
     misfits = [d for d in decisions if not d.rewritten and "not divisible by block size" in str(d.reason)]
-    if not misfits or for_explain or not _first_time(("misfit", tuple(d.name for d in misfits))):
+    if not misfits or for_explain or not _first_time(("misfit", tuple((d.name, d.reason) for d in misfits))):
         return
     log.warning("agpe: %d linear layer(s) stay dense (not pruned): %s; a block size that divides them "
                 "(options={'block_size': ...}) makes them prunable, exclude=[...] says they are meant to be dense",

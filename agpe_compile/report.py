@@ -260,7 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summaries.append(summarize(records))
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "report")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        parser.error(f"--out: {out_dir!r} exists and is not a folder")
+        parser.error(f"--out: {out_dir!r} exists and is not a folder" if args.out else
+                     f"{out_dir!r}, the default output folder, exists and is not a folder: give --out DIR")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:

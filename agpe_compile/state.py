@@ -63,6 +63,7 @@ EXCLUDED_ATTR = "_agpe_excluded"  # param name -> LayerState, on the module (Not
 # for it (a graph compiled before would silently recompile it as an unprepared layer);
 # prepare() clears it. A plain bool, so a pickled model still loads without agpe.
 STRIPPED_ATTR = "_agpe_stripped"
+DENSE_SAID_ATTR = "_agpe_dense_said"  # on a weight prepare() warned it leaves dense for its shape
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
@@ -560,6 +561,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 setattr(weight, EXCLUDED_ATTR, f"{reason} (at prepare)")
             else:
                 unexpected.append(f"{name} ({reason})")
+                setattr(weight, DENSE_SAID_ATTR, True)  # the backend does not say it again
             continue
         if str(getattr(weight, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
             delattr(weight, EXCLUDED_ATTR)  # an earlier prepare's exclusion (a tie found by the backend stays)

@@ -249,8 +249,8 @@ def main(argv=None) -> None:
     for s in args.sparsities:
         if not 0 < s < 1:
             parser.error(f"--sparsities: expected values in (0, 1), got {s}")
-    if not 0 <= args.seed < 2**63:
-        parser.error(f"--seed: expected an int >= 0, got {args.seed}")
+    if not 0 <= args.seed <= 2**64 - 1:  # torch.manual_seed's range (AGPEConfig.seed's too)
+        parser.error(f"--seed: expected an int in [0, 2**64 - 1], got {args.seed}")
     setting = dict(SETTINGS["full" if args.full else "smoke" if args.smoke else "quick"])
     for item in args.overrides:
         key, sep, value = item.partition("=")

@@ -448,8 +448,8 @@ def main(argv: List[str] = None) -> None:
         write_results(args, results)  # after each method, so an interrupted run keeps what it finished
     print_table(results, args.eval_set)
     if args.mode == "smoke":
-        print("(--smoke trains 40 steps on 2,048 images: an end-to-end check; its accuracies say nothing about "
-              "the methods)")
+        print(f"(--smoke trains {total_steps(args, len(data[0]))} steps on {len(data[0]):,} images: an end-to-end "
+              f"check; its accuracies say nothing about the methods)")
     print(f"wrote {write_results(args, results)}")
     for path in render([os.path.join(args.out, f"{m}.jsonl") for m in args.methods if m != "plain"], args.out):
         print(f"wrote {path}")

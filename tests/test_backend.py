@@ -1,5 +1,6 @@
 """The backend as a user meets it: entry point, no-recompile, unprepared models, explain."""
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -708,3 +709,27 @@ def test_explain_of_the_compiled_wrapper_names_layers_as_the_module_does():
     compiled = torch.compile(model, backend="agpe", options={"inductor": False})
     names = [r.name for r in agpe_compile.explain(compiled, torch.randn(2, 64)).layers]
     assert names == ["0", "2"]  # were "__self__.0", "__self__.2"
+
+
+def test_layers_left_dense_for_their_shape_are_warned_about_once(caplog, monkeypatch):
+    import agpe_compile.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_said", set())  # once-per-process messages: fresh for this test
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.compile(model, backend="agpe", options={"block_size": 33, "inductor": False})(torch.randn(2, 64))
+    assert caplog.text.count("stay dense (not pruned)") == 1 and "not divisible by block size 33" in caplog.text
+    caplog.clear()  # prepare warned already: compiling does not say it again
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        agpe_compile.prepare(model, options={"block_size": 8})
+        torch.compile(model, backend="agpe", options={"inductor": False})(torch.randn(2, 64))
+    assert caplog.text.count("stay dense") == 1
+    caplog.clear()  # zero-code mode with nothing prunable: its own warning only
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 10))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.compile(model, backend="agpe", options={"target_sparsity": 0.5, "inductor": False})(torch.randn(2, 40))
+    assert "no layer of this graph can be pruned" in caplog.text and "stay dense (not pruned)" not in caplog.text

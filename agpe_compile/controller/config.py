@@ -248,6 +248,15 @@ class AGPEConfig:
             dims += [n, k]
             if n % size or k % size:
                 misfits.append((name, n, k))
+        for module_name, module in _unwrapped(model).named_modules():  # MHA projections count for the hint
+            if isinstance(module, nn.MultiheadAttention):
+                for param_name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    weight = getattr(module, param_name, None)
+                    pname = layer_name(module_name, param_name)
+                    if (weight is not None and weight.dim() == 2
+                            and any(fnmatch.fnmatchcase(pname, p) for p in self.include)
+                            and not any(fnmatch.fnmatchcase(pname, p) for p in self.exclude)):
+                        dims += list(weight.shape)
         if misfits:
             shapes = ", ".join(f"{name!r} is {n}x{k}" for name, n, k in misfits)
             divisor = math.gcd(*dims)
@@ -255,7 +264,8 @@ class AGPEConfig:
             hint = f", or block_size={fits[0]}, which divides every included layer" if fits else ""
             raise ValueError(_bad("block_size", size, (
                 f"a common divisor of the dimensions of every included layer; {shapes} (keep "
-                f"{'it' if len(misfits) == 1 else 'them'} dense with exclude={[name for name, _, _ in misfits]!r}"
+                f"{'it' if len(misfits) == 1 else 'them'} dense with "
+                f"exclude={[*self.exclude, *(name for name, _, _ in misfits)]!r}"
                 f"{hint})")))
 
     def to_dict(self) -> dict:

@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 AGE_NEVER_GROWN = 2 ** 30
 
 
+_RESCALE_SAID: set = set()  # zero-code policies whose sparse start has said it rescales weights
+
+
 def _loss_value(loss) -> torch.Tensor:
     """``step``'s loss as a 0-d float tensor; a clear error for anything else (a per-sample
     loss would otherwise pass until the update reads the interval's mean)."""
@@ -99,7 +102,10 @@ class Sparsifier:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], config: AGPEConfig,
-                 recompile_counter: Optional[Callable[[], int]] = None):
+                 recompile_counter: Optional[Callable[[], int]] = None, read_zero_blocks: bool = True):
+        """``read_zero_blocks``: over full masks, start the all-zero weight blocks of a model
+        that looks pruned inactive (Note [Masks from zero blocks]); ``False`` for freshly
+        initialized weights whose init leaves whole blocks at zero (``nn.init.eye_``)."""
         if not isinstance(config, AGPEConfig):
             raise TypeError(f"agpe: Sparsifier expected an AGPEConfig, got {type(config).__name__}")
         config.check_model(model, layer_states(model))  # before prepare: a refused model is left as it was
@@ -111,6 +117,7 @@ class Sparsifier:
                         ", ".join(frozen), "is" if len(frozen) == 1 else "are", "its" if len(frozen) == 1 else "their")
             states = {name: state for name, state in states.items() if name not in frozen}
         self.model = model  # the layer states only hold weak references to their modules
+        self._read_zero_blocks = bool(read_zero_blocks)
         if not states and any(type(m).__name__ == "Conv1D" for m in model.modules()):
             warnings.warn("agpe: the model's projections are Hugging Face Conv1D layers (GPT-2), which agpe does not "
                           "rewrite: call agpe_compile.linear_from_conv1d(model) before creating the optimizer and "
@@ -534,7 +541,8 @@ class Sparsifier:
     def _apply_initial_layout(self) -> None:
         states = list(self.layers.values())
         host = to_host([s.block_mask for s in states])
-        if all(bool(m.all()) for m in host) and self.config.policy != "dense":
+        if (all(bool(m.all()) for m in host) and self.config.policy != "dense"
+                and getattr(self, "_read_zero_blocks", True)):
             host = self._masks_from_zero_blocks(states, host)
         if not all(bool(m.all()) for m in host):
             # Masks with inactive blocks: a loaded checkpoint, a previous Sparsifier or hand-set
@@ -561,11 +569,14 @@ class Sparsifier:
             with torch.no_grad():
                 for state, mask in chosen:
                     state.weight.mul_((mask.numel() / int(mask.sum())) ** 0.5)
-            log.warning("agpe: policy %r starts sparse: a random initial layout was drawn (global density %.3f) and "
-                        "each layer's surviving weights were scaled by 1/sqrt(its density) (rescale_init=True, which "
-                        "keeps the output scale of freshly initialized weights). For pretrained weights pass "
-                        "rescale_init=False, or use policy 'agpe' or 'gmp', which start dense and prune by score",
-                        self.config.policy, _global_density([m for _, m in chosen]))
+            explicit = getattr(self, "model", None) is not None  # zero-code mode makes one Sparsifier per graph
+            if explicit or self.config.policy not in _RESCALE_SAID:
+                _RESCALE_SAID.add(self.config.policy)
+                log.warning("agpe: policy %r starts sparse: a random initial layout was drawn (global density %.3f) and "
+                            "each layer's surviving weights were scaled by 1/sqrt(its density) (rescale_init=True, which "
+                            "keeps the output scale of freshly initialized weights). For pretrained weights pass "
+                            "rescale_init=False, or use policy 'agpe' or 'gmp', which start dense and prune by score",
+                            self.config.policy, _global_density([m for _, m in chosen]))
 
     def _masks_from_zero_blocks(self, states: List[LayerState], host: List[torch.Tensor]) -> List[torch.Tensor]:
         """Note [Masks from zero blocks]: a pruned model loaded without its agpe buffers
@@ -575,8 +586,9 @@ class Sparsifier:
         some layer has both zero and nonzero blocks, and every layer the config's layout
         would make sparse at the final density has zero blocks. A freshly initialized
         weight has no all-zero block; one initialized with structure (``nn.init.eye_``)
-        may, but then the model's other layers have none; and a layer initialized to zeros
-        (a LoRA B matrix, a zero-init projection) tells nothing and keeps its full mask."""
+        may, and usually the model's other layers have none; a layer initialized to zeros
+        (a LoRA B matrix, a zero-init projection) tells nothing and keeps its full mask.
+        A model structured in every layer reads as pruned: ``read_zero_blocks=False``."""
         live = to_host([(s.weight.detach() != 0).view(s.grid[0], s.block_size, s.grid[1], s.block_size)
                         .any(3).any(1) for s in states])
         found = {s.name: m for s, m in zip(states, live) if not bool(m.all()) and bool(m.any())}
@@ -593,7 +605,8 @@ class Sparsifier:
             return host
         to_device([(s.block_mask, found[s.name]) for s in states if s.name in found])
         log.warning("agpe: %s ha%s weight blocks that are all exactly zero (%s): a pruned model loaded without its "
-                    "agpe buffers (from_pretrained, a stripped checkpoint)? Those blocks start inactive",
+                    "agpe buffers (from_pretrained, a stripped checkpoint)? Those blocks start inactive (for fresh "
+                    "weights whose init leaves blocks at zero, pass read_zero_blocks=False to the Sparsifier)",
                     ", ".join(list(found)[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else ""),
                     "s" if len(found) == 1 else "ve",
                     ", ".join(f"{n}: {int((~m).sum())} of {m.numel()}" for n, m in list(found.items())[:5]))

@@ -112,3 +112,19 @@ def test_patterns_and_buckets_accept_lists_as_the_backend_options_do():
     config = AGPEConfig(include="fc*", exclude=["head"], buckets=[1.0, 0.5])
     assert (config.include, config.exclude, config.buckets) == (("fc*",), ("head",), (1.0, 0.5))
     assert config == AGPEConfig(include=("fc*",), exclude=("head",), buckets=(1.0, 0.5))
+
+
+def test_the_suggested_exclude_list_keeps_the_users_excludes_and_the_block_size_counts_attention():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+    with pytest.raises(ValueError, match=r"exclude=\['4', '0', '2'\], or block_size=16"):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(exclude=("4",)))
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(48, 4, kdim=40, vdim=40)
+            self.fc = nn.Linear(48, 48)
+
+    model = Attn()
+    with pytest.raises(ValueError, match=r"or block_size=8, which divides"):  # 40 rules out 16
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig())

@@ -137,3 +137,23 @@ def test_a_module_replaced_after_the_sparsifier_is_refused_at_the_next_update():
     cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
     with pytest.raises(RuntimeError, match=r"layers \['fc3'\] are no longer part of the model"):
         train(cmodel, opt, sp, batches(1))  # the old head's mask drove nothing: warned as "unused" before
+
+
+def test_read_zero_blocks_false_draws_a_layout_over_identity_initialized_layers(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    for layer in (model[0], model[2]):
+        nn.init.eye_(layer.weight)  # every layer structured: reads as a pruned model
+    config = AGPEConfig(policy="rigl", target_sparsity=0.75, block_size=8)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    assert "pass read_zero_blocks=False" in caplog.text
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    for layer in (model[0], model[2]):
+        nn.init.eye_(layer.weight)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), config, read_zero_blocks=False)
+    assert "all exactly zero" not in caplog.text and "random initial layout was drawn" in caplog.text
+    assert sum(int(s.block_mask.sum()) for s in sp.layers.values()) == 8  # 25% of 2 x 16 blocks
