@@ -127,8 +127,15 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     backend = AgpeBackend(options, on_graph=graphs.append)
     backend.for_explain = True  # its compiles do not use up the model's recompile budget
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
-    with torch.enable_grad() if model.training else torch.no_grad():
-        torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
+    # Compiled in place (model.compile(...)): calling the module runs ITS compiled code, which
+    # the explain compile would only see as a call it cannot trace into (0 graphs reported).
+    compiled_in_place = getattr(model, "_compiled_call_impl", None)
+    model._compiled_call_impl = None
+    try:
+        with torch.enable_grad() if model.training else torch.no_grad():
+            torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
+    finally:
+        model._compiled_call_impl = compiled_in_place
     breaks_after = torch._dynamo.utils.counters["graph_break"]
     graph_breaks = [
         reason for reason, count in breaks_after.items() for _ in range(count - breaks_before.get(reason, 0))

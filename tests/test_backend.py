@@ -711,6 +711,27 @@ def test_explain_of_the_compiled_wrapper_names_layers_as_the_module_does():
     assert names == ["0", "2"]  # were "__self__.0", "__self__.2"
 
 
+def test_explain_of_a_model_compiled_in_place_traces_it():
+    torch._dynamo.reset()
+    class TwoLayers(nn.Module):  # (an nn.Sequential compiled in place happened to trace before the fix)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = TwoLayers()
+    agpe_compile.prepare(model, options={"block_size": 16})  # as the Sparsifier does (AGPETrainer too)
+    model.compile(backend="agpe", options={"inductor": False})
+    x = torch.randn(2, 64)
+    model(x)  # its own compiled code exists and is cached
+    report = agpe_compile.explain(model, x)
+    assert [r.name for r in report.layers] == ["a", "b"] and len(report.graphs) == 1  # were 0 graphs, no layers
+    assert model._compiled_call_impl is not None  # still compiled in place afterwards
+    torch.testing.assert_close(model(x), model._call_impl(x))
+
+
 def test_layers_left_dense_for_their_shape_are_warned_about_once(caplog, monkeypatch):
     import agpe_compile.backend as backend_module
 
