@@ -22,7 +22,13 @@ up to :func:`recompile_budget` compiles of one frame: ``RECOMPILE_FLOOR`` plus
 ``RECOMPILES_PER_CROSSING`` for every possible crossing of its layers. Past that budget
 something other than crossings recompiles the frame (or many models of one class were
 compiled in one process without ``torch._dynamo.reset()``), and the backend raises (with
-the way to see why) instead of compiling forever. ``fail_on_recompile_limit_hit`` is left
+the way to see why) instead of compiling forever. A ``recompile_limit`` the user set
+(above Dynamo's default 8, for a frame with many static shapes, say) is added to that
+budget: agpe's crossings come on top of the compiles the user allowed, and each static
+shape may cross every bucket (24 batch shapes under ``dynamic=False`` with GMP crossing
+7 buckets made ~170 graphs of one frame, which plain torch.compile ran under the user's
+limit of 4096 and agpe's budget alone refused). The user's limit is the one in force
+before agpe first raised it, or whatever the user set since. ``fail_on_recompile_limit_hit`` is left
 alone; the limits are process-wide numbers, so the first raise is logged as a warning.
 Compiles made by :func:`agpe_compile.explain` (one per call) are added to the frame's
 budget: explaining a model every epoch is not "something else recompiling it".
@@ -58,19 +64,36 @@ def recompile_budget(layers: int, buckets: int = len(DEFAULT_BUCKETS)) -> int:
     return RECOMPILE_FLOOR + RECOMPILES_PER_CROSSING * max(1, layers) * max(1, buckets - 1)
 
 
+_limits_found: Dict[str, int] = {}  # each limit as agpe last found it set by someone else
+_limits_set: Dict[str, int] = {}  # each limit as agpe last set it
+
+
+def user_recompile_limit() -> int:
+    """``torch._dynamo.config.recompile_limit`` as the user set it (or Dynamo's default):
+    while the limit still holds the value agpe raised it to, the value agpe found before that
+    raise; otherwise the current value (Note [Recompile budget])."""
+    value = torch._dynamo.config.recompile_limit
+    if _limits_set.get("recompile_limit") == value:
+        return _limits_found["recompile_limit"]
+    return value
+
+
 def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "this frame", explained: int = 0) -> None:
     """Called by the backend at the ``frame_compiles``-th compile of a frame holding
     ``layers`` agpe layers (Note [Recompile budget]); ``explained`` of those compiles were
     :func:`agpe_compile.explain` calls, which the budget does not count against training."""
-    budget = recompile_budget(layers) + explained
+    user_limit = user_recompile_limit()
+    budget = recompile_budget(layers) + explained + user_limit
     if frame_compiles > budget:
         raise RuntimeError(
             f"agpe: {frame} was compiled {frame_compiles} times, more than its {layers} agpe layer(s) can need for "
-            f"density-bucket crossings ({budget}). Either many models of this class were compiled in one process "
-            f"(a sweep: call torch._dynamo.reset() between them), or something recompiles it on every call: input "
-            f"shapes that change under torch.compile(..., dynamic=False) (leave dynamic at its default, or "
-            f"torch._dynamo.mark_dynamic the varying dimension) or a changing Python value guarded by Dynamo. "
-            f"Run with TORCH_LOGS=recompiles to see the reason")
+            f"density-bucket crossings on top of torch._dynamo.config.recompile_limit={user_limit} ({budget}). "
+            f"Either many models of this class were compiled in one process (a sweep: call torch._dynamo.reset() "
+            f"between them), or something recompiles it on every call: input shapes that change under "
+            f"torch.compile(..., dynamic=False) (leave dynamic at its default, or torch._dynamo.mark_dynamic the "
+            f"varying dimension) or a changing Python value guarded by Dynamo. Run with TORCH_LOGS=recompiles to "
+            f"see the reason. If the frame really has that many static variants, raise "
+            f"torch._dynamo.config.recompile_limit to their number: agpe adds its crossing budget to it")
     config = torch._dynamo.config
     # budget + 2: Dynamo still compiles the budget + 1-th time, and the check above says why
     wanted = min(frame_compiles + RECOMPILE_HEADROOM, budget + 2)
@@ -82,7 +105,10 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
             log.log(level, "agpe: raising torch._dynamo.config.%s %d -> %d (%s compiled %d times; the limit is "
                     "process-wide, so other compiled code may recompile that often too before falling back)",
                     name, getattr(config, name), wanted, frame, frame_compiles)
+            if _limits_set.get(name) != getattr(config, name):  # not agpe's value: the user's (or the default)
+                _limits_found[name] = getattr(config, name)
             setattr(config, name, wanted)
+            _limits_set[name] = wanted
 
 
 def rebucket(

@@ -147,7 +147,10 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
         if on_step is not None:
             on_step(opt)
 
-    handles = [register_optimizer_step_post_hook(after_step)]
+    # Never traced: an optimizer step inside a compiled function would otherwise make Dynamo
+    # trace these host-side checks (graph breaks in agpe's own code, recompiles of its helpers
+    # as masks change); disabled, the hook runs eagerly after the compiled step, as it must.
+    handles = [register_optimizer_step_post_hook(torch.compiler.disable(after_step))]
     modules = {}
     for state in states:
         module = state.module

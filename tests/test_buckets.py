@@ -155,10 +155,31 @@ def test_many_crossings_with_evaluation_stay_compiled_and_masked():
 
 
 def test_a_frame_recompiled_past_its_crossing_budget_is_refused():
-    from agpe_compile.buckets import ensure_recompile_headroom, recompile_budget
+    from agpe_compile.buckets import ensure_recompile_headroom, recompile_budget, user_recompile_limit
 
-    budget = recompile_budget(2)
+    budget = recompile_budget(2) + user_recompile_limit()
     ensure_recompile_headroom(budget, 2)  # still explained by crossings
     assert torch._dynamo.config.recompile_limit >= budget
     with pytest.raises(RuntimeError, match="TORCH_LOGS=recompiles"):
         ensure_recompile_headroom(budget + 1, 2)
+
+
+def test_a_recompile_limit_the_user_raised_is_added_to_the_budget(monkeypatch):
+    """24 static batch shapes x GMP's bucket states made ~170 graphs of one frame: plain
+    torch.compile ran them under the user's recompile_limit=4096, agpe refused at 121."""
+    import agpe_compile.buckets as buckets
+
+    monkeypatch.setattr(buckets, "_limits_found", {})
+    monkeypatch.setattr(buckets, "_limits_set", {})
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        buckets.ensure_recompile_headroom(1, 1)  # agpe raises the limit: that is not the user's limit
+        assert torch._dynamo.config.recompile_limit == 1 + buckets.RECOMPILE_HEADROOM
+        assert buckets.user_recompile_limit() == 8
+        with pytest.raises(RuntimeError, match="raise torch._dynamo.config.recompile_limit"):
+            buckets.ensure_recompile_headroom(buckets.recompile_budget(1) + 8 + 1, 1)
+    with torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=4096):
+        assert buckets.user_recompile_limit() == 4096
+        buckets.ensure_recompile_headroom(170, 1)  # was: "compiled 170 times, more than ... (120)"
+        buckets.ensure_recompile_headroom(buckets.recompile_budget(1) + 4096, 1)
+        with pytest.raises(RuntimeError, match="recompile_limit=4096"):
+            buckets.ensure_recompile_headroom(buckets.recompile_budget(1) + 4096 + 1, 1)

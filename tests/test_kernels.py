@@ -887,3 +887,16 @@ def test_known_interpreter_incompatibility_is_named(monkeypatch):
     with pytest.raises(RuntimeError) as info:
         runtime._interpreted(failing("only 0-dimensional arrays"))()
     assert not isinstance(info.value, runtime.InterpreterUnavailable)
+
+
+def test_the_cpu_path_of_a_layout_is_costed_at_its_own_bucket():
+    """Capacity rounds up (103 slots of 1024 blocks in bucket 0.10): costed through
+    bucket_for, the fraction 0.1006 took the next bucket (0.15) and the dense path."""
+    from agpe_compile.ops import paths
+
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask.view(-1)[:100] = True
+    layout = build_layout(mask, 32)  # 1024 x 1024 weight, block 32, density 0.098
+    assert layout.bucket == 0.1 and layout.capacity == 103
+    x, weight = torch.randn(2048, 1024), torch.randn(1024, 1024)
+    assert paths.choose(x, weight, layout) == choose_cpu_path(2048, 1024, 1024, 0.1, 32) == "gather"

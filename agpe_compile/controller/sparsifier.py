@@ -726,7 +726,9 @@ class Sparsifier:
                 "agpe: Sparsifier update at step %d: no backward pass through the compiled model reached %s since "
                 "the last interval (the other layers were reached), so %s without gradient information. "
                 "Outside the compiled region (regional compilation: compile the module that calls %s too, or "
-                "exclude %s), or unused in this phase?", step, ", ".join(missed[:5]) +
+                "exclude %s), run eagerly where Dynamo broke the graph (a hook of yours on the layer that calls "
+                ".item() or print, or any register_full_backward_hook; TORCH_LOGS=graph_breaks shows where), or "
+                "unused in this phase?", step, ", ".join(missed[:5]) +
                 (f" and {len(missed) - 5} more" if len(missed) > 5 else ""),
                 "its mask changes" if len(missed) == 1 else "their masks change",
                 "it" if len(missed) == 1 else "them", "it" if len(missed) == 1 else "them")

@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ..layout import BlockLayout, bucket_for
+from ..layout import BlockLayout
 from .checks import as_2d, check_layout, check_operands, check_rows, check_saliency, check_tensor
 
 _CHUNK_BYTES = 64 * 2**20  # bound on one gathered [slots, M, b] batch
@@ -155,6 +155,8 @@ def choose_cpu_path(m: int, n: int, k: int, density: float, block_size: int) -> 
     anchors = [size for size in _GATHER_KAPPA if size <= block_size]
     if not anchors:  # smaller blocks than measured: batched matmuls of tiny blocks lose
         return "dense"
-    relative = _GATHER_KAPPA[max(anchors)] * bucket_for(density)
+    # density is the layout's capacity / blocks, a shade above its bucket where the capacity
+    # rounds up: taken as is (bucket_for would cost a layer at the next bucket up)
+    relative = _GATHER_KAPPA[max(anchors)] * density
     saved_flops = 6.0 * m * n * k * (1.0 - relative)
     return "gather" if saved_flops > _GATHER_FIXED_FLOPS else "dense"

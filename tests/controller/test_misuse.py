@@ -290,3 +290,48 @@ def test_step_after_close_says_the_sparsifier_is_closed():
     sp.close()
     with pytest.raises(RuntimeError, match=r"Sparsifier.step\(\) after close\(\)"):
         sp.step(1.0)  # only an unrelated "no optimizer.step() since the previous call" warning before
+
+
+def test_a_user_hook_that_breaks_the_graph_is_named_when_a_layer_misses_its_backward(caplog):
+    """A full backward hook on a layer inside a loop over blocks makes Dynamo run that
+    layer eagerly (no scores); the warning named only regional compilation."""
+    from agpe_compile.controller import Sparsifier
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = torch.nn.LayerNorm(16)
+            self.fc1, self.fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+            self.head = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Net()
+    model.blocks[0].fc1.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(block_size=8, target_sparsity=0.5, policy="rigl", update_interval=2,
+                                           end_step=100, exclude=("head",)))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for _ in range(4):
+            loss = cmodel(torch.randn(2, 8, 16)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+    messages = [r.getMessage() for r in caplog.records if "no backward pass through the compiled model reached" in r.getMessage()]
+    assert len(messages) == 1 and "reached blocks.0.fc1 since" in messages[0], messages
+    assert "register_full_backward_hook" in messages[0] and "TORCH_LOGS=graph_breaks" in messages[0]

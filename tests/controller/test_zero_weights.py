@@ -476,3 +476,33 @@ def test_an_lbfgs_that_replaces_the_sparsifiers_optimizer_is_warned_about(caplog
         lbfgs.step(closure)
     said = [r.getMessage() for r in caplog.records if "Give the LBFGS to the Sparsifier" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_an_optimizer_step_inside_a_compiled_step_runs_the_hook_untraced():
+    """Compiling forward + backward + opt.step() made Dynamo trace the step hook: graph
+    breaks inside agpe's own code (a .item() in dense_path.all_live) and recompiles of its
+    helpers as masks changed. The hook runs eagerly, and inactive weights stay zero."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = Meddling(model.parameters(), lr=0.05)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, policy="gmp", block_size=4, update_interval=2,
+                                           end_step=6, buckets=(1.0, 0.5)))
+
+    @torch.compile(backend="agpe", options={"inductor": False})
+    def train_step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    before = dict(breaks)
+    for x, y in batches(8):
+        sp.step(train_step(x, y))
+        for state in sp.layers.values():
+            assert not state.weight[expand_block_mask(~state.block_mask, 4, torch.bool)].any()
+    assert sp.global_density < 1.0
+    new = [reason for reason, count in breaks.items() if count > before.get(reason, 0)]
+    assert not any("agpe_compile" in reason or ".item()" in reason for reason in new), new
