@@ -10,7 +10,9 @@ The Trainer owns the loop, so the Sparsifier is wired into it (each a Note below
 * it is stepped once per optimizer step with that step's loss, summed over the
   gradient-accumulation micro-batches (Note [One Sparsifier step per optimizer step]);
 * every ``save_model`` (so every checkpoint folder) gets ``agpe_sparsifier.pt``, and
-  ``train(resume_from_checkpoint=...)`` loads it back (Note [Checkpoints]);
+  ``train(resume_from_checkpoint=...)`` loads it back (Note [Checkpoints]); under several
+  data-parallel ranks each rank also saves and loads its own interval state (Note [Ranks'
+  own state]);
 * ``agpe_density`` (the global density) is added to every log;
 * settings that would silently train dense, train something else, or do nothing they seem
   to do, are refused with a ``ValueError`` that names the fix (Note [Refused settings]).
@@ -33,6 +35,7 @@ A Trainer subclass of your own takes the same behaviour by putting this class fi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -45,6 +48,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from agpe_compile import distributed
 from agpe_compile.backend import AgpeBackend
 from agpe_compile.controller import AGPE_OPTION_KEYS, AGPEConfig, Sparsifier
 from agpe_compile.conv1d import _is_conv1d
@@ -53,6 +57,9 @@ from agpe_compile.state import layer_states, prepare
 log = logging.getLogger(__name__)
 
 SPARSIFIER_NAME = "agpe_sparsifier.pt"  # in every checkpoint folder, beside model.safetensors
+RANK_STATE_NAME = "agpe_rank_state_{rank}.pt"  # each data-parallel rank's own (Note [Ranks' own state])
+# Layer buffers that differ between data-parallel ranks: this interval's sums and the row counters.
+_RANK_BUFFERS = ("saliency", "dense_grad_sq", "counters")
 # Backend options that come from the AGPEConfig (prepare and the Sparsifier use them too).
 _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 
@@ -117,6 +124,29 @@ _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 # the best checkpoint's model (masks included) after training; on_train_end then loads
 # that checkpoint's Sparsifier too, so masks and controller agree again.
 
+# Note [Ranks' own state]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# Under data parallelism the ranks hold the same masks and weights, but each rank's
+# saliency sums, dense-gradient scores and row counters of the current update interval
+# come from its own shard (they are averaged only at the update, Note [Data-parallel
+# masks] in distributed.py), and so do its Sparsifier's loss window and FLOP counts. Rank
+# 0's model.safetensors and agpe_sparsifier.pt hold rank 0's: resumed from a checkpoint
+# saved mid-interval, the other ranks would start from rank 0's sums and the next update
+# would average rank 0's scores twice (a 2-rank run resumed from a step-5 checkpoint with
+# updates every 2 steps ended with another mask than the uninterrupted run). So every rank
+# also writes its own agpe_rank_state_{rank}.pt (its Sparsifier state_dict and those
+# buffers), as the Trainer does for its RNG states, and loads it on resume after the shared
+# files; without it (another number of ranks) a warning says the next update may differ.
+
+# Note [Batch-size retries]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~
+# auto_find_batch_size reruns the Trainer's inner loop with a halved batch after an
+# out-of-memory error: the Trainer starts again at global step 0 (keeping the weights), but
+# the Sparsifier cannot step back, so every later checkpoint would hold a Sparsifier ahead
+# of its trainer state. A second on_train_begin within one train() is that retry: it is
+# refused with the batch size to set, and the step's partial loss is dropped at every
+# on_train_begin either way.
+
 # Note [Refused settings]
 # ~~~~~~~~~~~~~~~~~~~~~~~
 # Each of these would train something other than what the user asked, or pretend to:
@@ -150,7 +180,7 @@ class AGPETrainer(Trainer):
         if not isinstance(agpe_config, AGPEConfig):
             raise TypeError(f"AGPETrainer: agpe_config must be an agpe_compile.AGPEConfig, got "
                             f"{type(agpe_config).__name__}")
-        given = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments
+        given = _trainer_arguments(args, kwargs)
         _refuse_before_init(given.get("model"), given.get("args"), given.get("model_init"),
                             (given.get("optimizers") or (None, None))[0])
         self.agpe_config = agpe_config
@@ -158,7 +188,10 @@ class AGPETrainer(Trainer):
         self._sparsifier: Optional[Sparsifier] = None
         self._agpe_loss: Optional[torch.Tensor] = None  # this optimizer step's loss so far
         self._agpe_resume_from: Optional[str] = None
+        self._agpe_train_begins = 0  # on_train_begin calls in this train() (Note [Batch-size retries])
         super().__init__(*args, **kwargs)
+        # what the Trainer ended up with (a subclass may take its arguments in another order)
+        _refuse_before_init(self.model, self.args, self.model_init, self.optimizer)
         self._refuse_after_init()
         # Note [Prepare and compile in place]
         agpe_config.check_model(self.model, layer_states(self.model))
@@ -183,7 +216,13 @@ class AGPETrainer(Trainer):
             if not _drivable(inner):
                 raise ValueError(_not_drivable(inner, "the Trainer's optimizer (args.optim / create_optimizer)"))
             _check_holds_weights(inner, layer_states(self.model))
+            if distributed.world_size() > 1 and self.agpe_config.data_parallel == "off":
+                raise ValueError(
+                    f"AGPETrainer: AGPEConfig(data_parallel='off') under {distributed.world_size()} data-parallel "
+                    f"ranks: each rank would decide its own masks from its own shard, and the replicas would train "
+                    f"different models (rank 0's is the one saved). Leave data_parallel at 'auto'")
             self._warn_schedule_past_end()
+            self._warn_gradient_checkpointing()
             quiet = _QuietAdoption() if self._agpe_resume_from else None  # Note [Checkpoints]: loaded next
             if quiet:
                 _sparsifier_log.addFilter(quiet)
@@ -219,22 +258,35 @@ class AGPETrainer(Trainer):
                 f"start sparse training from its weights, load the model from it (from_pretrained) and call "
                 f"train() without resume_from_checkpoint")
         self._agpe_resume_from = path
+        self._agpe_train_begins = 0
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._agpe_resume_from = None
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """The Trainer's save, plus ``agpe_sparsifier.pt`` beside the model (Note [Checkpoints])."""
+        """The Trainer's save, plus ``agpe_sparsifier.pt`` beside the model (Note [Checkpoints])
+        and, with several data-parallel ranks, each rank's own interval state (Note [Ranks'
+        own state]). Nothing of agpe's once the Sparsifier is closed (a model to ship)."""
         folder = output_dir if output_dir is not None else self.args.output_dir
-        if self._sparsifier is not None and self.args.should_save:
-            os.makedirs(folder, exist_ok=True)
-            torch.save(self._sparsifier.state_dict(), os.path.join(folder, SPARSIFIER_NAME))
+        sparsifier = self._sparsifier
+        if sparsifier is not None and not getattr(sparsifier, "_closed", False):
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                torch.save(sparsifier.state_dict(), os.path.join(folder, SPARSIFIER_NAME))
+            ranks = distributed.world_size()
+            if ranks > 1:
+                os.makedirs(folder, exist_ok=True)
+                torch.save({"world_size": ranks, "sparsifier": sparsifier.state_dict(),
+                            "buffers": {name: {key: getattr(state, key).detach().cpu() for key in _RANK_BUFFERS}
+                                        for name, state in sparsifier.layers.items()}},
+                           os.path.join(folder, RANK_STATE_NAME.format(rank=distributed.rank())))
         super().save_model(output_dir, _internal_call)
 
     def log(self, logs, *args: Any, **kwargs: Any) -> None:
-        if self._sparsifier is not None:
-            logs["agpe_density"] = self._sparsifier.global_density
+        if self._sparsifier is not None and not getattr(self._sparsifier, "_closed", False):
+            # a copy: evaluate() logs its metrics dict and then returns it to the caller
+            logs = {**logs, "agpe_density": self._sparsifier.global_density}
         super().log(logs, *args, **kwargs)
 
     # ---- helpers ------------------------------------------------------------------------
@@ -254,15 +306,46 @@ class AGPETrainer(Trainer):
             raise ValueError(
                 f"AGPETrainer: {os.path.join(folder, SPARSIFIER_NAME)} is at step {self._sparsifier.step_count}, "
                 f"but the checkpoint's trainer state is at global step {self.state.global_step}: the file belongs to "
-                f"another checkpoint. Resume from a folder AGPETrainer saved as a whole")
+                f"another checkpoint, or a second train() of one trainer (which restarts the Trainer's step count "
+                f"but not the Sparsifier's) wrote this checkpoint. Resume from a folder AGPETrainer saved as a "
+                f"whole during a single train(); to go on from this one's weights, load the model from it and "
+                f"train() without resume_from_checkpoint")
+        self._load_rank_state(folder)
+
+    def _load_rank_state(self, folder: str) -> None:
+        """Note [Ranks' own state]: this rank's interval sums, counters and controller state."""
+        ranks = distributed.world_size()
+        if ranks == 1:
+            return
+        path = os.path.join(folder, RANK_STATE_NAME.format(rank=distributed.rank()))
+        saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+        if saved is None or saved["world_size"] != ranks:
+            log.warning("agpe: %s has no state of rank %d of %d (%s): this rank resumes from rank 0's interval "
+                        "sums and counters, so the next mask update can differ from the uninterrupted run's "
+                        "(a checkpoint saved at an update-interval boundary, where the sums are empty, resumes "
+                        "exactly)", folder, distributed.rank(), ranks,
+                        "saved by another number of ranks" if saved is not None else "no " + os.path.basename(path))
+            return
+        self._sparsifier.load_state_dict(saved["sparsifier"])
+        with torch.no_grad():
+            for name, state in self._sparsifier.layers.items():
+                for key in _RANK_BUFFERS:
+                    getattr(state, key).copy_(saved["buffers"][name][key])
 
     def _warn_schedule_past_end(self) -> None:
         config, max_steps = self.agpe_config, self.state.max_steps
         if max_steps and config.start_density > config.final_density and config.end_step > max_steps:
             log.warning("agpe: AGPEConfig.end_step=%d is past the run's %d steps (max_steps): policy %r prunes "
                         "towards density %.3f until end_step, so this run stops short of it. Set end_step from "
-                        "the run's length, e.g. AGPEConfig(end_step=%d)", config.end_step, max_steps,
-                        config.policy, config.final_density, int(0.75 * max_steps))
+                        "the run's length, e.g. %s", config.end_step, max_steps, config.policy,
+                        config.final_density, _schedule_advice(config, max_steps))
+
+    def _warn_gradient_checkpointing(self) -> None:
+        if self.args.gradient_checkpointing:
+            log.warning("agpe: gradient_checkpointing=True: the layers inside checkpointed blocks take their "
+                        "masked weight (agpe::masked_weight) and run dense matmuls, so they are pruned and scored "
+                        "but not faster, and sparsifier.flops does not count them (README, 'Getting the speed-up "
+                        "on a GPU'). Turn it off for the block-sparse kernels where memory allows")
 
     def _refuse_after_init(self) -> None:
         from accelerate.utils import DynamoBackend
@@ -289,7 +372,16 @@ class _AGPECallback(TrainerCallback):
         self._trainer = weakref.ref(trainer)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        sparsifier = self._trainer()._sparsifier
+        trainer = self._trainer()
+        trainer._agpe_loss = None  # a step cut short (an out-of-memory retry) leaves part of its loss
+        trainer._agpe_train_begins += 1
+        sparsifier = trainer._sparsifier
+        if trainer._agpe_train_begins > 1 and sparsifier is not None and sparsifier.step_count != state.global_step:
+            raise RuntimeError(  # Note [Batch-size retries]
+                f"AGPETrainer: auto_find_batch_size restarted training at global step {state.global_step} with "
+                f"batch size {getattr(trainer, '_train_batch_size', '?')} after an out-of-memory error, but the "
+                f"Sparsifier has already run {sparsifier.step_count} steps and cannot start over with it. Set "
+                f"per_device_train_batch_size to that size (auto_find_batch_size=False) and start the run again")
         if sparsifier is not None and sparsifier.step_count != state.global_step:
             log.warning("agpe: train() starts at global step %d, but the Sparsifier has run %d steps (an earlier "
                         "train() of this trainer): it goes on from there. Pass resume_from_checkpoint to go on from "
@@ -315,12 +407,43 @@ class _QuietAdoption(logging.Filter):
         return not record.getMessage().startswith("agpe: the layers' masks already have inactive blocks")
 
 
+def _schedule_advice(config: AGPEConfig, max_steps: int) -> str:
+    """``AGPEConfig(end_step=..., ...)`` for a run of ``max_steps``, with the fields it needs
+    beside end_step (update_interval, when the default is longer than the run) so that
+    AGPEConfig accepts it."""
+    end = max(1, int(0.75 * max_steps))
+    fields = {"end_step": end}
+    if config.update_interval > end // 2:
+        fields["update_interval"] = max(1, end // 8)
+    if config.begin_step >= end:
+        fields["begin_step"] = 0
+    text = "AGPEConfig(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+    try:
+        dataclasses.replace(config, **fields)
+    except (TypeError, ValueError) as error:  # still not a valid config: say why instead of a wrong example
+        return f"{text} (with this config's other fields: {error})"
+    return text
+
+
+def _trainer_arguments(args: tuple, kwargs: dict) -> dict:
+    """``model``, ``args``, ``model_init`` and ``optimizers`` as given to the trainer: by
+    keyword, or positionally in ``Trainer.__init__``'s order (a subclass that adds keywords
+    of its own keeps those first). Only read for the checks that must come before the
+    Trainer's own __init__; __init__ checks what the Trainer ended up with again."""
+    names = list(inspect.signature(Trainer.__init__).parameters)[1:]
+    given = dict(zip(names, args))
+    given.update((name, kwargs[name]) for name in names if name in kwargs)
+    return given
+
+
 def _refuse_before_init(model, args, model_init, optimizer) -> None:
     """Note [Refused settings]: what can be checked before the Trainer is built (its
     accelerator refuses torch_compile_backend="agpe" with a message about its own list)."""
-    if model is None:
+    if model_init is not None:
         raise ValueError("AGPETrainer: pass the model itself (model=...): model_init builds a new model per "
                          "train() (hyperparameter search), which the trainer could not prepare before it runs")
+    if not isinstance(model, nn.Module):
+        model = nn.Module()  # nothing (the Trainer will say so) or not known yet: its checks run after __init__
     if isinstance(model, OptimizedModule) or getattr(model, "_compiled_call_impl", None):
         raise ValueError("AGPETrainer: the model is already compiled (torch.compile / model.compile()), before the "
                          "agpe layers were prepared. Pass the uncompiled model: AGPETrainer compiles it in place with "
@@ -331,7 +454,7 @@ def _refuse_before_init(model, args, model_init, optimizer) -> None:
                  f"{conv1d[0]} and {len(conv1d) - 1} more are Hugging Face Conv1D layers")
         raise ValueError(f"AGPETrainer: {which} (GPT-2), which agpe does not rewrite, so they would train dense. "
                          f"Call agpe_compile.linear_from_conv1d(model) before creating the optimizer and the trainer")
-    if args is not None:
+    if hasattr(args, "torch_compile"):
         if args.torch_compile:  # also set by torch_compile_backend or torch_compile_mode
             raise ValueError(
                 f"AGPETrainer: TrainingArguments has torch_compile=True (backend {args.torch_compile_backend!r}, "

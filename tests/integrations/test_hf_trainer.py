@@ -154,6 +154,7 @@ def test_evaluation_runs_on_the_sparse_model(run):
     metrics = trainer.evaluate(Tokens(n=8, seed=1))
     assert math.isfinite(metrics["eval_loss"])
     assert trainer.state.log_history[-1]["agpe_density"] == trainer.sparsifier.global_density
+    assert "agpe_density" not in metrics  # the logs get it; the metrics evaluate() returns stay the Trainer's
     assert trainer.sparsifier.step_count == step  # evaluation is no training step
     assert all(torch.equal(s.counters, counters[n]) for n, s in trainer.sparsifier.layers.items())
     # The compiled evaluation computes what the pruned model computes eagerly (inactive weights are zeros).
@@ -169,6 +170,7 @@ def test_evaluation_runs_on_the_sparse_model(run):
 def test_a_second_train_without_resume_says_the_sparsifier_goes_on(run, caplog):
     trainer = run.trainer
     state = transformers.TrainerState(global_step=0)
+    trainer._agpe_train_begins = 0  # as a new train() call starts (a second begin within one is a retry)
     with caplog.at_level("WARNING", logger="agpe_compile.integrations.hf"):
         trainer.callback_handler.on_train_begin(trainer.args, state, transformers.TrainerControl())
     assert f"train() starts at global step 0, but the Sparsifier has run {STEPS} steps" in caplog.text
@@ -286,6 +288,44 @@ def test_a_schedule_past_the_run_is_warned_about_and_the_sparsifier_uses_the_tra
     assert "AGPEConfig(end_step=6)" in caplog.text
     assert trainer.sparsifier.optimizer is optimizer
     assert trainer.sparsifier.global_density == 1.0  # nothing ran yet
+    caplog.clear()  # with AGPEConfig's default update_interval (100) end_step=6 alone is refused: the advice says more
+    trainer = make_trainer(tmp_path, agpe_config=AGPEConfig(target_sparsity=0.5, block_size=16),
+                           args=training_args(tmp_path, gradient_checkpointing=True))
+    trainer.state.max_steps = STEPS
+    with caplog.at_level("WARNING", logger="agpe_compile.integrations.hf"):
+        trainer.create_optimizer()
+    assert "e.g. AGPEConfig(end_step=6, update_interval=1)" in caplog.text
+    AGPEConfig(target_sparsity=0.5, block_size=16, end_step=6, update_interval=1)  # the advice is accepted
+    assert "gradient_checkpointing=True" in caplog.text and "not faster" in caplog.text
+
+
+def test_a_batch_size_retry_after_out_of_memory_is_refused_with_the_size_to_set(tmp_path):
+    """Note [Batch-size retries]: the Trainer restarted at global step 0, the Sparsifier went
+    on (10 steps against 8), and its checkpoints could not be resumed."""
+    calls = []
+
+    class OutOfMemoryAtStep3(AGPETrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            calls.append(inputs["input_ids"].shape[0])
+            if len(calls) == 5:  # step 3's first micro-batch, at batch size 4
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    trainer = OutOfMemoryAtStep3(model=tiny_gpt2(), args=training_args(tmp_path, auto_find_batch_size=True),
+                                 train_dataset=Tokens(), agpe_config=agpe_config(), agpe_compile_options=FAST)
+    with pytest.raises(RuntimeError, match="restarted training at global step 0 with batch size 3.*has already run 2 "
+                                           "steps.*per_device_train_batch_size"):
+        trainer.train()
+
+
+def test_a_closed_sparsifier_writes_no_agpe_file_into_a_shipped_model(tmp_path):
+    trainer = make_trainer(tmp_path, args=training_args(tmp_path, max_steps=2, save_steps=100))
+    trainer.train()
+    trainer.sparsifier.close()
+    agpe_compile.strip(trainer.model)
+    trainer.save_model(str(tmp_path / "shipped"))
+    assert SPARSIFIER_NAME not in os.listdir(tmp_path / "shipped")
+    assert "model.safetensors" in os.listdir(tmp_path / "shipped")
 
 
 def test_a_trainer_subclass_of_ones_own_takes_it_as_a_mixin(tmp_path):
@@ -309,3 +349,44 @@ def test_a_trainer_subclass_of_ones_own_takes_it_as_a_mixin(tmp_path):
     with pytest.raises(ValueError, match="Pass the torch.optim optimizer itself"):
         MyAGPETrainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=Tokens(),
                       agpe_config=agpe_config(), optimizers=(NotAnOptimizer([]), None))
+
+    class WithItsOwnKeywords(transformers.Trainer):  # (was: "got an unexpected keyword argument 'alpha'")
+        def __init__(self, *args, alpha=1.0, **kwargs):
+            self.alpha = alpha
+            super().__init__(*args, **kwargs)
+
+    class Yours(AGPETrainer, WithItsOwnKeywords):
+        pass
+
+    trainer = Yours(tiny_gpt2(), training_args(tmp_path), alpha=0.5, train_dataset=Tokens(),
+                    agpe_config=agpe_config(), agpe_compile_options=FAST)
+    assert trainer.alpha == 0.5 and agpe_compile.layer_states(trainer.model)
+    with pytest.raises(ValueError, match="Conv1D"):  # checked on what the Trainer ended up with, too
+        Yours(tiny_gpt2(convert=False), training_args(tmp_path), alpha=0.5, agpe_config=agpe_config())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_two_ranks_resume_a_mid_interval_checkpoint_bit_identically(tmp_path):
+    """Note [Ranks' own state]: each rank's interval sums come back from its own file (rank 1
+    started from rank 0's before, and the next update decided another mask)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    with open(tmp_path / "ranks.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "tests.integrations.hf_ddp_worker", str(tmp_path)],
+                              cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 0, (tmp_path / "ranks.log").read_text()[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert "agpe_rank_state_0.pt" in ranks[0]["files"] and "agpe_rank_state_1.pt" in ranks[0]["files"]
+    for r in ranks:
+        assert r["straight_step"] == r["resumed_step"] == 8
+        differ = [key for key, value in r["straight"].items() if not torch.equal(value, r["resumed"][key])]
+        masks = [key for key in r["straight"] if key.endswith("weight_block_mask")]
+        assert masks and differ == [], differ
+        assert "data_parallel='off'" in r["off"] and "2 data-parallel ranks" in r["off"]
+    weights = [key for key in ranks[0]["straight"] if key.endswith(".weight")]
+    assert all(torch.equal(ranks[0]["straight"][key], ranks[1]["straight"][key]) for key in weights)
