@@ -1,7 +1,7 @@
 """One rank of a data-parallel agpe run (gloo, CPU), for tests/test_distributed.py.
 
     python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside] [--data-parallel-off]
-        [--rank1-interval N] [--audit PATH]
+        [--rank1-interval N] [--audit PATH] [--resume-at STEP]
 
 ``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``. ``--cuda``: both
 ranks on the one GPU, lowered with Inductor (the Triton kernels).
@@ -13,6 +13,7 @@ of a RuntimeError under "error".
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -40,11 +41,67 @@ class MLP(nn.Module):
         return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+def resume_check(rank: int, out: str, at: int) -> None:
+    """Train STEPS steps saving at step ``at`` (rank 0's shared checkpoint, each rank's own
+    rank state), then resume twice from it, with and without the rank state (Note [Ranks'
+    own state]); saves every run's masks and weights."""
+    def build():
+        torch.manual_seed(0)
+        model = MLP()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy="agpe", **CONFIG))
+        return model, optimizer, sparsifier, DDP(torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False})))
+
+    teacher = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+
+    def train(model, optimizer, sparsifier, run, gen, steps, save_at=None):
+        saved = None
+        for step in steps:
+            x = torch.randn(16, 32, generator=gen)
+            loss = F.mse_loss(run(x), x @ teacher)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sparsifier.step(loss)
+            if step == save_at:
+                shared = [copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "sparsifier": sparsifier.state_dict()}) if rank == 0 else None]
+                dist.broadcast_object_list(shared, src=0)  # what every rank reads from rank 0's file
+                saved = dict(shared[0], rank_state=sparsifier.rank_state_dict(), data=gen.get_state())
+        return {"masks": {n: s.block_mask.clone() for n, s in layer_states(model).items()},
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}, saved
+
+    straight, saved = train(*build(), torch.Generator().manual_seed(100 + rank), range(1, STEPS + 1), save_at=at)
+    result = {"straight": straight}
+    for with_rank_state in (True, False):
+        torch._dynamo.reset()
+        model, optimizer, sparsifier, run = build()
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        sparsifier.load_state_dict(saved["sparsifier"])
+        if with_rank_state:
+            sparsifier.load_rank_state_dict(saved["rank_state"])
+        gen = torch.Generator()
+        gen.set_state(saved["data"])
+        result["with" if with_rank_state else "without"] = train(model, optimizer, sparsifier, run, gen,
+                                                                 range(at + 1, STEPS + 1))[0]
+    try:
+        sparsifier.load_rank_state_dict(dict(saved["rank_state"], rank=1 - rank))
+    except ValueError as error:
+        result["other_rank"] = str(error)
+    torch.save(result, out)
+
+
 def main(argv) -> None:
     rank, world, port, out, mode, policy = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4], argv[5]
     edit_mask, split, cuda = "--edit-mask" in argv, "--split" in argv, "--cuda" in argv
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if "--resume-at" in argv:
+        resume_check(rank, out, int(argv[argv.index("--resume-at") + 1]))
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
     torch.manual_seed(0)  # the same initial model on every rank
     config = dict(CONFIG)
     if "--data-parallel-off" in argv:

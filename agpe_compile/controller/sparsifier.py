@@ -43,7 +43,7 @@ from agpe_compile.state import LayerState, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
-from . import checkpoint
+from . import checkpoint, rank_checkpoint
 from .adaptive_schedule import Feedback
 from .audit import AuditLog, layer_records
 from .config import AGPEConfig
@@ -313,6 +313,17 @@ class Sparsifier:
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (any supported format version), masks in place."""
         checkpoint.load(self, state)
+
+    def rank_state_dict(self) -> dict:
+        """This data-parallel rank's own state (its interval sums and counters, which differ
+        between ranks until the next update): save one per rank beside the shared checkpoint
+        (Note [Ranks' own state] in rank_checkpoint.py)."""
+        return rank_checkpoint.save_rank(self)
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """Restore this rank's :meth:`rank_state_dict`; call it after loading the model's and
+        the Sparsifier's shared state."""
+        rank_checkpoint.load_rank(self, state)
 
     # ---- one interval -----------------------------------------------------------------
 

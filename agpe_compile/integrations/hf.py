@@ -11,8 +11,8 @@ The Trainer owns the loop, so the Sparsifier is wired into it (each a Note below
   gradient-accumulation micro-batches (Note [One Sparsifier step per optimizer step]);
 * every ``save_model`` (so every checkpoint folder) gets ``agpe_sparsifier.pt``, and
   ``train(resume_from_checkpoint=...)`` loads it back (Note [Checkpoints]); under several
-  data-parallel ranks each rank also saves and loads its own interval state (Note [Ranks'
-  own state]);
+  data-parallel ranks each rank also saves and loads its own interval state
+  (``Sparsifier.rank_state_dict``);
 * ``agpe_density`` (the global density) is added to every log;
 * settings that would silently train dense, train something else, or do nothing they seem
   to do, are refused with a ``ValueError`` that names the fix (Note [Refused settings]).
@@ -57,9 +57,8 @@ from agpe_compile.state import layer_states, prepare
 log = logging.getLogger(__name__)
 
 SPARSIFIER_NAME = "agpe_sparsifier.pt"  # in every checkpoint folder, beside model.safetensors
-RANK_STATE_NAME = "agpe_rank_state_{rank}.pt"  # each data-parallel rank's own (Note [Ranks' own state])
-# Layer buffers that differ between data-parallel ranks: this interval's sums and the row counters.
-_RANK_BUFFERS = ("saliency", "dense_grad_sq", "counters")
+# each data-parallel rank's own Sparsifier.rank_state_dict() (Note [Ranks' own state])
+RANK_STATE_NAME = "agpe_rank_state_{rank}.pt"
 # Backend options that come from the AGPEConfig (prepare and the Sparsifier use them too).
 _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 
@@ -124,19 +123,11 @@ _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 # the best checkpoint's model (masks included) after training; on_train_end then loads
 # that checkpoint's Sparsifier too, so masks and controller agree again.
 
-# Note [Ranks' own state]
-# ~~~~~~~~~~~~~~~~~~~~~~~~
-# Under data parallelism the ranks hold the same masks and weights, but each rank's
-# saliency sums, dense-gradient scores and row counters of the current update interval
-# come from its own shard (they are averaged only at the update, Note [Data-parallel
-# masks] in distributed.py), and so do its Sparsifier's loss window and FLOP counts. Rank
-# 0's model.safetensors and agpe_sparsifier.pt hold rank 0's: resumed from a checkpoint
-# saved mid-interval, the other ranks would start from rank 0's sums and the next update
-# would average rank 0's scores twice (a 2-rank run resumed from a step-5 checkpoint with
-# updates every 2 steps ended with another mask than the uninterrupted run). So every rank
-# also writes its own agpe_rank_state_{rank}.pt (its Sparsifier state_dict and those
-# buffers), as the Trainer does for its RNG states, and loads it on resume after the shared
-# files; without it (another number of ranks) a warning says the next update may differ.
+# Ranks' own state (Note [Ranks' own state] in controller/rank_checkpoint.py): save_model
+# runs on every rank, so every rank writes its rank_state_dict() as agpe_rank_state_{rank}.pt
+# beside the shared files (as the Trainer does for its RNG states) and loads it on resume
+# after them; without it (another number of ranks) a warning says the next update may
+# differ from the uninterrupted run's.
 
 # Note [Batch-size retries]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -274,12 +265,9 @@ class AGPETrainer(Trainer):
             if self.args.should_save:
                 os.makedirs(folder, exist_ok=True)
                 torch.save(sparsifier.state_dict(), os.path.join(folder, SPARSIFIER_NAME))
-            ranks = distributed.world_size()
-            if ranks > 1:
+            if distributed.world_size() > 1:
                 os.makedirs(folder, exist_ok=True)
-                torch.save({"world_size": ranks, "sparsifier": sparsifier.state_dict(),
-                            "buffers": {name: {key: getattr(state, key).detach().cpu() for key in _RANK_BUFFERS}
-                                        for name, state in sparsifier.layers.items()}},
+                torch.save(sparsifier.rank_state_dict(),
                            os.path.join(folder, RANK_STATE_NAME.format(rank=distributed.rank())))
         super().save_model(output_dir, _internal_call)
 
@@ -319,18 +307,14 @@ class AGPETrainer(Trainer):
             return
         path = os.path.join(folder, RANK_STATE_NAME.format(rank=distributed.rank()))
         saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
-        if saved is None or saved["world_size"] != ranks:
+        if saved is None or saved.get("world_size") != ranks:
             log.warning("agpe: %s has no state of rank %d of %d (%s): this rank resumes from rank 0's interval "
                         "sums and counters, so the next mask update can differ from the uninterrupted run's "
                         "(a checkpoint saved at an update-interval boundary, where the sums are empty, resumes "
                         "exactly)", folder, distributed.rank(), ranks,
                         "saved by another number of ranks" if saved is not None else "no " + os.path.basename(path))
             return
-        self._sparsifier.load_state_dict(saved["sparsifier"])
-        with torch.no_grad():
-            for name, state in self._sparsifier.layers.items():
-                for key in _RANK_BUFFERS:
-                    getattr(state, key).copy_(saved["buffers"][name][key])
+        self._sparsifier.load_rank_state_dict(saved)
 
     def _warn_schedule_past_end(self) -> None:
         config, max_steps = self.agpe_config, self.state.max_steps
