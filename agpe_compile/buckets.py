@@ -29,7 +29,8 @@ shape may cross every bucket (24 batch shapes under ``dynamic=False`` with GMP c
 7 buckets made ~170 graphs of one frame, which plain torch.compile ran under the user's
 limit of 4096 and agpe's budget alone refused). The user's limit is the one in force
 before agpe first raised it, or whatever the user set since. ``fail_on_recompile_limit_hit`` is left
-alone; the limits are process-wide numbers, so the first raise is logged as a warning.
+alone; the limits are process-wide numbers: raising Dynamo's defaults is logged (INFO),
+and raising a limit the user set is a warning (once).
 Compiles made by :func:`agpe_compile.explain` (one per call) are added to the frame's
 budget: explaining a model every epoch is not "something else recompiling it".
 
@@ -78,6 +79,12 @@ def user_recompile_limit() -> int:
     return value
 
 
+def _set_by_user(name: str) -> bool:
+    """Whether ``torch._dynamo.config.<name>`` was set (by anyone but Dynamo's defaults)."""
+    is_default = getattr(torch._dynamo.config, "_is_default", None)
+    return True if is_default is None else not is_default(name)
+
+
 def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "this frame", explained: int = 0) -> None:
     """Called by the backend at the ``frame_compiles``-th compile of a frame holding
     ``layers`` agpe layers (Note [Recompile budget]); ``explained`` of those compiles were
@@ -100,8 +107,11 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
     for name in ("recompile_limit", "accumulated_recompile_limit"):
         if getattr(config, name) < wanted:
             global _warned_raise
-            level = logging.INFO if _warned_raise else logging.WARNING
-            _warned_raise = True
+            users = _limits_set.get(name) != getattr(config, name) and _set_by_user(name)
+            # A warning once, when it overrides a limit the user set; raising Dynamo's
+            # default is what every agpe run does, so it is only logged (INFO).
+            level = logging.WARNING if users and not _warned_raise else logging.INFO
+            _warned_raise = _warned_raise or users
             log.log(level, "agpe: raising torch._dynamo.config.%s %d -> %d (%s compiled %d times; the limit is "
                     "process-wide, so other compiled code may recompile that often too before falling back)",
                     name, getattr(config, name), wanted, frame, frame_compiles)

@@ -183,3 +183,30 @@ def test_a_recompile_limit_the_user_raised_is_added_to_the_budget(monkeypatch):
         buckets.ensure_recompile_headroom(buckets.recompile_budget(1) + 4096, 1)
         with pytest.raises(RuntimeError, match="recompile_limit=4096"):
             buckets.ensure_recompile_headroom(buckets.recompile_budget(1) + 4096 + 1, 1)
+
+
+def test_raising_dynamos_default_limit_is_logged_and_raising_the_users_is_a_warning(monkeypatch, caplog):
+    """Every agpe run raises the default recompile_limit at its first compile: that was a
+    WARNING on every healthy run (two audits called it noise)."""
+    import logging
+
+    import agpe_compile.buckets as buckets
+
+    for name, value in (("_limits_found", {}), ("_limits_set", {}), ("_warned_raise", False)):
+        monkeypatch.setattr(buckets, name, value)
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=8):
+        monkeypatch.setattr(buckets, "_set_by_user", lambda name: False)  # Dynamo's defaults
+        with caplog.at_level(logging.INFO, logger="agpe_compile"):
+            buckets.ensure_recompile_headroom(1, 1)
+        assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO]
+    caplog.clear()
+    monkeypatch.undo()
+    for name, value in (("_limits_found", {}), ("_limits_set", {}), ("_warned_raise", False)):
+        monkeypatch.setattr(buckets, name, value)
+    with torch._dynamo.config.patch(recompile_limit=4, accumulated_recompile_limit=4):  # the user's own
+        assert buckets._set_by_user("recompile_limit")
+        with caplog.at_level(logging.INFO, logger="agpe_compile"):
+            buckets.ensure_recompile_headroom(1, 1)
+            buckets.ensure_recompile_headroom(20, 1)  # raising agpe's own value again: logged only
+        levels = [r.levelno for r in caplog.records]
+        assert levels.count(logging.WARNING) == 1 and "recompile_limit 4 -> 17" in caplog.records[0].getMessage()
