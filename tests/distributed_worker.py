@@ -50,7 +50,8 @@ def resume_check(rank: int, out: str, at: int) -> None:
         model = MLP()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(policy="agpe", **CONFIG))
-        return model, optimizer, sparsifier, DDP(torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False})))
+        backend = agpe_compile.AgpeBackend({"inductor": False})
+        return model, optimizer, sparsifier, DDP(torch.compile(model, backend=backend))
 
     teacher = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
 

@@ -119,9 +119,10 @@ _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 # only be put back by the load, after a warning about a pruned model (seen with agpe's
 # schedule backing off to density 1.0 right before a save). A save_only_model checkpoint
 # has no optimizer, scheduler or RNG state: the Trainer resumes from it all the same (with
-# a fresh optimizer), and so does this; that is not the uninterrupted run. With load_best_model_at_end the Trainer reloads
-# the best checkpoint's model (masks included) after training; on_train_end then loads
-# that checkpoint's Sparsifier too, so masks and controller agree again.
+# a fresh optimizer), and so does this; that is not the uninterrupted run. With
+# load_best_model_at_end the Trainer reloads the best checkpoint's model (masks included)
+# after training; on_train_end then loads that checkpoint's Sparsifier too, so masks and
+# controller agree again.
 
 # Ranks' own state (Note [Ranks' own state] in controller/rank_checkpoint.py): save_model
 # runs on every rank, so every rank writes its rank_state_dict() as agpe_rank_state_{rank}.pt
