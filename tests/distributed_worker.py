@@ -69,13 +69,19 @@ def resume_check(rank: int, out: str, at: int) -> None:
                                          "sparsifier": sparsifier.state_dict()}) if rank == 0 else None]
                 dist.broadcast_object_list(shared, src=0)  # what every rank reads from rank 0's file
                 saved = dict(shared[0], rank_state=sparsifier.rank_state_dict(), data=gen.get_state())
-        return {"masks": {n: s.block_mask.clone() for n, s in layer_states(model).items()},
-                "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}, saved
+        states = layer_states(model)
+        return {"masks": {n: s.block_mask.clone() for n, s in states.items()},
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "ema": {n: v.clone() for n, v in sparsifier.saliency.values.items()},
+                "buffers": {f"{n}.{key}": getattr(s, key).clone() for n, s in states.items()
+                            for key in ("saliency", "dense_grad_sq", "counters")}}, saved
 
     straight, saved = train(*build(), torch.Generator().manual_seed(100 + rank), range(1, STEPS + 1), save_at=at)
     result = {"straight": straight}
+    pristine = copy.deepcopy(saved)  # Optimizer.load_state_dict adopts the tensors it is given: one copy per resume
     for with_rank_state in (True, False):
         torch._dynamo.reset()
+        saved = copy.deepcopy(pristine)
         model, optimizer, sparsifier, run = build()
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -10,7 +10,9 @@ block counted as never grown, so no block is protected at the first update (logg
 
 Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
 ``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
-``agpe_compile.prepare`` registers).
+``agpe_compile.prepare`` registers). Under data parallelism each rank's own
+``rank_state_dict()`` goes LAST, after both (rank_checkpoint.py): the model's state dict
+would overwrite its buffers with rank 0's.
 
 Example::
 

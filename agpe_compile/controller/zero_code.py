@@ -257,7 +257,9 @@ def _weak_hook(ref: "weakref.ReferenceType[ZeroCodeController]"):
         if controller is not None:
             controller.after_optimizer_step(optimizer)
 
-    return hook
+    # never traced: an optimizer step inside a compiled function would make Dynamo trace the
+    # controller's host-side update (graph breaks in agpe's code, one graph per break)
+    return torch.compiler.disable(hook)
 
 
 def make_zero_code_controller(states: List[LayerState], options: Mapping[str, Any],

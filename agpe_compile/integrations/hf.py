@@ -132,12 +132,13 @@ _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 
 # Note [Batch-size retries]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~
-# auto_find_batch_size reruns the Trainer's inner loop with a halved batch after an
+# auto_find_batch_size reruns the Trainer's inner loop with a smaller batch after an
 # out-of-memory error: the Trainer starts again at global step 0 (keeping the weights), but
 # the Sparsifier cannot step back, so every later checkpoint would hold a Sparsifier ahead
 # of its trainer state. A second on_train_begin within one train() is that retry: it is
-# refused with the batch size to set, and the step's partial loss is dropped at every
-# on_train_begin either way.
+# refused with the batch size to set. A retry before the first optimizer step goes on: the
+# failed attempt's partial loss, saliency sums and row counts are dropped (the loss at
+# every on_train_begin).
 
 # Note [Refused settings]
 # ~~~~~~~~~~~~~~~~~~~~~~~
@@ -172,7 +173,9 @@ class AGPETrainer(Trainer):
         if not isinstance(agpe_config, AGPEConfig):
             raise TypeError(f"AGPETrainer: agpe_config must be an agpe_compile.AGPEConfig, got "
                             f"{type(agpe_config).__name__}")
-        given = _trainer_arguments(args, kwargs)
+        # positions follow Trainer.__init__ only when the next __init__ in the MRO is Trainer's
+        positional = getattr(super().__init__, "__func__", None) is Trainer.__init__
+        given = _trainer_arguments(args if positional else (), kwargs)
         _refuse_before_init(given.get("model"), given.get("args"), given.get("model_init"),
                             (given.get("optimizers") or (None, None))[0])
         self.agpe_config = agpe_config
@@ -273,10 +276,13 @@ class AGPETrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def log(self, logs, *args: Any, **kwargs: Any) -> None:
-        if self._sparsifier is not None and not getattr(self._sparsifier, "_closed", False):
-            # a copy: evaluate() logs its metrics dict and then returns it to the caller
-            logs = {**logs, "agpe_density": self._sparsifier.global_density}
-        super().log(logs, *args, **kwargs)
+        if self._sparsifier is None or getattr(self._sparsifier, "_closed", False):
+            return super().log(logs, *args, **kwargs)
+        # A copy: evaluate() logs its metrics dict and then returns it to the caller, who gets
+        # what the Trainer adds to it (the epoch) but not the density.
+        logged = {**logs, "agpe_density": self._sparsifier.global_density}
+        super().log(logged, *args, **kwargs)
+        logs.update((key, value) for key, value in logged.items() if key != "agpe_density")
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -301,10 +307,24 @@ class AGPETrainer(Trainer):
                 f"train() without resume_from_checkpoint")
         self._load_rank_state(folder)
 
+    def _discard_partial_step(self) -> None:
+        """A batch-size retry before the Sparsifier's first step (Note [Batch-size retries]):
+        the failed attempt's micro-batches left saliency sums and row counts behind."""
+        sparsifier = self._sparsifier
+        with torch.no_grad():
+            for name, state in sparsifier.layers.items():
+                state.saliency.zero_()
+                state.dense_grad_sq.zero_()
+                state.counters.copy_(torch.tensor(sparsifier.seen_counters[name], dtype=state.counters.dtype))
+
     def _load_rank_state(self, folder: str) -> None:
         """Note [Ranks' own state]: this rank's interval sums, counters and controller state."""
         ranks = distributed.world_size()
         if ranks == 1:
+            if os.path.isfile(os.path.join(folder, RANK_STATE_NAME.format(rank=1))):
+                log.warning("agpe: %s was saved by several data-parallel ranks and is resumed by one process: "
+                            "it goes on from rank 0's interval sums and counters, so the next mask update can "
+                            "differ from the uninterrupted run's", folder)
             return
         path = os.path.join(folder, RANK_STATE_NAME.format(rank=distributed.rank()))
         saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
@@ -367,6 +387,8 @@ class _AGPECallback(TrainerCallback):
                 f"batch size {getattr(trainer, '_train_batch_size', '?')} after an out-of-memory error, but the "
                 f"Sparsifier has already run {sparsifier.step_count} steps and cannot start over with it. Set "
                 f"per_device_train_batch_size to that size (auto_find_batch_size=False) and start the run again")
+        if trainer._agpe_train_begins > 1 and sparsifier is not None:
+            trainer._discard_partial_step()
         if sparsifier is not None and sparsifier.step_count != state.global_step:
             log.warning("agpe: train() starts at global step %d, but the Sparsifier has run %d steps (an earlier "
                         "train() of this trainer): it goes on from there. Pass resume_from_checkpoint to go on from "
@@ -396,12 +418,13 @@ def _schedule_advice(config: AGPEConfig, max_steps: int) -> str:
     """``AGPEConfig(end_step=..., ...)`` for a run of ``max_steps``, with the fields it needs
     beside end_step (update_interval, when the default is longer than the run) so that
     AGPEConfig accepts it."""
-    end = max(1, int(0.75 * max_steps))
-    fields = {"end_step": end}
-    if config.update_interval > end // 2:
-        fields["update_interval"] = max(1, end // 8)
-    if config.begin_step >= end:
-        fields["begin_step"] = 0
+    begin, end = config.begin_step, max(1, int(0.75 * max_steps))
+    fields = {}
+    if begin >= end:  # the schedule would not even start within the run
+        begin = fields["begin_step"] = 0
+    fields["end_step"] = end
+    if config.update_interval > (end - begin) // 3:  # room for a few updates, not one jump
+        fields["update_interval"] = max(1, (end - begin) // 8)
     text = "AGPEConfig(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
     try:
         dataclasses.replace(config, **fields)
@@ -412,9 +435,10 @@ def _schedule_advice(config: AGPEConfig, max_steps: int) -> str:
 
 def _trainer_arguments(args: tuple, kwargs: dict) -> dict:
     """``model``, ``args``, ``model_init`` and ``optimizers`` as given to the trainer: by
-    keyword, or positionally in ``Trainer.__init__``'s order (a subclass that adds keywords
-    of its own keeps those first). Only read for the checks that must come before the
-    Trainer's own __init__; __init__ checks what the Trainer ended up with again."""
+    keyword, or positionally in ``Trainer.__init__``'s order (``args`` is empty when a
+    subclass's own __init__ comes first: its positions are its own). Only read for the
+    checks that must come before the Trainer's own __init__; __init__ checks what the
+    Trainer ended up with again."""
     names = list(inspect.signature(Trainer.__init__).parameters)[1:]
     given = dict(zip(names, args))
     given.update((name, kwargs[name]) for name in names if name in kwargs)

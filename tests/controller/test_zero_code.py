@@ -94,3 +94,34 @@ def test_inactive_weights_drift_without_optimizer_reset_and_are_re_zeroed_at_upd
     resumed = make_zero_code_controller(states, OPTIONS, follow_optimizer=False)
     resumed.load_state_dict(state)
     assert resumed.calls == 14 and resumed.sparsifier.step_count == 13
+
+
+def test_an_optimizer_step_inside_the_compiled_function_runs_the_controller_untraced():
+    """Zero-code's step hook was traced when opt.step() ran inside the compiled function:
+    34 graph breaks in agpe's own code (rebucket, .item(), nonzero) and 57 graphs for 1."""
+    import torch.nn.functional as F
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    options = {"inductor": False, "target_sparsity": 0.5, "policy": "gmp", "block_size": 8, "update_interval": 2,
+               "end_step": 8}
+
+    @torch.compile(backend="agpe", options=options)
+    def train_step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    before = dict(breaks)
+    for _ in range(12):
+        train_step(torch.randn(16, 32), torch.randint(0, 4, (16,)))
+    new = [reason for reason, count in breaks.items() if count > before.get(reason, 0)]
+    assert not any("agpe_compile" in r or ".item()" in r or "nonzero" in r for r in new), new
+    densities = [float(s.block_mask.float().mean()) for s in agpe_compile.layer_states(model).values()]
+    assert densities and max(densities) == 0.5  # the controller stepped with the optimizer

@@ -5,6 +5,7 @@ optimizer step has a single micro-batch) is shared by the tests that read it; th
 test trains a second trainer from its step-5 checkpoint. aot_eager keeps compiling short.
 """
 
+import dataclasses
 import math
 import os
 
@@ -155,6 +156,7 @@ def test_evaluation_runs_on_the_sparse_model(run):
     assert math.isfinite(metrics["eval_loss"])
     assert trainer.state.log_history[-1]["agpe_density"] == trainer.sparsifier.global_density
     assert "agpe_density" not in metrics  # the logs get it; the metrics evaluate() returns stay the Trainer's
+    assert metrics["epoch"] == trainer.state.epoch  # ... including what the Trainer adds to them
     assert trainer.sparsifier.step_count == step  # evaluation is no training step
     assert all(torch.equal(s.counters, counters[n]) for n, s in trainer.sparsifier.layers.items())
     # The compiled evaluation computes what the pruned model computes eagerly (inactive weights are zeros).
@@ -364,6 +366,19 @@ def test_a_trainer_subclass_of_ones_own_takes_it_as_a_mixin(tmp_path):
     with pytest.raises(ValueError, match="Conv1D"):  # checked on what the Trainer ended up with, too
         Yours(tiny_gpt2(convert=False), training_args(tmp_path), alpha=0.5, agpe_config=agpe_config())
 
+    class WithALeadingArgument(transformers.Trainer):  # its positions are not Trainer's
+        def __init__(self, teacher, *args, **kwargs):
+            self.teacher = teacher
+            super().__init__(*args, **kwargs)
+
+    class Distilling(AGPETrainer, WithALeadingArgument):
+        pass
+
+    teacher = tiny_gpt2(convert=False)  # Conv1D layers: it was taken for the model and refused
+    trainer = Distilling(teacher, tiny_gpt2(), training_args(tmp_path), train_dataset=Tokens(),
+                         agpe_config=agpe_config(), agpe_compile_options=FAST)
+    assert trainer.teacher is teacher and agpe_compile.layer_states(trainer.model)
+
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
@@ -390,3 +405,55 @@ def test_two_ranks_resume_a_mid_interval_checkpoint_bit_identically(tmp_path):
         assert "data_parallel='off'" in r["off"] and "2 data-parallel ranks" in r["off"]
     weights = [key for key in ranks[0]["straight"] if key.endswith(".weight")]
     assert all(torch.equal(ranks[0]["straight"][key], ranks[1]["straight"][key]) for key in weights)
+
+
+@pytest.mark.parametrize("max_steps,begin_step", [(8, 0), (78, 50), (71, 50), (1000, 0), (400, 350)])
+def test_the_schedule_advice_is_a_config_that_updates_several_times(max_steps, begin_step):
+    from agpe_compile.integrations.hf import _schedule_advice
+
+    config = AGPEConfig(target_sparsity=0.5, block_size=16, begin_step=begin_step)  # update_interval 100
+    text = _schedule_advice(config, max_steps)
+    assert text.startswith("AGPEConfig(") and text.endswith(")") and "other fields" not in text, text
+    fields = dict(item.split("=") for item in text[len("AGPEConfig("):-1].split(", "))
+    advised = dataclasses.replace(config, **{k: int(v) for k, v in fields.items()})  # accepted
+    assert advised.end_step <= max_steps
+    assert (advised.end_step - advised.begin_step) // advised.update_interval >= 3, text
+
+
+def test_a_retry_before_the_first_step_counts_only_the_batches_it_trains(tmp_path):
+    """Note [Batch-size retries]: the failed attempt's micro-batch was left in the row
+    counters (704 rows against 640) and in the first interval's saliency sums."""
+    calls = []
+
+    class OutOfMemoryOnce(AGPETrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            calls.append(inputs["input_ids"].shape[0])
+            if len(calls) == 2:  # step 1's second micro-batch, at batch size 4
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = dict(max_steps=4, save_steps=100)
+    retried = OutOfMemoryOnce(model=tiny_gpt2(), train_dataset=Tokens(), agpe_config=agpe_config(end_step=4),
+                              args=training_args(tmp_path / "a", auto_find_batch_size=True, **args),
+                              agpe_compile_options=FAST)
+    retried.train()
+    assert retried._train_batch_size == 3 and retried.sparsifier.step_count == 4
+    clean = make_trainer(tmp_path / "b", agpe_config=agpe_config(end_step=4),
+                         args=training_args(tmp_path / "b", per_device_train_batch_size=3, **args))
+    clean.train()
+    for name, state in clean.sparsifier.layers.items():
+        assert torch.equal(retried.sparsifier.layers[name].counters, state.counters), name
+    assert (retried.sparsifier.flops.sparse, retried.sparsifier.flops.dense) == (clean.sparsifier.flops.sparse,
+                                                                              clean.sparsifier.flops.dense)
+
+
+def test_a_checkpoint_of_several_ranks_resumed_by_one_process_is_warned_about(run, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "checkpoint-5"
+    shutil.copytree(run.output / f"checkpoint-{CHECKPOINT}", folder)
+    (folder / "agpe_rank_state_1.pt").write_bytes(b"")  # as written by a second rank
+    trainer = make_trainer(tmp_path, args=training_args(tmp_path, max_steps=6))
+    with caplog.at_level("WARNING", logger="agpe_compile.integrations.hf"):
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert "saved by several data-parallel ranks and is resumed by one process" in caplog.text
