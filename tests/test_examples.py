@@ -1,6 +1,7 @@
 """The examples and benchmarks run end to end (tiny settings; CI smoke tests)."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -70,6 +71,19 @@ def test_char_lm_smoke(tmp_path):
     assert results["runs"][1]["train_flops"] < results["runs"][0]["train_flops"]
     assert (tmp_path / "val_loss_vs_flops.png").stat().st_size > 0
     assert "agpe-75" in stdout
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
+def test_hf_trainer_example_smoke(tmp_path):
+    pytest.importorskip("accelerate")
+    stdout = run(["examples/hf_trainer.py", "--smoke", "--lowering", "aot_eager", "--out", str(tmp_path)])
+    rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]]
+            for line in stdout.splitlines() if line.count("|") == 5}
+    assert set(rows) == {"run", "dense", "agpe-75"}
+    assert float(rows["agpe-75"][2].rstrip("x")) < 1.0 and float(rows["agpe-75"][3]) == 0.25  # pruned, fewer FLOPs
+    assert float(rows["dense"][2].rstrip("x")) == 1.0
+    for value in (rows["dense"][0], rows["agpe-75"][0]):
+        assert math.isfinite(float(value))
 
 
 def test_char_lm_reads_the_text_from_a_file(tmp_path):
