@@ -40,7 +40,7 @@ from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_opt
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
-from agpe_compile.buckets import ensure_recompile_headroom
+from agpe_compile.buckets import check_bucket_set_recompiles, ensure_recompile_headroom
 from agpe_compile.state import _TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class AgpeBackend:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
         result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
-            _keep_recompile_headroom(len(result.states), self.for_explain)
+            _keep_recompile_headroom(result.states, self.for_explain)
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
@@ -487,17 +487,37 @@ def _first_time(key) -> bool:
     return True
 
 
-def _keep_recompile_headroom(layers: int, for_explain: bool = False) -> None:
+def _keep_recompile_headroom(states: Sequence[LayerState], for_explain: bool = False) -> None:
     """Note [Recompile budget] in buckets.py: this frame may recompile at every bucket crossing.
     Each explain() call compiles the model's frame once more; those compiles are added to the
-    budget, so a training run that calls explain() every epoch never runs out of it."""
+    budget, so a training run that calls explain() every epoch never runs out of it. A compile
+    that finds the same layouts as earlier ones of its frame counts against Dynamo's own limit
+    (Note [Recompiles within a bucket set])."""
     compile_id = torch._guards.CompileContext.current_compile_id()
     if compile_id is None or compile_id.frame_compile_id is None:
         return  # not under Dynamo (a test handing a graph to the backend directly)
+    frame_id, frame_compile = compile_id.frame_id, compile_id.frame_compile_id
+    if frame_compile == 0:  # a new frame, or the same id after torch._dynamo.reset()
+        _explain_compiles.pop(frame_id, None)
     if for_explain:
-        _explain_compiles[compile_id.frame_id] = _explain_compiles.get(compile_id.frame_id, 0) + 1
-    ensure_recompile_headroom(compile_id.frame_compile_id + 1, layers, _frame_name(compile_id.frame_id),
-                              explained=_explain_compiles.get(compile_id.frame_id, 0))
+        _explain_compiles[frame_id] = _explain_compiles.get(frame_id, 0) + 1
+    name = _frame_name(frame_id)
+    ensure_recompile_headroom(frame_compile + 1, len(states), name, explained=_explain_compiles.get(frame_id, 0))
+    if not for_explain:
+        bucket_set = tuple((s.name, s.block_size, tuple(s.block_layout.shape), s.zero_inactive, s.saliency_mode)
+                           for s in states)
+        check_bucket_set_recompiles(frame_id, frame_compile, bucket_set, name, _recompile_reason())
+
+
+def _recompile_reason() -> Optional[str]:
+    """Dynamo's reason for the compile in progress (its first failed guard), if it says."""
+    try:
+        from torch._dynamo.utils import get_metrics_context
+
+        reason = getattr(get_metrics_context(), "_metrics", {}).get("recompile_reason")
+    except Exception:  # a private record: absent in some versions
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def _frame_name(frame_id) -> str:

@@ -43,7 +43,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -119,6 +119,48 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
                 _limits_found[name] = getattr(config, name)
             setattr(config, name, wanted)
             _limits_set[name] = wanted
+
+
+# Note [Recompiles within a bucket set]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The budget above is sized for crossings, so a frame that recompiles for another reason
+# on every call (input shapes under ``dynamic=False``, a guarded Python value) ran ~60 + 56
+# compiles per agpe layer before it was refused: 184 compiles of a 2-layer MLP fed a new
+# batch size per call (30 s on the CPU; an 8-layer GPT on a GPU: hours), where plain
+# torch.compile stops at 8 with a warning. A crossing changes the length of a layout
+# buffer; a compile that finds the same layouts (and the same static flags of the rewrite)
+# as an earlier compile of its frame has another cause. So each frame may compile each
+# set of layouts as often as Dynamo lets plain torch.compile compile the whole frame
+# (``recompile_limit`` as the user set it, 8 by default); one more is refused at once,
+# with Dynamo's last recompile reason. Plain torch.compile would run the frame eagerly
+# from there; agpe cannot (its layers would run unmasked and unscored), so it raises.
+# Returning to an earlier bucket set reuses its cached graph (no compile). explain()'s
+# compiles are not counted (one per call). Counts restart at a frame's first compile:
+# ``torch._dynamo.reset()`` clears Dynamo's frame ids, which are then reused.
+_bucket_set_compiles: Dict[object, Dict[tuple, int]] = {}  # Dynamo frame id -> layouts -> compiles
+
+
+def check_bucket_set_recompiles(frame_id: object, frame_compile: int, bucket_set: tuple, frame: str = "this frame",
+                                reason: Optional[str] = None) -> None:
+    """Count one compile of a frame (its ``frame_compile``-th, from 0) with these layouts
+    (``bucket_set``: hashable, one entry per agpe layer); raise once the count passes the
+    user's ``recompile_limit`` (Note [Recompiles within a bucket set])."""
+    if frame_compile == 0:  # a new frame, or the same id after torch._dynamo.reset()
+        _bucket_set_compiles.pop(frame_id, None)
+    counts = _bucket_set_compiles.setdefault(frame_id, {})
+    counts[bucket_set] = counts.get(bucket_set, 0) + 1
+    limit = user_recompile_limit()
+    if counts[bucket_set] > limit:
+        last = f" Dynamo's last recompile reason: {reason}." if reason else ""
+        raise RuntimeError(
+            f"agpe: {frame} was compiled {counts[bucket_set]} times with the same density buckets, more than "
+            f"torch._dynamo.config.recompile_limit={limit}: these recompiles are not bucket crossings.{last} Plain "
+            f"torch.compile would stop compiling this frame here and run it eagerly; agpe cannot (its layers would "
+            f"run unmasked and unscored), so it stops. Usual causes: input shapes that change under "
+            f"torch.compile(..., dynamic=False) (leave dynamic at its default, or torch._dynamo.mark_dynamic the "
+            f"varying dimension) or a changing Python value guarded by Dynamo; TORCH_LOGS=recompiles lists every "
+            f"reason. If the frame really has that many static variants, raise torch._dynamo.config.recompile_limit "
+            f"to their number")
 
 
 def rebucket(

@@ -210,3 +210,71 @@ def test_raising_dynamos_default_limit_is_logged_and_raising_the_users_is_a_warn
             buckets.ensure_recompile_headroom(20, 1)  # raising agpe's own value again: logged only
         levels = [r.levelno for r in caplog.records]
         assert levels.count(logging.WARNING) == 1 and "recompile_limit 4 -> 17" in caplog.records[0].getMessage()
+
+
+@pytest.fixture
+def fresh_limits(monkeypatch):
+    """Dynamo's limits as a fresh process has them (agpe found none set, raised none), and
+    Dynamo's frame ids from 0."""
+    import agpe_compile.buckets as buckets
+
+    for name, value in (("_limits_found", {}), ("_limits_set", {}), ("_warned_raise", False),
+                        ("_bucket_set_compiles", {})):
+        monkeypatch.setattr(buckets, name, value, raising=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        yield
+    torch._dynamo.reset()
+
+
+def _new_batch_size_every_call(compiled, calls, start=1):
+    for rows in range(start, start + calls):
+        compiled(torch.randn(rows, 32)).sum().backward()
+
+
+def test_recompiles_that_are_not_crossings_stop_at_dynamos_limit(fresh_limits):
+    """Note [Recompiles within a bucket set]: a new batch size on every call under
+    dynamic=False recompiles every time. Plain torch.compile stops at recompile_limit (8);
+    agpe ran ~180 compiles of a 2-layer MLP before its crossing budget refused. It now refuses
+    the 9th compile with the same layouts, naming Dynamo's reason."""
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 8})
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    _new_batch_size_every_call(compiled, 8)
+    assert backend.graph_count == 8
+    with pytest.raises(Exception, match="compiled 9 times with the same density buckets") as info:
+        _new_batch_size_every_call(compiled, 1, start=9)
+    message = str(info.value)
+    assert "recompile_limit=8" in message and "dynamic=False" in message
+    assert "size mismatch" in message  # Dynamo's own reason, when it gives one
+
+
+def test_recompiles_within_a_bucket_set_follow_the_users_limit_and_crossings_start_afresh(fresh_limits):
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 8})
+    backend = aot_backend()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    torch._dynamo.config.recompile_limit = 12  # the user allows 12 static shapes
+    _new_batch_size_every_call(compiled, 12)
+    set_random_masks(model, 0.25)
+    assert rebucket(model)  # a crossing: a new bucket set, with its own 12
+    _new_batch_size_every_call(compiled, 12)
+    assert backend.graph_count == 24
+    with pytest.raises(Exception, match="compiled 13 times with the same density buckets.*recompile_limit=12"):
+        _new_batch_size_every_call(compiled, 1, start=13)
+
+
+def test_counts_restart_after_dynamo_reset_and_explain_does_not_count(fresh_limits):
+    """torch._dynamo.reset() reuses frame ids from 0: the counts of the frame compiled
+    before it must not carry over. explain() compiles the frame once per call."""
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 8})
+    compiled = torch.compile(model, backend=aot_backend(), dynamic=False)
+    _new_batch_size_every_call(compiled, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_backend(), dynamic=False)
+    _new_batch_size_every_call(compiled, 6)  # 12 compiles of frame id 0 in all, 6 since the reset
+    for _ in range(10):
+        agpe_compile.explain(model, torch.randn(6, 32))
+    _new_batch_size_every_call(compiled, 2, start=7)  # compiles 7 and 8 of this bucket set
