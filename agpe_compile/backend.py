@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -40,7 +41,8 @@ from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_opt
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
-from agpe_compile.buckets import check_bucket_set_recompiles, ensure_recompile_headroom
+from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
+                                  start_frame_compile)
 from agpe_compile.state import _TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState
 
 log = logging.getLogger(__name__)
@@ -497,27 +499,76 @@ def _keep_recompile_headroom(states: Sequence[LayerState], for_explain: bool = F
     if compile_id is None or compile_id.frame_compile_id is None:
         return  # not under Dynamo (a test handing a graph to the backend directly)
     frame_id, frame_compile = compile_id.frame_id, compile_id.frame_compile_id
-    if frame_compile == 0:  # a new frame, or the same id after torch._dynamo.reset()
+    name = _frame_name(frame_id)
+    _refuse_a_per_call_recompile_limit(len(states), name)
+    known, reason = _recompile_reason()
+    region = _isolate_recompiles_region()
+    if start_frame_compile(frame_id, frame_compile, region, first_in_cache=known and reason is None):
         _explain_compiles.pop(frame_id, None)
     if for_explain:
         _explain_compiles[frame_id] = _explain_compiles.get(frame_id, 0) + 1
-    name = _frame_name(frame_id)
     ensure_recompile_headroom(frame_compile + 1, len(states), name, explained=_explain_compiles.get(frame_id, 0))
     if not for_explain:
         bucket_set = tuple((s.name, s.block_size, tuple(s.block_layout.shape), s.zero_inactive, s.saliency_mode)
                            for s in states)
-        check_bucket_set_recompiles(frame_id, frame_compile, bucket_set, name, _recompile_reason())
+        check_bucket_set_recompiles((frame_id, region), bucket_set, name, reason)
 
 
-def _recompile_reason() -> Optional[str]:
-    """Dynamo's reason for the compile in progress (its first failed guard), if it says."""
+def _recompile_reason() -> Tuple[bool, Optional[str]]:
+    """(whether Dynamo's record could be read, its reason for the compile in progress): the
+    first failed guard of its first cached graph, None when Dynamo does not call this compile
+    a recompile (no graph of the frame in its cache: a first compile)."""
     try:
         from torch._dynamo.utils import get_metrics_context
 
-        reason = getattr(get_metrics_context(), "_metrics", {}).get("recompile_reason")
-    except Exception:  # a private record: absent in some versions
-        return None
-    return reason if isinstance(reason, str) else None
+        metrics = get_metrics_context()._metrics  # a private record (torch 2.11 and 2.13)
+    except Exception:
+        return False, None
+    if not isinstance(metrics, dict) or "recompile_reason" not in metrics:
+        return False, None  # e.g. a compile nested in another, which Dynamo does not record
+    reason = metrics["recompile_reason"]
+    return True, reason if isinstance(reason, str) else None
+
+
+def _isolate_recompiles_region() -> int:
+    """The ``isolate_recompiles`` region of the compile in progress (torch 2.13); -1 (the
+    shared cache) where torch has none."""
+    get = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_isolate_recompiles_id", None)
+    try:
+        return int(get()) if get is not None else -1
+    except Exception:
+        return -1
+
+
+def _per_call_recompile_limit() -> Optional[int]:
+    """``torch.compile(..., recompile_limit=N)`` (torch 2.13): Dynamo patches its limit to N
+    for each compile of that model, from a ``ConvertFrameAssert`` up the stack."""
+    from torch._dynamo import convert_frame
+
+    kind = getattr(convert_frame, "ConvertFrameAssert", None)
+    frame = sys._getframe(1)
+    while frame is not None and kind is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, kind):
+            limit = getattr(owner, "_recompile_limit", None)
+            return limit if isinstance(limit, int) else None
+        frame = frame.f_back
+    return None
+
+
+def _refuse_a_per_call_recompile_limit(layers: int, frame: str) -> None:
+    """A per-call limit is put back at every compile, so agpe cannot keep headroom above it
+    (Note [Recompile budget]): after N compiles Dynamo would run the frame eagerly, its layers
+    unmasked, with no error. Refused unless N covers the crossings."""
+    limit = _per_call_recompile_limit()
+    needed = recompile_budget(layers) + 2
+    if limit is not None and limit < needed:
+        raise RuntimeError(
+            f"agpe: torch.compile(..., recompile_limit={limit}) sets Dynamo's limit for every compile of {frame}, "
+            f"so agpe cannot raise it for density-bucket crossings: past {limit} compiles Dynamo would run the frame "
+            f"eagerly, with its agpe layers unmasked and unscored. Leave recompile_limit out of torch.compile and "
+            f"set torch._dynamo.config.recompile_limit={limit} instead (agpe adds its crossing budget to it), or "
+            f"pass recompile_limit >= {needed}")
 
 
 def _frame_name(frame_id) -> str:

@@ -131,36 +131,67 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
 # buffer; a compile that finds the same layouts (and the same static flags of the rewrite)
 # as an earlier compile of its frame has another cause. So each frame may compile each
 # set of layouts as often as Dynamo lets plain torch.compile compile the whole frame
-# (``recompile_limit`` as the user set it, 8 by default); one more is refused at once,
-# with Dynamo's last recompile reason. Plain torch.compile would run the frame eagerly
-# from there; agpe cannot (its layers would run unmasked and unscored), so it raises.
-# Returning to an earlier bucket set reuses its cached graph (no compile). explain()'s
-# compiles are not counted (one per call). Counts restart at a frame's first compile:
-# ``torch._dynamo.reset()`` clears Dynamo's frame ids, which are then reused.
-_bucket_set_compiles: Dict[object, Dict[tuple, int]] = {}  # Dynamo frame id -> layouts -> compiles
+# (``recompile_limit`` as the user set it, 8 by default); the next one is refused, with
+# Dynamo's recompile reason. Plain torch.compile would run the frame eagerly from there;
+# agpe cannot (its layers would run unmasked and unscored), so it raises. Returning to an
+# earlier bucket set reuses its cached graph (no compile). explain()'s compiles are not
+# counted (one per call).
+#
+# The counts must follow Dynamo's cache, never run ahead of it (a refusal where plain
+# torch.compile would go on stops a healthy run):
+# * they are kept per frame and ``isolate_recompiles`` region (torch 2.13's
+#   ``torch.compile(..., isolate_recompiles=True)`` gives each compiled model its own
+#   cache and its own limit);
+# * a compile that Dynamo does not call a recompile (its cache for the frame and region
+#   holds no graph for these objects: a first compile, or the first after
+#   ``torch._dynamo.reset()``) starts that region's counts afresh, whichever backend's
+#   compiles come next;
+# * ``torch._dynamo.reset()`` also restarts Dynamo's frame ids from 0, so a frame id may
+#   come back with a lower compile number than agpe last saw for it: that frame's counts
+#   are dropped (this catches a reset whose first compile was another backend's, e.g. a
+#   dense baseline of the same model class, or an explain() call).
+# Where Dynamo's recompile reason cannot be read (a private record), only the last rule
+# applies. A storm whose layouts also change at every compile (a crossing per call) is
+# counted per set of layouts, so it is stopped later (~8 per set it visits).
+_bucket_set_compiles: Dict[object, Dict[tuple, int]] = {}  # (frame id, region) -> layouts -> compiles
+_last_frame_compile: Dict[object, int] = {}  # frame id -> the last compile number agpe saw
 
 
-def check_bucket_set_recompiles(frame_id: object, frame_compile: int, bucket_set: tuple, frame: str = "this frame",
+def start_frame_compile(frame_id: object, frame_compile: int, region: object, first_in_cache: bool) -> bool:
+    """Note the ``frame_compile``-th compile (from 0) of a Dynamo frame and drop the counts
+    Dynamo's cache no longer backs (Note [Recompiles within a bucket set]). Returns whether
+    the frame's compiles restarted (``torch._dynamo.reset()`` reuses frame ids): then every
+    per-frame record of the caller is stale too."""
+    restarted = frame_compile <= _last_frame_compile.get(frame_id, -1)
+    _last_frame_compile[frame_id] = frame_compile
+    if restarted:
+        for key in [key for key in _bucket_set_compiles if key[0] == frame_id]:
+            del _bucket_set_compiles[key]
+    elif first_in_cache:
+        _bucket_set_compiles.pop((frame_id, region), None)
+    return restarted
+
+
+def check_bucket_set_recompiles(key: tuple, bucket_set: tuple, frame: str = "this frame",
                                 reason: Optional[str] = None) -> None:
-    """Count one compile of a frame (its ``frame_compile``-th, from 0) with these layouts
-    (``bucket_set``: hashable, one entry per agpe layer); raise once the count passes the
-    user's ``recompile_limit`` (Note [Recompiles within a bucket set])."""
-    if frame_compile == 0:  # a new frame, or the same id after torch._dynamo.reset()
-        _bucket_set_compiles.pop(frame_id, None)
-    counts = _bucket_set_compiles.setdefault(frame_id, {})
-    counts[bucket_set] = counts.get(bucket_set, 0) + 1
+    """Count one compile of a frame (``key``: its frame id and region) with these layouts
+    (``bucket_set``: hashable, one entry per agpe layer); refuse the compile that would pass
+    the user's ``recompile_limit`` (Note [Recompiles within a bucket set])."""
+    counts = _bucket_set_compiles.setdefault(key, {})
     limit = user_recompile_limit()
-    if counts[bucket_set] > limit:
-        last = f" Dynamo's last recompile reason: {reason}." if reason else ""
+    if counts.get(bucket_set, 0) >= limit:  # refused compiles are not counted: none was made
+        last = f" Dynamo's reason for this recompile: {reason}." if reason else ""
         raise RuntimeError(
-            f"agpe: {frame} was compiled {counts[bucket_set]} times with the same density buckets, more than "
-            f"torch._dynamo.config.recompile_limit={limit}: these recompiles are not bucket crossings.{last} Plain "
-            f"torch.compile would stop compiling this frame here and run it eagerly; agpe cannot (its layers would "
-            f"run unmasked and unscored), so it stops. Usual causes: input shapes that change under "
+            f"agpe: refusing compile {limit + 1} of {frame} with the same density buckets: "
+            f"torch._dynamo.config.recompile_limit={limit} and these recompiles are not bucket crossings.{last} "
+            f"Plain torch.compile would stop compiling this frame here and run it eagerly; agpe cannot (its layers "
+            f"would run unmasked and unscored), so it stops. Usual causes: input shapes that change under "
             f"torch.compile(..., dynamic=False) (leave dynamic at its default, or torch._dynamo.mark_dynamic the "
-            f"varying dimension) or a changing Python value guarded by Dynamo; TORCH_LOGS=recompiles lists every "
+            f"varying dimension), a changing Python value guarded by Dynamo, or many models of one class compiled "
+            f"in one process (a sweep: call torch._dynamo.reset() between them); TORCH_LOGS=recompiles lists every "
             f"reason. If the frame really has that many static variants, raise torch._dynamo.config.recompile_limit "
             f"to their number")
+    counts[bucket_set] = counts.get(bucket_set, 0) + 1
 
 
 def rebucket(

@@ -219,7 +219,7 @@ def fresh_limits(monkeypatch):
     import agpe_compile.buckets as buckets
 
     for name, value in (("_limits_found", {}), ("_limits_set", {}), ("_warned_raise", False),
-                        ("_bucket_set_compiles", {})):
+                        ("_bucket_set_compiles", {}), ("_last_frame_compile", {})):
         monkeypatch.setattr(buckets, name, value, raising=False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
@@ -230,6 +230,14 @@ def fresh_limits(monkeypatch):
 def _new_batch_size_every_call(compiled, calls, start=1):
     for rows in range(start, start + calls):
         compiled(torch.randn(rows, 32)).sum().backward()
+
+
+def _train_and_eval(compiled, rows=(8, 3)):
+    """Four graphs under dynamic=False: training and no_grad evaluation, each with a last smaller batch."""
+    for n in rows:
+        compiled(torch.randn(n, 32)).sum().backward()
+        with torch.no_grad():
+            compiled(torch.randn(n, 32))
 
 
 def test_recompiles_that_are_not_crossings_stop_at_dynamos_limit(fresh_limits):
@@ -243,10 +251,11 @@ def test_recompiles_that_are_not_crossings_stop_at_dynamos_limit(fresh_limits):
     compiled = torch.compile(model, backend=backend, dynamic=False)
     _new_batch_size_every_call(compiled, 8)
     assert backend.graph_count == 8
-    with pytest.raises(Exception, match="compiled 9 times with the same density buckets") as info:
-        _new_batch_size_every_call(compiled, 1, start=9)
+    for rows in (9, 10):  # a refused compile is not counted: the next refusal says the same
+        with pytest.raises(Exception, match="refusing compile 9 of .* with the same density buckets") as info:
+            _new_batch_size_every_call(compiled, 1, start=rows)
     message = str(info.value)
-    assert "recompile_limit=8" in message and "dynamic=False" in message
+    assert "recompile_limit=8" in message and "dynamic=False" in message and "torch._dynamo.reset()" in message
     assert "size mismatch" in message  # Dynamo's own reason, when it gives one
 
 
@@ -261,7 +270,7 @@ def test_recompiles_within_a_bucket_set_follow_the_users_limit_and_crossings_sta
     assert rebucket(model)  # a crossing: a new bucket set, with its own 12
     _new_batch_size_every_call(compiled, 12)
     assert backend.graph_count == 24
-    with pytest.raises(Exception, match="compiled 13 times with the same density buckets.*recompile_limit=12"):
+    with pytest.raises(Exception, match="refusing compile 13 of .* same density buckets.*recompile_limit=12"):
         _new_batch_size_every_call(compiled, 1, start=13)
 
 
@@ -278,3 +287,58 @@ def test_counts_restart_after_dynamo_reset_and_explain_does_not_count(fresh_limi
     for _ in range(10):
         agpe_compile.explain(model, torch.randn(6, 32))
     _new_batch_size_every_call(compiled, 2, start=7)  # compiles 7 and 8 of this bucket set
+
+
+@pytest.mark.parametrize("first", ["explain", "another backend"])
+def test_counts_restart_after_a_reset_whose_first_compile_is_not_agpe_training(fresh_limits, first):
+    """Found by an audit: a loop of trials that reset Dynamo and first explain() the model,
+    or first compile a dense baseline of the same class with another backend, was refused
+    at its second trial ("compiled 9 times") though each trial compiles 4 graphs."""
+    for trial in range(4):
+        torch._dynamo.reset()
+        model = MLP((32, 32, 16))
+        agpe_compile.prepare(model, options={"block_size": 8})
+        if first == "explain":
+            agpe_compile.explain(model, torch.randn(8, 32))
+        else:
+            _train_and_eval(torch.compile(MLP((32, 32, 16)), backend="aot_eager", dynamic=False))
+        _train_and_eval(torch.compile(model, backend=aot_backend(), dynamic=False))
+
+
+def _compile_accepts(name):
+    import inspect
+
+    return name in inspect.signature(torch.compile).parameters
+
+
+@pytest.mark.skipif(not _compile_accepts("isolate_recompiles"), reason="torch.compile has no isolate_recompiles")
+def test_isolated_compiles_of_many_instances_are_counted_per_region(fresh_limits):
+    """torch.compile(..., isolate_recompiles=True) (torch 2.13) gives each compiled model its
+    own cache and limit: 12 instances of one class, each trained and evaluated, were refused
+    at the 5th (an audit's finding); plain torch.compile runs all 12."""
+    for _ in range(12):
+        model = MLP((32, 32, 16))
+        agpe_compile.prepare(model, options={"block_size": 8})
+        compiled = torch.compile(model, backend=aot_backend(), isolate_recompiles=True)
+        compiled(torch.randn(8, 32)).sum().backward()
+        with torch.no_grad():
+            compiled(torch.randn(8, 32))
+
+
+@pytest.mark.skipif(not _compile_accepts("recompile_limit"), reason="torch.compile has no recompile_limit")
+def test_a_per_call_recompile_limit_below_the_crossing_budget_is_refused(fresh_limits):
+    """torch.compile(..., recompile_limit=N) (torch 2.13) puts Dynamo's limit back to N at each
+    compile, undoing agpe's headroom: at the N+1-th compile Dynamo ran the frame eagerly and
+    the layers unmasked, with no error (an audit's finding)."""
+    from agpe_compile.buckets import recompile_budget
+
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 8})
+    with pytest.raises(Exception, match=r"recompile_limit=2\) sets Dynamo's limit.*unmasked"):
+        torch.compile(model, backend=aot_backend(), recompile_limit=2)(torch.randn(8, 32))
+    enough = recompile_budget(2) + 2
+    compiled = torch.compile(model, backend=aot_backend(), recompile_limit=enough, dynamic=False)
+    for density in (0.5, 0.25):
+        set_random_masks(model, density)
+        assert rebucket(model)
+        _train_and_eval(compiled)
