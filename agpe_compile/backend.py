@@ -44,6 +44,7 @@ from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
 from agpe_compile.state import _TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState
+from agpe_compile.zero_weights import keep_promise_
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class AgpeCompiledGraph:
                     state = self._state_of_another_instance(i, weight)
             state.check_identity()
             state.sync_layout()
+            if self.compiled_as[i][2] and not state.zero_inactive:  # compiled under a withdrawn promise
+                keep_promise_(state)  # Note [A promise outlives its Sparsifier]
             tensors = state.tensors()
             for j in _MUTATED_IN_BACKWARD:  # Note [Buffers written by the backward]
                 tensors[j] = tensors[j].data

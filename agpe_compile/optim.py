@@ -19,7 +19,7 @@ The state has AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoin
 Sparsifier's moment reset and ``load_state_dict`` work as with AdamW. Not supported on
 the sparse path: ``amsgrad``, ``maximize``, ``differentiable`` (such groups raise).
 Parameters off CUDA (unless the Triton interpreter is on) take the dense AdamW path, as
-do weights whose block size is not a power of two up to 128.
+do weights whose block size is not one of 16, 32, 64 and 128 (blocks of 8 and smaller too).
 
 CUDA graphs. With ``capturable=True`` (as for torch's AdamW) the step count lives on the
 device and the kernel reads it, and a tensor ``lr`` is read there too: the whole

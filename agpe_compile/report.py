@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(str(error))
         if not records:
             parser.error(f"{path}: no records (an empty audit file: a Sparsifier with audit_path= writes a "
-                         f"'start' record when it is created and one record per mask update)")
+                         f"'start' record when it is created and one record per update interval)")
         try:
             check_records(path, records)
         except ValueError as error:

@@ -64,6 +64,32 @@ def zero_inactive_(state) -> None:
             zero_outside_(weight, state.block_mask, state.block_size)
 
 
+# Note [A promise outlives its Sparsifier]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A graph compiled while a Sparsifier drove a layer has the promise baked in: on the dense
+# path by density it uses W unmasked. ``Sparsifier.close()`` withdraws the promise (no step
+# hook re-zeroes any more), but Dynamo keeps calling that graph. Inactive weights stay zero
+# by themselves after close (zero gradients, zero moments) until the user edits a mask by
+# hand: the newly inactive blocks keep their weights and momentum, and the graph computed
+# with them (found by an audit of the docs: 0.16 off the masked reference on a 2-layer MLP,
+# on every call, with no word). So the call wrapper keeps the promise itself for such
+# graphs: before a call it zeroes the layer's inactive blocks whenever the mask or the
+# weight changed since it last did (version counters; after close, that is once per
+# optimizer step, as the step hook did). A new Sparsifier or ``torch._dynamo.reset()``
+# ends it. GraphedStep replays skip the wrapper: they need a live Sparsifier.
+def keep_promise_(state) -> None:
+    """Zero the layer's inactive blocks if its mask or weight changed since the last time
+    (Note [A promise outlives its Sparsifier])."""
+    weight = state.weight
+    if weight is None:
+        return
+    now = (state.block_mask._version, weight._version)
+    if state.promise_kept_at == now:
+        return
+    zero_inactive_(state)
+    state.promise_kept_at = (state.block_mask._version, weight._version)
+
+
 def skips(state) -> bool:
     """Whether the layer's compiled calls use its weight unmasked now."""
     weight = state.weight

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import agpe_compile  # noqa: E402
 from agpe_compile.zero_weights import install as install_zero_hooks  # noqa: E402
 from agpe_compile.ops.reference import expand_block_mask  # noqa: E402
+from agpe_compile.kernels.launch import _tma_setting  # noqa: E402
 from gpt import Block  # noqa: E402
 
 GPU_SIZE = dict(d_model=2048, n_layers=4, n_heads=16, seq=1024, batch=8, dtype="bfloat16", block=128)
@@ -462,7 +463,7 @@ def main(argv=None) -> None:
     results["lowering"] = args.lowering
     results["zero_inactive"] = not args.masked_weights
     results["inline_kernels"] = op_module.INLINE_KERNELS
-    results["tma_setting"] = os.environ.get("AGPE_TMA", "auto")
+    results["tma_setting"] = _tma_setting()  # the value the kernels read (default "off")
     if args.schedule_steps > 0:
         results.update(schedule_compilations(args.schedule_steps, _log))
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"

@@ -63,9 +63,9 @@ class AGPEConfig:
             never changes its layout, so it takes only the final density.
         update_interval: training steps between mask updates (and audit records).
         begin_step, end_step: masks change only at update steps in (begin_step, end_step];
-            the schedules run over this window (RigL's T_end, GMP's pruning window).
-        drop_fraction: initial fraction of active blocks swapped per update (cosine decay
-            to 0 at end_step) by set/rigl/snfs/agpe.
+            GMP's cubic schedule runs over this window; end_step is also RigL's T_end.
+        drop_fraction: fraction of active blocks swapped per update by set/rigl/snfs/agpe,
+            decayed by a cosine from step 0 (not begin_step, as in RigL) to 0 at end_step.
         saliency_decay: EMA decay of the per-block saliency, per update interval.
         protect_grown: for this many mask updates after a block is grown it cannot be
             dropped (0 = off). A grown block restarts from zero weight, so its first

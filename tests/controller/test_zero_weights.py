@@ -85,6 +85,34 @@ def test_hand_edited_masks_and_loaded_weights_are_rezeroed(monkeypatch):
     torch.testing.assert_close(cmodel(x), _masked_reference(model, x))
 
 
+def test_graphs_compiled_under_a_closed_sparsifier_keep_its_promise(monkeypatch):
+    """Note [A promise outlives its Sparsifier]: after close() the graph still skips masking W;
+    a mask edited by hand then left the block's weight (and momentum) in, and the compiled
+    model computed 0.16 off the masked reference on every call, silently (docs audit)."""
+    model, _, sp, cmodel, graphs = _run(monkeypatch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # momentum: steps refill edited blocks
+    for x, y in batches(3):
+        loss = F.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    sp.close()
+    state = agpe_compile.layer_state(model.fc2)
+    row, col = state.block_mask.nonzero()[0].tolist()
+    with torch.no_grad():
+        state.block_mask[row, col] = False  # by hand, after close: weights and momentum still there
+    for x, y in batches(4, seed=1):
+        out = cmodel(x)
+        torch.testing.assert_close(out, _masked_reference(model, x))
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(graphs) == 1  # the same graph, compiled under the promise, served every call
+    assert state.weight[row * 4:row * 4 + 4, col * 4:col * 4 + 4].any()  # the last step refilled it
+    cmodel(x)  # zeroed before the call, as the step hook would have after the step
+    assert not state.weight[row * 4:row * 4 + 4, col * 4:col * 4 + 4].any()
+
+
 def test_without_the_sparsifier_nothing_is_promised(monkeypatch):
     monkeypatch.setattr(agpe_compile.kernels, "choose_cpu_path", lambda *args: "dense")
     model = TinyMLP()
