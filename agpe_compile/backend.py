@@ -44,7 +44,6 @@ from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
 from agpe_compile.state import _TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState
-from agpe_compile.zero_weights import keep_promise_
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +105,9 @@ class AgpeCompiledGraph:
                     state = self._state_of_another_instance(i, weight)
             state.check_identity()
             state.sync_layout()
-            if self.compiled_as[i][2] and not state.zero_inactive:  # compiled under a withdrawn promise
-                keep_promise_(state)  # Note [A promise outlives its Sparsifier]
+            if self.compiled_as[i][2] and not state.zero_inactive and self.weight_indices is not None:
+                # compiled under a promise this layer does not keep (Note [A promise outlives its Sparsifier])
+                args = _with_masked_weight(args, self.weight_indices[i], state)
             tensors = state.tensors()
             for j in _MUTATED_IN_BACKWARD:  # Note [Buffers written by the backward]
                 tensors[j] = tensors[j].data
@@ -185,8 +185,10 @@ class AgpeCompiledGraph:
     # of the same module class whose guards pass (same shapes, same layout lengths). The
     # graph was compiled with the states of the instance it first saw; a call from another
     # instance must use THAT instance's masks and buffers, found through the weight Dynamo
-    # passes in. What the graph baked in (block size, grid, the zero-weight promise, the
-    # saliency mode) must match, or the call raises instead of computing something else.
+    # passes in. What the graph baked in (block size, grid, the saliency mode) must match, or
+    # the call raises instead of computing something else; a graph compiled under the
+    # zero-weight promise is handed W * M for an instance that does not keep it (Note [A
+    # promise outlives its Sparsifier] in zero_weights.py).
     def _state_of_another_instance(self, i: int, weight: torch.Tensor) -> LayerState:
         from agpe_compile.state import state_of
 
@@ -201,14 +203,12 @@ class AgpeCompiledGraph:
                                       compiled.block_size)
             state.graph_named = True
             setattr(weight, STATE_ATTR, state)
-        block_size, grid, zero_inactive, mode = self.compiled_as[i]
+        block_size, grid, _, mode = self.compiled_as[i]  # the promise: __call__ masks W where it is not kept
         if state.saliency_mode is None:  # never compiled itself: what its Sparsifier wants, else the graph's
             driver = state.sparsifier_ref() if state.sparsifier_ref is not None else None
             state.saliency_mode = getattr(getattr(driver, "config", None), "saliency", None) or mode
         mismatch = [what for what, ok in (
             ("block size", state.block_size == block_size), ("block grid", state.grid == grid),
-            ("zero-weight promise (one model is under a Sparsifier, the other not)",
-             state.zero_inactive == zero_inactive or not zero_inactive),
             ("saliency mode", state.saliency_mode == mode)) if not ok]
         if mismatch:
             raise RuntimeError(
@@ -464,6 +464,18 @@ def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inpu
     for node in nodes.values():
         node.register_prehook(restore)
     return token
+
+
+def _with_masked_weight(args: tuple, index: int, state: LayerState) -> tuple:
+    """``args`` with the weight at ``index`` replaced by ``W * M`` (out of place: autograd
+    takes the gradient through the product, nothing is written into the weight)."""
+    from agpe_compile.ops.dense_path import masked_weight
+
+    args = list(args)
+    weight = args[index]
+    if not isinstance(weight, FakeTensor):
+        args[index] = masked_weight(weight, state.block_mask, state.block_size)
+    return tuple(args)
 
 
 _explain_compiles: Dict[Any, int] = {}  # Dynamo frame id -> compiles made by explain()

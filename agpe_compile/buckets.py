@@ -149,7 +149,10 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
 # * ``torch._dynamo.reset()`` also restarts Dynamo's frame ids from 0, so a frame id may
 #   come back with a lower compile number than agpe last saw for it: that frame's counts
 #   are dropped (this catches a reset whose first compile was another backend's, e.g. a
-#   dense baseline of the same model class, or an explain() call).
+#   dense baseline of the same model class, or an explain() call);
+# * and every count is dropped when agpe finds its marker gone from a set that
+#   ``torch._dynamo.reset()`` clears (``dynamo_was_reset``): a dense baseline that compiled
+#   its frame more often than agpe had before the reset hides the reset from the rule above.
 # Where Dynamo's recompile reason cannot be read (a private record), only the last rule
 # applies. A storm whose layouts also change at every compile (a crossing per call) is
 # counted per set of layouts, so it is stopped later (~8 per set it visits).
@@ -157,12 +160,31 @@ _bucket_set_compiles: Dict[object, Dict[tuple, int]] = {}  # (frame id, region) 
 _last_frame_compile: Dict[object, int] = {}  # frame id -> the last compile number agpe saw
 
 
+_RESET_MARKER = "agpe: marks Dynamo's state; torch._dynamo.reset() clears it"
+
+
+def dynamo_was_reset() -> bool:
+    """Whether ``torch._dynamo.reset()`` ran since the last call (True at the first call):
+    agpe keeps a marker in ``torch._dynamo.utils.warn_once_cache``, a set of message strings
+    that reset clears (torch 2.11 and 2.13). False where that set is missing."""
+    cache = getattr(getattr(torch._dynamo, "utils", None), "warn_once_cache", None)
+    if not isinstance(cache, set) or _RESET_MARKER in cache:
+        return False
+    cache.add(_RESET_MARKER)
+    return True
+
+
 def start_frame_compile(frame_id: object, frame_compile: int, region: object, first_in_cache: bool) -> bool:
     """Note the ``frame_compile``-th compile (from 0) of a Dynamo frame and drop the counts
     Dynamo's cache no longer backs (Note [Recompiles within a bucket set]). Returns whether
     the frame's compiles restarted (``torch._dynamo.reset()`` reuses frame ids): then every
-    per-frame record of the caller is stale too."""
-    restarted = frame_compile <= _last_frame_compile.get(frame_id, -1)
+    per-frame record of the caller is stale too (after a reset the caller's records of
+    other frames are dropped when they compile again, by the same rule or this one)."""
+    reset = dynamo_was_reset()
+    if reset:
+        _bucket_set_compiles.clear()
+        _last_frame_compile.clear()
+    restarted = reset or frame_compile <= _last_frame_compile.get(frame_id, -1)
     _last_frame_compile[frame_id] = frame_compile
     if restarted:
         for key in [key for key in _bucket_set_compiles if key[0] == frame_id]:

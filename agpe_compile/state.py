@@ -117,10 +117,6 @@ class LayerState:
     # Set by the explicit Sparsifier, which then keeps inactive weights exactly zero; graphs
     # compiled afterwards skip masking W on the dense path (Note [Zero inactive weights]).
     zero_inactive: bool = False
-    # (mask version, weight version) at which the call wrapper last zeroed the inactive
-    # blocks for a graph compiled under a promise the layer no longer has (Note [A promise
-    # outlives its Sparsifier] in zero_weights.py).
-    promise_kept_at: Optional[Tuple[int, int]] = None
     module_ref: Optional[weakref.ReferenceType] = None
     weight_ref: Optional[weakref.ReferenceType] = None
     # Zero-code mode: the controller that drives this layer's mask, found by every backend

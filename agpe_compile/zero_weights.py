@@ -68,26 +68,19 @@ def zero_inactive_(state) -> None:
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 # A graph compiled while a Sparsifier drove a layer has the promise baked in: on the dense
 # path by density it uses W unmasked. ``Sparsifier.close()`` withdraws the promise (no step
-# hook re-zeroes any more), but Dynamo keeps calling that graph. Inactive weights stay zero
-# by themselves after close (zero gradients, zero moments) until the user edits a mask by
-# hand: the newly inactive blocks keep their weights and momentum, and the graph computed
-# with them (found by an audit of the docs: 0.16 off the masked reference on a 2-layer MLP,
-# on every call, with no word). So the call wrapper keeps the promise itself for such
-# graphs: before a call it zeroes the layer's inactive blocks whenever the mask or the
-# weight changed since it last did (version counters; after close, that is once per
-# optimizer step, as the step hook did). A new Sparsifier or ``torch._dynamo.reset()``
-# ends it. GraphedStep replays skip the wrapper: they need a live Sparsifier.
-def keep_promise_(state) -> None:
-    """Zero the layer's inactive blocks if its mask or weight changed since the last time
-    (Note [A promise outlives its Sparsifier])."""
-    weight = state.weight
-    if weight is None:
-        return
-    now = (state.block_mask._version, weight._version)
-    if state.promise_kept_at == now:
-        return
-    zero_inactive_(state)
-    state.promise_kept_at = (state.block_mask._version, weight._version)
+# hook re-zeroes any more), but Dynamo keeps calling that graph; and a second instance of
+# the model class (an EMA copy, another model) may be handed the same graph. Inactive
+# weights stay zero by themselves after close (zero gradients, zero moments) until the
+# user edits a mask by hand: the newly inactive blocks keep their weights and momentum,
+# and the graph computed with them (found by an audit of the docs: 0.16 off the masked
+# reference on a 2-layer MLP, on every call, with no word). So for a layer without the
+# promise the call wrapper hands such a graph ``W * M`` in place of W (backend.py,
+# ``_with_masked_weight``): out of place, so nothing is written into the weight (a first
+# version zeroed the weight in place, which broke autograd when the weight was saved for
+# a backward still to come: gradient accumulation, an eager weight penalty), and the
+# gradient reaches W through the product, masked. It costs one pass over W per call,
+# only for such layers; a new Sparsifier or ``torch._dynamo.reset()`` ends it. GraphedStep
+# replays skip the wrapper: they need a live Sparsifier.
 
 
 def skips(state) -> bool:

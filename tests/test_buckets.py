@@ -289,6 +289,20 @@ def test_counts_restart_after_dynamo_reset_and_explain_does_not_count(fresh_limi
     _new_batch_size_every_call(compiled, 2, start=7)  # compiles 7 and 8 of this bucket set
 
 
+def test_counts_restart_after_a_reset_even_when_a_baseline_compiled_the_frame_more_often(fresh_limits):
+    """Re-audit: agpe compiled a frame 5 times, then torch._dynamo.reset(), then a dense
+    baseline of the same class compiled it 6 times (frame compile numbers 0-5): agpe's next
+    compile (number 6) did not look like a restart, and its 4th was refused as the 9th."""
+    model = MLP((32, 32, 16))
+    agpe_compile.prepare(model, options={"block_size": 8})
+    _new_batch_size_every_call(torch.compile(model, backend=aot_backend(), dynamic=False), 5)
+    torch._dynamo.reset()
+    _new_batch_size_every_call(torch.compile(MLP((32, 32, 16)), backend="aot_eager", dynamic=False), 6, start=10)
+    fresh = MLP((32, 32, 16))
+    agpe_compile.prepare(fresh, options={"block_size": 8})
+    _new_batch_size_every_call(torch.compile(fresh, backend=aot_backend(), dynamic=False), 8)
+
+
 @pytest.mark.parametrize("first", ["explain", "another backend"])
 def test_counts_restart_after_a_reset_whose_first_compile_is_not_agpe_training(fresh_limits, first):
     """Found by an audit: a loop of trials that reset Dynamo and first explain() the model,

@@ -229,19 +229,47 @@ def test_two_instances_of_one_class_use_their_own_masks():
             assert torch.all(blocks[~state.block_mask] == 0)
 
 
-def test_an_instance_the_shared_graph_cannot_serve_is_refused():
+def test_a_shared_graph_compiled_under_the_zero_weight_promise_serves_an_instance_without_it():
     # The first instance keeps its inactive weights at zero (a Sparsifier): its graph skips
-    # masking, which would be wrong for an instance without that promise.
+    # masking. An instance without that promise (nonzero weights in its inactive blocks) was
+    # refused; the call wrapper now hands the graph its W * M (Note [A promise outlives its
+    # Sparsifier]), and its own weights stay as they are.
     torch._dynamo.reset()
     torch.manual_seed(0)
     a, b = MLP(), MLP()
-    agpe_compile.Sparsifier(a, torch.optim.SGD(a.parameters(), lr=0.1), agpe_compile.AGPEConfig(
+    sparsifier = agpe_compile.Sparsifier(a, torch.optim.SGD(a.parameters(), lr=0.1), agpe_compile.AGPEConfig(
         block_size=16, target_sparsity=0.0, policy="static"))
     agpe_compile.prepare(b, options={"block_size": 16})
+    set_random_masks(b, 0.5, seed=3)
+    weights = {name: p.detach().clone() for name, p in b.named_parameters()}
     backend = aot_backend()
     torch.compile(a, backend=backend)(torch.randn(8, 64))
-    with pytest.raises(RuntimeError, match="reused for another instance of the same class.*zero-weight promise"):
+    x = torch.randn(8, 64)
+    out = torch.compile(b, backend=backend)(x)
+    assert backend.graph_count == 1  # the graph is shared
+    assert_close(out, eager_masked(b, x), "output of the instance without the promise")
+    out.sum().backward()
+    for name, p in b.named_parameters():
+        assert torch.equal(p.detach(), weights[name])  # nothing written into its weights
+    for state in layer_states(b).values():
+        blocks = state.weight.grad.abs().reshape(state.grid[0], 16, state.grid[1], 16).sum((1, 3))
+        assert torch.all(blocks[~state.block_mask] == 0)
+    assert all(state.zero_inactive for state in sparsifier.layers.values())
+
+
+def test_an_instance_the_shared_graph_cannot_serve_is_refused():
+    # Another saliency mode: the graph would score the instance's blocks another way.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b = MLP(), MLP()
+    sparsifiers = [agpe_compile.Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), agpe_compile.AGPEConfig(
+        block_size=16, target_sparsity=0.0, policy="static", saliency=saliency))
+        for model, saliency in ((a, "taylor"), (b, "magnitude"))]  # kept alive: they drive the layers
+    backend = aot_backend()
+    torch.compile(a, backend=backend)(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="reused for another instance of the same class.*saliency mode"):
         torch.compile(b, backend=backend)(torch.randn(8, 64))
+    assert len(sparsifiers) == 2
 
 
 class _Checkpointed(nn.Module):

@@ -273,10 +273,10 @@ class Sparsifier:
     def close(self) -> None:
         """Stop driving the layers: remove the optimizer and load hooks and release the masks,
         so another Sparsifier can take them. Masks and weights stay as they are. Graphs compiled
-        while this one ran keep skipping the masking of zero weights on the dense path; their
-        call wrapper then zeroes each layer's inactive blocks itself whenever its mask or weight
-        changed (Note [A promise outlives its Sparsifier] in zero_weights.py) until a new
-        Sparsifier takes the layers or ``torch._dynamo.reset()`` drops those graphs."""
+        while this one ran skip the masking of zero weights on the dense path; their call
+        wrapper hands them ``W * M`` instead (Note [A promise outlives its Sparsifier] in
+        zero_weights.py) until a new Sparsifier takes the layers or ``torch._dynamo.reset()``
+        drops those graphs."""
         self._closed = True
         for handle in self._hooks:
             handle.remove()
