@@ -80,7 +80,9 @@ def zero_inactive_(state) -> None:
 # a backward still to come: gradient accumulation, an eager weight penalty), and the
 # gradient reaches W through the product, masked. It costs one pass over W per call,
 # only for such layers; a new Sparsifier or ``torch._dynamo.reset()`` ends it. GraphedStep
-# replays skip the wrapper: they need a live Sparsifier.
+# replays skip the wrapper: they need a live Sparsifier. Checked on the CPU (aot_eager and
+# Inductor); not yet run on a GPU, where ``mode="reduce-overhead"`` treats parameters as
+# static CUDA-graph inputs and a fresh ``W * M`` per call may make it re-record.
 
 
 def skips(state) -> bool:
