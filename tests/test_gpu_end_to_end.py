@@ -221,3 +221,46 @@ def test_two_calls_then_one_backward_through_the_kernels_bf16():
         torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-3,
                                    msg=lambda m: f"{name}: {m}")
     assert all(int(s.counters[0]) > 0 for s in agpe_compile.layer_states(model).values())
+
+
+def _closed_sparsifier_then_hand_edit(device, mode, inductor=True):
+    """Note [A promise outlives its Sparsifier]: graphs compiled under the zero-weight promise
+    (dense path by density: bucket 0.75 >= block 64's crossover) are handed W * M after
+    Sparsifier.close(), so a mask edited by hand stays exact; the weights are not written."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = GPTBlock(512, 8).to(device=device, dtype=dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = agpe_compile.Sparsifier(model, opt, agpe_compile.AGPEConfig(
+        block_size=64, target_sparsity=0.25, policy="static", distribution="uniform"))
+    options = {} if inductor else {"inductor": False}
+    compiled = torch.compile(model, backend="agpe", mode=mode, options=options) if mode else torch.compile(
+        model, backend="agpe", options=options)
+    x = torch.randn(2, 128, 512, device=device, dtype=dtype)
+    for _ in range(2):
+        compiled(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sparsifier.step()
+    sparsifier.close()
+    state = agpe_compile.layer_state(model.fc1)
+    row, col = state.block_mask.nonzero()[0].tolist()
+    with torch.no_grad():
+        state.block_mask[row, col] = False  # by hand, after close: the block keeps its weight
+    for _ in range(3):
+        out = compiled(x)
+        expected = eager_masked(model, x)
+        tolerance = BF16 if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.float(), expected.float(), **tolerance)
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.fc1.weight[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64].any()  # not written
+
+
+def test_graphs_compiled_under_a_closed_sparsifier_stay_exact_under_cuda_graphs_bf16():
+    # mode="reduce-overhead": parameters are static CUDA-graph inputs, and the wrapper hands
+    # the graph a fresh W * M per call (the default mode is covered on the CPU,
+    # tests/controller/test_zero_weights.py)
+    _closed_sparsifier_then_hand_edit("cuda", "reduce-overhead")
