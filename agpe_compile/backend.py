@@ -531,8 +531,8 @@ def _keep_recompile_headroom(states: Sequence[LayerState], for_explain: bool = F
 
 def _recompile_reason() -> Tuple[bool, Optional[str]]:
     """(whether Dynamo's record could be read, its reason for the compile in progress): the
-    first failed guard of its first cached graph, None when Dynamo does not call this compile
-    a recompile (no graph of the frame in its cache: a first compile)."""
+    first failed guard it reports (of its most recent cached graph), None when Dynamo does
+    not call this compile a recompile (no graph of the frame in its cache: a first compile)."""
     try:
         from torch._dynamo.utils import get_metrics_context
 
