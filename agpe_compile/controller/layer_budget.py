@@ -17,6 +17,18 @@ Then a layer with ``a`` active blocks and new count ``n`` swaps
 ``s = min(round(f * min(a, n)), blocks - max(a, n))`` blocks on top of the net change:
 ``n_drop = max(a - n, 0) + s`` and ``n_grow = max(n - a, 0) + s``.
 Example: a = 10, n = 8, f = 0.3, 100 blocks: s = 2, drop 4, grow 2.
+
+Note [Policies that never grow]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A policy without a grow score (``gmp``) cannot give a layer more blocks than it has. A
+plan that asks for that (a layer thawed after being frozen, masks adopted from a
+checkpoint whose split differs from the distribution's) would leave that layer where it is
+while the others shrink to their shares: the global density ended below the target with
+no word (0.195 for a target of 0.25 after a freeze). So for such policies every count is
+capped at the layer's current count and the blocks a capped layer cannot take go to the
+layers that can (water-filling, ``apportion``). Only when all the layers together have
+fewer blocks than the budget does the global density stay below the target; the
+Sparsifier says so.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 from agpe_compile.layout import bucket_for
 
 from .init_layouts import block_counts, layer_densities
-from .redistribute import redistribute
+from .redistribute import apportion, redistribute
 
 
 def swap_counts(active: int, target: int, blocks: int, fraction: float) -> Tuple[int, int]:
@@ -55,12 +67,32 @@ def bucket_bounds(count: int, blocks: int, buckets: Sequence[float], cap: float)
 
 def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_size: Sequence[int],
                 target: float, target_moved: bool, distribution: str, scores: Optional[Sequence[float]],
-                rate: float, buckets: Sequence[float], cap: float, floor: float = 0.0) -> List[int]:
+                rate: float, buckets: Sequence[float], cap: float, floor: float = 0.0,
+                grows: bool = True) -> List[int]:
     """New active-block count per layer for global density ``target``.
 
     ``floor``: when redistributing, no layer goes below ``floor * target`` density (a share
-    of the global target), so saliency cannot starve a layer.
+    of the global target), so saliency cannot starve a layer. ``grows=False``: no layer
+    gains blocks (Note [Policies that never grow]).
     """
+    counts = _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor)
+    return counts if grows else without_growth(counts, current)
+
+
+def without_growth(counts: Sequence[int], current: Sequence[int]) -> List[int]:
+    """``counts`` with no layer above its ``current`` count, the same total where the layers
+    have the blocks (Note [Policies that never grow]).
+
+    >>> without_growth([30, 30], [10, 60])
+    [10, 50]
+    """
+    if all(n <= a for n, a in zip(counts, current)):
+        return list(counts)
+    total = min(sum(counts), sum(current))
+    return apportion([float(n) for n in counts], total, [min(1, a) for a in current], list(current))
+
+
+def _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor):
     sizes = [r * c for r, c in grids]
     if scores is None:
         shapes = [(r * b, c * b) for (r, c), b in zip(grids, block_size)]

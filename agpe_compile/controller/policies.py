@@ -71,6 +71,7 @@ class Policy:
     config: AGPEConfig
     needs_dense_grad = False
     updates_masks = False
+    grows = False  # grow_score returns a score (else layers never gain blocks: Note [Policies that never grow])
     uses_magnitude = True  # the default drop score
     uses_momentum = False
 
@@ -110,6 +111,7 @@ class Static(Policy):
 @dataclasses.dataclass(frozen=True)
 class SET(Policy):
     updates_masks = True
+    grows = True
 
     def drop_fraction(self, step: int) -> float:
         return CosineDropFraction(self.config.drop_fraction, self.config.end_step).fraction_at(step)

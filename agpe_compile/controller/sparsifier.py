@@ -193,6 +193,7 @@ class Sparsifier:
         self._warned_no_backward = False
         self._warned_missed_layers: set = set()
         self._warned_target = False
+        self._warned_below_target = False
         self._frozen = set()  # layers frozen since creation (Note [Frozen layers])
         for name, state in self.layers.items():
             if optimizer is not None and not any(state.weight is p for g in optimizer.param_groups for p in g["params"]):
@@ -432,7 +433,7 @@ class Sparsifier:
                              target, moved, self.config.distribution,
                              None if any(s is None for s in scores) else scores,
                              fraction, self.config.buckets, self.config.max_layer_density,
-                             self.config.min_layer_share) if views else []
+                             self.config.min_layer_share, grows=self.policy.grows) if views else []
         dropped_mass = active_mass = 0.0
         dropped = 0
         results = []
@@ -569,7 +570,9 @@ class Sparsifier:
                 "state_dict() too (docs/checkpoint-format.md; zero-code mode keeps no resumable schedule state)",
                 _global_density(host),
                 f"Policy {self.config.policy!r} starts dense: its first update may regrow blocks toward its "
-                f"schedule." if starts_dense else
+                f"schedule." if starts_dense and self.policy.grows else
+                f"Policy {self.config.policy!r} never regrows: it keeps these masks until its schedule's target "
+                f"falls below their density." if starts_dense else
                 f"Policy {self.config.policy!r} starts from these masks (target density {self.target_density:.3f}).")
             return
         chosen = [(s, m.cpu()) for s, m in zip(states, initial_masks(states, self.config, self.generator))
@@ -701,6 +704,15 @@ class Sparsifier:
         """Warn (once) when the masks cannot get near the global target: layers of very few
         blocks (a layer keeps at least one block, and ERK caps small layers at density 1)."""
         density = _global_density(masks.values())
+        blocks = sum(int(m.numel()) for m in masks.values())
+        if (masks and not self.policy.grows and density * blocks < round(self.target_density * blocks) - 0.5
+                and not self._warned_below_target and not self._adopted):  # (adoption's warning said it)
+            # Note [Policies that never grow] in layer_budget.py
+            self._warned_below_target = True
+            log.warning("agpe: global density %.3f below the target %.3f: policy %r never regrows blocks and the "
+                        "layers have fewer active blocks than the target asks (masks loaded or set sparser than its "
+                        "schedule); it keeps them and prunes again when the target falls below %.3f. Use policy "
+                        "'agpe' or 'rigl' to regrow", density, self.target_density, self.config.policy, density)
         if masks and density > self.target_density + 0.05 and not self._warned_target and not self._adopted:
             self._warned_target = True
             sizes = ", ".join(f"{n}: {int(m.numel())}" for n, m in masks.items())

@@ -9,7 +9,11 @@ from torch import nn
 from agpe_compile.controller import AGPEConfig, Sparsifier
 from agpe_compile.ops.reference import expand_block_mask
 
-from .helpers import batches, inactive_elements, make_run
+import agpe_compile
+from agpe_compile.controller.init_layouts import random_block_mask
+from agpe_compile.controller.layer_budget import without_growth
+
+from .helpers import TinyMLP, batches, inactive_elements, make_run, train
 
 T, F = True, False
 MASK = [[T, T, F, F], [T, F, T, F]]          # 4 of 8 blocks active, grid 2 x 4, block 2
@@ -88,6 +92,53 @@ def test_gmp_prunes_on_the_cubic_schedule_and_never_regrows():
     # densities 1 - 0.5 * (1 - (1 - t/4)^3) = 0.7109, 0.5625, 0.5078, 0.5 -> round(8 d) = 6, 4, 4, 4
     assert counts == [6, 4, 4, 4]
     assert state.block_mask.tolist() == [[F, F, F, F], [T, T, T, T]]
+
+
+def test_gmp_keeps_the_global_density_when_a_thawed_layer_is_below_its_share():
+    # Note [Policies that never grow]: gmp cannot give a layer blocks back. A layer frozen
+    # while the others were pruned harder comes back above its share and the others below;
+    # the plan asked the others to grow, they stayed, and the global density ended at 0.195
+    # for a target of 0.25 with no word. The blocks they cannot take now go to the thawed one.
+    config = AGPEConfig(policy="gmp", target_sparsity=0.75, block_size=4, update_interval=10, end_step=200,
+                        distribution="uniform")
+    model, opt, sp, cmodel, _ = make_run(config)
+    data = list(batches(220))
+    train(cmodel, opt, sp, data[:60])
+    model.fc2.weight.requires_grad_(False)
+    train(cmodel, opt, sp, data[60:120])
+    model.fc2.weight.requires_grad_(True)
+    train(cmodel, opt, sp, data[120:])
+    blocks_total = sum(s.block_mask.numel() for s in sp.layers.values())
+    assert sum(int(s.block_mask.sum()) for s in sp.layers.values()) == round(0.25 * blocks_total)
+    assert sp.densities()["fc2"] > 0.25  # it kept blocks the others could not take back
+
+
+def test_gmp_over_sparser_adopted_masks_keeps_them_and_says_so(caplog):
+    # Masks adopted at 0.25 uniform with ERK's split of the same target: ERK asks some layers
+    # for more than 0.25, which gmp cannot give, so the others were cut below it (0.2246).
+    import logging
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    agpe_compile.prepare(model, {"block_size": 4})
+    gen = torch.Generator().manual_seed(0)
+    for state in agpe_compile.layer_states(model).values():
+        state.block_mask.copy_(random_block_mask(state.grid, state.block_mask.numel() // 4, gen))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = Sparsifier(model, opt, AGPEConfig(policy="gmp", target_sparsity=0.75, block_size=4, update_interval=10,
+                                               end_step=100))
+    assert "never regrows: it keeps these masks" in caplog.text
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    train(cmodel, opt, sp, batches(110))
+    assert sp.global_density == pytest.approx(0.25)
+    assert all(d == pytest.approx(0.25) for d in sp.densities().values())
+
+
+def test_without_growth_moves_what_a_capped_layer_cannot_take():
+    assert without_growth([30, 30], [10, 60]) == [10, 50]
+    assert without_growth([5, 5], [10, 10]) == [5, 5]   # nothing to cap
+    assert without_growth([30, 30], [10, 20]) == [10, 20]  # fewer blocks than the budget: all kept
 
 
 @pytest.mark.parametrize("policy", ["static", "dense"])
