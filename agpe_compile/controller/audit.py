@@ -12,7 +12,9 @@ Record kinds (field ``event``):
   the next compiled call recompiles at most once; not at all when Dynamo still holds a
   graph for those layout sizes), ``recompiles`` (graphs compiled since the previous
   record, when a counter was given: a recompile caused by this record's re-bucketing
-  shows in the next record), ``pruned_saliency`` (the regret signal),
+  shows in the next record), ``pruned_saliency`` (the regret signal; None for ``saliency="movement"``), ``loss``
+  (the mean of the interval's finite training losses; None when none was given or none
+  was finite),
   ``update_seconds`` and ``layers``: {name: {density_before, density_after, dropped,
   grown, dropped_just_grown (of the dropped blocks, those grown at the previous update),
   bucket_before, bucket_after, saliency: {mean, max, min, active_mean}, nonfinite_skips}}.

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 from typing import TYPE_CHECKING
 
@@ -61,9 +62,27 @@ def save(sp: "Sparsifier") -> dict:
         "rng_state": sp.generator.get_state(),
         "flops": sp.accountant.state_dict(),
         "seen_counters": {n: list(v) for n, v in sp.seen_counters.items()},
-        "loss_window": {"sum": None if sp._loss_sum is None else float(sp._loss_sum), "steps": sp._loss_steps},
+        "loss_window": _loss_window(sp),
         "scored_from": {n: int(t) for n, t in sp._scored_from.items()} if sp._flag_on else None,
     }
+
+
+def _loss_window(sp) -> dict:
+    """The unfinished interval's losses: the sum of the finite ones, the steps, the others."""
+    if sp._loss_sum is None:
+        return {"sum": None, "steps": sp._loss_steps, "nonfinite": 0}
+    total, nonfinite = (float(v) for v in sp._loss_sum.reshape(2))
+    return {"sum": total, "steps": sp._loss_steps, "nonfinite": int(round(nonfinite))}
+
+
+def _load_loss_window(window: dict):
+    steps = int(window["steps"])
+    if window["sum"] is None:
+        return None, steps
+    total, nonfinite = float(window["sum"]), int(window.get("nonfinite", 0))
+    if not math.isfinite(total):  # saved before "nonfinite" existed: the raw sum met a NaN or inf
+        total, nonfinite = 0.0, steps
+    return torch.tensor([total, float(nonfinite)], dtype=torch.float32), steps
 
 
 def upgrade(state: dict) -> dict:
@@ -143,9 +162,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     sp.seen_counters = {n: list(seen[n]) if seen is not None else [int(v) for v in layer.counters.tolist()]
                         for n, layer in sp.layers.items()}
     sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
-    window = state["loss_window"]
-    sp._loss_sum = None if window["sum"] is None else torch.tensor(window["sum"], dtype=torch.float32)
-    sp._loss_steps = int(window["steps"])
+    sp._loss_sum, sp._loss_steps = _load_loss_window(state["loss_window"])
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
     if sp._flag_on and state["scored_from"] is not None:
         # Not the live counters: the model's own state dict may be loaded after this one.

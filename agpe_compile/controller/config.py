@@ -58,6 +58,8 @@ class AGPEConfig:
             ``saliency`` option may be left out, and if given must be the same (the compile
             raises otherwise). AGPE drops the blocks with the lowest EMA of it.
         distribution: how a global density is split over layers: ``erk`` or ``uniform``.
+            Policies that move the budget by score (``agpe``, ``snfs`` with momentum) use
+            it only for a sparse initial layout; from a dense start it has no effect.
         initial_density: density at step 0; ``None`` = the policy's default (1.0 for
             ``dense``, ``gmp`` and ``agpe``, the final density for the others). ``static``
             never changes its layout, so it takes only the final density.
@@ -71,7 +73,9 @@ class AGPEConfig:
             dropped (0 = off). A grown block restarts from zero weight, so its first
             interval's saliency is low by construction, not because it is not needed;
             without protection it is the first candidate to be dropped again.
-        max_layer_density: cap on any layer's density when budgets are redistributed. Caps
+        max_layer_density: cap on any layer's density when budgets are redistributed; at
+            least the start density and ``max_density`` (so 1.0 for ``agpe`` and ``gmp``,
+            which start dense unless ``initial_density`` says otherwise). Caps
             are whole blocks; where they add up to fewer blocks than the global budget (small
             layers) the layers with the most room are raised a block at a time until it fits,
             so such a layer can end above the cap.
@@ -85,8 +89,14 @@ class AGPEConfig:
             its bucket while that target stays put, so layouts re-bucket (recompile) only at
             the updates where the global target moves (Note [Layer budgets and buckets]).
         improve_tol, backoff_tol, regret_threshold, patience, cooldown, max_backoffs,
-        max_density, loss_smoothing: the adaptive schedule's feedback rules (see
-            adaptive_schedule.py).
+        max_density, loss_smoothing: the adaptive schedule's feedback rules (Note
+            [Adaptive schedule] in adaptive_schedule.py). In short: the smoothed interval
+            loss improving by ``improve_tol`` (relative) prunes one rung, ``patience``
+            consecutive stalled holds prune too (``2 * patience`` from a back-off until the
+            next prune on improvement), getting worse by ``backoff_tol`` backs off one rung
+            (at most ``max_backoffs`` times), and so does any worsening right after a prune
+            whose dropped blocks carried at least ``regret_threshold`` of an average active
+            block's saliency (not for ``saliency="movement"``).
         rescale_init: a sparse initial layout multiplies each layer's surviving weights by
             1/sqrt(layer density), so the output variance of the default (fan-in) init is
             kept with the smaller effective fan-in; without it a 90%-sparse 3-layer MLP

@@ -27,6 +27,7 @@ each layer's ``score_dense`` flag so the backward fills ``dense_grad_sq``.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 import time
 import warnings
@@ -76,6 +77,9 @@ def _loss_value(loss) -> torch.Tensor:
     """``step``'s loss as a 0-d float tensor; a clear error for anything else (a per-sample
     loss would otherwise pass until the update reads the interval's mean)."""
     if torch.is_tensor(loss):
+        if loss.dtype == torch.bool or loss.is_complex() or loss.device.type == "meta":
+            raise TypeError(f"agpe: Sparsifier.step(loss) expects a real scalar loss, got a {loss.dtype} tensor "
+                            f"on {loss.device}")
         if loss.numel() != 1:
             raise ValueError(f"agpe: Sparsifier.step(loss) expects the scalar loss of the step (the one "
                              f"backward was called on), got a tensor of shape {tuple(loss.shape)}; "
@@ -255,10 +259,13 @@ class Sparsifier:
         self._check_one_call_per_optimizer_step()
         if loss is not None:
             value = _loss_value(loss)
+            finite = torch.isfinite(value)
+            # [sum of the finite losses, count of the others], on the loss's device (no sync)
+            pair = torch.stack((torch.where(finite, value, torch.zeros_like(value)), torch.logical_not(finite).float()))
             if self._loss_sum is None or self._loss_sum.device != value.device:
-                self._loss_sum = value.clone() if self._loss_sum is None else self._loss_sum.to(value.device) + value
+                self._loss_sum = pair if self._loss_sum is None else self._loss_sum.to(value.device) + pair
             else:
-                self._loss_sum.add_(value)
+                self._loss_sum.add_(pair)
             self._loss_steps += 1
         self.step_count += 1
         if not self._hooks and between_steps:  # no step hook: re-zero layers run eagerly here
@@ -354,7 +361,8 @@ class Sparsifier:
         dense_grad = {n: self._take_dense_grad(n, s, snap.dense_grad_sq[n]) for n, s in self.layers.items()}
         before = snap.masks
         just_grown = {n: age == 0 for n, age in self.grown_age.items()}
-        record = {"event": "interval", "step": step, "loss": loss, "updated": False, "schedule": None,
+        record = {"event": "interval", "step": step, "loss": loss if loss is None or math.isfinite(loss) else None,
+                  "updated": False, "schedule": None,
                   "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
         after = before
@@ -402,15 +410,15 @@ class Sparsifier:
         reduced = [(n, key, t) for n, key, t in parts if key in ("saliency", "dense_grad_sq")]
         masks = [t for _, key, t in parts if key == "masks"]
         device = masks[0].device if masks else torch.device("cpu")
-        loss = torch.zeros(2, dtype=torch.float64, device=device)
+        loss = torch.zeros(3, dtype=torch.float64, device=device)
         if self._loss_sum is not None:
-            loss[0] = self._loss_sum.detach().reshape(())
+            loss[0], loss[2] = self._loss_sum.detach().to(device)
         loss[1] = float(self._loss_steps)
         means = distributed.mean_over_ranks([t for _, _, t in reduced] + [m.to(torch.float64) for m in masks] + [loss])
         world = distributed.world_size()
         mean_of = {(n, key): m for (n, key, _), m in zip(reduced, means)}
         out = [(n, key, mean_of.get((n, key), t)) for n, key, t in parts if key != "loss"]
-        out.append((None, "loss_over_ranks", means[-1] * world))  # [loss sum, steps] over all ranks
+        out.append((None, "loss_over_ranks", means[-1] * world))  # [loss sum, steps, non-finite] over all ranks
         return out, [m * world for m in means[len(reduced):-1]]
 
     def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor],
@@ -451,7 +459,8 @@ class Sparsifier:
             results.append(result)
         # The adaptive schedule's regret signal at the next update (Note [Adaptive schedule]).
         mean_active = active_mass / max(sum(current), 1)
-        self.pruned_saliency = (dropped_mass / dropped) / mean_active if dropped and mean_active > 0 else None
+        self.pruned_saliency = ((dropped_mass / dropped) / mean_active
+                                if dropped and mean_active > 0 and self.config.saliency != "movement" else None)
         decided = {v.name: r for v, r in zip(views, results)}
         results = [decided[v.name] if v.name in decided else
                    DropGrow(v.mask.clone(), torch.zeros_like(v.mask), torch.zeros_like(v.mask)) for v in all_views]
@@ -773,23 +782,33 @@ class Sparsifier:
             scores = torch.zeros_like(scores)
         return scores
 
-    def _take_loss_over_ranks(self, sum_and_steps: torch.Tensor) -> Optional[float]:
-        total, steps = (float(v) for v in sum_and_steps)
+    def _take_loss_over_ranks(self, sum_steps_nonfinite: torch.Tensor) -> Optional[float]:
+        total, steps, nonfinite = (float(v) for v in sum_steps_nonfinite)
         self._loss_sum, self._loss_steps = None, 0
-        return self._checked_loss(total / steps) if steps else None
+        return self._interval_loss(total, int(round(steps)), int(round(nonfinite))) if steps else None
 
     def _take_loss(self, loss_sum: Optional[torch.Tensor]) -> Optional[float]:
         if loss_sum is None or self._loss_steps == 0:
             return None
-        loss = float(loss_sum) / self._loss_steps
-        self._loss_sum, self._loss_steps = None, 0
-        return self._checked_loss(loss)
+        total, nonfinite = (float(v) for v in loss_sum.reshape(2))
+        steps, self._loss_sum, self._loss_steps = self._loss_steps, None, 0
+        return self._interval_loss(total, steps, int(round(nonfinite)))
 
     @staticmethod
-    def _checked_loss(loss: float) -> Optional[float]:
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            log.warning("agpe: training loss over the last interval is not finite; not used as feedback")
-            return None
+    def _interval_loss(total: float, steps: int, nonfinite: int) -> float:
+        """The interval's mean loss over its finite steps; NaN when none was finite (the
+        adaptive schedule then holds: Note [Adaptive schedule])."""
+        if nonfinite >= steps:
+            log.warning("agpe: training loss was not finite on any of the last interval's %d step(s); the "
+                        "adaptive schedule holds (never prunes on a diverging run)", steps)
+            return float("nan")
+        if nonfinite:
+            log.warning("agpe: training loss was not finite on %d of the last interval's %d steps; the interval's "
+                        "loss is the mean of the other %d", nonfinite, steps, steps - nonfinite)
+        loss = total / (steps - nonfinite)
+        if not math.isfinite(loss):  # finite losses whose sum overflowed
+            log.warning("agpe: the mean training loss over the last interval overflowed; the adaptive schedule holds")
+            return float("nan")
         return loss
 
     def _write_record(self, record: dict, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor],

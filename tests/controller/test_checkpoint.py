@@ -54,6 +54,29 @@ def test_state_dict_holds_the_documented_fields():
     assert state["masks"]["fc1"] is not sp.layers["fc1"].block_mask  # a copy, not the buffer
 
 
+def test_a_saved_loss_window_keeps_its_non_finite_steps():
+    # The window holds the sum of the finite losses and the count of the others; a window
+    # saved before that count existed held the raw sum, NaN once any loss was.
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    _, opt, sp, _, _ = make_run(config)
+    for value in (1.0, float("nan"), 3.0):
+        opt.step()
+        sp.step(torch.tensor(value))
+    window = sp.state_dict()["loss_window"]
+    assert window == {"sum": 4.0, "steps": 3, "nonfinite": 1}
+    _, opt2, fresh, _, _ = make_run(config)
+    fresh.load_state_dict(sp.state_dict())
+    opt2.step()
+    fresh.step(torch.tensor(5.0))  # the update: mean of 1, 3 and 5
+    assert fresh.schedule_state.smoothed_loss == 3.0
+    old = dict(sp.state_dict(), loss_window={"sum": float("nan"), "steps": 3})
+    _, opt3, older, _, _ = make_run(config)
+    older.load_state_dict(old)
+    opt3.step()
+    older.step(torch.tensor(5.0))
+    assert older.schedule_state.smoothed_loss == 5.0
+
+
 def test_version_1_still_loads(caplog):
     config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)

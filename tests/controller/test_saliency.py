@@ -2,6 +2,7 @@
 
 import logging
 
+import pytest
 import torch
 
 from agpe_compile.controller import AGPEConfig, SaliencyEMA, Sparsifier
@@ -56,16 +57,57 @@ def test_nan_gradients_skip_scores_and_keep_masks_valid(caplog):
     assert sp.step_count == 8  # each step() call counts, the skipped optimizer step too
 
 
-def test_non_finite_loss_is_not_feedback(caplog):
-    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
+def test_an_interval_without_a_finite_loss_holds_the_schedule(caplog):
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100, patience=1)
     _, opt, sp, _, _ = make_run(config)
     with caplog.at_level(logging.WARNING):
-        opt.step()  # one training step = one optimizer step (no gradients here: nothing moves)
-        sp.step(torch.tensor(float("nan")))
-        opt.step()
-        sp.step(torch.tensor(1.0))
-    assert "training loss over the last interval is not finite" in caplog.text
+        for _ in range(6):  # three intervals, every loss NaN: before, patience 1 pruned at each
+            opt.step()  # one training step = one optimizer step (no gradients here: nothing moves)
+            sp.step(torch.tensor(float("nan")))
+    assert "training loss was not finite on any of the last interval's 2 step(s)" in caplog.text
     assert sp.schedule_state.smoothed_loss is None
+    assert sp.schedule_state.event == "hold:nonfinite" and sp.target_density == 1.0
+
+
+def test_an_interval_loss_is_the_mean_of_its_finite_steps(caplog, tmp_path):
+    # One NaN step used to discard the whole interval's mean (99 good losses of 100).
+    import json
+
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100, audit_path=str(tmp_path / "a.jsonl"))
+    _, opt, sp, _, _ = make_run(config)
+    with caplog.at_level(logging.WARNING):
+        for value in (1.0, float("inf"), 2.0, 3.0):
+            opt.step()
+            sp.step(torch.tensor(value))
+    assert "not finite on 1 of the last interval's 4 steps; the interval's loss is the mean of the other 3" in caplog.text
+    assert sp.schedule_state.smoothed_loss == 2.0
+    record = [json.loads(line) for line in open(tmp_path / "a.jsonl")][-1]
+    assert record["loss"] == 2.0
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(True), torch.tensor(1.0 + 2.0j), torch.empty((), device="meta")],
+                         ids=["bool", "complex", "meta"])
+def test_step_refuses_losses_that_are_not_real_numbers(bad):
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
+    _, _, sp, _, _ = make_run(config)
+    with pytest.raises(TypeError, match="expects a real scalar loss"):
+        sp.step(bad)
+    assert sp.step_count == 0
+
+
+def test_movement_saliency_gives_no_regret_signal():
+    # Movement scores can be negative: the dropped-over-active ratio came out at -3.95, -78.
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=20, saliency="movement")
+    model, opt, sp, cmodel, _ = make_run(config)
+    signals = []
+    for x, y in batches(20):
+        loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        signals.append(sp.pruned_saliency)
+    assert sp.global_density < 1.0 and signals == [None] * 20
 
 
 def test_saliency_mode_mismatch_between_a_graph_compiled_before_the_sparsifier_and_config_raises():
