@@ -582,11 +582,30 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 state.attach(module)
             prepared.setdefault(state.name, state)
     _separate_clashing_names(prepared)
+    _warn_unmatched_patterns(config, [layer_name(m, p) for m, _, p, _ in _linear_weights(named)])
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
                     len(unexpected), "; ".join(unexpected))
     distributed.ignore_in_ddp(model, buffer_paths(model, prepared.values()))  # Note [Data-parallel masks]
     return prepared
+
+
+_UNMATCHED_SAID: set = set()
+
+
+def _warn_unmatched_patterns(config: BackendConfig, names: List[str]) -> None:
+    """An include/exclude pattern that matches no linear layer is most likely a typo
+    (``"layer.1"`` for ``"layers.1"``): the layer meant to stay dense would be pruned with no
+    word. Said once per set of patterns and layer names."""
+    patterns = [p for p in config.exclude] + [p for p in config.include if p != "*"]
+    unmatched = tuple(p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names))
+    key = (unmatched, tuple(names))
+    if not unmatched or not names or key in _UNMATCHED_SAID:
+        return
+    _UNMATCHED_SAID.add(key)
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    log.warning("agpe.prepare: include/exclude pattern(s) %s match no linear layer of this model (its layers: %s); "
+                "patterns are fnmatch patterns on these names", list(unmatched), shown)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -648,11 +667,14 @@ def buffer_paths(model: nn.Module, states) -> List[str]:
     return paths
 
 
-def check_block_size_option(state: LayerState, config: BackendConfig) -> None:
-    """An explicit ``block_size`` option must match the block size a layer was prepared with."""
+def check_block_size_option(state: LayerState, config: BackendConfig, seen_as: Optional[str] = None) -> None:
+    """An explicit ``block_size`` option must match the block size a layer was prepared with.
+    ``seen_as``: the layer's name in the graph being compiled, said when it differs (a layer
+    prepared on its own, ``prepare(model.fc1)``, is named ``weight``)."""
     if config.block_size is not None and config.block_size != state.block_size:
+        also = f" ({seen_as!r} in this graph)" if seen_as and seen_as != state.name else ""
         raise ValueError(
-            f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r} was "
+            f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r}{also} was "
             f"prepared with block size {state.block_size} (by prepare, or by a torch.compile(backend='agpe') or "
             f"agpe_compile.explain call before it, which prepare unprepared layers with their options); expected "
             f"{state.block_size} or unset, or call agpe_compile.strip(model) first to start over"

@@ -318,7 +318,7 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
     state = state_of(weight) if isinstance(weight, torch.nn.Parameter) else None
     if state is not None:
-        check_block_size_option(state, config)
+        check_block_size_option(state, config, seen_as=name)
         _check_not_parametrized(state)
         reason = pattern_reason(state.name, config)
         if reason is not None:

@@ -591,6 +591,18 @@ def test_layers_made_by_a_graph_before_prepare_get_their_model_paths(first):
     agpe_compile.strip(model)
 
 
+def test_a_pattern_that_matches_no_layer_is_named_once(caplog):
+    # exclude=["layer.1"] for "layers.1": the layer meant to stay dense was pruned, silently.
+    import logging
+
+    model = MLP()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        agpe_compile.prepare(model, {"block_size": 16, "exclude": ["layer.1", "layers.1"]})
+        agpe_compile.prepare(model, {"block_size": 16, "exclude": ["layer.1", "layers.1"]})
+    said = [r.getMessage() for r in caplog.records if "match no linear layer" in r.getMessage()]
+    assert len(said) == 1 and "['layer.1']" in said[0] and "layers.0" in said[0]
+
+
 def test_an_excluded_block_stays_dense_when_the_model_was_compiled_before_the_sparsifier():
     # Found by an audit: the exclusion was checked against the graph's frame-local name.
     from agpe_compile.controller import AGPEConfig, Sparsifier
