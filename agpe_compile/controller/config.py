@@ -94,9 +94,10 @@ class AGPEConfig:
             loss improving by ``improve_tol`` (relative) prunes one rung, ``patience``
             consecutive stalled holds prune too (``2 * patience`` from a back-off until the
             next prune on improvement), getting worse by ``backoff_tol`` backs off one rung
-            (at most ``max_backoffs`` times), and so does any worsening right after a prune
-            whose dropped blocks carried at least ``regret_threshold`` of an average active
-            block's saliency (not for ``saliency="movement"``).
+            (at most ``max_backoffs`` times), and so does a prune whose dropped blocks carried
+            at least ``regret_threshold`` of an average active block's saliency (not for
+            ``saliency="movement"``; in practice it undoes the first prunes of a run: Note
+            [Regret in practice]).
         rescale_init: a sparse initial layout multiplies each layer's surviving weights by
             1/sqrt(layer density), so the output variance of the default (fan-in) init is
             kept with the smaller effective fan-in; without it a 90%-sparse 3-layer MLP

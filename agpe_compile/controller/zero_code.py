@@ -45,8 +45,8 @@ A graph break gives each graph its own controller and budget.
 
 What zero-code mode cannot do:
 
-* no loss: the adaptive schedule prunes every ``patience`` updates and never backs off
-  (both back-off rules need the loss: Note [Adaptive schedule]);
+* no loss: the adaptive schedule prunes every ``patience`` updates and backs off on the
+  regret signal only (Note [Adaptive schedule]);
 * policy ``snfs`` is refused (its budget follows the momentum of an optimizer that is
   not known when the options are validated);
 * no checkpoint API in the training loop: the controller object has ``state_dict()``
