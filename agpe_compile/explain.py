@@ -168,7 +168,9 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     The run it is called from goes on as without it: the RNG states (CPU, and the CUDA
     devices of the model and inputs) are restored after the forward (dropout draws), and
     Dynamo's automatic-dynamic shape state is neither read nor changed (Note [Explain and
-    automatic dynamic shapes]), so the graphs have the example's static shapes. The
+    automatic dynamic shapes]), so the graphs have the example's static shapes (a
+    dimension marked with ``torch._dynamo.mark_dynamic`` stays symbolic: pass a fresh tensor
+    for a golden text). The
     options ``inductor`` and ``mode`` are ignored (explain always lowers with aot_eager;
     neither changes the rewrite), so the options given to ``torch.compile`` can be passed
     as they are. An error agpe raises while compiling (a block size that clashes with the
@@ -242,8 +244,8 @@ def _skipped_frames(counters, before) -> List[str]:
 
 
 def _is_agpe_error(error: Optional[BaseException]) -> bool:
-    """An error agpe's backend raised itself: an option error, or one whose message is agpe's."""
-    return isinstance(error, (ValueError, TypeError)) or str(error).startswith("agpe")
+    """An error agpe raised itself (its messages start with "agpe"), not one of torch's."""
+    return error is not None and str(error).startswith("agpe")
 
 
 def _agpe_attrs(param: torch.Tensor) -> set:

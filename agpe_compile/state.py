@@ -520,10 +520,11 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.prepare: expected an nn.Module, got {type(model).__name__}")
     config = BackendConfig.from_options(options)
-    for _, param in model.named_parameters():  # refuse before changing anything
+    for path, param in model.named_parameters():  # refuse before changing anything
         state = state_of(param)
         if state is not None and pattern_reason(state.name, config) is None:
-            check_block_size_option(state, config)
+            module_path, _, param_name = path.rpartition(".")
+            check_block_size_option(state, config, seen_as=layer_name(module_path, param_name))
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
@@ -582,7 +583,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 state.attach(module)
             prepared.setdefault(state.name, state)
     _separate_clashing_names(prepared)
-    _warn_unmatched_patterns(config, [layer_name(m, p) for m, _, p, _ in _linear_weights(named)])
+    _warn_unmatched_patterns(config, _candidate_names(named))
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
                     len(unexpected), "; ".join(unexpected))
@@ -593,10 +594,23 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
 _UNMATCHED_SAID: set = set()
 
 
+def _candidate_names(model: nn.Module) -> List[str]:
+    """Names a pattern can mean: the linear layers prepare knows, and every other 2-D
+    parameter, which the backend rewrites where a graph uses it as a linear weight
+    (``F.linear(x, self.proj_w)``)."""
+    names = [layer_name(m, p) for m, _, p, _ in _linear_weights(model)]
+    for path, param in model.named_parameters():
+        module_path, _, param_name = path.rpartition(".")
+        name = layer_name(module_path, param_name)
+        if param.dim() == 2 and name not in names:
+            names.append(name)
+    return names
+
+
 def _warn_unmatched_patterns(config: BackendConfig, names: List[str]) -> None:
-    """An include/exclude pattern that matches no linear layer is most likely a typo
-    (``"layer.1"`` for ``"layers.1"``): the layer meant to stay dense would be pruned with no
-    word. Said once per set of patterns and layer names."""
+    """An include/exclude pattern that matches no weight agpe could rewrite is most likely a
+    typo (``"layer.1"`` for ``"layers.1"``): the layer meant to stay dense would be pruned
+    with no word. Said once per set of patterns and names."""
     patterns = [p for p in config.exclude] + [p for p in config.include if p != "*"]
     unmatched = tuple(p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names))
     key = (unmatched, tuple(names))
@@ -604,8 +618,9 @@ def _warn_unmatched_patterns(config: BackendConfig, names: List[str]) -> None:
         return
     _UNMATCHED_SAID.add(key)
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    log.warning("agpe.prepare: include/exclude pattern(s) %s match no linear layer of this model (its layers: %s); "
-                "patterns are fnmatch patterns on these names", list(unmatched), shown)
+    log.warning("agpe.prepare: include/exclude pattern(s) %s match no layer of this model that agpe could rewrite "
+                "(linear layers and 2-D weights: %s); patterns are fnmatch patterns on these names",
+                list(unmatched), shown)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -672,7 +687,7 @@ def check_block_size_option(state: LayerState, config: BackendConfig, seen_as: O
     ``seen_as``: the layer's name in the graph being compiled, said when it differs (a layer
     prepared on its own, ``prepare(model.fc1)``, is named ``weight``)."""
     if config.block_size is not None and config.block_size != state.block_size:
-        also = f" ({seen_as!r} in this graph)" if seen_as and seen_as != state.name else ""
+        also = f" ({seen_as!r} here)" if seen_as and seen_as != state.name else ""
         raise ValueError(
             f"agpe: option 'block_size' got {config.block_size}, but layer {state.name!r}{also} was "
             f"prepared with block size {state.block_size} (by prepare, or by a torch.compile(backend='agpe') or "

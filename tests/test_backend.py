@@ -599,8 +599,34 @@ def test_a_pattern_that_matches_no_layer_is_named_once(caplog):
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         agpe_compile.prepare(model, {"block_size": 16, "exclude": ["layer.1", "layers.1"]})
         agpe_compile.prepare(model, {"block_size": 16, "exclude": ["layer.1", "layers.1"]})
-    said = [r.getMessage() for r in caplog.records if "match no linear layer" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "match no layer of this model" in r.getMessage()]
     assert len(said) == 1 and "['layer.1']" in said[0] and "layers.0" in said[0]
+
+
+def test_a_pattern_naming_a_weight_used_through_f_linear_is_not_called_unmatched(caplog):
+    # The backend rewrites any 2-D weight a graph uses as a linear weight; a pattern naming
+    # one was called a typo, and deleting it would prune the layer meant to stay dense.
+    import logging
+
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(32, 32)
+            self.proj_w = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.fc1(x), self.proj_w)
+
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        agpe_compile.prepare(Raw(), {"block_size": 16, "exclude": ["proj_w"]})
+    assert "match no" not in caplog.text
+
+
+def test_a_block_size_clash_at_prepare_names_the_layer_by_its_path():
+    model = MLP()
+    agpe_compile.prepare(model.layers[0], {"block_size": 16})  # named 'weight' on its own
+    with pytest.raises(ValueError, match="layer 'weight' \\('layers.0' here\\) was prepared with block size 16"):
+        agpe_compile.prepare(model, {"block_size": 8})
 
 
 def test_an_excluded_block_stays_dense_when_the_model_was_compiled_before_the_sparsifier():

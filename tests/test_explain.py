@@ -223,7 +223,7 @@ class _ThreeLayers(nn.Module):
 def test_a_block_size_clash_is_the_backends_value_error_and_keeps_the_users_layers():
     model = _ThreeLayers()
     agpe_compile.prepare(model.fc1, {"block_size": 32})  # prepared by the user, through a submodule
-    said = "option 'block_size' got 16, but layer 'weight' \\('fc1' in this graph\\) was prepared with block size 32"
+    said = "option 'block_size' got 16, but layer 'weight' \\('fc1' here\\) was prepared with block size 32"
     with pytest.raises(ValueError, match=said) as info:
         agpe_compile.explain(model, torch.randn(4, 32), options={"block_size": 16})
     assert isinstance(info.value.__cause__, torch._dynamo.exc.BackendCompilerFailed)  # the chain is kept

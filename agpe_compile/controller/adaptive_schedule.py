@@ -23,7 +23,8 @@ At each update the mean training loss of the last interval is smoothed
    cooldown after every prune would hide the regret of every prune). In practice this
    undoes the first prunes of a run (Note [Regret in practice] below);
 3. hold when the interval's loss was not finite on any step (``hold:nonfinite``; a
-   diverging run is never pruned further, and the hold does not count toward patience);
+   diverging run is not pruned further, except by the deadline, rule 1; the hold does not
+   count toward patience);
 4. cooldown: for ``cooldown`` updates after any change, hold (lets the loss settle);
 5. back off on loss when ``rel < -backoff_tol`` (the loss got worse);
 6. hold while the loss gets worse and no back-off is left (never prune then; this resets

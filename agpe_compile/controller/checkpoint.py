@@ -80,7 +80,7 @@ def _load_loss_window(window: dict):
     if window["sum"] is None:
         return None, steps
     total, nonfinite = float(window["sum"]), int(window.get("nonfinite", 0))
-    if not math.isfinite(total):  # saved before "nonfinite" existed: the raw sum met a NaN or inf
+    if "nonfinite" not in window and not math.isfinite(total):  # saved before "nonfinite": a raw sum met NaN/inf
         total, nonfinite = 0.0, steps
     return torch.tensor([total, float(nonfinite)], dtype=torch.float32), steps
 

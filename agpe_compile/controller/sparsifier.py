@@ -86,7 +86,8 @@ def _loss_value(loss) -> torch.Tensor:
                              f"reduce it first, e.g. loss.mean()")
         return loss.detach().float().reshape(())
     try:
-        if isinstance(loss, (bool, str, bytes)):
+        if isinstance(loss, (bool, str, bytes)) or (type(loss).__module__ == "numpy"
+                                                    and type(loss).__name__ in ("bool", "bool_")):
             raise TypeError
         return torch.tensor(float(loss))  # int, float, numpy scalars, ...
     except (TypeError, ValueError):
@@ -725,9 +726,15 @@ class Sparsifier:
         if masks and density > self.target_density + 0.05 and not self._warned_target and not self._adopted:
             self._warned_target = True
             sizes = ", ".join(f"{n}: {int(m.numel())}" for n, m in masks.items())
-            log.warning("agpe: global density %.3f instead of the target %.3f: the layers have too few blocks at "
-                        "block_size=%d to prune further (blocks per layer: %s); use a smaller block size",
-                        density, self.target_density, next(iter(self.layers.values())).block_size, sizes)
+            frozen = sorted(self._frozen)
+            if frozen:  # Note [Frozen layers]: they keep their blocks, the others cannot make up for them
+                log.warning("agpe: global density %.3f instead of the target %.3f: frozen layer(s) %s keep their "
+                            "masks and hold more blocks than the target leaves for the others",
+                            density, self.target_density, ", ".join(frozen))
+            else:
+                log.warning("agpe: global density %.3f instead of the target %.3f: the layers have too few blocks "
+                            "at block_size=%d to prune further (blocks per layer: %s); use a smaller block size",
+                            density, self.target_density, next(iter(self.layers.values())).block_size, sizes)
 
     def _check_backward_reached(self, step: int, rows_now: int, scored: bool) -> None:
         """Warn (once) when an update comes with no backward through the layers since the last
@@ -785,7 +792,7 @@ class Sparsifier:
     def _take_loss_over_ranks(self, sum_steps_nonfinite: torch.Tensor) -> Optional[float]:
         total, steps, nonfinite = (float(v) for v in sum_steps_nonfinite)
         self._loss_sum, self._loss_steps = None, 0
-        return self._interval_loss(total, int(round(steps)), int(round(nonfinite))) if steps else None
+        return self._interval_loss(total, int(round(steps)), int(round(nonfinite)), "steps of all ranks") if steps else None
 
     def _take_loss(self, loss_sum: Optional[torch.Tensor]) -> Optional[float]:
         if loss_sum is None or self._loss_steps == 0:
@@ -794,20 +801,22 @@ class Sparsifier:
         steps, self._loss_sum, self._loss_steps = self._loss_steps, None, 0
         return self._interval_loss(total, steps, int(round(nonfinite)))
 
-    @staticmethod
-    def _interval_loss(total: float, steps: int, nonfinite: int) -> float:
-        """The interval's mean loss over its finite steps; NaN when none was finite (the
-        adaptive schedule then holds: Note [Adaptive schedule])."""
+    def _interval_loss(self, total: float, steps: int, nonfinite: int, what: str = "steps") -> float:
+        """The interval's mean loss over its finite steps; NaN when none was finite (policy
+        agpe's schedule then holds unless its deadline prunes: Note [Adaptive schedule])."""
+        holds = ("policy 'agpe' holds its target unless its end_step deadline prunes"
+                 if self.config.policy == "agpe" else f"policy {self.config.policy!r} does not use the loss")
         if nonfinite >= steps:
-            log.warning("agpe: training loss was not finite on any of the last interval's %d step(s); the "
-                        "adaptive schedule holds (never prunes on a diverging run)", steps)
+            log.warning("agpe: training loss was not finite on any of the last interval's %d %s: not used as feedback "
+                        "(%s)", steps, what, holds)
             return float("nan")
         if nonfinite:
-            log.warning("agpe: training loss was not finite on %d of the last interval's %d steps; the interval's "
-                        "loss is the mean of the other %d", nonfinite, steps, steps - nonfinite)
+            log.warning("agpe: training loss was not finite on %d of the last interval's %d %s; the interval's "
+                        "loss is the mean of the other %d", nonfinite, steps, what, steps - nonfinite)
         loss = total / (steps - nonfinite)
         if not math.isfinite(loss):  # finite losses whose sum overflowed
-            log.warning("agpe: the mean training loss over the last interval overflowed; the adaptive schedule holds")
+            log.warning("agpe: the mean training loss over the last interval overflowed: not used as feedback (%s)",
+                        holds)
             return float("nan")
         return loss
 

@@ -64,7 +64,8 @@ def test_an_interval_without_a_finite_loss_holds_the_schedule(caplog):
         for _ in range(6):  # three intervals, every loss NaN: before, patience 1 pruned at each
             opt.step()  # one training step = one optimizer step (no gradients here: nothing moves)
             sp.step(torch.tensor(float("nan")))
-    assert "training loss was not finite on any of the last interval's 2 step(s)" in caplog.text
+    assert ("training loss was not finite on any of the last interval's 2 steps: not used as feedback (policy "
+            "'agpe' holds its target unless its end_step deadline prunes)") in caplog.text
     assert sp.schedule_state.smoothed_loss is None
     assert sp.schedule_state.event == "hold:nonfinite" and sp.target_density == 1.0
 
@@ -93,6 +94,27 @@ def test_step_refuses_losses_that_are_not_real_numbers(bad):
     with pytest.raises(TypeError, match="expects a real scalar loss"):
         sp.step(bad)
     assert sp.step_count == 0
+
+
+def test_step_refuses_a_numpy_bool_like_a_python_bool():
+    import numpy as np
+
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
+    _, _, sp, _, _ = make_run(config)
+    with pytest.raises(TypeError, match="expects a scalar tensor or number"):
+        sp.step(np.bool_(True))
+
+
+def test_a_policy_that_ignores_the_loss_does_not_claim_to_hold(caplog):
+    # The warning said "the adaptive schedule holds" while gmp went on pruning.
+    config = AGPEConfig(policy="gmp", block_size=4, update_interval=2, end_step=100)
+    _, opt, sp, _, _ = make_run(config)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            opt.step()
+            sp.step(torch.tensor(float("nan")))
+    assert "not used as feedback (policy 'gmp' does not use the loss)" in caplog.text
+    assert "holds" not in caplog.text
 
 
 def test_movement_saliency_gives_no_regret_signal():
