@@ -602,7 +602,7 @@ def _candidate_names(model: nn.Module) -> List[str]:
     for path, param in model.named_parameters():
         module_path, _, param_name = path.rpartition(".")
         name = layer_name(module_path, param_name)
-        if param.dim() == 2 and name not in names:
+        if not nn.parameter.is_lazy(param) and param.dim() == 2 and name not in names:
             names.append(name)
     return names
 
