@@ -31,11 +31,18 @@ Note [Weights inside higher-order ops]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Dynamo traces ``torch.utils.checkpoint`` regions (and other higher-order ops) into a
 body graph called by ``tag_activation_checkpoint(body, x, W, ...)``: the weights are
-operands of that call, and the ``x @ W^T`` nodes live in the body. The backend does not
-rewrite bodies; a weight the body uses as a linear weight is a site of form
-``masked_weight`` on the operand, like the fused attention weights: the body computes
-with ``W * M`` (masking and saliency exact, recomputation included; dense speed, and
-``counters[0]`` does not count its rows).
+operands of that call, and the ``x @ W^T`` nodes live in the body. A weight whose every
+use in the body is a linear site there (``F.linear``, ``x @ W.t()``, ``addmm``) is a site
+of form ``subgraph``: the rewrite gives the call its own copy of the body, appends the
+layer's six tensors to the call's operands and to the body's placeholders, and rewrites
+the body's sites into ``sparse_linear`` like the outer graph's (so the block-sparse
+kernels run inside the region, recomputation included, and ``counters[0]`` counts its
+rows). Activation checkpointing recomputes the forward op in the backward; the op's
+forward mutates nothing, so recomputing it is exact. Any other body (the weight also read
+another way there, handed to a nested higher-order op or a fused attention op, a body
+shared by two calls) keeps the older, always-exact form: a site of form ``masked_weight``
+on the outer operand, so the body computes with ``W * M`` (masking and saliency exact,
+dense speed, rows not counted).
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ class LinearSite:
     bias: Optional[fx.Node]
     form: str
     transpose: Optional[fx.Node] = None
+    # form "subgraph": the weight's placeholder in the body and its linear sites there
+    inner_weight: Optional[fx.Node] = None
+    inner_sites: List["LinearSite"] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -141,8 +151,8 @@ def _ndim(node: fx.Node) -> int:
 def _subgraph_weight_sites(node: fx.Node) -> List[LinearSite]:
     """Weights a higher-order op (``torch.utils.checkpoint``'s ``tag_activation_checkpoint``,
     ``wrap``) hands to its body graph, where the body uses them as linear weights: sites of
-    form ``masked_weight`` on the outer operand, so the body computes with ``W * M``
-    (Note [Weights inside higher-order ops])."""
+    form ``subgraph`` where the body can be rewritten, else ``masked_weight`` on the outer
+    operand (Note [Weights inside higher-order ops])."""
     if not isinstance(node.target, torch._ops.HigherOrderOperator) or not node.args:
         return []
     body_node, operands = node.args[0], node.args[1:]
@@ -156,13 +166,46 @@ def _subgraph_weight_sites(node: fx.Node) -> List[LinearSite]:
     if len(inner) != len(operands):
         return []
     outer_of = dict(zip(inner, operands))
+    inner_sites = find_linear_sites(body.graph)[0]
+    own_body = _body_of_one_call(node, body_node)
     sites: List[LinearSite] = []
-    for site in find_linear_sites(body.graph)[0]:
+    for site in inner_sites:
         weight = outer_of.get(site.weight)
-        if (isinstance(weight, fx.Node) and weight.op == "placeholder" and _ndim(weight) == 2
+        if not (isinstance(weight, fx.Node) and weight.op == "placeholder" and _ndim(weight) == 2
                 and all(s.weight is not weight for s in sites)):
+            continue
+        mine = [s for s in inner_sites if s.weight is site.weight]
+        if own_body and sum(o is weight for o in operands) == 1 and _only_linear_uses(site.weight, mine):
+            sites.append(LinearSite(node, None, weight, None, "subgraph", inner_weight=site.weight,
+                                    inner_sites=mine))
+        else:
             sites.append(LinearSite(node, None, weight, None, "masked_weight"))
     return sites
+
+
+def _body_of_one_call(node: fx.Node, body_node: fx.Node) -> bool:
+    """The body module is read by this call alone, so the rewrite may give it a copy of its own."""
+    readers = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == body_node.target]
+    return readers == [body_node] and list(body_node.users) == [node]
+
+
+_PLAIN_FORMS = ("linear", "matmul", "addmm")  # not a fused op's or a nested body's weight
+
+
+def _only_linear_uses(weight: fx.Node, sites: List[LinearSite]) -> bool:
+    """Every use of the body's weight placeholder is one of its linear sites (through the
+    transposes they consume) and never as their input or bias."""
+    if not sites or any(s.form not in _PLAIN_FORMS or s.x is weight or s.bias is weight for s in sites):
+        return False
+    allowed = {s.node for s in sites}
+    for s in sites:
+        chain = s.transpose
+        while isinstance(chain, fx.Node) and chain is not weight:
+            if any(user not in allowed for user in chain.users):
+                return False
+            allowed.add(chain)
+            chain = chain.args[0] if chain.args else None
+    return all(user in allowed for user in weight.users)
 
 
 def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:

@@ -4,8 +4,12 @@ Requires: the decisions of ``decide_layers`` for the graph ``gm`` that Dynamo ha
 Ensures: a new GraphModule whose placeholders are Dynamo's, in order, followed by six
 placeholders per rewritten weight (block mask, saliency, dense-grad scores, score flag,
 counters, packed layout: ``LayerState.tensors()`` order); every rewritten site calls the op; the
-transposes it consumed are gone; the graph lints. Dynamo's own GraphModule is not
-touched (Dynamo re-reads its placeholders' ``grapharg`` after the backend returns).
+transposes it consumed are gone; the graph lints. A higher-order op call whose body holds
+sites (form ``subgraph``) gets a rewritten copy of its body under the same attribute name,
+with the layers' six tensors appended to the call's operands and to the body's
+placeholders in the same order (Note [Weights inside higher-order ops] in
+match_linears.py). Dynamo's own GraphModule and bodies are not touched (Dynamo re-reads its
+placeholders' ``grapharg`` after the backend returns).
 
 Note [Extra graph inputs]
 ~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -81,6 +85,7 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision],
     extras = []
     modes: List[str] = []
     used = {n.target for n in placeholders}
+    bodies: Dict[fx.Node, _Body] = {}  # higher-order op call (new graph) -> its body's copy
     for index, decision in enumerate(rewritten):
         state = decision.state
         extra = []
@@ -98,14 +103,59 @@ def rewrite_linears(gm: fx.GraphModule, decisions: List[LayerDecision],
         extras.append(extra)
         modes.append(saliency_mode(state) if callable(saliency_mode) else saliency_mode)
         for site in decision.sites:
-            _replace_site(graph, old_to_new, site, extra, state, modes[-1])
+            if site.form == "subgraph":
+                _replace_in_body(gm, old_to_new, bodies, site, extra, state, modes[-1])
+            else:
+                _replace_site(graph, old_to_new, site, extra, state, modes[-1])
     for decision, extra, mode in zip(rewritten, extras, modes):  # after every site: a use may be another layer's site
         if decision.other_uses:
             _mask_other_uses(graph, old_to_new, decision, extra, decision.state, mode)
     graph.lint()
     new_gm = fx.GraphModule(gm, graph, class_name="AgpeGraphModule")
     new_gm.meta.update(gm.meta)
+    for body in bodies.values():  # Dynamo's body modules stay as they were; the copy calls the op
+        body.graph.lint()
+        setattr(new_gm, body.target, fx.GraphModule(body.module, body.graph, class_name="AgpeBodyModule"))
     return RewriteResult(new_gm, states, changed=bool(rewritten))
+
+
+@dataclasses.dataclass
+class _Body:
+    """The copy of one higher-order op's body graph that the rewrite edits."""
+
+    target: str
+    module: fx.GraphModule
+    graph: fx.Graph
+    old_to_new: Dict[fx.Node, fx.Node]
+
+
+def _replace_in_body(gm: fx.GraphModule, old_to_new, bodies: Dict[fx.Node, _Body], site, extra,
+                     state: LayerState, saliency_mode: str) -> None:
+    """A layer used inside a higher-order op's body (Note [Weights inside higher-order ops]
+    in match_linears.py): its six tensors become operands of the call and placeholders of
+    the body's copy, and the body's sites call the op on them."""
+    call = old_to_new[site.node]
+    body = bodies.get(call)
+    if body is None:
+        target = site.node.args[0].target
+        module = getattr(gm, target)
+        graph, body_map = copy_graph(module)
+        body = bodies[call] = _Body(target, module, graph, body_map)
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    anchor, names = placeholders[-1], {n.target for n in placeholders}
+    inner = []
+    for outer in extra:
+        name = outer.target
+        while name in names:
+            name = f"{name}_"
+        with body.graph.inserting_after(anchor):
+            anchor = body.graph.placeholder(name)
+        names.add(name)
+        anchor.meta["agpe_tensor"] = outer.meta["agpe_tensor"]
+        inner.append(anchor)
+    call.args = (*call.args, *extra)
+    for inner_site in site.inner_sites:
+        _replace_site(body.graph, body.old_to_new, inner_site, inner, state, saliency_mode)
 
 
 def _mask_other_uses(graph, old_to_new, decision: LayerDecision, extra, state: LayerState, saliency_mode: str) -> None:

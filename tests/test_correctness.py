@@ -95,7 +95,7 @@ def test_huggingface_llama_from_config():
 
 def test_explain_of_a_training_model_shows_the_lowering_training_uses():
     # Hugging Face checkpoints its layers only with gradients on (training); explain ran under
-    # no_grad and reported sparse_linear where training runs masked_weight
+    # no_grad and reported graphs without the checkpointed regions that training runs
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _llama()
@@ -111,10 +111,12 @@ def test_explain_of_a_training_model_shows_the_lowering_training_uses():
     torch.compile(model, backend=backend)(ids).last_hidden_state.sum().backward()
     trained = {d.name: d.lowering for g in records for d in g.decisions if d.rewritten}
     assert explained == trained
-    assert set(explained.values()) == {"masked_weight"}
+    assert set(explained.values()) == {"sparse_linear"}  # inside the checkpointed bodies too
+    assert "tag_activation_checkpoint" in report.golden()
     model.eval()  # eval: no checkpointing, and explain runs under no_grad
     report = agpe_compile.explain(model, ids, options={"inductor": False})
     assert {r.lowering for r in report.layers if r.rewritten} == {"sparse_linear"}
+    assert "tag_activation_checkpoint" not in report.golden()
 
 
 def test_masked_out_weight_gradients_are_exactly_zero():
@@ -273,7 +275,7 @@ def test_an_instance_the_shared_graph_cannot_serve_is_refused():
 
 
 class _Checkpointed(nn.Module):
-    """A block under torch.utils.checkpoint (Note [Weights inside higher-order ops])."""
+    """A block under torch.utils.checkpoint (Note [Weights inside higher-order ops]): its layers run the op."""
 
     def __init__(self, use_reentrant):
         super().__init__()
@@ -329,4 +331,4 @@ def test_layers_inside_activation_checkpointing_are_masked_and_scored(use_reentr
     report = agpe_compile.explain(model, torch.randn(8, 64), options={"inductor": False})
     lowering = {r.name: r.lowering for r in report.layers}
     assert lowering["head"] == "sparse_linear"
-    assert {lowering[n] for n in states if n.startswith("block.")} == {"masked_weight"}
+    assert {lowering[n] for n in states if n.startswith("block.")} == {"sparse_linear"}

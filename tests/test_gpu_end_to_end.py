@@ -6,6 +6,7 @@
   kernels), against the float64 dense-with-zeros oracle, saliency buffers included.
 * a GPT block in bf16 compiled with ``backend="agpe"`` (Inductor) at density 0.25 against
   the eager W*M model.
+* the same block under activation checkpointing (the op inside the checkpointed body);
 * BlockSparseAdamW against AdamW; zero-code mode shrinking layouts to the kernels.
 """
 
@@ -106,6 +107,38 @@ def test_gpt_block_through_the_backend_bf16():
                                    msg=lambda m: f"{name}: {m}")
     states = agpe_compile.layer_states(model)
     assert all(s.layout_bucket == 0.25 for s in states.values())
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = GPTBlock(512, 8)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_gpt_block_under_activation_checkpointing_runs_the_kernels_bf16():
+    """Note [Weights inside higher-order ops]: the checkpointed block's layers run the op
+    (Triton kernels at 0.25), recomputed in the backward, and count their rows."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _CheckpointedBlock().cuda().to(torch.bfloat16)
+    agpe_compile.prepare(model, options={"block_size": 64})
+    set_random_masks(model, 0.25)
+    agpe_compile.rebucket(model)
+    compiled = torch.compile(model, backend="agpe")
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    compiled(x).float().square().mean().backward()
+    got = grads(model)
+    eager_masked(model, x).float().square().mean().backward()
+    want = grads(model)
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-3,
+                                   msg=lambda m: f"{name}: {m}")
+    states = agpe_compile.layer_states(model)
+    assert all(s.layout_bucket == 0.25 for s in states.values())
+    assert all(int(s.counters[0]) == 4 * 256 for s in states.values())
 
 
 def test_a_weight_used_without_its_module_is_compiled_at_full_capacity_bf16():

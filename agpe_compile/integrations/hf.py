@@ -217,7 +217,6 @@ class AGPETrainer(Trainer):
                     f"ranks: each rank would decide its own masks from its own shard, and the replicas would train "
                     f"different models (rank 0's is the one saved). Leave data_parallel at 'auto'")
             self._warn_schedule_past_end()
-            self._warn_gradient_checkpointing()
             quiet = _QuietAdoption() if self._agpe_resume_from else None  # Note [Checkpoints]: loaded next
             if quiet:
                 _sparsifier_log.addFilter(quiet)
@@ -344,13 +343,6 @@ class AGPETrainer(Trainer):
                         "towards density %.3f until end_step, so this run stops short of it. Set end_step from "
                         "the run's length, e.g. %s", config.end_step, max_steps, config.policy,
                         config.final_density, _schedule_advice(config, max_steps))
-
-    def _warn_gradient_checkpointing(self) -> None:
-        if self.args.gradient_checkpointing:
-            log.warning("agpe: gradient_checkpointing=True: the layers inside checkpointed blocks take their "
-                        "masked weight (agpe::masked_weight) and run dense matmuls, so they are pruned and scored "
-                        "but not faster, and sparsifier.flops does not count them (README, 'Getting the speed-up "
-                        "on a GPU'). Turn it off for the block-sparse kernels where memory allows")
 
     def _refuse_after_init(self) -> None:
         from accelerate.utils import DynamoBackend

@@ -291,14 +291,28 @@ def test_a_schedule_past_the_run_is_warned_about_and_the_sparsifier_uses_the_tra
     assert trainer.sparsifier.optimizer is optimizer
     assert trainer.sparsifier.global_density == 1.0  # nothing ran yet
     caplog.clear()  # with AGPEConfig's default update_interval (100) end_step=6 alone is refused: the advice says more
-    trainer = make_trainer(tmp_path, agpe_config=AGPEConfig(target_sparsity=0.5, block_size=16),
-                           args=training_args(tmp_path, gradient_checkpointing=True))
+    trainer = make_trainer(tmp_path, agpe_config=AGPEConfig(target_sparsity=0.5, block_size=16))
     trainer.state.max_steps = STEPS
     with caplog.at_level("WARNING", logger="agpe_compile.integrations.hf"):
         trainer.create_optimizer()
     assert "e.g. AGPEConfig(end_step=6, update_interval=1)" in caplog.text
     AGPEConfig(target_sparsity=0.5, block_size=16, end_step=6, update_interval=1)  # the advice is accepted
-    assert "gradient_checkpointing=True" in caplog.text and "not faster" in caplog.text
+
+
+def test_gradient_checkpointing_runs_the_op_in_every_checkpointed_block(run, tmp_path, caplog):
+    """HF's gradient checkpointing wraps each block in torch.utils.checkpoint: its layers run
+    agpe::sparse_linear there (Note [Weights inside higher-order ops]), so they count their
+    rows like the straight run's, and the run prunes to the same target."""
+    torch._dynamo.reset()
+    trainer = make_trainer(tmp_path, args=training_args(tmp_path, gradient_checkpointing=True))
+    with caplog.at_level("WARNING", logger="agpe_compile"):
+        trainer.train()
+    sparsifier = trainer.sparsifier
+    assert sparsifier.global_density == pytest.approx(0.5, abs=0.02)
+    rows = {name: layer.rows for name, layer in sparsifier.flops.layers.items()}
+    assert rows == {name: layer.rows for name, layer in run.trainer.sparsifier.flops.layers.items()}
+    assert all(count > 0 for count in rows.values()), rows
+    assert "agpe" not in caplog.text
 
 
 def test_a_batch_size_retry_after_out_of_memory_is_refused_with_the_size_to_set(tmp_path):
