@@ -5,12 +5,13 @@
 # runs/gpu); when the device tool's $OUT is set, RUN_DIR is packed into $OUT/gpu_session.tgz
 # (the tool returns at most 8 files).
 #   run from the repository root:  bash benchmarks/gpu_session.sh
-# PARTS picks the sections (default: "tests diagnose kernels train"; also "tma" and "probe");
+# PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "ckpt" and "probe");
 # a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
 # (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 290 s)
 # times the training step with AGPE_TMA=auto and AGPE_TMA=off one after the other (Note
-# [TMA by default] in agpe_compile/kernels/launch.py); "probe" (<= 120 s) runs
+# [TMA by default] in agpe_compile/kernels/launch.py); "ckpt" (<= 200 s) times the step with
+# every block under activation checkpointing; "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
 # TRAIN_STEP_ARGS=--no-mask-update shortens the training step; SCHEDULE_STEPS=100 adds the
 # simulated schedule's compile count (measured before: 7 compilations for 10 crossings).
@@ -60,6 +61,14 @@ if has tma; then
     grep -E "ms/step|best at" "$RUN_DIR/train_step_tma_$setting.txt"
   done
 fi
+# Activation checkpointing (Note [Weights inside higher-order ops]): every block, dense and
+# agpe, under torch.utils.checkpoint; the agpe/dense ratios next to the plain "train" ones.
+if has ckpt; then
+  timeout -k 10 200 python benchmarks/train_step.py --activation-checkpointing --densities 1.0,0.25,0.1 \
+    --optimizers fused --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_ckpt.json" \
+    > "$RUN_DIR/train_step_ckpt.txt" 2>&1
+  grep -E "ms/step|best at" "$RUN_DIR/train_step_ckpt.txt"
+fi
 if has probe; then
   timeout -k 10 120 python benchmarks/gpu_host_probe.py > "$RUN_DIR/host_probe.txt" 2>&1
   grep -E "^==" "$RUN_DIR/host_probe.txt"
@@ -67,7 +76,7 @@ fi
 if [ -n "${OUT:-}" ]; then
   [ -f "$RUN_DIR/output_code.txt" ] && gzip -f "$RUN_DIR/output_code.txt"
   tar czf "$OUT/gpu_session.tgz" -C "$RUN_DIR" .
-  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt train_step_ckpt.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
   ls -la "$OUT"
 fi
 # The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):

@@ -50,10 +50,23 @@ SMALL_SIZE = dict(d_model=128, n_layers=2, n_heads=4, seq=64, batch=4, dtype="fl
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
 
+class Checkpointed(nn.Module):
+    """A block run under ``torch.utils.checkpoint`` (``--activation-checkpointing``)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
 def make_stack(size: dict, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    stack = nn.Sequential(*[Block(size["d_model"], size["n_heads"]) for _ in range(size["n_layers"])])
-    return stack.to(device=device, dtype=getattr(torch, size["dtype"]))
+    blocks = [Block(size["d_model"], size["n_heads"]) for _ in range(size["n_layers"])]
+    if size.get("checkpoint"):  # dense and agpe alike: both recompute each block's forward
+        blocks = [Checkpointed(block) for block in blocks]
+    return nn.Sequential(*blocks).to(device=device, dtype=getattr(torch, size["dtype"]))
 
 
 def set_density(model: nn.Module, density: float, seed: int = 0) -> None:
@@ -429,13 +442,15 @@ def main(argv=None) -> None:
                              "capturable, graphed; CUDA only). Default: fused,block_sparse,graphed,"
                              "graphed_block_sparse on CUDA, foreach,fused,block_sparse on CPU")
     parser.add_argument("--no-mask-update", action="store_true", help="skip timing the Sparsifier's mask update")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="run every block (dense and agpe) under torch.utils.checkpoint")
     parser.add_argument("--schedule-steps", type=int, default=2000,
                         help="length of the simulated AGPE schedule whose compilations are counted")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     densities, optimizers = check_args(parser, args, device)
     small = args.small or device.type == "cpu"
-    size = SMALL_SIZE if small else GPU_SIZE
+    size = dict(SMALL_SIZE if small else GPU_SIZE, checkpoint=args.activation_checkpointing)
     warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     iters = args.iters if args.iters is not None else (3 if small else 10)
     # the module, not the op of the same name that agpe_compile.ops exports
