@@ -81,6 +81,7 @@ class AgpeCompiledGraph:
         self.compiled_as = [(state.block_size, state.grid, state.zero_inactive, state.saliency_mode)
                             for state in states]
         self._compiled_capacity_layouts = {}  # Note [Layouts a graph cannot see change]
+        self._unseen_crossings: List[str] = []  # layers to name in this call's one warning
         for i, layout in (full_layouts or {}).items():  # compiled at full capacity: rewritten in place
             state = states[i]
             self.layout_shapes[i] = layout.shape
@@ -104,6 +105,7 @@ class AgpeCompiledGraph:
                 if weight is not state.weight and not isinstance(weight, FakeTensor):
                     state = self._state_of_another_instance(i, weight)
             state.check_identity()
+            state.eager_pending = False  # Note [Eager runs of a prepared layer]
             state.sync_layout()
             if self.compiled_as[i][2] and not state.zero_inactive and self.weight_indices is not None:
                 # compiled under a promise this layer does not keep (Note [A promise outlives its Sparsifier])
@@ -115,6 +117,8 @@ class AgpeCompiledGraph:
             if state.block_layout.shape != shape:  # Note [Layouts a graph cannot see change]
                 tensors[-1] = self._layout_at_compiled_capacity(i, state, shape)
             extra.extend(tensors)
+        if self._unseen_crossings:
+            self._warn_unseen_crossings()
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
         outputs = self.compiled(*args, *extra)
@@ -168,16 +172,22 @@ class AgpeCompiledGraph:
         state.rebuild_capacity_layout(layout)
         if not state.warned_unseen_crossing:
             state.warned_unseen_crossing = True
-            log.warning(
-                "agpe: layer %r changed layout bucket (capacity %d -> %d blocks), but this graph was compiled "
-                "without the module hook that makes Dynamo recompile for it: the weight is used without calling its "
-                "module (F.linear(x, module.weight)), the layer's own forward was compiled (Linear.compile()), the "
-                "model was compiled before prepare, or torch.compile(DDP(nn.Sequential(...))) compiled each layer "
-                "alone (use DDP(torch.compile(model))). The graph keeps running at its capacity of %d blocks, which "
-                "is correct; a mask with more live blocks than that raises (design.md, Known limits)", state.name,
-                capacity, capacity_of(state.block_layout, state.grid), capacity)
+            self._unseen_crossings.append(f"{state.name} ({capacity_of(state.block_layout, state.grid)} blocks "
+                                          f"now, the graph keeps {capacity})")
         self._compiled_capacity_layouts[i] = (owner, layout, version)
         return layout
+
+    def _warn_unseen_crossings(self) -> None:
+        """One warning per call for every layer that crossed a bucket unseen (said once per layer)."""
+        names, self._unseen_crossings = self._unseen_crossings, []
+        log.warning(
+            "agpe: %d layer(s) changed layout bucket, but this graph was compiled without the module hook that "
+            "makes Dynamo recompile for them: %s. Causes: the model was compiled before prepare or before the "
+            "Sparsifier was created; a weight used without calling its module (F.linear(x, module.weight)); a "
+            "layer's own forward compiled as a frame (Linear.compile(), a graph break inside a loop over the "
+            "layers, torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model))). The graph keeps "
+            "running at the capacity it was compiled with, which is correct but not faster; a mask with more live "
+            "blocks than that raises (design.md, Known limits)", len(names), "; ".join(names))
 
     # Note [Graphs shared by instances]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~

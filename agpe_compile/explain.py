@@ -93,7 +93,7 @@ class ExplainReport:
             >>> class TestRewrite(expecttest.TestCase):
             ...     def test_model(self):
             ...         report = agpe_compile.explain(model, torch.randn(4, 32))
-            ...         self.assertExpectedInline(report.golden(), "")  # "": expecttest fills it in
+            ...         self.assertExpectedInline(report.golden(), """""")  # expecttest fills it in
         """
         from torch._dynamo.testing import normalize_gm
 

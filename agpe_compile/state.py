@@ -134,6 +134,11 @@ class LayerState:
     # Set when the module ran outside a compiled graph since the last optimizer step that
     # held its weight (``_read_layouts``); the step hook then re-zeroes its inactive blocks.
     ran_eagerly: bool = False
+    # Note [Eager runs of a prepared layer]: the (mask, weight) versions last checked, and
+    # whether the warning was given.
+    eager_checked: Optional[tuple] = None
+    warned_eager_unmasked: bool = False
+    eager_pending: bool = False  # the hook ran eagerly and no agpe graph has served the layer since
     # Made by a graph compiled before prepare (named from that graph's frame, not from the
     # layer's path in the model): prepare() gives it its path once (``_take_path_name``).
     graph_named: bool = False
@@ -355,6 +360,76 @@ def _read_layouts(module: nn.Module, args) -> None:
     if not torch.compiler.is_compiling():
         for state in module.__dict__.get(LAYERS_ATTR, {}).values():
             state.ran_eagerly = True
+            if getattr(module, state.param_name, None) is not state.weight:
+                continue  # under functional_call: it computes with the weights it was given
+            if state.eager_pending:
+                _warn_if_eager_run_is_unmasked(state)  # the previous call computed outside our graphs
+            state.eager_pending = True  # cleared by the call wrapper of a graph that serves the layer
+
+
+# Note [Eager runs of a prepared layer]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A prepared layer that runs outside a compiled graph computes with its raw weight. Under a
+# Sparsifier or a zero-code controller the inactive blocks are zero, so that is W*M (the
+# controller also re-zeroes after the step and warns when no backward reached the layer).
+# Without one (masks set by hand, as in the quick start), inactive blocks may hold weights,
+# and the call silently computes the dense layer: calling the module instead of the model
+# torch.compile returned, a ``torch.compiler.disable`` region, a frame Dynamo skipped (torch
+# 2.11 runs the layers of a ``model.compile()``-d ``nn.Sequential``, or called from a forward
+# it skipped for a graph break in a loop, eagerly; 2.13 did so from the second call on when
+# one ``nn.Linear`` had no agpe hook, Note [One call path per module class]). The hook runs
+# eagerly in all of these (``_hook_frames_run_eagerly``), but so it does where Dynamo then
+# compiles the layer's own forward as a frame (2.13), which is exact. So the eager hook only
+# marks the layer (``eager_pending``), the call wrapper of any graph that serves it clears the
+# mark, and the next eager hook run that still finds it checks, once per (mask, weight)
+# version, whether an inactive block holds a nonzero weight: a warning once per layer, one
+# call late. A forward under ``torch.func.functional_call`` with other weights is not checked
+# (it computes with those).
+@torch.compiler.disable  # called only outside a trace; the eager hook's callees are still frames Dynamo sees
+def _warn_if_eager_run_is_unmasked(state: "LayerState") -> None:
+    if state.warned_eager_unmasked or _driven(state):
+        return
+    weight = state.weight
+    if weight is None or weight.is_meta or weight.dim() != 2:
+        return
+    key = (id(state.block_mask), state.block_mask._version, id(weight), weight._version)
+    if key == state.eager_checked:
+        return
+    state.eager_checked = key
+    rows, cols = state.grid
+    b = state.block_size
+    with torch.no_grad():
+        held = weight.detach().reshape(rows, b, cols, b).ne(0).any(dim=3).any(dim=1) & ~state.block_mask
+        count = int(held.sum())
+    if not count:
+        return
+    state.warned_eager_unmasked = True
+    log.warning(
+        "agpe: layer %r ran outside a compiled graph (eagerly) with its raw weight, and %d of its inactive "
+        "blocks hold nonzero weights: this call computed the dense layer, not W*M, and collected no saliency. "
+        "Causes: calling the module instead of the model torch.compile(model, backend='agpe') returned; a frame "
+        "Dynamo did not compile (model.compile() of an nn.Sequential root with torch 2.11, a graph break inside "
+        "a loop over the layers: TORCH_LOGS=graph_breaks shows it; use torch.compile(model) and keep graph "
+        "breaks out of the loop); a torch.compiler.disable region. An agpe_compile.Sparsifier keeps inactive "
+        "weights at zero, so eager runs compute W*M under it; with masks set by hand, zero the inactive weights "
+        "too. (Said once per layer.)", state.name, count)
+
+
+def _hook_frames_run_eagerly(*hooks) -> None:
+    """Dynamo compiles a hook as a frame of its own where the module is called from code it
+    does not compile (a frame it skipped, an ``nn.Sequential``'s loop): there the compiled hook
+    would drop its eager branch while the layer computes outside any graph. Those frames run
+    eagerly; inlined into a compiled forward (the usual case) the hooks are traced as before.
+    ``skip_code`` is private Dynamo API, present in torch 2.11 and 2.13."""
+    skip_code = getattr(torch._dynamo.eval_frame, "skip_code", None)
+    if skip_code is not None:
+        for hook in hooks:
+            skip_code(hook.__code__)
+
+
+def _driven(state: "LayerState") -> bool:
+    """A live Sparsifier or zero-code controller keeps this layer's inactive weights at zero."""
+    return any(ref is not None and ref() is not None for ref in (state.sparsifier_ref, state.controller_ref))
 
 
 def _resize_layouts_on_load(module: nn.Module, state_dict, prefix, *args) -> None:
@@ -583,12 +658,40 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 state.attach(module)
             prepared.setdefault(state.name, state)
     _separate_clashing_names(prepared)
+    _one_call_path(named, prepared)
     _warn_unmatched_patterns(config, _candidate_names(named))
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
                     len(unexpected), "; ".join(unexpected))
     distributed.ignore_in_ddp(model, buffer_paths(model, prepared.values()))  # Note [Data-parallel masks]
     return prepared
+
+
+# Note [One call path per module class]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Where Dynamo compiles a layer's own forward as a frame (``model.compile()`` of an
+# ``nn.Sequential`` root, a graph break inside a loop over the layers), it decides per code
+# object: a module called without forward hooks (``Module._call_impl``'s fast path) makes
+# Dynamo skip that forward's code from then on, for every instance. One ``nn.Linear`` that is
+# not an agpe layer (a head the block size does not divide, an excluded layer) then made
+# every prepared ``nn.Linear`` run eagerly, with its raw weight, from the second call on
+# (torch 2.13; a helper audit in the seventeenth session measured 0.17 off the masked
+# reference). So prepare gives every module of a prepared layer's class that has no agpe
+# hook a no-op forward pre-hook: all instances take the same call path and stay compiled.
+# Whole-model graphs inline the hook away; strip() removes it.
+def _same_call_path(module: nn.Module, args) -> None:
+    """Forward pre-hook that does nothing (Note [One call path per module class])."""
+
+
+_hook_frames_run_eagerly(_read_layouts, _same_call_path)
+
+
+def _one_call_path(model: nn.Module, prepared: Mapping[str, "LayerState"]) -> None:
+    classes = {type(state.module) for state in prepared.values() if state.module is not None}
+    for module in model.modules():
+        if (type(module) in classes and LAYOUT_NAMES_ATTR not in module.__dict__
+                and _same_call_path not in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_same_call_path)
 
 
 _UNMATCHED_SAID: set = set()

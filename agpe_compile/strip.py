@@ -35,7 +35,8 @@ from torch import nn
 from . import distributed
 from .ops.reference import expand_block_mask
 from .state import (EXCLUDED_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
-                    _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, buffer_paths, state_of)
+                    _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
+                    state_of)
 from .zero_weights import _ReZeroOnLoad
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _remove_hooks(module: nn.Module) -> None:
     if module.__dict__.get(LAYOUT_NAMES_ATTR) or module.__dict__.get(LAYERS_ATTR):
         return
     for key, hook in list(module._forward_pre_hooks.items()):
-        if hook is _read_layouts:
+        if hook is _read_layouts or hook is _same_call_path:  # Note [One call path per module class]
             del module._forward_pre_hooks[key]
     for key, hook in list(module._load_state_dict_pre_hooks.items()):
         if getattr(hook, "hook", hook) is _resize_layouts_on_load:

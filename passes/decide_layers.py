@@ -322,6 +322,7 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
         _check_not_parametrized(state)
         reason = pattern_reason(state.name, config)
         if reason is not None:
+            _check_not_driven(state, reason)
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)
         return LayerDecision(state.name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
     if isinstance(weight, torch.nn.Parameter) and getattr(weight, STRIPPED_ATTR, False):
@@ -344,6 +345,19 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
     state.graph_named = True  # named from this graph's frame; prepare() gives it its model path
     setattr(weight, STATE_ATTR, state)
     return LayerDecision(name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
+
+
+def _check_not_driven(state: LayerState, reason: str) -> None:
+    """A layer an explicit Sparsifier drives, left dense by this compile's include/exclude
+    options alone, would have its mask changed on zero saliency (the dense graph never scores
+    it): the patterns belong in the AGPEConfig, which the Sparsifier and the backend share."""
+    driver = state.sparsifier_ref() if state.sparsifier_ref is not None else None
+    if driver is not None:
+        raise RuntimeError(
+            f"agpe: layer {state.name!r} is driven by a Sparsifier, but this compile's options leave it dense "
+            f"({reason}): its mask would change without gradient information. Put the pattern in "
+            f"AGPEConfig(include=..., exclude=...) (the Sparsifier then leaves the layer dense and the backend "
+            f"follows it), or drop it from the compile options")
 
 
 def _check_not_parametrized(state: LayerState) -> None:

@@ -3,10 +3,23 @@
 The format is documented field by field in docs/checkpoint-format.md; keep them in step.
 Version 2 added the FLOP totals, the counter snapshots and the partial loss window to
 version 1, so a version-1 checkpoint resumes with FLOP accounting restarted from the
-model's counters and an empty loss window (logged). Version 3 (current) added the
-per-block ages since regrowth (``protect_grown``); an older checkpoint resumes with every
-block counted as never grown, so no block is protected at the first update (logged when
-``protect_grown`` is on).
+model's counters and an empty loss window (logged). Version 3 added the per-block ages
+since regrowth (``protect_grown``); an older checkpoint resumes with every block counted as
+never grown, so no block is protected at the first update (logged when ``protect_grown`` is
+on). Version 4 (current) added the layers' interval buffers (Note [Buffers the model did not
+load]); an older checkpoint loads as before.
+
+Note [Buffers the model did not load]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The unfinished interval's saliency sums, dense-gradient scores and row counters live in the
+model's buffers (``model.state_dict()``). A model loaded BEFORE it was prepared (a fresh
+model with ``strict=False``, Hugging Face ``from_pretrained``) drops them as unexpected keys,
+so the run resumed from a partial interval and the FLOP report lost rows (counters restarted
+at zero under the saved ``seen_counters``). The Sparsifier's state therefore carries a copy,
+and loading it writes the copy into every layer whose buffers are still fresh (all zero:
+prepared and never run), which is the case in exactly the two orders where the model's own
+load has not filled them: before ``model.load_state_dict`` (which then writes the same
+values) and after a load that dropped them. Buffers that hold anything are left alone.
 
 Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
 ``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
@@ -41,8 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
+BUFFER_FIELDS = ("saliency", "dense_grad_sq", "counters")  # Note [Buffers the model did not load]
 
 
 def save(sp: "Sparsifier") -> dict:
@@ -64,6 +78,7 @@ def save(sp: "Sparsifier") -> dict:
         "seen_counters": {n: list(v) for n, v in sp.seen_counters.items()},
         "loss_window": _loss_window(sp),
         "scored_from": {n: int(t) for n, t in sp._scored_from.items()} if sp._flag_on else None,
+        "layer_buffers": {n: {f: getattr(s, f).detach().clone() for f in BUFFER_FIELDS} for n, s in sp.layers.items()},
     }
 
 
@@ -97,6 +112,8 @@ def upgrade(state: dict) -> dict:
                      loss_window={"sum": None, "steps": 0}, scored_from=None)
     if state["format_version"] == 2:
         state = dict(state, format_version=3, grown_age=None)
+    if state["format_version"] == 3:
+        state = dict(state, format_version=4, layer_buffers=None)
     return state
 
 
@@ -108,10 +125,19 @@ def _check_shapes(sp: "Sparsifier", state: dict) -> None:
             table = state.get(key)
             tensor = table.get(name) if isinstance(table, dict) else None
             if tensor is not None and tuple(tensor.shape) != grid:
-                raise ValueError(
-                    f"agpe: checkpoint {key}[{name!r}] has block-grid shape {tuple(tensor.shape)}, but layer "
-                    f"{name!r} (weight {tuple(layer.weight_shape)}, block {layer.block_size}) has {grid}: the "
-                    f"checkpoint is from a different model or block size; nothing was loaded")
+                _wrong_grid(f"{key}[{name!r}]", name, tensor, layer, grid)
+        buffers = (state.get("layer_buffers") or {}).get(name) or {}
+        for field in ("saliency", "dense_grad_sq"):
+            tensor = buffers.get(field)
+            if tensor is not None and tuple(tensor.shape) != grid:
+                _wrong_grid(f"layer_buffers[{name!r}][{field!r}]", name, tensor, layer, grid)
+
+
+def _wrong_grid(key: str, name: str, tensor, layer, grid) -> None:
+    raise ValueError(
+        f"agpe: checkpoint {key} has block-grid shape {tuple(tensor.shape)}, but layer "
+        f"{name!r} (weight {tuple(layer.weight_shape)}, block {layer.block_size}) has {grid}: the "
+        f"checkpoint is from a different model or block size; nothing was loaded")
 
 
 def load(sp: "Sparsifier", state: dict) -> None:
@@ -141,6 +167,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     with torch.no_grad():
         for name, layer in sp.layers.items():
             layer.block_mask.copy_(state["masks"][name])
+    _fill_fresh_buffers(sp, state["layer_buffers"])
     sp.pruned_saliency = state["pruned_saliency"]
     sp.saliency.load_state_dict({"values": state["saliency_ema"], "fresh": state["saliency_fresh"]})
     from .sparsifier import AGE_NEVER_GROWN  # runtime import: sparsifier.py imports this module
@@ -169,6 +196,19 @@ def load(sp: "Sparsifier", state: dict) -> None:
         sp._scored_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
                            for n, v in state["scored_from"].items()}
     rebucket(list(sp.layers.values()), sp.config.buckets)
+
+
+def _fill_fresh_buffers(sp: "Sparsifier", saved) -> None:
+    """Note [Buffers the model did not load]: the saved interval buffers go into every layer
+    whose buffers are all zero."""
+    if saved is None:
+        return
+    with torch.no_grad():
+        for name, layer in sp.layers.items():
+            if any(bool(getattr(layer, field).any()) for field in BUFFER_FIELDS):
+                continue  # the model's own load filled them (or the layer ran): they are the run's
+            for field in BUFFER_FIELDS:
+                getattr(layer, field).copy_(saved[name][field])
 
 
 def _fit_schedule_state(sp: "Sparsifier", loaded) -> object:

@@ -748,8 +748,10 @@ class Sparsifier:
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass reached the agpe layers since the last "
                 "interval, so their saliency is zero and masks change without gradient information. Train the "
-                "model returned by torch.compile(model, backend='agpe') (not the module itself); with an "
-                "explicit Sparsifier, call sparsifier.step() after loss.backward() and optimizer.step()", step)
+                "model returned by torch.compile(model, backend='agpe') (not the module itself; model.compile() "
+                "of an nn.Sequential root runs its layers eagerly with torch 2.11, and so does a graph break "
+                "inside a loop over the layers); with an explicit Sparsifier, call sparsifier.step() after "
+                "loss.backward() and optimizer.step()", step)
 
     def _check_every_layer_reached(self, step: int, snap: "_Snapshot") -> None:
         """Warn (once per layer) when some layers were trained through the compiled model since

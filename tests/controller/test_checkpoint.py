@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import agpe_compile
+
 from agpe_compile.controller import FORMAT_VERSION, AGPEConfig
 from agpe_compile.controller.checkpoint import upgrade
 
@@ -17,6 +19,7 @@ from .helpers import batches, make_run, train
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V2_ONLY = ("flops", "seen_counters", "loss_window", "scored_from")
 V3_ONLY = ("grown_age",)
+V4_ONLY = ("layer_buffers",)
 
 
 def worker(mode, out):
@@ -46,10 +49,12 @@ def test_state_dict_holds_the_documented_fields():
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=4)
     *_, sp, _, _ = make_run(config)
     state = sp.state_dict()
-    assert state["format_version"] == FORMAT_VERSION == 3
+    assert state["format_version"] == FORMAT_VERSION == 4
     assert set(state) == {"format_version", "config", "step", "target_density", "masks", "saliency_ema",
                           "saliency_fresh", "grown_age", "pruned_saliency", "schedule_state", "rng_state", "flops",
-                          "seen_counters", "loss_window", "scored_from"}
+                          "seen_counters", "loss_window", "scored_from", "layer_buffers"}
+    assert set(state["layer_buffers"]["fc1"]) == {"saliency", "dense_grad_sq", "counters"}
+    assert state["layer_buffers"]["fc1"]["counters"] is not sp.layers["fc1"].counters  # a copy
     assert state["schedule_state"]["rung"] == 0
     assert state["masks"]["fc1"] is not sp.layers["fc1"].block_mask  # a copy, not the buffer
 
@@ -81,7 +86,7 @@ def test_version_1_still_loads(caplog):
     config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(5))
-    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY}
+    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY + V4_ONLY}
     v1["format_version"] = 1
     masks = {n: s.block_mask.clone() for n, s in sp.layers.items()}
 
@@ -104,7 +109,7 @@ def test_version_2_loads_with_no_block_protected(caplog):
     train(cmodel, opt, sp, batches(4))
     assert any(bool((age == 0).any()) for age in sp.grown_age.values())  # blocks were grown
     state = sp.state_dict()
-    v2 = {k: v for k, v in state.items() if k not in V3_ONLY}
+    v2 = {k: v for k, v in state.items() if k not in V3_ONLY + V4_ONLY}
     v2["format_version"] = 2
     *_, fresh, _, _ = make_run(config)
     with caplog.at_level(logging.WARNING):
@@ -119,7 +124,7 @@ def test_version_2_loads_with_no_block_protected(caplog):
 def test_unknown_version_and_wrong_layers_are_refused():
     *_, sp, _, _ = make_run(AGPEConfig(block_size=4))
     state = sp.state_dict()
-    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2, 3, 4\)"):
         sp.load_state_dict(dict(state, format_version=7))
     with pytest.raises(ValueError, match="checkpoint layers .* do not match"):
         sp.load_state_dict(dict(state, masks={"other": torch.ones(1, 1, dtype=torch.bool)}))
@@ -149,3 +154,92 @@ def test_masks_load_in_place():
     state["masks"]["fc1"] = ~state["masks"]["fc1"]
     sp.load_state_dict(state)
     assert sp.layers["fc1"].block_mask is buffer and torch.equal(buffer, state["masks"]["fc1"])
+
+
+def _resume_run(config, order, save_at=10, steps=20):
+    """Losses, masks, weights and FLOPs of steps save_at..steps after a resume in ``order``
+    (None: no interruption)."""
+    import copy
+
+    from agpe_compile.controller import Sparsifier
+
+    from .helpers import TinyMLP
+
+    data = list(batches(steps))
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, data[:save_at])
+    if order is not None:
+        ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()})
+        torch._dynamo.reset()
+        torch.manual_seed(123)  # another init: everything must come from the checkpoint
+        model = TinyMLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if order == "model_without_buffers":  # a fresh, unprepared model drops the agpe buffers
+            result = model.load_state_dict(ckpt["model"], strict=False)
+            assert any("block_mask" in key for key in result.unexpected_keys)
+            opt.load_state_dict(ckpt["opt"])
+            sp = Sparsifier(model, opt, config)
+            sp.load_state_dict(ckpt["sp"])
+        else:  # the documented order
+            sp = Sparsifier(model, opt, config)
+            sp.load_state_dict(ckpt["sp"])
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+        cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    losses = train(cmodel, opt, sp, data[save_at:])
+    return (losses, {n: s.block_mask.clone() for n, s in sp.layers.items()},
+            {n: p.detach().clone() for n, p in model.named_parameters()}, sp.flops, dict(sp.seen_counters))
+
+
+@pytest.mark.parametrize("policy", ["agpe", "rigl"])
+def test_a_model_loaded_without_its_agpe_buffers_resumes_bit_identically(policy):
+    """Note [Buffers the model did not load]: saved mid-interval (step 10, updates every 4), a
+    model loaded before the Sparsifier existed dropped the interval's saliency sums and
+    counters; the Sparsifier's state now carries them."""
+    torch._dynamo.reset()
+    config = AGPEConfig(policy=policy, target_sparsity=0.75, block_size=4, update_interval=4, end_step=16)
+    straight = _resume_run(config, None)
+    for order in ("model_without_buffers", "documented"):
+        resumed = _resume_run(config, order)
+        assert resumed[0] == straight[0], order
+        for name in straight[1]:
+            assert torch.equal(resumed[1][name], straight[1][name]), (order, name)
+        for name in straight[2]:
+            assert torch.equal(resumed[2][name], straight[2][name]), (order, name)
+        assert resumed[3] == straight[3], order
+        assert resumed[4] == straight[4], order
+
+
+def test_version_3_loads_without_the_layer_buffers():
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state = sp.state_dict()
+    v3 = dict({k: v for k, v in state.items() if k not in V4_ONLY}, format_version=3)
+    *_, fresh, _, _ = make_run(config)
+    fresh.load_state_dict(v3)
+    assert all(not bool(layer.counters.any()) for layer in fresh.layers.values())  # left as they were
+    fresh.load_state_dict(state)
+    for name, layer in sp.layers.items():
+        assert torch.equal(fresh.layers[name].counters, layer.counters)
+        assert torch.equal(fresh.layers[name].saliency, layer.saliency)
+
+
+def test_saved_layer_buffers_do_not_overwrite_buffers_that_hold_the_run():
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state = sp.state_dict()
+    train(cmodel, opt, sp, batches(1, seed=5))  # the buffers move on past the saved copy
+    live = {n: layer.counters.clone() for n, layer in sp.layers.items()}
+    sp.load_state_dict(state)
+    for name, layer in sp.layers.items():
+        assert torch.equal(layer.counters, live[name])
+
+
+def test_layer_buffers_of_another_shape_are_refused():
+    *_, sp, _, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5))
+    state = sp.state_dict()
+    state["layer_buffers"]["fc2"]["saliency"] = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match=r"layer_buffers\['fc2'\]\['saliency'\] has block-grid shape \(1, 1\)"):
+        sp.load_state_dict(state)
