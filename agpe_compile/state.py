@@ -678,6 +678,10 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
 # (torch 2.13; a helper audit in the seventeenth session measured 0.17 off the masked
 # reference). So prepare gives every module of a prepared layer's class that has no agpe
 # hook a no-op forward pre-hook: all instances take the same call path and stay compiled.
+# Not covered: a subclass that inherits the forward (``class Head(nn.Linear): pass``) among
+# them. Dynamo skips its frame, hooks or not, and then that forward's code for every
+# instance (a helper audit, torch 2.13): the layers run eagerly from the second call and
+# say so (Note [Eager runs of a prepared layer]); ``torch.compile(model)`` is not affected.
 # Whole-model graphs inline the hook away; strip() removes it.
 def _same_call_path(module: nn.Module, args) -> None:
     """Forward pre-hook that does nothing (Note [One call path per module class])."""

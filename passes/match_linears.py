@@ -42,7 +42,9 @@ forward mutates nothing, so recomputing it is exact. Any other body (the weight 
 another way there, handed to a nested higher-order op or a fused attention op, a body
 shared by two calls) keeps the older, always-exact form: a site of form ``masked_weight``
 on the outer operand, so the body computes with ``W * M`` (masking and saliency exact,
-dense speed, rows not counted).
+dense speed, rows not counted). So does ``x @ W.T`` written with the attribute inside the
+region: Dynamo evaluates ``W.T`` in the outer graph and hands the body the transposed
+tensor, which is not a placeholder the matcher knows (``W.t()`` stays in the body).
 """
 
 from __future__ import annotations

@@ -16,10 +16,13 @@ model's buffers (``model.state_dict()``). A model loaded BEFORE it was prepared 
 model with ``strict=False``, Hugging Face ``from_pretrained``) drops them as unexpected keys,
 so the run resumed from a partial interval and the FLOP report lost rows (counters restarted
 at zero under the saved ``seen_counters``). The Sparsifier's state therefore carries a copy,
-and loading it writes the copy into every layer whose buffers are still fresh (all zero:
-prepared and never run), which is the case in exactly the two orders where the model's own
-load has not filled them: before ``model.load_state_dict`` (which then writes the same
-values) and after a load that dropped them. Buffers that hold anything are left alone.
+and loading it writes the copy into every layer whose buffers are behind the checkpoint:
+their row counter (cumulative, only ever growing in a run) is below the saved one. That is
+the case in exactly the orders where the model's own load has not filled them: before
+``model.load_state_dict`` (which then writes the same values), after a load that dropped
+them, and after such a load into a model that ran a few steps first (their sums belong to
+no run the checkpoint knows). Buffers at or past the saved counter are the model's own
+load's (equal) or a later point of the run, and are left alone.
 
 Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
 ``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
@@ -167,7 +170,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     with torch.no_grad():
         for name, layer in sp.layers.items():
             layer.block_mask.copy_(state["masks"][name])
-    _fill_fresh_buffers(sp, state["layer_buffers"])
+    _fill_stale_buffers(sp, state["layer_buffers"])
     sp.pruned_saliency = state["pruned_saliency"]
     sp.saliency.load_state_dict({"values": state["saliency_ema"], "fresh": state["saliency_fresh"]})
     from .sparsifier import AGE_NEVER_GROWN  # runtime import: sparsifier.py imports this module
@@ -198,15 +201,15 @@ def load(sp: "Sparsifier", state: dict) -> None:
     rebucket(list(sp.layers.values()), sp.config.buckets)
 
 
-def _fill_fresh_buffers(sp: "Sparsifier", saved) -> None:
+def _fill_stale_buffers(sp: "Sparsifier", saved) -> None:
     """Note [Buffers the model did not load]: the saved interval buffers go into every layer
-    whose buffers are all zero."""
+    whose row counter is below the saved one."""
     if saved is None:
         return
     with torch.no_grad():
         for name, layer in sp.layers.items():
-            if any(bool(getattr(layer, field).any()) for field in BUFFER_FIELDS):
-                continue  # the model's own load filled them (or the layer ran): they are the run's
+            if int(layer.counters[0]) >= int(saved[name]["counters"][0]):
+                continue  # the model's own load filled them, or the run went on from there
             for field in BUFFER_FIELDS:
                 getattr(layer, field).copy_(saved[name][field])
 
