@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from agpe_compile.config import BackendConfig
 from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_options, make_zero_code_controller,
-                                               split_options)
+                                               split_options, watch_for_nothing_to_prune)
 from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
@@ -294,6 +294,8 @@ class AgpeBackend:
         if self.zero_code_options is not None and result.states:
             if not self.for_explain:  # explain compiles to report: nothing to drive
                 controller = self._controller_for(result.states)
+        elif self.zero_code_options is not None and not decisions and not self.for_explain:
+            watch_for_nothing_to_prune()  # no linear weight here: Note [Nothing to prune in zero-code mode]
         elif (self.zero_code_options is not None and decisions  # weights seen, none prunable: say so (once)
               and _first_time(("nothing prunable", tuple(d.name for d in decisions)))):
             dense = [f"{d.name} ({d.reason})" for d in decisions][:3]

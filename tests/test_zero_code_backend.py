@@ -70,6 +70,39 @@ def test_zero_code_on_a_model_with_nothing_to_prune_says_it_trains_dense(caplog)
     assert layer_states(model) == {}
 
 
+def test_zero_code_on_a_model_without_any_linear_layer_says_it_at_the_first_optimizer_step(caplog, monkeypatch):
+    """Note [Nothing to prune in zero-code mode]: a conv net's graphs hold no linear weight,
+    so no graph can say it; the first optimizer step does, once."""
+    import logging
+
+    from agpe_compile.controller import zero_code
+
+    monkeypatch.setattr(zero_code, "_CONTROLLERS_MADE", 0)
+    monkeypatch.setattr(zero_code, "_WATCH", [])
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="agpe", options={"target_sparsity": 0.5, "inductor": False})
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for _ in range(3):
+            compiled(torch.randn(2, 3, 8, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    said = [r.getMessage() for r in caplog.records if "no compiled graph had a linear layer" in r.getMessage()]
+    assert len(said) == 1 and "trains dense" in said[0]
+    caplog.clear()  # a model with layers to prune: its controller exists by the first step, nothing said
+    monkeypatch.setattr(zero_code, "_WATCH", [])
+    torch._dynamo.reset()
+    mlp = MLP()
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    compiled = torch.compile(mlp, backend="agpe", options={"target_sparsity": 0.5, "block_size": 16,
+                                                           "inductor": False})
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        compiled(torch.randn(4, 64)).sum().backward()
+        opt.step()
+    assert "no compiled graph had a linear layer" not in caplog.text
+
+
 def test_zero_code_bad_option_names_the_field():
     with pytest.raises(ValueError, match="target_sparsity"):
         agpe_compile.AgpeBackend({"target_sparsity": 1.5})

@@ -265,8 +265,38 @@ def _weak_hook(ref: "weakref.ReferenceType[ZeroCodeController]"):
 def make_zero_code_controller(states: List[LayerState], options: Mapping[str, Any],
                               follow_optimizer: bool = True) -> ZeroCodeController:
     """A controller running the configured policy over ``states`` (``ValueError`` if no AGPE option)."""
+    global _CONTROLLERS_MADE
     config = config_from_options(options)
     if config is None:
         raise ValueError(f"agpe: zero-code mode needs at least one of the options {sorted(AGPE_OPTION_KEYS)}; "
                          f"got {sorted(dict(options))}")
+    _CONTROLLERS_MADE += 1
     return ZeroCodeController(states, config, follow_optimizer)
+
+
+# Note [Nothing to prune in zero-code mode]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A graph with weights agpe cannot prune says so when it compiles (backend.py). A graph with
+# no linear weight at all may be a piece of a model split by a graph break whose other
+# pieces hold the layers, so it says nothing then; but a model with no linear layer at all
+# (a conv net) trained dense without a word. By the first optimizer step every forward graph
+# has compiled: if zero-code options reached a graph and no controller exists by then,
+# nothing is being pruned, and that step warns (once per process).
+_CONTROLLERS_MADE = 0
+_WATCH: List[Any] = []  # the optimizer hook's handle while it waits
+
+
+def watch_for_nothing_to_prune() -> None:
+    """Arm the one-shot check of Note [Nothing to prune in zero-code mode]."""
+    if _WATCH or _CONTROLLERS_MADE:
+        return
+
+    def check(optimizer, args, kwargs) -> None:
+        _WATCH.pop().remove()
+        _WATCH.append(None)  # said or not, never again in this process
+        if not _CONTROLLERS_MADE:
+            log.warning("agpe: zero-code mode: the options asked for pruning, but no compiled graph had a linear "
+                        "layer agpe can prune (nn.Linear, F.linear, x @ W.t(), nn.MultiheadAttention), so the model "
+                        "trains dense. agpe_compile.explain(model, x) shows what each graph holds")
+
+    _WATCH.append(register_optimizer_step_post_hook(check))
