@@ -99,7 +99,7 @@ def test_explain_of_a_training_model_shows_the_lowering_training_uses():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _llama()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()  # gradient_checkpointing_enable() before transformers 5.x
     model.train()
     agpe_compile.prepare(model, options={"block_size": 16})
     ids = torch.randint(0, 64, (2, 8))

@@ -299,12 +299,12 @@ def test_a_schedule_past_the_run_is_warned_about_and_the_sparsifier_uses_the_tra
     AGPEConfig(target_sparsity=0.5, block_size=16, end_step=6, update_interval=1)  # the advice is accepted
 
 
-def test_gradient_checkpointing_runs_the_op_in_every_checkpointed_block(run, tmp_path, caplog):
-    """HF's gradient checkpointing wraps each block in torch.utils.checkpoint: its layers run
+def test_activation_checkpointing_runs_the_op_in_every_checkpointed_block(run, tmp_path, caplog):
+    """HF's activation (formerly gradient) checkpointing wraps each block in torch.utils.checkpoint: its layers run
     agpe::sparse_linear there (Note [Weights inside higher-order ops]), so they count their
     rows like the straight run's, and the run prunes to the same target."""
     torch._dynamo.reset()
-    trainer = make_trainer(tmp_path, args=training_args(tmp_path, gradient_checkpointing=True))
+    trainer = make_trainer(tmp_path, args=training_args(tmp_path, activation_checkpointing=True))
     with caplog.at_level("WARNING", logger="agpe_compile"):
         trainer.train()
     sparsifier = trainer.sparsifier
