@@ -58,7 +58,8 @@ LAYOUT_NAMES_ATTR = "_agpe_layout_buffers"
 LAYERS_ATTR = "_agpe_layers"
 # On a weight that prepare() left out by include/exclude: the backend keeps it dense too
 # (a Sparsifier's AGPEConfig(exclude=...) reaches torch.compile without repeating it).
-EXCLUDED_ATTR = "_agpe_excluded"  # param name -> LayerState, on the module (Note [Copying prepared models])
+EXCLUDED_ATTR = "_agpe_excluded"  # the reason, a str; also on its module (Note [Exclusions travel with the module])
+EXCLUSIONS_ATTR = "_agpe_exclusions"  # on a module: param name -> _Exclusion
 # On a weight that agpe_compile.strip() finished: the backend refuses to make a new state
 # for it (a graph compiled before would silently recompile it as an unprepared layer);
 # prepare() clears it. A plain bool, so a pickled model still loads without agpe.
@@ -454,13 +455,67 @@ def _resize_layouts_on_load(module: nn.Module, state_dict, prefix, *args) -> Non
 
 def _adopt_assigned_weights(module: nn.Module, incompatible_keys) -> None:
     """load_state_dict post-hook: ``load_state_dict(..., assign=True)`` replaces the module's
-    Parameters; the layer's state moves to the new weight, so compiled calls keep masking it
-    (without this the backend would meet a weight with no state and run it dense)."""
+    Parameters and buffers; the layer's state moves to the new weight, so compiled calls keep
+    masking it (without this the backend would meet a weight with no state and run it dense),
+    and adopts the loaded buffers at once (Note [Replaced buffers]): ``strip``, ``explain`` and
+    a Sparsifier created next read the loaded mask, not the one it replaced."""
     for param_name, state in module.__dict__.get(LAYERS_ATTR, {}).items():
         weight = module._parameters.get(param_name)
         if isinstance(weight, nn.Parameter) and weight is not state.weight and state_of(weight) is None:
             setattr(weight, STATE_ATTR, state)
             state.weight_ref = weakref.ref(weight)
+        if not state.stripped:
+            state.check_identity()
+    for param_name, record in module.__dict__.get(EXCLUSIONS_ATTR, {}).items():
+        weight = module._parameters.get(param_name)
+        if isinstance(weight, nn.Parameter) and weight is not record.weight and state_of(weight) is None:
+            setattr(weight, EXCLUDED_ATTR, record.reason)  # Note [Exclusions travel with the module]
+            record.weight = weight
+
+
+# Note [Exclusions travel with the module]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# prepare() marks a weight its include/exclude patterns (or a tie with an embedding) leave
+# dense with ``EXCLUDED_ATTR``, which the backend reads (an AGPEConfig(exclude=...) reaches
+# torch.compile without being repeated). Like the LayerState (Note [Copying prepared
+# models]) the mark must outlive ``copy.deepcopy(model)``, whose Parameter.__deepcopy__ drops
+# a Parameter's attributes, and ``load_state_dict(..., assign=True)``, which puts new
+# Parameters in place: without it a copy's excluded layer was rewritten as an agpe layer (or
+# warned about as "not meant to be dense"). So the module records it too: an ``_Exclusion``
+# in ``module._agpe_exclusions`` puts the mark on the copy's weight when deep-copied, and
+# the load post-hook ``_adopt_assigned_weights`` on an assigned weight.
+class _Exclusion:
+    """The mark of one excluded weight, held by its module (a strong reference: the module
+    holds the weight anyway, and pickling keeps both as one object)."""
+
+    def __init__(self, weight: nn.Parameter, reason: str) -> None:
+        self.weight, self.reason = weight, reason
+
+    def __deepcopy__(self, memo):
+        new_weight = copy.deepcopy(self.weight, memo)  # the copy's own weight (memo: the same object)
+        if isinstance(new_weight, nn.Parameter):
+            setattr(new_weight, EXCLUDED_ATTR, self.reason)
+        new = _Exclusion(new_weight, self.reason)
+        memo[id(self)] = new
+        return new
+
+
+def mark_excluded(module: nn.Module, param_name: str, weight: nn.Parameter, reason: str) -> None:
+    """Leave ``module.<param_name>`` dense for the backend too (Note [Exclusions travel with the module])."""
+    setattr(weight, EXCLUDED_ATTR, reason)
+    records = module.__dict__.get(EXCLUSIONS_ATTR)
+    if records is None:
+        records = module.__dict__[EXCLUSIONS_ATTR] = {}
+        if LAYOUT_NAMES_ATTR not in module.__dict__:  # attach() registers it for prepared modules
+            module.register_load_state_dict_post_hook(_adopt_assigned_weights)
+    records[param_name] = _Exclusion(weight, reason)
+
+
+def clear_excluded(module: nn.Module, param_name: str, weight: nn.Parameter) -> None:
+    """Undo :func:`mark_excluded` (a prepare with other patterns, strip)."""
+    if hasattr(weight, EXCLUDED_ATTR):
+        delattr(weight, EXCLUDED_ATTR)
+    module.__dict__.get(EXCLUSIONS_ATTR, {}).pop(param_name, None)
 
 
 def _bucket_of_capacity(capacity: int, grid: Tuple[int, int]) -> float:
@@ -573,6 +628,20 @@ def _linear_weights(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, nn.
                         yield module_name, module, param_name, weight
 
 
+def _refuse_meta_weights(model: nn.Module, config: BackendConfig) -> None:
+    """A layer on the meta device has no values to build a mask from, and ``to_empty`` would
+    later give its mask and layout uninitialized memory: materialize first."""
+    meta = [layer_name(module_name, param_name) for module_name, _, param_name, weight in
+            _linear_weights(_unwrapped(model))
+            if weight.is_meta and state_of(weight) is None
+            and pattern_reason(layer_name(module_name, param_name), config) is None]
+    if meta:
+        raise ValueError(
+            f"agpe.prepare: the weights of {', '.join(meta)} are on the meta device (no values yet); materialize "
+            f"the model first (model.to_empty(device=...) and load its weights, or "
+            f"load_state_dict(..., assign=True)), then prepare it or create the Sparsifier")
+
+
 def _embedding_weights(model: nn.Module) -> set:
     return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
@@ -600,6 +669,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         if state is not None and pattern_reason(state.name, config) is None:
             module_path, _, param_name = path.rpartition(".")
             check_block_size_option(state, config, seen_as=layer_name(module_path, param_name))
+    _refuse_meta_weights(model, config)
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
@@ -634,13 +704,13 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         if reason is not None:
             log.info("agpe.prepare: %s stays dense: %s", name, reason)
             if pattern_reason(name, config) is not None or id(weight) in tied:  # the backend leaves it dense too
-                setattr(weight, EXCLUDED_ATTR, f"{reason} (at prepare)")
+                mark_excluded(module, param_name, weight, f"{reason} (at prepare)")
             else:
                 unexpected.append(f"{name} ({reason})")
                 setattr(weight, DENSE_SAID_ATTR, True)  # the backend does not say it again
             continue
         if str(getattr(weight, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
-            delattr(weight, EXCLUDED_ATTR)  # an earlier prepare's exclusion (a tie found by the backend stays)
+            clear_excluded(module, param_name, weight)  # an earlier prepare's exclusion (a tie found by the backend stays)
         state = LayerState.create(name, param_name, weight, block_size)
         setattr(weight, STATE_ATTR, state)
         state.attach(module)

@@ -530,7 +530,7 @@ def test_rebucket_after_a_hand_edit_keeps_the_zero_weight_promise():
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    Sparsifier(model, opt, AGPEConfig(block_size=16, target_sparsity=0.5, policy="static"))
+    sparsifier = Sparsifier(model, opt, AGPEConfig(block_size=16, target_sparsity=0.5, policy="static"))  # noqa: F841 (alive)
     state = agpe_compile.layer_state(model.layers[0])
     assert state.zero_inactive
     live = state.block_mask.nonzero()[0].tolist()

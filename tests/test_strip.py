@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -206,6 +207,50 @@ def test_assigned_weights_keep_their_masks_and_strip_folds_into_them():
     torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
     agpe_compile.strip(model)
     torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_state_dict_assigned_before_any_call_is_what_strip_folds():
+    # load_state_dict(assign=True) replaces the buffers too: strip, with no compiled call in
+    # between, folded the fresh model's all-live masks (density 1.0, output 1.57 off W*M)
+    torch.manual_seed(0)
+    trained = MLP((32, 64, 16))
+    agpe_compile.prepare(trained, {"block_size": 8})
+    _set_masks(trained, seed=3)
+    x = torch.randn(4, 32)
+    expected = torch.func.functional_call(trained, {
+        f"{name}.weight": s.weight.detach() * expand_block_mask(s.block_mask, 8, torch.float32)
+        for name, s in layer_states(trained).items()}, (x,))
+    densities = {name: s.density for name, s in layer_states(trained).items()}
+    model = MLP((32, 64, 16))
+    agpe_compile.prepare(model, {"block_size": 8})
+    model.load_state_dict({k: v.clone() for k, v in trained.state_dict().items()}, assign=True)
+    assert {name: s.density for name, s in layer_states(model).items()} == densities
+    assert agpe_compile.strip(model) == pytest.approx(densities)
+    torch.testing.assert_close(model(x), expected.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_excluded_layers_stay_excluded_in_copies_and_assigned_loads():
+    # the exclusion mark lived on the Parameter only: deepcopy and assign=True dropped it, and the
+    # copy's compile rewrote the excluded layer as an agpe layer (a 10-wide head: warned it was
+    # "not meant to be dense")
+    for head in (16, 10):
+        torch._dynamo.reset()
+        model = MLP((32, 64, head))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparsifier = agpe_compile.Sparsifier(model, opt, agpe_compile.AGPEConfig(block_size=8, exclude=("layers.1",)))
+        sparsifier.close()
+        twin = MLP((32, 64, head))
+        agpe_compile.prepare(twin, {"block_size": 8, "exclude": ["layers.1"]})
+        twin.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        for other in (copy.deepcopy(model), twin, pickle.loads(pickle.dumps(model))):
+            assert hasattr(other.layers[1].weight, EXCLUDED_ATTR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                torch.compile(other, backend=agpe_compile.AgpeBackend(BACKEND))(torch.randn(2, 32))
+            assert sorted(layer_states(other)) == ["layers.0"]
+            assert sorted(agpe_compile.strip(other)) == ["layers.0"]
+            assert not hasattr(other.layers[1].weight, EXCLUDED_ATTR)
+            assert "_agpe_exclusions" not in other.layers[1].__dict__
 
 
 def test_strip_through_a_compiled_wrapper_removes_the_ddp_ignore_list():

@@ -246,6 +246,20 @@ def test_lazy_layers_are_named_by_prepare_and_refused_by_the_sparsifier(caplog):
     assert sorted(agpe_compile.prepare(model, {"block_size": 8})) == ["0", "2"]
 
 
+def test_meta_device_models_are_refused_until_materialized():
+    # it raised torch's "Tensor.item() cannot be called on meta tensors" from the layout builder
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    for make in (lambda: agpe_compile.prepare(model, {"block_size": 8}),
+                 lambda: agpe_compile.Sparsifier(model, None, agpe_compile.AGPEConfig(block_size=8))):
+        with pytest.raises(ValueError, match=r"weights of 0, 2 are on the meta device.*to_empty"):
+            make()
+        assert not agpe_compile.layer_states(model)
+    assert sorted(agpe_compile.prepare(model, {"block_size": 8, "exclude": ["0", "2"]})) == []  # nothing to build
+    model.to_empty(device="cpu")
+    assert sorted(agpe_compile.prepare(model, {"block_size": 8})) == ["0", "2"]
+
+
 def test_prepare_warns_about_layers_its_block_size_does_not_divide(caplog):
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):

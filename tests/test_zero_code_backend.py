@@ -137,7 +137,7 @@ def _zero_code_run(steps, micro_batches=1, prepare=True):
     return model, optimizer, backend
 
 
-def _explicit_run(steps):
+def _explicit_run(steps, micro_batches=1):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP((32, 64, 16))
@@ -145,7 +145,8 @@ def _explicit_run(steps):
     config = {k: v for k, v in ZC_OPTIONS.items()}
     sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(**config))
     backend = agpe_compile.AgpeBackend({"inductor": False, "block_size": 8})
-    _train(torch.compile(model, backend=backend), model, optimizer, steps, after_step=lambda: sparsifier.step(None))
+    _train(torch.compile(model, backend=backend), model, optimizer, steps, micro_batches,
+           after_step=lambda: sparsifier.step(None))
     return model, optimizer, backend, sparsifier
 
 
@@ -217,6 +218,24 @@ def test_zero_code_counts_optimizer_steps_under_gradient_accumulation():
         momentum = optimizer.state[state.weight]["momentum_buffer"]
         inactive = ~agpe_compile.ops.reference.expand_block_mask(state.block_mask, 8, torch.float32).bool()
         assert momentum[inactive].abs().max() == 0
+
+
+@pytest.mark.parametrize("micro_batches", [3, ZC_OPTIONS["update_interval"]])
+def test_zero_code_under_gradient_accumulation_matches_explicit_mode_bit_for_bit(micro_batches):
+    # As many micro-batches as update_interval: the ticks before the first optimizer step
+    # reached the step before an update and turned dense-gradient scoring on for the last
+    # micro-batch; those scores of the initial weights reached rigl's first regrowth (2 blocks
+    # of 2 layers differed from the explicit Sparsifier's)
+    model, _, _ = _zero_code_run(1, micro_batches=micro_batches)
+    for name, state in layer_states(model).items():  # the explicit Sparsifier scores none of step 1
+        assert not state.dense_grad_sq.any() and not state.score_dense, name
+    model, optimizer, _ = _zero_code_run(12, micro_batches=micro_batches)
+    ref_model, ref_optimizer, _, _ = _explicit_run(12, micro_batches=micro_batches)
+    ref_states = layer_states(ref_model)
+    for name, state in layer_states(model).items():
+        assert torch.equal(state.block_mask, ref_states[name].block_mask), name
+    for (name, p), ref_p in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, ref_p), name
 
 
 def test_zero_code_ignores_an_optimizer_without_its_weights():

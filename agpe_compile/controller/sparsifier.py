@@ -235,7 +235,8 @@ class Sparsifier:
                 zero_inactive_(state)
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()),
                                              on_step=_count_optimizer_steps(weakref.ref(self)))
-            weakref.finalize(self, _remove_handles, list(self._hooks))  # the step hook is global
+            # the step hook is global; the promise is this Sparsifier's (Note [A dropped Sparsifier])
+            weakref.finalize(self, _dropped, list(self._hooks), list(self.layers.values()))
         self._optimizer_steps, self._optimizer_steps_at_step = 0, None
 
         self._warned_double_step = False
@@ -349,6 +350,8 @@ class Sparsifier:
         self._check_every_layer_reached(step, snap)
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
+        # Note [Intervals without a finite score]: layers every backward call of which was skipped
+        blind = [n for n in self.layers if skips[n] and not bool(snap.saliency[n].any())]
         for name, state in self.layers.items():
             if state.saliency_mode is not None and state.saliency_mode != self.config.saliency:
                 raise ValueError(
@@ -357,7 +360,8 @@ class Sparsifier:
                     f"Sparsifier drove it, and keeps its score. Create the Sparsifier before torch.compile (or "
                     f"call torch._dynamo.reset() after creating it), or set AGPEConfig.saliency="
                     f"{state.saliency_mode!r}")
-            self.saliency.update(name, snap.saliency[name], self.config.update_interval)
+            if name not in blind:  # a blind interval keeps the previous scores
+                self.saliency.update(name, snap.saliency[name], self.config.update_interval)
             state.saliency.zero_()
         dense_grad = {n: self._take_dense_grad(n, s, snap.dense_grad_sq[n]) for n, s in self.layers.items()}
         before = snap.masks
@@ -367,7 +371,14 @@ class Sparsifier:
                   "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
         after = before
-        if self._updates_at(step):
+        if self._updates_at(step) and blind:
+            record["schedule"] = "hold:nonfinite-scores"
+            log.warning(
+                "agpe: Sparsifier update at step %d held: every backward call of the last interval through %s had "
+                "non-finite scores (overflowing fp16 steps, which torch.amp.GradScaler skips?), so there is no "
+                "gradient information to prune or regrow by; the masks stay as they are until the next update",
+                step, ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else ""))
+        elif self._updates_at(step):
             record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
             record["updated"] = True
             if self._frozen != set(self.layers):  # every layer frozen: the masks are held, not planned
@@ -377,6 +388,16 @@ class Sparsifier:
             self._write_record(record, before, after, just_grown, skips, start)
         self.update_seconds += time.perf_counter() - start
 
+    # Note [Intervals without a finite score]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # The op skips the scores of a backward call whose scores are not finite (an fp16
+    # overflow), so one such call cannot poison the running sums. When EVERY call of an
+    # interval was skipped for a layer (a GradScaler calibrating its scale from 2**16 down
+    # skips the first steps of an fp16 run), the layer's sum is all zero: folded in, it
+    # would drag its EMA towards zero, and an update would prune and regrow on nothing (an
+    # audit saw 28 blocks pruned and 16 swapped on all-zero scores). Such an interval keeps
+    # the layer's previous scores, and an update that falls on it is held for every layer
+    # (a policy's budget compares layers): the schedule goes on at the next update.
     def _snapshot(self) -> "_Snapshot":
         """Host copies of everything an interval reads, in one transfer (Note [Host-side updates])."""
         names = list(self.layers)
@@ -855,9 +876,21 @@ def _dead() -> None:
     return None
 
 
-def _remove_handles(handles) -> None:
+# Note [A dropped Sparsifier]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A Sparsifier that is garbage-collected without close() (a local of a training function)
+# can no longer keep its layers' inactive weights at zero: a weights-only load, or another
+# optimizer stepping the layers, leaves them nonzero. So its finalizer does what close()
+# does for the layers it still drove: their zero-weight promise ends (graphs compiled under
+# it are handed W * M by their call wrapper, Note [A promise outlives its Sparsifier] in
+# zero_weights.py, and later graphs mask W), and its optimizer hooks go.
+def _dropped(handles, states) -> None:
     for handle in handles:
         handle.remove()
+    for state in states:
+        if state.sparsifier_ref is not None and state.sparsifier_ref() is None:  # still ours, now dead
+            state.sparsifier_ref = None
+            state.zero_inactive = False
 
 
 def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):

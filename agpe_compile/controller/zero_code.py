@@ -218,6 +218,13 @@ class ZeroCodeController:
             # Steps the ticks counted before the first optimizer step were micro-batches of it;
             # no update ran yet, so the count can restart (Note [Zero-code step counting]).
             sparsifier.step_count = 0
+            if sparsifier._flag_on:
+                # the ticks reached the step before an update (micro-batches == update_interval)
+                # and turned dense-gradient scoring on for a micro-batch of step 1: the explicit
+                # Sparsifier scores none of step 1, and those scores would reach the first regrowth
+                for state in sparsifier.layers.values():
+                    state.dense_grad_sq.zero_()
+                sparsifier._set_score_dense(sparsifier._scores_dense_at(1))
             self._bind(optimizer)
         if optimizer is self.optimizer:
             sparsifier.step(None)

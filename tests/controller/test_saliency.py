@@ -57,6 +57,32 @@ def test_nan_gradients_skip_scores_and_keep_masks_valid(caplog):
     assert sp.step_count == 8  # each step() call counts, the skipped optimizer step too
 
 
+def test_an_update_after_an_interval_without_one_finite_score_holds_the_masks(caplog):
+    """Note [Intervals without a finite score]: a GradScaler that skips the first steps of an
+    fp16 run (every call overflows) left all-zero sums, and the update pruned and regrew on them."""
+    config = AGPEConfig(policy="gmp", target_sparsity=0.5, block_size=4, update_interval=4, end_step=12)
+    model, opt, sp, cmodel, _ = make_run(config)
+    masks = {name: state.block_mask.clone() for name, state in sp.layers.items()}
+    with caplog.at_level(logging.WARNING):
+        for i, (x, y) in enumerate(batches(8)):
+            loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+            if i < 4:  # overflowing: the backward skips the scores, a GradScaler skips the step
+                (loss * float("inf")).backward()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad()
+            sp.step(loss.detach() if i >= 4 else None)
+            if i == 3:  # step 4's update is held: same masks, no zeros folded into the EMA
+                assert all(torch.equal(sp.layers[n].block_mask, masks[n]) for n in masks)
+                assert all(not sp.saliency.values[n].any() for n in masks)  # nothing seen yet
+    assert ("Sparsifier update at step 4 held: every backward call of the last interval through fc1, fc2, fc3 had "
+            "non-finite scores") in caplog.text
+    assert "step 8 held" not in caplog.text
+    assert sp.global_density < 1.0  # the update at step 8 pruned on real scores
+    assert all(sp.saliency.values[n].any() for n in masks)
+
+
 def test_an_interval_without_a_finite_loss_holds_the_schedule(caplog):
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100, patience=1)
     _, opt, sp, _, _ = make_run(config)
