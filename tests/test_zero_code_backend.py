@@ -125,24 +125,24 @@ def _train(compiled, model, optimizer, steps, micro_batches=1, after_step=None):
             after_step()
 
 
-def _zero_code_run(steps, micro_batches=1, prepare=True):
+def _zero_code_run(steps, micro_batches=1, prepare=True, options=ZC_OPTIONS):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP((32, 64, 16))
     if prepare:
         agpe_compile.prepare(model, {"block_size": 8})
-    backend = agpe_compile.AgpeBackend({"inductor": False, **ZC_OPTIONS})
+    backend = agpe_compile.AgpeBackend({"inductor": False, **options})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     _train(torch.compile(model, backend=backend), model, optimizer, steps, micro_batches)
     return model, optimizer, backend
 
 
-def _explicit_run(steps, micro_batches=1):
+def _explicit_run(steps, micro_batches=1, options=ZC_OPTIONS):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP((32, 64, 16))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = {k: v for k, v in ZC_OPTIONS.items()}
+    config = {k: v for k, v in options.items()}
     sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(**config))
     backend = agpe_compile.AgpeBackend({"inductor": False, "block_size": 8})
     _train(torch.compile(model, backend=backend), model, optimizer, steps, micro_batches,
@@ -220,22 +220,27 @@ def test_zero_code_counts_optimizer_steps_under_gradient_accumulation():
         assert momentum[inactive].abs().max() == 0
 
 
-@pytest.mark.parametrize("micro_batches", [3, ZC_OPTIONS["update_interval"]])
-def test_zero_code_under_gradient_accumulation_matches_explicit_mode_bit_for_bit(micro_batches):
+@pytest.mark.parametrize("micro_batches,interval", [(3, 5), (5, 5), (1, 1)])
+def test_zero_code_under_gradient_accumulation_matches_explicit_mode_bit_for_bit(micro_batches, interval):
     # As many micro-batches as update_interval: the ticks before the first optimizer step
     # reached the step before an update and turned dense-gradient scoring on for the last
     # micro-batch; those scores of the initial weights reached rigl's first regrowth (2 blocks
     # of 2 layers differed from the explicit Sparsifier's)
-    model, _, _ = _zero_code_run(1, micro_batches=micro_batches)
-    for name, state in layer_states(model).items():  # the explicit Sparsifier scores none of step 1
-        assert not state.dense_grad_sq.any() and not state.score_dense, name
-    model, optimizer, _ = _zero_code_run(12, micro_batches=micro_batches)
-    ref_model, ref_optimizer, _, _ = _explicit_run(12, micro_batches=micro_batches)
-    ref_states = layer_states(ref_model)
-    for name, state in layer_states(model).items():
-        assert torch.equal(state.block_mask, ref_states[name].block_mask), name
-    for (name, p), ref_p in zip(model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(p, ref_p), name
+    # (update_interval 1: the explicit Sparsifier scores step 1's dense gradients for the first
+    # regrowth, and so must zero-code mode; a first fix dropped them)
+    options = dict(ZC_OPTIONS, update_interval=interval, end_step=8 * interval)
+    if interval > 1:
+        model, _, _ = _zero_code_run(1, micro_batches=micro_batches, options=options)
+        for name, state in layer_states(model).items():  # the explicit Sparsifier scores none of step 1
+            assert not state.dense_grad_sq.any() and not state.score_dense, name
+    for steps in (2, 12):
+        model, optimizer, _ = _zero_code_run(steps, micro_batches=micro_batches, options=options)
+        ref_model, ref_optimizer, _, _ = _explicit_run(steps, micro_batches=micro_batches, options=options)
+        ref_states = layer_states(ref_model)
+        for name, state in layer_states(model).items():
+            assert torch.equal(state.block_mask, ref_states[name].block_mask), (steps, name)
+        for (name, p), ref_p in zip(model.named_parameters(), ref_model.parameters()):
+            assert torch.equal(p, ref_p), (steps, name)
 
 
 def test_zero_code_ignores_an_optimizer_without_its_weights():

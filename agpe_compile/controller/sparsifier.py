@@ -350,8 +350,7 @@ class Sparsifier:
         self._check_every_layer_reached(step, snap)
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
-        # Note [Intervals without a finite score]: layers every backward call of which was skipped
-        blind = [n for n in self.layers if skips[n] and not bool(snap.saliency[n].any())]
+        blind = self._blind_layers(snap)
         for name, state in self.layers.items():
             if state.saliency_mode is not None and state.saliency_mode != self.config.saliency:
                 raise ValueError(
@@ -360,7 +359,7 @@ class Sparsifier:
                     f"Sparsifier drove it, and keeps its score. Create the Sparsifier before torch.compile (or "
                     f"call torch._dynamo.reset() after creating it), or set AGPEConfig.saliency="
                     f"{state.saliency_mode!r}")
-            if name not in blind:  # a blind interval keeps the previous scores
+            if name not in blind:  # Note [Intervals without a finite score]: keeps the previous scores
                 self.saliency.update(name, snap.saliency[name], self.config.update_interval)
             state.saliency.zero_()
         dense_grad = {n: self._take_dense_grad(n, s, snap.dense_grad_sq[n]) for n, s in self.layers.items()}
@@ -371,13 +370,8 @@ class Sparsifier:
                   "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
         after = before
-        if self._updates_at(step) and blind:
+        if self._updates_at(step) and blind and self._holds_when_blind(step, blind):
             record["schedule"] = "hold:nonfinite-scores"
-            log.warning(
-                "agpe: Sparsifier update at step %d held: every backward call of the last interval through %s had "
-                "non-finite scores (overflowing fp16 steps, which torch.amp.GradScaler skips?), so there is no "
-                "gradient information to prune or regrow by; the masks stay as they are until the next update",
-                step, ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else ""))
         elif self._updates_at(step):
             record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
             record["updated"] = True
@@ -391,13 +385,39 @@ class Sparsifier:
     # Note [Intervals without a finite score]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
     # The op skips the scores of a backward call whose scores are not finite (an fp16
-    # overflow), so one such call cannot poison the running sums. When EVERY call of an
+    # overflow), so one such call cannot poison the running sums. When every call of an
     # interval was skipped for a layer (a GradScaler calibrating its scale from 2**16 down
     # skips the first steps of an fp16 run), the layer's sum is all zero: folded in, it
     # would drag its EMA towards zero, and an update would prune and regrow on nothing (an
-    # audit saw 28 blocks pruned and 16 swapped on all-zero scores). Such an interval keeps
-    # the layer's previous scores, and an update that falls on it is held for every layer
-    # (a policy's budget compares layers): the schedule goes on at the next update.
+    # audit saw 28 blocks pruned and 16 swapped on all-zero scores). "Every call": at least
+    # one skipped call per step of the interval and nothing scored (the op counts skipped
+    # calls, not calls; a zero-initialised layer scores exactly 0 on finite calls too, so
+    # zeros alone say nothing), on the mean over the ranks when data-parallel, so every
+    # rank decides alike. Such an interval keeps the layer's previous scores. An update that
+    # falls on it is held for every layer (a budget compares layers) by the policies that
+    # decide on scores (agpe: the saliency EMA; rigl, snfs: regrowth by dense gradient);
+    # the schedule goes on at the next update. The window's last update is never held (the
+    # target must be reached by end_step): it decides on the scores it has, and says so.
+    # gmp, set, static never read the scores: nothing changes for them.
+    def _blind_layers(self, snap: "_Snapshot") -> List[str]:
+        return [n for n in self.layers
+                if float(snap.interval_skips[n].reshape(-1)[0]) >= self.config.update_interval
+                and not bool(snap.saliency[n].any())]
+
+    def _holds_when_blind(self, step: int, blind: List[str]) -> bool:
+        if self.policy.uses_magnitude and not self.policy.needs_dense_grad:
+            return False
+        names = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
+        last = not self._updates_at(step + self.config.update_interval)
+        log.warning(
+            "agpe: Sparsifier update at step %d %s: every backward call of the last interval through %s had "
+            "non-finite scores (overflowing fp16 steps, which torch.amp.GradScaler skips?), so %s", step,
+            "decided on earlier scores" if last else "held", names,
+            "this last update of the end_step window prunes and regrows on the scores of earlier intervals" if last
+            else "there is no new gradient information to prune or regrow by; the masks stay as they are until "
+                 "the next update")
+        return not last
+
     def _snapshot(self) -> "_Snapshot":
         """Host copies of everything an interval reads, in one transfer (Note [Host-side updates])."""
         names = list(self.layers)
@@ -405,6 +425,8 @@ class Sparsifier:
             ("masks", self.layers[n].block_mask), ("saliency", self.layers[n].saliency),
             ("dense_grad_sq", self.layers[n].dense_grad_sq), ("counters", self.layers[n].counters))]
         parts += [(n, "scored_from", t) for n, t in self._scored_from.items()]
+        parts += [(n, "interval_skips", self.layers[n].counters[1:2].double() - self.seen_counters[n][1])
+                  for n in names]
         if self._loss_sum is not None:
             parts.append((None, "loss", self._loss_sum))
         summed_masks = None
@@ -429,7 +451,7 @@ class Sparsifier:
     def _mean_over_ranks(self, parts):
         """Replace the interval's saliency sums, dense-gradient scores and loss by their mean
         over the ranks, in one all-reduce that also sums the masks (for the check)."""
-        reduced = [(n, key, t) for n, key, t in parts if key in ("saliency", "dense_grad_sq")]
+        reduced = [(n, key, t) for n, key, t in parts if key in ("saliency", "dense_grad_sq", "interval_skips")]
         masks = [t for _, key, t in parts if key == "masks"]
         device = masks[0].device if masks else torch.device("cpu")
         loss = torch.zeros(3, dtype=torch.float64, device=device)
@@ -868,6 +890,8 @@ class _Snapshot:
         self.dense_grad_sq: Dict[str, torch.Tensor] = {}
         self.counters: Dict[str, torch.Tensor] = {}
         self.scored_from: Dict[str, torch.Tensor] = {}
+        # backward calls whose scores were skipped this interval (mean over ranks when data-parallel)
+        self.interval_skips: Dict[str, torch.Tensor] = {}
         self.loss: Optional[torch.Tensor] = None
         self.loss_over_ranks: Optional[torch.Tensor] = None  # [sum, steps] over all ranks (data-parallel)
 

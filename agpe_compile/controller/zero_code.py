@@ -218,10 +218,11 @@ class ZeroCodeController:
             # Steps the ticks counted before the first optimizer step were micro-batches of it;
             # no update ran yet, so the count can restart (Note [Zero-code step counting]).
             sparsifier.step_count = 0
-            if sparsifier._flag_on:
+            if sparsifier._flag_on and not sparsifier._scores_dense_at(1):
                 # the ticks reached the step before an update (micro-batches == update_interval)
                 # and turned dense-gradient scoring on for a micro-batch of step 1: the explicit
-                # Sparsifier scores none of step 1, and those scores would reach the first regrowth
+                # Sparsifier scores none of step 1 there, and those scores would reach the first
+                # regrowth (with update_interval 1 it scores all of step 1, as the ticks did)
                 for state in sparsifier.layers.values():
                     state.dense_grad_sq.zero_()
                 sparsifier._set_score_dense(sparsifier._scores_dense_at(1))

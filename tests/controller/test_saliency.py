@@ -57,30 +57,67 @@ def test_nan_gradients_skip_scores_and_keep_masks_valid(caplog):
     assert sp.step_count == 8  # each step() call counts, the skipped optimizer step too
 
 
+def _overflowing_run(config, overflowing, steps, zero_fc1=False):
+    """Steps in ``overflowing`` overflow: their backward skips the scores and, like a
+    GradScaler, the loop skips the optimizer step. Returns the Sparsifier and the masks
+    after each step."""
+    model, opt, sp, cmodel, _ = make_run(config)
+    if zero_fc1:  # a zero-initialised layer: its taylor scores are exactly 0 on finite calls too
+        with torch.no_grad():
+            model.fc1.weight.zero_()
+    masks = []
+    for i, (x, y) in enumerate(batches(steps), start=1):
+        loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+        if i in overflowing:
+            (loss * float("inf")).backward()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad()
+        sp.step(None if i in overflowing else loss.detach())
+        masks.append({name: state.block_mask.clone() for name, state in sp.layers.items()})
+    return sp, masks
+
+
+def _same(a, b):
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_an_update_after_an_interval_without_one_finite_score_holds_the_masks(caplog):
     """Note [Intervals without a finite score]: a GradScaler that skips the first steps of an
     fp16 run (every call overflows) left all-zero sums, and the update pruned and regrew on them."""
-    config = AGPEConfig(policy="gmp", target_sparsity=0.5, block_size=4, update_interval=4, end_step=12)
-    model, opt, sp, cmodel, _ = make_run(config)
-    masks = {name: state.block_mask.clone() for name, state in sp.layers.items()}
+    config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=4, end_step=12)
     with caplog.at_level(logging.WARNING):
-        for i, (x, y) in enumerate(batches(8)):
-            loss = torch.nn.functional.cross_entropy(cmodel(x), y)
-            if i < 4:  # overflowing: the backward skips the scores, a GradScaler skips the step
-                (loss * float("inf")).backward()
-            else:
-                loss.backward()
-                opt.step()
-            opt.zero_grad()
-            sp.step(loss.detach() if i >= 4 else None)
-            if i == 3:  # step 4's update is held: same masks, no zeros folded into the EMA
-                assert all(torch.equal(sp.layers[n].block_mask, masks[n]) for n in masks)
-                assert all(not sp.saliency.values[n].any() for n in masks)  # nothing seen yet
+        sp, masks = _overflowing_run(config, overflowing=range(1, 5), steps=8)
     assert ("Sparsifier update at step 4 held: every backward call of the last interval through fc1, fc2, fc3 had "
             "non-finite scores") in caplog.text
+    assert _same(masks[3], masks[2])  # held: nothing swapped on zero scores
+    assert not _same(masks[7], masks[6])  # step 8 swaps on real scores
     assert "step 8 held" not in caplog.text
-    assert sp.global_density < 1.0  # the update at step 8 pruned on real scores
-    assert all(sp.saliency.values[n].any() for n in masks)
+
+
+def test_the_window_last_update_and_score_blind_policies_are_not_held(caplog):
+    # the last update before end_step decides on the earlier scores (the target is reached);
+    # gmp never reads the scores: it is never held
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=4, end_step=8)
+    with caplog.at_level(logging.WARNING):
+        sp, _ = _overflowing_run(config, overflowing=range(5, 9), steps=8)
+    assert "update at step 8 decided on earlier scores" in caplog.text
+    assert sp.global_density == pytest.approx(0.5, abs=0.02)
+    caplog.clear()
+    config = AGPEConfig(policy="gmp", target_sparsity=0.5, block_size=4, update_interval=4, end_step=12)
+    with caplog.at_level(logging.WARNING):
+        _, masks = _overflowing_run(config, overflowing=range(1, 5), steps=4)
+    assert "held" not in caplog.text and not _same(masks[3], masks[2])
+
+
+def test_a_zero_layer_with_one_overflowing_step_is_not_taken_for_blind(caplog):
+    # one of two calls overflowed and the layer scores 0 on the other (W = 0): that is a score
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=2, end_step=8, patience=1)
+    with caplog.at_level(logging.WARNING):
+        sp, masks = _overflowing_run(config, overflowing={1}, steps=2, zero_fc1=True)
+    assert "held" not in caplog.text
+    assert int(sp.layers["fc1"].counters[1]) == 1
 
 
 def test_an_interval_without_a_finite_loss_holds_the_schedule(caplog):
