@@ -370,7 +370,11 @@ class Sparsifier:
                   "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
         after = before
-        if self._updates_at(step) and blind and self._holds_when_blind(step, blind):
+        unscored = []
+        if self._updates_at(step):
+            regrowth_blind = set(self._regrowth_blind_layers(snap))
+            unscored = [n for n in self.layers if n in blind or n in regrowth_blind]
+        if unscored and self._holds_when_blind(step, unscored):
             record["schedule"] = "hold:nonfinite-scores"
         elif self._updates_at(step):
             record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
@@ -389,34 +393,49 @@ class Sparsifier:
     # interval was skipped for a layer (a GradScaler calibrating its scale from 2**16 down
     # skips the first steps of an fp16 run), the layer's sum is all zero: folded in, it
     # would drag its EMA towards zero, and an update would prune and regrow on nothing (an
-    # audit saw 28 blocks pruned and 16 swapped on all-zero scores). "Every call": at least
-    # one skipped call per step of the interval and nothing scored (the op counts skipped
-    # calls, not calls; a zero-initialised layer scores exactly 0 on finite calls too, so
-    # zeros alone say nothing), on the mean over the ranks when data-parallel, so every
-    # rank decides alike. Such an interval keeps the layer's previous scores. An update that
-    # falls on it is held for every layer (a budget compares layers) by the policies that
-    # decide on scores (agpe: the saliency EMA; rigl, snfs: regrowth by dense gradient);
-    # the schedule goes on at the next update. The window's last update is never held (the
-    # target must be reached by end_step): it decides on the scores it has, and says so.
-    # gmp, set, static never read the scores: nothing changes for them.
+    # audit saw 28 blocks pruned and 16 swapped on all-zero scores). The op counts skipped
+    # calls, not calls, so "every call" is read as: at least update_interval skipped calls
+    # and nothing scored (a zero-initialised layer scores exactly 0 on finite calls too, so
+    # zeros alone say nothing); on the mean over the ranks when data-parallel, so every
+    # rank decides alike. Such an interval keeps the layer's previous scores. Regrowth by
+    # dense gradient reads the update step alone: skipped calls there and an all-zero
+    # regrowth score (with inactive blocks to score) mean its calls overflowed. An update
+    # that falls on either is held for every layer (a budget compares layers) by the
+    # policies that decide on scores (agpe: the saliency EMA; rigl, snfs: regrowth); the
+    # schedule goes on at the next update. The window's last update is held only where the
+    # density target is already reached: otherwise it prunes to the target on the scores
+    # it has (of earlier intervals; none if every one overflowed), and says so. gmp, set
+    # and static never read the scores: nothing changes for them. Not caught (said in the
+    # README): a layer called on fewer than update_interval steps (a conditional branch)
+    # whose every call overflowed folds zeros in; a zero-initialised layer under gradient
+    # accumulation may be taken for blind when one of its interval's steps overflowed.
     def _blind_layers(self, snap: "_Snapshot") -> List[str]:
         return [n for n in self.layers
                 if float(snap.interval_skips[n].reshape(-1)[0]) >= self.config.update_interval
                 and not bool(snap.saliency[n].any())]
 
+    def _regrowth_blind_layers(self, snap: "_Snapshot") -> List[str]:
+        if not self.policy.needs_dense_grad:
+            return []
+        return [n for n in self.layers
+                if float(snap.interval_skips[n].reshape(-1)[0]) > 0 and not bool(snap.dense_grad_sq[n].any())
+                and not bool(snap.masks[n].all())]
+
     def _holds_when_blind(self, step: int, blind: List[str]) -> bool:
         if self.policy.uses_magnitude and not self.policy.needs_dense_grad:
             return False
         names = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
-        last = not self._updates_at(step + self.config.update_interval)
+        prunes = (not self._updates_at(step + self.config.update_interval)
+                  and self.target_density != self.config.final_density)
         log.warning(
-            "agpe: Sparsifier update at step %d %s: every backward call of the last interval through %s had "
-            "non-finite scores (overflowing fp16 steps, which torch.amp.GradScaler skips?), so %s", step,
-            "decided on earlier scores" if last else "held", names,
-            "this last update of the end_step window prunes and regrows on the scores of earlier intervals" if last
+            "agpe: Sparsifier update at step %d %s: the scores it decides on were not finite for %s (every backward "
+            "call of the interval, or of the update step for regrowth, overflowed: fp16 steps that "
+            "torch.amp.GradScaler skips?), so %s", step, "not held" if prunes else "held", names,
+            "as the last update of the end_step window it prunes to the target on the scores of earlier intervals "
+            "(none if every interval so far overflowed)" if prunes
             else "there is no new gradient information to prune or regrow by; the masks stay as they are until "
                  "the next update")
-        return not last
+        return not prunes
 
     def _snapshot(self) -> "_Snapshot":
         """Host copies of everything an interval reads, in one transfer (Note [Host-side updates])."""
