@@ -35,6 +35,7 @@ A Trainer subclass of your own takes the same behaviour by putting this class fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -123,6 +124,12 @@ _FROM_CONFIG = ("block_size", "include", "exclude", "saliency")
 # load_best_model_at_end the Trainer reloads the best checkpoint's model (masks included)
 # after training; on_train_end then loads that checkpoint's Sparsifier too, so masks and
 # controller agree again.
+#
+# Note [The best checkpoint's Sparsifier]: its step count and schedule go back to the best
+# checkpoint's step with it, but its FLOP report keeps the whole run's count (the report
+# is what training cost; an audit saw 1.0x reported for a run that trained at 0.76x). A
+# best checkpoint denser than the target (chosen by eval loss before pruning ended) is
+# said, as a warning: the README's shipping recipe would ship it.
 
 # Ranks' own state (Note [Ranks' own state] in controller/rank_checkpoint.py): save_model
 # runs on every rank, so every rank writes its rank_state_dict() as agpe_rank_state_{rank}.pt
@@ -184,6 +191,7 @@ class AGPETrainer(Trainer):
         self._agpe_loss: Optional[torch.Tensor] = None  # this optimizer step's loss so far
         self._agpe_resume_from: Optional[str] = None
         self._agpe_train_begins = 0  # on_train_begin calls in this train() (Note [Batch-size retries])
+        self._run_flops: Optional[dict] = None  # Note [The best checkpoint's Sparsifier]
         super().__init__(*args, **kwargs)
         # what the Trainer ended up with (a subclass may take its arguments in another order)
         _refuse_before_init(self.model, self.args, self.model_init, self.optimizer)
@@ -293,6 +301,15 @@ class AGPETrainer(Trainer):
         loss, self._agpe_loss = self._agpe_loss, None
         self._sparsifier.step(loss)
 
+    def _load_best_model(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's reload of the best checkpoint's model puts its counters back: the
+        run's FLOP report is taken first (Note [The best checkpoint's Sparsifier])."""
+        sparsifier = self._sparsifier
+        if sparsifier is not None and not getattr(sparsifier, "_closed", False):
+            sparsifier.flops  # folds the rows of the last steps in
+            self._run_flops = copy.deepcopy(sparsifier.accountant.state_dict())
+        return super()._load_best_model(*args, **kwargs)
+
     def _load_sparsifier(self, folder: str, at_global_step: bool = True) -> None:
         saved = torch.load(os.path.join(folder, SPARSIFIER_NAME), map_location="cpu", weights_only=True)
         self._sparsifier.load_state_dict(saved)
@@ -392,7 +409,23 @@ class _AGPECallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, SPARSIFIER_NAME)):
-            self._trainer()._load_sparsifier(best, at_global_step=False)
+            trainer = self._trainer()
+            sparsifier = trainer._sparsifier
+            trainer._load_sparsifier(best, at_global_step=False)
+            # Note [The best checkpoint's Sparsifier]: the model and the controller are the best
+            # checkpoint's; the FLOPs are what this run executed, all of its steps
+            if trainer._run_flops is not None:
+                sparsifier.accountant.load_state_dict(trainer._run_flops)
+                trainer._run_flops = None
+            density, final = sparsifier.global_density, sparsifier.config.final_density
+            if density > final + 0.01:
+                log.warning(
+                    "agpe: load_best_model_at_end restored %s (step %d, %s=%s) with global density %.3f, above "
+                    "the target %.3f: the best checkpoint by that metric was saved before pruning reached the "
+                    "target (pruning usually costs some eval loss at first). To keep a checkpoint at the target, "
+                    "evaluate and save only after end_step=%d, or leave load_best_model_at_end off",
+                    best, sparsifier.step_count, args.metric_for_best_model, state.best_metric, density, final,
+                    sparsifier.config.end_step)
 
 
 _sparsifier_log = logging.getLogger("agpe_compile.controller.sparsifier")

@@ -197,6 +197,24 @@ def test_load_best_model_at_end_restores_that_checkpoints_sparsifier(tmp_path):
     assert any(not torch.equal(mask, last["masks"][name]) for name, mask in saved["masks"].items())
     for name, state in trainer.sparsifier.layers.items():  # the Trainer reloaded the model's masks; they agree
         assert torch.equal(state.block_mask, saved["masks"][name])
+    # the FLOP report is the whole run's (it went back to the best checkpoint's 2 steps)
+    assert trainer.sparsifier.accountant.state_dict() == last["flops"] != saved["flops"]
+
+
+def test_load_best_model_at_end_says_when_the_best_checkpoint_is_denser_than_the_target(tmp_path, caplog):
+    # chosen by a metric from before pruning reached the target: the run ends on a dense model
+    def first_is_best(prediction):
+        first_is_best.calls = getattr(first_is_best, "calls", 0) + 1
+        return {"first": float(first_is_best.calls == 1)}
+
+    args = training_args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
+                         logging_steps=2, load_best_model_at_end=True, metric_for_best_model="first")
+    trainer = make_trainer(tmp_path, args=args, eval_dataset=Tokens(n=4, seed=1), compute_metrics=first_is_best,
+                           agpe_config=agpe_config(policy="gmp", update_interval=1, begin_step=1, end_step=4))
+    with caplog.at_level("WARNING", logger="agpe_compile"):
+        trainer.train()
+    assert trainer.sparsifier.global_density > 0.51
+    assert "load_best_model_at_end restored" in caplog.text and "above the target 0.500" in caplog.text
 
 
 # ---- refusals: each says what to do instead ----------------------------------------------
