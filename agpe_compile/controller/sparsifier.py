@@ -349,6 +349,8 @@ class Sparsifier:
                                      any(bool(snap.saliency[n].any()) for n in self.layers))
         self._check_every_layer_reached(step, snap)
         self._account(self._flag_on, snap.counters, snap.masks, snap.scored_from)
+        if self._flag_on:  # scoring stays on (update_interval 1): count the next interval's scored rows from here
+            self._set_score_dense(True, force=True)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
         blind = self._blind_layers(snap)
         for name, state in self.layers.items():

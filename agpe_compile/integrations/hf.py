@@ -408,15 +408,18 @@ class _AGPECallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         best = state.best_model_checkpoint
-        if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, SPARSIFIER_NAME)):
-            trainer = self._trainer()
+        trainer = self._trainer()
+        run_flops, trainer._run_flops = trainer._run_flops, None
+        if args.load_best_model_at_end and best and not os.path.isfile(os.path.join(best, SPARSIFIER_NAME)):
+            log.warning("agpe: load_best_model_at_end restored the model of %s, which has no %s: the model's masks "
+                        "are that checkpoint's, the Sparsifier's state is the run's last", best, SPARSIFIER_NAME)
+        elif args.load_best_model_at_end and best:
             sparsifier = trainer._sparsifier
             trainer._load_sparsifier(best, at_global_step=False)
             # Note [The best checkpoint's Sparsifier]: the model and the controller are the best
             # checkpoint's; the FLOPs are what this run executed, all of its steps
-            if trainer._run_flops is not None:
-                sparsifier.accountant.load_state_dict(trainer._run_flops)
-                trainer._run_flops = None
+            if run_flops is not None:
+                sparsifier.accountant.load_state_dict(run_flops)
             density, final = sparsifier.global_density, sparsifier.config.final_density
             if density > final + 0.01:
                 log.warning(

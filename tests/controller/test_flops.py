@@ -57,3 +57,16 @@ def test_flops_follow_a_density_change():
         assert half[name] * 2 == blocks
         assert sp.flops.layers[name].sparse == 6 * 128 * blocks * 16 + 6 * 64 * half[name] * 16
     assert torch.equal(torch.tensor(sp.global_density), torch.tensor(0.5))
+
+
+def test_scoring_on_every_step_counts_each_step_once():
+    # update_interval 1 keeps dense-gradient scoring on: the scored rows were counted from the
+    # step scoring turned on, again at every interval (rigl's sparse count exceeded dense)
+    config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=1, end_step=40)
+    _, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(1))
+    one = {name: (layer.sparse, layer.dense) for name, layer in sp.flops.layers.items()}
+    train(cmodel, opt, sp, batches(5, seed=1))
+    for name, layer in sp.flops.layers.items():  # 32 rows and the same number of live blocks every step
+        assert (layer.sparse, layer.dense) == (6 * one[name][0], 6 * one[name][1]), name
+        assert layer.sparse < layer.dense, name
