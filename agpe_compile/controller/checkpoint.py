@@ -81,6 +81,7 @@ def save(sp: "Sparsifier") -> dict:
         "seen_counters": {n: list(v) for n, v in sp.seen_counters.items()},
         "loss_window": _loss_window(sp),
         "scored_from": {n: int(t) for n, t in sp._scored_from.items()} if sp._flag_on else None,
+        "skips_from": {n: int(t) for n, t in sp._skips_from.items()} if sp._flag_on else None,
         "layer_buffers": {n: {f: getattr(s, f).detach().clone() for f in BUFFER_FIELDS} for n, s in sp.layers.items()},
     }
 
@@ -198,6 +199,10 @@ def load(sp: "Sparsifier", state: dict) -> None:
         # Not the live counters: the model's own state dict may be loaded after this one.
         sp._scored_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
                            for n, v in state["scored_from"].items()}
+        # a checkpoint written before skips_from existed: skips counted from the last interval
+        skips = state.get("skips_from") or {n: sp.seen_counters[n][1] for n in state["scored_from"]}
+        sp._skips_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
+                          for n, v in skips.items()}
     rebucket(list(sp.layers.values()), sp.config.buckets)
 
 

@@ -186,6 +186,7 @@ class Sparsifier:
         self._loss_steps = 0
         self._flag_on = False
         self._scored_from: Dict[str, torch.Tensor] = {}
+        self._skips_from: Dict[str, torch.Tensor] = {}  # counters[1] when dense scoring turned on
         self.seconds = 0.0
         self.update_seconds = 0.0
         for name, state in self.layers.items():
@@ -400,8 +401,9 @@ class Sparsifier:
     # and nothing scored (a zero-initialised layer scores exactly 0 on finite calls too, so
     # zeros alone say nothing); on the mean over the ranks when data-parallel, so every
     # rank decides alike. Such an interval keeps the layer's previous scores. Regrowth by
-    # dense gradient reads the update step alone: skipped calls there and an all-zero
-    # regrowth score (with inactive blocks to score) mean its calls overflowed. An update
+    # dense gradient reads the update step alone: skipped calls since dense scoring turned
+    # on and an all-zero regrowth score (with inactive blocks to score) mean its calls
+    # overflowed. An update
     # that falls on either is held for every layer (a budget compares layers) by the
     # policies that decide on scores (agpe: the saliency EMA; rigl, snfs: regrowth); the
     # schedule goes on at the next update. The window's last update is held only where the
@@ -420,8 +422,8 @@ class Sparsifier:
         if not self.policy.needs_dense_grad:
             return []
         return [n for n in self.layers
-                if float(snap.interval_skips[n].reshape(-1)[0]) > 0 and not bool(snap.dense_grad_sq[n].any())
-                and not bool(snap.masks[n].all())]
+                if n in snap.update_skips and float(snap.update_skips[n].reshape(-1)[0]) > 0
+                and not bool(snap.dense_grad_sq[n].any()) and not bool(snap.masks[n].all())]
 
     def _holds_when_blind(self, step: int, blind: List[str]) -> bool:
         if self.policy.uses_magnitude and not self.policy.needs_dense_grad:
@@ -448,6 +450,9 @@ class Sparsifier:
         parts += [(n, "scored_from", t) for n, t in self._scored_from.items()]
         parts += [(n, "interval_skips", self.layers[n].counters[1:2].double() - self.seen_counters[n][1])
                   for n in names]
+        if self._flag_on:  # skipped calls since dense scoring turned on: the regrowth scores' calls
+            parts += [(n, "update_skips", self.layers[n].counters[1:2].double() - self._skips_from[n].double())
+                      for n in names if n in self._skips_from]
         if self._loss_sum is not None:
             parts.append((None, "loss", self._loss_sum))
         summed_masks = None
@@ -472,7 +477,8 @@ class Sparsifier:
     def _mean_over_ranks(self, parts):
         """Replace the interval's saliency sums, dense-gradient scores and loss by their mean
         over the ranks, in one all-reduce that also sums the masks (for the check)."""
-        reduced = [(n, key, t) for n, key, t in parts if key in ("saliency", "dense_grad_sq", "interval_skips")]
+        reduced = [(n, key, t) for n, key, t in parts
+                   if key in ("saliency", "dense_grad_sq", "interval_skips", "update_skips")]
         masks = [t for _, key, t in parts if key == "masks"]
         device = masks[0].device if masks else torch.device("cpu")
         loss = torch.zeros(3, dtype=torch.float64, device=device)
@@ -717,6 +723,7 @@ class Sparsifier:
             state.score_dense.fill_(on)
             if on:
                 self._scored_from[name] = state.counters[0].clone()
+                self._skips_from[name] = state.counters[1].clone()
         self._flag_on = on
 
     def _account(self, scored: bool, counters: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor],
@@ -913,6 +920,7 @@ class _Snapshot:
         self.scored_from: Dict[str, torch.Tensor] = {}
         # backward calls whose scores were skipped this interval (mean over ranks when data-parallel)
         self.interval_skips: Dict[str, torch.Tensor] = {}
+        self.update_skips: Dict[str, torch.Tensor] = {}  # since dense scoring turned on (when on)
         self.loss: Optional[torch.Tensor] = None
         self.loss_over_ranks: Optional[torch.Tensor] = None  # [sum, steps] over all ranks (data-parallel)
 

@@ -52,7 +52,7 @@ def test_state_dict_holds_the_documented_fields():
     assert state["format_version"] == FORMAT_VERSION == 4
     assert set(state) == {"format_version", "config", "step", "target_density", "masks", "saliency_ema",
                           "saliency_fresh", "grown_age", "pruned_saliency", "schedule_state", "rng_state", "flops",
-                          "seen_counters", "loss_window", "scored_from", "layer_buffers"}
+                          "seen_counters", "loss_window", "scored_from", "skips_from", "layer_buffers"}
     assert set(state["layer_buffers"]["fc1"]) == {"saliency", "dense_grad_sq", "counters"}
     assert state["layer_buffers"]["fc1"]["counters"] is not sp.layers["fc1"].counters  # a copy
     assert state["schedule_state"]["rung"] == 0

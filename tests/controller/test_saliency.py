@@ -57,7 +57,7 @@ def test_nan_gradients_skip_scores_and_keep_masks_valid(caplog):
     assert sp.step_count == 8  # each step() call counts, the skipped optimizer step too
 
 
-def _overflowing_run(config, overflowing, steps, zero_fc1=False):
+def _overflowing_run(config, overflowing, steps, zero_fc1=False, zero_fc2=False):
     """Steps in ``overflowing`` overflow: their backward skips the scores and, like a
     GradScaler, the loop skips the optimizer step. Returns the Sparsifier and the masks
     after each step."""
@@ -65,6 +65,9 @@ def _overflowing_run(config, overflowing, steps, zero_fc1=False):
     if zero_fc1:  # a zero-initialised layer: its taylor scores are exactly 0 on finite calls too
         with torch.no_grad():
             model.fc1.weight.zero_()
+    if zero_fc2:  # no gradient reaches fc1: its dense-gradient scores are exactly 0 on finite calls
+        with torch.no_grad():
+            model.fc2.weight.zero_()
     masks = []
     for i, (x, y) in enumerate(batches(steps), start=1):
         loss = torch.nn.functional.cross_entropy(cmodel(x), y)
@@ -119,6 +122,16 @@ def test_rigl_holds_when_the_update_step_overflowed_and_at_the_window_end(caplog
         _, masks = _overflowing_run(config, overflowing={4, 8}, steps=8)
     assert "update at step 4 held" in caplog.text and "update at step 8 held" in caplog.text
     assert _same(masks[3], masks[2]) and _same(masks[7], masks[6])
+
+
+def test_an_overflow_before_the_update_step_does_not_hold_rigl(caplog):
+    # regrowth reads the update step alone: skips counted over the whole interval held every
+    # layer when an earlier step overflowed and fc1's update-step gradient was legitimately 0
+    config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=8)
+    with caplog.at_level(logging.WARNING):
+        _, masks = _overflowing_run(config, overflowing={1}, steps=2, zero_fc2=True)
+    assert "held" not in caplog.text
+    assert not _same(masks[1], masks[0])
 
 
 def test_a_zero_layer_with_one_overflowing_step_is_not_taken_for_blind(caplog):
