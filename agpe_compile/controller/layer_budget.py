@@ -68,28 +68,39 @@ def bucket_bounds(count: int, blocks: int, buckets: Sequence[float], cap: float)
 def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_size: Sequence[int],
                 target: float, target_moved: bool, distribution: str, scores: Optional[Sequence[float]],
                 rate: float, buckets: Sequence[float], cap: float, floor: float = 0.0,
-                grows: bool = True) -> List[int]:
+                grows: bool = True, no_growth: Optional[Sequence[bool]] = None) -> List[int]:
     """New active-block count per layer for global density ``target``.
 
     ``floor``: when redistributing, no layer goes below ``floor * target`` density (a share
     of the global target), so saliency cannot starve a layer. ``grows=False``: no layer
-    gains blocks (Note [Policies that never grow]).
+    gains blocks (Note [Policies that never grow]); ``no_growth``: the layers marked True
+    gain none, the others take what they cannot (up to ``cap``).
     """
     counts = _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor)
-    return counts if grows else without_growth(counts, current)
+    if not grows:
+        return without_growth(counts, current)
+    if no_growth is not None and any(no_growth):
+        sizes = [r * c for r, c in grids]
+        room = [max(n, min(s, math.floor(round(cap * s, 6)))) for n, s in zip(counts, sizes)]
+        return without_growth(counts, current, [a if held else r for a, r, held in zip(current, room, no_growth)])
+    return counts
 
 
-def without_growth(counts: Sequence[int], current: Sequence[int]) -> List[int]:
-    """``counts`` with no layer above its ``current`` count, the same total where the layers
-    have the blocks (Note [Policies that never grow]).
+def without_growth(counts: Sequence[int], current: Sequence[int],
+                   most: Optional[Sequence[int]] = None) -> List[int]:
+    """``counts`` with no layer above ``most`` (default: its ``current`` count), the same
+    total where the layers have the room (Note [Policies that never grow]).
 
     >>> without_growth([30, 30], [10, 60])
     [10, 50]
+    >>> without_growth([30, 30], [10, 60], most=[10, 100])
+    [10, 50]
     """
-    if all(n <= a for n, a in zip(counts, current)):
+    most = list(current) if most is None else list(most)
+    if all(n <= m for n, m in zip(counts, most)):
         return list(counts)
-    total = min(sum(counts), sum(current))
-    return apportion([float(n) for n in counts], total, [min(1, a) for a in current], list(current))
+    total = min(sum(counts), sum(most))
+    return apportion([float(n) for n in counts], total, [min(1, m) for m in most], most)
 
 
 def _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor):

@@ -373,14 +373,15 @@ class Sparsifier:
                   "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
         after = before
-        unscored = []
+        unscored, regrowth_blind = [], set()
         if self._updates_at(step):
             regrowth_blind = set(self._regrowth_blind_layers(snap))
             unscored = [n for n in self.layers if n in blind or n in regrowth_blind]
-        if unscored and self._holds_when_blind(step, unscored):
+        if unscored and self._holds_when_blind(step, unscored, regrowth_blind):
             record["schedule"] = "hold:nonfinite-scores"
         elif self._updates_at(step):
-            record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps)
+            record["schedule"], after = self._update(step, loss, dense_grad, before, between_steps,
+                                                     no_growth=regrowth_blind)
             record["updated"] = True
             if self._frozen != set(self.layers):  # every layer frozen: the masks are held, not planned
                 self._check_target_reached(after)  # frozen layers included: the plan keeps the global density
@@ -408,7 +409,9 @@ class Sparsifier:
     # policies that decide on scores (agpe: the saliency EMA; rigl, snfs: regrowth); the
     # schedule goes on at the next update. The window's last update is held only where the
     # density target is already reached: otherwise it prunes to the target on the scores
-    # it has (of earlier intervals; none if every one overflowed), and says so. gmp, set
+    # it has (of earlier intervals; none if every one overflowed), and says so; a layer
+    # whose regrowth scores are all zero regrows nothing then (it would regrow in raster
+    # order), and the blocks it would have gained go to the layers that can. gmp, set
     # and static never read the scores: nothing changes for them. Not caught (said in the
     # README): a layer called on fewer than update_interval steps (a conditional branch)
     # whose every call overflowed folds zeros in; a zero-initialised layer under gradient
@@ -425,7 +428,7 @@ class Sparsifier:
                 if n in snap.update_skips and float(snap.update_skips[n].reshape(-1)[0]) > 0
                 and not bool(snap.dense_grad_sq[n].any()) and not bool(snap.masks[n].all())]
 
-    def _holds_when_blind(self, step: int, blind: List[str]) -> bool:
+    def _holds_when_blind(self, step: int, blind: List[str], regrowth_blind: set) -> bool:
         if self.policy.uses_magnitude and not self.policy.needs_dense_grad:
             return False
         names = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
@@ -436,7 +439,9 @@ class Sparsifier:
             "call of the interval, or of the update step for regrowth, overflowed: fp16 steps that "
             "torch.amp.GradScaler skips?), so %s", step, "not held" if prunes else "held", names,
             "as the last update of the end_step window it prunes to the target on the scores of earlier intervals "
-            "(none if every interval so far overflowed)" if prunes
+            "(none if every interval so far overflowed)" + (
+                " and regrows no block in the layers whose regrowth scores overflowed" if regrowth_blind else "")
+            if prunes
             else "there is no new gradient information to prune or regrow by; the masks stay as they are until "
                  "the next update")
         return not prunes
@@ -493,8 +498,9 @@ class Sparsifier:
         return out, [m * world for m in means[len(reduced):-1]]
 
     def _update(self, step: int, loss: Optional[float], dense_grad: Dict[str, torch.Tensor],
-                masks: Dict[str, torch.Tensor], between_steps: bool = True):
-        """One mask update, decided on the host; returns (schedule event, new host masks)."""
+                masks: Dict[str, torch.Tensor], between_steps: bool = True, no_growth: frozenset = frozenset()):
+        """One mask update, decided on the host; returns (schedule event, new host masks).
+        The layers in ``no_growth`` regrow no block (Note [Intervals without a finite score])."""
         feedback = Feedback(loss=loss, pruned_saliency=self.pruned_saliency)
         target, self.schedule_state, event = self.policy.target(step, self.schedule_state, feedback)
         moved, self.target_density = target != self.target_density, target
@@ -512,13 +518,14 @@ class Sparsifier:
                              target, moved, self.config.distribution,
                              None if any(s is None for s in scores) else scores,
                              fraction, self.config.buckets, self.config.max_layer_density,
-                             self.config.min_layer_share, grows=self.policy.grows) if views else []
+                             self.config.min_layer_share, grows=self.policy.grows,
+                             no_growth=[v.name in no_growth for v in views]) if views else []
         dropped_mass = active_mass = 0.0
         dropped = 0
         results = []
         for view, active, count in zip(views, current, counts):
             n_drop, n_grow = swap_counts(active, count, view.mask.numel(), fraction)
-            grow_score = self.policy.grow_score(view, self.generator) if n_grow else None
+            grow_score = self.policy.grow_score(view, self.generator) if n_grow and view.name not in no_growth else None
             if grow_score is None:
                 n_grow, grow_score = 0, torch.zeros_like(view.saliency_ema)
                 n_drop = max(active - count, 0)

@@ -124,6 +124,28 @@ def test_rigl_holds_when_the_update_step_overflowed_and_at_the_window_end(caplog
     assert _same(masks[3], masks[2]) and _same(masks[7], masks[6])
 
 
+def test_the_window_last_update_regrows_nothing_on_overflowed_regrowth_scores(caplog):
+    # not held (the target is not reached yet), it pruned to the target and regrew blocks in
+    # raster order on the all-zero scores of its overflowing update step (re-audit AF)
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=4, end_step=11,
+                        initial_density=0.75, drop_fraction=0.3)
+    with caplog.at_level(logging.WARNING):
+        sp, masks = _overflowing_run(config, overflowing={8}, steps=8)
+    assert "update at step 8 not held" in caplog.text
+    assert "regrows no block in the layers whose regrowth scores overflowed" in caplog.text
+    assert all(not (masks[7][n] & ~masks[6][n]).any() for n in masks[7])  # pruned only
+    assert sp.global_density == 0.5  # the target is still reached
+
+
+def test_a_layer_without_regrowth_scores_passes_its_share_to_the_others():
+    from agpe_compile.controller.layer_budget import plan_counts
+
+    args = ([4, 4], [(2, 4), (2, 4)], [4, 4], 0.5, True, "uniform", [1.0, 3.0], 1.0, (1.0, 0.5, 0.25), 1.0)
+    assert plan_counts(*args) == [2, 6]  # the budget moves towards the second layer's scores
+    assert plan_counts(*args, no_growth=[False, True]) == [4, 4]  # it has no scores to regrow by
+    assert plan_counts(*args, no_growth=[True, False]) == [2, 6]
+
+
 def test_an_overflow_before_the_update_step_does_not_hold_rigl(caplog):
     # regrowth reads the update step alone: skips counted over the whole interval held every
     # layer when an earlier step overflowed and fc1's update-step gradient was legitimately 0
