@@ -259,6 +259,8 @@ class AGPETrainer(Trainer):
                 f"resume there (a checkpoint of a plain Trainer, or a folder saved without the Sparsifier). To "
                 f"start sparse training from its weights, load the model from it (from_pretrained) and call "
                 f"train() without resume_from_checkpoint")
+        if path is not None:
+            self._check_resume_block_size(path)
         self._agpe_resume_from = path
         self._agpe_train_begins = 0
         try:
@@ -323,6 +325,18 @@ class AGPETrainer(Trainer):
                 f"train() without resume_from_checkpoint")
         self._load_rank_state(folder)
 
+    def _check_resume_block_size(self, folder: str) -> None:
+        """Before the Trainer loads the model: a checkpoint of another block size has masks of
+        another grid, and torch's size-mismatch error would not say why."""
+        saved = torch.load(os.path.join(folder, SPARSIFIER_NAME), map_location="cpu", weights_only=True)
+        block = (saved.get("config") or {}).get("block_size") if isinstance(saved, dict) else None
+        if block is not None and block != self.agpe_config.block_size:
+            raise ValueError(
+                f"AGPETrainer: checkpoint {folder} was trained with AGPEConfig.block_size={block}, this trainer has "
+                f"block_size={self.agpe_config.block_size}: its masks have another block grid and cannot resume "
+                f"here. Resume with block_size={block}, or start a new run from its weights (load the model from "
+                f"the checkpoint and train() without resume_from_checkpoint)")
+
     def _discard_partial_step(self) -> None:
         """A batch-size retry before the Sparsifier's first step (Note [Batch-size retries]):
         the failed attempt's micro-batches left saliency sums and row counts behind."""
@@ -356,7 +370,7 @@ class AGPETrainer(Trainer):
     def _warn_schedule_past_end(self) -> None:
         config, max_steps = self.agpe_config, self.state.max_steps
         if max_steps and config.start_density > config.final_density and config.end_step > max_steps:
-            log.warning("agpe: AGPEConfig.end_step=%d is past the run's %d steps (max_steps): policy %r prunes "
+            log.warning("agpe: AGPEConfig.end_step=%d is past the run's %d optimizer steps: policy %r prunes "
                         "towards density %.3f until end_step, so this run stops short of it. Set end_step from "
                         "the run's length, e.g. %s", config.end_step, max_steps, config.policy,
                         config.final_density, _schedule_advice(config, max_steps))

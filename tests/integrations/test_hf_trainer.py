@@ -148,6 +148,13 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(run, tmp_path, caplog
     assert resumed_losses == [(e["step"], e["loss"]) for e in run.trainer.state.log_history if "loss" in e]
 
 
+def test_resuming_with_another_block_size_says_so_before_loading(run, tmp_path):
+    # torch's "size mismatch for transformer.h.0.attn.c_attn.weight_block_mask" named no cause
+    trainer = make_trainer(tmp_path, agpe_config=agpe_config(block_size=32))
+    with pytest.raises(ValueError, match="trained with AGPEConfig.block_size=16, this trainer has block_size=32"):
+        trainer.train(resume_from_checkpoint=str(run.output / f"checkpoint-{CHECKPOINT}"))
+
+
 def test_evaluation_runs_on_the_sparse_model(run):
     trainer = run.trainer
     step = trainer.sparsifier.step_count
@@ -304,7 +311,7 @@ def test_a_schedule_past_the_run_is_warned_about_and_the_sparsifier_uses_the_tra
     trainer.state.max_steps = STEPS
     with caplog.at_level("WARNING", logger="agpe_compile.integrations.hf"):
         optimizer = trainer.create_optimizer()
-    assert "AGPEConfig.end_step=10000 is past the run's 8 steps" in caplog.text
+    assert "AGPEConfig.end_step=10000 is past the run's 8 optimizer steps" in caplog.text
     assert "AGPEConfig(end_step=6)" in caplog.text
     assert trainer.sparsifier.optimizer is optimizer
     assert trainer.sparsifier.global_density == 1.0  # nothing ran yet
