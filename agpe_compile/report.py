@@ -9,7 +9,8 @@ Renders, with matplotlib's Agg backend (no display needed):
 * ``loss_vs_flops.png``: training loss against cumulative training FLOPs (sparse,
   executed), one line per run, so runs at different budgets compare on one axis.
 
-and prints one summary line per run: mask updates, blocks dropped and grown, how many of
+and prints one summary line per run: mask updates (and the updates held because their
+scores were not finite, event ``hold:nonfinite-scores``), blocks dropped and grown, how many of
 the grown blocks were dropped again at the very next update (regrowth that never got a
 chance: see ``AGPEConfig.protect_grown``), final density and the training-FLOP ratio of
 the agpe layers (the examples' tables also count the dense layers, such as a head).
@@ -184,6 +185,7 @@ def summarize(records: List[dict]) -> dict:
     flops = last.get("flops") or {}
     return {
         "updates": sum(1 for r in intervals if r.get("updated")),
+        "held": sum(1 for r in intervals if r.get("schedule") == "hold:nonfinite-scores"),
         "dropped": sum(layer["dropped"] for layer in layers),
         "grown": sum(layer["grown"] for layer in layers),
         "regrown_dropped": sum(layer["dropped_just_grown"] for layer in layers) if has_churn else None,
@@ -201,7 +203,9 @@ def summary_line(name: str, summary: dict) -> str:
         again = f"{churn} ({100.0 * churn / grown:.0f}%)" if grown else "0"
     density = summary["final_density"]
     flops = summary["flops_ratio"]
-    return (f"{name}: {summary['updates']} mask updates, {summary['dropped']} blocks dropped, {grown} grown, "
+    held = summary.get("held", 0)
+    held = f" ({held} held: their scores were not finite)" if held else ""
+    return (f"{name}: {summary['updates']} mask updates{held}, {summary['dropped']} blocks dropped, {grown} grown, "
             f"of those dropped again at the next update: {again}; final density "
             f"{'n/a' if density is None else f'{density:.3f}'}, training FLOPs of the agpe layers "
             f"{'n/a' if flops is None else f'{flops:.3f}x'} dense")

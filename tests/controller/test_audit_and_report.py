@@ -113,6 +113,19 @@ def test_report_summary_of_an_older_audit_file_says_what_it_lacks():
         "n/a (older audit file); final density 0.500, training FLOPs of the agpe layers 0.750x dense")
 
 
+def test_report_summary_names_held_updates():
+    # a held update (fp16 scores that overflowed) is no mask update; the summary said nothing of it
+    layer = {"density_before": 1.0, "density_after": 1.0, "dropped": 0, "grown": 0, "dropped_just_grown": 0}
+    records = [{"event": "start"}] + [
+        {"event": "interval", "updated": updated, "schedule": schedule, "layers": {"fc": layer},
+         "global_density_after": 1.0, "flops": {"sparse": 4, "dense": 4}}
+        for updated, schedule in ((False, "hold:nonfinite-scores"), (True, "cubic"), (False, None))]
+    summary = report.summarize(records)
+    assert summary["updates"] == 1 and summary["held"] == 1
+    assert report.summary_line("fp16", summary).startswith(
+        "fp16: 1 mask updates (1 held: their scores were not finite), 0 blocks dropped")
+
+
 def test_report_rejects_a_missing_file(tmp_path):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "nope.jsonl")])
