@@ -1,7 +1,7 @@
 """One rank of a data-parallel agpe run (gloo, CPU), for tests/test_distributed.py.
 
     python -m tests.distributed_worker RANK WORLD PORT OUT {explicit|zerocode} POLICY [--edit-mask] [--split] [--outside] [--data-parallel-off]
-        [--rank1-interval N] [--audit PATH] [--resume-at STEP]
+        [--rank1-interval N] [--audit PATH] [--resume-at STEP] [--rank1-overflow-step N]
 
 ``--outside``: ``torch.compile(DDP(model))``; else ``DDP(torch.compile(model))``. ``--cuda``: both
 ranks on the one GPU, lowered with Inductor (the Triton kernels).
@@ -151,8 +151,10 @@ def main(argv) -> None:
         for step in range(1, STEPS + 1):
             x = torch.randn(16, model.fc1.in_features, generator=gen)
             loss = F.mse_loss(run(x.to(device)), (x @ teacher).to(device))
-            loss.backward()
-            optimizer.step()
+            overflow = "--rank1-overflow-step" in argv and step == int(argv[argv.index("--rank1-overflow-step") + 1])
+            (loss * float("inf") if overflow and rank == 1 else loss).backward()
+            if not overflow:  # the averaged gradients overflowed on every rank: a GradScaler skips the step
+                optimizer.step()
             optimizer.zero_grad()
             if sparsifier is not None:
                 sparsifier.step(loss)

@@ -124,6 +124,16 @@ def test_the_audit_file_is_written_once_by_rank_0(tmp_path):
     assert [r["step"] for r in records if r["event"] == "interval"] == [5, 10, 15, 20, 25, 30]
 
 
+def test_the_audit_counts_every_ranks_skipped_scores(tmp_path):
+    # rank 1's backward overflowed at step 3: rank 0 wrote its own count, 0
+    path = tmp_path / "audit.jsonl"
+    ranks = _run(tmp_path, "explicit", "agpe", "--audit", str(path), "--rank1-overflow-step", "3")
+    assert all("error" not in r for r in ranks)
+    first = [json.loads(line) for line in path.read_text().splitlines() if '"interval"' in line][0]
+    assert {name: layer["nonfinite_skips"] for name, layer in first["layers"].items()} == {
+        "fc1": 1, "fc2": 1, "out": 1}
+
+
 def test_a_checkpoint_between_two_updates_resumes_exactly_with_each_ranks_own_state(tmp_path):
     """Note [Ranks' own state]: saved at step 12 (updates every 5), rank 0's checkpoint
     alone gives every rank rank 0's interval sums; each rank's rank_state_dict() restores

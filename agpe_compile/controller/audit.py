@@ -8,7 +8,8 @@ Record kinds (field ``event``):
   loss of the interval, or null), ``flops`` ({sparse, dense} cumulative), ``updated``
   (did masks change), ``schedule`` (the schedule's event; ``"hold:nonfinite-scores"`` for
   an update held because its scores were not finite, Note [Intervals without a finite
-  score] in sparsifier.py; ``nonfinite_skips`` below is this rank's count), ``target_density``,
+  score] in sparsifier.py; ``nonfinite_skips`` below counts the skipped calls of every
+  data-parallel rank), ``target_density``,
   ``global_density_before``/``_after``, ``bucket`` (bucket of the global target),
   ``rebucketed`` (layers whose layout moved to another density bucket at this update:
   the next compiled call recompiles at most once; not at all when Dynamo still holds a

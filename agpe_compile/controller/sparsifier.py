@@ -353,6 +353,9 @@ class Sparsifier:
         if self._flag_on:  # scoring stays on (update_interval 1): count the next interval's scored rows from here
             self._set_score_dense(True, force=True)
         skips = {n: self._take_skips(n, snap.counters[n]) for n in self.layers}
+        if self._data_parallel():  # the audit counts every rank's skipped calls (the mean times the ranks)
+            world = distributed.world_size()
+            skips = {n: int(round(float(snap.interval_skips[n].reshape(-1)[0]) * world)) for n in self.layers}
         blind = self._blind_layers(snap)
         for name, state in self.layers.items():
             if state.saliency_mode is not None and state.saliency_mode != self.config.saliency:
