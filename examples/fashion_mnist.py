@@ -1,6 +1,6 @@
 """Fashion-MNIST MLP at 90% block sparsity: dense vs AGPE vs RigL vs SET vs GMP (+ plain torch.compile).
 
-    python examples/fashion_mnist.py --quick            # the default: 2 epochs; ~3 min on 2 CPU cores
+    python examples/fashion_mnist.py --quick            # the default: 2 epochs; 2-3 min on 2 CPU cores
     python examples/fashion_mnist.py --full             # 15 epochs: the numbers below
     python examples/fashion_mnist.py --smoke            # 40 steps per method: ~1 min for all six on 2
                                                         # CPU cores, 2+ min on a busy machine (CI runs
@@ -327,7 +327,7 @@ def parse_args(argv: List[str]):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
     for name, text in (("smoke", "an end-to-end check, ~1 min for all methods on 2 CPU cores"),
-                       ("quick", "the default; ~3 min for all methods on 2 CPU cores"),
+                       ("quick", "the default; 2-3 min for all methods on 2 CPU cores"),
                        ("full", "the documented numbers")):
         mode = MODES[name]
         steps = int(mode.epochs * (mode.train_samples // mode.batch_size))
