@@ -9,8 +9,9 @@ Renders, with matplotlib's Agg backend (no display needed):
 * ``loss_vs_flops.png``: training loss against cumulative training FLOPs (sparse,
   executed), one line per run, so runs at different budgets compare on one axis.
 
-and prints one summary line per run: mask updates (and the updates held because their
-scores were not finite, event ``hold:nonfinite-scores``), blocks dropped and grown, how many of
+and prints one summary line per run: mask updates (those that changed no block: a schedule
+hold; and the updates held because their scores were not finite, event
+``hold:nonfinite-scores``, which are not mask updates), blocks dropped and grown, how many of
 the grown blocks were dropped again at the very next update (regrowth that never got a
 chance: see ``AGPEConfig.protect_grown``), final density and the training-FLOP ratio of
 the agpe layers (the examples' tables also count the dense layers, such as a head).
@@ -30,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -41,7 +43,30 @@ log = logging.getLogger(__name__)
 
 
 def _intervals(records: List[dict]) -> List[dict]:
-    return [r for r in records if r.get("event") == "interval"]
+    """The interval records of the run's last timeline (Note [Runs appended to one audit file])."""
+    kept: List[dict] = []
+    for r in records:
+        if r.get("event") != "interval":
+            continue
+        step = r.get("step")
+        while kept and step is not None and kept[-1].get("step") is not None and kept[-1]["step"] >= step:
+            kept.pop()
+        kept.append(r)
+    return kept
+
+
+# Note [Runs appended to one audit file]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The audit log appends. A run resumed from a checkpoint writes the steps after the
+# checkpoint again (a crash at step 50, resumed from step 30, writes 35...50 twice), and a
+# run started again with the same audit_path writes a whole second run after the first.
+# Summed as they stand, they counted 16 updates for a run of 12, and the plots drew a line
+# back to the start. An interval record at a step at or before the previous one's starts a
+# new timeline there: the records it supersedes are dropped (a resumed run keeps what came
+# before its checkpoint; a fresh run replaces the earlier one), and the report says so.
+def superseded(records: List[dict]) -> int:
+    """How many interval records a later run or resume in the same file replaced."""
+    return sum(1 for r in records if r.get("event") == "interval") - len(_intervals(records))
 
 
 def run_name(path: str) -> str:
@@ -87,8 +112,8 @@ _LAYER_FIELDS = ("density_after", "dropped", "grown")
 def check_records(path: str, records: List[dict]) -> None:
     """``ValueError`` naming the file and line of the first record the report cannot read, or
     saying that the file holds no agpe audit records (no "start" or "interval" event)."""
-    with open(path, encoding="utf-8") as handle:  # read_records skips blank lines: number the others
-        numbers = [number for number, line in enumerate(handle, 1) if line.strip()]
+    with open(path, encoding="utf-8") as handle:  # read_records skips blank and torn lines: number the others
+        numbers = [number for number, line in enumerate(handle, 1) if line.strip() and _parses(line)]
     for number, record in zip(numbers, records):
         if record.get("event") != "interval":
             continue
@@ -109,6 +134,14 @@ def check_records(path: str, records: List[dict]) -> None:
     if not any(r.get("event") in ("start", "interval") for r in records):
         raise ValueError(f"{path}: no agpe audit records (no 'start' or 'interval' event in {len(records)} "
                          f"JSON line(s)): not an agpe audit file")
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def plot_density(records: List[dict], title: str, out_path: str) -> str:
@@ -186,6 +219,8 @@ def summarize(records: List[dict]) -> dict:
     return {
         "updates": sum(1 for r in intervals if r.get("updated")),
         "held": sum(1 for r in intervals if r.get("schedule") == "hold:nonfinite-scores"),
+        "unchanged": sum(1 for r in intervals if r.get("updated")
+                         and not any(layer["dropped"] or layer["grown"] for layer in r.get("layers", {}).values())),
         "dropped": sum(layer["dropped"] for layer in layers),
         "grown": sum(layer["grown"] for layer in layers),
         "regrown_dropped": sum(layer["dropped_just_grown"] for layer in layers) if has_churn else None,
@@ -203,9 +238,11 @@ def summary_line(name: str, summary: dict) -> str:
         again = f"{churn} ({100.0 * churn / grown:.0f}%)" if grown else "0"
     density = summary["final_density"]
     flops = summary["flops_ratio"]
-    held = summary.get("held", 0)
-    held = f" ({held} held: their scores were not finite)" if held else ""
-    return (f"{name}: {summary['updates']} mask updates{held}, {summary['dropped']} blocks dropped, {grown} grown, "
+    held, unchanged = summary.get("held", 0), summary.get("unchanged", 0)
+    unchanged = f" ({unchanged} changed no block)" if unchanged else ""
+    held = f", {held} more held (their scores were not finite)" if held else ""
+    return (f"{name}: {summary['updates']} mask updates{unchanged}{held}, {summary['dropped']} blocks dropped, "
+            f"{grown} grown, "
             f"of those dropped again at the next update: {again}; final density "
             f"{'n/a' if density is None else f'{density:.3f}'}, training FLOPs of the agpe layers "
             f"{'n/a' if flops is None else f'{flops:.3f}x'} dense")
@@ -261,6 +298,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_records(path, records)
         except ValueError as error:
             parser.error(str(error))
+        replaced = superseded(records)
+        if replaced:
+            restarts = sum(1 for r in records if r.get("event") == "start")
+            print(f"{path}: {replaced} interval record(s) were written again by a later run or a resume from a "
+                  f"checkpoint ({restarts} 'start' records in the file): the summary and plots follow the last "
+                  f"one", file=sys.stderr)
         summaries.append(summarize(records))
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "report")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -6,7 +6,7 @@ Record kinds (field ``event``):
   ({name: {shape, block_size, grid}}), ``step``.
 * ``interval`` -- at every ``update_interval`` steps: ``step``, ``loss`` (mean training
   loss of the interval, or null), ``flops`` ({sparse, dense} cumulative), ``updated``
-  (did masks change), ``schedule`` (the schedule's event; ``"hold:nonfinite-scores"`` for
+  (a mask update ran; it may change no block, e.g. when the schedule holds), ``schedule`` (the schedule's event; ``"hold:nonfinite-scores"`` for
   an update held because its scores were not finite, Note [Intervals without a finite
   score] in sparsifier.py; ``nonfinite_skips`` below counts the skipped calls of every
   data-parallel rank), ``target_density``,
@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -54,30 +55,67 @@ class AuditLog:
                                  f"(e.g. {os.path.join(path, 'agpe.jsonl')!r})")
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
+        self._checked_end = False
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
+        text = json.dumps(_jsonable(record), sort_keys=True) + "\n"
+        if not self._checked_end:  # a run killed mid-write left a torn last line: start on a line of our own
+            self._checked_end = True
+            if _ends_torn(self.path):
+                text = "\n" + text
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            handle.write(text)
+
+
+def _ends_torn(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return False
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def read_records(path: str) -> List[dict]:
     """All records of a JSONL audit file, in order; ``ValueError`` naming the line that is not
-    a JSON object."""
+    a JSON object. A torn record (a run killed while writing it: the file's last line without
+    its newline, or a line cut short that a later run's ``start`` record follows) is skipped
+    with a warning."""
     records = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+        lines = list(enumerate(handle, 1))
+    torn = None
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if torn is None and line.lstrip().startswith("{"):
+                torn = (number, error.msg)  # decided by what follows it
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not JSON ({error.msg}): not an agpe audit file") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {number} is not a JSON object: not an agpe audit file")
-            records.append(record)
+            raise ValueError(f"{path}: line {number} is not JSON ({error.msg}): not an agpe audit file") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object: not an agpe audit file")
+        if torn is not None:
+            if record.get("event") != "start":
+                raise ValueError(f"{path}: line {torn[0]} is not JSON ({torn[1]}): not an agpe audit file")
+            _warn_torn(path, torn[0])
+            torn = None
+        records.append(record)
+    if torn is not None:
+        _warn_torn(path, torn[0])
     return records
+
+
+def _warn_torn(path: str, number: int) -> None:
+    logging.getLogger(__name__).warning(
+        "agpe: %s: line %d is a record cut short (the run was killed while writing it); skipped", path, number)
 
 
 def saliency_stats(ema: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -123,7 +123,29 @@ def test_report_summary_names_held_updates():
     summary = report.summarize(records)
     assert summary["updates"] == 1 and summary["held"] == 1
     assert report.summary_line("fp16", summary).startswith(
-        "fp16: 1 mask updates (1 held: their scores were not finite), 0 blocks dropped")
+        "fp16: 1 mask updates (1 changed no block), 1 more held (their scores were not finite), 0 blocks dropped")
+
+
+def _interval(step, dropped=2):
+    layer = {"density_before": 1.0, "density_after": 0.5, "dropped": dropped, "grown": 0, "dropped_just_grown": 0}
+    return {"event": "interval", "step": step, "updated": True, "layers": {"fc": layer}, "target_density": 0.5,
+            "global_density_after": 0.5, "flops": {"sparse": step, "dense": 2 * step}}
+
+
+def test_report_follows_the_last_timeline_of_a_resumed_or_rerun_log(tmp_path, capsys):
+    # a crash at step 50 resumed from the step-30 checkpoint wrote 35..50 twice: 16 updates for 12
+    resumed = ([{"event": "start", "step": 0}] + [_interval(s) for s in range(5, 55, 5)]
+               + [{"event": "start", "step": 0}] + [_interval(s) for s in range(35, 65, 5)])
+    assert [r["step"] for r in report._intervals(resumed)] == list(range(5, 65, 5))
+    assert report.summarize(resumed)["updates"] == 12 and report.superseded(resumed) == 4
+    rerun = [{"event": "start", "step": 0}] + [_interval(s) for s in (5, 10)] * 2  # the same script twice
+    assert report.summarize(rerun)["updates"] == 2 and report.summarize(rerun)["dropped"] == 4
+    path = tmp_path / "rs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in resumed))
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "4 interval record(s) were written again by a later run or a resume" in captured.err
+    assert "rs: 12 mask updates, 24 blocks dropped" in captured.out
 
 
 def test_report_rejects_a_missing_file(tmp_path):
@@ -153,6 +175,7 @@ def test_report_without_out_leaves_the_plots_beside_the_audit_file_alone(agpe_ru
     (b'{"event": "start"}\nnot json\n', "line 2 is not JSON"),
     (b"[1, 2]\n", "line 1 is not a JSON object"),
     (b"\x80\x81", "not a UTF-8 text file"),
+    (b'{"event": "start"}\n{"event": "interv\n{"event": "interval"}\n', "line 2 is not JSON"),  # not a restart
 ])
 def test_report_names_what_is_wrong_with_a_file(tmp_path, capsys, content, message):
     path = tmp_path / "run.jsonl"
@@ -163,6 +186,26 @@ def test_report_names_what_is_wrong_with_a_file(tmp_path, capsys, content, messa
     err = capsys.readouterr().err
     assert message in err and str(path) in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.png"))  # nothing written
+
+
+def test_a_record_cut_short_by_a_killed_run_is_skipped_and_the_next_run_starts_a_line(agpe_run, tmp_path, caplog):
+    # the report refused the whole log over its torn last line, and a run appended after it
+    # glued its first record onto the torn one
+    path = tmp_path / "torn.jsonl"
+    whole = open(agpe_run[0], encoding="utf-8").read()
+    path.write_text(whole[:-200])  # killed while writing the last record
+    with caplog.at_level(logging.WARNING):
+        records = read_records(str(path))
+    assert len(records) == whole.count("\n") - 1
+    assert f"{path}: line {whole.count(chr(10))} is a record cut short" in caplog.text
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    AuditLog(str(path)).write({"event": "start", "step": 0})  # a new run appends to the same file
+    AuditLog(str(path)).write({"event": "interval", "step": 5})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = read_records(str(path))
+    assert again[:-2] == records and again[-2:] == [{"event": "start", "step": 0}, {"event": "interval", "step": 5}]
+    assert "is a record cut short" in caplog.text
 
 
 def test_tensorboard_is_skipped_cleanly_without_it(agpe_run, tmp_path, monkeypatch, caplog):
