@@ -281,9 +281,13 @@ def main(argv=None) -> None:
         first[name] = sparsity
     for name, sparsity in runs:  # the configs train() builds: a bad combination fails here, not mid-run
         try:
-            run_config(name, sparsity, setting, args)
+            config = run_config(name, sparsity, setting, args)
         except (TypeError, ValueError) as error:
             parser.error(f"--steps/--prune-until/--set: run {name!r}: {error}")
+        if sparsity > 0 and config.end_step > setting["steps"]:  # it trained dense under an agpe name
+            parser.error(f"--steps/--set: run {name!r}: {setting['steps']} steps are fewer than one update interval "
+                         f"({config.update_interval}), so no mask update would run and the run would stay dense; "
+                         f"give more steps or --set update_interval=N with N <= {setting['steps']}")
     text = load_text(args.text_file)  # (exits with a message when the text is missing or empty)
     need = setting["seq_len"] + 2  # one sequence + its shifted target, from each split
     split = int(0.9 * len(text))  # as below: one character, one token

@@ -360,8 +360,8 @@ def parse_args(argv: List[str]):
                         help="override one AGPEConfig field of the agpe method (repeatable)")
     args = parser.parse_args(argv)
     args.agpe = dict(args.agpe)
-    try:
-        AGPEConfig(policy="agpe", **{**AGPE_SETTINGS, **args.agpe})
+    try:  # names and values only: the mode's update interval and length are checked with the run's config below
+        AGPEConfig(policy="agpe", **{**AGPE_SETTINGS, "update_interval": 1, **args.agpe})
     except (TypeError, ValueError) as error:
         parser.error(f"--agpe: {error}")
     args.eval_set = "validation" if args.validation else "test"

@@ -93,6 +93,12 @@ def test_fashion_mnist_refuses_before_touching_the_results(capsys, tmp_path, fm_
     assert snapshot(fm_results) == before
 
 
+def test_fashion_mnist_checks_agpe_overrides_against_the_modes_interval(tmp_path):
+    # the early check used AGPEConfig's default interval (100): end_step=20 of a 5-step interval was refused
+    args = fm.parse_args(["--smoke", "--methods", "agpe", "--agpe", "end_step=20", "--out", str(tmp_path / "o")])
+    assert args.agpe == {"end_step": 20} and fm.method_config("agpe", args, 40, audit_path=None).end_step == 20
+
+
 def test_fashion_mnist_refuses_an_out_it_cannot_write(capsys, tmp_path, fm_results):
     err = refused(capsys, fm.parse_args, "--smoke", "--out", str(fm_results / "results.json"))
     assert f"--out: {str(fm_results / 'results.json')!r} exists and is not a folder" in err
@@ -148,6 +154,8 @@ def clm_results(tmp_path):
     (["--set", "batch=0"], "--set batch: expected an integer >= 1, got 0"),
     (["--set", "lr=-1"], "--set lr: expected a learning rate > 0, got -1.0"),
     (["--set", "seq_len=5000"], "characters is too short for --set seq_len=5000"),
+    # fewer steps than one update interval: the agpe-75 row was the dense model under agpe's name
+    (["--steps", "3"], "run 'agpe-50': 3 steps are fewer than one update interval"),
 ])
 def test_char_lm_refuses_before_touching_the_results(capsys, clm_results, text_file, args, message):
     before = snapshot(clm_results)
