@@ -50,14 +50,20 @@ SETTINGS = {
 
 
 def load_text(path: Optional[str] = None) -> str:
-    """The KJV text, one stripped non-empty line per verse: from ``bible`` or from ``path``
-    (a file holding the output of ``bible -l0 "gen1:1-rev22:21"``)."""
+    """The KJV text as ``bible`` prints it (chapter headings and numbered verses), its lines
+    stripped, blank ones dropped: from ``bible`` or from ``path`` (a file or a pipe holding
+    the output of ``bible -l0 "gen1:1-rev22:21"``)."""
     if path is not None:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise SystemExit(f"char_lm: --text-file {path!r} does not exist; write it with "
                              f"`bible -l0 \"gen1:1-rev22:21\" > {path}`")
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
+        if os.path.isdir(path):
+            raise SystemExit(f"char_lm: --text-file {path!r} is a folder; expected the text file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise SystemExit(f"char_lm: cannot read --text-file {path!r}: {error}") from None
     else:
         if shutil.which("bible") is None:
             raise SystemExit("char_lm: the `bible` command is missing; install Debian's text with "

@@ -115,6 +115,25 @@ def test_char_lm_names_a_missing_text_file(tmp_path):
     assert f"--text-file {str(missing)!r} does not exist" in result.stderr
 
 
+def test_char_lm_reads_its_text_from_a_pipe(tmp_path):
+    # `--text-file <(bible ...)`: a pipe is no regular file and was called missing
+    import threading
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import char_lm
+    finally:
+        sys.path.pop(0)
+    pipe = tmp_path / "fifo"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text("In the beginning\n\n  God created\n"))
+    writer.start()
+    assert char_lm.load_text(str(pipe)) == "In the beginning\nGod created"
+    writer.join()
+    with pytest.raises(SystemExit, match="is a folder; expected the text file"):
+        char_lm.load_text(str(tmp_path))
+
+
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
 def test_char_lm_text_file_holds_the_same_text_as_bible(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "examples"))
