@@ -344,9 +344,7 @@ def schedule_compilations(steps: int, log) -> Dict:
     size = dict(SMALL_SIZE, dtype="float32", batch=2, seq=32)
     model = make_stack(size, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    config = agpe_compile.AGPEConfig(target_sparsity=0.9, policy="agpe", block_size=size["block"],
-                                     update_interval=max(1, steps // 40), end_step=3 * steps // 4)
-    sparsifier = agpe_compile.Sparsifier(model, optimizer, config)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, schedule_config(steps, size["block"]))
     backend = agpe_compile.AgpeBackend({"inductor": False})
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device)
@@ -379,12 +377,24 @@ GRAPHED = ("graphed", "graphed_block_sparse")
 BLOCK_SPARSE = ("block_sparse", "graphed_block_sparse")
 
 
+def schedule_config(steps: int, block_size: int) -> "agpe_compile.AGPEConfig":
+    """The simulated schedule's config: 40 updates, pruning over the first 3/4 of the steps."""
+    return agpe_compile.AGPEConfig(target_sparsity=0.9, policy="agpe", block_size=block_size,
+                                   update_interval=max(1, steps // 40), end_step=3 * steps // 4)
+
+
 def check_args(parser: argparse.ArgumentParser, args, device: torch.device):
     """(densities, optimizers) from the flags; parser.error naming the flag, before any work."""
     for flag, value, least in (("--warmup", args.warmup, 0), ("--iters", args.iters, 1),
                                ("--schedule-steps", args.schedule_steps, 0), ("--profile-rows", args.profile_rows, 1)):
         if value is not None and value < least:
             parser.error(f"{flag}: expected an integer >= {least}, got {value}")
+    if args.schedule_steps:  # refused here, not after every timing ran
+        try:
+            schedule_config(args.schedule_steps, SMALL_SIZE["block"])
+        except ValueError as error:
+            parser.error(f"--schedule-steps: {args.schedule_steps} steps make no valid schedule ({error}); "
+                         f"expected 0 (no schedule) or at least 2")
     densities = []
     for item in args.densities.split(","):
         try:
@@ -480,7 +490,15 @@ def main(argv=None) -> None:
     results["inline_kernels"] = op_module.INLINE_KERNELS
     results["tma_setting"] = _tma_setting()  # the value the kernels read (default "off")
     if args.schedule_steps > 0:
-        results.update(schedule_compilations(args.schedule_steps, _log))
+        try:
+            results.update(schedule_compilations(args.schedule_steps, _log))
+        except BaseException as error:  # keep the timings measured before it
+            if args.out:
+                PARTIAL["results"] = dict(results, schedule_error=repr(error))
+                _write_partial(args.out)
+                print(f"agpe: the schedule simulation failed; the timings are in {args.out} (incomplete)",
+                      file=sys.stderr)
+            raise
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     results["torch"] = torch.__version__
     results["date"] = datetime.date.today().isoformat()

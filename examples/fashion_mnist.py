@@ -20,7 +20,11 @@ differ only in the Sparsifier policy (dense = every mask all ones, the FLOPs bas
 The head (1000x10) stays dense: 10 outputs are not divisible by the block size. Prints a table (test accuracy, training FLOPs relative to dense, wall
 clock, graphs compiled, time spent in the Sparsifier) and writes one JSONL audit log per
 method, PNG plots (agpe_compile.report) and results.json (the settings and the table's
-figures per method, rewritten after each method) into --out.
+figures per method, rewritten after each method) into --out. A method's audit log is
+written as <method>.jsonl.partial and renamed when the method finishes, so an interrupted
+run leaves the last finished one in place; results.json keeps the methods of an earlier
+run with the same settings that this run does not train again, and an earlier run's
+results.json with other settings is moved aside to results-<when it finished>.json.
 
 Data: Debian's dataset-fashion-mnist (idx files, gzipped) in /usr/share/datasets/fashion-mnist.
 
@@ -177,13 +181,15 @@ def parse_agpe_option(text: str) -> Tuple[str, object]:
 
 
 def progress(method: str, step: int, total: int, loss: float, start: float) -> None:
+    """A bar redrawn in place on a terminal; into a log (CI, `2> file`), one line per tenth."""
     width = 30
     done = int(width * step / total)
-    elapsed = time.perf_counter() - start
-    sys.stderr.write(f"\r{method:>6} [{'#' * done}{'.' * (width - done)}] {step}/{total} "
-                     f"loss {loss:.3f} {elapsed:5.0f}s")
-    if step == total:
-        sys.stderr.write("\n")
+    line = (f"{method:>6} [{'#' * done}{'.' * (width - done)}] {step}/{total} "
+            f"loss {loss:.3f} {time.perf_counter() - start:5.0f}s")
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if step == total else ""))
+    elif step == total or (10 * step) // total != (10 * (step - 1)) // total:
+        sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
@@ -195,6 +201,27 @@ def evaluate(model, x, y, batch: int = 2000) -> float:
     return 100.0 * correct / len(x)
 
 
+def warm_up(args) -> None:
+    """One untimed step of a tiny model through both backends, before any method is timed.
+    The first compilation of a process also pays one-time costs (imports, the compiler's
+    caches and toolchain checks: ~1 s here), which the first method timed ("plain", the
+    wall-clock baseline) absorbed alone."""
+    for backend in (CountingBackend("inductor" if args.inductor else "aot_eager"),
+                    agpe_compile.AgpeBackend({"inductor": args.inductor})):
+        torch._dynamo.reset()
+        model = MLP([args.block_size * 2], inputs=args.block_size * 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        sparsifier = None if isinstance(backend, CountingBackend) else Sparsifier(
+            model, optimizer, AGPEConfig(policy="dense", block_size=args.block_size, exclude=("head",)))
+        F.cross_entropy(torch.compile(model, backend=backend)(torch.randn(4, args.block_size * 2)),
+                        torch.zeros(4, dtype=torch.long)).backward()
+        optimizer.step()
+        if sparsifier is not None:
+            sparsifier.step()
+            sparsifier.close()
+    torch._dynamo.reset()
+
+
 def train_one(method: str, args, data) -> Dict[str, float]:
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)
@@ -203,7 +230,9 @@ def train_one(method: str, args, data) -> Dict[str, float]:
     per_epoch = len(x_train) // args.batch_size
     total = max(1, total_steps(args, len(x_train)))  # parse_args checked it for the mode's image count
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    audit_path = os.path.join(args.out, f"{method}.jsonl")
+    # Written beside the last run's log and renamed over it when this method finishes: an
+    # interrupted run leaves the last finished log as it was (and its .partial)
+    audit_path = os.path.join(args.out, f"{method}.jsonl.partial")
     if os.path.exists(audit_path):
         os.remove(audit_path)
     if method == "plain":  # no agpe at all: the wall-clock baseline
@@ -275,7 +304,49 @@ def print_table(results: Dict[str, Dict[str, float]], eval_set: str = "test") ->
 def write_results(args, results: Dict[str, Dict[str, float]]) -> str:
     """results.json in --out: the run's settings and, per method, the figures of the table."""
     path = os.path.join(args.out, "results.json")
-    payload = {
+    payload = results_payload(args, results)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+# What makes two results.json files one comparison (every field but the figures and when/where).
+_NOT_SETTINGS = ("methods", "finished", "torch", "threads")
+
+
+def earlier_results(args) -> Dict[str, Dict[str, float]]:
+    """The methods of --out's results.json from an earlier run with the same settings that
+    this run does not train again: kept in the new results.json. One with other settings
+    (another seed, mode, ...) is moved aside to results-<when it finished>.json, not lost."""
+    path = os.path.join(args.out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        same = ({k: v for k, v in earlier.items() if k not in _NOT_SETTINGS}
+                == {k: v for k, v in results_payload(args, {}).items() if k not in _NOT_SETTINGS})
+        methods = earlier["methods"]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        same, methods, earlier = False, {}, {}
+    if same and isinstance(methods, dict):
+        return {m: r for m, r in methods.items() if m not in args.methods}
+    stamp = str(earlier.get("finished", "earlier")).replace(":", "-") if isinstance(earlier, dict) else "earlier"
+    aside, n = os.path.join(args.out, f"results-{stamp}.json"), 1
+    while os.path.exists(aside):
+        n += 1
+        aside = os.path.join(args.out, f"results-{stamp}-{n}.json")
+    os.replace(path, aside)
+    stale = sorted(m for m in (methods if isinstance(methods, dict) else {}) if m not in args.methods)
+    print(f"{path} held a run with other settings: moved to {aside}" + (
+        f"; the audit logs and plots of {', '.join(stale)} in {args.out} belong to it" if stale else ""))
+    return {}
+
+
+def results_payload(args, results: Dict[str, Dict[str, float]]) -> dict:
+    return {
         "example": "fashion_mnist",
         "mode": args.mode or "quick",
         "seed": args.seed,
@@ -290,11 +361,6 @@ def write_results(args, results: Dict[str, Dict[str, float]]) -> str:
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "methods": results,
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-    return path
 
 
 def steps_per_epoch(args) -> int:
@@ -338,7 +404,8 @@ def parse_args(argv: List[str]):
                         help=f"comma-separated subset of {', '.join(METHODS)} (default: all, in that order)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weights, the data order and the layouts (>= 0; default 0)")
-    parser.add_argument("--out", default="runs/fashion_mnist", help="output folder (default runs/fashion_mnist)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/fashion_mnist, runs/fashion_mnist_smoke with --smoke)")
     parser.add_argument("--hidden", default="1000,1000,1000", help="comma-separated positive hidden layer widths")
     parser.add_argument("--sparsity", type=float, default=0.9,
                         help="target fraction of weight blocks pruned, in [0, 1) (default 0.9)")
@@ -427,6 +494,8 @@ def parse_args(argv: List[str]):
             parser.error(f"{flags}: the {method} method's config for {total} training steps "
                          f"({args.epochs:g} epochs of {steps_per_epoch(args)}, update interval "
                          f"{args.update_interval}) is invalid: {error}")
+    if args.out is None:  # a smoke check never overwrites the results of a real run
+        args.out = "runs/fashion_mnist_smoke" if args.mode == "smoke" else "runs/fashion_mnist"
     _check_out(parser, args.out)
     return args
 
@@ -441,16 +510,22 @@ def main(argv: List[str] = None) -> None:
         data = (x_train[kept], y_train[kept], x_train[held], y_train[held])
     else:
         data = (x_train, y_train, x_test[:args.test_samples], y_test[:args.test_samples])
+    kept = earlier_results(args)
+    warm_up(args)
     results = {}
     for method in args.methods:
         torch._dynamo.reset()
         results[method] = train_one(method, args, data)
-        write_results(args, results)  # after each method, so an interrupted run keeps what it finished
+        if method != "plain":
+            os.replace(os.path.join(args.out, f"{method}.jsonl.partial"), os.path.join(args.out, f"{method}.jsonl"))
+        write_results(args, {**kept, **results})  # after each method, so an interrupted run keeps what it finished
     print_table(results, args.eval_set)
+    if kept:
+        print(f"(results.json also keeps {', '.join(kept)} of an earlier run with the same settings)")
     if args.mode == "smoke":
         print(f"(--smoke trains {total_steps(args, len(data[0]))} steps on {len(data[0]):,} images: an end-to-end "
               f"check; its accuracies say nothing about the methods)")
-    print(f"wrote {write_results(args, results)}")
+    print(f"wrote {write_results(args, {**kept, **results})}")
     for path in render([os.path.join(args.out, f"{m}.jsonl") for m in args.methods if m != "plain"], args.out):
         print(f"wrote {path}")
 

@@ -7,4 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/apt.sh"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
-exec python examples/fashion_mnist.py --quick --out runs/fashion_mnist "$@"
+# --quick unless the arguments name a mode (--smoke, --full): e.g. `bash scripts/main.sh --full`
+mode=--quick
+for arg in "$@"; do
+    case "$arg" in --smoke|--quick|--full) mode= ;; esac
+done
+exec python examples/fashion_mnist.py $mode "$@"

@@ -99,6 +99,27 @@ def test_fashion_mnist_checks_agpe_overrides_against_the_modes_interval(tmp_path
     assert args.agpe == {"end_step": 20} and fm.method_config("agpe", args, 40, audit_path=None).end_step == 20
 
 
+def test_fashion_mnist_keeps_the_earlier_methods_of_the_same_settings_and_moves_others_aside(tmp_path, capsys):
+    # results.json was rewritten with the methods of the last invocation only
+    out = tmp_path / "o"
+    first = fm.parse_args(["--smoke", "--methods", "dense,agpe", "--out", str(out)])
+    fm.write_results(first, {"dense": {"accuracy": 70.0}, "agpe": {"accuracy": 60.0}})
+    again = fm.parse_args(["--smoke", "--methods", "agpe", "--out", str(out)])
+    assert fm.earlier_results(again) == {"dense": {"accuracy": 70.0}}
+    other_seed = fm.parse_args(["--smoke", "--methods", "agpe", "--seed", "1", "--out", str(out)])
+    assert fm.earlier_results(other_seed) == {}
+    aside = [p.name for p in out.glob("results-*.json")]
+    assert len(aside) == 1 and not (out / "results.json").exists()
+    assert json.loads((out / aside[0]).read_text())["methods"]["dense"] == {"accuracy": 70.0}
+    assert "held a run with other settings: moved to" in capsys.readouterr().out
+
+
+def test_fashion_mnist_smoke_has_its_own_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # parse_args creates the folder
+    assert fm.parse_args(["--smoke", "--methods", "plain"]).out == "runs/fashion_mnist_smoke"
+    assert fm.parse_args(["--methods", "plain"]).out == "runs/fashion_mnist"
+
+
 def test_fashion_mnist_refuses_an_out_it_cannot_write(capsys, tmp_path, fm_results):
     err = refused(capsys, fm.parse_args, "--smoke", "--out", str(fm_results / "results.json"))
     assert f"--out: {str(fm_results / 'results.json')!r} exists and is not a folder" in err
@@ -304,6 +325,8 @@ def test_kernels_benchmark_refuses_a_folder_as_out(capsys, tmp_path):
     (["--densities", "x"], "--densities: expected comma-separated numbers in (0, 1], got 'x'"),
     (["--iters", "0"], "--iters: expected an integer >= 1, got 0"),
     (["--schedule-steps", "-1"], "--schedule-steps: expected an integer >= 0, got -1"),
+    # 1 step made end_step 0: refused by AGPEConfig after every timing had run, and nothing was written
+    (["--schedule-steps", "1"], "--schedule-steps: 1 steps make no valid schedule"),
     (["--optimizers", "adam"], "--optimizers: unknown ['adam']"),
     (["--optimizers", "block_sparse"], "--optimizers: expected at least one of foreach, fused, graphed"),
     (["--optimizers", "fused,graphed_block_sparse"], "graphed and graphed_block_sparse need CUDA"),

@@ -36,8 +36,10 @@ def test_smoke_run_prints_the_table_and_writes_logs_and_plots(tmp_path):
     assert int(plain[4]) >= 1 and plain[5].strip() == "-" and plain[6].strip() == "-"
     assert not (out / "plain.jsonl").exists()  # no Sparsifier, no audit log
     assert "rigl [##############################] 40/40" in result.stderr  # the progress bar
+    assert "\r" not in result.stderr  # into a pipe: lines, not a bar redrawn in place
     for name in ("dense.jsonl", "agpe.jsonl", "rigl.jsonl", "density_agpe.png", "loss_vs_flops.png"):
         assert (out / name).stat().st_size > 0
+    assert not list(out.glob("*.partial"))  # each log is renamed into place when its method finishes
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
