@@ -94,12 +94,22 @@ MODES = {
 
 
 def _read_idx(path: str) -> torch.Tensor:
+    """One idx file (uint8 data); exits naming the file when it is damaged."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    _, _, dtype_code, ndim = struct.unpack(">BBBB", data[:4])
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+        zeros, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    except (OSError, EOFError, struct.error) as error:
+        sys.exit(f"error: cannot read the Fashion-MNIST file {path} ({error}): damaged? reinstall it with\n"
+                 f"    apt-get install --reinstall -y dataset-fashion-mnist")
+    body = data[4 + 4 * ndim:]
+    if zeros != 0 or dtype_code != 0x08 or len(body) != math.prod(shape):
+        sys.exit(f"error: {path} is not a complete idx file of bytes (header {zeros:#x}/{dtype_code:#x}, shape "
+                 f"{shape}, {len(body):,} data bytes): damaged? reinstall it with\n"
+                 f"    apt-get install --reinstall -y dataset-fashion-mnist")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
 def load_fashion_mnist(data_dir: str = DATA_DIR):
@@ -112,6 +122,12 @@ def load_fashion_mnist(data_dir: str = DATA_DIR):
                      f"    apt-get update && apt-get install -y dataset-fashion-mnist")
         paths.append(found[0])
     x_train, y_train, x_test, y_test = (_read_idx(p) for p in paths)
+    for (images, labels), (a, b) in (((x_train, y_train), paths[:2]), ((x_test, y_test), paths[2:])):
+        if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or labels.shape != images.shape[:1]:
+            sys.exit(f"error: {a} holds images of shape {tuple(images.shape)} and {b} labels of shape "
+                     f"{tuple(labels.shape)}: expected N 28x28 images and N labels (files swapped or damaged?)")
+        if int(labels.max()) > 9:
+            sys.exit(f"error: {b} holds labels up to {int(labels.max())}: expected the classes 0-9")
     x_train = x_train.reshape(len(x_train), -1).float() / 255.0
     x_test = x_test.reshape(len(x_test), -1).float() / 255.0
     mean, std = x_train.mean(), x_train.std()

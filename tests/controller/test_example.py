@@ -21,6 +21,30 @@ def test_missing_dataset_names_the_apt_command(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot read the Fashion-MNIST file"),  # a raw EOFError traceback before
+    ("swap", "expected N 28x28 images and N labels"),  # 10,000 test labels for 60,000 images trained silently
+])
+def test_damaged_data_files_are_named(tmp_path, damage, message):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in os.listdir(DATA):
+        shutil.copy(os.path.join(DATA, name), data / name)
+    labels = sorted(p for p in data.iterdir() if p.name.startswith("train-labels"))[0]
+    if damage == "truncate":
+        images = sorted(p for p in data.iterdir() if p.name.startswith("train-images"))[0]
+        images.write_bytes(images.read_bytes()[:5000])
+    else:
+        test_labels = sorted(p for p in data.iterdir() if p.name.startswith("t10k-labels"))[0]
+        shutil.copy(test_labels, labels)
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "plain", "--data-dir", str(data),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
 def test_smoke_run_prints_the_table_and_writes_logs_and_plots(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "plain,dense,agpe,rigl", "--out",
