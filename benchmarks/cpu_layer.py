@@ -49,17 +49,22 @@ def parse_densities(parser: argparse.ArgumentParser, text: str) -> List[float]:
             parser.error(f"--densities: expected comma-separated numbers in (0, 1], got {item.strip()!r} in {text!r}")
         if not 0 < density <= 1:  # (not also refuses nan)
             parser.error(f"--densities: expected densities in (0, 1] (the share of active blocks), got {density:g}")
+        if density in densities:  # one row per density: the second would silently replace the first
+            parser.error(f"--densities: {density:g} given more than once")
         densities.append(density)
     return densities
 
 
 def check_out_file(parser: argparse.ArgumentParser, path: str) -> None:
-    """--out must name a file in an existing, writable folder: checked before measuring."""
+    """--out must name a file in a writable folder (created, as kernels.py and train_step.py
+    do): checked before measuring."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         parser.error(f"--out: {path!r} is a folder; expected a file name (e.g. {os.path.join(path, 'cpu_layer.json')})")
-    if not os.path.isdir(folder):
-        parser.error(f"--out: the folder {folder!r} does not exist")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create the folder {folder!r} ({error.strerror or error})")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         parser.error(f"--out: cannot write {path!r}")
 

@@ -296,7 +296,8 @@ def test_aggregate_seeds_prints_a_clean_error(capsys, tmp_path, make, message):
     (["--block", "0"], "--block: expected an integer >= 1, got 0"),
     (["--features", "0"], "--features: expected an integer >= 1, got 0"),
     (["--rows", "-1"], "--rows: expected an integer >= 1, got -1"),
-    (["--out", "/proc/agpe-no-such-folder/cpu.json"], "--out: the folder '/proc/agpe-no-such-folder' does not exist"),
+    (["--out", "/proc/agpe-no-such-folder/cpu.json"], "--out: cannot create the folder '/proc/agpe-no-such-folder'"),
+    (["--densities", "0.5,0.50"], "--densities: 0.5 given more than once"),  # one row silently replaced the other
 ])
 def test_cpu_layer_benchmark_checks_its_flags(capsys, args, message):
     assert message in refused(capsys, cpu_layer.main, *args)
