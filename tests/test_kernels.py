@@ -329,6 +329,9 @@ def test_choose_cpu_path_follows_the_measured_crossover():
     assert choose_cpu_path(*big, 0.25, 128) == "gather"
     assert choose_cpu_path(*big, 0.5, 128) == "dense"
     assert choose_cpu_path(*big, 0.25, 32) == "dense"  # small blocks lose earlier
+    # measured 2026-11-28: gather 0.71x and 0.62x of the dense path's time (the first table ran dense)
+    assert choose_cpu_path(256, 1024, 1024, 0.25, 64) == "gather"
+    assert choose_cpu_path(256, 512, 512, 0.15234375, 32) == "gather"
     assert choose_cpu_path(16, 256, 256, 0.05, 128) == "dense"  # fixed overhead dominates
     assert choose_cpu_path(*big, 0.05, 16) == "dense"  # below the measured block sizes
     for block_size in (32, 64, 128):  # once dense wins, denser layers stay dense

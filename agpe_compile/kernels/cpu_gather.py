@@ -118,13 +118,19 @@ def _slot_chunks(layout: BlockLayout, m: int) -> Iterator[Tuple[torch.Tensor, to
 
 
 # Cost model of one training step's layer (forward + dX + dW), gather vs dense-with-zeros.
-# Measured 2026-11-26 on this project's 2-core Intel Xeon CI host (torch 2.13.0+cpu, fp32,
-# 1 thread, process time, min of 5; M in {16, 64, 256, 1024}, N = K in {256, 512, 1024,
-# 2048}, densities 0.05-0.5): gather time / dense time ~= KAPPA[b] * bucket (gather pays
-# for every capacity slot), plus a fixed overhead worth ~40 MFLOP of dense matmul.
-# Observed crossovers: b=128 near d=0.3, b=64 near 0.2, b=32 near 0.1; single runs vary
-# by up to 2x on this shared host, so the table holds medians.
-_GATHER_KAPPA = {32: 8.0, 64: 5.0, 128: 3.0}
+# gather time / dense time ~= KAPPA[b] * bucket capacity (gather pays for every capacity
+# slot), plus a fixed overhead worth ~40 MFLOP of dense matmul. Re-measured 2026-11-28 on
+# a 2-core AMD EPYC VM (torch 2.13.0+cpu, fp32, 1 thread, process time, min of
+# 5, the op's own forward + backward through autograd, dense with the zero-weight promise;
+# 261 shapes: M in {64, 128, 256, 512, 1024, 2048}, N x K from 512x512 to 2048x2048 and
+# non-square, capacities 0.10-0.5; benchmarks/results/2026-11-28-cpu-gather-cost-model/).
+# KAPPA is the median per block size. It grows with the layer's size (gather's efficiency
+# falls with M while MKL's rises: ~11 / 5.3 / 3 at 1024 x 2048 x 2048), but a size term
+# did not pick better on shapes it was not fitted on. The first table (8 / 5 / 3, 2026-11-26)
+# was that large-size end: it ran the dense path where gather was up to 1.5x faster (block
+# 64 at capacity 0.25, 0.65-0.85 of the dense time), 6.5% slower than the better path on
+# average over the shapes above; this one 1.7%.
+_GATHER_KAPPA = {32: 5.0, 64: 3.0, 128: 2.2}
 _GATHER_FIXED_FLOPS = 40e6
 
 
@@ -133,7 +139,7 @@ def always_dense_from(block_size: int) -> float:
     every row count (shape-only, so a layer's path by density is known before any call).
 
     >>> always_dense_from(8), always_dense_from(32), always_dense_from(128)
-    (0.0, 0.125, 0.3333333333333333)
+    (0.0, 0.2, 0.45454545454545453)
     """
     anchors = [size for size in _GATHER_KAPPA if size <= block_size]
     if not anchors:
