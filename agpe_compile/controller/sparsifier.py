@@ -117,9 +117,14 @@ class Sparsifier:
         states = prepare(model, options=config.backend_options)
         frozen = sorted(name for name, state in states.items()
                         if state.weight is not None and not state.weight.requires_grad)
+        left_out = {}
         if frozen:  # no gradient, no saliency, no way to train a regrown block: keep their masks
-            log.warning("agpe: %s %s frozen (requires_grad=False): the Sparsifier leaves %s masks as they are",
-                        ", ".join(frozen), "is" if len(frozen) == 1 else "are", "its" if len(frozen) == 1 else "their")
+            log.warning("agpe: %s %s frozen (requires_grad=False) when the Sparsifier is created: it leaves %s out "
+                        "for good (%s masks stay as they are, also once unfrozen, and they do not count in the "
+                        "global density); create the Sparsifier after unfreezing to prune %s",
+                        ", ".join(frozen), "is" if len(frozen) == 1 else "are", "it" if len(frozen) == 1 else "them",
+                        "its" if len(frozen) == 1 else "their", "it" if len(frozen) == 1 else "them")
+            left_out = {name: weakref.ref(states[name].weight) for name in frozen}
             states = {name: state for name, state in states.items() if name not in frozen}
         self.model = model  # the layer states only hold weak references to their modules
         self._read_zero_blocks = bool(read_zero_blocks)
@@ -128,6 +133,7 @@ class Sparsifier:
                           "rewrite: call agpe_compile.linear_from_conv1d(model) before creating the optimizer and "
                           "the Sparsifier", stacklevel=2)
         self._setup(list(states.values()), optimizer, config, recompile_counter)
+        self._left_out_frozen = left_out  # Note [Frozen layers]: said again if one trains later
         if optimizer is None and self.layers:
             warnings.warn(
                 "agpe: Sparsifier without an optimizer: pruned weights are zeroed only at mask updates and the "
@@ -558,7 +564,8 @@ class Sparsifier:
     # when the Sparsifier is created are left out for good; a layer frozen later keeps its
     # mask at every update while it is frozen (the layers that train share what is left of
     # the global block budget, so the global density stays at the target) and takes part
-    # again once it is unfrozen. Each change is logged.
+    # again once it is unfrozen. Each change is logged, and so is a layer left out at
+    # creation that trains later (it stays dense: no Sparsifier drives it).
     def _frozen_now(self) -> set:
         frozen = {name for name, state in self.layers.items()
                   if state.weight is not None and not state.weight.requires_grad}
@@ -781,6 +788,17 @@ class Sparsifier:
         model = getattr(self, "model", None)  # None: for_layers (zero-code mode)
         if model is None:
             return
+        left_out = getattr(self, "_left_out_frozen", {})
+        thawed = sorted(n for n, ref in left_out.items() if ref() is not None and ref().requires_grad)
+        if thawed:  # Note [Frozen layers]: left out at creation, now trained dense
+            for name in thawed:
+                del left_out[name]
+            log.warning("agpe: %s, frozen when the Sparsifier was created and left out then, %s now "
+                        "(requires_grad=True) and %s dense: the Sparsifier never drives %s. To prune %s, create the "
+                        "Sparsifier after unfreezing (a layer frozen after it is created keeps its mask while "
+                        "frozen and is pruned again once unfrozen)", ", ".join(thawed),
+                        "trains" if len(thawed) == 1 else "train", "stays" if len(thawed) == 1 else "stay",
+                        "it" if len(thawed) == 1 else "them", "it" if len(thawed) == 1 else "them")
         present = {id(m) for m in model.modules()}
         gone = [name for name, state in self.layers.items()  # module None: attached once, since freed
                 if state.module_ref is not None and (state.module is None or id(state.module) not in present)]

@@ -70,7 +70,8 @@ def test_frozen_layers_keep_their_masks(caplog):
         sp = Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl",
                                                update_interval=2, end_step=100))
     assert sorted(sp.layers) == ["fc2", "fc3"]
-    assert any("fc1 is frozen (requires_grad=False)" in r.getMessage() for r in caplog.records)
+    assert any("fc1 is frozen (requires_grad=False) when the Sparsifier is created: it leaves it out for good"
+               in r.getMessage() for r in caplog.records)
     import agpe_compile
 
     fc1 = agpe_compile.layer_state(model.fc1)
@@ -78,6 +79,15 @@ def test_frozen_layers_keep_their_masks(caplog):
     cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
     train(cmodel, opt, sp, batches(6))
     assert torch.equal(fc1.block_mask, before) and fc1.block_mask.all()
+    # unfrozen later (staged unfreezing), it trained dense without a word
+    model.fc1.weight.requires_grad_(True)
+    opt.add_param_group({"params": [model.fc1.weight]})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(4))
+    said = [r.getMessage() for r in caplog.records if "frozen when the Sparsifier was created" in r.getMessage()]
+    assert len(said) == 1 and "fc1, frozen when the Sparsifier was created and left out then, trains now" in said[0]
+    assert "create the Sparsifier after unfreezing" in said[0]
 
 
 def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
