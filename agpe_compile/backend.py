@@ -283,6 +283,8 @@ class AgpeBackend:
         result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
             _keep_recompile_headroom(result.states, self.for_explain)
+            if self.zero_code_options is None and not self.for_explain:
+                _warn_undriven(result.states)
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
@@ -506,6 +508,23 @@ def _warn_misfit_block_size(decisions, for_explain: bool) -> None:
                 "(options={'block_size': ...}) makes them prunable, exclude=[...] says they are meant to be dense",
                 len(misfits), "; ".join(f"{d.name} ({d.reason})" for d in misfits[:5])
                 + (f" and {len(misfits) - 5} more" if len(misfits) > 5 else ""))
+
+
+def _warn_undriven(states: Sequence[LayerState]) -> None:
+    """A graph whose layers a Sparsifier drives, with some layers no Sparsifier drives: the
+    compile found them (a parameter used through F.linear or x @ W.T outside nn.Linear, which
+    a Sparsifier created before compiling cannot see), and they would train dense with every
+    block live, outside the global density, without a word (audit AI: a Mixtral router)."""
+    driven = [s for s in states if s.sparsifier_ref is not None and s.sparsifier_ref() is not None]
+    undriven = [s for s in states if s.sparsifier_ref is None or s.sparsifier_ref() is None]
+    if not driven or not undriven or not _first_time(("undriven", tuple(s.name for s in undriven))):
+        return
+    names = ", ".join(s.name for s in undriven[:5]) + (f" and {len(undriven) - 5} more" if len(undriven) > 5 else "")
+    log.warning("agpe: this compile found layer(s) %s (weights used as x @ W.T outside an nn.Linear, e.g. "
+                "F.linear on a parameter) that the Sparsifier driving %s does not drive: it was created before they "
+                "were found, so they train dense with every block live and are not in its global density. To prune "
+                "them, run one compiled forward (under torch.no_grad()) before creating the Sparsifier; to keep them "
+                "dense, exclude them (AGPEConfig(exclude=[...]))", names, driven[0].name)
 
 
 def _first_time(key) -> bool:

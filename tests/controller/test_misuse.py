@@ -372,3 +372,30 @@ def test_a_user_hook_that_breaks_the_graph_is_named_when_a_layer_misses_its_back
         return
     assert len(messages) == 1 and "reached blocks.0.fc1 since" in messages[0], messages  # 2.11: run eagerly
     assert "register_full_backward_hook" in messages[0] and "TORCH_LOGS=graph_breaks" in messages[0]
+
+
+def test_a_layer_the_compile_finds_after_the_sparsifier_is_named(caplog):
+    # a parameter used through F.linear (a Mixtral router) is rewritten but a Sparsifier created
+    # before compiling cannot see it: it trained dense, outside the global density, without a word
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = torch.nn.Parameter(torch.randn(32, 16) / 4)
+            self.fc = torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.fc(torch.relu(torch.nn.functional.linear(x, self.w_in)))
+
+    torch._dynamo.reset()
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, block_size=4, update_interval=2, end_step=4))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        cmodel(torch.randn(2, 16)).sum().backward()
+    said = [r.getMessage() for r in caplog.records if "that the Sparsifier driving fc does not drive" in r.getMessage()]
+    assert len(said) == 1 and "found layer(s) w_in" in said[0]
+    assert sorted(sp.layers) == ["fc"]
