@@ -311,6 +311,7 @@ class AgpeBackend:
         if self.zero_code_options is None or result.states:  # else "nothing prunable" above said it
             _warn_misfit_block_size([d for d in decisions if not (d.weight in position and getattr(
                 example_inputs[position[d.weight]], DENSE_SAID_ATTR, False))], self.for_explain)
+        _warn_other_contractions(decisions, self.for_explain)
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
         return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
@@ -508,6 +509,19 @@ def _warn_misfit_block_size(decisions, for_explain: bool) -> None:
                 "(options={'block_size': ...}) makes them prunable, exclude=[...] says they are meant to be dense",
                 len(misfits), "; ".join(f"{d.name} ({d.reason})" for d in misfits[:5])
                 + (f" and {len(misfits) - 5} more" if len(misfits) > 5 else ""))
+
+
+def _warn_other_contractions(decisions, for_explain: bool) -> None:
+    """Weights used by a contraction the rewrite does not know (einsum, bmm, a library's own
+    op: Mixtral's experts) stay dense: said once per set, they were in no table and no
+    warning (audit AI: 84% of a Mixtral's weights)."""
+    others = [d for d in decisions if not d.rewritten and "(agpe rewrites x @ W.T, F.linear and nn.Linear only)" in str(d.reason)]
+    if not others or for_explain or not _first_time(("contraction", tuple(d.name for d in others))):
+        return
+    log.warning("agpe: %d weight(s) stay dense (not pruned) because they are used in a form agpe does not rewrite: "
+                "%s. Write them as x @ W.T / F.linear / nn.Linear to prune them; agpe_compile.explain(model, x) "
+                "lists every layer", len(others), "; ".join(f"{d.name} ({d.reason})" for d in others[:3])
+                + (f" and {len(others) - 3} more" if len(others) > 3 else ""))
 
 
 def _warn_undriven(states: Sequence[LayerState]) -> None:

@@ -715,9 +715,12 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         setattr(weight, STATE_ATTR, state)
         state.attach(module)
         prepared[name] = state
+    linear = {id(w) for _, _, _, w in _linear_weights(named)}
     for module_name, module in named.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             state = state_of(param)
+            if state is None and id(param) not in linear:
+                _mark_other_weight(module, layer_name(module_name, param_name), param_name, param, config)
             if state is None or any(state is other for other in prepared.values()):
                 continue
             _take_path_name(state, layer_name(module_name, param_name))
@@ -769,6 +772,21 @@ def _one_call_path(model: nn.Module, prepared: Mapping[str, "LayerState"]) -> No
 
 
 _UNMATCHED_SAID: set = set()
+
+
+def _mark_other_weight(module: nn.Module, name: str, param_name: str, param: nn.Parameter,
+                       config: BackendConfig) -> None:
+    """A 2-D parameter outside nn.Linear (``F.linear(x, self.router_w)``) that the patterns
+    leave dense: marked, so the backend, which finds it only in the graph, leaves it dense too
+    and does not warn about it (a Mixtral router excluded with ``*.mlp.gate`` was called a
+    misfit of the block size); unmarked when a later prepare's patterns take it in."""
+    if nn.parameter.is_lazy(param) or param.dim() != 2:
+        return
+    reason = pattern_reason(name, config)
+    if reason is not None and not hasattr(param, EXCLUDED_ATTR):
+        mark_excluded(module, param_name, param, f"{reason} (at prepare)")
+    elif reason is None and str(getattr(param, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
+        clear_excluded(module, param_name, param)
 
 
 def _candidate_names(model: nn.Module) -> List[str]:

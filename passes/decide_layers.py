@@ -26,6 +26,7 @@ write must reach the parameter (``_role``/``_chain`` below).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from .match_linears import LinearSite, UnmatchedUse, embedding_weights
 
+log = logging.getLogger(__name__)
 _SOURCE_PART = re.compile(r"\.(?:_modules|_parameters|_buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -187,6 +189,17 @@ def _mark_tables(tables, examples) -> None:
                 f"agpe_compile.prepare(model) before torch.compile (it finds the tie), then torch._dynamo.reset()")
         if state is None and not hasattr(weight, EXCLUDED_ATTR):
             setattr(weight, EXCLUDED_ATTR, _TIED_REASON)
+        elif state is not None and state.name not in _TIED_SAID:
+            # prepared as a linear layer: prepare finds ties through nn.Embedding modules only,
+            # not F.embedding(idx, head.weight); its masks reach the lookup too (W * M everywhere)
+            _TIED_SAID.add(state.name)
+            log.warning("agpe: %s is pruned as a linear layer, but this graph also uses its weight as an embedding "
+                        "table (F.embedding): its pruned blocks zero parts of the token embeddings too. A tie through "
+                        "an nn.Embedding module stays dense; to keep this one dense, exclude it "
+                        "(AGPEConfig(exclude=[%r]))", state.name, state.name)
+
+
+_TIED_SAID: set = set()
 
 
 # How a use treats the weight (Note [Every use sees W * M]): metadata only (keeps the raw

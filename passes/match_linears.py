@@ -23,9 +23,12 @@ keywords. A 2-D placeholder passed as a projection weight to a fused attention o
 ``nn.TransformerEncoderLayer``) is a site of form ``masked_weight``: the op runs the
 projections internally, so the backend hands it ``W * M`` instead (see
 agpe_compile/ops/masked_weight.py). Its other tensor arguments (``attn_mask``) are not weights.
-A placeholder that reaches a matmul-like op any other way (``x @ W``, ``W @ x``) is an
-*unmatched use*: the backend reports it instead of silently skipping it (and masks it when
-the weight is rewritten or prepared: Note [Every use sees W * M] in decide_layers.py).
+A placeholder that reaches a matmul-like op any other way (``x @ W``, ``W @ x``), or a
+weight of 2 or more dims that reaches a contraction the rewrite does not know
+(``torch.einsum``, ``bmm``, ``baddbmm``, ``tensordot``, an op of another library such as
+``torch.ops.transformers.*``), is an *unmatched use*: the backend reports it instead of
+silently skipping it (and masks it when the weight is rewritten or prepared: Note [Every
+use sees W * M] in decide_layers.py).
 
 Note [Weights inside higher-order ops]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -60,6 +63,11 @@ LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm)
 ADDMM_TARGETS = (torch.addmm,)
 EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
+# Contractions agpe does not rewrite: a weight reaching one is reported, not skipped silently.
+OTHER_CONTRACTION_TARGETS = tuple(t for t in (torch.einsum, getattr(torch.functional, "einsum", None), torch.bmm,
+                                              torch.baddbmm, torch.tensordot,
+                                              getattr(torch.functional, "tensordot", None)) if t is not None)
+OTHER_CONTRACTION_METHODS = ("bmm", "baddbmm")
 # The fused attention ops and where they take their projection weights: (positions, keyword
 # names). Only these arguments are weights; another 2-D parameter handed to the op (a learned
 # ``attn_mask``, say) is not a linear weight and is left alone.
@@ -211,8 +219,14 @@ def _only_linear_uses(weight: fx.Node, sites: List[LinearSite]) -> bool:
 
 
 def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
+    if node.op == "call_method" and node.target in OTHER_CONTRACTION_METHODS:
+        return [], _unmatched_contraction(node, f"Tensor.{node.target}")
     if node.op != "call_function":
         return [], []
+    if node.target in OTHER_CONTRACTION_TARGETS:
+        return [], _unmatched_contraction(node, f"torch.{node.target.__name__}")
+    if _custom_op(node.target):
+        return [], _unmatched_contraction(node, str(node.target))
     if node.target in FUSED_ATTENTION_TARGETS:
         return _fused_weight_sites(node), []
     if isinstance(node.target, torch._ops.HigherOrderOperator):
@@ -247,6 +261,34 @@ def _unmatched(node: fx.Node, operands) -> List[UnmatchedUse]:
         if isinstance(operand, fx.Node) and operand.op == "placeholder":
             side = "left operand" if position == 0 else "right operand without transpose"
             found.append(UnmatchedUse(node, operand, f"used as the {side} of {node.target.__name__}, not as x @ W.T"))
+    return found
+
+
+def _custom_op(target) -> bool:
+    """An op of a library other than torch's own and agpe's (``torch.ops.transformers.*``:
+    Mixtral's grouped expert matmul)."""
+    if isinstance(target, torch._ops.OpOverload):
+        namespace = target.namespace
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        namespace = target._qualified_op_name.split("::")[0]
+    else:
+        return False
+    return namespace not in ("aten", "prim", "prims", "agpe")
+
+
+def _unmatched_contraction(node: fx.Node, name: str) -> List[UnmatchedUse]:
+    """Weights (placeholders of 2 or more dims, directly or transposed) operands of a
+    contraction the rewrite does not know: reported as staying dense."""
+    operands = list(node.args) + list(node.kwargs.values())
+    flat = [o for a in operands for o in (a if isinstance(a, (list, tuple)) else (a,))]
+    found = []
+    for operand in flat:
+        if not isinstance(operand, fx.Node):
+            continue
+        weight = operand if operand.op == "placeholder" else _transposed_placeholder(operand)
+        if weight is not None and _ndim(weight) >= 2 and all(u.weight is not weight for u in found):
+            found.append(UnmatchedUse(node, weight, f"used by {name} (agpe rewrites x @ W.T, F.linear and "
+                                                    f"nn.Linear only)"))
     return found
 
 

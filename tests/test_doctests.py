@@ -16,7 +16,7 @@ import pkgutil
 import pytest
 
 import agpe_compile
-import passes
+import agpe_compile.passes as passes
 
 SKETCHES = {
     "agpe_compile", "agpe_compile.averaged", "agpe_compile.backend", "agpe_compile.buckets",

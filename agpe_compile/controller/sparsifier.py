@@ -864,16 +864,22 @@ class Sparsifier:
                   and n not in self._frozen and s.weight is not None and s.weight.requires_grad]
         if missed and len(missed) < len(self.layers) and not set(missed) <= self._warned_missed_layers:
             self._warned_missed_layers |= set(missed)
+            # a weight fed as W * M to a fused op (masked_weight) never counts rows: only its
+            # scores tell, and an exactly zero gradient scores zero too
+            never = [n for n in missed if int(snap.counters[n][0]) == 0]
+            uncounted = (f" ({', '.join(never[:5])}: {'its' if len(never) == 1 else 'their'} rows are never counted "
+                         f"(a weight handed to a fused op as W * M, masked_weight in explain), so an exactly zero "
+                         f"gradient looks the same)" if never else "")
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass through the compiled model reached %s since "
                 "the last interval (the other layers were reached), so %s without gradient information. "
                 "Outside the compiled region (regional compilation: compile the module that calls %s too, or "
                 "exclude %s), run eagerly where Dynamo broke the graph (a hook of yours on the layer that calls "
                 ".item() or print, or any register_full_backward_hook; TORCH_LOGS=graph_breaks shows where), or "
-                "unused in this phase?", step, ", ".join(missed[:5]) +
+                "unused in this phase?%s", step, ", ".join(missed[:5]) +
                 (f" and {len(missed) - 5} more" if len(missed) > 5 else ""),
                 "its mask changes" if len(missed) == 1 else "their masks change",
-                "it" if len(missed) == 1 else "them", "it" if len(missed) == 1 else "them")
+                "it" if len(missed) == 1 else "them", "it" if len(missed) == 1 else "them", uncounted)
 
     def _take_skips(self, name: str, counters: torch.Tensor) -> int:
         now = int(counters[1])

@@ -399,3 +399,117 @@ def test_a_layer_the_compile_finds_after_the_sparsifier_is_named(caplog):
     said = [r.getMessage() for r in caplog.records if "that the Sparsifier driving fc does not drive" in r.getMessage()]
     assert len(said) == 1 and "found layer(s) w_in" in said[0]
     assert sorted(sp.layers) == ["fc"]
+
+
+def test_weights_used_by_contractions_agpe_does_not_rewrite_are_listed_and_said(caplog):
+    # einsum / bmm projections (Mixtral's experts run a library op) were in no table and no warning
+    import agpe_compile
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = torch.nn.Parameter(torch.randn(16, 16) / 4)
+            self.w_b = torch.nn.Parameter(torch.randn(2, 16, 16) / 4)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = torch.einsum("bi,oi->bo", x, self.w_in)
+            h = torch.bmm(h.unsqueeze(0).expand(2, -1, -1), self.w_b).sum(0)
+            return self.fc(h)
+
+    torch._dynamo.reset()
+    model = Net()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 4}))
+        cmodel(torch.randn(3, 16))
+    said = [r.getMessage() for r in caplog.records if "used in a form agpe does not rewrite" in r.getMessage()]
+    assert len(said) == 1 and "w_in (used by torch.einsum" in said[0] and "w_b (used by torch.bmm" in said[0]
+    table = str(agpe_compile.explain(model, torch.randn(3, 16)))
+    assert "no: used by torch.einsum (agpe rewrites x @ W.T, F.linear and nn.Linear only)" in table
+
+
+def test_an_excluded_weight_outside_nn_linear_is_left_dense_by_the_backend_without_a_misfit_warning(caplog):
+    # AGPEConfig(exclude=...) reached only nn.Linear: a router used through F.linear was called a
+    # block-size misfit (and, divisible, would have been rewritten and left undriven)
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Parameter(torch.randn(3, 16))
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x) + torch.nn.functional.linear(x, self.gate).sum(-1, keepdim=True)
+
+    torch._dynamo.reset()
+    model = Net()
+    sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    AGPEConfig(target_sparsity=0.5, block_size=4, update_interval=2, end_step=4, exclude=("gate",)))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(torch.randn(2, 16))
+    assert not [r for r in caplog.records if "gate" in r.getMessage()], [r.getMessage() for r in caplog.records]
+    assert sorted(sp.layers) == ["fc"]
+    assert "excluded by pattern 'gate'" in str(agpe_compile.explain(model, torch.randn(2, 16)))
+
+
+def test_a_pruned_layer_whose_weight_is_also_an_embedding_table_is_said(caplog):
+    # F.embedding(idx, head.weight): prepare finds ties through nn.Embedding modules only, and the
+    # head was pruned (its masks zeroing parts of the token embeddings) without a word
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 32, bias=False)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.fc(torch.nn.functional.embedding(idx, self.head.weight))))
+
+    torch._dynamo.reset()
+    model = LM()
+    Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+               AGPEConfig(target_sparsity=0.5, block_size=4, update_interval=2, end_step=4))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(torch.randint(0, 32, (2, 5)))
+    said = [r.getMessage() for r in caplog.records if "also uses its weight as an embedding table" in r.getMessage()]
+    assert len(said) == 1 and "head is pruned as a linear layer" in said[0] and "exclude=['head']" in said[0]
+
+
+def test_the_not_reached_warning_says_when_a_zero_gradient_looks_the_same(caplog):
+    # a fused-attention in_proj (masked_weight: rows never counted) whose gradient was exactly 0
+    # (4 live blocks, q = 0) was said to be out of the backward's reach, pointing at graph breaks
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
+                64, 4, 128, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    model = Enc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9, block_size=16, policy="set", update_interval=2,
+                                           end_step=4))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for step in range(4):
+            x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(step))
+            loss = cmodel(x).pow(2).mean() + cmodel(x).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss.detach())
+    said = [r.getMessage() for r in caplog.records if "no backward pass through the compiled model" in r.getMessage()]
+    assert said and all("rows are never counted" in m and "an exactly zero gradient looks the same" in m for m in said)
