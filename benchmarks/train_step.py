@@ -344,7 +344,8 @@ def schedule_compilations(steps: int, log) -> Dict:
     size = dict(SMALL_SIZE, dtype="float32", batch=2, seq=32)
     model = make_stack(size, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    sparsifier = agpe_compile.Sparsifier(model, optimizer, schedule_config(steps, size["block"]))
+    config = schedule_config(steps, size["block"])
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, config)
     backend = agpe_compile.AgpeBackend({"inductor": False})
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device)
@@ -495,9 +496,7 @@ def main(argv=None) -> None:
         except BaseException as error:  # keep the timings measured before it
             if args.out:
                 PARTIAL["results"] = dict(results, schedule_error=repr(error))
-                _write_partial(args.out)
-                print(f"agpe: the schedule simulation failed; the timings are in {args.out} (incomplete)",
-                      file=sys.stderr)
+                _write_partial(args.out, "the schedule simulation failed (below)", stop=False)
             raise
     results["machine"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     results["torch"] = torch.__version__
@@ -526,13 +525,14 @@ def main(argv=None) -> None:
             json.dump(results, f, indent=2)
 
 
-def _write_partial(path: str) -> None:
+def _write_partial(path: str, why: str = "stopped by a time limit", stop: bool = True) -> None:
     results = dict(PARTIAL.get("results", {}), incomplete=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2, default=str)
-    print(f"train_step: stopped by a time limit; partial results written to {path}", flush=True)
-    raise SystemExit(124)
+    print(f"train_step: {why}; partial results written to {path}", flush=True)
+    if stop:
+        raise SystemExit(124)
 
 
 if __name__ == "__main__":

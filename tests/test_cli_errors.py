@@ -355,3 +355,20 @@ def test_gpu_host_probe_refuses_to_run_without_cuda(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             probe.main()
         assert named in capsys.readouterr().err
+
+
+def test_train_step_keeps_the_timings_when_the_schedule_simulation_fails(tmp_path, monkeypatch, capsys):
+    # every timing ran, then the schedule raised: nothing was written (and a later fix's error
+    # path claimed a time limit, hiding the exception)
+    out = tmp_path / "t.json"
+    monkeypatch.setattr(train_step, "run", lambda *a, **k: {"rows": [{"density": 1.0}], "dense_step_s": 0.5})
+
+    def broken(steps, log):
+        raise RuntimeError("the schedule broke")
+
+    monkeypatch.setattr(train_step, "schedule_compilations", broken)
+    with pytest.raises(RuntimeError, match="the schedule broke"):
+        train_step.main(["--small", "--schedule-steps", "80", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["incomplete"] and saved["rows"] == [{"density": 1.0}] and "the schedule broke" in saved["schedule_error"]
+    assert "the schedule simulation failed (below); partial results written" in capsys.readouterr().out
