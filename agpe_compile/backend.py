@@ -530,7 +530,8 @@ def _warn_undriven(states: Sequence[LayerState]) -> None:
     a Sparsifier created before compiling cannot see), and they would train dense with every
     block live, outside the global density, without a word (audit AI: a Mixtral router)."""
     driven = [s for s in states if s.sparsifier_ref is not None and s.sparsifier_ref() is not None]
-    undriven = [s for s in states if s.sparsifier_ref is None or s.sparsifier_ref() is None]
+    undriven = [s for s in states if (s.sparsifier_ref is None or s.sparsifier_ref() is None)
+                and s.weight is not None and s.weight.requires_grad]  # frozen: left out on purpose
     if not driven or not undriven or not _first_time(("undriven", tuple(s.name for s in undriven))):
         return
     names = ", ".join(s.name for s in undriven[:5]) + (f" and {len(undriven) - 5} more" if len(undriven) > 5 else "")

@@ -45,9 +45,22 @@ log = logging.getLogger(__name__)
 def _intervals(records: List[dict]) -> List[dict]:
     """The interval records of the run's last timeline (Note [Runs appended to one audit file])."""
     kept: List[dict] = []
+    fresh = False  # a versioned "start" whose run has not said it resumed (no "load" yet)
     for r in records:
-        if r.get("event") != "interval":
+        event = r.get("event")
+        if event == "start":
+            fresh = bool(r.get("audit_version"))
             continue
+        if event == "load":
+            fresh = False
+            at = r.get("step")
+            if isinstance(at, (int, float)):
+                kept = [k for k in kept if not isinstance(k.get("step"), (int, float)) or k["step"] <= at]
+            continue
+        if event != "interval":
+            continue
+        if fresh:  # a new run from step 0: the earlier ones are superseded
+            kept, fresh = [], False
         step = r.get("step")
         while kept and step is not None and kept[-1].get("step") is not None and kept[-1]["step"] >= step:
             kept.pop()
@@ -61,9 +74,14 @@ def _intervals(records: List[dict]) -> List[dict]:
 # checkpoint again (a crash at step 50, resumed from step 30, writes 35...50 twice), and a
 # run started again with the same audit_path writes a whole second run after the first.
 # Summed as they stand, they counted 16 updates for a run of 12, and the plots drew a line
-# back to the start. An interval record at a step at or before the previous one's starts a
-# new timeline there: the records it supersedes are dropped (a resumed run keeps what came
-# before its checkpoint; a fresh run replaces the earlier one), and the report says so.
+# back to the start. So the report follows the last timeline: a Sparsifier writes a
+# "start" record (with ``audit_version``) when it is created and a "load" record when
+# ``load_state_dict`` restores it; a "load" at step s drops the records past s (the resumed
+# run keeps what came before its checkpoint), and a versioned "start" followed by an
+# interval with no "load" before it is a fresh run, which replaces everything before it.
+# Files written before those records existed fall back to the steps: an interval record at
+# a step at or before the previous one's starts a new timeline there. The report says how
+# many records were superseded.
 def superseded(records: List[dict]) -> int:
     """How many interval records a later run or resume in the same file replaced."""
     return sum(1 for r in records if r.get("event") == "interval") - len(_intervals(records))
@@ -248,10 +266,13 @@ def summary_line(name: str, summary: dict) -> str:
             f"{'n/a' if flops is None else f'{flops:.3f}x'} dense")
 
 
-def render(paths: Sequence[str], out_dir: str, tensorboard_dir: Optional[str] = None) -> List[str]:
-    """Write every plot for the audit files ``paths`` into ``out_dir``; the PNG paths."""
+def render(paths: Sequence[str], out_dir: str, tensorboard_dir: Optional[str] = None,
+           records: Optional[Sequence[List[dict]]] = None) -> List[str]:
+    """Write every plot for the audit files ``paths`` into ``out_dir``; the PNG paths.
+    ``records``: the files' records when the caller has read them already."""
     os.makedirs(out_dir, exist_ok=True)
-    runs = {label: read_records(p) for label, p in zip(run_labels(paths), paths)}
+    records = [read_records(p) for p in paths] if records is None else records
+    runs = dict(zip(run_labels(paths), records))
     written: List[str] = []
     for name, records in runs.items():
         file_label, n = _file_label(name), 1
@@ -283,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         labels = run_labels(args.runs)
     except ValueError as error:
         parser.error(str(error))
-    summaries = []
+    summaries, read = [], []
     for path in args.runs:
         try:
             records = read_records(path)
@@ -304,7 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{path}: {replaced} interval record(s) were written again by a later run or a resume from a "
                   f"checkpoint ({restarts} 'start' records in the file): the summary and plots follow the last "
                   f"one", file=sys.stderr)
+        starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+        if len(starts) > 1 and not any(r.get("event") == "interval" for r in records[starts[-1]:]):
+            print(f"{path}: the last run in the file (its 'start' record is the {len(starts)}th) wrote no interval "
+                  f"record yet: the summary and plots are of the run before it", file=sys.stderr)
         summaries.append(summarize(records))
+        read.append(records)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "report")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         parser.error(f"--out: {out_dir!r} exists and is not a folder" if args.out else
@@ -316,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         parser.error(f"--out: the folder {out_dir!r} is not writable")
     try:
-        written = render(args.runs, out_dir, args.tensorboard)
+        written = render(args.runs, out_dir, args.tensorboard, records=read)
     except OSError as error:
         parser.error(f"cannot write the plots into {out_dir!r}: {error}")
     for path in written:

@@ -691,10 +691,12 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             excluded = pattern_reason(name, config)
             if excluded is not None:  # a state from an earlier compile or explain: not ours to manage
                 log.info("agpe.prepare: %s stays out: %s", name, excluded)
+                _mark_left_out(module, param_name, weight, excluded)  # later compiles leave it dense too
                 continue
             check_block_size_option(state, config)
             if state.module is None:
                 state.attach(module)
+            _unmark_left_out(module, param_name, weight)
             prepared[name] = state
             continue
         block_size = config.resolved_block_size
@@ -724,11 +726,16 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             if state is None or any(state is other for other in prepared.values()):
                 continue
             _take_path_name(state, layer_name(module_name, param_name))
-            if state.name in prepared or pattern_reason(state.name, config) is not None:
+            if state.name in prepared:
+                continue
+            excluded = pattern_reason(state.name, config)
+            if excluded is not None:
+                _mark_left_out(module, param_name, param, excluded)
                 continue
             check_block_size_option(state, config)
             if state.module is None:
                 state.attach(module)
+            _unmark_left_out(module, param_name, param)
             prepared.setdefault(state.name, state)
     _separate_clashing_names(prepared)
     _one_call_path(named, prepared)
@@ -783,9 +790,23 @@ def _mark_other_weight(module: nn.Module, name: str, param_name: str, param: nn.
     if nn.parameter.is_lazy(param) or param.dim() != 2:
         return
     reason = pattern_reason(name, config)
-    if reason is not None and not hasattr(param, EXCLUDED_ATTR):
+    if reason is not None:
+        _mark_left_out(module, param_name, param, reason)
+    else:
+        _unmark_left_out(module, param_name, param)
+
+
+def _mark_left_out(module: nn.Module, param_name: str, param: nn.Parameter, reason: str) -> None:
+    """The patterns leave ``param`` out: marked for the backend (a state from an earlier
+    compile or explain stays on the weight, undriven; the mark keeps later compiles from
+    rewriting it again)."""
+    if not hasattr(param, EXCLUDED_ATTR):
         mark_excluded(module, param_name, param, f"{reason} (at prepare)")
-    elif reason is None and str(getattr(param, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
+
+
+def _unmark_left_out(module: nn.Module, param_name: str, param: nn.Parameter) -> None:
+    """A later prepare's patterns take ``param`` in: an earlier prepare's mark goes."""
+    if str(getattr(param, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
         clear_excluded(module, param_name, param)
 
 

@@ -53,6 +53,7 @@ import os
 import struct
 import sys
 import time
+import zlib
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -101,7 +102,7 @@ def _read_idx(path: str) -> torch.Tensor:
             data = handle.read()
         zeros, dtype_code, ndim = struct.unpack(">HBB", data[:4])
         shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    except (OSError, EOFError, struct.error) as error:
+    except (OSError, EOFError, struct.error, zlib.error) as error:
         sys.exit(f"error: cannot read the Fashion-MNIST file {path} ({error}): damaged? reinstall it with\n"
                  f"    apt-get install --reinstall -y dataset-fashion-mnist")
     body = data[4 + 4 * ndim:]
@@ -126,6 +127,8 @@ def load_fashion_mnist(data_dir: str = DATA_DIR):
         if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or labels.shape != images.shape[:1]:
             sys.exit(f"error: {a} holds images of shape {tuple(images.shape)} and {b} labels of shape "
                      f"{tuple(labels.shape)}: expected N 28x28 images and N labels (files swapped or damaged?)")
+        if len(labels) == 0:
+            sys.exit(f"error: {b} holds no labels: expected the Fashion-MNIST set")
         if int(labels.max()) > 9:
             sys.exit(f"error: {b} holds labels up to {int(labels.max())}: expected the classes 0-9")
     x_train = x_train.reshape(len(x_train), -1).float() / 255.0
@@ -204,9 +207,17 @@ def progress(method: str, step: int, total: int, loss: float, start: float) -> N
             f"loss {loss:.3f} {time.perf_counter() - start:5.0f}s")
     if sys.stderr.isatty():
         sys.stderr.write("\r" + line + ("\n" if step == total else ""))
-    elif step == total or (10 * step) // total != (10 * (step - 1)) // total:
-        sys.stderr.write(line + "\n")
+    else:  # called every total // 100 steps: print when a tenth was crossed since the last line
+        tenth = 10 * step // total
+        if step == total or tenth > _TENTHS_SHOWN.get(method, 0) or step < _STEPS_SHOWN.get(method, 0):
+            sys.stderr.write(line + "\n")
+            _TENTHS_SHOWN[method] = tenth
+        _STEPS_SHOWN[method] = step
     sys.stderr.flush()
+
+
+_TENTHS_SHOWN: Dict[str, int] = {}  # per method: the last tenth printed into a log
+_STEPS_SHOWN: Dict[str, int] = {}  # per method: the last step seen (a step before it: the method runs again)
 
 
 def evaluate(model, x, y, batch: int = 2000) -> float:
@@ -328,8 +339,9 @@ def write_results(args, results: Dict[str, Dict[str, float]]) -> str:
     return path
 
 
-# What makes two results.json files one comparison (every field but the figures and when/where).
-_NOT_SETTINGS = ("methods", "finished", "torch", "threads")
+# What makes two results.json files one comparison: every field but the figures and when
+# (torch and the thread count stay: the wall-clock figures depend on them).
+_NOT_SETTINGS = ("methods", "finished")
 
 
 def earlier_results(args) -> Dict[str, Dict[str, float]]:
@@ -355,7 +367,7 @@ def earlier_results(args) -> Dict[str, Dict[str, float]]:
         n += 1
         aside = os.path.join(args.out, f"results-{stamp}-{n}.json")
     os.replace(path, aside)
-    stale = sorted(m for m in (methods if isinstance(methods, dict) else {}) if m not in args.methods)
+    stale = sorted(m for m in (methods if isinstance(methods, dict) else {}) if m not in args.methods and m != "plain")
     print(f"{path} held a run with other settings: moved to {aside}" + (
         f"; the audit logs and plots of {', '.join(stale)} in {args.out} belong to it" if stale else ""))
     return {}
@@ -542,7 +554,8 @@ def main(argv: List[str] = None) -> None:
         print(f"(--smoke trains {total_steps(args, len(data[0]))} steps on {len(data[0]):,} images: an end-to-end "
               f"check; its accuracies say nothing about the methods)")
     print(f"wrote {write_results(args, {**kept, **results})}")
-    for path in render([os.path.join(args.out, f"{m}.jsonl") for m in args.methods if m != "plain"], args.out):
+    logs = [os.path.join(args.out, f"{m}.jsonl") for m in {**kept, **results} if m != "plain"]
+    for path in (render(logs, args.out) if logs else []):  # the kept methods' curves too; none: no plot
         print(f"wrote {path}")
 
 

@@ -334,6 +334,10 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
         check_block_size_option(state, config, seen_as=name)
         _check_not_parametrized(state)
         reason = pattern_reason(state.name, config)
+        left_out = str(getattr(weight, EXCLUDED_ATTR, ""))
+        if reason is None and left_out.endswith("(at prepare)") and (
+                state.sparsifier_ref is None or state.sparsifier_ref() is None):
+            reason = left_out  # a state of an earlier compile that the Sparsifier's patterns leave out
         if reason is not None:
             _check_not_driven(state, reason)
             return LayerDecision(state.name, weight_node, sites, shape, None, reason)

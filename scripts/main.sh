@@ -10,6 +10,6 @@ cd "$ROOT"
 # --quick unless the arguments name a mode (--smoke, --full): e.g. `bash scripts/main.sh --full`
 mode=--quick
 for arg in "$@"; do
-    case "$arg" in --smoke|--quick|--full) mode= ;; esac
+    case "$arg" in --sm*|--q*|--f*) mode= ;; esac  # (argparse takes unambiguous prefixes too)
 done
 exec python examples/fashion_mnist.py $mode "$@"

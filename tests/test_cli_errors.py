@@ -106,11 +106,15 @@ def test_fashion_mnist_keeps_the_earlier_methods_of_the_same_settings_and_moves_
     fm.write_results(first, {"dense": {"accuracy": 70.0}, "agpe": {"accuracy": 60.0}})
     again = fm.parse_args(["--smoke", "--methods", "agpe", "--out", str(out)])
     assert fm.earlier_results(again) == {"dense": {"accuracy": 70.0}}
+    payload = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(dict(payload, torch="2.0.0")))  # wall-clock of another torch
+    assert fm.earlier_results(again) == {}
+    fm.write_results(first, {"dense": {"accuracy": 70.0}, "agpe": {"accuracy": 60.0}})
     other_seed = fm.parse_args(["--smoke", "--methods", "agpe", "--seed", "1", "--out", str(out)])
     assert fm.earlier_results(other_seed) == {}
-    aside = [p.name for p in out.glob("results-*.json")]
-    assert len(aside) == 1 and not (out / "results.json").exists()
-    assert json.loads((out / aside[0]).read_text())["methods"]["dense"] == {"accuracy": 70.0}
+    aside = sorted(p.name for p in out.glob("results-*.json"))
+    assert len(aside) == 2 and not (out / "results.json").exists()
+    assert all(json.loads((out / a).read_text())["methods"]["dense"] == {"accuracy": 70.0} for a in aside)
     assert "held a run with other settings: moved to" in capsys.readouterr().out
 
 
@@ -372,3 +376,16 @@ def test_train_step_keeps_the_timings_when_the_schedule_simulation_fails(tmp_pat
     saved = json.loads(out.read_text())
     assert saved["incomplete"] and saved["rows"] == [{"density": 1.0}] and "the schedule broke" in saved["schedule_error"]
     assert "the schedule simulation failed (below); partial results written" in capsys.readouterr().out
+
+
+def test_fashion_mnist_progress_into_a_log_has_a_line_per_tenth(monkeypatch, capsys):
+    # called every total // 100 steps, it printed only when that very step crossed a tenth: the
+    # --quick and --full runs logged their last line only
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    fm._TENTHS_SHOWN.clear()
+    fm._STEPS_SHOWN.clear()
+    total = 936
+    for step in list(range(0, total, total // 100)) + [total - 1]:
+        fm.progress("agpe", step + 1, total, 0.5, 0.0)
+    lines = capsys.readouterr().err.splitlines()
+    assert 10 <= len(lines) <= 11 and lines[-1].startswith("  agpe [##############################] 936/936")

@@ -112,7 +112,9 @@ def test_an_unprepared_weight_in_an_unknown_form_is_left_alone():
     x = torch.randn(4, 16)
     out = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(x)
     torch.testing.assert_close(out, x @ model.fc.weight.t())
-    assert agpe_compile.explain(model, x).layers == []
+    # left dense, and listed with the reason (it was in no table before)
+    assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [
+        ("fc", False, "used by torch.einsum (agpe rewrites x @ W.T, F.linear and nn.Linear only)")]
 
 
 def test_metadata_reads_keep_the_raw_weight():

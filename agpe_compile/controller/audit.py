@@ -3,7 +3,10 @@
 Record kinds (field ``event``):
 
 * ``start`` -- once per Sparsifier: ``config`` (AGPEConfig as a dict), ``layers``
-  ({name: {shape, block_size, grid}}), ``step``.
+  ({name: {shape, block_size, grid}}), ``step``, ``audit_version`` (2 since ``load``
+  records exist; absent before).
+* ``load`` -- at ``Sparsifier.load_state_dict``: ``step``, the step it resumes from (records
+  of a run that went past it before being resumed are superseded: the report drops them).
 * ``interval`` -- at every ``update_interval`` steps: ``step``, ``loss`` (mean training
   loss of the interval, or null), ``flops`` ({sparse, dense} cumulative), ``updated``
   (a mask update ran; it may change no block, e.g. when the schedule holds), ``schedule`` (the schedule's event; ``"hold:nonfinite-scores"`` for
@@ -42,6 +45,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from agpe_compile.layout import bucket_for
+
+# 2: a Sparsifier restored with load_state_dict writes a "load" record, so a "start" with
+# no "load" after it is a fresh run (Note [Runs appended to one audit file] in report.py).
+AUDIT_VERSION = 2
 
 
 class AuditLog:

@@ -82,7 +82,10 @@ def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_
     if no_growth is not None and any(no_growth):
         sizes = [r * c for r, c in grids]
         room = [max(n, min(s, math.floor(round(cap * s, 6)))) for n, s in zip(counts, sizes)]
-        return without_growth(counts, current, [a if held else r for a, r, held in zip(current, room, no_growth)])
+        most = [a if held else r for a, r, held in zip(current, room, no_growth)]
+        if sum(most) < sum(counts):  # caps rounded down on tiny layers: the plan raised them too (_fit_caps)
+            most = [a if held else max(n, s) for a, n, s, held in zip(current, counts, sizes, no_growth)]
+        return without_growth(counts, current, most)
     return counts
 
 

@@ -46,7 +46,7 @@ from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
 from . import checkpoint, rank_checkpoint
 from .adaptive_schedule import Feedback
-from .audit import AuditLog, layer_records
+from .audit import AUDIT_VERSION, AuditLog, layer_records
 from .config import AGPEConfig
 from .drop_grow import DropGrow, drop_and_grow
 from .flops import FlopAccountant, FlopReport
@@ -248,7 +248,8 @@ class Sparsifier:
 
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
-        self.audit.write({"event": "start", "step": 0, "config": config.to_dict(), "layers": {
+        self.audit.write({"event": "start", "step": 0, "audit_version": AUDIT_VERSION, "config": config.to_dict(),
+                          "layers": {
             n: {"shape": list(s.weight_shape), "block_size": s.block_size, "grid": list(s.grid)}
             for n, s in self.layers.items()}})
 
@@ -332,6 +333,8 @@ class Sparsifier:
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (any supported format version), masks in place."""
         checkpoint.load(self, state)
+        # the audit log goes on from here: the report drops what the log holds past this step
+        self.audit.write({"event": "load", "step": self.step_count})
 
     def rank_state_dict(self) -> dict:
         """This data-parallel rank's own state (its interval sums and counters, which differ
@@ -867,9 +870,9 @@ class Sparsifier:
             # a weight fed as W * M to a fused op (masked_weight) never counts rows: only its
             # scores tell, and an exactly zero gradient scores zero too
             never = [n for n in missed if int(snap.counters[n][0]) == 0]
-            uncounted = (f" ({', '.join(never[:5])}: {'its' if len(never) == 1 else 'their'} rows are never counted "
-                         f"(a weight handed to a fused op as W * M, masked_weight in explain), so an exactly zero "
-                         f"gradient looks the same)" if never else "")
+            uncounted = (f" ({', '.join(never[:5])}: no rows counted so far; for a weight handed to a fused op as "
+                         f"W * M (masked_weight in explain), whose rows are never counted, an exactly zero gradient "
+                         f"looks the same)" if never else "")
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass through the compiled model reached %s since "
                 "the last interval (the other layers were reached), so %s without gradient information. "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from agpe_compile import report
 from agpe_compile.controller import AGPEConfig, AuditLog, read_records
 
-from .helpers import batches, make_run
+from .helpers import batches, make_run, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -198,7 +198,10 @@ def test_a_record_cut_short_by_a_killed_run_is_skipped_and_the_next_run_starts_a
         records = read_records(str(path))
     assert len(records) == whole.count("\n") - 1
     assert f"{path}: line {whole.count(chr(10))} is a record cut short" in caplog.text
-    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    assert caplog.text.count("is a record cut short") == 1  # the plots reuse the records read (it said it twice)
     AuditLog(str(path)).write({"event": "start", "step": 0})  # a new run appends to the same file
     AuditLog(str(path)).write({"event": "interval", "step": 5})
     caplog.clear()
@@ -221,3 +224,29 @@ def test_tensorboard_is_skipped_cleanly_without_it(agpe_run, tmp_path, monkeypat
         written = report.render([agpe_run[0]], str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
     assert "TensorBoard logging skipped" in caplog.text
     assert len(written) == 2 and not (tmp_path / "tb").exists()
+
+
+def test_report_tells_a_fresh_run_from_a_resume_by_the_start_and_load_records():
+    # a second, fresh run with a longer interval (8, 16 after 2, 4, 6) was merged into the first
+    start = {"event": "start", "step": 0, "audit_version": 2}
+    fresh = [start] + [_interval(s) for s in (2, 4, 6)] + [start] + [_interval(s) for s in (8, 16)]
+    assert [r["step"] for r in report._intervals(fresh)] == [8, 16] and report.superseded(fresh) == 3
+    resumed = ([start] + [_interval(s) for s in range(5, 55, 5)] + [start, {"event": "load", "step": 30}]
+               + [_interval(s) for s in range(35, 65, 5)])
+    assert [r["step"] for r in report._intervals(resumed)] == list(range(5, 65, 5))
+    seamless = [start] + [_interval(s) for s in (5, 10)] + [start, {"event": "load", "step": 10}, _interval(15)]
+    assert [r["step"] for r in report._intervals(seamless)] == [5, 10, 15]
+
+
+def test_a_restored_sparsifier_writes_a_load_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=8, audit_path=str(path))
+    _, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(4))
+    state = sp.state_dict()
+    sp.close()
+    _, _, again, _, _ = make_run(config)
+    again.load_state_dict(state)
+    records = read_records(str(path))
+    assert [r["event"] for r in records if r["event"] in ("start", "load")] == ["start", "start", "load"]
+    assert records[-1] == {"event": "load", "step": 4} and records[0]["audit_version"] == 2

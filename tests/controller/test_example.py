@@ -24,6 +24,7 @@ def test_missing_dataset_names_the_apt_command(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "cannot read the Fashion-MNIST file"),  # a raw EOFError traceback before
     ("swap", "expected N 28x28 images and N labels"),  # 10,000 test labels for 60,000 images trained silently
+    ("corrupt", "cannot read the Fashion-MNIST file"),  # a damaged deflate stream: a raw zlib.error
 ])
 def test_damaged_data_files_are_named(tmp_path, damage, message):
     import shutil
@@ -33,9 +34,13 @@ def test_damaged_data_files_are_named(tmp_path, damage, message):
     for name in os.listdir(DATA):
         shutil.copy(os.path.join(DATA, name), data / name)
     labels = sorted(p for p in data.iterdir() if p.name.startswith("train-labels"))[0]
+    images = sorted(p for p in data.iterdir() if p.name.startswith("train-images"))[0]
     if damage == "truncate":
-        images = sorted(p for p in data.iterdir() if p.name.startswith("train-images"))[0]
         images.write_bytes(images.read_bytes()[:5000])
+    elif damage == "corrupt":
+        raw = bytearray(images.read_bytes())
+        raw[1000:1400] = bytes(400)  # a zlib.error ("invalid distance too far back"), no OSError
+        images.write_bytes(bytes(raw))
     else:
         test_labels = sorted(p for p in data.iterdir() if p.name.startswith("t10k-labels"))[0]
         shutil.copy(test_labels, labels)

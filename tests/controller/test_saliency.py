@@ -144,6 +144,13 @@ def test_a_layer_without_regrowth_scores_passes_its_share_to_the_others():
     assert plan_counts(*args) == [2, 6]  # the budget moves towards the second layer's scores
     assert plan_counts(*args, no_growth=[False, True]) == [4, 4]  # it has no scores to regrow by
     assert plan_counts(*args, no_growth=[True, False]) == [2, 6]
+    # tiny layers under max_layer_density: the plan raises their rounded-down caps to hold the
+    # budget, and the layers that take a blind layer's share may go there too (20 of 21 before)
+    from agpe_compile.layout import DEFAULT_BUCKETS
+
+    tiny = ([2, 3, 3, 2, 2, 2, 2, 2, 2, 2], [(1, 3)] * 10, [16] * 10, 0.7, True, "erk", [50.0] + [1.0] * 9, 0.5,
+            DEFAULT_BUCKETS, 0.75)
+    assert sum(plan_counts(*tiny)) == sum(plan_counts(*tiny, no_growth=[True] + [False] * 9)) == 21
 
 
 def test_an_overflow_before_the_update_step_does_not_hold_rigl(caplog):
