@@ -311,7 +311,8 @@ class AgpeBackend:
         if self.zero_code_options is None or result.states:  # else "nothing prunable" above said it
             _warn_misfit_block_size([d for d in decisions if not (d.weight in position and getattr(
                 example_inputs[position[d.weight]], DENSE_SAID_ATTR, False))], self.for_explain)
-        _warn_other_contractions(decisions, self.for_explain)
+        _warn_other_contractions([d for d in decisions if not (d.weight in position and not getattr(
+            example_inputs[position[d.weight]], "requires_grad", True))], self.for_explain)  # frozen: nothing to prune
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
         return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
@@ -530,8 +531,10 @@ def _warn_undriven(states: Sequence[LayerState]) -> None:
     a Sparsifier created before compiling cannot see), and they would train dense with every
     block live, outside the global density, without a word (audit AI: a Mixtral router)."""
     driven = [s for s in states if s.sparsifier_ref is not None and s.sparsifier_ref() is not None]
+    left_out = set().union(*(getattr(s.sparsifier_ref(), "frozen_at_creation", ()) for s in driven))
     undriven = [s for s in states if (s.sparsifier_ref is None or s.sparsifier_ref() is None)
-                and s.weight is not None and s.weight.requires_grad]  # frozen: left out on purpose
+                and s.weight is not None and s.weight.requires_grad  # frozen: left out on purpose
+                and s.name not in left_out]  # frozen at creation, trains now: the Sparsifier says so
     if not driven or not undriven or not _first_time(("undriven", tuple(s.name for s in undriven))):
         return
     names = ", ".join(s.name for s in undriven[:5]) + (f" and {len(undriven) - 5} more" if len(undriven) > 5 else "")

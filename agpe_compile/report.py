@@ -46,21 +46,24 @@ def _intervals(records: List[dict]) -> List[dict]:
     """The interval records of the run's last timeline (Note [Runs appended to one audit file])."""
     kept: List[dict] = []
     fresh = False  # a versioned "start" whose run has not said it resumed (no "load" yet)
+    resumed_at = None  # a "load" whose run has written no interval yet
     for r in records:
         event = r.get("event")
         if event == "start":
-            fresh = bool(r.get("audit_version"))
+            fresh, resumed_at = bool(r.get("audit_version")), None
             continue
         if event == "load":
             fresh = False
             at = r.get("step")
-            if isinstance(at, (int, float)):
-                kept = [k for k in kept if not isinstance(k.get("step"), (int, float)) or k["step"] <= at]
+            resumed_at = at if isinstance(at, (int, float)) else None
             continue
         if event != "interval":
             continue
         if fresh:  # a new run from step 0: the earlier ones are superseded
             kept, fresh = [], False
+        if resumed_at is not None:  # the resumed run goes on: what the log holds past its checkpoint goes
+            kept = [k for k in kept if not isinstance(k.get("step"), (int, float)) or k["step"] <= resumed_at]
+            resumed_at = None
         step = r.get("step")
         while kept and step is not None and kept[-1].get("step") is not None and kept[-1]["step"] >= step:
             kept.pop()
@@ -76,9 +79,11 @@ def _intervals(records: List[dict]) -> List[dict]:
 # Summed as they stand, they counted 16 updates for a run of 12, and the plots drew a line
 # back to the start. So the report follows the last timeline: a Sparsifier writes a
 # "start" record (with ``audit_version``) when it is created and a "load" record when
-# ``load_state_dict`` restores it; a "load" at step s drops the records past s (the resumed
-# run keeps what came before its checkpoint), and a versioned "start" followed by an
-# interval with no "load" before it is a fresh run, which replaces everything before it.
+# ``load_state_dict`` restores it; a "load" at step s followed by intervals drops the records
+# past s (the resumed run keeps what came before its checkpoint; a load with no interval
+# after it, such as AGPETrainer's reload of the best checkpoint at the end, drops nothing),
+# and a versioned "start" followed by an interval with no "load" before it is a fresh run,
+# which replaces everything before it.
 # Files written before those records existed fall back to the steps: an interval record at
 # a step at or before the previous one's starts a new timeline there. The report says how
 # many records were superseded.
@@ -322,13 +327,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         replaced = superseded(records)
         if replaced:
             restarts = sum(1 for r in records if r.get("event") == "start")
-            print(f"{path}: {replaced} interval record(s) were written again by a later run or a resume from a "
-                  f"checkpoint ({restarts} 'start' records in the file): the summary and plots follow the last "
-                  f"one", file=sys.stderr)
+            print(f"{path}: {replaced} interval record(s) are superseded by a later run or a resume from a "
+                  f"checkpoint in the same file ({restarts} 'start' records): the summary and plots follow the "
+                  f"last timeline", file=sys.stderr)
         starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
-        if len(starts) > 1 and not any(r.get("event") == "interval" for r in records[starts[-1]:]):
-            print(f"{path}: the last run in the file (its 'start' record is the {len(starts)}th) wrote no interval "
-                  f"record yet: the summary and plots are of the run before it", file=sys.stderr)
+        if len(starts) > 1 and not any(r.get("event") in ("interval", "load") for r in records[starts[-1]:]):
+            print(f"{path}: the last of the file's {len(starts)} runs wrote no interval record yet: the summary and "
+                  f"plots are of the runs before it", file=sys.stderr)
         summaries.append(summarize(records))
         read.append(records)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "report")

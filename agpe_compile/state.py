@@ -787,13 +787,23 @@ def _mark_other_weight(module: nn.Module, name: str, param_name: str, param: nn.
     leave dense: marked, so the backend, which finds it only in the graph, leaves it dense too
     and does not warn about it (a Mixtral router excluded with ``*.mlp.gate`` was called a
     misfit of the block size); unmarked when a later prepare's patterns take it in."""
-    if nn.parameter.is_lazy(param) or param.dim() != 2:
+    if nn.parameter.is_lazy(param) or param.dim() < 2:
         return
     reason = pattern_reason(name, config)
     if reason is not None:
         _mark_left_out(module, param_name, param, reason)
     else:
         _unmark_left_out(module, param_name, param)
+
+
+def clear_prepare_marks(model: nn.Module) -> None:
+    """Drop the exclusions ``prepare``'s patterns marked (``Sparsifier.close``): a later
+    compile or Sparsifier follows its own options. Ties found in a graph stay."""
+    for module in model.modules():
+        for param_name, record in list(module.__dict__.get(EXCLUSIONS_ATTR, {}).items()):
+            weight = getattr(module, param_name, None)
+            if isinstance(weight, nn.Parameter) and str(getattr(weight, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
+                clear_excluded(module, param_name, weight)
 
 
 def _mark_left_out(module: nn.Module, param_name: str, param: nn.Parameter, reason: str) -> None:
@@ -811,15 +821,15 @@ def _unmark_left_out(module: nn.Module, param_name: str, param: nn.Parameter) ->
 
 
 def _candidate_names(model: nn.Module) -> List[str]:
-    """Names a pattern can mean: the linear layers prepare knows, and every other 2-D
-    parameter, which the backend rewrites where a graph uses it as a linear weight
-    (``F.linear(x, self.proj_w)``)."""
+    """Names a pattern can mean: the linear layers prepare knows, and every other parameter
+    of 2 or more dims: the backend rewrites a 2-D one where a graph uses it as a linear weight
+    (``F.linear(x, self.proj_w)``) and names the others a graph contracts (3-D experts)."""
     names = [layer_name(m, p) for m, _, p, _ in _linear_weights(model)]
     for path, param in model.named_parameters():
         module_path, _, param_name = path.rpartition(".")
         name = layer_name(module_path, param_name)
-        if not nn.parameter.is_lazy(param) and param.dim() == 2 and name not in names:
-            names.append(name)
+        if not nn.parameter.is_lazy(param) and param.dim() >= 2 and name not in names:  # 3-D: experts an
+            names.append(name)  # exclude may name to silence the compile's "not rewritten" warning
     return names
 
 
@@ -835,7 +845,7 @@ def _warn_unmatched_patterns(config: BackendConfig, names: List[str]) -> None:
     _UNMATCHED_SAID.add(key)
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     log.warning("agpe.prepare: include/exclude pattern(s) %s match no layer of this model that agpe could rewrite "
-                "(linear layers and 2-D weights: %s); patterns are fnmatch patterns on these names",
+                "(linear layers and other weights of 2 or more dims: %s); patterns are fnmatch patterns on these names",
                 list(unmatched), shown)
 
 

@@ -493,7 +493,7 @@ def main(argv=None) -> None:
     if args.schedule_steps > 0:
         try:
             results.update(schedule_compilations(args.schedule_steps, _log))
-        except BaseException as error:  # keep the timings measured before it
+        except (Exception, KeyboardInterrupt) as error:  # keep the timings (SIGTERM's exit writes its own)
             if args.out:
                 PARTIAL["results"] = dict(results, schedule_error=repr(error))
                 _write_partial(args.out, "the schedule simulation failed (below)", stop=False)

@@ -555,6 +555,7 @@ def main(argv: List[str] = None) -> None:
               f"check; its accuracies say nothing about the methods)")
     print(f"wrote {write_results(args, {**kept, **results})}")
     logs = [os.path.join(args.out, f"{m}.jsonl") for m in {**kept, **results} if m != "plain"]
+    logs = [p for p in logs if os.path.exists(p)]  # a kept method's log deleted since: its curve only
     for path in (render(logs, args.out) if logs else []):  # the kept methods' curves too; none: no plot
         print(f"wrote {path}")
 

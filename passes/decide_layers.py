@@ -159,7 +159,7 @@ def decide_layers(
             continue
         seen.add(use.weight)
         decisions.append(LayerDecision(_layer_name(use.weight), use.weight, [], tuple(example.shape),
-                                       None, use.reason))
+                                       None, getattr(example, EXCLUDED_ATTR, None) or use.reason))
     return decisions
 
 

@@ -81,10 +81,17 @@ def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_
         return without_growth(counts, current)
     if no_growth is not None and any(no_growth):
         sizes = [r * c for r, c in grids]
-        room = [max(n, min(s, math.floor(round(cap * s, 6)))) for n, s in zip(counts, sizes)]
-        most = [a if held else r for a, r, held in zip(current, room, no_growth)]
-        if sum(most) < sum(counts):  # caps rounded down on tiny layers: the plan raised them too (_fit_caps)
-            most = [a if held else max(n, s) for a, n, s, held in zip(current, counts, sizes, no_growth)]
+        raw = [max(1, min(math.floor(round(cap * s, 6)), s)) for s in sizes]
+        most = [a if held else max(n, r) for a, n, r, held in zip(current, counts, raw, no_growth)]
+        # the plan raises caps rounded down on tiny layers by the blocks they lack (_fit_caps):
+        # as many here, on the layers that can grow; max_layer_density holds otherwise
+        extra = max(0, sum(counts) - sum(raw))
+        while extra > 0:
+            free = [i for i, held in enumerate(no_growth) if not held and most[i] < sizes[i]]
+            if not free:
+                break
+            i = max(free, key=lambda j: (sizes[j] - most[j], -j))
+            most[i], extra = most[i] + 1, extra - 1
         return without_growth(counts, current, most)
     return counts
 

@@ -40,7 +40,7 @@ from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import LayerState, layer_states, prepare
+from agpe_compile.state import LayerState, clear_prepare_marks, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -134,6 +134,7 @@ class Sparsifier:
                           "the Sparsifier", stacklevel=2)
         self._setup(list(states.values()), optimizer, config, recompile_counter)
         self._left_out_frozen = left_out  # Note [Frozen layers]: said again if one trains later
+        self.frozen_at_creation = frozenset(frozen)  # the backend does not call them undriven
         if optimizer is None and self.layers:
             warnings.warn(
                 "agpe: Sparsifier without an optimizer: pruned weights are zeroed only at mask updates and the "
@@ -299,6 +300,8 @@ class Sparsifier:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if getattr(self, "model", None) is not None:  # its patterns' marks: later compiles follow their own options
+            clear_prepare_marks(self.model)
         for state in self.layers.values():
             if state.sparsifier_ref is not None and state.sparsifier_ref() is self:
                 state.sparsifier_ref = None

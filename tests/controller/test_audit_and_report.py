@@ -144,7 +144,7 @@ def test_report_follows_the_last_timeline_of_a_resumed_or_rerun_log(tmp_path, ca
     path.write_text("".join(json.dumps(r) + "\n" for r in resumed))
     assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
-    assert "4 interval record(s) were written again by a later run or a resume" in captured.err
+    assert "4 interval record(s) are superseded by a later run or a resume" in captured.err
     assert "rs: 12 mask updates, 24 blocks dropped" in captured.out
 
 
@@ -236,6 +236,9 @@ def test_report_tells_a_fresh_run_from_a_resume_by_the_start_and_load_records():
     assert [r["step"] for r in report._intervals(resumed)] == list(range(5, 65, 5))
     seamless = [start] + [_interval(s) for s in (5, 10)] + [start, {"event": "load", "step": 10}, _interval(15)]
     assert [r["step"] for r in report._intervals(seamless)] == [5, 10, 15]
+    # AGPETrainer's load_best_model_at_end reloads step 2's state after the run: nothing is superseded
+    best = [start] + [_interval(s) for s in (2, 4, 6, 8)] + [{"event": "load", "step": 2}]
+    assert [r["step"] for r in report._intervals(best)] == [2, 4, 6, 8] and report.superseded(best) == 0
 
 
 def test_a_restored_sparsifier_writes_a_load_record(tmp_path):

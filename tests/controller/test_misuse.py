@@ -89,6 +89,7 @@ def test_frozen_layers_keep_their_masks(caplog):
         train(cmodel, opt, sp, batches(4))
     said = [r.getMessage() for r in caplog.records if "frozen when the Sparsifier was created" in r.getMessage()]
     assert len(said) == 1 and "fc1, frozen when the Sparsifier was created and left out then, trains now" in said[0]
+    assert not any("does not drive" in r.getMessage() for r in caplog.records)  # the recompile contradicted it
     assert "create the Sparsifier after unfreezing" in said[0]
 
 
@@ -535,3 +536,55 @@ def test_a_layer_an_earlier_compile_found_stays_dense_when_the_sparsifier_exclud
         report = str(agpe_compile.explain(model, torch.randn(2, 16)))
     assert "no: excluded by pattern '2'" in report
     assert not any("does not drive" in r.getMessage() for r in caplog.records)
+
+
+def test_a_closed_sparsifier_leaves_no_exclusion_behind():
+    # its patterns' marks outlived it: a later zero-code compile without exclude left the layer dense
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    with torch.no_grad():
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 4}))(
+            torch.randn(2, 16))
+    sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    AGPEConfig(target_sparsity=0.5, block_size=4, update_interval=2, end_step=4, exclude=["2"]))
+    assert "excluded by pattern '2'" in str(agpe_compile.explain(model, torch.randn(2, 16)))
+    sp.close()
+    torch._dynamo.reset()
+    records = agpe_compile.explain(model, torch.randn(2, 16), options={"block_size": 4}).layers
+    assert [(r.name, r.rewritten) for r in records] == [("0", True), ("2", True)]
+
+
+def test_excluded_or_frozen_weights_in_other_contractions_are_not_said_to_be_prunable(caplog):
+    # "write them as x @ W.T to prune them" for weights the user excluded or froze; a 3-D
+    # experts weight could not even be excluded (the pattern "matched no layer")
+    import agpe_compile
+    from agpe_compile.controller import Sparsifier
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+            self.w = torch.nn.Parameter(torch.randn(16, 16))
+            self.experts = torch.nn.Parameter(torch.randn(2, 16, 16))
+            self.frozen = torch.nn.Parameter(torch.randn(16, 16), requires_grad=False)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return (torch.einsum("bi,oi->bo", h, self.w) + torch.einsum("bi,eoi->bo", h, self.experts)
+                    + torch.einsum("bi,oi->bo", h, self.frozen))
+
+    torch._dynamo.reset()
+    model = M()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = Sparsifier(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                        AGPEConfig(target_sparsity=0.5, block_size=4, update_interval=2, end_step=4,
+                                   exclude=["w", "experts"]))
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(torch.randn(2, 16))
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("match no layer" in m or "agpe does not rewrite" in m for m in messages), messages
+    reasons = {r.name: r.reason for r in agpe_compile.explain(model, torch.randn(2, 16)).layers}
+    assert reasons["w"].startswith("excluded by pattern 'w'") and reasons["experts"].startswith("excluded by pattern")
+    sp.close()

@@ -151,6 +151,10 @@ def test_a_layer_without_regrowth_scores_passes_its_share_to_the_others():
     tiny = ([2, 3, 3, 2, 2, 2, 2, 2, 2, 2], [(1, 3)] * 10, [16] * 10, 0.7, True, "erk", [50.0] + [1.0] * 9, 0.5,
             DEFAULT_BUCKETS, 0.75)
     assert sum(plan_counts(*tiny)) == sum(plan_counts(*tiny, no_growth=[True] + [False] * 9)) == 21
+    # ... but max_layer_density holds for layers it does not round down (re-audit AK: 100 of 100 at cap 0.8)
+    capped = ([10, 75, 75], [(10, 10)] * 3, [16] * 3, 0.8, True, "uniform", [50.0, 1.0, 1.0], 0.5,
+              DEFAULT_BUCKETS, 0.8)
+    assert plan_counts(*capped, no_growth=[True, False, False]) == [10, 80, 80]
 
 
 def test_an_overflow_before_the_update_step_does_not_hold_rigl(caplog):
