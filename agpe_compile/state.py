@@ -796,16 +796,6 @@ def _mark_other_weight(module: nn.Module, name: str, param_name: str, param: nn.
         _unmark_left_out(module, param_name, param)
 
 
-def clear_prepare_marks(model: nn.Module) -> None:
-    """Drop the exclusions ``prepare``'s patterns marked (``Sparsifier.close``): a later
-    compile or Sparsifier follows its own options. Ties found in a graph stay."""
-    for module in model.modules():
-        for param_name, record in list(module.__dict__.get(EXCLUSIONS_ATTR, {}).items()):
-            weight = getattr(module, param_name, None)
-            if isinstance(weight, nn.Parameter) and str(getattr(weight, EXCLUDED_ATTR, "")).endswith("(at prepare)"):
-                clear_excluded(module, param_name, weight)
-
-
 def _mark_left_out(module: nn.Module, param_name: str, param: nn.Parameter, reason: str) -> None:
     """The patterns leave ``param`` out: marked for the backend (a state from an earlier
     compile or explain stays on the weight, undriven; the mark keeps later compiles from

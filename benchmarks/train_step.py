@@ -430,6 +430,7 @@ def check_args(parser: argparse.ArgumentParser, args, device: torch.device):
 
 
 def main(argv=None) -> None:
+    PARTIAL.clear()  # a second main() in one process starts with nothing measured
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny CPU-sized stack (default without CUDA)")
     parser.add_argument("--warmup", type=int, default=None)

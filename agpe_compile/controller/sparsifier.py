@@ -40,7 +40,7 @@ from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import LayerState, clear_prepare_marks, layer_states, prepare
+from agpe_compile.state import LayerState, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -300,8 +300,6 @@ class Sparsifier:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if getattr(self, "model", None) is not None:  # its patterns' marks: later compiles follow their own options
-            clear_prepare_marks(self.model)
         for state in self.layers.values():
             if state.sparsifier_ref is not None and state.sparsifier_ref() is self:
                 state.sparsifier_ref = None
