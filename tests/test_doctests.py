@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import os
 import pkgutil
 
 import pytest
@@ -36,7 +37,10 @@ def _docstrings():
     found = {}
     finder = doctest.DocTestFinder(exclude_empty=True)
     for package in (agpe_compile, passes):
-        names = [package.__name__] + [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+        # the package's own folder only: run from a checkout (PYTHONPATH), agpe_compile's path also
+        # holds the repository root (for passes/), whose folders are no agpe_compile modules
+        folder = [os.path.dirname(package.__file__)]
+        names = [package.__name__] + [m.name for m in pkgutil.walk_packages(folder, package.__name__ + ".")]
         for name in names:
             module = importlib.import_module(name)
             for test in finder.find(module, name):
