@@ -9,7 +9,8 @@ error unless --replace (then the later file wins, and the replacement is listed)
 sample standard deviation (n-1) of every figure of the example's table (a figure missing
 from some seeds is averaged over those that have it, marked "(n=k)"), the per-seed gaps
 AGPE − dense and AGPE − RigL (and −SET), and whether the mean meets the targets "AGPE within
-0.5 points of dense" and "AGPE at or above RigL and SET". A file with a "source" field (a
+0.5 points of dense" and "AGPE at or above RigL and SET". Wall-clock is averaged only over
+files with the same torch version and thread count (else the cell says "not averaged"). A file with a "source" field (a
 result transcribed by hand, not written by the example) is marked in the output.
 """
 
@@ -35,6 +36,10 @@ METRICS = (
 )
 # Settings that must agree for runs to be averaged together.
 COMPARED = ("example", "mode", "epochs", "settings")
+# What a wall-clock figure depends on besides the settings: wall-clock is averaged only over
+# files that agree on these (accuracies and FLOPs do not depend on them).
+TIMING = ("torch", "threads")
+_TIMING_KEY = "_timing"  # added to each method's figures by load_runs: the file's TIMING values
 
 Runs = Dict[int, Dict[str, dict]]  # seed -> method -> the example's per-method figures
 
@@ -61,7 +66,9 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
     ``settings`` that only one file has are not compared: older files lack newer keys)
     and, with ``replace``, every method a later file replaced (without it a method present
     twice for one seed is an error). Files evaluated on different sets (test vs the
-    validation split) are never mixed: that raises. Raises ``ValueError`` (naming the file)
+    validation split) are never mixed: that raises. Files that differ in torch version or
+    thread count are averaged for every figure but wall-clock (warned; the report says
+    so). Raises ``ValueError`` (naming the file)
     for a file that is not a results.json, ``OSError`` for one that cannot be read."""
     runs: Runs = {}
     sources: Dict[int, List[str]] = {}
@@ -69,6 +76,8 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
     reference: Optional[Tuple[str, dict]] = None
     origin: Dict[Tuple[int, str], str] = {}
     eval_set: Optional[Tuple[str, str]] = None
+    reference_timing: Optional[Tuple[str, tuple]] = None
+    timing_warned = False
     for path in paths:
         path = _results_path(path)
         with open(path) as f:
@@ -93,6 +102,13 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
                                if _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k]))
             if differing:
                 warnings.append(f"{path} differs from {reference[0]} in {', '.join(differing)}")
+        timing = tuple(str(data.get(key, "unknown")) for key in TIMING)
+        if reference_timing is None:
+            reference_timing = (path, timing)
+        elif timing != reference_timing[1] and not timing_warned:
+            timing_warned = True
+            warnings.append(f"{path} has {_describe_timing(timing)}, {reference_timing[0]} "
+                            f"{_describe_timing(reference_timing[1])}: wall-clock is not averaged where they mix")
         if data.get("source"):
             sources.setdefault(seed, []).append(str(data["source"]))
         per_seed = runs.setdefault(seed, {})
@@ -103,9 +119,21 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
                                      f"(--replace lets later files replace it)")
                 warnings.append(f"{path}: method {method!r} of seed {seed} replaces the one from "
                                 f"{origin[(seed, method)]}")
-            per_seed[method] = figures
+            per_seed[method] = {**figures, _TIMING_KEY: timing}
             origin[(seed, method)] = path
     return runs, sources, warnings
+
+
+def _describe_timing(timing: tuple) -> str:
+    return ", ".join(f"{key} {value}" for key, value in zip(TIMING, timing))
+
+
+def mixed_timing(runs: Runs, method: str) -> List[tuple]:
+    """The distinct (torch, threads) of the files ``method``'s figures came from, when
+    there are several (then its wall-clock is not averaged); else []."""
+    found = sorted({runs[s][method].get(_TIMING_KEY) for s in runs if method in runs[s]}, key=str)
+    found = [t for t in found if t is not None]
+    return found if len(found) > 1 else []
 
 
 def _comparable(value, other=None):
@@ -192,10 +220,16 @@ def report(runs: Runs, sources: Optional[Dict[int, List[str]]] = None, eval_set:
     out.append("| method | seeds | " + " | ".join(titles[key] for key, _, _ in METRICS) + " |")
     out.append("|---" * (len(METRICS) + 2) + "|")
     stats = {key: summarize(runs, key) for key, _, _ in METRICS}
+    unaveraged = {m: mixed_timing(runs, m) for m in methods}
     for m in methods:
-        cells = [_pm(*stats[key][m][:2], fmt) + ("" if stats[key][m][2] in (0, acc[m][2]) else f" (n={stats[key][m][2]})")
+        cells = ["not averaged†" if key == "seconds" and unaveraged[m] else
+                 _pm(*stats[key][m][:2], fmt) + ("" if stats[key][m][2] in (0, acc[m][2]) else f" (n={stats[key][m][2]})")
                  for key, _, fmt in METRICS]
         out.append(f"| {m} | {acc[m][2]} | " + " | ".join(cells) + " |")
+    mixed = {m: t for m, t in unaveraged.items() if t}
+    if mixed:
+        out += ["", "† wall-clock of runs with different torch versions or thread counts is not averaged: "
+                + "; ".join(f"{m}: " + " / ".join(_describe_timing(t) for t in found) for m, found in mixed.items())]
     pairs = [(a, b) for a, b in (("agpe", "dense"), ("agpe", "rigl"), ("agpe", "set")) if a in methods and b in methods]
     if pairs:
         out += ["", "### Per-seed accuracy gaps (points)", ""]

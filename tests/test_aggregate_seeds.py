@@ -167,3 +167,24 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: {a / 'results.json'}: method 'dense' of seed 0 is already in another file "
                              f"(--replace lets later files replace it)\n")
+
+
+def test_wall_clock_is_not_averaged_across_torch_versions_or_thread_counts(tmp_path):
+    # Accuracy and FLOPs average over any machine; wall-clock only over files with the same
+    # torch version and thread count (a 2-thread and a 1-thread run differ by up to 2x).
+    paths = [write(tmp_path / "s0", 0, ["dense", "agpe"], torch="2.13.0+cpu", threads=1),
+             write(tmp_path / "s1", 1, ["dense", "agpe"], torch="2.13.0+cpu", threads=2),
+             write(tmp_path / "s2", 2, ["dense"], torch="2.13.0+cpu", threads=1)]
+    runs, _, warnings = agg.load_runs([str(p) for p in paths])
+    assert len(warnings) == 1 and "threads 2" in warnings[0] and "wall-clock is not averaged" in warnings[0]
+    assert agg.mixed_timing(runs, "agpe") == [("2.13.0+cpu", "1"), ("2.13.0+cpu", "2")]
+    text = agg.report(runs)
+    mean_table = text.split("### Mean")[1].split("###")[0]
+    agpe_row = next(line for line in mean_table.splitlines() if line.startswith("| agpe |"))
+    assert "not averaged†" in agpe_row and "90.05" in agpe_row  # accuracy still averaged
+    assert "† wall-clock of runs with different torch versions" in text and "threads 2" in text
+    # The same files with one environment average wall-clock as before.
+    same = [write(tmp_path / f"t{s}", s, ["dense", "agpe"], torch="2.13.0+cpu", threads=1) for s in (0, 1)]
+    runs, _, warnings = agg.load_runs([str(p) for p in same])
+    assert warnings == [] and agg.mixed_timing(runs, "agpe") == []
+    assert "not averaged" not in agg.report(runs) and "300 ± 1" in agg.report(runs)
