@@ -674,6 +674,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     prepared: Dict[str, LayerState] = {}
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
     named = _unwrapped(model)  # layer names: paths in the model torch.compile wrapped, if it did
+    conflicts = _shared_pattern_conflicts(named, config)
     for module_name, module, param_name, weight in _linear_weights(named):
         name = layer_name(module_name, param_name)
         if hasattr(weight, STRIPPED_ATTR):
@@ -688,7 +689,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 f"prepare before torch.compile")
         if state is not None:
             _take_path_name(state, name)
-            excluded = pattern_reason(name, config)
+            excluded = conflicts.get(id(weight)) or pattern_reason(name, config)
             if excluded is not None:  # a state from an earlier compile or explain: not ours to manage
                 log.info("agpe.prepare: %s stays out: %s", name, excluded)
                 _mark_left_out(module, param_name, weight, excluded)  # later compiles leave it dense too
@@ -703,9 +704,12 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         reason = skip_reason(name, weight, config, block_size)
         if reason is None and id(weight) in tied:  # named: explain lists it under the embedding's name
             reason = f"weight tied/shared with an embedding, as the weight of linear {name!r}"
+        if id(weight) in conflicts and (reason is None or pattern_reason(name, config) is not None):
+            reason = conflicts[id(weight)]  # one reason under every name: it is the weight's mark
         if reason is not None:
             log.info("agpe.prepare: %s stays dense: %s", name, reason)
-            if pattern_reason(name, config) is not None or id(weight) in tied:  # the backend leaves it dense too
+            if (pattern_reason(name, config) is not None or id(weight) in tied  # the backend leaves it dense too
+                    or id(weight) in conflicts):
                 mark_excluded(module, param_name, weight, f"{reason} (at prepare)")
             else:
                 unexpected.append(f"{name} ({reason})")
@@ -728,7 +732,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             _take_path_name(state, layer_name(module_name, param_name))
             if state.name in prepared:
                 continue
-            excluded = pattern_reason(state.name, config)
+            excluded = conflicts.get(id(param)) or pattern_reason(state.name, config)
             if excluded is not None:
                 _mark_left_out(module, param_name, param, excluded)
                 continue
@@ -779,6 +783,30 @@ def _one_call_path(model: nn.Module, prepared: Mapping[str, "LayerState"]) -> No
 
 
 _UNMATCHED_SAID: set = set()
+
+
+def _shared_pattern_conflicts(model: nn.Module, config: BackendConfig) -> Dict[int, str]:
+    """id(weight) -> why it stays dense, for each weight several linear modules share whose
+    names the include/exclude patterns split (``b.weight = a.weight`` with ``exclude=["a"]``):
+    one tensor cannot be pruned for one module and dense for the other, and pruning it would
+    prune the excluded module too, so it stays dense for both (said once as a warning)."""
+    names: Dict[int, List[str]] = {}
+    for module_name, _, param_name, weight in _linear_weights(model):
+        names.setdefault(id(weight), []).append(layer_name(module_name, param_name))
+    conflicts: Dict[int, str] = {}
+    for key, shared in names.items():
+        reasons = [(n, pattern_reason(n, config)) for n in shared]
+        left_out = [(n, r) for n, r in reasons if r is not None]
+        taken = [n for n, r in reasons if r is None]
+        if left_out and taken:
+            out_name, why = left_out[0]
+            conflicts[key] = (f"weight shared by {', '.join(shared)}, and the patterns leave {out_name} dense "
+                              f"({why}): one weight cannot be pruned for some of its modules only")
+            log.warning("agpe.prepare: %s share one weight; the include/exclude patterns leave %s dense (%s) but "
+                        "take in %s: the weight stays dense for all of them (to prune it, let the patterns "
+                        "match all its names, or none of them)", ", ".join(shared),
+                        ", ".join(n for n, _ in left_out), why, ", ".join(taken))
+    return conflicts
 
 
 def _mark_other_weight(module: nn.Module, name: str, param_name: str, param: nn.Parameter,

@@ -317,6 +317,51 @@ def test_a_weight_shared_by_two_linears_is_one_layer():
     assert sorted(agpe_compile.layer_states(model)) == ["lin1"]
 
 
+@pytest.mark.parametrize("excluded", ["a", "b"])
+@pytest.mark.parametrize("compiled_first", [False, True])
+def test_a_shared_weight_one_of_whose_names_is_excluded_stays_dense(excluded, compiled_first, caplog):
+    # b.weight = a.weight with exclude=["a"]: pruning the weight as b's would prune a too (it
+    # was, while prepare logged "a stays dense"), and exclude=["b"] was overridden the same
+    # way. The weight stays dense for both, with a warning naming the clash.
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+            self.b.weight = self.a.weight
+            self.head = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x)) + self.b(x))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Shared()
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))
+    x = torch.randn(4, 16)
+    if compiled_first:  # the compile gives the weight a state before the Sparsifier's prepare
+        cmodel(x).sum().backward()
+        model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, block_size=8, update_interval=2, end_step=2,
+                                               policy="gmp", distribution="uniform", exclude=[excluded]))
+    assert "a, b share one weight" in caplog.text and f"leave {excluded} dense" in caplog.text
+    for _ in range(2):
+        loss = cmodel(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+    assert sorted(sp.densities()) == ["head"] and sp.densities()["head"] == pytest.approx(0.5)
+    assert bool((model.a.weight != 0).all())
+    report = agpe_compile.explain(model, x)
+    (row,) = [layer for layer in report.layers if layer.name in ("a", "b")]
+    assert not row.rewritten and "weight shared by a, b" in row.reason
+
+
 def test_an_inference_mode_eval_after_a_dtype_change_or_a_rebucket_does_not_break_training():
     # PyTorch Lightning's sanity check evaluates under inference_mode before training. The
     # running sums cast back to fp32 after model.to(bf16), and layouts re-bucketed, during such
