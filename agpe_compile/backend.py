@@ -38,12 +38,12 @@ from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
 from agpe_compile.config import BackendConfig
 from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_options, make_zero_code_controller,
                                                split_options, watch_for_nothing_to_prune)
-from agpe_compile.passes.decide_layers import LayerDecision, decide_layers
+from agpe_compile.passes.decide_layers import LayerDecision, _placeholder_examples, decide_layers
 from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
-from agpe_compile.state import _TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState
+from agpe_compile.state import _TENSOR_FIELDS, COMPILED_DENSE_ATTR, DENSE_SAID_ATTR, STATE_ATTR, LayerState, state_of
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,8 @@ class AgpeBackend:
         for decision in decisions:
             if not decision.rewritten:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
+        if not self.for_explain:
+            _mark_left_dense(gm.graph, example_inputs, decisions)
         result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
             _keep_recompile_headroom(result.states, self.for_explain)
@@ -523,6 +525,45 @@ def _warn_other_contractions(decisions, for_explain: bool) -> None:
                 "%s. Write them as x @ W.T / F.linear / nn.Linear to prune them; agpe_compile.explain(model, x) "
                 "lists every layer", len(others), "; ".join(f"{d.name} ({d.reason})" for d in others[:3])
                 + (f" and {len(others) - 3} more" if len(others) > 3 else ""))
+
+
+# Note [Weights a graph left dense]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A plain nn.Linear compiled before prepare gets its state from the compile, so a later
+# Sparsifier drives the layer the graph rewrote. A weight the compile left dense does not:
+# used through a computed form (``F.linear(x, self.weight * s)`` in an nn.Linear subclass,
+# which becomes masked_weight only for a weight prepared before the compile), or left out by
+# the backend's own patterns or block size. A later prepare gives it a state, but the graph
+# compiled before keeps the raw weight: no mask in the forward, a dense gradient into pruned
+# blocks, no saliency, so the Sparsifier would prune it blind (a helper audit, twentieth
+# session). Dynamo does not recompile for it, so the compile marks such parameters
+# (COMPILED_DENSE_ATTR) and prepare warns when it takes one in, naming the fix
+# (torch._dynamo.reset(), or the Sparsifier before the first compiled call). A later graph
+# that rewrites the weight clears the mark.
+def _mark_left_dense(graph: fx.Graph, example_inputs: Sequence[Any], decisions: List[LayerDecision]) -> None:
+    examples = _placeholder_examples(graph, example_inputs)
+    for decision in decisions:
+        for node in _source_placeholders(decision.weight):
+            param = examples.get(node)
+            if not isinstance(param, torch.nn.Parameter) or param.dim() != 2:
+                continue
+            if decision.rewritten:
+                if hasattr(param, COMPILED_DENSE_ATTR) and state_of(param) is not None:
+                    delattr(param, COMPILED_DENSE_ATTR)
+            elif state_of(param) is None:
+                setattr(param, COMPILED_DENSE_ATTR, str(decision.reason))
+
+
+def _source_placeholders(node: fx.Node, depth: int = 0) -> List[fx.Node]:
+    """The placeholders ``node`` is computed from (itself if it is one)."""
+    if node.op == "placeholder":
+        return [node]
+    if depth > 16:
+        return []
+    found: List[fx.Node] = []
+    for source in node.all_input_nodes:
+        found.extend(n for n in _source_placeholders(source, depth + 1) if n not in found)
+    return found
 
 
 def _warn_undriven(states: Sequence[LayerState]) -> None:

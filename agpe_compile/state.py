@@ -65,6 +65,11 @@ EXCLUSIONS_ATTR = "_agpe_exclusions"  # on a module: param name -> _Exclusion
 # prepare() clears it. A plain bool, so a pickled model still loads without agpe.
 STRIPPED_ATTR = "_agpe_stripped"
 DENSE_SAID_ATTR = "_agpe_dense_said"  # on a weight prepare() warned it leaves dense for its shape
+# On a 2-D parameter a compiled graph used without rewriting it (a computed weight
+# ``F.linear(x, self.weight * s)``, a pattern or block size that left it out): the reason.
+# prepare() warns when it gives such a weight a state, since that graph keeps it dense and
+# unscored until Dynamo recompiles it (Note [Weights a graph left dense] in backend.py).
+COMPILED_DENSE_ATTR = "_agpe_compiled_dense"
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
@@ -613,19 +618,36 @@ def skip_reason(
     return None
 
 
+def _linear_weight_names(module: nn.Module) -> Tuple[str, ...]:
+    if isinstance(module, nn.Linear):
+        return ("weight",)
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None or nn.utils.parametrize.is_parametrized(module, "in_proj_weight"):
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")  # kdim/vdim differ from embed_dim
+    return ()
+
+
 def _linear_weights(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, nn.Parameter]]:
-    """Weights prepare() knows to be used as linear layers before any tracing."""
+    """Weights prepare() knows to be used as linear layers before any tracing. Parametrized
+    ones are left out (:func:`_parametrized_linears`): reading them would run the
+    parametrization (a spectral_norm power iteration), and one that returns its input
+    unchanged would hand over the parametrization's own parameter."""
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            yield module_name, module, "weight", module.weight
-        elif isinstance(module, nn.MultiheadAttention):
-            if module.in_proj_weight is not None:
-                yield module_name, module, "in_proj_weight", module.in_proj_weight
-            else:  # kdim/vdim differ from embed_dim: three separate projections
-                for param_name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                    weight = getattr(module, param_name, None)
-                    if weight is not None:
-                        yield module_name, module, param_name, weight
+        for param_name in _linear_weight_names(module):
+            if nn.utils.parametrize.is_parametrized(module, param_name):
+                continue
+            weight = getattr(module, param_name, None)
+            if weight is not None:
+                yield module_name, module, param_name, weight
+
+
+def _parametrized_linears(model: nn.Module) -> List[str]:
+    """Names of the linear weights computed by a torch.nn.utils.parametrize parametrization:
+    they stay dense (a mask on the parametrization's input does not describe the weight)."""
+    return [layer_name(module_name, param_name) for module_name, module in model.named_modules()
+            for param_name in _linear_weight_names(module)
+            if nn.utils.parametrize.is_parametrized(module, param_name)]
 
 
 def _refuse_meta_weights(model: nn.Module, config: BackendConfig) -> None:
@@ -675,6 +697,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     unexpected: List[str] = []  # left dense for their shape, dtype or laziness: said as a warning
     named = _unwrapped(model)  # layer names: paths in the model torch.compile wrapped, if it did
     conflicts = _shared_pattern_conflicts(named, config)
+    stale: List[str] = []  # prepared now, left dense by a graph compiled before
     for module_name, module, param_name, weight in _linear_weights(named):
         name = layer_name(module_name, param_name)
         if hasattr(weight, STRIPPED_ATTR):
@@ -721,6 +744,14 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         setattr(weight, STATE_ATTR, state)
         state.attach(module)
         prepared[name] = state
+        if hasattr(weight, COMPILED_DENSE_ATTR):
+            stale.append(f"{name} ({getattr(weight, COMPILED_DENSE_ATTR)})")
+    for name in _parametrized_linears(named):
+        reason = pattern_reason(name, config)
+        if reason is None:
+            unexpected.append(f"{name} (weight computed by a torch.nn.utils.parametrize parametrization)")
+        else:
+            log.info("agpe.prepare: %s stays dense: %s", name, reason)
     linear = {id(w) for _, _, _, w in _linear_weights(named)}
     for module_name, module in named.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -747,6 +778,12 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
                     len(unexpected), "; ".join(unexpected))
+    if stale:
+        log.warning("agpe.prepare: a graph compiled before this prepare (or Sparsifier) used %s without rewriting "
+                    "it, and keeps doing so until Dynamo recompiles it: there the mask is not applied and the layer "
+                    "gets no saliency, so a Sparsifier would prune it blind. Call torch._dynamo.reset() now (the "
+                    "next compiled call rewrites it), or create the Sparsifier before the first compiled call",
+                    "; ".join(stale))
     distributed.ignore_in_ddp(model, buffer_paths(model, prepared.values()))  # Note [Data-parallel masks]
     return prepared
 
@@ -842,7 +879,7 @@ def _candidate_names(model: nn.Module) -> List[str]:
     """Names a pattern can mean: the linear layers prepare knows, and every other parameter
     of 2 or more dims: the backend rewrites a 2-D one where a graph uses it as a linear weight
     (``F.linear(x, self.proj_w)``) and names the others a graph contracts (3-D experts)."""
-    names = [layer_name(m, p) for m, _, p, _ in _linear_weights(model)]
+    names = [layer_name(m, p) for m, _, p, _ in _linear_weights(model)] + _parametrized_linears(model)
     for path, param in model.named_parameters():
         module_path, _, param_name = path.rpartition(".")
         name = layer_name(module_path, param_name)

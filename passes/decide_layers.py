@@ -351,6 +351,10 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
     reason = getattr(weight, EXCLUDED_ATTR, None) if isinstance(weight, torch.nn.Parameter) else None
     if reason is None and weight_node in tied:
         reason = _TIED_REASON
+    path = source_path(weight_node)
+    if reason is None and path is not None and ".parametrizations." in f".{path}":
+        # a parametrization that returns its input (switched off): prepare leaves the layer dense
+        reason = "input of a torch.nn.utils.parametrize parametrization: the layer's weight is computed from it"
     if reason is None and not isinstance(weight, torch.nn.Parameter) and source_path(weight_node) is None:
         reason = ("a graph input, not a parameter: used as W in x @ W.T (an activation, or a weight passed in "
                   "as a tensor)")

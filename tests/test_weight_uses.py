@@ -403,3 +403,56 @@ def test_an_optimizer_subclass_without_torch_hooks_is_refused_too():
     with pytest.raises(TypeError, match="wrapper.optimizer"):
         agpe_compile.Sparsifier(model, Accelerated(torch.optim.SGD(model.parameters(), lr=0.1)),
                                 agpe_compile.AGPEConfig(target_sparsity=0.5, block_size=8))
+
+
+def test_a_parametrization_that_returns_its_input_leaves_the_layer_dense(caplog):
+    # module.weight of a switched-off parametrization (forward returns X) IS the
+    # parametrization's own parameter: prepare took it in as a layer, and then the compile said
+    # "prepared and then parametrized" and Sparsifier.step "parametrized after the Sparsifier
+    # was created", both false. Parametrized before: dense, as for any parametrization.
+    class Off(nn.Module):
+        def forward(self, X):
+            return X
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    nn.utils.parametrize.register_parametrization(model[0], "weight", Off())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = agpe_compile.Sparsifier(model, opt, agpe_compile.AGPEConfig(
+            target_sparsity=0.5, block_size=8, update_interval=2, end_step=4))
+    assert list(sp.layers) == ["2"]
+    assert "0 (weight computed by a torch.nn.utils.parametrize parametrization)" in caplog.text
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(4, 16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for _ in range(4):
+            loss = cmodel(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+    assert "does not drive" not in caplog.text  # the parametrization's input is not a stray layer
+    assert bool((model[0].parametrizations.weight.original != 0).all())
+    rows = {r.name: r for r in agpe_compile.explain(model, x).layers}
+    assert not any(r.rewritten for n, r in rows.items() if n.startswith("0"))
+
+
+def test_prepare_and_the_sparsifier_do_not_run_parametrizations():
+    # Reading module.weight runs the parametrization: spectral_norm's power iteration advanced
+    # six times at Sparsifier creation, on a layer it leaves dense, so a run with agpe was not
+    # the dense run from the same seed.
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(16, 16)), nn.ReLU(),
+                             nn.Linear(16, 16))
+
+    model = make()
+    u = model[0].parametrizations.weight[0]._u.clone()
+    agpe_compile.prepare(model, {"block_size": 8})
+    sp = agpe_compile.Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), agpe_compile.AGPEConfig(
+        target_sparsity=0.5, block_size=8, update_interval=2, end_step=4))
+    assert list(sp.layers) == ["2"]
+    assert torch.equal(model[0].parametrizations.weight[0]._u, u)

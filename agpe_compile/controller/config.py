@@ -248,6 +248,8 @@ class AGPEConfig:
             name = layer_name(module_name, "weight")
             if not isinstance(module, nn.Linear) or name in prepared:
                 continue
+            if nn.utils.parametrize.is_parametrized(module, "weight"):
+                continue  # stays dense (prepare said so); reading it would run the parametrization
             included = any(fnmatch.fnmatchcase(name, p) for p in self.include)
             excluded = any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
             if not included or excluded:
@@ -262,6 +264,8 @@ class AGPEConfig:
         for module_name, module in _unwrapped(model).named_modules():  # MHA projections count for the hint
             if isinstance(module, nn.MultiheadAttention):
                 for param_name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    if nn.utils.parametrize.is_parametrized(module, param_name):
+                        continue
                     weight = getattr(module, param_name, None)
                     pname = layer_name(module_name, param_name)
                     if (weight is not None and weight.dim() == 2

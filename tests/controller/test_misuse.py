@@ -591,3 +591,62 @@ def test_excluded_or_frozen_weights_in_other_contractions_are_not_said_to_be_pru
     reasons = {r.name: r.reason for r in agpe_compile.explain(model, torch.randn(2, 16)).layers}
     assert reasons["w"].startswith("excluded by pattern 'w'") and reasons["experts"].startswith("excluded by pattern")
     sp.close()
+
+
+def test_a_computed_weight_a_graph_compiled_before_the_sparsifier_left_dense_is_named(caplog):
+    # An nn.Linear subclass that computes from its weight (F.linear(x, self.weight * s)) is
+    # masked_weight only when prepared before the compile. Compiled first, the graph kept the
+    # raw weight after the Sparsifier took the layer in: no mask, a dense gradient into pruned
+    # blocks, no saliency (pruned blind), and the not-reached warning named wrong causes.
+    # prepare names it now, and torch._dynamo.reset() is the fix it gives.
+    from agpe_compile.ops.reference import expand_block_mask
+
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight * 1.5, self.bias)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = ScaledLinear(16, 16)
+            self.head = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x)))
+
+    def run(reset):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))
+        x = torch.randn(4, 16)
+        cmodel(x)  # compiled before the Sparsifier
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+            sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, block_size=8, update_interval=2,
+                                                   end_step=2, policy="gmp", distribution="uniform"))
+        said = caplog.text
+        if reset:
+            torch._dynamo.reset()
+        saliency, leak = 0.0, 0.0
+        for _ in range(4):
+            loss = cmodel(x).pow(2).mean()
+            loss.backward()
+            state = sp.layers["a"]
+            saliency = max(saliency, float(state.saliency.abs().sum()))
+            inactive = expand_block_mask(~state.block_mask, 8, torch.bool)
+            leak = float(model.a.weight.grad[inactive].abs().max()) if inactive.any() else 0.0
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+        return said, caplog.text, saliency, leak
+
+    said, later, saliency, leak = run(reset=False)
+    assert "a graph compiled before this prepare" in said and "used a (weight is computed in the graph" in said
+    assert "torch._dynamo.reset()" in said
+    assert saliency == 0.0 and leak > 0  # what the warning is about
+    assert "a graph compiled before the Sparsifier was created used the weight without rewriting it" in later
+    said, later, saliency, leak = run(reset=True)  # the fix it names
+    assert saliency > 0 and leak == 0.0
+    assert "no backward pass" not in later
