@@ -49,6 +49,7 @@ from torch import nn
 from . import distributed
 from .config import BackendConfig
 from .layout import DEFAULT_BUCKETS, BlockLayout, capacity_for, update_layout_
+from .other_backends import other_backend, say_compiled_by
 from .packed_layout import build_packed, capacity_of, unpack
 
 log = logging.getLogger(__name__)
@@ -360,17 +361,24 @@ def _read_layouts(module: nn.Module, args) -> None:
 
     Run eagerly (not traced: a ``torch.compiler.disable`` region, an eager model), the
     layer computes with its raw weight and its gradient reaches inactive blocks; it is
-    marked so the Sparsifier's step hook re-zeroes it (Note [Zero inactive weights])."""
+    marked so the Sparsifier's step hook re-zeroes it (Note [Zero inactive weights]). Traced
+    for another backend than agpe's, likewise (Note [Prepared layers under other backends])."""
     for name in getattr(module, LAYOUT_NAMES_ATTR):
         getattr(module, name)
-    if not torch.compiler.is_compiling():
-        for state in module.__dict__.get(LAYERS_ATTR, {}).values():
-            state.ran_eagerly = True
-            if getattr(module, state.param_name, None) is not state.weight:
-                continue  # under functional_call: it computes with the weights it was given
-            if state.eager_pending:
-                _warn_if_eager_run_is_unmasked(state)  # the previous call computed outside our graphs
-            state.eager_pending = True  # cleared by the call wrapper of a graph that serves the layer
+    if torch.compiler.is_compiling():
+        backend = other_backend()  # a constant while tracing: "" for agpe's graphs
+        if backend:  # Note [Prepared layers under other backends]
+            for state in module.__dict__.get(LAYERS_ATTR, {}).values():
+                say_compiled_by(state.name, backend)
+                state.ran_eagerly = True  # traced: replayed after every call of that graph
+        return
+    for state in module.__dict__.get(LAYERS_ATTR, {}).values():
+        state.ran_eagerly = True
+        if getattr(module, state.param_name, None) is not state.weight:
+            continue  # under functional_call: it computes with the weights it was given
+        if state.eager_pending:
+            _warn_if_eager_run_is_unmasked(state)  # the previous call computed outside our graphs
+        state.eager_pending = True  # cleared by the call wrapper of a graph that serves the layer
 
 
 # Note [Eager runs of a prepared layer]

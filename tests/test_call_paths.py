@@ -192,3 +192,70 @@ def test_layers_that_cross_a_bucket_unseen_are_named_in_one_warning(caplog):
     said = [r.getMessage() for r in caplog.records if "changed layout bucket" in r.getMessage()]
     assert len(said) == 1 and "2 layer(s)" in said[0] and "a (1 blocks now" in said[0] and "; b (" in said[0]
     assert "a graph break inside a loop over the layers" in said[0]
+
+
+def _inactive_max(model):
+    worst = 0.0
+    for state in layer_states(model).values():
+        b = state.block_size
+        dead = (~state.block_mask).repeat_interleave(b, 0).repeat_interleave(b, 1)
+        if dead.any():
+            worst = max(worst, float(state.weight.detach()[dead].abs().max()))
+    return worst
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["also_compiled_with_aot_eager", "step_compiled_around"])
+def test_prepared_layers_compiled_by_another_backend_keep_inactive_weights_at_zero_and_are_named(nested, caplog):
+    # Note [Prepared layers under other backends]: a graph for another backend computes the
+    # dense layer from the raw weight and never passes agpe's call wrapper. The layers were not
+    # marked, so their inactive blocks drifted from zero (0.03 after a few AdamW steps; block 32
+    # at density 0.1 leaves the CPU's dense path), and a step compiled with the default backend
+    # around a model compiled with agpe in place trained dense without a word.
+    from agpe_compile import other_backends
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    other_backends._said.clear()  # said once per backend and process
+    torch._dynamo.reset()
+    model = _mlp()
+    x = torch.randn(64, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9, block_size=32, update_interval=2, end_step=4))
+    if nested:
+        model.compile(backend="agpe")
+        step = torch.compile(lambda inputs: model(inputs).square().mean(), backend="aot_eager")
+        calls = [step] * 8
+    else:
+        agpe, other = torch.compile(model, backend="agpe"), torch.compile(model, backend="aot_eager")
+        calls = [other if i in (5, 6) else agpe for i in range(8)]
+    worst = []
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for f in calls:
+            loss = f(x).square().mean() if not nested else f(x)
+            loss.backward()
+            opt.step()
+            worst.append(_inactive_max(model))
+            opt.zero_grad()
+            sp.step(loss.detach())
+    assert max(worst) == 0.0
+    said = [r.getMessage() for r in caplog.records if "not agpe's" in r.getMessage()]
+    assert len(said) == 1 and "'aot_eager' backend" in said[0] and "backend='agpe'" in said[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager_masked(model, x))  # what eager calls and export compute
+
+
+def test_graphs_of_agpe_do_not_mark_their_layers(caplog):
+    # The check reads the compiling backend at trace time: agpe's own graphs (the string
+    # backend and an AgpeBackend instance) never take the other-backend path.
+    for backend in ("agpe", agpe_compile.AgpeBackend({"inductor": False})):
+        torch._dynamo.reset()
+        model = _mlp()
+        agpe_compile.prepare(model, {"block_size": 32})
+        with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+            torch.compile(model, backend=backend)(torch.randn(4, 64)).sum().backward()
+        assert not any(state.ran_eagerly for state in layer_states(model).values())
+        assert "not agpe's" not in caplog.text
