@@ -43,7 +43,8 @@ from agpe_compile.passes.match_linears import find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
-from agpe_compile.state import _TENSOR_FIELDS, COMPILED_DENSE_ATTR, DENSE_SAID_ATTR, STATE_ATTR, LayerState, state_of
+from agpe_compile.state import (_TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState, clear_compiled_dense,
+                                mark_compiled_dense, state_of)
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,7 @@ class AgpeBackend:
         for decision in decisions:
             if not decision.rewritten:
                 log.info("agpe: %s stays dense: %s", decision.name, decision.reason)
-        if not self.for_explain:
-            _mark_left_dense(gm.graph, example_inputs, decisions)
+        left_dense = [] if self.for_explain else _left_dense(gm.graph, example_inputs, decisions)
         result = rewrite_linears(gm, decisions, self._saliency_of)
         if result.states:
             _keep_recompile_headroom(result.states, self.for_explain)
@@ -317,8 +317,11 @@ class AgpeBackend:
             example_inputs[position[d.weight]], "requires_grad", True))], self.for_explain)  # frozen: nothing to prune
         weight_indices = [position[d.weight] for d in decisions if d.rewritten]
         assert [d.state for d in decisions if d.rewritten] == result.states
-        return AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
-                                 layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
+        graph = AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
+                                  layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
+        for param, reason in left_dense:  # Note [Weights a graph left dense]
+            mark_compiled_dense(param, reason, graph)
+        return graph
 
     def _saliency_of(self, state: LayerState) -> str:
         """The score ``state``'s layer computes: the saliency option, else the AGPEConfig's of
@@ -537,21 +540,26 @@ def _warn_other_contractions(decisions, for_explain: bool) -> None:
 # compiled before keeps the raw weight: no mask in the forward, a dense gradient into pruned
 # blocks, no saliency, so the Sparsifier would prune it blind (a helper audit, twentieth
 # session). Dynamo does not recompile for it, so the compile marks such parameters
-# (COMPILED_DENSE_ATTR) and prepare warns when it takes one in, naming the fix
-# (torch._dynamo.reset(), or the Sparsifier before the first compiled call). A later graph
-# that rewrites the weight clears the mark.
-def _mark_left_dense(graph: fx.Graph, example_inputs: Sequence[Any], decisions: List[LayerDecision]) -> None:
+# (``state.mark_compiled_dense``, with a weak reference to the graph) and prepare warns when
+# it takes one in while that graph is alive, naming the fix (torch._dynamo.reset(), or the
+# Sparsifier before the first compiled call). A later graph that rewrites the weight clears
+# the mark; the mark does not travel with a copy or a pickle of the model.
+def _left_dense(graph: fx.Graph, example_inputs: Sequence[Any],
+                decisions: List[LayerDecision]) -> List[Tuple[torch.nn.Parameter, str]]:
+    """(parameter, reason) for each 2-D parameter without a state that this graph leaves dense;
+    the marks of parameters it rewrites go."""
     examples = _placeholder_examples(graph, example_inputs)
+    found = []
     for decision in decisions:
         for node in _source_placeholders(decision.weight):
             param = examples.get(node)
             if not isinstance(param, torch.nn.Parameter) or param.dim() != 2:
                 continue
             if decision.rewritten:
-                if hasattr(param, COMPILED_DENSE_ATTR) and state_of(param) is not None:
-                    delattr(param, COMPILED_DENSE_ATTR)
+                clear_compiled_dense(param)
             elif state_of(param) is None:
-                setattr(param, COMPILED_DENSE_ATTR, str(decision.reason))
+                found.append((param, str(decision.reason)))
+    return found
 
 
 def _source_placeholders(node: fx.Node, depth: int = 0) -> List[fx.Node]:

@@ -45,6 +45,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import distributed
 from .config import BackendConfig
@@ -66,11 +67,33 @@ EXCLUSIONS_ATTR = "_agpe_exclusions"  # on a module: param name -> _Exclusion
 # prepare() clears it. A plain bool, so a pickled model still loads without agpe.
 STRIPPED_ATTR = "_agpe_stripped"
 DENSE_SAID_ATTR = "_agpe_dense_said"  # on a weight prepare() warned it leaves dense for its shape
-# On a 2-D parameter a compiled graph used without rewriting it (a computed weight
-# ``F.linear(x, self.weight * s)``, a pattern or block size that left it out): the reason.
-# prepare() warns when it gives such a weight a state, since that graph keeps it dense and
-# unscored until Dynamo recompiles it (Note [Weights a graph left dense] in backend.py).
-COMPILED_DENSE_ATTR = "_agpe_compiled_dense"
+# 2-D parameters a compiled graph used without rewriting them (a computed weight
+# ``F.linear(x, self.weight * s)``, a pattern or block size that left it out) -> (reason,
+# weak references to those graphs). prepare() warns when it gives such a weight a state while
+# one of them is alive, since it keeps the weight dense and unscored until Dynamo recompiles
+# (Note [Weights a graph left dense] in backend.py). Keyed weakly by identity: nothing
+# travels with a copy or a pickle, and torch._dynamo.reset() frees the graphs.
+_COMPILED_DENSE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def mark_compiled_dense(param: torch.Tensor, reason: str, graph: Any) -> None:
+    """A graph that is alive as long as ``graph`` is left ``param`` dense."""
+    _, graphs = _COMPILED_DENSE.get(param, (reason, []))
+    graphs = [g for g in graphs if g() is not None] + [weakref.ref(graph)]
+    _COMPILED_DENSE[param] = (reason, graphs)
+
+
+def clear_compiled_dense(param: torch.Tensor) -> None:
+    """A graph rewrote ``param``: the earlier marks say nothing more about it."""
+    _COMPILED_DENSE.pop(param, None)
+
+
+def compiled_dense_reason(param: Optional[torch.Tensor]) -> Optional[str]:
+    """Why a compiled graph that is still alive left ``param`` dense, or None."""
+    entry = _COMPILED_DENSE.get(param) if param is not None else None
+    if entry is None or not any(g() is not None for g in entry[1]):
+        return None
+    return entry[0]
 BUFFER_SUFFIXES = (
     "block_mask",
     "saliency",
@@ -752,8 +775,9 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         setattr(weight, STATE_ATTR, state)
         state.attach(module)
         prepared[name] = state
-        if hasattr(weight, COMPILED_DENSE_ATTR):
-            stale.append(f"{name} ({getattr(weight, COMPILED_DENSE_ATTR)})")
+        left_dense = compiled_dense_reason(weight)
+        if left_dense is not None:
+            stale.append(f"{name} ({left_dense})")
     for name in _parametrized_linears(named):
         reason = pattern_reason(name, config)
         if reason is None:

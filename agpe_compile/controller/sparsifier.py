@@ -40,7 +40,7 @@ from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import COMPILED_DENSE_ATTR, LayerState, layer_states, prepare
+from agpe_compile.state import LayerState, compiled_dense_reason, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -874,10 +874,10 @@ class Sparsifier:
             uncounted = (f" ({', '.join(never[:5])}: no rows counted so far; for a weight handed to a fused op as "
                          f"W * M (masked_weight in explain), whose rows are never counted, an exactly zero gradient "
                          f"looks the same)" if never else "")
-            stale = [n for n in missed if hasattr(self.layers[n].weight, COMPILED_DENSE_ATTR)]
+            stale = [n for n in missed if compiled_dense_reason(self.layers[n].weight) is not None]
             if stale:  # Note [Weights a graph left dense] in backend.py
                 uncounted += (f" ({', '.join(stale[:5])}: a graph compiled before the Sparsifier was created used "
-                              f"the weight without rewriting it ({getattr(self.layers[stale[0]].weight, COMPILED_DENSE_ATTR)}); "
+                              f"the weight without rewriting it ({compiled_dense_reason(self.layers[stale[0]].weight)}); "
                               f"call torch._dynamo.reset() so the next compiled call rewrites it)")
             log.warning(
                 "agpe: Sparsifier update at step %d: no backward pass through the compiled model reached %s since "

@@ -650,3 +650,15 @@ def test_a_computed_weight_a_graph_compiled_before_the_sparsifier_left_dense_is_
     said, later, saliency, leak = run(reset=True)  # the fix it names
     assert saliency > 0 and leak == 0.0
     assert "no backward pass" not in later
+    # The mark goes with the graph: after torch._dynamo.reset() (no graph left that uses the
+    # weight dense) and on a copy of the model, a prepare says nothing.
+    torch._dynamo.reset()
+    model = Model()
+    torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "block_size": 8}))(torch.randn(4, 16))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        agpe_compile.prepare(copy.deepcopy(model), {"block_size": 8})
+        assert "a graph compiled before" not in caplog.text
+        torch._dynamo.reset()
+        agpe_compile.prepare(model, {"block_size": 8})
+    assert "a graph compiled before" not in caplog.text
