@@ -20,7 +20,9 @@ time, as a constant: agpe's own graphs are unchanged). For another backend, the 
 :func:`say_compiled_by` warns once per backend. A backend of your own that hands
 the graph on to agpe's (a function calling ``agpe_compile.backend.agpe_backend``) cannot be
 told from another one: it gets the warning, and the re-zeroing after each step (correct,
-one pass over the weight). Where Dynamo's internals cannot be read, nothing changes.
+one pass over the weight). Where Dynamo's internals cannot be read, nothing changes;
+``torch.export`` (strict) is left alone too: it computes with the raw weights, which a
+Sparsifier keeps at zero after each step (design.md, "Known limits").
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def other_backend() -> str:
     """While Dynamo traces: the name of the backend the graph is for when it is not agpe's,
     else "" (also when Dynamo's state cannot be read)."""
     try:
+        if torch.compiler.is_exporting():  # torch.export: the raw weights, as design.md says
+            return ""
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()

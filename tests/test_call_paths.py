@@ -259,3 +259,20 @@ def test_graphs_of_agpe_do_not_mark_their_layers(caplog):
             torch.compile(model, backend=backend)(torch.randn(4, 64)).sum().backward()
         assert not any(state.ran_eagerly for state in layer_states(model).values())
         assert "not agpe's" not in caplog.text
+
+
+def test_a_strict_export_of_a_prepared_model_is_not_taken_for_another_backend(caplog, recwarn):
+    # torch.export (strict) traces with Dynamo and its own compiler function: it computes with
+    # the raw weights (zero in inactive blocks under a Sparsifier; design.md), so neither the
+    # other-backend warning nor a traced side effect (which Dynamo warns about) belongs there.
+    from agpe_compile import other_backends
+
+    other_backends._said.clear()
+    model = _mlp()
+    agpe_compile.prepare(model, {"block_size": 32})
+    x = torch.randn(4, 64)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        exported = torch.export.export(model, (x,), strict=True)
+    torch.testing.assert_close(exported.module()(x), model(x))
+    assert "not agpe's" not in caplog.text
+    assert not [w for w in recwarn if "side effects" in str(w.message)]
