@@ -35,6 +35,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import kernels
+from .step_nesting import inner_step
 from .ops.dense_path import zero_weight_blocks_
 from .ops.paths import skips_masking
 from .ops.reference import expand_block_mask
@@ -137,6 +138,8 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
         return cached[1]
 
     def after_step(opt, args, kwargs) -> None:
+        if inner_step(opt):  # super().step() of a subclass: the whole step ends later
+            return
         ours = held(opt)
         if not ours and opt is not given():
             return

@@ -76,6 +76,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from agpe_compile.buckets import rebucket
+from agpe_compile.step_nesting import inner_step
 from agpe_compile.state import LayerState
 
 from .config import AGPEConfig
@@ -262,7 +263,7 @@ def _weak_hook(ref: "weakref.ReferenceType[ZeroCodeController]"):
 
     def hook(optimizer, args, kwargs) -> None:
         controller = ref()
-        if controller is not None:
+        if controller is not None and not inner_step(optimizer):  # Note [Nested optimizer steps]
             controller.after_optimizer_step(optimizer)
 
     # never traced: an optimizer step inside a compiled function would make Dynamo trace the

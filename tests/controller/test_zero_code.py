@@ -125,3 +125,29 @@ def test_an_optimizer_step_inside_the_compiled_function_runs_the_controller_untr
     assert not any("agpe_compile" in r or ".item()" in r or "nonzero" in r for r in new), new
     densities = [float(s.block_mask.float().mean()) for s in agpe_compile.layer_states(model).values()]
     assert densities and max(densities) == 0.5  # the controller stepped with the optimizer
+
+
+@pytest.mark.parametrize("kind", ["block_sparse_adamw", "subclass"])
+def test_a_subclass_step_calling_super_step_is_one_training_step(kind):
+    # torch wraps the parent's step too once an instance of the parent exists in the process;
+    # super().step() then ran the global step post-hooks a second time, and zero-code mode
+    # counted 16 training steps for 8 optimizer steps (Note [Nested optimizer steps]).
+    from agpe_compile.state import state_of
+
+    class MyAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    parent = torch.optim.AdamW if kind == "block_sparse_adamw" else torch.optim.Adam
+    parent([torch.zeros(1, requires_grad=True)])  # any instance of the parent class, anywhere
+    torch.manual_seed(0)
+    model = TinyMLP()
+    agpe_compile.prepare(model, {"block_size": 4})
+    make = agpe_compile.BlockSparseAdamW if kind == "block_sparse_adamw" else MyAdam
+    opt = make(model.parameters(), lr=1e-2)
+    cmodel = torch.compile(model, backend="agpe", options={
+        "inductor": False, "block_size": 4, "target_sparsity": 0.75, "policy": "gmp", "update_interval": 4,
+        "end_step": 16})
+    train(cmodel, opt, None, batches(8))
+    controller = state_of(model.fc1.weight).controller_ref()
+    assert controller.sparsifier.step_count == 8
