@@ -20,7 +20,10 @@ time, as a constant: agpe's own graphs are unchanged). For another backend, the 
 :func:`say_compiled_by` warns once per backend. A backend of your own that hands
 the graph on to agpe's (a function calling ``agpe_compile.backend.agpe_backend``) cannot be
 told from another one: it gets the warning, and the re-zeroing after each step (correct,
-one pass over the weight). Where Dynamo's internals cannot be read, nothing changes;
+one pass over the weight). Inside a higher-order op's body (``torch.utils.checkpoint``)
+Dynamo refuses the traced attribute write (a graph break; an error under fullgraph=True),
+so there the layer is marked once, at trace time, by name (``traced_elsewhere``), and
+re-zeroed after every optimizer step from then on. Where Dynamo's internals cannot be read, nothing changes;
 ``torch.export`` (strict) is left alone too: it computes with the raw weights, which a
 Sparsifier keeps at zero after each step (design.md, "Known limits").
 """
@@ -85,19 +88,47 @@ def other_backend() -> str:
     chain = list(_backend_chain(compiler_fn))
     if any(_is_agpe(fn) for fn in chain):
         return ""
-    return _name(chain)
+    try:  # inside a higher-order op's body (torch.utils.checkpoint): no side effects there
+        nested = tx.output.current_tracer.parent is not None
+    except Exception:
+        nested = True
+    return _name(chain) + (NESTED if nested else "")
+
+
+# Names of layers traced for another backend inside a higher-order op's body
+# (``LayerState.traced_elsewhere``).
+TRACED_ELSEWHERE: Set[str] = set()
+
+
+@torch._dynamo.assume_constant_result
+def mark_traced_elsewhere(layer: str) -> int:
+    """At trace time: layer ``layer`` runs in another backend's graph where no call can be
+    marked (a higher-order op's body); the zero-weight hook re-zeroes it after every step."""
+    TRACED_ELSEWHERE.add(layer)
+    return 0
+
+
+# Marks an other_backend() answer given inside a higher-order op's body: Dynamo refuses a
+# traced attribute write there (a graph break, an error under fullgraph=True), so the layers
+# are only said, not marked.
+NESTED = " (inside a higher-order op)"
 
 
 @torch._dynamo.assume_constant_result
 def say_compiled_by(layer: str, backend: str) -> int:
-    """Warn, once per backend, that a graph for ``backend`` computes prepared layers dense."""
+    """Warn, once per backend, that a graph for ``backend`` (an :func:`other_backend`
+    answer) computes prepared layers dense."""
     if backend not in _said:
         _said.add(backend)
+        name, nested = (backend[:-len(NESTED)], True) if backend.endswith(NESTED) else (backend, False)
         log.warning(
             "agpe: prepared layers (%r first) are being compiled by the %r backend, not agpe's: that graph computes "
-            "them with their raw weights (no mask, the dense product, no saliency). A Sparsifier re-zeroes their "
-            "inactive blocks after each optimizer step; hand-set masks are not applied there. Compile the model, "
+            "them with their raw weights (no mask, the dense product, no saliency). %s Compile the model, "
             "or the training step that calls it, with backend='agpe' (a step compiled with another backend inlines "
             "a model compiled with agpe); or agpe_compile.strip(model) first to run a finished model elsewhere. "
-            "Said once per backend", layer, backend)
+            "Said once per backend", layer, name,
+            "They are inside an activation-checkpointed region (a higher-order op): a Sparsifier re-zeroes their "
+            "inactive blocks after every optimizer step from now on; hand-set masks are not applied there." if nested else
+            "A Sparsifier re-zeroes their inactive blocks after each optimizer step; hand-set masks are not applied "
+            "there.")
     return 0

@@ -50,7 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import distributed
 from .config import BackendConfig
 from .layout import DEFAULT_BUCKETS, BlockLayout, capacity_for, update_layout_
-from .other_backends import other_backend, say_compiled_by
+from .other_backends import NESTED, TRACED_ELSEWHERE, mark_traced_elsewhere, other_backend, say_compiled_by
 from .packed_layout import build_packed, capacity_of, unpack
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,14 @@ class LayerState:
             weight = self.module._parameters.get(self.param_name)
             self.weight_ref = None if weight is None else weakref.ref(weight)
         return None if self.weight_ref is None else self.weight_ref()
+
+    @property
+    def traced_elsewhere(self) -> bool:
+        """Traced for another backend inside a higher-order op's body (activation
+        checkpointing), where no call can be marked: re-zeroed after every optimizer step
+        from then on (Note [Prepared layers under other backends]). Known by name, so a
+        layer of the same name in another model is re-zeroed too (harmless)."""
+        return self.name in TRACED_ELSEWHERE
 
     # Note [Copying prepared models]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -393,7 +401,10 @@ def _read_layouts(module: nn.Module, args) -> None:
         if backend:  # Note [Prepared layers under other backends]
             for state in module.__dict__.get(LAYERS_ATTR, {}).values():
                 say_compiled_by(state.name, backend)
-                state.ran_eagerly = True  # traced: replayed after every call of that graph
+                if backend.endswith(NESTED):  # no traced side effects inside a higher-order op
+                    mark_traced_elsewhere(state.name)  # at trace time, for good
+                else:
+                    state.ran_eagerly = True  # traced: replayed after every call of that graph
         return
     for state in module.__dict__.get(LAYERS_ATTR, {}).values():
         state.ran_eagerly = True
@@ -653,7 +664,8 @@ def _linear_weight_names(module: nn.Module) -> Tuple[str, ...]:
     if isinstance(module, nn.Linear):
         return ("weight",)
     if isinstance(module, nn.MultiheadAttention):
-        if module.in_proj_weight is not None or nn.utils.parametrize.is_parametrized(module, "in_proj_weight"):
+        if (nn.utils.parametrize.is_parametrized(module, "in_proj_weight")  # checked first: reading it runs it
+                or module._parameters.get("in_proj_weight") is not None):
             return ("in_proj_weight",)
         return ("q_proj_weight", "k_proj_weight", "v_proj_weight")  # kdim/vdim differ from embed_dim
     return ()

@@ -159,9 +159,10 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             cached = decided.get(id(state))
             if cached is None or cached[0] != key:
                 cached = decided[id(state)] = (key, skips(state))
-            if cached[1] or mixes or state.ran_eagerly:
+            stray = state.ran_eagerly or state.traced_elsewhere  # computed with the raw weight somewhere
+            if cached[1] or mixes or stray:
                 zero_inactive_(state)
-            if state.ran_eagerly and id(state.weight) in ours:
+            if stray and id(state.weight) in ours:
                 # its eager gradient reached inactive blocks: their moments too (else compiled
                 # steps would go on moving them); cleared only by an optimizer that steps it
                 from .controller.optimizer_state import zero_optimizer_state

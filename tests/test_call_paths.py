@@ -276,3 +276,42 @@ def test_a_strict_export_of_a_prepared_model_is_not_taken_for_another_backend(ca
     torch.testing.assert_close(exported.module()(x), model(x))
     assert "not agpe's" not in caplog.text
     assert not [w for w in recwarn if "side effects" in str(w.message)]
+
+
+def test_a_checkpointed_region_compiled_by_another_backend_keeps_fullgraph_and_zero_inactive_weights(caplog):
+    # Inside a higher-order op's body (torch.utils.checkpoint) Dynamo refuses a traced attribute
+    # write: the mark made the region a graph break, and fullgraph=True an error. The layer is
+    # marked at trace time there instead, and re-zeroed after every step.
+    from agpe_compile import other_backends
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 128)
+            self.b = nn.Linear(128, 64)
+
+        def forward(self, x):
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.a(t)), x, use_reentrant=False)
+            return self.b(h)
+
+    other_backends._said.clear()
+    other_backends.TRACED_ELSEWHERE.clear()
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9, block_size=32, update_interval=2, end_step=4))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(16, 64)
+    worst = []
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for _ in range(8):
+            loss = compiled(x).square().mean()
+            loss.backward()
+            opt.step()
+            worst.append(_inactive_max(model))
+            opt.zero_grad()
+            sp.step(loss.detach())
+    assert max(worst) == 0.0
+    assert layer_states(model)["a"].traced_elsewhere and not layer_states(model)["b"].traced_elsewhere
+    assert "activation-checkpointed region" in caplog.text

@@ -456,3 +456,26 @@ def test_prepare_and_the_sparsifier_do_not_run_parametrizations():
         target_sparsity=0.5, block_size=8, update_interval=2, end_step=4))
     assert list(sp.layers) == ["2"]
     assert torch.equal(model[0].parametrizations.weight[0]._u, u)
+
+
+def test_a_parametrized_attention_projection_is_not_read_either():
+    # MultiheadAttention's in_proj_weight was read (is it None?) before the parametrization
+    # check: spectral_norm advanced 7 times at Sparsifier creation.
+    torch.manual_seed(0)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x)[0])
+
+    model = Attention()
+    nn.utils.parametrizations.spectral_norm(model.mha, "in_proj_weight")
+    u = model.mha.parametrizations.in_proj_weight[0]._u.clone()
+    sp = agpe_compile.Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), agpe_compile.AGPEConfig(
+        target_sparsity=0.5, block_size=8, update_interval=2, end_step=4))
+    assert sorted(sp.layers) == ["head", "mha.out_proj"]
+    assert torch.equal(model.mha.parametrizations.in_proj_weight[0]._u, u)

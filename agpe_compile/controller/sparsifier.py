@@ -281,7 +281,7 @@ class Sparsifier:
         self.step_count += 1
         if not self._hooks and between_steps:  # no step hook: re-zero layers run eagerly here
             for state in self.layers.values():
-                if state.ran_eagerly:
+                if state.ran_eagerly or state.traced_elsewhere:
                     zero_inactive_(state)
                     state.ran_eagerly = False
         if self.step_count % self.config.update_interval == 0:
