@@ -360,12 +360,56 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
                   "as a tensor)")
     if reason is None:
         reason = skip_reason(name, weight, config, block_size)
+    if reason is None:
+        reason = _shared_names_conflict(name, sites, config)
     if reason is not None:
         return LayerDecision(name, weight_node, sites, shape, None, reason)
     state = LayerState.create(name, _param_name(weight_node), weight, block_size)
     state.graph_named = True  # named from this graph's frame; prepare() gives it its model path
     setattr(weight, STATE_ATTR, state)
     return LayerDecision(name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
+
+
+def _site_layer_names(sites: List[LinearSite]) -> List[str]:
+    """The layer names of the nn.Linear modules that call these sites (one weight shared by
+    ``a`` and ``b`` has one placeholder, named after ``a``; its sites run in ``a`` and ``b``)."""
+    names = []
+    for site in sites:
+        stack = site.node.meta.get("nn_module_stack") or {}
+        if not stack:
+            continue
+        path, kind = list(stack.values())[-1]
+        if not (isinstance(kind, type) and issubclass(kind, torch.nn.Linear)):
+            continue
+        path = str(path)  # "L['self'].blocks.0.fc", or with _modules['x'] / [0] on some versions
+        path = path[path.find("]") + 1:] if path.startswith("L[") else "." + path
+        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+        path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+        names.append(layer_name(path, "weight"))
+    return names
+
+
+_SAID_SHARED: set = set()
+
+
+def _shared_names_conflict(name: str, sites: List[LinearSite], config: BackendConfig) -> Optional[str]:
+    """Why a weight that several linear modules share stays dense when the patterns leave
+    some of its names dense and take in others (as ``prepare`` decides; a helper audit,
+    twentieth session: zero-code mode pruned it for the excluded module too)."""
+    names = [name] + [n for n in _site_layer_names(sites) if n != name]
+    names = list(dict.fromkeys(names))
+    reasons = [(n, pattern_reason(n, config)) for n in names]
+    left_out = [(n, r) for n, r in reasons if r is not None]
+    taken = [n for n, r in reasons if r is None]
+    if not left_out or not taken:
+        return None
+    out_name, why = left_out[0]
+    if tuple(names) not in _SAID_SHARED:
+        _SAID_SHARED.add(tuple(names))
+        log.warning("agpe: %s share one weight; the include/exclude patterns leave %s dense (%s) but take in %s: "
+                    "the weight stays dense for all of them", ", ".join(names), out_name, why, ", ".join(taken))
+    return (f"weight shared by {', '.join(names)}, and the patterns leave {out_name} dense ({why}): one weight "
+            f"cannot be pruned for some of its modules only")
 
 
 def _check_not_driven(state: LayerState, reason: str) -> None:

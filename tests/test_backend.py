@@ -837,3 +837,36 @@ def test_layers_left_dense_for_their_shape_are_warned_about_once(caplog, monkeyp
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         torch.compile(model, backend="agpe", options={"target_sparsity": 0.5, "inductor": False})(torch.randn(2, 40))
     assert "no layer of this graph can be pruned" in caplog.text and "stay dense (not pruned)" not in caplog.text
+
+
+def test_zero_code_mode_leaves_a_shared_weight_dense_when_the_patterns_exclude_one_of_its_modules(caplog):
+    # Without prepare the graph has one placeholder for b.weight = a.weight, named after a; its
+    # sites run in a and b. exclude=["b"] pruned the weight anyway (b computes with it too).
+    from agpe_compile.state import layer_states
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+            self.b.weight = self.a.weight
+            self.head = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x)) + self.b(x))
+
+    torch.manual_seed(0)
+    model = Shared()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cmodel = torch.compile(model, backend="agpe", options={
+        "inductor": False, "block_size": 8, "exclude": ["b"], "target_sparsity": 0.5, "policy": "gmp",
+        "update_interval": 2, "end_step": 4})
+    x = torch.randn(4, 16)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for _ in range(4):
+            cmodel(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert sorted(layer_states(model)) == ["head"]
+    assert bool((model.a.weight != 0).all())
+    assert "a, b share one weight" in caplog.text
