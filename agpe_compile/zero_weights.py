@@ -112,6 +112,12 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     """Register the hooks above for ``states``; returns their handles. ``on_step`` (optional)
     is also called after each such optimizer step.
 
+    Note [Optimizer state on inactive blocks]: the first step of an optimizer that holds the
+    layers (the given one, or one created or swapped in later) and its first step after a
+    ``load_state_dict`` also reset its state on inactive blocks and re-zero them: state loaded
+    from another point of the run, or left by steps before the Sparsifier adopted masks, would
+    move the inactive weights again (a helper audit, twentieth session).
+
     The step hook is global (``torch.optim``'s ``register_optimizer_step_post_hook``) and acts
     after the step of ANY optimizer that holds one of the layers' weights, compared by
     identity: a user who replaces the optimizer mid-run (a new learning-rate phase, a
@@ -123,6 +129,27 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     holders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, held ids)
     warned_lbfgs: List[bool] = []
     given = weakref.ref(optimizer)
+    # Optimizers whose state on inactive blocks was reset since they first stepped these
+    # layers or last loaded a state_dict (Note [Optimizer state on inactive blocks]).
+    cleaned: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    hooked: "weakref.WeakSet" = weakref.WeakSet()
+
+    def state_loaded(opt) -> None:
+        cleaned.pop(opt, None)
+
+    def first_time(opt, ours) -> bool:
+        if not ours:
+            return False
+        try:
+            if opt in cleaned:
+                return False
+            cleaned[opt] = True
+            if opt not in hooked:
+                hooked.add(opt)
+                opt.register_load_state_dict_post_hook(state_loaded)
+        except (TypeError, AttributeError):  # not weak-referenceable, or no load hooks
+            return False
+        return True
 
     def held(opt) -> frozenset:
         """ids of the layers' weights that ``opt`` holds."""
@@ -144,6 +171,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
         if not ours and opt is not given():
             return
         mixes = not keeps_zeros(opt)
+        fresh = first_time(opt, ours)
         if isinstance(opt, torch.optim.LBFGS) and opt is not given() and not warned_lbfgs:
             warned_lbfgs.append(True)
             log.warning("agpe: an LBFGS optimizer steps layers whose Sparsifier was given another optimizer: graphs "
@@ -160,6 +188,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             if cached is None or cached[0] != key:
                 cached = decided[id(state)] = (key, skips(state))
             stray = state.ran_eagerly or state.traced_elsewhere  # computed with the raw weight somewhere
+            stray = stray or (fresh and id(state.weight) in ours)  # its state may predate the masks
             if cached[1] or mixes or stray:
                 zero_inactive_(state)
             if stray and id(state.weight) in ours:

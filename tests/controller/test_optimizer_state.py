@@ -1,5 +1,7 @@
 """Optimizer moments of changed blocks are zeroed; everything else is left alone."""
 
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,83 @@ def test_momentum_of():
     w, opt = stepped("adam")
     assert momentum_of(opt, w) is opt.state[w]["exp_avg"]
     assert momentum_of(None, w) is None
+
+
+def _big():
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Big(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    return Big()
+
+
+def _inactive(model, name):
+    from agpe_compile.ops.reference import expand_block_mask
+    from agpe_compile.state import state_of
+
+    weight = getattr(model, name).weight
+    state = state_of(weight)
+    return weight, expand_block_mask(~state.block_mask, state.block_size, torch.bool)
+
+
+@pytest.mark.parametrize("how", ["adopted_masks", "stale_state_in_a_fresh_optimizer"])
+def test_optimizer_state_from_before_the_masks_does_not_move_inactive_weights(how):
+    # Note [Optimizer state on inactive blocks]: (a) a Sparsifier that adopts hand-set masks
+    # over a model whose optimizer has momentum from dense steps, (b) an optimizer created
+    # mid-run and loaded with a state saved before the masks changed. The momentum on
+    # inactive blocks moved those weights after every step (block 32 at density 0.1 keeps
+    # masking on the CPU, so nothing else re-zeroed them): eager calls and export were off.
+    import agpe_compile
+    import torch.nn.functional as F
+    from agpe_compile.controller import AGPEConfig, Sparsifier
+    from agpe_compile.state import state_of
+
+    torch.manual_seed(0)
+    model = _big()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(256, 10, generator=gen)
+
+    def batch():
+        x = torch.randn(64, 256, generator=gen)
+        return x, (x @ target).argmax(1)
+
+    if how == "adopted_masks":
+        for _ in range(3):  # dense steps: momentum everywhere
+            x, y = batch()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        agpe_compile.prepare(model, {"block_size": 32, "exclude": ["fc3"]})
+        for name in ("fc1", "fc2"):
+            state = state_of(getattr(model, name).weight)
+            keep = torch.rand(state.grid, generator=gen) < 0.1
+            keep[0, 0] = True
+            state.block_mask.copy_(keep)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9, policy="rigl", block_size=32, update_interval=3,
+                                           end_step=20, exclude=("fc3",), distribution="uniform", rescale_init=False))
+    compiled = torch.compile(model, backend="agpe", options={"inductor": False})
+    worst, saved = 0.0, None
+    for step in range(14):
+        if step == 4:
+            saved = copy.deepcopy(opt.state_dict())
+        if how == "stale_state_in_a_fresh_optimizer" and step == 10:  # masks changed at steps 6 and 9
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            opt.load_state_dict(saved)
+        x, y = batch()
+        loss = F.cross_entropy(compiled(x), y)
+        loss.backward()
+        opt.step()
+        for name in ("fc1", "fc2"):
+            weight, inactive = _inactive(model, name)
+            worst = max(worst, float(weight.detach()[inactive].abs().max()))
+        opt.zero_grad()
+        sp.step(loss)
+    assert worst == 0.0
