@@ -360,64 +360,12 @@ def _decide(weight_node, sites, weight, tied, config: BackendConfig, block_size:
                   "as a tensor)")
     if reason is None:
         reason = skip_reason(name, weight, config, block_size)
-    if reason is None:
-        reason = _shared_names_conflict(name, weight_node, sites, config)
     if reason is not None:
         return LayerDecision(name, weight_node, sites, shape, None, reason)
     state = LayerState.create(name, _param_name(weight_node), weight, block_size)
     state.graph_named = True  # named from this graph's frame; prepare() gives it its model path
     setattr(weight, STATE_ATTR, state)
     return LayerDecision(name, weight_node, sites, shape, state, None, _other_uses(weight_node, sites))
-
-
-def _site_layer_names(weight_node: fx.Node, sites: List[LinearSite]) -> List[str]:
-    """The layer names of the nn.Linear modules that call these sites (one weight shared by
-    ``a`` and ``b`` has one placeholder, named after ``a``; its sites run in ``a`` and ``b``).
-    A site's ``nn_module_stack`` path starts at the compiled function's root (``L['self']``,
-    ``G['model']``, ``G['models']['m']``): the root is the part before the placeholder's own
-    module path in a site that runs in that module, and only sites under the same root are
-    named. Without such a site (the weight called from another module): none."""
-    path = source_path(weight_node)
-    if path is None or not path.endswith(".weight"):
-        return []
-    own = path[: -len(".weight")]
-    paths = []
-    for site in sites:
-        stack = site.node.meta.get("nn_module_stack") or {}
-        if not stack:
-            continue
-        module_path, kind = list(stack.values())[-1]
-        if isinstance(kind, type) and issubclass(kind, torch.nn.Linear):
-            dotted = re.sub(r"\._modules\['([^']+)'\]", r".\1", str(module_path))
-            paths.append(re.sub(r"\[(\d+)\]", r".\1", dotted))
-    root = next((p[: len(p) - len(own)] for p in paths if own and p.endswith("." + own)), None)
-    if root is None:
-        return []
-    return [layer_name(p[len(root):], "weight") for p in paths if p.startswith(root) and len(p) > len(root)]
-
-
-_SAID_SHARED: set = set()
-
-
-def _shared_names_conflict(name: str, weight_node: fx.Node, sites: List[LinearSite],
-                           config: BackendConfig) -> Optional[str]:
-    """Why a weight that several linear modules share stays dense when the patterns leave
-    some of its names dense and take in others (as ``prepare`` decides; a helper audit,
-    twentieth session: zero-code mode pruned it for the excluded module too)."""
-    names = [name] + [n for n in _site_layer_names(weight_node, sites) if n != name]
-    names = list(dict.fromkeys(names))
-    reasons = [(n, pattern_reason(n, config)) for n in names]
-    left_out = [(n, r) for n, r in reasons if r is not None]
-    taken = [n for n, r in reasons if r is None]
-    if not left_out or not taken:
-        return None
-    out_name, why = left_out[0]
-    if tuple(names) not in _SAID_SHARED:
-        _SAID_SHARED.add(tuple(names))
-        log.warning("agpe: %s share one weight; the include/exclude patterns leave %s dense (%s) but take in %s: "
-                    "the weight stays dense for all of them", ", ".join(names), out_name, why, ", ".join(taken))
-    return (f"weight shared by {', '.join(names)}, and the patterns leave {out_name} dense ({why}): one weight "
-            f"cannot be pruned for some of its modules only")
 
 
 def _check_not_driven(state: LayerState, reason: str) -> None:
