@@ -267,9 +267,12 @@ def _closed_sparsifier_then_hand_edit(device, mode, inductor=True):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sparsifier = agpe_compile.Sparsifier(model, opt, agpe_compile.AGPEConfig(
         block_size=64, target_sparsity=0.25, policy="static", distribution="uniform"))
-    options = {} if inductor else {"inductor": False}
-    compiled = torch.compile(model, backend="agpe", mode=mode, options=options) if mode else torch.compile(
-        model, backend="agpe", options=options)
+    # torch.compile refuses mode= together with options= (even empty): without Inductor the mode
+    # travels inside agpe's options (Note [Compile modes] in backend.py)
+    if inductor:
+        compiled = torch.compile(model, backend="agpe", mode=mode)
+    else:
+        compiled = torch.compile(model, backend="agpe", options={"inductor": False, **({"mode": mode} if mode else {})})
     x = torch.randn(2, 128, 512, device=device, dtype=dtype)
     for _ in range(2):
         compiled(x).float().square().mean().backward()
