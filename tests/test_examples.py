@@ -52,6 +52,25 @@ def test_train_step_benchmark_small(tmp_path):
     assert "agpe/dense" in stdout
 
 
+def test_train_step_profile_sums_device_rows_only():
+    # An operator row (aten::mm, CPU) carries the time of the kernels it launched: summing
+    # every row counted an eager dense step's kernels twice (38.5 ms for a 19.5 ms step on
+    # the H200, twenty-first session)
+    import importlib.util
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(ROOT, "benchmarks", "train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=700.0),  # aten::mm
+            SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=700.0),  # its kernel
+            SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=50.0),  # a Triton kernel
+            SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0)]  # host-only op
+    assert bench.device_time_us(rows) == 750.0
+
+
 def test_cpu_layer_benchmark(tmp_path):
     out = tmp_path / "cpu_layer.json"
     stdout = run(["benchmarks/cpu_layer.py", "--rows", "4", "--features", "16", "--block", "8",

@@ -149,17 +149,18 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # On Hopper (compute capability 9.x) the forward, dX and dW kernels can load their tiles
 # with the tensor memory accelerator through descriptors built in the kernel
 # (forward_tma.py, grad_input_tma.py, grad_weight_tma.py). Timed side by side with the
-# plain kernels on an H200 (ninth session, docs/benchmarks.md): 0.78-0.95x their time for
-# the forward, 0.85-1.03x for dX, both with the plain kernels' tiles (they now take the TMA
-# sweep's, _TMA in configs.py). The dW variant (twelfth session, no GPU) is checked under
-# the interpreter and compiled for sm_90 on the CPU host (bulk copies, wgmma, no spills);
-# its GPU time is open. With
-# AGPE_TMA=auto they are taken for 16-bit operands that meet TMA's rules (last dimension
-# contiguous, 16-byte aligned rows and base) and the plain kernels otherwise; both compute
-# the same function, so the choice is speed only. AGPE_TMA=device forces them (raising on
-# operands they cannot take). The default is still "off": the first GPU run with "auto"
-# found eager autograd's backward (another thread) launching without Triton's scratch
-# allocator, fixed below (_ensure_scratch_allocator) but not yet re-run on a GPU. Graphs
+# plain kernels on an H200 (twenty-first session, docs/benchmarks.md; bf16, block 128,
+# d = 0.5 / 0.25 / 0.1): 0.83-0.98x their time for the forward, 0.86-1.06x for dX and
+# 0.89-1.00x for dW (host-built descriptors, eager only: 0.79-0.82x, 0.84-0.86x,
+# 0.89-1.00x). With AGPE_TMA=auto they are taken for 16-bit operands that meet TMA's rules
+# (last dimension contiguous, 16-byte aligned rows and base) and the plain kernels
+# otherwise; both compute the same function, so the choice is speed only. AGPE_TMA=device
+# forces them (raising on operands they cannot take). The default stays "off": the
+# benchmark's training step, timed with "auto" and "off" one after the other in the same
+# call, showed no consistent gain (auto slower in four of six cells, faster in two, by up
+# to 0.056 of the dense step: the spread between runs). The eager backward that failed
+# with "auto" in the ninth session (autograd's thread had no Triton scratch allocator,
+# fixed below: _ensure_scratch_allocator) passed on the GPU in the twenty-first. Graphs
 # the backend lowers with aot_eager (inductor=False) replay their kernels through torch's
 # own wrapper, which sets no allocator either: the setting does not apply to launches
 # traced for them (traced_for_eager_replay). fp32 (tf32) stays on the plain kernels: its
