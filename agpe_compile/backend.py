@@ -9,7 +9,8 @@ through the ``torch_dynamo_backends`` entry point. The pipeline, in order:
    the others are not.
 4. ``rewrite_linears``: a copy of the graph with ``agpe::sparse_linear`` calls and six
    extra placeholders per layer (Note [Extra graph inputs] in passes/rewrite_linears.py).
-5. lower the copy with Inductor (``compile_fx``) or aot_eager.
+5. lower the copy with Inductor (``compile_fx``, with agpe's post-grad pass:
+   inductor_passes.py) or aot_eager.
 6. return :class:`AgpeCompiledGraph`, which appends the layers' live tensors to every call
    (and, in zero-code mode, first ticks the graph's controller on every training call; the
    controller steps after the optimizer when it found one, see controller/zero_code.py).
@@ -369,11 +370,12 @@ class AgpeBackend:
         fakes = _fakeify_static(extra)  # noqa: F841  (held: the fake mode memoizes them weakly)
         inputs = example_inputs + extra
         if self.config.inductor:
-            from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            patches = list_mode_options(self.mode) if self.mode not in (None, "default") else None
-            return compile_fx(result.gm, inputs, config_patches=patches)
+            from agpe_compile.inductor_passes import lowering_patches
+
+            # the mode's options and the post-grad pass (Note [Kernel inputs Inductor would copy])
+            return compile_fx(result.gm, inputs, config_patches=lowering_patches(self.mode))
         from torch._dynamo.backends.debugging import aot_eager
 
         from agpe_compile.kernels.launch import traced_for_eager_replay

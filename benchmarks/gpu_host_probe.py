@@ -5,7 +5,7 @@ against 0.5-1.2 ms for dense torch.compile (benchmarks/train_step.py, "host issu
 GPU test of host syncs found one synchronization in a plain Sparsifier.step(). This script
 prints the Python stack of every synchronizing CUDA call (torch.cuda.set_sync_debug_mode)
 in a plain Sparsifier step and in one agpe training step, and a cProfile of the host side
-of non-graphed agpe steps next to dense ones.
+of non-graphed agpe steps next to dense ones, and of the eager op alone.
 
     PYTHONPATH=. python benchmarks/gpu_host_probe.py [--d-model 1024] [--steps 10]
 """
@@ -143,6 +143,50 @@ def host_profile(d_model: int, steps: int, density: float) -> None:
         profile(f"agpe d={density} {kind}", make_step(kind, compiled, model, x, device))
 
 
+def eager_op_profile(steps: int, density: float, device: str = "cuda", shape=(8192, 4096, 4096),
+                     block: int = 128) -> None:
+    """The eager op's host time: ``benchmarks/kernels.py``'s "op" column (one forward +
+    backward of ``torch.ops.agpe.sparse_linear`` through autograd) took 1.4-2.0 ms per call
+    on the H200 in the twenty-first session whatever the shape, several times its kernels'
+    time on the 8192 x 4096 x 4096 shape. Host issue time and a cProfile of that call."""
+    from kernels import expanded, op_fwd_bwd, random_mask
+
+    m, k, n = shape
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # a CPU smoke test
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    mask = random_mask(n // block, k // block, density, device)
+    weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 * expanded(mask, block)
+    step = op_fwd_bwd(x, weight, mask, block, dy)
+    for _ in range(3):
+        step()
+    sync()
+    issue, total = [], []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        issue.append(time.perf_counter() - t0)
+        sync()
+        total.append(time.perf_counter() - t0)
+    issue.sort()
+    total.sort()
+    label = f"eager op {m}x{k}x{n} d={density}"
+    print(f"== {label}: host issue {1e3 * issue[len(issue) // 2]:.3f} ms, issue + finish "
+          f"{1e3 * total[len(total) // 2]:.3f} ms per forward + backward (medians of {steps})")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    sync()
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(32)
+        print(f"-- {label}: cProfile of {steps} calls by {key}")
+        print("\n".join(line[:190] for line in text.getvalue().splitlines() if line.strip()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=1024)
@@ -159,6 +203,7 @@ def main() -> None:
         raise SystemExit("gpu_host_probe: needs a CUDA GPU")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     plain_sparsifier_steps()
+    eager_op_profile(args.steps, 0.25)
     host_profile(args.d_model, args.steps, args.density)
 
 

@@ -71,6 +71,25 @@ def test_train_step_profile_sums_device_rows_only():
     assert bench.device_time_us(rows) == 750.0
 
 
+def test_gpu_host_probe_eager_op_part_runs_on_the_cpu(capsys):
+    # the probe runs only on a lent GPU (one call of a short lease): its eager-op part, the
+    # one new since its last GPU run, is smoke-tested here on small CPU shapes
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_host_probe", os.path.join(ROOT, "benchmarks",
+                                                                                     "gpu_host_probe.py"))
+        probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(probe)
+        probe.eager_op_profile(2, 0.25, device="cpu", shape=(64, 64, 64), block=16)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    out = capsys.readouterr().out
+    assert re.search(r"== eager op 64x64x64 d=0.25: host issue \d+\.\d+ ms", out), out[-2000:]
+    assert "cProfile of 2 calls by cumulative" in out
+
+
 def test_cpu_layer_benchmark(tmp_path):
     out = tmp_path / "cpu_layer.json"
     stdout = run(["benchmarks/cpu_layer.py", "--rows", "4", "--features", "16", "--block", "8",

@@ -565,16 +565,16 @@ def _device_scalar(name: str, value, device: torch.device) -> bool:
 # Note [Kernel operands]
 # ~~~~~~~~~~~~~~~~~~~~~~
 # Inside a compiled graph every tensor handed to a Triton kernel is an input of a
-# ``triton_kernel_wrapper_mutation`` node, and Inductor (torch 2.11, H200 output code of
-# the ninth session) gives each such node ITS OWN COPY of an input that is a view of a
-# not-yet-stored result: a GELU backward feeding the dX, dW, scores and bias-gradient
-# kernels through the [M, K] view of a [B, S, K] gradient was written four times, and
-# the q/k/v gradient concatenation four times. So a launcher passes the N-D tensor
-# itself when its [M, K] view shares its memory and address (a contiguous tensor: the
-# kernels get the 2-D strides), and no graph records a reshape in front of a kernel.
-# Likewise an unused pointer argument never aliases a tensor the kernel writes (dW, the
-# output): Inductor cloned a zero-filled dW that was also passed as the split-K
-# workspace. Unused pointers get a read-only layout tensor (or the weight) instead.
+# ``triton_kernel_wrapper_mutation`` node. A launcher passes the N-D tensor itself when its
+# [M, K] view shares its memory and address (a contiguous tensor: the kernels get the 2-D
+# strides), so no graph records a reshape in front of a kernel; and an unused pointer
+# argument never aliases a tensor the kernel writes (dW, the output: Inductor cloned a
+# zero-filled dW that was also passed as the split-K workspace), it gets a read-only layout
+# tensor (or the weight) instead. The ninth session took these for the cause of the GELU
+# backward and the q/k/v gradient being written four times on the H200; they were not
+# (the copies were still there in the twenty-first session's run). The cause is Inductor's
+# stride constraint on user-defined kernel inputs, handled by agpe's post-grad pass (Note
+# [Kernel inputs Inductor would copy] in agpe_compile/inductor_passes.py).
 def kernel_operand(t: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
     """The tensor to launch with for ``t2 = as_2d(t)``: ``t`` itself when it is contiguous
     (the same memory, address and row stride as ``t2``), else ``t2`` (Note [Kernel operands])."""
