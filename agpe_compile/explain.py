@@ -176,6 +176,10 @@ def explain(model: nn.Module, *example_inputs: Any, options: Optional[Mapping[st
     as they are. An error agpe raises while compiling (a block size that clashes with the
     one a layer was prepared with, say) is raised as itself, not wrapped in Dynamo's
     ``BackendCompilerFailed``, which stays in its ``__cause__``.
+
+    Each call compiles with a backend of its own, which Dynamo keeps (with the graphs)
+    until ``torch._dynamo.reset()``: memory grows with the number of calls (a helper
+    audit measured ~0.75 MB per call for a small MLP, ~6 MB for a 24-layer model).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"agpe.explain: expected an nn.Module, got {type(model).__name__}")

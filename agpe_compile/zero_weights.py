@@ -109,8 +109,9 @@ def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> List:
-    """Register the hooks above for ``states``; returns their handles. ``on_step`` (optional)
-    is also called after each such optimizer step.
+    """Register the hooks above for ``states``; returns the list of their handles (to which
+    the load hooks registered later on optimizers are appended). ``on_step`` (optional) is
+    also called after each such optimizer step.
 
     Note [Optimizer state on inactive blocks]: the first step of an optimizer that holds the
     layers (the given one, or one created or swapped in later) and its first step after a
@@ -146,7 +147,9 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             cleaned[opt] = True
             if opt not in hooked:
                 hooked.add(opt)
-                opt.register_load_state_dict_post_hook(state_loaded)
+                # removed with the others (close(), or the Sparsifier's finalizer): one per
+                # Sparsifier made on this optimizer would pile up otherwise (audit AT)
+                handles.append(opt.register_load_state_dict_post_hook(state_loaded))
         except (TypeError, AttributeError):  # not weak-referenceable, or no load hooks
             return False
         return True

@@ -1,8 +1,9 @@
 """Zero-code mode through the backend: AGPE options in torch.compile, no other change."""
 
 import copy
-import importlib
 import gc
+import importlib
+import weakref
 
 import pytest
 import torch
@@ -428,3 +429,61 @@ def test_explain_with_zero_code_options_drives_nothing_and_warns_nothing(caplog)
     states = layer_states(model)
     assert all(s.controller_ref is None for s in states.values())  # no controller made or ticked
     assert all(float(s.saliency.abs().sum()) == 0 and int(s.counters[0]) == 0 for s in states.values())
+
+
+ZERO_CODE_GMP = {"inductor": False, "block_size": 8, "target_sparsity": 0.75, "policy": "gmp",
+                 "update_interval": 5, "end_step": 40}
+
+
+def _switching_run(switch: str):
+    """60 zero-code steps; at step 20 the optimizer is kept ("keep"), replaced and freed
+    ("replace") or replaced while the old one stays referenced ("replace_alive")."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = MLP((32, 64, 16))
+    backend = agpe_compile.AgpeBackend(ZERO_CODE_GMP)
+    compiled = torch.compile(model, backend=backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    kept, old = [], None
+    x, y = torch.randn(16, 32), torch.randn(16, 16)
+    for step in range(60):
+        if step == 20 and switch != "keep":
+            old = weakref.ref(optimizer)
+            if switch == "replace_alive":
+                kept.append(optimizer)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            gc.collect()
+        torch.nn.functional.mse_loss(compiled(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    states = layer_states(model).values()
+    density = sum(int(s.block_mask.sum()) for s in states) / sum(s.block_mask.numel() for s in states)
+    controller = backend.controllers[0]
+    return controller, density, old, optimizer
+
+
+def test_zero_code_does_not_keep_a_dropped_optimizer_alive():
+    # Note [Zero-code holds the optimizer weakly]: compiled graphs (kept by Dynamo until a
+    # reset) hold their controller; it held the optimizer, its weights and its moments
+    controller, _, _, optimizer = _switching_run("keep")
+    assert controller.optimizer is optimizer and controller.sparsifier.optimizer is optimizer
+    ref = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert ref() is None
+    assert controller.optimizer is None and controller.follows_optimizer  # the next one takes over
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("switch", ["replace", "replace_alive"])
+def test_zero_code_follows_an_optimizer_that_replaces_the_first(switch):
+    # a new learning-rate phase with a fresh optimizer: pruning used to stop at the switch
+    # (only the first optimizer's steps counted) and the old one stayed alive
+    kept_controller, kept_density, _, _ = _switching_run("keep")
+    controller, density, old, optimizer = _switching_run(switch)
+    assert controller.sparsifier.step_count == kept_controller.sparsifier.step_count == 60
+    assert density == pytest.approx(kept_density) and kept_density == pytest.approx(0.25, abs=0.05)
+    assert controller.optimizer is optimizer and controller.sparsifier.optimizer is optimizer
+    if switch == "replace":
+        assert old() is None
+    torch._dynamo.reset()

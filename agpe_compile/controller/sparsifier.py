@@ -154,6 +154,22 @@ class Sparsifier:
         self._setup(list(states), optimizer, config, None, between_steps)
         return self
 
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer the Sparsifier was given: its step hooks keep pruned weights at zero
+        and its moments of changed blocks are reset. Zero-code mode's controller sets the
+        optimizer it follows with :meth:`_follow_weakly` (Note [Zero-code holds the optimizer
+        weakly] in zero_code.py)."""
+        held = self.__dict__.get("_optimizer")
+        return held() if isinstance(held, weakref.ReferenceType) else held
+
+    @optimizer.setter
+    def optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        self.__dict__["_optimizer"] = optimizer
+
+    def _follow_weakly(self, optimizer: torch.optim.Optimizer) -> None:
+        self.__dict__["_optimizer"] = weakref.ref(optimizer)
+
     def _setup(self, states, optimizer, config, recompile_counter, between_steps: bool = True) -> None:
         self.config = config
         self.policy = make_policy(config)
@@ -244,7 +260,8 @@ class Sparsifier:
             self._hooks = install_zero_hooks(optimizer, list(self.layers.values()),
                                              on_step=_count_optimizer_steps(weakref.ref(self)))
             # the step hook is global; the promise is this Sparsifier's (Note [A dropped Sparsifier])
-            weakref.finalize(self, _dropped, list(self._hooks), list(self.layers.values()))
+            # the list itself: install() appends the load hooks it registers later on
+            weakref.finalize(self, _dropped, self._hooks, list(self.layers.values()))
         self._optimizer_steps, self._optimizer_steps_at_step = 0, None
 
         self._warned_double_step = False

@@ -43,6 +43,20 @@ moments cannot be reset: a pruned block's weight may drift from zero between upd
 
 A graph break gives each graph its own controller and budget.
 
+Note [Zero-code holds the optimizer weakly]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Each compiled graph holds its controller, and Dynamo keeps compiled graphs until
+``torch._dynamo.reset()`` (an ``AgpeBackend`` instance keeps its controllers as long as it
+lives). A controller holding its optimizer strongly kept that optimizer, its weights and
+its moments (12 bytes per fp32 parameter under AdamW) alive after the user dropped the
+model, and kept a replaced optimizer alive for the rest of the run, while pruning stopped,
+since only the first optimizer's steps counted (a helper audit, twenty-first session). The
+controller and its Sparsifier hold the optimizer weakly, and another optimizer of the same
+weights takes over its counting when the followed one is freed (at its first step) or has
+missed two of its steps (kept alive elsewhere but no longer stepped; both missed steps are
+counted at the switch). Two optimizers that each step part of the layers every step keep the
+first one followed.
+
 What zero-code mode cannot do:
 
 * no loss: the adaptive schedule prunes every ``patience`` updates and backs off on the
@@ -140,7 +154,10 @@ class ZeroCodeController:
         # Built while Dynamo compiles the first graph: no re-bucketing until between steps.
         self.sparsifier = Sparsifier.for_layers(states, config, optimizer=None, between_steps=False)
         self.calls = 0
-        self.optimizer: Optional[torch.optim.Optimizer] = None
+        # the optimizer followed, weakly (Note [Zero-code holds the optimizer weakly])
+        self._optimizer: Optional["weakref.ReferenceType"] = None
+        self._bound = False
+        self._foreign_steps = 0  # steps of another optimizer of our weights since the followed one's
         # weak references, compared by identity: an id() of a freed weight can be reused by
         # another model's parameter, which this controller must not follow
         self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
@@ -170,14 +187,20 @@ class ZeroCodeController:
                 state.controller_ref = None
 
     @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer whose steps are counted (None before the first, or once it is freed)."""
+        return None if self._optimizer is None else self._optimizer()
+
+    @property
     def follows_optimizer(self) -> bool:
-        """True once an optimizer is bound (steps are counted by it, not by ticks)."""
-        return self.optimizer is not None
+        """True once an optimizer is bound (steps are counted by it, not by ticks), also after
+        it is freed: the next optimizer of the weights to step takes its place."""
+        return self._bound
 
     def __call__(self) -> None:
         if self.closed:
             return
-        if (self.optimizer is None and not self._resume_following and self.calls > 0
+        if (not self._bound and not self._resume_following and self.calls > 0
                 and not any(ref() is not None for ref in self._awaiting)):
             self.sparsifier.step(None, between_steps=False)
         self.calls += 1
@@ -200,7 +223,7 @@ class ZeroCodeController:
         sparsifier = self.sparsifier
         if self.closed:
             return
-        if self.optimizer is None:
+        if not self._bound:
             if self._gave_up or not self._holds_weights(optimizer):
                 return
             if self._resume_following:
@@ -228,12 +251,32 @@ class ZeroCodeController:
                     state.dense_grad_sq.zero_()
                 sparsifier._set_score_dense(sparsifier._scores_dense_at(1))
             self._bind(optimizer)
-        if optimizer is self.optimizer:
+        followed = self.optimizer
+        if optimizer is followed:
+            self._foreign_steps = 0
             sparsifier.step(None)
+        elif self._holds_weights(optimizer):
+            # Note [Zero-code holds the optimizer weakly]: a replacement takes over once the
+            # followed optimizer is freed, or has missed two steps of this one (kept alive
+            # elsewhere); the steps it missed are counted then
+            self._foreign_steps += 1
+            if followed is None or self._foreign_steps >= 2:
+                missed = self._foreign_steps
+                log.info("agpe: zero-code mode now follows %s (the %s it followed %s)", type(optimizer).__name__,
+                         "optimizer" if followed is None else type(followed).__name__,
+                         "was freed" if followed is None else "stopped stepping")
+                self._follow(optimizer)
+                for _ in range(missed):
+                    sparsifier.step(None)
+
+    def _follow(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self.sparsifier._follow_weakly(optimizer)
+        self._bound = True
+        self._foreign_steps = 0
 
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self.sparsifier.optimizer = optimizer
+        self._follow(optimizer)
         self._resume_following = False
         # First point between steps: move the initial layout to its bucket (one recompile).
         self.sparsifier.rebucketed = rebucket(list(self.sparsifier.layers.values()), self.sparsifier.config.buckets)

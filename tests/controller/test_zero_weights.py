@@ -571,3 +571,26 @@ def test_an_optimizer_step_inside_a_compiled_step_runs_the_hook_untraced():
     assert sp.global_density < 1.0
     new = [reason for reason, count in breaks.items() if count > before.get(reason, 0)]
     assert not any("agpe_compile" in reason or ".item()" in reason for reason in new), new
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_sparsifiers_made_on_one_optimizer_leave_no_load_hooks_behind(how):
+    # Note [Optimizer state on inactive blocks]: the step hook registers a load_state_dict
+    # hook on each optimizer it sees; its handle was not removed with the others, so every
+    # Sparsifier made (and closed or dropped) on one optimizer left one more (audit AT)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = next(iter(batches(1)))
+    counts = []
+    for _ in range(4):
+        sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, policy="rigl", block_size=4, update_interval=5))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()  # the first step registers the load hook
+        opt.zero_grad()
+        if how == "close":
+            sp.close()
+        del sp
+        gc.collect()
+        counts.append(len(opt._optimizer_load_state_dict_post_hooks))
+    assert counts == [0, 0, 0, 0]
