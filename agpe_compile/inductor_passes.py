@@ -38,7 +38,9 @@ _KERNEL_TARGETS = ("triton_kernel_wrapper_mutation", "triton_kernel_wrapper_func
 # realize_shared_kernel_inputs marks each graph value that two or more kernels read with
 # the node meta "inductor_realize_to_strides" (the flag Inductor's own
 # decompose_mem_bound_mm sets): GraphLowering.run_node then stores it once, at its
-# producer, with its traced strides, and each kernel's constraint finds that buffer.
+# producer, with its traced strides, and each kernel's constraint finds that buffer. It
+# also sets "dislike_padding", or torch 2.13 pads that buffer's rows (width 1056 in bf16,
+# say) and the kernels copy it again.
 #
 # unshare_kernel_outputs handles the outputs: AOTAutograd's CSE merges the identical
 # torch.zeros that every layer of one shape allocates for dW (and the score buffers) into
@@ -75,6 +77,10 @@ def realize_shared_kernel_inputs(graph: fx.Graph) -> int:
             continue  # graph inputs are stored already
         if not value.meta.get("inductor_realize_to_strides"):
             value.meta["inductor_realize_to_strides"] = True
+            # stored with exactly its traced strides: torch 2.13 fixes a realized layout by
+            # padding rows over 1024 elements that are not 128-byte multiples, which the
+            # kernels' exact-stride constraint then copies again (a re-audit, AU)
+            value.meta["dislike_padding"] = True
             marked += 1
     return marked
 
@@ -141,7 +147,10 @@ class KernelInputsPass(_custom_graph_pass_base()):  # type: ignore[misc]
 
 def lowering_patches(mode: Optional[str]) -> Dict[str, Any]:
     """``compile_fx``'s config patches for an agpe graph: the options of ``torch.compile``'s
-    ``mode`` and the post-grad pass, ahead of the user's ``post_grad_custom_post_pass``."""
+    ``mode`` and the post-grad pass, ahead of the user's ``post_grad_custom_post_pass`` as
+    set now (compile_fx applies the same patches to the backward graph it compiles later,
+    so a pass set only around ``.backward()`` does not reach it; one set around the forward
+    does)."""
     from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
 

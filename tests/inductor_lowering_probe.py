@@ -8,11 +8,11 @@ real factory calls redirected to the CPU. The autograd engine cannot run a backw
 fake CUDA tensors without a driver, so the backward is written out as the op's autograd
 formula calls it (ops/sparse_linear.py ``_backward``) and compiled in one inference graph.
 
-    python tests/inductor_lowering_probe.py [--agpe-pass] [--cse]
+    python tests/inductor_lowering_probe.py [--agpe-pass] [--cse] [--width 256] [--block 64]
 
 ``--agpe-pass``: lower with the backend's own config patches (``lowering_patches``);
 ``--cse``: first merge identical nodes as AOTAutograd's partitioner does for training
-graphs (both layers are 256 x 256, so their dW and score zeros merge).
+graphs (both layers are width x width, so their dW and score zeros merge).
 """
 
 import inspect
@@ -98,9 +98,11 @@ if "input_device" in inspect.signature(joint_graph.lazy_init).parameters:  # tor
 
 AGPE_PASS = "--agpe-pass" in sys.argv
 CSE = "--cse" in sys.argv
+WIDTH = int(sys.argv[sys.argv.index("--width") + 1]) if "--width" in sys.argv else 256
+BLOCK = int(sys.argv[sys.argv.index("--block") + 1]) if "--block" in sys.argv else 64
 # a CPU build of torch cannot copy results back into mutated fake CUDA inputs: return them
 CLONE_ACCUMULATORS = not torch.backends.cuda.is_built()
-B, D = 64, 256
+B, D = BLOCK, WIDTH
 
 copies = []  # copy_input calls made while lowering a Triton kernel node
 _copy_input = ir.ExternKernel.copy_input

@@ -76,6 +76,16 @@ def test_the_backends_pass_stores_each_kernel_input_once_and_clones_no_zeros():
     assert len(set(dw)) == 2
 
 
+def test_a_shared_input_is_stored_once_without_padding_at_any_width():
+    # torch 2.13 pads a realized buffer's rows over 1024 elements that are not 128-byte
+    # multiples (bf16 width 1056); unless the pass marks it dislike_padding, the kernels'
+    # exact-stride constraint then copied it again (a re-audit, AU)
+    report = _lower("--cse", "--agpe-pass", "--width", "1056", "--block", "32")
+    assert len(set(_fc1_gradient_buffers(report))) == 1, report["kernels"]
+    assert len(set(_gelu_output_buffers(report))) == 1, report["kernels"]
+    assert not any(copy["size"][-1] == "1056" for copy in report["copies"]), report["copies"]
+
+
 def _kernel_node_graph():
     """A graph with the shape the pass looks for: call_function nodes named like torch's
     Triton kernel wrappers, reading and writing placeholders and computed values."""

@@ -51,25 +51,16 @@ lives). A controller holding its optimizer strongly kept that optimizer, its wei
 its moments (12 bytes per fp32 parameter under AdamW) alive after the user dropped the
 model, and kept a replaced optimizer alive for the rest of the run, while pruning stopped,
 since only the first optimizer's steps counted (a helper audit, twenty-first session). The
-controller and its Sparsifier hold the optimizer weakly, and another optimizer of the same
-weights takes over its counting when the followed one is freed (at its first step) or has
-missed two of its steps (kept alive elsewhere but no longer stepped; both missed steps are
-counted at the switch). Two optimizers that each step part of the layers every step keep the
-first one followed.
-
-What zero-code mode cannot do:
-
-* no loss: the adaptive schedule prunes every ``patience`` updates and backs off on the
-  regret signal only (Note [Adaptive schedule]);
-* policy ``snfs`` is refused (its budget follows the momentum of an optimizer that is
-  not known when the options are validated);
-* no checkpoint API in the training loop: the controller object has ``state_dict()``
-  like the Sparsifier, but only code holding it (``backend.controllers``) can save it.
-  To resume, build the controller over the prepared layers (``make_zero_code_controller``),
-  load its state, then the model's and the optimizer's, in that order (creating it draws
-  an initial layout; the model's state puts the weights back); a controller that followed
-  an optimizer binds again at that optimizer's next step and keeps its count
-  (tests/test_zero_code_backend.py). For checkpointing, the explicit Sparsifier is simpler.
+controller and its Sparsifier hold the optimizer weakly, and the first optimizer of the
+same weights to step after the followed one is freed takes over the counting (that step
+counts). Other optimizers of the weights never count a step (several optimizers that each
+step part of the layers, an extra optimizer stepping now and then, GradScaler skipping only
+the followed one's step: each training step counts once, as the followed one steps), but
+their moments of changed blocks are reset too. A replaced optimizer that stays referenced
+somewhere keeps being followed: after max(10, update_interval) steps of another optimizer
+of the weights without one of its own, a warning says that pruning is paused and how to
+free it. (A re-audit found that taking over from a live optimizer after two missed steps
+counted steps twice with co-stepping optimizers and GradScaler skips.)
 
 Example::
 
@@ -157,7 +148,7 @@ class ZeroCodeController:
         # the optimizer followed, weakly (Note [Zero-code holds the optimizer weakly])
         self._optimizer: Optional["weakref.ReferenceType"] = None
         self._bound = False
-        self._foreign_steps = 0  # steps of another optimizer of our weights since the followed one's
+        self._foreign_steps = 0  # steps of other optimizers of our weights since the followed one's last
         # weak references, compared by identity: an id() of a freed weight can be reused by
         # another model's parameter, which this controller must not follow
         self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
@@ -195,7 +186,7 @@ class ZeroCodeController:
     def follows_optimizer(self) -> bool:
         """True once an optimizer is bound (steps are counted by it, not by ticks), also after
         it is freed: the next optimizer of the weights to step takes its place."""
-        return self._bound
+        return self._bound or self._resume_following
 
     def __call__(self) -> None:
         if self.closed:
@@ -256,22 +247,27 @@ class ZeroCodeController:
             self._foreign_steps = 0
             sparsifier.step(None)
         elif self._holds_weights(optimizer):
-            # Note [Zero-code holds the optimizer weakly]: a replacement takes over once the
-            # followed optimizer is freed, or has missed two steps of this one (kept alive
-            # elsewhere); the steps it missed are counted then
-            self._foreign_steps += 1
-            if followed is None or self._foreign_steps >= 2:
-                missed = self._foreign_steps
-                log.info("agpe: zero-code mode now follows %s (the %s it followed %s)", type(optimizer).__name__,
-                         "optimizer" if followed is None else type(followed).__name__,
-                         "was freed" if followed is None else "stopped stepping")
+            # Note [Zero-code holds the optimizer weakly]: its moments of changed blocks are
+            # reset too; it takes over the counting once the followed optimizer is freed
+            sparsifier._other_optimizers.add(optimizer)
+            if followed is None:
+                log.info("agpe: zero-code mode now follows %s (the optimizer it followed was freed)",
+                         type(optimizer).__name__)
                 self._follow(optimizer)
-                for _ in range(missed):
-                    sparsifier.step(None)
+                sparsifier.step(None)
+                return
+            self._foreign_steps += 1
+            if self._foreign_steps == max(10, sparsifier.config.update_interval):
+                log.warning("agpe: zero-code mode counts the steps of %s, which has not stepped for %d steps of %s "
+                            "(an optimizer that holds the same weights): pruning is paused. If %s replaced it, "
+                            "drop every reference to the old optimizer (del it, and any scheduler holding it): "
+                            "the new one then takes over", type(followed).__name__, self._foreign_steps,
+                            type(optimizer).__name__, type(optimizer).__name__)
 
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)
         self.sparsifier._follow_weakly(optimizer)
+        self.sparsifier._other_optimizers.discard(optimizer)
         self._bound = True
         self._foreign_steps = 0
 
