@@ -58,8 +58,14 @@ step part of the layers, an extra optimizer stepping now and then, GradScaler sk
 the followed one's step: each training step counts once, as the followed one steps), but
 their moments of changed blocks are reset too. A replaced optimizer that stays referenced
 somewhere keeps being followed: after max(10, update_interval) steps of another optimizer
-of the weights without one of its own, a warning says that pruning is paused and how to
-free it. (A re-audit found that taking over from a live optimizer after two missed steps
+of the weights that holds all of the followed one's (a replacement) without one of its
+own, a warning says that pruning is paused and how to free it. The first step of each other optimizer of the weights runs one gc.collect(), so a
+replaced optimizer caught in a reference cycle (a subclass storing a bound method of
+itself, a hook closing over it) is freed then and the replacement takes over at once.
+Known gap: the first optimizer to step is the one followed, so an auxiliary optimizer
+over some layers that happens to step first and then only now and then is counted
+instead of the main one (pruning slows; a warning comes only when it misses
+max(10, update_interval) steps of another). (A re-audit found that taking over from a live optimizer after two missed steps
 counted steps twice with co-stepping optimizers and GradScaler skips.)
 
 Example::
@@ -73,6 +79,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import weakref
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -148,7 +155,8 @@ class ZeroCodeController:
         # the optimizer followed, weakly (Note [Zero-code holds the optimizer weakly])
         self._optimizer: Optional["weakref.ReferenceType"] = None
         self._bound = False
-        self._foreign_steps = 0  # steps of other optimizers of our weights since the followed one's last
+        # other optimizers of our weights -> their steps since the followed one's last
+        self._foreign_steps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         # weak references, compared by identity: an id() of a freed weight can be reused by
         # another model's parameter, which this controller must not follow
         self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
@@ -244,24 +252,31 @@ class ZeroCodeController:
             self._bind(optimizer)
         followed = self.optimizer
         if optimizer is followed:
-            self._foreign_steps = 0
+            for other in list(self._foreign_steps.keys()):
+                self._foreign_steps[other] = 0
             sparsifier.step(None)
         elif self._holds_weights(optimizer):
             # Note [Zero-code holds the optimizer weakly]: its moments of changed blocks are
             # reset too; it takes over the counting once the followed optimizer is freed
             sparsifier._other_optimizers.add(optimizer)
+            if followed is not None and optimizer not in self._foreign_steps:
+                del followed  # a replaced optimizer caught in a reference cycle is garbage
+                gc.collect()  # now, not at some later collection (once per new optimizer)
+                followed = self.optimizer
             if followed is None:
                 log.info("agpe: zero-code mode now follows %s (the optimizer it followed was freed)",
                          type(optimizer).__name__)
                 self._follow(optimizer)
                 sparsifier.step(None)
                 return
-            self._foreign_steps += 1
-            if self._foreign_steps == max(10, sparsifier.config.update_interval):
-                log.warning("agpe: zero-code mode counts the steps of %s, which has not stepped for %d steps of %s "
-                            "(an optimizer that holds the same weights): pruning is paused. If %s replaced it, "
-                            "drop every reference to the old optimizer (del it, and any scheduler holding it): "
-                            "the new one then takes over", type(followed).__name__, self._foreign_steps,
+            count = self._foreign_steps[optimizer] = self._foreign_steps.get(optimizer, 0) + 1
+            # a replacement holds every weight of ours the followed one holds (an optimizer
+            # over some layers running an inner loop does not: no warning for it)
+            if count == max(10, sparsifier.config.update_interval) and self._held(followed) <= self._held(optimizer):
+                log.warning("agpe: zero-code mode counts the steps of the %s it followed first, which has not stepped "
+                            "during the last %d steps of another %s holding its layers: pruning is paused. If the "
+                            "%s replaced it, drop every reference to the old optimizer (del it, and any scheduler "
+                            "holding it): the new one then takes over", type(followed).__name__, count,
                             type(optimizer).__name__, type(optimizer).__name__)
 
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
@@ -269,7 +284,9 @@ class ZeroCodeController:
         self.sparsifier._follow_weakly(optimizer)
         self.sparsifier._other_optimizers.discard(optimizer)
         self._bound = True
-        self._foreign_steps = 0
+        self._foreign_steps.pop(optimizer, None)
+        for other in list(self._foreign_steps.keys()):
+            self._foreign_steps[other] = 0
 
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
         self._follow(optimizer)
@@ -277,6 +294,11 @@ class ZeroCodeController:
         # First point between steps: move the initial layout to its bucket (one recompile).
         self.sparsifier.rebucketed = rebucket(list(self.sparsifier.layers.values()), self.sparsifier.config.buckets)
         log.info("agpe: zero-code mode follows %s: one optimizer step = one training step", type(optimizer).__name__)
+
+    def _held(self, optimizer: torch.optim.Optimizer) -> set:
+        """ids of this controller's weights that ``optimizer`` holds."""
+        return {id(p) for group in optimizer.param_groups for p in group["params"]
+                if self._weights.get(id(p), _dead)() is p}
 
     def _holds_weights(self, optimizer: torch.optim.Optimizer) -> bool:
         return any(self._weights.get(id(p), _dead)() is p for group in optimizer.param_groups for p in group["params"])
