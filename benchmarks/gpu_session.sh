@@ -8,8 +8,8 @@
 # PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "ckpt" and "probe");
 # a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
-# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 290 s)
-# times the training step with AGPE_TMA=auto and AGPE_TMA=off one after the other (Note
+# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 430 s)
+# times the training step with AGPE_TMA=auto, persistent and off one after the other (Note
 # [TMA by default] in agpe_compile/kernels/launch.py); "ckpt" (<= 200 s) times the step with
 # every block under activation checkpointing; "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
@@ -54,7 +54,7 @@ fi
 # TMA on/off, one process each (the kernel choice is made when a graph is compiled); each
 # run times dense in the same process, so compare the agpe/dense ratios.
 if has tma; then
-  for setting in auto off; do
+  for setting in auto persistent off; do
     AGPE_TMA=$setting timeout -k 10 140 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
       --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
       > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1

@@ -219,10 +219,14 @@ def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
     return results
 
 
+TMA_MODES = ("host", "device", "persistent")  # Note [Persistent TMA programs] in kernels/forward_tma.py
+
+
 def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
     """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py, grad_weight_tma.py;
-    descriptors built on the host and on the device) against the plain kernels, block 128,
-    each with its own default config, same masks: which one should be the default."""
+    descriptors built on the host, on the device with one tile per program, and on the
+    device by persistent programs) against the plain kernels, block 128, each with its own
+    default config, same masks: which one should be the default."""
     calls = {"forward": lambda x, dy, w, lay, tma: block_sparse_forward(x, w, lay, tma=tma),
              "grad_input": lambda x, dy, w, lay, tma: block_sparse_grad_input(dy, w, lay, tma=tma),
              "grad_weight": lambda x, dy, w, lay, tma: block_sparse_grad_weight(dy, x, lay, tma=tma)}
@@ -238,7 +242,7 @@ def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Di
                 row = dict(kernel=kernel, m=m, k=k, n=n, density=density,
                            plain_ms=gpu_bench(lambda: call(x, dy, w, layout, False)))
                 expected = call(x, dy, w, layout, False)
-                for mode in ("host", "device"):
+                for mode in TMA_MODES:
                     try:
                         torch.testing.assert_close(call(x, dy, w, layout, mode), expected, rtol=2e-2, atol=2e-2)
                         row[f"tma_{mode}_ms"] = gpu_bench(lambda: call(x, dy, w, layout, mode))
@@ -378,7 +382,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
     for entry in report.get("tma", []):
         parts = []
-        for mode in ("host", "device"):
+        for mode in TMA_MODES:
+            if f"tma_{mode}_ms" not in entry:  # a report written before the mode existed
+                continue
             ms = entry[f"tma_{mode}_ms"]
             parts.append(f"TMA {mode} " + (f"{ms:.3f} ms ({ms / entry['plain_ms']:.3f}x)" if ms is not None
                                            else entry.get(f"tma_{mode}_note", "failed")))

@@ -62,7 +62,7 @@ def _eager(x, w, bias, mask, sal, dgs, flag, counters, layout):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("density, bucket", [(0.25, 0.25), (0.9, 1.0)], ids=["triton", "cublas"])
 @pytest.mark.parametrize("flag", [True, False])
-@pytest.mark.parametrize("tma", ["off", "auto"])  # Note [TMA by default]: eager "auto" failed once
+@pytest.mark.parametrize("tma", ["off", "auto", "persistent"])  # Note [TMA by default]: eager "auto" failed once
 def test_op_every_cuda_path(density, bucket, compiled, flag, tma, monkeypatch):
     monkeypatch.setenv("AGPE_TMA", tma)
     torch._dynamo.reset()

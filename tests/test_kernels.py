@@ -486,6 +486,8 @@ def test_tma_setting_is_not_followed_for_graphs_replayed_eagerly(monkeypatch):
     assert launch._tma_mode("auto", x, x) == "device"
     with launch.traced_for_eager_replay():
         assert launch._tma_mode("auto", x, x) is None
+        monkeypatch.setenv("AGPE_TMA", "persistent")
+        assert launch._tma_mode("auto", x, x) is None
         monkeypatch.setenv("AGPE_TMA", "device")
         with pytest.raises(ValueError, match="AGPE_TMA=device needs the Inductor lowering"):
             launch._tma_mode("auto", x, x)
@@ -646,7 +648,7 @@ def test_bias_grad_kernel_compiles_for_hopper_with_vector_loads(triton_kernels):
     assert odd_bf16["widest_load_bits"] == 16  # the masked tail: why the launcher passes EVEN_N
 
 
-@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("mode", ["host", "device", "persistent"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 70, 128])
 def test_tma_forward_candidate_matches_the_forward_kernel(triton_kernels, dtype, m, mode):
@@ -675,6 +677,16 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         "from agpe_compile.kernels.configs import TMA_CANDIDATES\n"
         "reports = [compile_tma(k, config=c) for k, cs in TMA_CANDIDATES.items() for c in cs]\n"
         "reports += [compile_tma(k, device_descriptors=True) for k in ('forward', 'grad_input', 'grad_weight')]\n"
+        "import torch\n"
+        "from agpe_compile.kernels.configs import config_for\n"
+        "from agpe_compile.kernels.launch import tma_shared_bytes\n"
+        "sizes = []\n"  # the persistent grid's estimate must bound what Triton allocates
+        "for k, cs in TMA_CANDIDATES.items():\n"
+        "    for b, c in [(128, c) for c in cs] + [(b, config_for(k, b, torch.bfloat16, interpret=False, tma=True))\n"
+        "                                         for b in (32, 64)]:\n"
+        "        report = compile_tma(k, block_size=b, config=c, device_descriptors=True)\n"
+        "        sizes.append([k, b, report['shared_bytes'], tma_shared_bytes(k, c, b, torch.bfloat16)])\n"
+        "print(json.dumps(sizes))\n"
         "print(json.dumps(reports))\n"
     )
     result = _run_python(code, TRITON_DEFAULT_FP_FUSION="1")
@@ -682,13 +694,18 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
     import json
 
     from agpe_compile.kernels.aot import HOPPER_SHARED_LIMIT
+    from agpe_compile.kernels.configs import TMA_CANDIDATES
 
     for report in json.loads(result.stdout.splitlines()[-1]):
         assert report["shared_bytes"] <= HOPPER_SHARED_LIMIT and report["spill_bytes"] == 0, report
         assert report["tma_loads"] > 0 and report["wgmma"] > 0, report
+    sizes = json.loads(result.stdout.splitlines()[-2])
+    assert len(sizes) == sum(len(cs) + 2 for cs in TMA_CANDIDATES.values())
+    for kernel, block_size, allocated, estimate in sizes:  # launch.tma_shared_bytes: an upper bound
+        assert allocated <= estimate, (kernel, block_size, allocated, estimate)
 
 
-@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("mode", ["host", "device", "persistent"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 70, 128])
 def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, dtype, m, mode):
@@ -700,7 +717,7 @@ def test_tma_grad_input_candidate_matches_the_grad_input_kernel(triton_kernels, 
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("mode", ["host", "device", "persistent"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, split, saliency_mode", [(1, 1, "taylor"), (70, 1, "magnitude"), (128, 1, "movement"),
                                                      (200, 3, "taylor"), (130, 16, "gradient")])
@@ -762,8 +779,9 @@ def test_tma_device_descriptor_candidates_trace_as_user_kernels(triton_kernels):
         "layout = build_layout(torch.tensor([[True, False], [True, True]]), 64)\n"
         "def step(x, w, dy, *tensors):\n"
         "    lay = BlockLayout.from_tensors(tensors, block_size=64, bucket=0.75)\n"
-        "    return (block_sparse_forward(x, w, lay, tma='device'), block_sparse_grad_input(dy, w, lay, tma='device'),\n"
-        "            block_sparse_grad_weight(dy, x, lay, tma='device'))\n"
+        "    return [out for mode in ('device', 'persistent') for out in (\n"
+        "        block_sparse_forward(x, w, lay, tma=mode), block_sparse_grad_input(dy, w, lay, tma=mode),\n"
+        "        block_sparse_grad_weight(dy, x, lay, tma=mode))]\n"
         "with FakeTensorMode():\n"
         "    e = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device='cuda')\n"
         "    args = [e(300, 128), e(128, 128), e(300, 128)] + [e(*t.shape, dtype=t.dtype) for t in layout.tensors()]\n"
@@ -772,11 +790,11 @@ def test_tma_device_descriptor_candidates_trace_as_user_kernels(triton_kernels):
     )
     result = _run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("triton_kernel_wrapper_mutation(") == 3, result.stdout
+    assert result.stdout.count("triton_kernel_wrapper_mutation(") == 6, result.stdout
     assert "'x_ptr'" in result.stdout and "'dy_ptr'" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("mode", ["host", "device", "persistent"])
 def test_tma_candidates_take_3d_operands(triton_kernels, mode):
     # Note [Kernel operands]: the device-descriptor kernels get the [B, S, K] tensor itself.
     p = make_problem(70, 3, 4, 32, 0.5, torch.float32, batch=2)
@@ -787,6 +805,29 @@ def test_tma_candidates_take_3d_operands(triton_kernels, mode):
                                block_sparse_grad_input(p.grad_out, p.weight, layout, tma=False), rtol=0, atol=0)
     torch.testing.assert_close(block_sparse_grad_weight(p.grad_out, p.x, layout, tma=mode),
                                block_sparse_grad_weight(p.grad_out, p.x, layout, tma=False), rtol=0, atol=0)
+
+
+def test_persistent_tma_grids_hold_what_the_gpu_runs_at_once(triton_kernels):
+    # Note [Persistent TMA programs]: SMs x programs per SM (by shared memory), at most one per tile.
+    from agpe_compile.kernels.configs import config_for
+    from agpe_compile.kernels.launch import _multiprocessors, persistent_programs
+
+    sms = _multiprocessors(torch.device("cuda"))  # 132 (an H100/H200) on a host without a GPU
+    compiled = object()  # not an interpreter kernel
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    forward = config_for("forward", 128, bf16, interpret=False, tma=True)  # 3 x 32 KB in flight: 2 per SM
+    assert persistent_programs(10**6, forward, "forward", 128, bf16, cuda, compiled) == 2 * sms
+    assert persistent_programs(50, forward, "forward", 128, bf16, cuda, compiled) == 50
+    small = config_for("forward", 32, bf16, interpret=False, tma=True)  # 4 x 10 KB: 5 per SM
+    assert persistent_programs(10**6, small, "forward", 32, bf16, cuda, compiled) == 5 * sms
+    grad_weight = config_for("grad_weight", 128, bf16, interpret=False, tma=True)  # 4 x 32 KB: 1 per SM
+    assert persistent_programs(10**6, grad_weight, "grad_weight", 128, bf16, cuda, compiled, split=4) == sms // 4
+    from agpe_compile.kernels.forward_tma import forward_tma_device_kernel
+    from agpe_compile.kernels.runtime import is_interpreted
+
+    if is_interpreted(forward_tma_device_kernel):  # the interpreter: 2, so the tile loop runs
+        assert persistent_programs(6, forward, "forward", 128, torch.bfloat16, torch.device("cpu"),
+                                   forward_tma_device_kernel) == 2
 
 
 def test_tma_mode_must_be_named(triton_kernels):
@@ -821,6 +862,7 @@ def test_auto_takes_tma_only_on_hopper_for_16_bit_operands_it_can_read():
 
 
 def test_agpe_tma_setting_is_validated_and_off_forces_the_plain_kernels(triton_kernels, monkeypatch):
+    from agpe_compile.kernels import launch
     from agpe_compile.kernels.launch import _tma_mode
 
     x = torch.zeros(16, 32, dtype=torch.bfloat16)
@@ -834,7 +876,14 @@ def test_agpe_tma_setting_is_validated_and_off_forces_the_plain_kernels(triton_k
     assert _tma_mode(False, x, x) is None  # an explicit choice wins over the setting
     monkeypatch.setenv("AGPE_TMA", "auto")
     assert _tma_mode("auto", x, x) is None  # CPU operands: the plain kernels
-    monkeypatch.delenv("AGPE_TMA")
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    assert _tma_mode("auto", x, x) is None  # like auto: only where TMA applies
+    monkeypatch.setattr(launch, "tma_applies", lambda *args, **kwargs: True)
+    assert _tma_mode("auto", x, x) == "persistent"
+    monkeypatch.setenv("AGPE_TMA", "auto")
+    assert _tma_mode("auto", x, x) == "device"
+    monkeypatch.undo()
+    monkeypatch.delenv("AGPE_TMA", raising=False)
     assert _tma_mode("auto", x, x) is None  # the default is off (Note [TMA by default])
     p = make_problem(70, 3, 4, 32, 0.5, torch.float32)
     layout = build_layout(p.mask, 32)

@@ -25,7 +25,7 @@ def grad_input_tma_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     _grad_input_tile(dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr, M, num_block_cols, stride_dxm, stride_dxk,
-                     BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, INPUT_PRECISION, UPCAST)
+                     tl.program_id(0), BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, INPUT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -35,22 +35,25 @@ def grad_input_tma_device_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """The same with descriptors built on the device (traceable; see forward_tma.py)."""
+    """The same with descriptors built on the device (traceable; see forward_tma.py), once
+    per program for tiles pid, pid + P, ... (Note [Persistent TMA programs] there)."""
     dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_K, BLOCK_SIZE])
-    _grad_input_tile(dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr, M, num_block_cols, stride_dxm, stride_dxk,
-                     BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, INPUT_PRECISION, UPCAST)
+    num_tiles = tl.cdiv(M, BLOCK_M) * num_block_cols
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        _grad_input_tile(dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr, M, num_block_cols, stride_dxm,
+                         stride_dxk, tile, BLOCK_SIZE, BLOCK_M, BLOCK_K, GROUP_M, INPUT_PRECISION, UPCAST)
 
 
 @triton.jit
 def _grad_input_tile(
     dy_desc, w_desc, dx_ptr, col_ptr_ptr, row_idx_ptr,
-    M, num_block_cols, stride_dxm, stride_dxk,
+    M, num_block_cols, stride_dxm, stride_dxk, tile,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     steps_per_block = BLOCK_SIZE // BLOCK_K
-    pid_m, block_col = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_block_cols, GROUP_M)
+    pid_m, block_col = grouped_tile(tile, tl.cdiv(M, BLOCK_M), num_block_cols, GROUP_M)
     m0 = pid_m * BLOCK_M
     k0 = block_col * BLOCK_SIZE
     first = tl.load(col_ptr_ptr + block_col)

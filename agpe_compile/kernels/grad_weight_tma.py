@@ -27,9 +27,11 @@ def grad_weight_tma_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, SALIENCY: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    _grad_weight_slot(dy_desc, x_desc, w_ptr, dw_ptr, scores_ptr, ws_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr,
-                      M, m_chunk, capacity, num_block_cols, stride_wn, stride_wk, stride_dwn, stride_dwk,
-                      BLOCK_SIZE, BLOCK_M, SALIENCY, SPLIT, INPUT_PRECISION, UPCAST)
+    slot = tl.program_id(0)
+    if slot < tl.load(live_count_ptr):
+        _grad_weight_slot(dy_desc, x_desc, w_ptr, dw_ptr, scores_ptr, ws_ptr, slot_row_ptr, col_idx_ptr,
+                          M, m_chunk, capacity, num_block_cols, stride_wn, stride_wk, stride_dwn, stride_dwk, slot,
+                          BLOCK_SIZE, BLOCK_M, SALIENCY, SPLIT, INPUT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -39,25 +41,25 @@ def grad_weight_tma_device_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, SALIENCY: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """The same with descriptors built on the device (traceable; see forward_tma.py)."""
+    """The same with descriptors built on the device (traceable; see forward_tma.py), once
+    per program for the live slots pid, pid + P, ... (Note [Persistent TMA programs])."""
     dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, N], strides=[stride_dym, 1],
                                         block_shape=[BLOCK_M, BLOCK_SIZE])
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_SIZE])
-    _grad_weight_slot(dy_desc, x_desc, w_ptr, dw_ptr, scores_ptr, ws_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr,
-                      M, m_chunk, capacity, num_block_cols, stride_wn, stride_wk, stride_dwn, stride_dwk,
-                      BLOCK_SIZE, BLOCK_M, SALIENCY, SPLIT, INPUT_PRECISION, UPCAST)
+    for slot in range(tl.program_id(0), tl.load(live_count_ptr), tl.num_programs(0)):
+        _grad_weight_slot(dy_desc, x_desc, w_ptr, dw_ptr, scores_ptr, ws_ptr, slot_row_ptr, col_idx_ptr,
+                          M, m_chunk, capacity, num_block_cols, stride_wn, stride_wk, stride_dwn, stride_dwk, slot,
+                          BLOCK_SIZE, BLOCK_M, SALIENCY, SPLIT, INPUT_PRECISION, UPCAST)
 
 
 @triton.jit
 def _grad_weight_slot(
-    dy_desc, x_desc, w_ptr, dw_ptr, scores_ptr, ws_ptr, slot_row_ptr, col_idx_ptr, live_count_ptr,
-    M, m_chunk, capacity, num_block_cols, stride_wn, stride_wk, stride_dwn, stride_dwk,
+    dy_desc, x_desc, w_ptr, dw_ptr, scores_ptr, ws_ptr, slot_row_ptr, col_idx_ptr,
+    M, m_chunk, capacity, num_block_cols, stride_wn, stride_wk, stride_dwn, stride_dwk, slot,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, SALIENCY: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    slot = tl.program_id(0)
-    if slot >= tl.load(live_count_ptr):
-        return
+    """Live slot ``slot``'s block (or its split-K part ``program_id(1)``)."""
     block_row = tl.load(slot_row_ptr + slot)
     block_col = tl.load(col_idx_ptr + slot)
     n0 = block_row * BLOCK_SIZE

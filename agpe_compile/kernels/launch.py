@@ -45,8 +45,10 @@ def block_sparse_forward(
     ``tma`` picks the kernel (Note [TMA by default]): ``"auto"`` follows the ``AGPE_TMA``
     setting (default off: the plain kernel, kernels/forward.py); ``False`` the plain
     kernel; ``"device"`` the TMA kernel (kernels/forward_tma.py; X's and W's last dimension
-    contiguous, rows 16-byte aligned; traceable); ``"host"`` (or True) the TMA kernel with
-    host-built descriptors, eager only (benchmarks/kernels.py)."""
+    contiguous, rows 16-byte aligned; traceable), one tile per program; ``"persistent"``
+    the same kernel on about one program per SM (Note [Persistent TMA programs]);
+    ``"host"`` (or True) the TMA kernel with host-built descriptors, eager only
+    (benchmarks/kernels.py)."""
     x2 = as_2d("x", x, check_layout(layout).shape[1])
     check_operands(layout, weight, [x2])
     if bias is not None:
@@ -57,7 +59,7 @@ def block_sparse_forward(
     tma = _tma_mode(tma, x2, weight)
     if tma == "host":
         from .forward_tma import forward_tma_kernel as kernel
-    elif tma == "device":
+    elif tma in _DEVICE_DESCRIPTORS:
         from .forward_tma import forward_tma_device_kernel as kernel
     else:
         from .forward import forward_kernel as kernel
@@ -72,7 +74,7 @@ def block_sparse_forward(
         operands = (_descriptor("x", x2, [cfg.block_m, cfg.block_k]),
                     _descriptor("weight", weight, [layout.block_size, cfg.block_k]))
         sizes, strides = (m, rows), (*y.stride(),)
-    elif tma == "device":
+    elif tma in _DEVICE_DESCRIPTORS:
         _check_tma_operand("x", x2)
         _check_tma_operand("weight", weight)
         _ensure_scratch_allocator(kernel)
@@ -81,7 +83,10 @@ def block_sparse_forward(
     else:
         operands = (kernel_operand(x, x2), weight)
         sizes, strides = (m, rows), (*x2.stride(), *weight.stride(), *y.stride())
-    launcher(kernel, (cdiv(m, cfg.block_m) * rows,), x.device)(
+    tiles = cdiv(m, cfg.block_m) * rows
+    programs = (persistent_programs(tiles, cfg, "forward", layout.block_size, x.dtype, x.device, kernel)
+                if tma == "persistent" else tiles)
+    launcher(kernel, (programs,), x.device)(
         *operands, bias if bias is not None else weight, y, layout.row_ptr, layout.col_idx, *sizes, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, **dot_options(kernel, x.dtype),
@@ -107,7 +112,7 @@ def block_sparse_grad_input(
     tma = _tma_mode(tma, dy2, weight)
     if tma == "host":
         from .grad_input_tma import grad_input_tma_kernel as kernel
-    elif tma == "device":
+    elif tma in _DEVICE_DESCRIPTORS:
         from .grad_input_tma import grad_input_tma_device_kernel as kernel
     else:
         from .grad_input import grad_input_kernel as kernel
@@ -122,7 +127,7 @@ def block_sparse_grad_input(
         operands = (_descriptor("grad_out", dy2, [cfg.block_m, cfg.block_k]),
                     _descriptor("weight", weight, [cfg.block_k, layout.block_size]))
         sizes, strides = (m, cols), (*dx.stride(),)
-    elif tma == "device":
+    elif tma in _DEVICE_DESCRIPTORS:
         _check_tma_operand("grad_out", dy2)
         _check_tma_operand("weight", weight)
         _ensure_scratch_allocator(kernel)
@@ -131,7 +136,11 @@ def block_sparse_grad_input(
     else:
         operands = (kernel_operand(grad_out, dy2), weight)
         sizes, strides = (m, cols), (*dy2.stride(), *weight.stride(), *dx.stride())
-    launcher(kernel, (cdiv(m, cfg.block_m) * cols,), grad_out.device)(
+    tiles = cdiv(m, cfg.block_m) * cols
+    programs = (persistent_programs(tiles, cfg, "grad_input", layout.block_size, grad_out.dtype,
+                                    grad_out.device, kernel)
+                if tma == "persistent" else tiles)
+    launcher(kernel, (programs,), grad_out.device)(
         *operands, dx, layout.col_ptr, layout.row_idx, *sizes, *strides,
         BLOCK_SIZE=layout.block_size, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         **dot_options(kernel, grad_out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -155,7 +164,9 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # 0.89-1.00x). With AGPE_TMA=auto they are taken for 16-bit operands that meet TMA's rules
 # (last dimension contiguous, 16-byte aligned rows and base) and the plain kernels
 # otherwise; both compute the same function, so the choice is speed only. AGPE_TMA=device
-# forces them (raising on operands they cannot take). The default stays "off": the
+# forces them (raising on operands they cannot take); AGPE_TMA=persistent is "auto" with
+# persistent programs that build their descriptors once (Note [Persistent TMA programs] in
+# forward_tma.py; not timed on a GPU yet). The default stays "off": the
 # benchmark's training step, timed with "auto" and "off" one after the other in the same
 # call, showed no consistent gain (auto slower in four of six cells, faster in two, by up
 # to 0.056 of the dense step: the spread between runs). The eager backward that failed
@@ -166,7 +177,7 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # traced for them (traced_for_eager_replay). fp32 (tf32) stays on the plain kernels: its
 # TMA variant has not been timed.
 TMA_ENV = "AGPE_TMA"
-_TMA_ENV_VALUES = ("off", "auto", "device")
+_TMA_ENV_VALUES = ("off", "auto", "device", "persistent")
 
 
 def tma_applies(device: torch.device, dtype: torch.dtype, operands, capability=None) -> bool:
@@ -226,14 +237,49 @@ def _tma_mode(tma, *operands) -> Optional[str]:
             return None
         if setting == "device":
             return "device"
-        return "device" if operands and tma_applies(operands[0].device, operands[0].dtype, operands) else None
+        applies = operands and tma_applies(operands[0].device, operands[0].dtype, operands)
+        return ("persistent" if setting == "persistent" else "device") if applies else None
     if tma is False or tma is None:
         return None
     if tma is True or tma == "host":
         return "host"
-    if tma == "device":
-        return "device"
-    raise ValueError(f"agpe kernels: expected tma in ('auto', False, True, 'host', 'device'), got {tma!r}")
+    if tma in _DEVICE_DESCRIPTORS:
+        return tma
+    raise ValueError(f"agpe kernels: expected tma in ('auto', False, True, 'host', 'device', 'persistent'), "
+                     f"got {tma!r}")
+
+
+# Kernels that build their descriptors on the device: one tile (dW: slot) per program, or
+# persistent programs (Note [Persistent TMA programs] in forward_tma.py).
+_DEVICE_DESCRIPTORS = ("device", "persistent")
+# Shared memory of one Hopper SM that resident programs can share (bytes).
+_SM_SHARED = 228 * 1024
+
+
+def tma_shared_bytes(kernel_name: str, cfg: KernelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Shared memory of one device-descriptor TMA program, from its configuration: the
+    forward and dX kernels keep num_stages - 2 tile pairs (the index load takes a stage),
+    the dW kernel num_stages. An upper bound of what Triton allocates (checked against
+    sm_90 compiles, tests/test_kernels.py), so the grid never counts more resident
+    programs than shared memory allows (registers may allow fewer). 1 KB on top for the
+    pipeline's barriers."""
+    if kernel_name == "grad_weight":  # a dY and an X tile of BLOCK_M x block size per stage
+        return cfg.num_stages * 2 * cfg.block_m * block_size * dtype.itemsize + 1024
+    # an [BLOCK_M, BLOCK_K] activation tile and a [block size, BLOCK_K] weight tile per stage
+    return max(1, cfg.num_stages - 2) * (cfg.block_m + block_size) * cfg.block_k * dtype.itemsize + 1024
+
+
+def persistent_programs(tiles, cfg: KernelConfig, kernel_name: str, block_size: int, dtype: torch.dtype,
+                        device: torch.device, kernel, split: int = 1):
+    """Grid size of a persistent TMA launch (Note [Persistent TMA programs]): as many
+    programs as fit on the GPU at once (SMs x the programs one SM holds by
+    :func:`tma_shared_bytes`), at most one per tile; ``split`` programs share each slot of
+    the dW kernel. Under the interpreter: 2, so the loop over tiles runs. From shapes and
+    the device only (``tiles`` may be symbolic)."""
+    if is_interpreted(kernel):
+        return torch.sym_min(tiles, 2)
+    resident = max(1, _SM_SHARED // tma_shared_bytes(kernel_name, cfg, block_size, dtype))
+    return torch.sym_min(tiles, max(1, _multiprocessors(device) * resident // split))
 
 
 def _check_tma_operand(name: str, t: torch.Tensor) -> None:
@@ -307,7 +353,7 @@ def block_sparse_grad_weight(
         tma = None
     if tma == "host":
         from .grad_weight_tma import grad_weight_tma_kernel as kernel
-    elif tma == "device":
+    elif tma in _DEVICE_DESCRIPTORS:
         from .grad_weight_tma import grad_weight_tma_device_kernel as kernel
     else:
         from .grad_weight import grad_weight_kernel as kernel
@@ -333,7 +379,7 @@ def block_sparse_grad_weight(
     if tma == "host":
         operands = (_descriptor("grad_out", dy2, [cfg.block_m, b]), _descriptor("x", x2, [cfg.block_m, b]))
         sizes, strides = (m, m_chunk), ()
-    elif tma == "device":
+    elif tma in _DEVICE_DESCRIPTORS:
         _check_tma_operand("grad_out", dy2)
         _check_tma_operand("x", x2)
         _ensure_scratch_allocator(kernel)
@@ -342,7 +388,11 @@ def block_sparse_grad_weight(
     else:
         operands = (kernel_operand(grad_out, dy2), kernel_operand(x, x2))
         sizes, strides = (m, m_chunk), (*dy2.stride(), *x2.stride())
-    launcher(kernel, (layout.capacity, split), x.device)(
+    programs = layout.capacity  # one per slot; persistent: each walks slots pid, pid + P, ... below the live count
+    if tma == "persistent":
+        programs = persistent_programs(layout.capacity, cfg, "grad_weight", b, x.dtype, x.device, kernel,
+                                       split=split)
+    launcher(kernel, (programs, split), x.device)(
         *operands, w, dw, scores, ws, layout.slot_row, layout.col_idx, layout.live_count,
         *sizes, layout.capacity, layout.grid_shape[1], *strides, *w.stride(), *dw.stride(),
         BLOCK_SIZE=b, BLOCK_M=cfg.block_m, SALIENCY=mode, SPLIT=split,
