@@ -5,8 +5,11 @@ Note [Adaptive schedule]
 The target moves on a LADDER of densities: the density buckets between the start and the
 final density, plus both ends. With the default buckets, a start of 1.0 and a final
 density of 0.1 the ladder is ``1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1``. Every rung is in
-its own bucket, so the kernel layouts re-bucket (recompile) only when the rung changes,
-at most ``len(ladder) - 1 + 2 * max_backoffs`` times.
+its own bucket (except a start or ``max_density`` that is not a bucket value, which shares
+the bucket of the rung above it), so the kernel layouts re-bucket (recompile) only when
+the rung changes, at most ``len(ladder) - 1 + 2 * max_backoffs`` times. ``max_density``
+(at least the start density) puts a higher rung on top for back-offs to return to, above
+a sparse start.
 
 At each update the mean training loss of the last interval is smoothed
 (``s = a * s + (1 - a) * loss``) and compared with the previous smoothed value:
@@ -16,7 +19,8 @@ At each update the mean training loss of the last interval is smoothed
    left, go down (one rung, or as many as needed when fewer updates than rungs are left:
    the final density is always reached at the last update at or before ``end_step``);
 2. back off on regret (one rung UP, raising density) when the blocks dropped at the last
-   update carried at least ``regret_threshold`` times the mean saliency EMA of the blocks
+   update (every dropped block: a prune's, and those swapped out at a hold or a back-off)
+   carried at least ``regret_threshold`` times the mean saliency EMA of the blocks
    active before that update (0 = they carried nothing, 1 = as much as an average block):
    saliency could hardly tell them from the blocks it kept. This is measured when they are
    dropped, so it needs no settling and is acted on even during a cooldown (else a
@@ -29,8 +33,10 @@ At each update the mean training loss of the last interval is smoothed
 5. back off on loss when ``rel < -backoff_tol`` (the loss got worse);
 6. hold while the loss gets worse and no back-off is left (never prune then; this resets
    the count of stalled holds);
-7. prune (one rung down) when ``rel >= improve_tol`` (the loss keeps improving), or after
-   ``patience`` consecutive stalled holds (``2 * patience`` after a back-off: hysteresis);
+7. prune (one rung down) when ``rel >= improve_tol`` (the loss keeps improving), or at the
+   ``patience``-th consecutive stalled update, i.e. after ``patience - 1`` stalled holds
+   (``2 * patience`` after a back-off: hysteresis; ``patience=1`` prunes at every stalled
+   update); an update without a previous loss to compare with (the first) counts as stalled;
 8. otherwise hold (the loss stalls inside the dead band ``[-backoff_tol, improve_tol)``).
 
 Back-offs (2 and 5) happen at most ``max_backoffs`` times in a run, never above the top of
@@ -40,8 +46,9 @@ Worked example (ladder 1.0, 0.5, 0.1; improve_tol 0.01, cooldown 1, smoothing 0)
 losses 2.0, 1.5, 1.4, 1.39 at updates 1..4 give: update 1 hold (no previous loss),
 update 2 prune to 0.5 (rel 0.25), update 3 cooldown, update 4 hold (rel 0.007) ...
 
-Without a loss (zero-code mode) ``rel`` is unknown: the schedule prunes every
-``patience`` updates and still backs off on regret.
+Without a loss (zero-code mode) ``rel`` is unknown, so every update after a cooldown
+stalls: the schedule prunes every ``patience + cooldown`` updates (every 3 with the
+defaults) and still backs off on regret.
 
 ``saliency="movement"`` scores can be negative, so the regret ratio has no meaning there:
 the Sparsifier gives no regret signal in that mode (``pruned_saliency`` is None).

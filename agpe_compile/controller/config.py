@@ -83,7 +83,11 @@ class AGPEConfig:
             share of the global target density (0.5: no layer below half the target). Floors
             are whole blocks, at least one per layer; where they add up to more than the
             global budget (shares near 1, small layers) the largest are lowered a block at a
-            time until they fit, so such a layer can end below the floor.
+            time until they fit, so such a layer can end below the floor. Only the policies
+            that redistribute by score (``agpe``, ``snfs`` with momentum) apply it, from
+            their first update on (a sparse initial layout is the distribution's split; the
+            first update raises a layer below its floor, which may move it to another
+            bucket); the others keep the distribution's split and ignore it.
         buckets: density buckets of the kernel layouts; must include 1.0. AGPE's global
             target moves between bucket values, and redistribution keeps every layer inside
             its bucket while that target stays put, so layouts re-bucket (recompile) only at
@@ -91,13 +95,15 @@ class AGPEConfig:
         improve_tol, backoff_tol, regret_threshold, patience, cooldown, max_backoffs,
         max_density, loss_smoothing: the adaptive schedule's feedback rules (Note
             [Adaptive schedule] in adaptive_schedule.py). In short: the smoothed interval
-            loss improving by ``improve_tol`` (relative) prunes one rung, ``patience``
-            consecutive stalled holds prune too (``2 * patience`` from a back-off until the
-            next prune on improvement), getting worse by ``backoff_tol`` backs off one rung
-            (at most ``max_backoffs`` times), and so does a prune whose dropped blocks carried
-            at least ``regret_threshold`` of an average active block's saliency (not for
-            ``saliency="movement"``; in practice it undoes the first prunes of a run: Note
-            [Regret in practice]).
+            loss improving by ``improve_tol`` (relative) prunes one rung, so does the
+            ``patience``-th consecutive stalled update (``2 * patience`` from a back-off
+            until the next prune on improvement), getting worse by ``backoff_tol`` backs off
+            one rung (at most ``max_backoffs`` times), and so does an update whose dropped
+            blocks (pruned or swapped out) carried at least ``regret_threshold`` of an
+            average active block's saliency (not for ``saliency="movement"``; in practice it
+            undoes the first prunes of a run: Note [Regret in practice]). ``max_density``
+            (``agpe`` only; at least the start density) is a density above a sparse start
+            that back-offs may return to.
         rescale_init: a sparse initial layout multiplies each layer's surviving weights by
             1/sqrt(layer density), so the output variance of the default (fan-in) init is
             kept with the smaller effective fan-in; without it a 90%-sparse 3-layer MLP
@@ -194,6 +200,10 @@ class AGPEConfig:
             if self.max_density < self.final_density:
                 raise ValueError(_bad("max_density", self.max_density,
                                       f"a density >= the final density {self.final_density}"))
+            if self.max_density < self.start_density:  # it can only add a rung above the start
+                raise ValueError(_bad("max_density", self.max_density, (
+                    f"a density >= the start density {self.start_density} (the highest density back-offs "
+                    f"may return to, above a sparse start; set initial_density for a sparser start)")))
         top = max(self.start_density, self.max_density or 0.0)
         if self.max_layer_density < top:
             raise ValueError(_bad("max_layer_density", self.max_layer_density,

@@ -54,9 +54,8 @@ def drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torc
         raise ValueError(f"agpe drop_and_grow: expected n_drop in [0, {active}] and n_grow in "
                          f"[0, {flat.numel() - active}], got {n_drop} and {n_grow}")
     last = None if protected is None else protected.reshape(-1)
-    drop_idx = _pick(flat, torch.nan_to_num(drop_score.reshape(-1).float(), nan=float("inf")), n_drop,
-                     lowest=True, last=last)
-    grow_idx = _pick(~flat, torch.nan_to_num(grow_score.reshape(-1).float(), nan=-float("inf")), n_grow, lowest=False)
+    drop_idx = _pick(flat, _nan_as(drop_score, float("inf")), n_drop, lowest=True, last=last)
+    grow_idx = _pick(~flat, _nan_as(grow_score, -float("inf")), n_grow, lowest=False)
     dropped = torch.zeros_like(flat)
     dropped[drop_idx] = True
     grown = torch.zeros_like(flat)
@@ -64,6 +63,13 @@ def drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torc
     new = (flat & ~dropped) | grown
     shape = mask.shape
     return DropGrow(new.reshape(shape), dropped.reshape(shape), grown.reshape(shape))
+
+
+def _nan_as(score: torch.Tensor, value: float) -> torch.Tensor:
+    """Flat float32 ``score`` with NaN replaced by ``value`` (±inf stay ±inf: ``nan_to_num``
+    would also turn them into the largest finite numbers, ranking a NaN past a real -inf)."""
+    flat = score.reshape(-1).float()
+    return torch.where(flat.isnan(), torch.full_like(flat, value), flat)
 
 
 def _pick(candidates: torch.Tensor, score: torch.Tensor, count: int, lowest: bool,

@@ -18,7 +18,9 @@ hook                   question                                        default
 ``static``  fixed sparse layout (uniform/ERK), never updates
 ``set``     + swaps a cosine-decaying fraction, regrows at random (Mocanu et al.)
 ``rigl``    SET, regrowing by dense-gradient norm (Evci et al.)
-``snfs``    RigL + budget moved across layers by mean momentum (Dettmers & Zettlemoyer)
+``snfs``    RigL + budget moved across layers by mean momentum (Dettmers & Zettlemoyer),
+            each layer kept within its density bucket, since the global target never
+            moves (Note [Layer budgets and buckets])
 ``gmp``     prunes by magnitude on the cubic schedule, never regrows (Zhu & Gupta)
 ``agpe``    drops by saliency EMA, regrows by dense gradient, moves the budget by
             saliency share, global target from the adaptive schedule

@@ -540,7 +540,9 @@ class Sparsifier:
         if frozen and views:  # the global density stays at the target: the others take the rest of the budget
             held = sum(int(v.mask.sum()) for v in all_views if v.name in frozen)
             total = sum(v.mask.numel() for v in all_views)
-            target = min(1.0, max(0.0, (target * total - held) / sum(v.mask.numel() for v in views)))
+            budget = min(max(round(target * total), len(all_views)), total)  # the whole model's, as plan_counts
+            # rounds it; the trainable layers' density is then an exact quotient (no second rounding)
+            target = min(1.0, max(0.0, (budget - held) / sum(v.mask.numel() for v in views)))
         fraction = self.policy.drop_fraction(step)
         scores = [self.policy.layer_score(v) for v in views]
         current = [int(v.mask.sum()) for v in views]

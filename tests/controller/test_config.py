@@ -49,6 +49,14 @@ def test_bad_values_name_field_value_and_accepted(field, value, accepted):
     assert str(info.value) == expected
 
 
+def test_max_density_below_the_start_is_refused_not_ignored():
+    # audit AY F2: the ladder's top is max(start, max_density), so a lower value did nothing
+    with pytest.raises(ValueError, match=r"AGPEConfig.max_density got 0.5; expected a density >= the start "
+                                         r"density 1.0 \(the highest density back-offs may return to"):
+        AGPEConfig(target_sparsity=0.9, max_density=0.5)
+    assert AGPEConfig(target_sparsity=0.9, initial_density=0.25, max_density=0.5).max_density == 0.5
+
+
 def test_end_before_begin_names_both():
     with pytest.raises(ValueError, match=r"AGPEConfig.end_step got 50; expected a step after begin_step=100"):
         AGPEConfig(begin_step=100, end_step=50)

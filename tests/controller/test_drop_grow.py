@@ -46,6 +46,18 @@ def test_non_finite_scores_never_decide():
     assert result.mask.tolist() == [T, F, T, F, T, T]
 
 
+def test_nan_scores_count_as_infinite_and_real_infinities_stay_infinite():
+    # Note [Drop and grow]: a NaN grow score counts as -inf, ties to the lower index (audit AY
+    # F7: nan_to_num also made a real -inf finite, ranking NaN below it); NaN drop = +inf.
+    nan, inf = float("nan"), float("inf")
+    mask = torch.tensor([True, False, False, False, False])
+    grown = drop_and_grow(mask, torch.zeros(5), torch.tensor([0, nan, nan, -inf, 2.0]), 0, 2).grown
+    assert grown.nonzero().reshape(-1).tolist() == [1, 4]
+    mask = torch.tensor([True, True, True, False])
+    dropped = drop_and_grow(mask, torch.tensor([inf, nan, 5.0, 0]), torch.zeros(4), 2, 0).dropped
+    assert dropped.nonzero().reshape(-1).tolist() == [0, 2]  # 5, then inf before the NaN (tie: lower index)
+
+
 def test_bad_counts_raise():
     mask = torch.tensor([T, F])
     with pytest.raises(ValueError, match=r"expected n_drop in \[0, 1\] and n_grow in \[0, 1\], got 2 and 0"):

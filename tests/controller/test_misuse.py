@@ -118,6 +118,28 @@ def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
     assert not torch.equal(fc2.block_mask, mask)  # rigl swaps blocks at every update
 
 
+def test_a_frozen_layer_leaves_the_others_exactly_the_rest_of_the_global_budget():
+    # Note [Frozen layers] + Note [Layer budgets]: round(d * all blocks) active blocks in all.
+    # 38 blocks at d=0.25: 9.5 rounds to 10 (audit AY F3: the trainable layers' density was
+    # rounded again, 6.5 -> 6, and the model kept 9).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Linear(16, 12), torch.nn.Linear(12, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = Sparsifier(model, opt, AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.75, update_interval=5,
+                                           end_step=100))
+    assert sum(s.block_mask.numel() for s in sp.layers.values()) == 38
+    model[1].weight.requires_grad_(False)
+    for _ in range(10):
+        opt.step()
+        for state in sp.layers.values():  # what a backward through the compiled model adds
+            state.counters[0] += 8
+            state.saliency += torch.rand(state.grid)
+            if bool(state.score_dense):
+                state.dense_grad_sq += torch.rand(state.grid)
+        sp.step(1.0)
+    assert sum(int(s.block_mask.sum()) for s in sp.layers.values()) == round(0.25 * 38) == 10
+
+
 def test_every_layer_frozen_holds_the_masks_without_a_misleading_warning(caplog):
     model, opt, sp, cmodel, _ = make_run(AGPEConfig(block_size=4, target_sparsity=0.75, policy="rigl",
                                                     update_interval=2, end_step=40))
