@@ -84,6 +84,9 @@ class AgpeCompiledGraph:
                             for state in states]
         self._compiled_capacity_layouts = {}  # Note [Layouts a graph cannot see change]
         self._unseen_crossings: List[str] = []  # layers to name in this call's one warning
+        # (argument index, weakref to the parameter, layer name, reason) of the state-less
+        # weights this graph left dense (Note [Weights a graph left dense]); set by the backend
+        self.left_dense: List[Tuple[int, Any, str, str]] = []
         for i, layout in (full_layouts or {}).items():  # compiled at full capacity: rewritten in place
             state = states[i]
             self.layout_shapes[i] = layout.shape
@@ -98,6 +101,8 @@ class AgpeCompiledGraph:
                     "host in this call, which a replay would skip. Drive the masks with "
                     "agpe_compile.Sparsifier(model, optimizer, AGPEConfig(...)) between replays instead")
             self.before_training_call()
+        if self.left_dense:
+            self._check_left_dense(args)
         extra, written = [], []
         for i, (state, shape) in enumerate(zip(self.states, self.layout_shapes)):
             if self.weight_indices is not None:
@@ -200,7 +205,29 @@ class AgpeCompiledGraph:
     # passes in. What the graph baked in (block size, grid, the saliency mode) must match, or
     # the call raises instead of computing something else; a graph compiled under the
     # zero-weight promise is handed W * M for an instance that does not keep it (Note [A
-    # promise outlives its Sparsifier] in zero_weights.py).
+    # promise outlives its Sparsifier] in zero_weights.py). A weight the graph left dense
+    # that is an agpe layer in the calling instance raises too (``_check_left_dense``): the
+    # graph would run it dense, unmasked and unscored.
+    def _check_left_dense(self, args) -> None:
+        """A weight this graph left dense must not have become another instance's agpe layer
+        (Note [Graphs shared by instances]): this graph would run it dense and unscored. The
+        instance it was compiled for was warned at prepare (Note [Weights a graph left dense])."""
+        from agpe_compile.state import state_of
+
+        for index, compiled_param, name, reason in self.left_dense:
+            weight = args[index]
+            if weight is compiled_param() or isinstance(weight, FakeTensor):
+                continue
+            state = state_of(weight)
+            if state is not None:
+                raise RuntimeError(
+                    f"agpe: Dynamo is reusing a graph compiled for another instance of the same module class, which "
+                    f"left layer {name!r} dense ({reason}); in this instance that weight is an agpe layer "
+                    f"({state.name!r}, block size {state.block_size}), which the graph would run dense, unmasked "
+                    f"and unscored. Prepare every instance the same way before compiling any of them "
+                    f"(agpe_compile.prepare or the Sparsifier first), or call torch._dynamo.reset() before "
+                    f"compiling this one")
+
     def _state_of_another_instance(self, i: int, weight: torch.Tensor) -> LayerState:
         from agpe_compile.state import state_of
 
@@ -320,8 +347,9 @@ class AgpeBackend:
         assert [d.state for d in decisions if d.rewritten] == result.states
         graph = AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
                                   layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
-        for param, reason in left_dense:  # Note [Weights a graph left dense]
+        for param, reason, node, name in left_dense:  # Note [Weights a graph left dense]
             mark_compiled_dense(param, reason, graph)
+            graph.left_dense.append((position[node], weakref.ref(param), name, reason))
         return graph
 
     def _saliency_of(self, state: LayerState) -> str:
@@ -547,9 +575,9 @@ def _warn_other_contractions(decisions, for_explain: bool) -> None:
 # Sparsifier before the first compiled call). A later graph that rewrites the weight clears
 # the mark; the mark does not travel with a copy or a pickle of the model.
 def _left_dense(graph: fx.Graph, example_inputs: Sequence[Any],
-                decisions: List[LayerDecision]) -> List[Tuple[torch.nn.Parameter, str]]:
-    """(parameter, reason) for each 2-D parameter without a state that this graph leaves dense;
-    the marks of parameters it rewrites go."""
+                decisions: List[LayerDecision]) -> List[Tuple[torch.nn.Parameter, str, fx.Node, str]]:
+    """(parameter, reason, placeholder, layer name) for each 2-D parameter without a state that
+    this graph leaves dense; the marks of parameters it rewrites go."""
     examples = _placeholder_examples(graph, example_inputs)
     found = []
     for decision in decisions:
@@ -560,7 +588,7 @@ def _left_dense(graph: fx.Graph, example_inputs: Sequence[Any],
             if decision.rewritten:
                 clear_compiled_dense(param)
             elif state_of(param) is None:
-                found.append((param, str(decision.reason)))
+                found.append((param, str(decision.reason), node, decision.name))
     return found
 
 

@@ -67,6 +67,11 @@ EXCLUSIONS_ATTR = "_agpe_exclusions"  # on a module: param name -> _Exclusion
 # prepare() clears it. A plain bool, so a pickled model still loads without agpe.
 STRIPPED_ATTR = "_agpe_stripped"
 DENSE_SAID_ATTR = "_agpe_dense_said"  # on a weight prepare() warned it leaves dense for its shape
+# On every 2-D parameter prepare() left without a state: the block size it prepared the model
+# with, so a graph holding none of the prepared layers (one after a graph break: a router
+# used through F.linear, a head) makes its new layers at that block size, not the default
+# (a helper audit, twenty-second session). A plain int; strip() removes it.
+PREPARED_BLOCK_SIZE_ATTR = "_agpe_prepared_block_size"
 # 2-D parameters a compiled graph used without rewriting them (a computed weight
 # ``F.linear(x, self.weight * s)``, a pattern or block size that left it out) -> (reason,
 # weak references to those graphs). prepare() warns when it gives such a weight a state while
@@ -816,6 +821,9 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 state.attach(module)
             _unmark_left_out(module, param_name, param)
             prepared.setdefault(state.name, state)
+    for param in named.parameters():  # Note on PREPARED_BLOCK_SIZE_ATTR
+        if not nn.parameter.is_lazy(param) and param.dim() >= 2 and state_of(param) is None:
+            setattr(param, PREPARED_BLOCK_SIZE_ATTR, config.resolved_block_size)
     _separate_clashing_names(prepared)
     _one_call_path(named, prepared)
     _warn_unmatched_patterns(config, _candidate_names(named))

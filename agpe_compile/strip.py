@@ -34,7 +34,8 @@ from torch import nn
 
 from . import distributed
 from .ops.reference import expand_block_mask
-from .state import (EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
+from .state import (EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR, STATE_ATTR,
+                    STRIPPED_ATTR, LayerState,
                     _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
                     state_of)
 from .zero_weights import _ReZeroOnLoad
@@ -78,7 +79,7 @@ def strip(model: nn.Module) -> Dict[str, float]:
     for state in states:
         _detach(state)
     for param in model.parameters():
-        for attr in (STATE_ATTR, EXCLUDED_ATTR):
+        for attr in (STATE_ATTR, EXCLUDED_ATTR, PREPARED_BLOCK_SIZE_ATTR):
             if hasattr(param, attr):
                 delattr(param, attr)
         if id(param) in folded:

@@ -36,7 +36,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from agpe_compile.config import BackendConfig
-from agpe_compile.state import (EXCLUDED_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState, check_block_size_option,
+from agpe_compile.state import (EXCLUDED_ATTR, PREPARED_BLOCK_SIZE_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState, check_block_size_option,
                                 layer_name, pattern_reason, skip_reason, state_of)
 from torch.nn.utils import parametrize
 
@@ -317,12 +317,15 @@ def _computed_name(site: LinearSite) -> str:
 def _default_block_size(by_weight, examples, config: BackendConfig) -> int:
     """Block size of layers met here for the first time: the option, else the one block
     size of this graph's prepared layers (``prepare(model, {"block_size": 8})`` then
-    ``torch.compile`` without options), else the default."""
+    ``torch.compile`` without options), else the one block size prepare() recorded on this
+    graph's other weights (a graph after a break holding none of the prepared layers), else
+    the default."""
     if config.block_size is not None:
         return config.block_size
-    prepared = {state.block_size for state in (
-        state_of(examples.get(w)) if isinstance(examples.get(w), torch.nn.Parameter) else None for w in by_weight)
-        if state is not None}
+    params = [examples.get(w) for w in by_weight if isinstance(examples.get(w), torch.nn.Parameter)]
+    prepared = {state.block_size for state in map(state_of, params) if state is not None}
+    if not prepared:
+        prepared = {getattr(p, PREPARED_BLOCK_SIZE_ATTR) for p in params if hasattr(p, PREPARED_BLOCK_SIZE_ATTR)}
     return prepared.pop() if len(prepared) == 1 else config.resolved_block_size
 
 

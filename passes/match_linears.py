@@ -66,7 +66,8 @@ EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
 # Contractions agpe does not rewrite: a weight reaching one is reported, not skipped silently.
 OTHER_CONTRACTION_TARGETS = tuple(t for t in (torch.einsum, getattr(torch.functional, "einsum", None), torch.bmm,
                                               torch.baddbmm, torch.tensordot,
-                                              getattr(torch.functional, "tensordot", None)) if t is not None)
+                                              getattr(torch.functional, "tensordot", None), torch.bilinear,
+                                              torch.nn.functional.bilinear) if t is not None)
 OTHER_CONTRACTION_METHODS = ("bmm", "baddbmm")
 # The fused attention ops and where they take their projection weights: (positions, keyword
 # names). Only these arguments are weights; another 2-D parameter handed to the op (a learned
@@ -252,6 +253,8 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
         if weight is not None:
             return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
         return [], _unmatched(node, (x, rhs))
+    if node.target in ADDMM_TARGETS:  # alpha/beta other than 1 (or an out=): not x @ W.T + b as such
+        return [], _unmatched_contraction(node, "torch.addmm with alpha or beta other than 1")
     return [], []
 
 

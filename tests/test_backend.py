@@ -219,6 +219,41 @@ def test_layers_met_at_compile_take_the_prepared_block_size():
     assert "not divisible by block size 8" in str(report) and "block size 32" not in str(report)
 
 
+def test_a_graph_after_a_break_takes_the_prepared_block_size_too(caplog):
+    # Audit AZ F3: the graph after the break holds no prepared layer; it fell back to block
+    # 32 for the router it meets first, so the README's "one compiled forward, then the
+    # Sparsifier" failed on a block-size clash, and explain named the wrong block size.
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 64)
+            self.router = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+            self.head = torch.nn.Linear(64, 12)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            torch._dynamo.graph_break()
+            return self.head(torch.nn.functional.linear(h, self.router))
+
+    torch._dynamo.reset()
+    model = Model()
+    agpe_compile.prepare(model, {"block_size": 8})
+    report = agpe_compile.explain(model, torch.randn(3, 16), options={"inductor": False})
+    assert "not divisible by block size 8" in str(report) and "block size 32" not in str(report)
+    torch._dynamo.reset()
+    model = Model()
+    agpe_compile.prepare(model, {"block_size": 8})
+    with torch.no_grad():
+        torch.compile(model, backend="agpe", options={"inductor": False})(torch.randn(3, 16))
+    assert {n: s.block_size for n, s in agpe_compile.layer_states(model).items()} == {"fc": 8, "router": 8}
+    sparsifier = agpe_compile.Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), agpe_compile.AGPEConfig(
+        target_sparsity=0.5, block_size=8, exclude=["head"]))
+    assert sorted(sparsifier.layers) == ["fc", "router"]
+    sparsifier.close()
+    agpe_compile.strip(model)
+    assert not any(hasattr(p, "_agpe_prepared_block_size") for p in model.parameters())
+
+
 def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):
     # Note [Copying prepared models]: the copy has its own states over its own buffers.
     import copy

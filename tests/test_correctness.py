@@ -274,6 +274,25 @@ def test_an_instance_the_shared_graph_cannot_serve_is_refused():
     assert len(sparsifiers) == 2
 
 
+def test_a_graph_that_left_a_layer_dense_refuses_an_instance_where_it_is_prepared():
+    # Audit AZ F1: the first instance, unprepared, compiled its 16-wide layers dense (the
+    # default block size 32 does not divide them); a second instance prepared at block 8
+    # reused that graph and ran its hand-set masks dense, unmasked and unscored.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b = MLP((16, 16, 16)), MLP((16, 16, 16))
+    backend = aot_backend()
+    x = torch.randn(3, 16)
+    torch.compile(a, backend=backend)(x)
+    agpe_compile.prepare(b, options={"block_size": 8})
+    with pytest.raises(RuntimeError, match=r"reusing a graph compiled for another instance .* left layer "
+                                           r"'.*' dense \(shape 16x16 not divisible by block size 32\)"):
+        torch.compile(b, backend=backend)(x)
+    torch.compile(a, backend=backend)(x)  # the instance it was compiled for still runs
+    torch._dynamo.reset()  # the fix the message names
+    assert_close(torch.compile(b, backend=backend)(x), eager_masked(b, x), "after reset")
+
+
 class _Checkpointed(nn.Module):
     """A block under torch.utils.checkpoint (Note [Weights inside higher-order ops]): its layers run the op."""
 

@@ -55,6 +55,7 @@ class Spelling(nn.Module):
             "T.contiguous()": lambda: x @ w.T.contiguous(),
             "F.linear keywords": lambda: F.linear(input=x, weight=w, bias=b),
             "addmm beta=1": lambda: torch.addmm(b, x, w.t(), beta=1),
+            "addmm beta=0.5": lambda: torch.addmm(b, x, w.t(), beta=0.5),
             "einsum": lambda: torch.einsum("bi,oi->bo", x, w),
             "tensordot": lambda: torch.tensordot(x, w, dims=([1], [1])),
             "inner": lambda: torch.inner(x, w),
@@ -100,7 +101,7 @@ def test_more_spellings_of_x_at_w_transposed_are_linear_sites(mode):
     assert [(r.name, r.rewritten, r.lowering) for r in report.layers] == [("fc", True, "sparse_linear")]
 
 
-@pytest.mark.parametrize("mode", ["einsum", "tensordot", "inner"])
+@pytest.mark.parametrize("mode", ["einsum", "tensordot", "inner", "addmm beta=0.5"])
 def test_a_prepared_weight_used_in_an_unknown_form_is_masked(mode):
     model = Spelling(mode)
     report = _check_against_oracle(model, model.fc, torch.randn(4, 16))
@@ -115,6 +116,24 @@ def test_an_unprepared_weight_in_an_unknown_form_is_left_alone():
     # left dense, and listed with the reason (it was in no table before)
     assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [
         ("fc", False, "used by torch.einsum (agpe rewrites x @ W.T, F.linear and nn.Linear only)")]
+
+
+@pytest.mark.parametrize("mode", ["addmm beta=0.5", "bilinear"])
+def test_other_contractions_of_unprepared_weights_are_listed(mode):
+    # Audit AZ F4: torch.bilinear and an addmm with beta != 1 were in no table at all.
+    class Bilinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Bilinear(16, 16, 32)
+
+        def forward(self, x):
+            return self.fc(x, x)
+
+    model = Spelling(mode) if mode.startswith("addmm") else Bilinear()
+    x = torch.randn(4, 16)
+    name = "torch.addmm with alpha or beta other than 1" if mode.startswith("addmm") else "torch.bilinear"
+    assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [
+        ("fc", False, f"used by {name} (agpe rewrites x @ W.T, F.linear and nn.Linear only)")]
 
 
 def test_metadata_reads_keep_the_raw_weight():
