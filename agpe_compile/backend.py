@@ -216,10 +216,15 @@ class AgpeCompiledGraph:
 
         for index, compiled_param, name, reason in self.left_dense:
             weight = args[index]
-            if weight is compiled_param() or isinstance(weight, FakeTensor):
+            compiled_for = compiled_param()
+            if weight is compiled_for or isinstance(weight, FakeTensor):
                 continue
             state = state_of(weight)
-            if state is not None:
+            # Prepared (attached to its module: masks a user or a Sparsifier sets), where the
+            # instance the graph serves is not: a state another graph of an unprepared model
+            # made is no reason (both instances run this graph the same way then).
+            other = state_of(compiled_for) if compiled_for is not None else None
+            if state is not None and state.module is not None and (other is None or other.module is None):
                 raise RuntimeError(
                     f"agpe: Dynamo is reusing a graph compiled for another instance of the same module class, which "
                     f"left layer {name!r} dense ({reason}); in this instance that weight is an agpe layer "

@@ -70,8 +70,11 @@ DENSE_SAID_ATTR = "_agpe_dense_said"  # on a weight prepare() warned it leaves d
 # On every 2-D parameter prepare() left without a state: the block size it prepared the model
 # with, so a graph holding none of the prepared layers (one after a graph break: a router
 # used through F.linear, a head) makes its new layers at that block size, not the default
-# (a helper audit, twenty-second session). A plain int; strip() removes it.
+# (a helper audit, twenty-second session). A plain int, held by the module too so that it
+# outlives copy.deepcopy (``_PreparedBlockSize``, as Note [Exclusions travel with the
+# module]); strip() removes both.
 PREPARED_BLOCK_SIZE_ATTR = "_agpe_prepared_block_size"
+PREPARED_BLOCK_SIZES_ATTR = "_agpe_prepared_block_sizes"  # on a module: param name -> _PreparedBlockSize
 # 2-D parameters a compiled graph used without rewriting them (a computed weight
 # ``F.linear(x, self.weight * s)``, a pattern or block size that left it out) -> (reason,
 # weak references to those graphs). prepare() warns when it gives such a weight a state while
@@ -552,6 +555,22 @@ class _Exclusion:
         return new
 
 
+class _PreparedBlockSize:
+    """``PREPARED_BLOCK_SIZE_ATTR`` of one parameter, held by its module so that a deep copy
+    of the module puts it on the copy's parameter (Parameter.__deepcopy__ drops it)."""
+
+    def __init__(self, param: nn.Parameter, block_size: int) -> None:
+        self.param, self.block_size = param, block_size
+
+    def __deepcopy__(self, memo):
+        new_param = copy.deepcopy(self.param, memo)  # the copy's own parameter (memo: the same object)
+        if isinstance(new_param, nn.Parameter):
+            setattr(new_param, PREPARED_BLOCK_SIZE_ATTR, self.block_size)
+        new = _PreparedBlockSize(new_param, self.block_size)
+        memo[id(self)] = new
+        return new
+
+
 def mark_excluded(module: nn.Module, param_name: str, weight: nn.Parameter, reason: str) -> None:
     """Leave ``module.<param_name>`` dense for the backend too (Note [Exclusions travel with the module])."""
     setattr(weight, EXCLUDED_ATTR, reason)
@@ -821,9 +840,12 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 state.attach(module)
             _unmark_left_out(module, param_name, param)
             prepared.setdefault(state.name, state)
-    for param in named.parameters():  # Note on PREPARED_BLOCK_SIZE_ATTR
-        if not nn.parameter.is_lazy(param) and param.dim() >= 2 and state_of(param) is None:
-            setattr(param, PREPARED_BLOCK_SIZE_ATTR, config.resolved_block_size)
+    for module in named.modules():  # Note on PREPARED_BLOCK_SIZE_ATTR
+        for param_name, param in module.named_parameters(recurse=False):
+            if not nn.parameter.is_lazy(param) and param.dim() >= 2 and state_of(param) is None:
+                setattr(param, PREPARED_BLOCK_SIZE_ATTR, config.resolved_block_size)
+                module.__dict__.setdefault(PREPARED_BLOCK_SIZES_ATTR, {})[param_name] = _PreparedBlockSize(
+                    param, config.resolved_block_size)
     _separate_clashing_names(prepared)
     _one_call_path(named, prepared)
     _warn_unmatched_patterns(config, _candidate_names(named))

@@ -34,8 +34,8 @@ from torch import nn
 
 from . import distributed
 from .ops.reference import expand_block_mask
-from .state import (EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR, STATE_ATTR,
-                    STRIPPED_ATTR, LayerState,
+from .state import (EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR,
+                    PREPARED_BLOCK_SIZES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
                     _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
                     state_of)
 from .zero_weights import _ReZeroOnLoad
@@ -159,5 +159,5 @@ def _remove_hooks(module: nn.Module) -> None:
         # _ReZeroOnLoad: inert on copies (a closed Sparsifier removed its own)
         if isinstance(hook, _ReZeroOnLoad) or hook is _adopt_assigned_weights:
             del module._load_state_dict_post_hooks[key]
-    for attr in (LAYOUT_NAMES_ATTR, LAYERS_ATTR, EXCLUSIONS_ATTR):
+    for attr in (LAYOUT_NAMES_ATTR, LAYERS_ATTR, EXCLUSIONS_ATTR, PREPARED_BLOCK_SIZES_ATTR):
         module.__dict__.pop(attr, None)

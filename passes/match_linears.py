@@ -254,7 +254,8 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
             return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
         return [], _unmatched(node, (x, rhs))
     if node.target in ADDMM_TARGETS:  # alpha/beta other than 1 (or an out=): not x @ W.T + b as such
-        return [], _unmatched_contraction(node, "torch.addmm with alpha or beta other than 1")
+        return [], _unmatched_contraction(node, "torch.addmm with alpha or beta other than 1",
+                                          operands=node.args[1:3])  # the product's; the added input is no weight
     return [], []
 
 
@@ -279,10 +280,11 @@ def _custom_op(target) -> bool:
     return namespace not in ("aten", "prim", "prims", "agpe")
 
 
-def _unmatched_contraction(node: fx.Node, name: str) -> List[UnmatchedUse]:
+def _unmatched_contraction(node: fx.Node, name: str, operands=None) -> List[UnmatchedUse]:
     """Weights (placeholders of 2 or more dims, directly or transposed) operands of a
-    contraction the rewrite does not know: reported as staying dense."""
-    operands = list(node.args) + list(node.kwargs.values())
+    contraction the rewrite does not know (``operands``: all its arguments by default):
+    reported as staying dense."""
+    operands = list(node.args) + list(node.kwargs.values()) if operands is None else list(operands)
     flat = [o for a in operands for o in (a if isinstance(a, (list, tuple)) else (a,))]
     found = []
     for operand in flat:

@@ -252,6 +252,16 @@ def test_a_graph_after_a_break_takes_the_prepared_block_size_too(caplog):
     sparsifier.close()
     agpe_compile.strip(model)
     assert not any(hasattr(p, "_agpe_prepared_block_size") for p in model.parameters())
+    # a deep copy keeps it (re-audit BA F2: Parameter.__deepcopy__ dropped the attribute)
+    import copy
+
+    torch._dynamo.reset()
+    original = Model()
+    agpe_compile.prepare(original, {"block_size": 8})
+    model = copy.deepcopy(original)
+    with torch.no_grad():
+        torch.compile(model, backend="agpe", options={"inductor": False})(torch.randn(3, 16))
+    assert {n: s.block_size for n, s in agpe_compile.layer_states(model).items()} == {"fc": 8, "router": 8}
 
 
 def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):

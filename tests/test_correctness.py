@@ -293,6 +293,30 @@ def test_a_graph_that_left_a_layer_dense_refuses_an_instance_where_it_is_prepare
     assert_close(torch.compile(b, backend=backend)(x), eager_masked(b, x), "after reset")
 
 
+def test_unprepared_instances_share_a_graph_that_left_a_weight_dense_alike():
+    # Re-audit BA F1: a weight left dense by one graph (a computed form) and rewritten by
+    # the next (which gives it a state) is in the same situation in every unprepared
+    # instance: none is refused.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = torch.nn.functional.linear(x, self.fc.weight * 0.5)
+            torch._dynamo.graph_break()
+            return self.fc(y)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    backend = agpe_compile.AgpeBackend({"inductor": False, "block_size": 8})
+    a, b = Net(), Net()
+    x = torch.randn(2, 16)
+    for _ in range(2):
+        for model in (a, b):
+            torch.compile(model, backend=backend)(x)
+
+
 class _Checkpointed(nn.Module):
     """A block under torch.utils.checkpoint (Note [Weights inside higher-order ops]): its layers run the op."""
 

@@ -130,6 +130,8 @@ def test_other_contractions_of_unprepared_weights_are_listed(mode):
             return self.fc(x, x)
 
     model = Spelling(mode) if mode.startswith("addmm") else Bilinear()
+    if mode.startswith("addmm"):  # an added 2-D parameter is no contraction weight (re-audit BA F4)
+        model.fc.bias = nn.Parameter(torch.zeros(4, 32))
     x = torch.randn(4, 16)
     name = "torch.addmm with alpha or beta other than 1" if mode.startswith("addmm") else "torch.bilinear"
     assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [

@@ -21,8 +21,13 @@ their row counter (cumulative, only ever growing in a run) is below the saved on
 the case in exactly the orders where the model's own load has not filled them: before
 ``model.load_state_dict`` (which then writes the same values), after a load that dropped
 them, and after such a load into a model that ran a few steps first (their sums belong to
-no run the checkpoint knows). Buffers at or past the saved counter are the model's own
-load's (equal) or a later point of the run, and are left alone.
+no run the checkpoint knows). It also writes it into layers whose saved counter is 0
+(layers fed ``W*M`` through masked_weight score without counting rows, so the counter
+cannot tell; a model's load put the same values there) and into every layer when the
+Sparsifier rolls back (the checkpoint's step is before its own: the buffers hold a later
+point of the run, which the restored interval must not fold in; a helper audit found that
+the rows of those steps were counted twice when only the weights were loaded). Other
+buffers at or past the saved counter are the model's own load's (equal) and are left alone.
 
 Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
 ``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
@@ -40,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import logging
@@ -106,7 +112,17 @@ def _load_loss_window(window: dict):
 
 def upgrade(state: dict) -> dict:
     """Bring a state dict of any supported version to the current one."""
+    if not isinstance(state, dict):
+        raise TypeError(f"agpe: expected a Sparsifier.state_dict() (a dict), got {type(state).__name__}")
     version = state.get("format_version")
+    if version is None:  # not a Sparsifier state dict at all: say what it looks like
+        keys = sorted(map(str, state))
+        inner = [k for k in keys if isinstance(state[k], dict) and "format_version" in state[k]]
+        hint = ("; a rank_state_dict() goes to load_rank_state_dict()" if {"rank", "buffers"} <= set(keys) else
+                f"; it holds one under {inner[0]!r}: pass checkpoint[{inner[0]!r}]" if inner else
+                "; a model's state_dict goes to model.load_state_dict()" if any("." in k for k in keys) else "")
+        raise ValueError(f"agpe: expected a Sparsifier.state_dict() (it has a 'format_version'), got a dict with "
+                         f"keys {keys[:8]}{' ...' if len(keys) > 8 else ''}{hint}; nothing was loaded")
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"agpe: checkpoint format_version got {version!r}; expected one of {SUPPORTED_VERSIONS}")
     if version == 1:
@@ -145,7 +161,10 @@ def _wrong_grid(key: str, name: str, tensor, layer, grid) -> None:
 
 
 def load(sp: "Sparsifier", state: dict) -> None:
-    """Restore ``state`` into ``sp``; masks are copied in place (buffer identity kept)."""
+    """Restore ``state`` into ``sp``; masks are copied in place (buffer identity kept).
+
+    Every field is read and checked before anything is written (:func:`_read`): a
+    checkpoint that is malformed or incomplete raises and changes nothing."""
     state = upgrade(state)
     names = set(sp.layers)
     if set(state["masks"]) != names:
@@ -159,62 +178,133 @@ def load(sp: "Sparsifier", state: dict) -> None:
                 f"freezing, as in the run that saved it" if frozen else "")
         raise ValueError(f"agpe: checkpoint layers {sorted(state['masks'])} do not match the model's "
                          f"agpe layers {sorted(names)}{hint}")
-    _check_shapes(sp, state)  # before anything is written: a failed load changes nothing
+    _check_shapes(sp, state)
+    try:
+        read = _read(sp, state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        what = f"missing entry {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({what}); nothing was "
+                         f"loaded") from error
     saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
     same_config = saved_config == sp.config.to_dict()
     if not same_config:
         changed = sorted(k for k, v in sp.config.to_dict().items() if saved_config.get(k) != v)
         log.warning("agpe: checkpoint config differs from the Sparsifier's config in %s; using the Sparsifier's",
                     ", ".join(changed))
-    sp.step_count = int(state["step"])
-    sp.target_density = float(state["target_density"])
+    rolled_back = read["step"] < sp.step_count  # Note [Buffers the model did not load]
+    sp.step_count = read["step"]
+    sp.target_density = read["target_density"]
     with torch.no_grad():
         for name, layer in sp.layers.items():
-            layer.block_mask.copy_(state["masks"][name])
-    _fill_stale_buffers(sp, state["layer_buffers"])
-    sp.pruned_saliency = state["pruned_saliency"]
-    sp.saliency.load_state_dict({"values": state["saliency_ema"], "fresh": state["saliency_fresh"]})
+            layer.block_mask.copy_(read["masks"][name])
+    _fill_stale_buffers(sp, read["layer_buffers"], rolled_back)
+    sp.pruned_saliency = read["pruned_saliency"]
+    sp.saliency.load_state_dict({"values": read["saliency_ema"], "fresh": read["saliency_fresh"]})
     from .sparsifier import AGE_NEVER_GROWN  # runtime import: sparsifier.py imports this module
 
-    ages = state["grown_age"]
+    ages = read["grown_age"]
     if ages is None and sp.config.protect_grown:
         log.warning("agpe: the checkpoint predates format 3 and has no regrowth ages; no block is "
                     "protected from dropping at the next update (protect_grown=%d)", sp.config.protect_grown)
     for name, age in sp.grown_age.items():
-        sp.grown_age[name] = (torch.full_like(age, AGE_NEVER_GROWN) if ages is None
-                              else ages[name].to(age.device, torch.int32).clone())
-    schedule = state["schedule_state"]
-    loaded = None if schedule is None else AdaptiveState(**schedule)
+        sp.grown_age[name] = torch.full_like(age, AGE_NEVER_GROWN) if ages is None else ages[name]
+    loaded = read["schedule_state"]
     sp.schedule_state = loaded if same_config else _fit_schedule_state(sp, loaded)
-    sp.generator.set_state(state["rng_state"])
-    if state["flops"] is not None:
-        sp.accountant.load_state_dict(state["flops"])
-    seen = state["seen_counters"]
+    sp.generator.set_state(read["rng_state"])
+    if read["flops"] is not None:
+        sp.accountant.load_state_dict(read["flops"])
+    seen = read["seen_counters"]
     sp.seen_counters = {n: list(seen[n]) if seen is not None else [int(v) for v in layer.counters.tolist()]
                         for n, layer in sp.layers.items()}
     sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
-    sp._loss_sum, sp._loss_steps = _load_loss_window(state["loss_window"])
+    sp._loss_sum, sp._loss_steps = read["loss_window"]
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
-    if sp._flag_on and state["scored_from"] is not None:
+    if sp._flag_on and read["scored_from"] is not None:
         # Not the live counters: the model's own state dict may be loaded after this one.
         sp._scored_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
-                           for n, v in state["scored_from"].items()}
-        # a checkpoint written before skips_from existed: skips counted from the last interval
-        skips = state.get("skips_from") or {n: sp.seen_counters[n][1] for n in state["scored_from"]}
+                           for n, v in read["scored_from"].items()}
         sp._skips_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
-                          for n, v in skips.items()}
+                          for n, v in read["skips_from"].items()}
     rebucket(list(sp.layers.values()), sp.config.buckets)
 
 
-def _fill_stale_buffers(sp: "Sparsifier", saved) -> None:
+def _read(sp: "Sparsifier", state: dict) -> dict:
+    """Every field of an upgraded ``state`` as ``load`` writes it, converted to the live
+    tensors' devices and dtypes and checked against the layers; raises on anything
+    missing or malformed, before ``load`` writes anything."""
+    layers = sp.layers
+
+    def per_layer(key, convert):
+        table = state[key]
+        if not isinstance(table, dict):
+            raise TypeError(f"{key}: expected a dict of the layers' values, got {type(table).__name__}")
+        missing = [name for name in layers if name not in table]
+        if missing:
+            raise KeyError(f"{key}[{missing[0]!r}]")
+        return {name: convert(name, table[name]) for name in layers}
+
+    def grid_tensor(dtype, live):
+        def convert(name, value):
+            tensor = torch.as_tensor(value)
+            if tuple(tensor.shape) != tuple(layers[name].block_mask.shape):
+                raise ValueError(f"{name!r} has shape {tuple(tensor.shape)}, expected the block grid "
+                                 f"{tuple(layers[name].block_mask.shape)}")
+            return tensor.to(live(name).device, dtype).clone()
+        return convert
+
+    read = {"step": int(state["step"]), "target_density": float(state["target_density"])}
+    read["masks"] = per_layer("masks", grid_tensor(torch.bool, lambda n: layers[n].block_mask))
+    buffers = state["layer_buffers"]
+    read["layer_buffers"] = None if buffers is None else per_layer("layer_buffers", lambda name, saved: {
+        field: _buffer(name, field, saved[field], getattr(layers[name], field)) for field in BUFFER_FIELDS})
+    pruned = state["pruned_saliency"]
+    read["pruned_saliency"] = None if pruned is None else float(pruned)
+    read["saliency_ema"] = per_layer("saliency_ema", grid_tensor(torch.float32, lambda n: sp.saliency.values[n]))
+    read["saliency_fresh"] = per_layer("saliency_fresh", grid_tensor(torch.bool, lambda n: sp.saliency.fresh[n]))
+    ages = state["grown_age"]
+    read["grown_age"] = None if ages is None else per_layer("grown_age", grid_tensor(torch.int32, lambda n: sp.grown_age[n]))
+    schedule = state["schedule_state"]
+    read["schedule_state"] = None if schedule is None else AdaptiveState(**schedule)
+    rng = state["rng_state"]
+    torch.Generator(device=sp.generator.device).set_state(rng)  # a state this generator can take
+    read["rng_state"] = rng
+    flops = state["flops"]
+    if flops is not None:
+        copy.deepcopy(sp.accountant).load_state_dict(flops)  # every layer's totals, well formed
+    read["flops"] = flops
+    seen = state["seen_counters"]
+    read["seen_counters"] = None if seen is None else per_layer("seen_counters", lambda name, v: [int(v[0]), int(v[1])])
+    read["loss_window"] = _load_loss_window(state["loss_window"])
+    scored = state["scored_from"]
+    read["scored_from"] = None if scored is None else per_layer("scored_from", lambda name, v: int(v))
+    # a checkpoint written before skips_from existed: skips counted from the last interval
+    skips = state.get("skips_from")
+    if scored is not None:
+        seen_at = read["seen_counters"] or {n: [0, int(layers[n].counters[1])] for n in layers}
+        read["skips_from"] = (per_layer("skips_from", lambda name, v: int(v)) if skips else
+                              {n: seen_at[n][1] for n in layers})
+    return read
+
+
+def _buffer(name: str, field: str, saved, live: torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(saved)
+    if tuple(tensor.shape) != tuple(live.shape):
+        raise ValueError(f"layer_buffers[{name!r}][{field!r}] has shape {tuple(tensor.shape)}, expected "
+                         f"{tuple(live.shape)}")
+    return tensor.to(live.device, live.dtype)
+
+
+def _fill_stale_buffers(sp: "Sparsifier", saved, rolled_back: bool) -> None:
     """Note [Buffers the model did not load]: the saved interval buffers go into every layer
-    whose row counter is below the saved one."""
+    whose row counter is below the saved one, every layer that counts no rows, and every
+    layer when the Sparsifier is rolled back to an earlier step."""
     if saved is None:
         return
     with torch.no_grad():
         for name, layer in sp.layers.items():
-            if int(layer.counters[0]) >= int(saved[name]["counters"][0]):
-                continue  # the model's own load filled them, or the run went on from there
+            live_rows, saved_rows = int(layer.counters[0]), int(saved[name]["counters"][0])
+            if live_rows >= saved_rows and not rolled_back and saved_rows > 0:
+                continue  # the model's own load filled them (the same values)
             for field in BUFFER_FIELDS:
                 getattr(layer, field).copy_(saved[name][field])
 

@@ -103,7 +103,8 @@ class AGPEConfig:
             average active block's saliency (not for ``saliency="movement"``; in practice it
             undoes the first prunes of a run: Note [Regret in practice]). ``max_density``
             (``agpe`` only; at least the start density) is a density above a sparse start
-            that back-offs may return to.
+            that back-offs may return to (refused below the start density; the other
+            policies ignore it).
         rescale_init: a sparse initial layout multiplies each layer's surviving weights by
             1/sqrt(layer density), so the output variance of the default (fan-in) init is
             kept with the smaller effective fan-in; without it a 90%-sparse 3-layer MLP
@@ -200,7 +201,7 @@ class AGPEConfig:
             if self.max_density < self.final_density:
                 raise ValueError(_bad("max_density", self.max_density,
                                       f"a density >= the final density {self.final_density}"))
-            if self.max_density < self.start_density:  # it can only add a rung above the start
+            if self.policy == "agpe" and self.max_density < self.start_density:  # only a rung above the start
                 raise ValueError(_bad("max_density", self.max_density, (
                     f"a density >= the start density {self.start_density} (the highest density back-offs "
                     f"may return to, above a sparse start; set initial_density for a sparser start)")))

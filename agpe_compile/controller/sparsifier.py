@@ -586,7 +586,9 @@ class Sparsifier:
     # could never train (it would stay exactly zero while counted as active). Layers frozen
     # when the Sparsifier is created are left out for good; a layer frozen later keeps its
     # mask at every update while it is frozen (the layers that train share what is left of
-    # the global block budget, so the global density stays at the target) and takes part
+    # the global block budget, so the global density stays at the target as long as the
+    # frozen layers hold no more than it; beyond that the others keep their minimum of one
+    # block each and the global density stays above the target) and takes part
     # again once it is unfrozen. Each change is logged, and so is a layer left out at
     # creation that trains later (it stays dense: no Sparsifier drives it).
     def _frozen_now(self) -> set:

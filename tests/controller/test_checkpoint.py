@@ -238,16 +238,36 @@ def test_version_3_loads_without_the_layer_buffers():
         assert torch.equal(fresh.layers[name].saliency, layer.saliency)
 
 
-def test_saved_layer_buffers_do_not_overwrite_buffers_that_hold_the_run():
+def test_a_rolled_back_sparsifier_takes_the_saved_layer_buffers():
+    # Note [Buffers the model did not load]: the buffers of a later point of the run belong to
+    # no interval of the restored state (audit AX F4: they were kept, so the next update folded
+    # the later steps' sums in and counted their rows twice when the weights came alone).
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(6))
     state = sp.state_dict()
     train(cmodel, opt, sp, batches(1, seed=5))  # the buffers move on past the saved copy
-    live = {n: layer.counters.clone() for n, layer in sp.layers.items()}
     sp.load_state_dict(state)
     for name, layer in sp.layers.items():
-        assert torch.equal(layer.counters, live[name])
+        for field in ("counters", "saliency", "dense_grad_sq"):
+            assert torch.equal(getattr(layer, field), state["layer_buffers"][name][field])
+
+
+def test_a_load_after_the_models_own_keeps_its_buffers():
+    # The model's state dict first (its buffers are the saved ones), then the Sparsifier's:
+    # nothing to fill; the same values either way.
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state, weights = sp.state_dict(), model.state_dict()
+    model2, opt2, sp2, cmodel2, _ = make_run(config)
+    model2.load_state_dict(weights)
+    buffers = {n: layer.saliency for n, layer in sp2.layers.items()}
+    sp2.load_state_dict(state)
+    for name, layer in sp2.layers.items():
+        assert layer.saliency is buffers[name]
+        assert torch.equal(layer.counters, sp.layers[name].counters)
+        assert torch.equal(layer.saliency, sp.layers[name].saliency)
 
 
 def test_layer_buffers_of_another_shape_are_refused():
@@ -256,3 +276,106 @@ def test_layer_buffers_of_another_shape_are_refused():
     state["layer_buffers"]["fc2"]["saliency"] = torch.zeros(1, 1)
     with pytest.raises(ValueError, match=r"layer_buffers\['fc2'\]\['saliency'\] has block-grid shape \(1, 1\)"):
         sp.load_state_dict(state)
+
+
+def _snapshot(sp):
+    state = sp.state_dict()
+    state.pop("rng_state")
+    return state, {n: {f: getattr(s, f).clone() for f in ("block_mask", "saliency", "dense_grad_sq", "counters")}
+                   for n, s in sp.layers.items()}
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("damage", ["saliency_ema", "grown_age", "layer_buffers", "counters shape", "schedule field",
+                                    "rng", "seen_counters", "flops", "loss window", "step"])
+def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
+    # Audit AX F1: only the masks' names and the grids were checked before writing; a missing
+    # layer elsewhere raised a bare KeyError after masks, buffers and step were overwritten.
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state = sp.state_dict()
+    train(cmodel, opt, sp, batches(3, seed=1))  # the live Sparsifier moves on
+    before = _snapshot(sp)
+    rng = sp.generator.get_state()
+    if damage in ("saliency_ema", "grown_age", "layer_buffers", "seen_counters", "flops"):
+        del state[damage]["fc2"]
+    elif damage == "counters shape":
+        state["layer_buffers"]["fc2"]["counters"] = torch.zeros(5, dtype=torch.int64)
+    elif damage == "schedule field":
+        state["schedule_state"]["added_later"] = 1
+    elif damage == "rng":
+        state["rng_state"] = state["rng_state"][:100]
+    elif damage == "loss window":
+        del state["loss_window"]["steps"]
+    else:
+        del state["step"]
+    with pytest.raises(ValueError, match="malformed or incomplete .*; nothing was loaded"):
+        sp.load_state_dict(state)
+    assert _same(_snapshot(sp), before) and torch.equal(sp.generator.get_state(), rng)
+
+
+def test_a_dict_that_is_not_a_sparsifier_state_is_named():
+    # Audit AX F5: "format_version got None" for the whole checkpoint or a model's state dict.
+    *_, sp, _, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5))
+    with pytest.raises(ValueError, match=r"got a dict with keys \['model', 'sparsifier'\]; it holds one under "
+                                         r"'sparsifier': pass checkpoint\['sparsifier'\]"):
+        sp.load_state_dict({"model": {}, "sparsifier": sp.state_dict()})
+    with pytest.raises(ValueError, match="a model's state_dict goes to model.load_state_dict"):
+        sp.load_state_dict(sp.model.state_dict() if hasattr(sp, "model") else {"fc1.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="a rank_state_dict\\(\\) goes to load_rank_state_dict"):
+        sp.load_state_dict(sp.rank_state_dict())
+
+
+def test_a_layer_that_counts_no_rows_resumes_its_interval_without_the_models_buffers():
+    # Audit AX F2: a layer fed W*M through masked_weight scores without counting rows, so its
+    # saved interval sums were never written back when the model was loaded without them.
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    class EinsumMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc2(F.relu(torch.einsum("bi,oi->bo", x, self.fc1.weight) + self.fc1.bias))
+
+    config = AGPEConfig(policy="agpe", target_sparsity=0.75, block_size=4, update_interval=4, end_step=24,
+                        patience=1, cooldown=0)
+    data = list(batches(16))
+
+    def run(model, opt, sp, chunk):
+        cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+        return train(cmodel, opt, sp, chunk)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = EinsumMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = agpe_compile.Sparsifier(model, opt, config)
+    run(model, opt, sp, data[:10])
+    assert int(sp.layers["fc1"].counters[0]) == 0 and float(sp.layers["fc1"].saliency.sum()) > 0
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()})
+    straight = run(model, opt, sp, data[10:])
+    torch._dynamo.reset()
+    torch.manual_seed(99)
+    model = EinsumMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.load_state_dict(saved["model"], strict=False)  # loaded before the Sparsifier: agpe buffers dropped
+    opt.load_state_dict(saved["opt"])
+    resumed_sp = agpe_compile.Sparsifier(model, opt, config)
+    resumed_sp.load_state_dict(saved["sp"])
+    assert torch.equal(resumed_sp.layers["fc1"].saliency, saved["sp"]["layer_buffers"]["fc1"]["saliency"])
+    assert run(model, opt, resumed_sp, data[10:]) == straight

@@ -55,6 +55,7 @@ def test_max_density_below_the_start_is_refused_not_ignored():
                                          r"density 1.0 \(the highest density back-offs may return to"):
         AGPEConfig(target_sparsity=0.9, max_density=0.5)
     assert AGPEConfig(target_sparsity=0.9, initial_density=0.25, max_density=0.5).max_density == 0.5
+    assert AGPEConfig(policy="gmp", target_sparsity=0.9, max_density=0.5).max_density == 0.5  # ignored there
 
 
 def test_end_before_begin_names_both():
