@@ -5,12 +5,14 @@
 # runs/gpu); when the device tool's $OUT is set, RUN_DIR is packed into $OUT/gpu_session.tgz
 # (the tool returns at most 8 files).
 #   run from the repository root:  bash benchmarks/gpu_session.sh
-# PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "ckpt" and "probe");
+# PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "tmakernels", "ckpt" and "probe");
 # a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
 # (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 430 s)
 # times the training step with AGPE_TMA=auto, persistent and off one after the other (Note
-# [TMA by default] in agpe_compile/kernels/launch.py); "ckpt" (<= 200 s) times the step with
+# [TMA by default] in agpe_compile/kernels/launch.py; TMA_SETTINGS="persistent off" for two,
+# <= 290 s); "tmakernels" (<= 270 s) times the kernels with AGPE_TMA=persistent against cuBLAS
+# (block 128) and every TMA variant against the plain kernels; "ckpt" (<= 200 s) times the step with
 # every block under activation checkpointing; "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
 # TRAIN_STEP_ARGS=--no-mask-update shortens the training step; SCHEDULE_STEPS=100 adds the
@@ -51,10 +53,18 @@ if has train; then
   [ -f "$RUN_DIR/output_code.txt" ] && python benchmarks/inductor_copies.py "$RUN_DIR/output_code.txt" \
     | tee "$RUN_DIR/inductor_copies.txt"
 fi
+# The persistent TMA kernels (Note [Persistent TMA programs]): the targets' table with them
+# (block 128, cuBLAS side by side), then every TMA variant against the plain kernels.
+if has tmakernels; then
+  AGPE_TMA=persistent timeout -k 10 150 python benchmarks/kernels.py --no-sweep --no-tma --block-sizes 128 \
+    --out "$RUN_DIR/kernels_persistent.json" 2>&1 | tee "$RUN_DIR/kernels_persistent.txt" | tail -25
+  timeout -k 10 120 python benchmarks/kernels.py --only-tma --out "$RUN_DIR/kernels_tma.json" 2>&1 \
+    | tee "$RUN_DIR/kernels_tma.txt" | tail -20
+fi
 # TMA on/off, one process each (the kernel choice is made when a graph is compiled); each
 # run times dense in the same process, so compare the agpe/dense ratios.
 if has tma; then
-  for setting in auto persistent off; do
+  for setting in ${TMA_SETTINGS:-auto persistent off}; do
     AGPE_TMA=$setting timeout -k 10 140 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
       --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
       > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1
@@ -76,7 +86,9 @@ fi
 if [ -n "${OUT:-}" ]; then
   [ -f "$RUN_DIR/output_code.txt" ] && gzip -f "$RUN_DIR/output_code.txt"
   tar czf "$OUT/gpu_session.tgz" -C "$RUN_DIR" .
-  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt train_step_ckpt.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+  # (the device tool returns at most 8 files: the archive and the summaries one call writes)
+  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt train_step_ckpt.txt \
+           kernels_persistent.txt kernels_tma.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
   ls -la "$OUT"
 fi
 # The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):

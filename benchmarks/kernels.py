@@ -8,7 +8,11 @@ from Python and, in the "graph" column, replayed from a CUDA graph capturing the
 for both sides (kernel time without launch overhead, as in a compiled step); the "op"
 column times ``torch.ops.agpe.sparse_linear`` forward+backward through autograd against
 ``F.linear`` the same way (eager: the op's host-side work included). A short sweep
-of ``configs.CANDIDATES`` follows unless ``--no-sweep``. Finishes in ~1-2 minutes on an H100.
+of ``configs.CANDIDATES`` follows unless ``--no-sweep``, then the TMA candidates (host,
+device and persistent descriptors) against the plain kernels unless ``--no-tma``
+(``--only-tma``: those alone). The main table's agpe kernels follow ``AGPE_TMA`` (default
+off: the plain kernels): ``AGPE_TMA=persistent`` times the targets with the persistent TMA
+kernels. Finishes in ~1-2 minutes on an H100.
 
 ``--small`` (the default without CUDA) times tiny shapes on CPU: the torch gather path
 against the dense-with-zeros reference, with the cost model's pick, in a few seconds
@@ -339,9 +343,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--small", action="store_true", help="tiny CPU shapes, gather path (default without CUDA)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--no-sweep", action="store_true", help="skip the config sweep on GPU")
+    parser.add_argument("--no-tma", action="store_true", help="skip the TMA candidates' timing on GPU")
+    parser.add_argument("--only-tma", action="store_true",
+                        help="on GPU, time only the TMA candidates against the plain kernels (no main table)")
     parser.add_argument("--block-sizes", default="64,128",
                         help=f"GPU block sizes, comma-separated, from {TRITON_BLOCK_SIZES} (unused with --small)")
     args = parser.parse_args(argv)
+    if args.no_tma and args.only_tma:
+        parser.error("--no-tma and --only-tma exclude each other")
     gpu = torch.cuda.is_available() and not args.small
     block_sizes = parse_block_sizes(parser, args.block_sizes)  # checked on the CPU too: a typo fails early
     if args.out:
@@ -357,11 +366,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         report["results"] = []
         if args.out:  # `timeout` sends SIGTERM: keep what was measured
             signal.signal(signal.SIGTERM, lambda *_: _write_partial(report, args.out))
-        run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16, rows=report["results"])
-        report["crossover"] = crossover(report["results"])
-        report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
-        report["tma"] = run_tma(torch.bfloat16)
-        report["tma_configs"] = run_tma_configs(torch.bfloat16)
+        if not args.only_tma:
+            run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16, rows=report["results"])
+            report["crossover"] = crossover(report["results"])
+            report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
+        if not args.no_tma:
+            report["tma"] = run_tma(torch.bfloat16)
+            report["tma_configs"] = [] if args.only_tma else run_tma_configs(torch.bfloat16)
     else:
         # One thread: on a shared 2-core host, OpenMP threads that wait on a busy core
         # make timings swing 10x; the cost model in cpu_gather was measured the same way.

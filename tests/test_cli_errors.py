@@ -315,6 +315,7 @@ def test_cpu_layer_benchmark_refuses_a_folder_as_out(capsys, tmp_path):
     (["--small", "--block-sizes", "abc"], "--block-sizes: expected comma-separated integers from (32, 64, 128)"),
     (["--small", "--block-sizes", "64,48"], "--block-sizes: expected block sizes from (32, 64, 128)"),
     (["--small", "--out", "/proc/agpe-no-such-folder/k.json"], "--out: cannot create the folder"),
+    (["--small", "--no-tma", "--only-tma"], "--no-tma and --only-tma exclude each other"),
 ])
 def test_kernels_benchmark_checks_its_flags_before_measuring(capsys, args, message):
     err = refused(capsys, kernels.main, *args)
