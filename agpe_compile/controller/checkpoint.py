@@ -186,9 +186,12 @@ def load(sp: "Sparsifier", state: dict) -> None:
         raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({what}); nothing was "
                          f"loaded") from error
     saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
-    same_config = saved_config == sp.config.to_dict()
+    # where the audit log goes changes nothing the checkpoint restores
+    current = {k: v for k, v in sp.config.to_dict().items() if k != "audit_path"}
+    saved_config.pop("audit_path", None)
+    same_config = saved_config == current
     if not same_config:
-        changed = sorted(k for k, v in sp.config.to_dict().items() if saved_config.get(k) != v)
+        changed = sorted(k for k, v in current.items() if saved_config.get(k) != v)
         log.warning("agpe: checkpoint config differs from the Sparsifier's config in %s; using the Sparsifier's",
                     ", ".join(changed))
     rolled_back = read["step"] < sp.step_count  # Note [Buffers the model did not load]

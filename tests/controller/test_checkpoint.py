@@ -379,3 +379,18 @@ def test_a_layer_that_counts_no_rows_resumes_its_interval_without_the_models_buf
     resumed_sp.load_state_dict(saved["sp"])
     assert torch.equal(resumed_sp.layers["fc1"].saliency, saved["sp"]["layer_buffers"]["fc1"]["saliency"])
     assert run(model, opt, resumed_sp, data[10:]) == straight
+
+
+def test_another_audit_path_is_not_a_config_change(tmp_path, caplog):
+    # Audit AX (note): a resume logging elsewhere warned "config differs ... in audit_path"
+    # and refitted the schedule state for no reason.
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100,
+                        audit_path=str(tmp_path / "a.jsonl"))
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state = sp.state_dict()
+    *_, resumed, _, _ = make_run(AGPEConfig(**{**config.to_dict(), "audit_path": str(tmp_path / "b.jsonl")}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        resumed.load_state_dict(state)
+    assert not any("config differs" in r.getMessage() for r in caplog.records)
+    assert resumed.schedule_state == sp.schedule_state
