@@ -318,8 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         if not records:
-            parser.error(f"{path}: no records (an empty audit file: a Sparsifier with audit_path= writes a "
-                         f"'start' record when it is created and one record per update interval)")
+            parser.error(f"{path}: no complete records (an agpe audit file has a 'start' record, written when the "
+                         f"Sparsifier with audit_path= is created, and one record per update interval)")
         try:
             check_records(path, records)
         except ValueError as error:

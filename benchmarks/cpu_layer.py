@@ -61,6 +61,11 @@ def check_out_file(parser: argparse.ArgumentParser, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         parser.error(f"--out: {path!r} is a folder; expected a file name (e.g. {os.path.join(path, 'cpu_layer.json')})")
+    parent = folder
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):  # a file where a folder of the path should be
+        parser.error(f"--out: {parent!r} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
@@ -103,7 +108,10 @@ def main(argv=None) -> dict:
         agpe_compile.prepare(layer, {"block_size": b})
         state = agpe_compile.layer_state(layer)
         if density < 1.0:
-            state.block_mask.copy_(torch.rand(state.grid) < density)
+            blocks = state.block_mask.numel()  # exactly round(d * blocks) live: the row's label is the density
+            live = torch.zeros(blocks, dtype=torch.bool)
+            live[torch.randperm(blocks)[:max(1, round(density * blocks))]] = True
+            state.block_mask.copy_(live.view(state.grid))
             agpe_compile.rebucket(layer)
             state.sync_layout()
             with torch.no_grad():  # the promise holds: inactive weights are zero

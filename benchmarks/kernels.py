@@ -330,6 +330,11 @@ def check_out_file(parser: argparse.ArgumentParser, path: str) -> None:
     if os.path.isdir(path):
         parser.error(f"--out: {path!r} is a folder; expected a file name (e.g. {os.path.join(path, 'kernels.json')})")
     folder = os.path.dirname(os.path.abspath(path))
+    parent = folder
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):  # a file where a folder of the path should be
+        parser.error(f"--out: {parent!r} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:

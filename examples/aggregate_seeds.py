@@ -35,7 +35,7 @@ METRICS = (
     ("density", "final density", "{:.3f}"),
 )
 # Settings that must agree for runs to be averaged together.
-COMPARED = ("example", "mode", "epochs", "settings")
+COMPARED = ("example", "mode", "epochs", "settings", "agpe_settings")
 # What a wall-clock figure depends on besides the settings: wall-clock is averaged only over
 # files that agree on these (accuracies and FLOPs do not depend on them).
 TIMING = ("torch", "threads")
@@ -78,8 +78,12 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
     eval_set: Optional[Tuple[str, str]] = None
     reference_timing: Optional[Tuple[str, tuple]] = None
     timing_warned = False
+    seen_paths = set()
     for path in paths:
         path = _results_path(path)
+        if os.path.realpath(path) in seen_paths:
+            raise ValueError(f"{path}: given more than once")
+        seen_paths.add(os.path.realpath(path))
         with open(path) as f:
             try:
                 data = json.load(f)

@@ -15,7 +15,12 @@ command (the GPU machine): write it once where bible-kjv is installed, carry the
 
 Prints a table (validation loss, training FLOPs relative to dense, wall-clock,
 compilations) and writes ``val_loss_vs_flops.png``, ``results.json`` and one audit JSONL
-per run into ``--out``.
+per run into ``--out``. results.json records the setting and the options (seed,
+--prune-until, --lowering, the text's source) and is rewritten after each run; a rerun
+with the same ones keeps the earlier runs it does not train again (and each run it does,
+until it finishes it), one with others moves the earlier file aside to results-N.json. An
+audit log is written as NAME.jsonl.partial and renamed when its run finishes, so an
+interrupted invocation leaves the last finished log in place.
 """
 
 from __future__ import annotations
@@ -68,7 +73,13 @@ def load_text(path: Optional[str] = None) -> str:
         if shutil.which("bible") is None:
             raise SystemExit("char_lm: the `bible` command is missing; install Debian's text with "
                              "`apt-get install -y bible-kjv bible-kjv-text` (or pass --text-file)")
-        raw = subprocess.run(["bible", "-l0", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+        done = subprocess.run(["bible", "-l0", "gen1:1-rev22:21"], capture_output=True, text=True)
+        if done.returncode != 0:
+            said = done.stderr.strip() or done.stdout.strip()
+            raise SystemExit(f"char_lm: `bible -l0 gen1:1-rev22:21` failed (exit status {done.returncode})"
+                             + (f": {said[-500:]}" if said else "") + "; reinstall Debian's text with "
+                             "`apt-get install --reinstall -y bible-kjv bible-kjv-text` (or pass --text-file)")
+        raw = done.stdout
     lines = [line.strip() for line in raw.splitlines() if line.strip()]
     if not lines:
         raise SystemExit(f"char_lm: no text in {path or 'the output of bible'}")
@@ -114,7 +125,7 @@ def run_config(name: str, sparsity: float, setting: dict, args) -> AGPEConfig:
         target_sparsity=sparsity, policy="dense" if sparsity == 0 else "agpe", block_size=setting["block_size"],
         exclude=("head",), update_interval=setting["update_interval"], begin_step=0,
         end_step=max(setting["update_interval"], int(args.prune_until * setting["steps"])),
-        seed=args.seed, audit_path=os.path.join(args.out, f"{name}.jsonl"),
+        seed=args.seed, audit_path=os.path.join(args.out, f"{name}.jsonl.partial"),
     )
 
 
@@ -187,6 +198,9 @@ def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab
                   f"density {sparsifier.global_density:.3f}  {time.perf_counter() - start:6.0f} s",
                   file=sys.stderr, flush=True)
     report = sparsifier.flops
+    # Written beside the last run's log and renamed over it when this run finishes: an
+    # interrupted run leaves the last finished log as it was
+    os.replace(config.audit_path, os.path.join(args.out, f"{name}.jsonl"))
     return {
         "run": name, "target_sparsity": sparsity, "val_loss": curve[-1]["val_loss"], "curve": curve,
         "train_flops": report.sparse + other * steps, "dense_equiv_flops": report.dense + other * steps,
@@ -220,12 +234,44 @@ def plot(results: List[Dict], path: str) -> None:
     print(f"wrote {path}")
 
 
-def write_results(out: str, setting: dict, device, results: List[Dict]) -> None:
+def results_header(setting: dict, device, args) -> dict:
+    """What makes two results.json files one comparison: everything but the runs."""
+    return {"setting": setting, "device": str(device), "torch": torch.__version__,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "options": {"seed": args.seed, "prune_until": args.prune_until, "lowering": args.lowering,
+                        "text": args.text_file or "bible -l0 gen1:1-rev22:21"}}
+
+
+def earlier_runs(out: str, header: dict) -> Dict[str, Dict]:
+    """The runs of --out's results.json from an earlier invocation with the same settings,
+    by name: kept in the new results.json, each until this invocation finishes that run
+    again (an interrupted run loses no finished figures). One with other settings is
+    moved aside to results-<n>.json, not lost."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        same = {k: v for k, v in earlier.items() if k != "runs"} == json.loads(json.dumps(header))
+        runs = {r["run"]: r for r in earlier["runs"]}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        same, runs = False, {}
+    if same:
+        return runs
+    n = 1
+    while os.path.exists(os.path.join(out, f"results-{n}.json")):
+        n += 1
+    os.replace(path, os.path.join(out, f"results-{n}.json"))
+    print(f"char_lm: {path} held runs with other settings: moved to results-{n}.json", file=sys.stderr)
+    return {}
+
+
+def write_results(out: str, header: dict, runs: Dict[str, Dict]) -> None:
     """results.json in ``out`` (atomically: a kill mid-write leaves the previous file)."""
     path = os.path.join(out, "results.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({"setting": setting, "device": str(device), "torch": torch.__version__,
-                   "float32_matmul_precision": torch.get_float32_matmul_precision(), "runs": results}, f, indent=2)
+        json.dump({**header, "runs": list(runs.values())}, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
@@ -312,10 +358,13 @@ def main(argv=None) -> None:
     print(f"char_lm: {data.numel():,} chars, vocab {len(vocab)}, train {split:,} / val {data.numel() - split:,}; "
           f"{setting['steps']} steps on {device} (float32 matmul precision "
           f"{torch.get_float32_matmul_precision()})", file=sys.stderr)
+    header = results_header(setting, device, args)
+    earlier = earlier_runs(args.out, header)
     results = []
     for name, sparsity in runs:
         results.append(train(name, sparsity, setting, train_data, val_data, len(vocab), args, device))
-        write_results(args.out, setting, device, results)  # an interrupted run keeps what it finished
+        # an interrupted run keeps what it finished, and the earlier figures of the runs it did not
+        write_results(args.out, header, {**earlier, **{r["run"]: r for r in results}})
     dense = results[0]
     print(f"\n{'run':<10} {'val loss':>9} {'vs dense':>9} {'train FLOPs':>12} {'vs dense':>9} "
           f"{'density':>8} {'wall s':>8} {'compiles':>9}")
@@ -335,4 +384,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # no traceback: say what was kept
+        sys.exit("interrupted: results.json in --out keeps the runs it finished (and the earlier figures it had yet to "
+                 "replace); the unfinished one's audit log is left as .jsonl.partial")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 import time
@@ -40,7 +41,18 @@ def parse_args(argv=None):
     parser.add_argument("--update-interval", type=int, default=20)
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value, ok, expected in (
+            ("--epochs", args.epochs, math.isfinite(args.epochs) and args.epochs > 0, "a finite number > 0"),
+            ("--max-steps", args.max_steps, args.max_steps is None or args.max_steps >= 1, "an integer >= 1"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+            ("--sparsity", args.sparsity, 0 <= args.sparsity < 1, "a number in [0, 1)"),
+            ("--block-size", args.block_size, args.block_size >= 1, "an integer >= 1"),
+            ("--update-interval", args.update_interval, args.update_interval >= 1, "an integer >= 1"),
+            ("--seed", args.seed, args.seed >= 0, "an integer >= 0")):
+        if not ok:
+            parser.error(f"{flag}: expected {expected}, got {value}")
+    return args
 
 
 def fingerprint(model) -> str:
@@ -74,10 +86,15 @@ def main(argv=None) -> None:
     total = max(1, int(args.epochs * steps_per_epoch))
     if args.max_steps is not None:
         total = min(total, args.max_steps)
-    config = agpe_compile.AGPEConfig(target_sparsity=args.sparsity, block_size=args.block_size, exclude=("head",),
-                                     update_interval=args.update_interval, end_step=max(1, int(0.75 * total)),
-                                     saliency="magnitude", seed=args.seed)
-    sparsifier = agpe_compile.Sparsifier(model, optimizer, config)  # before DDP and torch.compile
+    try:  # every rank refuses the same flags: one line each, no traceback
+        config = agpe_compile.AGPEConfig(target_sparsity=args.sparsity, block_size=args.block_size,
+                                         exclude=("head",), update_interval=args.update_interval,
+                                         end_step=max(1, int(0.75 * total)), saliency="magnitude", seed=args.seed)
+        sparsifier = agpe_compile.Sparsifier(model, optimizer, config)  # before DDP and torch.compile
+    except ValueError as error:
+        dist.destroy_process_group()
+        sys.exit(f"error: {error} ({total} training steps; from --epochs/--max-steps/--batch-size, "
+                 f"--update-interval, --block-size)")
     lowering = {"inductor": device.type == "cuda", "saliency": "magnitude"}
     ddp = DDP(torch.compile(model, backend="agpe", options=lowering))
 

@@ -23,7 +23,8 @@ method, PNG plots (agpe_compile.report) and results.json (the settings and the t
 figures per method, rewritten after each method) into --out. A method's audit log is
 written as <method>.jsonl.partial and renamed when the method finishes, so an interrupted
 run leaves the last finished one in place; results.json keeps the methods of an earlier
-run with the same settings that this run does not train again, and an earlier run's
+run with the same settings that this run does not train again (and the earlier figures of
+those it does, until it finishes them), and an earlier run's
 results.json with other settings is moved aside to results-<when it finished>.json.
 
 Data: Debian's dataset-fashion-mnist (idx files, gzipped) in /usr/share/datasets/fashion-mnist.
@@ -177,8 +178,13 @@ def method_config(method: str, args, total_steps: int, audit_path: str) -> AGPEC
     return AGPEConfig(policy=method, **common)
 
 
+# AGPEConfig fields that take a list: VALUE is comma-separated numbers (buckets=1.0,0.5,0.1).
+_LIST_FIELDS = ("buckets",)
+
+
 def parse_agpe_option(text: str) -> Tuple[str, object]:
-    """``KEY=VALUE`` -> (an AGPEConfig field, its value as int/float/bool/None/str)."""
+    """``KEY=VALUE`` -> (an AGPEConfig field, its value as int/float/bool/None/str, or a
+    tuple of floats for a list field)."""
     key, sep, raw = text.partition("=")
     # The budget and the layers (sparsity, block size, interval, include/exclude) stay shared flags.
     fields = {f.name for f in dataclasses.fields(AGPEConfig)} - {
@@ -186,6 +192,11 @@ def parse_agpe_option(text: str) -> Tuple[str, object]:
         "include", "exclude", "min_layer_share"}
     if not sep or key not in fields:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}; got {text!r}")
+    if key in _LIST_FIELDS:
+        try:
+            return key, tuple(float(item) for item in raw.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}: expected comma-separated numbers, got {raw!r}") from None
     lowered = raw.strip().lower()
     if lowered in ("true", "false"):
         return key, lowered == "true"
@@ -345,22 +356,25 @@ _NOT_SETTINGS = ("methods", "finished")
 
 
 def earlier_results(args) -> Dict[str, Dict[str, float]]:
-    """The methods of --out's results.json from an earlier run with the same settings that
-    this run does not train again: kept in the new results.json. One with other settings
-    (another seed, mode, ...) is moved aside to results-<when it finished>.json, not lost."""
+    """The methods of --out's results.json from an earlier run with the same settings: kept
+    in the new results.json, each until this run finishes that method again (an interrupted
+    run leaves the earlier figures of the methods it did not finish, beside their logs and
+    plots). One with other settings (another seed, mode, ...) is moved aside to
+    results-<when it finished>.json, not lost."""
     path = os.path.join(args.out, "results.json")
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
             earlier = json.load(f)
+        payload = json.loads(json.dumps(results_payload(args, {})))  # as written: tuples become lists
         same = ({k: v for k, v in earlier.items() if k not in _NOT_SETTINGS}
-                == {k: v for k, v in results_payload(args, {}).items() if k not in _NOT_SETTINGS})
+                == {k: v for k, v in payload.items() if k not in _NOT_SETTINGS})
         methods = earlier["methods"]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         same, methods, earlier = False, {}, {}
     if same and isinstance(methods, dict):
-        return {m: r for m, r in methods.items() if m not in args.methods}
+        return dict(methods)
     stamp = str(earlier.get("finished", "earlier")).replace(":", "-") if isinstance(earlier, dict) else "earlier"
     aside, n = os.path.join(args.out, f"results-{stamp}.json"), 1
     while os.path.exists(aside):
@@ -454,11 +468,14 @@ def parse_args(argv: List[str]):
     parser.add_argument("--agpe", type=parse_agpe_option, action="append", default=[], metavar="KEY=VALUE",
                         help="override one AGPEConfig field of the agpe method (repeatable)")
     args = parser.parse_args(argv)
+    repeated = sorted({key for key, _ in args.agpe if [k for k, _ in args.agpe].count(key) > 1})
+    if repeated:  # the last would silently win
+        parser.error(f"--agpe: {', '.join(repeated)} given more than once")
     args.agpe = dict(args.agpe)
     try:  # names and values only: the mode's update interval and length are checked with the run's config below
         AGPEConfig(policy="agpe", **{**AGPE_SETTINGS, "update_interval": 1, **args.agpe})
     except (TypeError, ValueError) as error:
-        parser.error(f"--agpe: {error}")
+        parser.error(f"--agpe: {str(error).removeprefix('agpe: ')}")
     args.eval_set = "validation" if args.validation else "test"
     mode = MODES[args.mode or "quick"]
     try:
@@ -538,7 +555,8 @@ def main(argv: List[str] = None) -> None:
         data = (x_train[kept], y_train[kept], x_train[held], y_train[held])
     else:
         data = (x_train, y_train, x_test[:args.test_samples], y_test[:args.test_samples])
-    kept = earlier_results(args)
+    earlier = earlier_results(args)
+    kept = {m: r for m, r in earlier.items() if m not in args.methods}  # not trained again by this run
     warm_up(args)
     results = {}
     for method in args.methods:
@@ -546,7 +564,9 @@ def main(argv: List[str] = None) -> None:
         results[method] = train_one(method, args, data)
         if method != "plain":
             os.replace(os.path.join(args.out, f"{method}.jsonl.partial"), os.path.join(args.out, f"{method}.jsonl"))
-        write_results(args, {**kept, **results})  # after each method, so an interrupted run keeps what it finished
+        # after each method, so an interrupted run keeps what it finished (and the earlier
+        # figures of the methods it had yet to finish)
+        write_results(args, {**earlier, **results})
     print_table(results, args.eval_set)
     if kept:
         print(f"(results.json also keeps {', '.join(kept)} of an earlier run with the same settings)")
@@ -561,4 +581,8 @@ def main(argv: List[str] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # no traceback: say what was kept
+        sys.exit("interrupted: results.json in --out keeps the methods it finished (and the earlier figures it had yet to "
+                 "replace); the unfinished one's audit log is left as .jsonl.partial")

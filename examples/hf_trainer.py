@@ -103,8 +103,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs (>= 0)")
     parser.add_argument("--text-file", default=None,
                         help="read the text from this file instead of running `bible` (same output)")
-    parser.add_argument("--out", default="runs/hf_trainer", help="the Trainers' output folders go here")
+    parser.add_argument("--out", default=None,
+                        help="the Trainers' output folders go here (default runs/hf_trainer, --smoke: runs/hf_trainer_smoke)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run does not mix its checkpoints with the --quick run's
+        args.out = "runs/hf_trainer_smoke" if args.smoke else "runs/hf_trainer"
+    char_lm.check_out(parser, args.out)  # a writable folder, before the text is read
     if not 0.0 < args.sparsity < 1.0:
         parser.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if args.seed < 0:

@@ -104,6 +104,16 @@ def test_differing_settings_warn_and_transcribed_seeds_are_marked(tmp_path):
     assert "seed 0*" in text and "\\* seed 0: transcribed from docs" in text
 
 
+def test_differing_agpe_settings_warn_and_a_file_given_twice_is_refused(tmp_path):
+    # audit BC: a taylor and a magnitude agpe run were averaged without a word
+    a = write(tmp_path / "a", 0, ["dense", "agpe"], agpe_settings={"saliency": "magnitude"})
+    b = write(tmp_path / "b", 1, ["dense", "agpe"], agpe_settings={"saliency": "taylor"})
+    _, _, warnings = agg.load_runs([a, b])
+    assert len(warnings) == 1 and "agpe_settings" in warnings[0]
+    with pytest.raises(ValueError, match="given more than once"):
+        agg.load_runs([a, a / "results.json"])
+
+
 def test_not_a_results_file(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"runs": []}))
     with pytest.raises(ValueError, match="needs 'seed' and 'methods'"):
@@ -162,11 +172,13 @@ def test_validation_runs_are_labelled_as_validation_accuracy(tmp_path, capsys):
 
 
 def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
-    a = write(tmp_path / "a", 0, ["dense"])
-    result = subprocess.run([sys.executable, SCRIPT, str(a), str(a)], capture_output=True, text=True, timeout=60)
+    a, b = write(tmp_path / "a", 0, ["dense"]), write(tmp_path / "b", 0, ["dense"])
+    result = subprocess.run([sys.executable, SCRIPT, str(a), str(b)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == (f"error: {a / 'results.json'}: method 'dense' of seed 0 is already in another file "
+    assert result.stderr == (f"error: {b / 'results.json'}: method 'dense' of seed 0 is already in another file "
                              f"(--replace lets later files replace it)\n")
+    result = subprocess.run([sys.executable, SCRIPT, str(a), str(a)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == f"error: {a / 'results.json'}: given more than once\n"
 
 
 def test_wall_clock_is_not_averaged_across_torch_versions_or_thread_counts(tmp_path):

@@ -13,6 +13,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from agpe_compile import report
 
@@ -105,7 +106,8 @@ def test_fashion_mnist_keeps_the_earlier_methods_of_the_same_settings_and_moves_
     first = fm.parse_args(["--smoke", "--methods", "dense,agpe", "--out", str(out)])
     fm.write_results(first, {"dense": {"accuracy": 70.0}, "agpe": {"accuracy": 60.0}})
     again = fm.parse_args(["--smoke", "--methods", "agpe", "--out", str(out)])
-    assert fm.earlier_results(again) == {"dense": {"accuracy": 70.0}}
+    # all of them: agpe's stays until this run finishes agpe again
+    assert fm.earlier_results(again) == {"dense": {"accuracy": 70.0}, "agpe": {"accuracy": 60.0}}
     payload = json.loads((out / "results.json").read_text())
     (out / "results.json").write_text(json.dumps(dict(payload, torch="2.0.0")))  # wall-clock of another torch
     assert fm.earlier_results(again) == {}
@@ -116,6 +118,30 @@ def test_fashion_mnist_keeps_the_earlier_methods_of_the_same_settings_and_moves_
     assert len(aside) == 2 and not (out / "results.json").exists()
     assert all(json.loads((out / a).read_text())["methods"]["dense"] == {"accuracy": 70.0} for a in aside)
     assert "held a run with other settings: moved to" in capsys.readouterr().out
+
+
+def test_an_interrupted_fashion_mnist_rerun_keeps_the_earlier_figures_it_did_not_replace(tmp_path, monkeypatch):
+    # Audit BC F1: the rerun rewrote results.json after its first method without the earlier
+    # figures of the methods it had yet to train, so an interruption lost them.
+    out = tmp_path / "o"
+    first = fm.parse_args(["--smoke", "--methods", "plain,dense,agpe", "--out", str(out)])
+    fm.write_results(first, {"plain": {"accuracy": 74.0}, "dense": {"accuracy": 74.0}, "agpe": {"accuracy": 19.0}})
+    monkeypatch.setattr(fm, "load_fashion_mnist", lambda _: (torch.zeros(2048, 784), torch.zeros(2048, dtype=torch.long),
+                                                              torch.zeros(2000, 784), torch.zeros(2000, dtype=torch.long)))
+    monkeypatch.setattr(fm, "warm_up", lambda args: None)
+
+    def train_one(method, args, data):
+        if method == "agpe":
+            raise KeyboardInterrupt
+        if method != "plain":  # the audit log a finished method leaves
+            (out / f"{method}.jsonl.partial").write_text('{"event": "start", "step": 0}\n')
+        return {"accuracy": 75.0}
+
+    monkeypatch.setattr(fm, "train_one", train_one)
+    with pytest.raises(KeyboardInterrupt):
+        fm.main(["--smoke", "--methods", "plain,dense,agpe", "--out", str(out)])
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert methods == {"plain": {"accuracy": 75.0}, "dense": {"accuracy": 75.0}, "agpe": {"accuracy": 19.0}}
 
 
 def test_fashion_mnist_smoke_has_its_own_default_folder(tmp_path, monkeypatch):

@@ -135,6 +135,32 @@ def test_char_lm_reads_the_text_from_a_file(tmp_path):
     assert [r["run"] for r in results["runs"]] == ["dense", "agpe-75"]
     assert results["setting"]["steps"] == 8 and results["setting"]["lr"] == 0.002  # --set overrides
     assert [p["step"] for p in results["runs"][0]["curve"]] == [6, 8]
+    assert results["options"] == {"seed": 0, "prune_until": results["options"]["prune_until"],
+                                  "lowering": "aot_eager", "text": str(text)}
+    # a rerun with the same settings keeps the run it does not train again (audit BC)
+    run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.5",
+         "--text-file", str(text), "--set", "steps=8", "--set", "lr=0.002", "--out", str(tmp_path / "out")])
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["run"] for r in again["runs"]] == ["dense", "agpe-75", "agpe-50"]
+    assert again["runs"][1] == results["runs"][1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl*")) == ["agpe-50.jsonl", "agpe-75.jsonl",
+                                                                           "dense.jsonl"]
+
+
+def test_char_lm_says_why_bible_failed(tmp_path, monkeypatch):
+    # audit BC: a failing `bible` gave a bare CalledProcessError without bible's own message
+    fake = tmp_path / "bin" / "bible"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'cannot open data file' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import char_lm
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match=r"failed \(exit status 2\): cannot open data file; reinstall"):
+        char_lm.load_text(None)
 
 
 def test_char_lm_refuses_a_block_size_that_does_not_divide_the_model(tmp_path):

@@ -171,7 +171,8 @@ def test_report_without_out_leaves_the_plots_beside_the_audit_file_alone(agpe_ru
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "no records (an empty audit file"),
+    (b"", "no complete records (an agpe audit file has a 'start' record"),
+    (b'{"event": "sta', "no complete records"),  # a torn only line is no "empty" file (audit BC)
     (b'{"event": "start"}\nnot json\n', "line 2 is not JSON"),
     (b"[1, 2]\n", "line 1 is not a JSON object"),
     (b"\x80\x81", "not a UTF-8 text file"),

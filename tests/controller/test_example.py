@@ -93,7 +93,10 @@ def test_validation_split_and_agpe_overrides(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--agpe", "target_sparsity=0.5"], "--agpe: expected KEY=VALUE with KEY one of"),
     (["--agpe", "cooldown"], "--agpe: expected KEY=VALUE with KEY one of"),
-    (["--agpe", "cooldown=-1"], "--agpe: agpe: AGPEConfig.cooldown got -1; expected an int >= 0"),
+    (["--agpe", "cooldown=-1"], "--agpe: AGPEConfig.cooldown got -1; expected an int >= 0"),
+    (["--agpe", "patience=2", "--agpe", "patience=3"], "--agpe: patience given more than once"),
+    (["--agpe", "buckets=1.0,x"], "--agpe: buckets: expected comma-separated numbers, got '1.0,x'"),
+    (["--agpe", "buckets=0.5,0.1"], "--agpe: AGPEConfig.buckets got (0.5, 0.1); expected a list or tuple"),
     (["--validation", "2048"], "--validation: expected 0 <= N < 2048"),
     (["--sparsity", "1.5"], "--sparsity/--block-size: agpe: AGPEConfig.target_sparsity got 1.5"),
     (["--block-size", "0"], "--sparsity/--block-size: agpe: AGPEConfig.block_size got 0"),
