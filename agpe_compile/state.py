@@ -357,7 +357,7 @@ class LayerState:
             setattr(module, LAYOUT_NAMES_ATTR, names)
             module.register_forward_pre_hook(_read_layouts)
             module._register_load_state_dict_pre_hook(_resize_layouts_on_load, with_module=True)
-            module.register_load_state_dict_post_hook(_adopt_assigned_weights)
+            _adopt_on_load(module)
         if self.layout_buffer_name not in names:
             names.append(self.layout_buffer_name)
         module.__dict__.setdefault(LAYERS_ATTR, {})[self.param_name] = self  # Note [Copying prepared models]
@@ -526,6 +526,11 @@ def _adopt_assigned_weights(module: nn.Module, incompatible_keys) -> None:
         if isinstance(weight, nn.Parameter) and weight is not record.weight and state_of(weight) is None:
             setattr(weight, EXCLUDED_ATTR, record.reason)  # Note [Exclusions travel with the module]
             record.weight = weight
+    for param_name, sized in module.__dict__.get(PREPARED_BLOCK_SIZES_ATTR, {}).items():
+        param = module._parameters.get(param_name)
+        if isinstance(param, nn.Parameter) and param is not sized.param_ref():
+            setattr(param, PREPARED_BLOCK_SIZE_ATTR, sized.block_size)  # the mark follows the new parameter
+            sized.param_ref = weakref.ref(param)
 
 
 # Note [Exclusions travel with the module]
@@ -557,18 +562,36 @@ class _Exclusion:
 
 class _PreparedBlockSize:
     """``PREPARED_BLOCK_SIZE_ATTR`` of one parameter, held by its module so that a deep copy
-    of the module puts it on the copy's parameter (Parameter.__deepcopy__ drops it)."""
+    of the module puts it on the copy's parameter (Parameter.__deepcopy__ drops it). A weak
+    reference: a parameter replaced by ``load_state_dict(..., assign=True)`` is freed (the
+    load post-hook moves the mark to the new one), and a copy copies no stale tensor."""
 
     def __init__(self, param: nn.Parameter, block_size: int) -> None:
-        self.param, self.block_size = param, block_size
+        self.param_ref, self.block_size = weakref.ref(param), block_size
 
     def __deepcopy__(self, memo):
-        new_param = copy.deepcopy(self.param, memo)  # the copy's own parameter (memo: the same object)
+        param = self.param_ref()
+        new_param = None if param is None else copy.deepcopy(param, memo)  # the copy's own (memo: the same)
         if isinstance(new_param, nn.Parameter):
             setattr(new_param, PREPARED_BLOCK_SIZE_ATTR, self.block_size)
-        new = _PreparedBlockSize(new_param, self.block_size)
+        new = copy.copy(self)
+        new.param_ref = (lambda: None) if new_param is None else weakref.ref(new_param)
         memo[id(self)] = new
         return new
+
+    def __getstate__(self):  # torch.save(model): the module pickles the parameter anyway (one object)
+        return {"param": self.param_ref(), "block_size": self.block_size}
+
+    def __setstate__(self, state):
+        param = state["param"]
+        self.param_ref = (lambda: None) if param is None else weakref.ref(param)
+        self.block_size = state["block_size"]
+
+
+def _adopt_on_load(module: nn.Module) -> None:
+    """Register ``_adopt_assigned_weights`` as a load post-hook of ``module`` once."""
+    if not any(hook is _adopt_assigned_weights for hook in module._load_state_dict_post_hooks.values()):
+        module.register_load_state_dict_post_hook(_adopt_assigned_weights)
 
 
 def mark_excluded(module: nn.Module, param_name: str, weight: nn.Parameter, reason: str) -> None:
@@ -577,8 +600,7 @@ def mark_excluded(module: nn.Module, param_name: str, weight: nn.Parameter, reas
     records = module.__dict__.get(EXCLUSIONS_ATTR)
     if records is None:
         records = module.__dict__[EXCLUSIONS_ATTR] = {}
-        if LAYOUT_NAMES_ATTR not in module.__dict__:  # attach() registers it for prepared modules
-            module.register_load_state_dict_post_hook(_adopt_assigned_weights)
+        _adopt_on_load(module)
     records[param_name] = _Exclusion(weight, reason)
 
 
@@ -846,6 +868,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 setattr(param, PREPARED_BLOCK_SIZE_ATTR, config.resolved_block_size)
                 module.__dict__.setdefault(PREPARED_BLOCK_SIZES_ATTR, {})[param_name] = _PreparedBlockSize(
                     param, config.resolved_block_size)
+                _adopt_on_load(module)
     _separate_clashing_names(prepared)
     _one_call_path(named, prepared)
     _warn_unmatched_patterns(config, _candidate_names(named))

@@ -254,8 +254,10 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
             return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
         return [], _unmatched(node, (x, rhs))
     if node.target in ADDMM_TARGETS:  # alpha/beta other than 1 (or an out=): not x @ W.T + b as such
+        args = list(node.args) + [None] * 3
+        product = [node.kwargs.get(key, args[i]) for i, key in ((1, "mat1"), (2, "mat2"))]
         return [], _unmatched_contraction(node, "torch.addmm with alpha or beta other than 1",
-                                          operands=node.args[1:3])  # the product's; the added input is no weight
+                                          operands=product)  # the product's; the added input is no weight
     return [], []
 
 

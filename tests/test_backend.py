@@ -262,6 +262,17 @@ def test_a_graph_after_a_break_takes_the_prepared_block_size_too(caplog):
     with torch.no_grad():
         torch.compile(model, backend="agpe", options={"inductor": False})(torch.randn(3, 16))
     assert {n: s.block_size for n, s in agpe_compile.layer_states(model).items()} == {"fc": 8, "router": 8}
+    # load_state_dict(assign=True) puts a new router in place: it takes the mark, the old one is freed
+    # (re-audit BB F1: the module's record held the old parameter)
+    import gc
+    import weakref
+
+    original = Model()
+    agpe_compile.prepare(original, {"block_size": 8})
+    old = weakref.ref(original.router)
+    original.load_state_dict({k: v.clone() for k, v in original.state_dict().items()}, assign=True)
+    gc.collect()
+    assert old() is None and original.router._agpe_prepared_block_size == 8
 
 
 def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):

@@ -56,6 +56,7 @@ class Spelling(nn.Module):
             "F.linear keywords": lambda: F.linear(input=x, weight=w, bias=b),
             "addmm beta=1": lambda: torch.addmm(b, x, w.t(), beta=1),
             "addmm beta=0.5": lambda: torch.addmm(b, x, w.t(), beta=0.5),
+            "addmm mat2= alpha=2": lambda: torch.addmm(b, x, mat2=w.t(), alpha=2),
             "einsum": lambda: torch.einsum("bi,oi->bo", x, w),
             "tensordot": lambda: torch.tensordot(x, w, dims=([1], [1])),
             "inner": lambda: torch.inner(x, w),
@@ -118,7 +119,7 @@ def test_an_unprepared_weight_in_an_unknown_form_is_left_alone():
         ("fc", False, "used by torch.einsum (agpe rewrites x @ W.T, F.linear and nn.Linear only)")]
 
 
-@pytest.mark.parametrize("mode", ["addmm beta=0.5", "bilinear"])
+@pytest.mark.parametrize("mode", ["addmm beta=0.5", "addmm mat2= alpha=2", "bilinear"])
 def test_other_contractions_of_unprepared_weights_are_listed(mode):
     # Audit AZ F4: torch.bilinear and an addmm with beta != 1 were in no table at all.
     class Bilinear(nn.Module):

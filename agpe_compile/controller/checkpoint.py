@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import logging
+import math
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -144,6 +145,12 @@ def _check_shapes(sp: "Sparsifier", state: dict) -> None:
         for key in ("masks", "saliency_ema", "saliency_fresh", "grown_age"):
             table = state.get(key)
             tensor = table.get(name) if isinstance(table, dict) else None
+            if tensor is not None and not isinstance(tensor, torch.Tensor):
+                try:
+                    tensor = torch.as_tensor(tensor)
+                except (TypeError, ValueError, RuntimeError) as error:
+                    raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({key}[{name!r}]: "
+                                     f"{error}); nothing was loaded") from None
             if tensor is not None and tuple(tensor.shape) != grid:
                 _wrong_grid(f"{key}[{name!r}]", name, tensor, layer, grid)
         buffers = (state.get("layer_buffers") or {}).get(name) or {}
@@ -166,6 +173,10 @@ def load(sp: "Sparsifier", state: dict) -> None:
     Every field is read and checked before anything is written (:func:`_read`): a
     checkpoint that is malformed or incomplete raises and changes nothing."""
     state = upgrade(state)
+    for key in ("config", "masks"):  # read before the checks below: a clear refusal, not a KeyError
+        if not isinstance(state.get(key), dict):
+            raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({key}: expected a dict, "
+                             f"got {type(state.get(key)).__name__}); nothing was loaded")
     names = set(sp.layers)
     if set(state["masks"]) != names:
         from agpe_compile.state import layer_states
@@ -185,15 +196,9 @@ def load(sp: "Sparsifier", state: dict) -> None:
         what = f"missing entry {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
         raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({what}); nothing was "
                          f"loaded") from error
-    saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
-    # where the audit log goes changes nothing the checkpoint restores
-    current = {k: v for k, v in sp.config.to_dict().items() if k != "audit_path"}
-    saved_config.pop("audit_path", None)
-    same_config = saved_config == current
-    if not same_config:
-        changed = sorted(k for k, v in current.items() if saved_config.get(k) != v)
+    if read["config_changes"]:
         log.warning("agpe: checkpoint config differs from the Sparsifier's config in %s; using the Sparsifier's",
-                    ", ".join(changed))
+                    ", ".join(read["config_changes"]))
     rolled_back = read["step"] < sp.step_count  # Note [Buffers the model did not load]
     sp.step_count = read["step"]
     sp.target_density = read["target_density"]
@@ -211,8 +216,9 @@ def load(sp: "Sparsifier", state: dict) -> None:
                     "protected from dropping at the next update (protect_grown=%d)", sp.config.protect_grown)
     for name, age in sp.grown_age.items():
         sp.grown_age[name] = torch.full_like(age, AGE_NEVER_GROWN) if ages is None else ages[name]
-    loaded = read["schedule_state"]
-    sp.schedule_state = loaded if same_config else _fit_schedule_state(sp, loaded)
+    if read["refit_schedule"] is not None:
+        read["refit_schedule"]()  # the warning of _fit_schedule_state, now that the load goes ahead
+    sp.schedule_state = read["schedule_state"]
     sp.generator.set_state(read["rng_state"])
     if read["flops"] is not None:
         sp.accountant.load_state_dict(read["flops"])
@@ -266,14 +272,25 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
     read["saliency_fresh"] = per_layer("saliency_fresh", grid_tensor(torch.bool, lambda n: sp.saliency.fresh[n]))
     ages = state["grown_age"]
     read["grown_age"] = None if ages is None else per_layer("grown_age", grid_tensor(torch.int32, lambda n: sp.grown_age[n]))
+    saved_config = {**AGPEConfig().to_dict(), **state["config"]}  # fields added later: their defaults
+    # where the audit log goes changes nothing the checkpoint restores
+    current = {k: v for k, v in sp.config.to_dict().items() if k != "audit_path"}
+    saved_config.pop("audit_path", None)
+    read["config_changes"] = sorted(k for k, v in current.items() if saved_config.get(k) != v)
     schedule = state["schedule_state"]
-    read["schedule_state"] = None if schedule is None else AdaptiveState(**schedule)
+    loaded = None if schedule is None else _typed_schedule(AdaptiveState(**schedule))
+    read["refit_schedule"] = None
+    if saved_config == current:
+        read["schedule_state"] = loaded
+    else:
+        read["schedule_state"], read["refit_schedule"] = _fit_schedule_state(sp, loaded, read["target_density"])
     rng = state["rng_state"]
     torch.Generator(device=sp.generator.device).set_state(rng)  # a state this generator can take
     read["rng_state"] = rng
     flops = state["flops"]
     if flops is not None:
-        copy.deepcopy(sp.accountant).load_state_dict(flops)  # every layer's totals, well formed
+        per_layer("flops", lambda name, v: v)  # every layer's totals present (named if not), then well formed:
+        copy.deepcopy(sp.accountant).load_state_dict(flops)
     read["flops"] = flops
     seen = state["seen_counters"]
     read["seen_counters"] = None if seen is None else per_layer("seen_counters", lambda name, v: [int(v[0]), int(v[1])])
@@ -287,6 +304,25 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
         read["skips_from"] = (per_layer("skips_from", lambda name, v: int(v)) if skips else
                               {n: seen_at[n][1] for n in layers})
     return read
+
+
+def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
+    """``loaded`` with Python values (numpy numbers converted), or TypeError
+    naming a field of the wrong kind (a str rung failed only at the next update)."""
+    def whole(field):
+        value = getattr(loaded, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected an int")
+        return int(value)
+
+    loss = loaded.smoothed_loss
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
+        raise TypeError(f"schedule_state['smoothed_loss'] is a {type(loss).__name__}, expected a number or None")
+    if not isinstance(loaded.backed_off, (bool, numbers.Integral)) or not isinstance(loaded.event, str):
+        raise TypeError("schedule_state['backed_off'] must be a bool and ['event'] a str")
+    return dataclasses.replace(loaded, rung=whole("rung"), cooldown_left=whole("cooldown_left"),
+                               holds=whole("holds"), backoffs=whole("backoffs"),
+                               smoothed_loss=None if loss is None else float(loss), backed_off=bool(loaded.backed_off))
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor) -> torch.Tensor:
@@ -312,21 +348,25 @@ def _fill_stale_buffers(sp: "Sparsifier", saved, rolled_back: bool) -> None:
                 getattr(layer, field).copy_(saved[name][field])
 
 
-def _fit_schedule_state(sp: "Sparsifier", loaded) -> object:
-    """The schedule state to go on with after a checkpoint saved under another config (the
-    Sparsifier's config is used): the checkpoint's when it fits this config's schedule, else
-    a state at the rung of this schedule nearest the checkpoint's target density (another
-    policy, target or bucket ladder). Policies without a schedule state keep none."""
+def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
+    """(state, warn) for going on after a checkpoint saved under another config (the
+    Sparsifier's config is used): the checkpoint's state when it fits this config's
+    schedule, else a state at the rung of this schedule nearest the checkpoint's
+    ``target_density`` (another policy, target or bucket ladder); ``warn`` logs that
+    (called once the load goes ahead) or is None. Policies without a schedule state keep none."""
     fresh = sp.policy.initial_schedule_state()
     if fresh is None:
-        return None
+        return None, None
     ladder = sp.policy.schedule().ladder
-    if loaded is not None and 0 <= loaded.rung < len(ladder) and ladder[loaded.rung] == sp.target_density:
-        return loaded
-    rung = min(range(len(ladder)), key=lambda i: (abs(ladder[i] - sp.target_density), i))
-    log.warning("agpe: the checkpoint's schedule state does not fit this config's schedule (%s); the adaptive "
-                "schedule goes on from density %g (rung %d of %s), the nearest to the checkpoint's target density "
-                "%g", "none saved: another policy" if loaded is None else f"rung {loaded.rung}",
-                ladder[rung], rung, ladder, sp.target_density)
+    if loaded is not None and 0 <= loaded.rung < len(ladder) and ladder[loaded.rung] == target_density:
+        return loaded, None
+    rung = min(range(len(ladder)), key=lambda i: (abs(ladder[i] - target_density), i))
+
+    def warn():
+        log.warning("agpe: the checkpoint's schedule state does not fit this config's schedule (%s); the adaptive "
+                    "schedule goes on from density %g (rung %d of %s), the nearest to the checkpoint's target "
+                    "density %g", "none saved: another policy" if loaded is None else f"rung {loaded.rung}",
+                    ladder[rung], rung, ladder, target_density)
+
     return dataclasses.replace(fresh, rung=rung, smoothed_loss=None if loaded is None else loaded.smoothed_loss,
-                               event="resume")
+                               event="resume"), warn

@@ -205,7 +205,7 @@ class AGPEConfig:
                 raise ValueError(_bad("max_density", self.max_density, (
                     f"a density >= the start density {self.start_density} (the highest density back-offs "
                     f"may return to, above a sparse start; set initial_density for a sparser start)")))
-        top = max(self.start_density, self.max_density or 0.0)
+        top = max(self.start_density, (self.max_density or 0.0) if self.policy == "agpe" else 0.0)
         if self.max_layer_density < top:
             raise ValueError(_bad("max_layer_density", self.max_layer_density,
                                   f"a density >= the start/max density {top}"))

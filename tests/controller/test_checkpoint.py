@@ -296,7 +296,8 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("damage", ["saliency_ema", "grown_age", "layer_buffers", "counters shape", "schedule field",
-                                    "rng", "seen_counters", "flops", "loss window", "step"])
+                                    "rng", "seen_counters", "flops", "loss window", "step", "rung type",
+                                    "rung type, other config", "no config", "masks None"])
 def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
     # Audit AX F1: only the masks' names and the grids were checked before writing; a missing
     # layer elsewhere raised a bare KeyError after masks, buffers and step were overwritten.
@@ -317,6 +318,14 @@ def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
         state["rng_state"] = state["rng_state"][:100]
     elif damage == "loss window":
         del state["loss_window"]["steps"]
+    elif damage.startswith("rung type"):  # re-audit BB: accepted, then the next update failed
+        state["schedule_state"]["rung"] = "1"
+        if damage.endswith("other config"):  # refitted after the writes had begun
+            state["config"] = dict(state["config"], target_sparsity=0.5)
+    elif damage == "no config":
+        del state["config"]
+    elif damage == "masks None":
+        state["masks"] = None
     else:
         del state["step"]
     with pytest.raises(ValueError, match="malformed or incomplete .*; nothing was loaded"):

@@ -56,6 +56,8 @@ def test_max_density_below_the_start_is_refused_not_ignored():
         AGPEConfig(target_sparsity=0.9, max_density=0.5)
     assert AGPEConfig(target_sparsity=0.9, initial_density=0.25, max_density=0.5).max_density == 0.5
     assert AGPEConfig(policy="gmp", target_sparsity=0.9, max_density=0.5).max_density == 0.5  # ignored there
+    # ... and does not raise the layer cap's minimum there either (re-audit BB F5)
+    assert AGPEConfig(policy="rigl", target_sparsity=0.9, max_density=0.9, max_layer_density=0.5).max_density == 0.9
 
 
 def test_end_before_begin_names_both():
