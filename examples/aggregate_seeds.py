@@ -36,6 +36,7 @@ METRICS = (
 )
 # Settings that must agree for runs to be averaged together.
 COMPARED = ("example", "mode", "epochs", "settings", "agpe_settings")
+COMPARED_IN_FULL = ("agpe_settings",)  # a key only one file has differs too
 # What a wall-clock figure depends on besides the settings: wall-clock is averaged only over
 # files that agree on these (accuracies and FLOPs do not depend on them).
 TIMING = ("torch", "threads")
@@ -102,8 +103,11 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
         if reference is None:
             reference = (path, compared)
         else:
+            # agpe_settings are compared in full (a key one file lacks is the example's default
+            # there, a different run); settings only on the keys both have (older files lack newer keys)
             differing = sorted(k for k in compared.keys() & reference[1].keys()
-                               if _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k]))
+                               if (compared[k] != reference[1][k] if k in COMPARED_IN_FULL else
+                                   _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k])))
             if differing:
                 warnings.append(f"{path} differs from {reference[0]} in {', '.join(differing)}")
         timing = tuple(str(data.get(key, "unknown")) for key in TIMING)

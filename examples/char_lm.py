@@ -239,7 +239,7 @@ def results_header(setting: dict, device, args) -> dict:
     return {"setting": setting, "device": str(device), "torch": torch.__version__,
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "options": {"seed": args.seed, "prune_until": args.prune_until, "lowering": args.lowering,
-                        "text": args.text_file or "bible -l0 gen1:1-rev22:21"}}
+                        "text": os.path.abspath(args.text_file) if args.text_file else "bible -l0 gen1:1-rev22:21"}}
 
 
 def earlier_runs(out: str, header: dict) -> Dict[str, Dict]:
@@ -377,8 +377,11 @@ def main(argv=None) -> None:
           "global density of the agpe layers; compiles: backend compilations")
     if args.smoke:
         print("(--smoke trains a few steps per run: an end-to-end check, its losses say nothing about accuracy)")
+    kept = [name for name in earlier if name not in {r["run"] for r in results}]
+    if kept:  # the same comparison: the table is this invocation's, results.json and the plot hold all
+        print(f"(results.json and the plot also keep {', '.join(kept)} of an earlier run with the same settings)")
     print(f"wrote {os.path.join(args.out, 'results.json')} and one audit JSONL per run")
-    plot(results, os.path.join(args.out, "val_loss_vs_flops.png"))
+    plot(list({**earlier, **{r["run"]: r for r in results}}.values()), os.path.join(args.out, "val_loss_vs_flops.png"))
     if any(math.isnan(r["val_loss"]) for r in results):
         raise SystemExit("char_lm: a run diverged (NaN validation loss)")
 

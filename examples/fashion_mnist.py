@@ -194,9 +194,10 @@ def parse_agpe_option(text: str) -> Tuple[str, object]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}; got {text!r}")
     if key in _LIST_FIELDS:
         try:
-            return key, tuple(float(item) for item in raw.split(","))
+            values = [float(item) for item in raw.split(",")]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{key}: expected comma-separated numbers, got {raw!r}") from None
+        return key, tuple(sorted(set(values), reverse=True))  # as AGPEConfig uses them: one setting, one record
     lowered = raw.strip().lower()
     if lowered in ("true", "false"):
         return key, lowered == "true"

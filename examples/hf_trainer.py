@@ -108,11 +108,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out is None:  # a smoke run does not mix its checkpoints with the --quick run's
         args.out = "runs/hf_trainer_smoke" if args.smoke else "runs/hf_trainer"
-    char_lm.check_out(parser, args.out)  # a writable folder, before the text is read
     if not 0.0 < args.sparsity < 1.0:
         parser.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    char_lm.check_out(parser, args.out)  # a writable folder (created), after the other flags, before the text
     args.cpu = not torch.cuda.is_available()
     setting = SETTINGS["smoke" if args.smoke else "quick"]
     data, vocab = char_lm.encode(char_lm.load_text(args.text_file))

@@ -110,6 +110,9 @@ def test_differing_agpe_settings_warn_and_a_file_given_twice_is_refused(tmp_path
     b = write(tmp_path / "b", 1, ["dense", "agpe"], agpe_settings={"saliency": "taylor"})
     _, _, warnings = agg.load_runs([a, b])
     assert len(warnings) == 1 and "agpe_settings" in warnings[0]
+    c = write(tmp_path / "c", 2, ["dense", "agpe"], agpe_settings={})  # re-audit BD: a key only one file has
+    _, _, warnings = agg.load_runs([a, c])
+    assert len(warnings) == 1 and "agpe_settings" in warnings[0]
     with pytest.raises(ValueError, match="given more than once"):
         agg.load_runs([a, a / "results.json"])
 

@@ -144,6 +144,13 @@ def test_an_interrupted_fashion_mnist_rerun_keeps_the_earlier_figures_it_did_not
     assert methods == {"plain": {"accuracy": 75.0}, "dense": {"accuracy": 75.0}, "agpe": {"accuracy": 19.0}}
 
 
+def test_fashion_mnist_agpe_buckets_are_one_setting_however_written(tmp_path):
+    # re-audit BD: 0.5,1.0 and 1.0,0.5,0.5 train the same and must not move results.json aside
+    for written in ("1.0,0.5", "0.5,1.0", "1.0, 0.5, 0.5"):
+        args = fm.parse_args(["--smoke", "--methods", "agpe", "--agpe", f"buckets={written}", "--out", str(tmp_path)])
+        assert args.agpe == {"buckets": (1.0, 0.5)}
+
+
 def test_fashion_mnist_smoke_has_its_own_default_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # parse_args creates the folder
     assert fm.parse_args(["--smoke", "--methods", "plain"]).out == "runs/fashion_mnist_smoke"

@@ -136,10 +136,11 @@ def test_char_lm_reads_the_text_from_a_file(tmp_path):
     assert results["setting"]["steps"] == 8 and results["setting"]["lr"] == 0.002  # --set overrides
     assert [p["step"] for p in results["runs"][0]["curve"]] == [6, 8]
     assert results["options"] == {"seed": 0, "prune_until": results["options"]["prune_until"],
-                                  "lowering": "aot_eager", "text": str(text)}
+                                  "lowering": "aot_eager", "text": os.path.abspath(text)}
     # a rerun with the same settings keeps the run it does not train again (audit BC)
-    run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.5",
-         "--text-file", str(text), "--set", "steps=8", "--set", "lr=0.002", "--out", str(tmp_path / "out")])
+    stdout = run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.5",
+                  "--text-file", str(text), "--set", "steps=8", "--set", "lr=0.002", "--out", str(tmp_path / "out")])
+    assert "(results.json and the plot also keep agpe-75 of an earlier run with the same settings)" in stdout
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["run"] for r in again["runs"]] == ["dense", "agpe-75", "agpe-50"]
     assert again["runs"][1] == results["runs"][1]
