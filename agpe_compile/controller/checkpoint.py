@@ -138,6 +138,17 @@ def upgrade(state: dict) -> dict:
     return state
 
 
+def _as_tensor(value, key: str):
+    """``value`` (a tensor, a list, a numpy array) as a tensor, or the malformed refusal."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({key}: {error}); nothing "
+                         f"was loaded") from None
+
+
 def _check_shapes(sp: "Sparsifier", state: dict) -> None:
     """Every per-layer tensor of the checkpoint must have the layer's block-grid shape."""
     for name, layer in sp.layers.items():
@@ -145,19 +156,18 @@ def _check_shapes(sp: "Sparsifier", state: dict) -> None:
         for key in ("masks", "saliency_ema", "saliency_fresh", "grown_age"):
             table = state.get(key)
             tensor = table.get(name) if isinstance(table, dict) else None
-            if tensor is not None and not isinstance(tensor, torch.Tensor):
-                try:
-                    tensor = torch.as_tensor(tensor)
-                except (TypeError, ValueError, RuntimeError) as error:
-                    raise ValueError(f"agpe: the sparsifier checkpoint is malformed or incomplete ({key}[{name!r}]: "
-                                     f"{error}); nothing was loaded") from None
-            if tensor is not None and tuple(tensor.shape) != grid:
-                _wrong_grid(f"{key}[{name!r}]", name, tensor, layer, grid)
-        buffers = (state.get("layer_buffers") or {}).get(name) or {}
+            if tensor is not None:
+                tensor = _as_tensor(tensor, f"{key}[{name!r}]")
+                if tuple(tensor.shape) != grid:
+                    _wrong_grid(f"{key}[{name!r}]", name, tensor, layer, grid)
+        table = state.get("layer_buffers")
+        buffers = table.get(name) if isinstance(table, dict) else None  # (_read refuses other kinds)
         for field in ("saliency", "dense_grad_sq"):
-            tensor = buffers.get(field)
-            if tensor is not None and tuple(tensor.shape) != grid:
-                _wrong_grid(f"layer_buffers[{name!r}][{field!r}]", name, tensor, layer, grid)
+            tensor = buffers.get(field) if isinstance(buffers, dict) else None
+            if tensor is not None:
+                tensor = _as_tensor(tensor, f"layer_buffers[{name!r}][{field!r}]")
+                if tuple(tensor.shape) != grid:
+                    _wrong_grid(f"layer_buffers[{name!r}][{field!r}]", name, tensor, layer, grid)
 
 
 def _wrong_grid(key: str, name: str, tensor, layer, grid) -> None:
@@ -281,6 +291,11 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
     loaded = None if schedule is None else _typed_schedule(AdaptiveState(**schedule))
     read["refit_schedule"] = None
     if saved_config == current:
+        if loaded is not None and sp.policy.initial_schedule_state() is not None:
+            ladder = sp.policy.schedule().ladder
+            if not 0 <= loaded.rung < len(ladder):  # else an IndexError at the next update
+                raise ValueError(f"schedule_state['rung'] is {loaded.rung}, outside the schedule's {len(ladder)} "
+                                 f"rungs {ladder}")
         read["schedule_state"] = loaded
     else:
         read["schedule_state"], read["refit_schedule"] = _fit_schedule_state(sp, loaded, read["target_density"])
@@ -307,22 +322,25 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
 
 
 def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
-    """``loaded`` with Python values (numpy numbers converted), or TypeError
+    """``loaded`` with Python values (numpy scalars and 0-d tensors converted), or TypeError
     naming a field of the wrong kind (a str rung failed only at the next update)."""
+    def plain(value):
+        return value.item() if hasattr(value, "item") and tuple(getattr(value, "shape", (1,))) == () else value
+
     def whole(field):
-        value = getattr(loaded, field)
+        value = plain(getattr(loaded, field))
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected an int")
         return int(value)
 
-    loss = loaded.smoothed_loss
+    loss, backed_off = plain(loaded.smoothed_loss), plain(loaded.backed_off)
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
         raise TypeError(f"schedule_state['smoothed_loss'] is a {type(loss).__name__}, expected a number or None")
-    if not isinstance(loaded.backed_off, (bool, numbers.Integral)) or not isinstance(loaded.event, str):
+    if not isinstance(backed_off, (bool, numbers.Integral)) or not isinstance(loaded.event, str):
         raise TypeError("schedule_state['backed_off'] must be a bool and ['event'] a str")
     return dataclasses.replace(loaded, rung=whole("rung"), cooldown_left=whole("cooldown_left"),
                                holds=whole("holds"), backoffs=whole("backoffs"),
-                               smoothed_loss=None if loss is None else float(loss), backed_off=bool(loaded.backed_off))
+                               smoothed_loss=None if loss is None else float(loss), backed_off=bool(backed_off))
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor) -> torch.Tensor:

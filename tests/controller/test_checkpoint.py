@@ -297,7 +297,8 @@ def _same(a, b):
 
 @pytest.mark.parametrize("damage", ["saliency_ema", "grown_age", "layer_buffers", "counters shape", "schedule field",
                                     "rng", "seen_counters", "flops", "loss window", "step", "rung type",
-                                    "rung type, other config", "no config", "masks None"])
+                                    "rung type, other config", "no config", "masks None", "rung range",
+                                    "layer_buffers entry a list"])
 def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
     # Audit AX F1: only the masks' names and the grids were checked before writing; a missing
     # layer elsewhere raised a bare KeyError after masks, buffers and step were overwritten.
@@ -322,6 +323,10 @@ def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
         state["schedule_state"]["rung"] = "1"
         if damage.endswith("other config"):  # refitted after the writes had begun
             state["config"] = dict(state["config"], target_sparsity=0.5)
+    elif damage == "rung range":  # re-audit BE: an IndexError at the next update
+        state["schedule_state"]["rung"] = 99
+    elif damage == "layer_buffers entry a list":
+        state["layer_buffers"]["fc2"] = [1, 2]
     elif damage == "no config":
         del state["config"]
     elif damage == "masks None":
@@ -403,3 +408,23 @@ def test_another_audit_path_is_not_a_config_change(tmp_path, caplog):
         resumed.load_state_dict(state)
     assert not any("config differs" in r.getMessage() for r in caplog.records)
     assert resumed.schedule_state == sp.schedule_state
+
+
+def test_numpy_scalars_and_lists_in_a_checkpoint_load_as_their_values():
+    # re-audit BE: a numpy bool in the schedule state was refused; buffers given as lists failed
+    import numpy as np
+
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state = sp.state_dict()
+    odd = dict(state, schedule_state={k: (np.bool_(v) if isinstance(v, bool) else np.int64(v) if isinstance(v, int)
+                                          else v) for k, v in state["schedule_state"].items()},
+               layer_buffers={n: {f: t.tolist() for f, t in b.items()} for n, b in state["layer_buffers"].items()})
+    *_, a, _, _ = make_run(config)
+    *_, b, _, _ = make_run(config)
+    a.load_state_dict(state)
+    b.load_state_dict(odd)
+    assert a.schedule_state == b.schedule_state and type(b.schedule_state.backed_off) is bool
+    for name in a.layers:
+        assert torch.equal(a.layers[name].saliency, b.layers[name].saliency)
