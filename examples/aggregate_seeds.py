@@ -36,7 +36,10 @@ METRICS = (
 )
 # Settings that must agree for runs to be averaged together.
 COMPARED = ("example", "mode", "epochs", "settings", "agpe_settings")
-COMPARED_IN_FULL = ("agpe_settings",)  # a key only one file has differs too
+# Compared in full between files that both hold an agpe run (a key one file lacks is a
+# different setting; a file written before the example recorded them ran the defaults of
+# its day, which the example then recorded as {}).
+COMPARED_IN_FULL = ("agpe_settings",)
 # What a wall-clock figure depends on besides the settings: wall-clock is averaged only over
 # files that agree on these (accuracies and FLOPs do not depend on them).
 TIMING = ("torch", "threads")
@@ -101,13 +104,15 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
                              f"set; they cannot be averaged together")
         compared = {key: data[key] for key in COMPARED if key in data}
         if reference is None:
-            reference = (path, compared)
+            reference = (path, compared, set(data["methods"]))
         else:
             # agpe_settings are compared in full (a key one file lacks is the example's default
             # there, a different run); settings only on the keys both have (older files lack newer keys)
-            differing = sorted(k for k in compared.keys() & reference[1].keys()
-                               if (compared[k] != reference[1][k] if k in COMPARED_IN_FULL else
-                                   _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k])))
+            differing = sorted(
+                [k for k in compared.keys() & reference[1].keys() if k not in COMPARED_IN_FULL
+                 and _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k])]
+                + [k for k in COMPARED_IN_FULL if "agpe" in data["methods"] and "agpe" in reference[2]
+                   and compared.get(k, {}) != reference[1].get(k, {})])
             if differing:
                 warnings.append(f"{path} differs from {reference[0]} in {', '.join(differing)}")
         timing = tuple(str(data.get(key, "unknown")) for key in TIMING)

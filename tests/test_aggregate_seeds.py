@@ -113,6 +113,12 @@ def test_differing_agpe_settings_warn_and_a_file_given_twice_is_refused(tmp_path
     c = write(tmp_path / "c", 2, ["dense", "agpe"], agpe_settings={})  # re-audit BD: a key only one file has
     _, _, warnings = agg.load_runs([a, c])
     assert len(warnings) == 1 and "agpe_settings" in warnings[0]
+    d = write(tmp_path / "d", 1, ["dense", "agpe"])  # re-audit BE: written before the key existed (= {})
+    _, _, warnings = agg.load_runs([a, d])
+    assert len(warnings) == 1 and "agpe_settings" in warnings[0]
+    assert agg.load_runs([d, c])[2] == []  # the defaults of its day, recorded as {} since
+    assert agg.load_runs([write(tmp_path / "f", 2, ["dense"], agpe_settings={"saliency": "taylor"}), a])[2] == []
+    # (a file without an agpe run: its agpe settings do not matter)
     with pytest.raises(ValueError, match="given more than once"):
         agg.load_runs([a, a / "results.json"])
 
