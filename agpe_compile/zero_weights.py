@@ -32,9 +32,9 @@ import weakref
 from typing import Dict, List, Tuple
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import kernels
+from .optimizer_hooks import register_step_post_hook
 from .step_nesting import inner_step
 from .ops.dense_path import zero_weight_blocks_
 from .ops.paths import skips_masking
@@ -119,7 +119,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     from another point of the run, or left by steps before the Sparsifier adopted masks, would
     move the inactive weights again (a helper audit, twentieth session).
 
-    The step hook is global (``torch.optim``'s ``register_optimizer_step_post_hook``) and acts
+    The step hook is global (one of ``torch.optim``'s, Note [One global optimizer hook]) and acts
     after the step of ANY optimizer that holds one of the layers' weights, compared by
     identity: a user who replaces the optimizer mid-run (a new learning-rate phase, a
     restarted AdamW) keeps the zeros, which the dense path relies on. ``optimizer`` is the
@@ -207,7 +207,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     # Never traced: an optimizer step inside a compiled function would otherwise make Dynamo
     # trace these host-side checks (graph breaks in agpe's own code, recompiles of its helpers
     # as masks change); disabled, the hook runs eagerly after the compiled step, as it must.
-    handles = [register_optimizer_step_post_hook(torch.compiler.disable(after_step))]
+    handles = [register_step_post_hook(torch.compiler.disable(after_step))]
     modules = {}
     for state in states:
         module = state.module

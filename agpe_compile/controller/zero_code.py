@@ -85,9 +85,9 @@ import weakref
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from agpe_compile.buckets import rebucket
+from agpe_compile.optimizer_hooks import register_step_post_hook
 from agpe_compile.step_nesting import inner_step
 from agpe_compile.state import LayerState
 
@@ -168,7 +168,7 @@ class ZeroCodeController:
         self.closed = False
         self._hook = None
         if follow_optimizer and states:
-            self._hook = register_optimizer_step_post_hook(_weak_hook(weakref.ref(self)))
+            self._hook = register_step_post_hook(_weak_hook(weakref.ref(self)))
             weakref.finalize(self, self._hook.remove)
 
     def close(self) -> None:
@@ -369,4 +369,4 @@ def watch_for_nothing_to_prune() -> None:
                         "layer agpe can prune (nn.Linear, F.linear, x @ W.t(), nn.MultiheadAttention), so the model "
                         "trains dense. agpe_compile.explain(model, x) shows what each graph holds")
 
-    _WATCH.append(register_optimizer_step_post_hook(check))
+    _WATCH.append(register_step_post_hook(check))

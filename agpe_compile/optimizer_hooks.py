@@ -1,0 +1,75 @@
+"""agpe's global optimizer step post-hooks, called through one hook of torch's.
+
+Note [One global optimizer hook]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+``torch.optim`` calls its global step post-hooks while iterating the OrderedDict that holds
+them (torch 2.11 and 2.13), so removing one of them during that loop raises "OrderedDict
+mutated during iteration" out of ``optimizer.step()``. agpe's hooks remove hooks: zero-code
+mode's one-shot "nothing to prune" check removed itself, and zero-code's ``gc.collect()``
+(when another optimizer of its weights steps) can run the finalizer of a dropped Sparsifier,
+which removes that Sparsifier's hook (Note [A dropped Sparsifier] in
+controller/sparsifier.py). Both made the first ``optimizer.step()`` raise (helper audit BH).
+
+So agpe registers a single hook with torch, once per process, that calls agpe's hooks from a
+snapshot of its own table: adding or removing an agpe hook at any time, from inside a hook
+or a finalizer, never touches torch's dict. A hook removed by an earlier hook of the same
+step is not called. Order among agpe's hooks is registration order, as before.
+
+Example::
+
+    >>> handle = register_step_post_hook(lambda optimizer, args, kwargs: None)
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook as _register_with_torch
+
+Hook = Callable[[torch.optim.Optimizer, Any, Any], None]
+
+_HOOKS: "collections.OrderedDict[int, Hook]" = collections.OrderedDict()
+_IDS = itertools.count()
+_INSTALLED: List[Any] = []  # torch's handle of the one hook, once registered
+
+
+class HookHandle:
+    """Removes its hook from agpe's table (at any time, also from inside a hook)."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, hook_id: int) -> None:
+        self.id = hook_id
+
+    def remove(self) -> None:
+        _HOOKS.pop(self.id, None)
+
+
+def register_step_post_hook(hook: Hook) -> HookHandle:
+    """Like ``torch.optim.optimizer.register_optimizer_step_post_hook`` (Note [One global
+    optimizer hook])."""
+    if not _INSTALLED:
+        _INSTALLED.append(_register_with_torch(_run_hooks))
+    hook_id = next(_IDS)
+    _HOOKS[hook_id] = hook
+    return HookHandle(hook_id)
+
+
+def registered() -> Dict[int, Hook]:
+    """agpe's hooks now registered (a copy), for tests and diagnostics."""
+    return dict(_HOOKS)
+
+
+# Never traced: an optimizer step inside a compiled function would otherwise make Dynamo
+# trace agpe's host-side hooks (each is disabled too).
+@torch.compiler.disable
+def _run_hooks(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _HOOKS:
+        return
+    for hook_id, hook in list(_HOOKS.items()):
+        if hook_id in _HOOKS:  # not removed by an earlier hook of this step
+            hook(optimizer, args, kwargs)
