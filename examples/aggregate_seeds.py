@@ -78,6 +78,7 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
     sources: Dict[int, List[str]] = {}
     warnings: List[str] = []
     reference: Optional[Tuple[str, dict]] = None
+    agpe_reference: Optional[Tuple[str, dict]] = None  # the first file with an agpe run
     origin: Dict[Tuple[int, str], str] = {}
     eval_set: Optional[Tuple[str, str]] = None
     reference_timing: Optional[Tuple[str, tuple]] = None
@@ -104,17 +105,23 @@ def load_runs(paths: Iterable[str], replace: bool = False) -> Tuple[Runs, Dict[i
                              f"set; they cannot be averaged together")
         compared = {key: data[key] for key in COMPARED if key in data}
         if reference is None:
-            reference = (path, compared, set(data["methods"]))
+            reference = (path, compared)
         else:
-            # agpe_settings are compared in full (a key one file lacks is the example's default
-            # there, a different run); settings only on the keys both have (older files lack newer keys)
-            differing = sorted(
-                [k for k in compared.keys() & reference[1].keys() if k not in COMPARED_IN_FULL
-                 and _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k])]
-                + [k for k in COMPARED_IN_FULL if "agpe" in data["methods"] and "agpe" in reference[2]
-                   and compared.get(k, {}) != reference[1].get(k, {})])
+            # settings only on the keys both files have (older files lack newer keys)
+            differing = sorted(k for k in compared.keys() & reference[1].keys() if k not in COMPARED_IN_FULL
+                               and _comparable(compared[k], reference[1][k]) != _comparable(reference[1][k], compared[k]))
             if differing:
                 warnings.append(f"{path} differs from {reference[0]} in {', '.join(differing)}")
+        if "agpe" in data["methods"]:
+            # agpe_settings in full, against the first file that holds an agpe run, whatever the
+            # order of the files (a key one file lacks is the example's default there, a different run)
+            settings = {k: compared.get(k, {}) for k in COMPARED_IN_FULL}
+            if agpe_reference is None:
+                agpe_reference = (path, settings)
+            else:
+                differing = [k for k in COMPARED_IN_FULL if settings[k] != agpe_reference[1][k]]
+                if differing:
+                    warnings.append(f"{path} differs from {agpe_reference[0]} in {', '.join(differing)}")
         timing = tuple(str(data.get(key, "unknown")) for key in TIMING)
         if reference_timing is None:
             reference_timing = (path, timing)

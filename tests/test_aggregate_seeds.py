@@ -119,6 +119,11 @@ def test_differing_agpe_settings_warn_and_a_file_given_twice_is_refused(tmp_path
     assert agg.load_runs([d, c])[2] == []  # the defaults of its day, recorded as {} since
     assert agg.load_runs([write(tmp_path / "f", 2, ["dense"], agpe_settings={"saliency": "taylor"}), a])[2] == []
     # (a file without an agpe run: its agpe settings do not matter)
+    # re-audit BH: nor does its place; the agpe runs of later files are compared with each other
+    first = write(tmp_path / "g", 2, ["dense", "rigl"], agpe_settings={})
+    for order in ([first, a, b], [first, b, a], [b, first, a]):
+        warnings = agg.load_runs(order)[2]
+        assert len(warnings) == 1 and "agpe_settings" in warnings[0], order
     with pytest.raises(ValueError, match="given more than once"):
         agg.load_runs([a, a / "results.json"])
 
