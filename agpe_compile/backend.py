@@ -40,7 +40,7 @@ from agpe_compile.config import BackendConfig
 from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_options, make_zero_code_controller,
                                                split_options, watch_for_nothing_to_prune)
 from agpe_compile.passes.decide_layers import LayerDecision, _placeholder_examples, decide_layers
-from agpe_compile.passes.match_linears import find_linear_sites
+from agpe_compile.passes.match_linears import REWRITTEN_FORMS, find_linear_sites
 from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
@@ -556,7 +556,7 @@ def _warn_other_contractions(decisions, for_explain: bool) -> None:
     """Weights used by a contraction the rewrite does not know (einsum, bmm, a library's own
     op: Mixtral's experts) stay dense: said once per set, they were in no table and no
     warning (audit AI: 84% of a Mixtral's weights)."""
-    others = [d for d in decisions if not d.rewritten and "(agpe rewrites x @ W.T, F.linear and nn.Linear only)" in str(d.reason)]
+    others = [d for d in decisions if not d.rewritten and REWRITTEN_FORMS in str(d.reason)]
     if not others or for_explain or not _first_time(("contraction", tuple(d.name for d in others))):
         return
     log.warning("agpe: %d weight(s) stay dense (not pruned) because they are used in a form agpe does not rewrite: "

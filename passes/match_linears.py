@@ -246,19 +246,29 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
         if weight is not None:
             return [LinearSite(node, x, weight, None, "matmul", transpose=rhs)], []
         return [], _unmatched(node, (x, rhs))
-    if node.target in ADDMM_TARGETS and len(node.args) == 3 and all(
-            k in ("alpha", "beta") and v == 1 for k, v in node.kwargs.items()):
-        bias, x, rhs = node.args
-        weight = _transposed_placeholder(rhs)
-        if weight is not None:
-            return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
-        return [], _unmatched(node, (x, rhs))
-    if node.target in ADDMM_TARGETS:  # alpha/beta other than 1 (or an out=): not x @ W.T + b as such
+    if node.target in ADDMM_TARGETS:
+        # torch.addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None), operands by position or name
         args = list(node.args) + [None] * 3
-        product = [node.kwargs.get(key, args[i]) for i, key in ((1, "mat1"), (2, "mat2"))]
-        return [], _unmatched_contraction(node, "torch.addmm with alpha or beta other than 1",
-                                          operands=product)  # the product's; the added input is no weight
+        bias = node.kwargs.get("input", node.kwargs.get("self", args[0]))
+        x, rhs = node.kwargs.get("mat1", args[1]), node.kwargs.get("mat2", args[2])
+        scales = {key: node.kwargs.get(key, 1) for key in ("beta", "alpha")}
+        others = sorted(set(node.kwargs) - {"input", "self", "mat1", "mat2", "beta", "alpha"})
+        if len(node.args) <= 3 and not others and all(
+                not isinstance(v, fx.Node) and v == 1 for v in scales.values()):
+            weight = _transposed_placeholder(rhs)
+            if weight is not None:
+                return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
+            return [], _unmatched(node, (x, rhs))
+        # not x @ W.T + b as such: the product's operands are listed (the added input is no weight)
+        named = [f"{key}={value}" for key, value in scales.items() if isinstance(value, fx.Node) or value != 1]
+        return [], _unmatched_contraction(node, "torch.addmm with " + ", ".join(named + [f"{k}=" for k in others]
+                                                                            or ["extra arguments"]),
+                                          operands=[x, rhs])
     return [], []
+
+
+# The reason of a weight a contraction agpe does not rewrite uses (backend.py warns on it).
+REWRITTEN_FORMS = "(agpe rewrites nn.Linear, F.linear and x @ W.T as matmul, mm or addmm only)"
 
 
 def _unmatched(node: fx.Node, operands) -> List[UnmatchedUse]:
@@ -294,8 +304,7 @@ def _unmatched_contraction(node: fx.Node, name: str, operands=None) -> List[Unma
             continue
         weight = operand if operand.op == "placeholder" else _transposed_placeholder(operand)
         if weight is not None and _ndim(weight) >= 2 and all(u.weight is not weight for u in found):
-            found.append(UnmatchedUse(node, weight, f"used by {name} (agpe rewrites x @ W.T, F.linear and "
-                                                    f"nn.Linear only)"))
+            found.append(UnmatchedUse(node, weight, f"used by {name} {REWRITTEN_FORMS}"))
     return found
 
 

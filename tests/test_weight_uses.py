@@ -57,6 +57,8 @@ class Spelling(nn.Module):
             "addmm beta=1": lambda: torch.addmm(b, x, w.t(), beta=1),
             "addmm beta=0.5": lambda: torch.addmm(b, x, w.t(), beta=0.5),
             "addmm mat2= alpha=2": lambda: torch.addmm(b, x, mat2=w.t(), alpha=2),
+            "addmm mat1= mat2=": lambda: torch.addmm(b, mat1=x, mat2=w.t()),
+            "addmm input= mat1= mat2=": lambda: torch.addmm(input=b, mat1=x, mat2=w.t()),
             "einsum": lambda: torch.einsum("bi,oi->bo", x, w),
             "tensordot": lambda: torch.tensordot(x, w, dims=([1], [1])),
             "inner": lambda: torch.inner(x, w),
@@ -95,7 +97,8 @@ def test_a_second_use_of_a_rewritten_weight_is_masked_too(mode):
     assert enc.rewritten and enc.lowering == "masked_weight+sparse_linear"
 
 
-@pytest.mark.parametrize("mode", ["W.mT", "swapaxes", "T.contiguous()", "F.linear keywords", "addmm beta=1"])
+@pytest.mark.parametrize("mode", ["W.mT", "swapaxes", "T.contiguous()", "F.linear keywords", "addmm beta=1",
+                                  "addmm mat1= mat2=", "addmm input= mat1= mat2="])
 def test_more_spellings_of_x_at_w_transposed_are_linear_sites(mode):
     model = Spelling(mode)
     report = _check_against_oracle(model, model.fc, torch.randn(4, 16))
@@ -116,7 +119,7 @@ def test_an_unprepared_weight_in_an_unknown_form_is_left_alone():
     torch.testing.assert_close(out, x @ model.fc.weight.t())
     # left dense, and listed with the reason (it was in no table before)
     assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [
-        ("fc", False, "used by torch.einsum (agpe rewrites x @ W.T, F.linear and nn.Linear only)")]
+        ("fc", False, "used by torch.einsum (agpe rewrites nn.Linear, F.linear and x @ W.T as matmul, mm or addmm only)")]
 
 
 @pytest.mark.parametrize("mode", ["addmm beta=0.5", "addmm mat2= alpha=2", "bilinear"])
@@ -134,9 +137,10 @@ def test_other_contractions_of_unprepared_weights_are_listed(mode):
     if mode.startswith("addmm"):  # an added 2-D parameter is no contraction weight (re-audit BA F4)
         model.fc.bias = nn.Parameter(torch.zeros(4, 32))
     x = torch.randn(4, 16)
-    name = "torch.addmm with alpha or beta other than 1" if mode.startswith("addmm") else "torch.bilinear"
+    name = {"addmm beta=0.5": "torch.addmm with beta=0.5", "addmm mat2= alpha=2": "torch.addmm with alpha=2",
+            "bilinear": "torch.bilinear"}[mode]
     assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [
-        ("fc", False, f"used by {name} (agpe rewrites x @ W.T, F.linear and nn.Linear only)")]
+        ("fc", False, f"used by {name} (agpe rewrites nn.Linear, F.linear and x @ W.T as matmul, mm or addmm only)")]
 
 
 def test_metadata_reads_keep_the_raw_weight():

@@ -450,7 +450,7 @@ def test_weights_used_by_contractions_agpe_does_not_rewrite_are_listed_and_said(
     said = [r.getMessage() for r in caplog.records if "used in a form agpe does not rewrite" in r.getMessage()]
     assert len(said) == 1 and "w_in (used by torch.einsum" in said[0] and "w_b (used by torch.bmm" in said[0]
     table = str(agpe_compile.explain(model, torch.randn(3, 16)))
-    assert "no: used by torch.einsum (agpe rewrites x @ W.T, F.linear and nn.Linear only)" in table
+    assert "no: used by torch.einsum (agpe rewrites nn.Linear, F.linear and x @ W.T as matmul, mm or addmm only)" in table
 
 
 def test_an_excluded_weight_outside_nn_linear_is_left_dense_by_the_backend_without_a_misfit_warning(caplog):
