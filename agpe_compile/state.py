@@ -369,8 +369,9 @@ class LayerState:
         if self.stripped:
             raise RuntimeError(
                 f"agpe: layer {self.name!r} was stripped by agpe_compile.strip() (its mask is folded into the "
-                f"weight, its buffers removed); this graph was compiled before: call torch._dynamo.reset() and "
-                f"compile the model again")
+                f"weight, its buffers removed); this graph was compiled before: call torch._dynamo.reset() and compile "
+                f"the model with another backend (it is a plain model now), or agpe_compile.prepare(model) first "
+                f"to train it sparse again")
         module = self.module
         if module is None:
             return
@@ -527,6 +528,8 @@ def _adopt_assigned_weights(module: nn.Module, incompatible_keys) -> None:
             setattr(weight, EXCLUDED_ATTR, record.reason)  # Note [Exclusions travel with the module]
             record.weight = weight
     for param_name, sized in module.__dict__.get(PREPARED_BLOCK_SIZES_ATTR, {}).items():
+        if getattr(sized, "module_ref", None) is None or sized.module_ref() is not module:
+            sized.module_ref, sized.name = weakref.ref(module), param_name  # an unpickled module's record
         param = module._parameters.get(param_name)
         if isinstance(param, nn.Parameter) and param is not sized.param_ref():
             setattr(param, PREPARED_BLOCK_SIZE_ATTR, sized.block_size)  # the mark follows the new parameter
@@ -561,31 +564,50 @@ class _Exclusion:
 
 
 class _PreparedBlockSize:
-    """``PREPARED_BLOCK_SIZE_ATTR`` of one parameter, held by its module so that a deep copy
-    of the module puts it on the copy's parameter (Parameter.__deepcopy__ drops it). A weak
-    reference: a parameter replaced by ``load_state_dict(..., assign=True)`` is freed (the
-    load post-hook moves the mark to the new one), and a copy copies no stale tensor."""
+    """``PREPARED_BLOCK_SIZE_ATTR`` of the parameter ``name`` of a module, held by the module so
+    that a deep copy of the module puts it on the copy's parameter (Parameter.__deepcopy__
+    drops it). Weak references: a parameter replaced by ``load_state_dict(..., assign=True)``
+    or by assignment (``module.w = nn.Parameter(...)``) is freed, and a copy or a pickle of the
+    module carries the parameter the module holds now, never a replaced one (re-audit BH)."""
 
-    def __init__(self, param: nn.Parameter, block_size: int) -> None:
+    def __init__(self, param: nn.Parameter, block_size: int, module: Optional[nn.Module] = None,
+                 name: Optional[str] = None) -> None:
         self.param_ref, self.block_size = weakref.ref(param), block_size
+        self.module_ref = None if module is None else weakref.ref(module)
+        self.name = name
+
+    def current(self) -> Optional[nn.Parameter]:
+        """The module's parameter now (the recorded one where the module is not known)."""
+        module = None if getattr(self, "module_ref", None) is None else self.module_ref()
+        if module is None:
+            return self.param_ref()
+        param = module._parameters.get(self.name)
+        return param if isinstance(param, nn.Parameter) else None
 
     def __deepcopy__(self, memo):
-        param = self.param_ref()
+        param = self.current()
         new_param = None if param is None else copy.deepcopy(param, memo)  # the copy's own (memo: the same)
         if isinstance(new_param, nn.Parameter):
             setattr(new_param, PREPARED_BLOCK_SIZE_ATTR, self.block_size)
         new = copy.copy(self)
         new.param_ref = (lambda: None) if new_param is None else weakref.ref(new_param)
+        module = None if getattr(self, "module_ref", None) is None else self.module_ref()
+        new_module = None if module is None else memo.get(id(module))  # the copy (made before its dict)
+        new.module_ref = None if new_module is None else weakref.ref(new_module)
         memo[id(self)] = new
         return new
 
     def __getstate__(self):  # torch.save(model): the module pickles the parameter anyway (one object)
-        return {"param": self.param_ref(), "block_size": self.block_size}
+        return {"param": self.current(), "block_size": self.block_size, "name": getattr(self, "name", None)}
 
     def __setstate__(self, state):
         param = state["param"]
         self.param_ref = (lambda: None) if param is None else weakref.ref(param)
         self.block_size = state["block_size"]
+        if isinstance(param, nn.Parameter):  # one assigned after prepare was pickled without the mark
+            setattr(param, PREPARED_BLOCK_SIZE_ATTR, self.block_size)
+        self.name = state.get("name")
+        self.module_ref = None  # set again by the module's load hook or the next prepare
 
 
 def _adopt_on_load(module: nn.Module) -> None:
@@ -867,7 +889,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             if not nn.parameter.is_lazy(param) and param.dim() >= 2 and state_of(param) is None:
                 setattr(param, PREPARED_BLOCK_SIZE_ATTR, config.resolved_block_size)
                 module.__dict__.setdefault(PREPARED_BLOCK_SIZES_ATTR, {})[param_name] = _PreparedBlockSize(
-                    param, config.resolved_block_size)
+                    param, config.resolved_block_size, module, param_name)
                 _adopt_on_load(module)
     _separate_clashing_names(prepared)
     _one_call_path(named, prepared)

@@ -219,6 +219,21 @@ def test_layers_met_at_compile_take_the_prepared_block_size():
     assert "not divisible by block size 8" in str(report) and "block size 32" not in str(report)
 
 
+class _BreakRouter(torch.nn.Module):
+    """A graph break between a prepared layer and a router weight used through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 64)
+        self.router = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+        self.head = torch.nn.Linear(64, 12)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        torch._dynamo.graph_break()
+        return self.head(torch.nn.functional.linear(h, self.router))
+
+
 def test_a_graph_after_a_break_takes_the_prepared_block_size_too(caplog):
     # Audit AZ F3: the graph after the break holds no prepared layer; it fell back to block
     # 32 for the router it meets first, so the README's "one compiled forward, then the
@@ -273,6 +288,24 @@ def test_a_graph_after_a_break_takes_the_prepared_block_size_too(caplog):
     original.load_state_dict({k: v.clone() for k, v in original.state_dict().items()}, assign=True)
     gc.collect()
     assert old() is None and original.router._agpe_prepared_block_size == 8
+    # a parameter assigned while the old one is still referenced (re-audit BH F5): a copy and
+    # a pickle carry the module's parameter now, with the mark, never the replaced one
+    import io
+
+    original = _BreakRouter()
+    agpe_compile.prepare(original, {"block_size": 8})
+    kept = original.router  # (an optimizer made before the change holds it)
+    original.router = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+    buffer = io.BytesIO()
+    torch.save(original, buffer)
+    for copied in (copy.deepcopy(original), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        (record,) = [r for name, r in copied._agpe_prepared_block_sizes.items() if name == "router"]
+        assert record.param_ref() is copied.router and copied.router._agpe_prepared_block_size == 8
+        assert not any(p.shape == kept.shape and torch.equal(p, kept) for p in copied.parameters())
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(copied, backend="agpe", options={"inductor": False})(torch.randn(3, 16))
+        assert {n: s.block_size for n, s in agpe_compile.layer_states(copied).items()} == {"fc": 8, "router": 8}
 
 
 def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):
