@@ -343,10 +343,10 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
                                smoothed_loss=None if loss is None else float(loss), backed_off=bool(backed_off))
 
 
-def _buffer(name: str, field: str, saved, live: torch.Tensor) -> torch.Tensor:
+def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "layer_buffers") -> torch.Tensor:
     tensor = torch.as_tensor(saved)
     if tuple(tensor.shape) != tuple(live.shape):
-        raise ValueError(f"layer_buffers[{name!r}][{field!r}] has shape {tuple(tensor.shape)}, expected "
+        raise ValueError(f"{table}[{name!r}][{field!r}] has shape {tuple(tensor.shape)}, expected "
                          f"{tuple(live.shape)}")
     return tensor.to(live.device, live.dtype)
 

@@ -23,6 +23,7 @@ sparse = 6*8*1*4 + 2*8*3*4 = 192 + 192 = 384, dense = 6*8*16 = 768.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Dict, Tuple
 
 
@@ -98,5 +99,23 @@ class FlopAccountant:
         return {name: dataclasses.asdict(f) for name, f in self.totals.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in self.totals:
-            self.totals[name] = LayerFlops(**state[name])
+        """Every layer's ``{sparse, dense, rows}``, each a non-negative integer (an int, a
+        numpy integer or a 0-d integer tensor); raises on anything else before changing any."""
+        loaded = {name: _layer_flops(name, state[name]) for name in self.totals}
+        self.totals.update(loaded)
+
+
+def _layer_flops(name: str, entry) -> LayerFlops:
+    fields = [f.name for f in dataclasses.fields(LayerFlops)]
+    if not isinstance(entry, dict) or set(entry) != set(fields):
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(f"flops[{name!r}] must hold exactly {fields}, got {keys}")
+    values = {}
+    for field in fields:
+        value = entry[field]
+        if hasattr(value, "item") and tuple(getattr(value, "shape", (1,))) == ():
+            value = value.item()  # numpy scalars and 0-d tensors
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"flops[{name!r}][{field!r}] is {value!r}, expected a non-negative int")
+        values[field] = int(value)
+    return LayerFlops(**values)

@@ -53,18 +53,34 @@ def save_rank(sp: "Sparsifier") -> dict:
 
 
 def load_rank(sp: "Sparsifier", state: dict) -> None:
-    """Restore :func:`save_rank`'s ``state`` of THIS rank (checked) into ``sp`` and its layers."""
+    """Restore :func:`save_rank`'s ``state`` of THIS rank (checked) into ``sp`` and its layers.
+    Every part is read and checked first: a refused state changes nothing."""
+    if not isinstance(state, dict) or not {"rank", "world_size", "sparsifier", "buffers"} <= set(state):
+        got = (f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict)
+               else f"a {type(state).__name__}")
+        hint = ("; a Sparsifier.state_dict() goes to load_state_dict()"
+                if isinstance(state, dict) and "format_version" in state else "")
+        raise ValueError(f"agpe: expected a Sparsifier.rank_state_dict() (rank, world_size, sparsifier, buffers), "
+                         f"got {got}{hint}; nothing was loaded")
     world, rank = distributed.world_size(), distributed.rank()
     if state.get("world_size") != world or state.get("rank") != rank:
         raise ValueError(f"agpe: this rank state was saved by rank {state.get('rank')} of "
                          f"{state.get('world_size')}, but this is rank {rank} of {world}: load each rank's own file, "
                          f"saved with the same number of ranks (or resume from an update-interval boundary, where "
                          f"the shared checkpoint alone is exact)")
-    if set(state["buffers"]) != set(sp.layers):
-        raise ValueError(f"agpe: rank state layers {sorted(state['buffers'])} do not match the Sparsifier's "
-                         f"{sorted(sp.layers)}")
-    checkpoint.load(sp, state["sparsifier"])
+    saved = state["buffers"]
+    if not isinstance(saved, dict) or set(saved) != set(sp.layers):
+        got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"agpe: rank state layers {got} do not match the Sparsifier's {sorted(sp.layers)}")
+    try:
+        buffers = {name: {key: checkpoint._buffer(name, key, saved[name][key], getattr(layer, key), "buffers")
+                          for key in RANK_BUFFERS} for name, layer in sp.layers.items()}
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        what = f"missing entry {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise ValueError(f"agpe: the rank state's buffers are malformed or incomplete ({what}); nothing was "
+                         f"loaded") from error
+    checkpoint.load(sp, state["sparsifier"])  # checks all of its own fields before writing any
     with torch.no_grad():
         for name, layer in sp.layers.items():
             for key in RANK_BUFFERS:
-                getattr(layer, key).copy_(state["buffers"][name][key])
+                getattr(layer, key).copy_(buffers[name][key])

@@ -298,7 +298,7 @@ def _same(a, b):
 @pytest.mark.parametrize("damage", ["saliency_ema", "grown_age", "layer_buffers", "counters shape", "schedule field",
                                     "rng", "seen_counters", "flops", "loss window", "step", "rung type",
                                     "rung type, other config", "no config", "masks None", "rung range",
-                                    "layer_buffers entry a list"])
+                                    "layer_buffers entry a list", "flops entry a str", "flops entry lacks rows"])
 def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
     # Audit AX F1: only the masks' names and the grids were checked before writing; a missing
     # layer elsewhere raised a bare KeyError after masks, buffers and step were overwritten.
@@ -327,6 +327,10 @@ def test_a_malformed_checkpoint_raises_and_changes_nothing(damage):
         state["schedule_state"]["rung"] = 99
     elif damage == "layer_buffers entry a list":
         state["layer_buffers"]["fc2"] = [1, 2]
+    elif damage == "flops entry a str":  # audit BG F3: loaded, then sparsifier.flops raised a TypeError
+        state["flops"]["fc2"] = dict(state["flops"]["fc2"], sparse="a lot")
+    elif damage == "flops entry lacks rows":  # (the missing count became 0)
+        state["flops"]["fc2"] = {k: v for k, v in state["flops"]["fc2"].items() if k != "rows"}
     elif damage == "no config":
         del state["config"]
     elif damage == "masks None":
@@ -428,3 +432,31 @@ def test_numpy_scalars_and_lists_in_a_checkpoint_load_as_their_values():
     assert a.schedule_state == b.schedule_state and type(b.schedule_state.backed_off) is bool
     for name in a.layers:
         assert torch.equal(a.layers[name].saliency, b.layers[name].saliency)
+
+
+@pytest.mark.parametrize("damage", ["buffer shape", "buffer missing", "buffers a list", "sparsifier state",
+                                    "a plain state"])
+def test_a_malformed_rank_state_raises_and_changes_nothing(damage):
+    # Audit BG F2: the Sparsifier state was loaded before the buffers were checked (half-loaded,
+    # then a bare RuntimeError); a plain state_dict() was "saved by rank None of None".
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    state = sp.rank_state_dict()
+    train(cmodel, opt, sp, batches(3, seed=1))  # the live Sparsifier moves on
+    before = _snapshot(sp)
+    if damage == "buffer shape":
+        state["buffers"]["fc2"]["saliency"] = torch.zeros(7)
+    elif damage == "buffer missing":
+        del state["buffers"]["fc2"]["counters"]
+    elif damage == "buffers a list":
+        state["buffers"] = [1, 2]
+    elif damage == "sparsifier state":
+        del state["sparsifier"]["seen_counters"]["fc2"]
+    else:
+        state = sp.state_dict()
+    message = ("Sparsifier.state_dict\\(\\) goes to load_state_dict" if damage == "a plain state" else
+               "do not match" if damage == "buffers a list" else "malformed or incomplete .*; nothing was loaded")
+    with pytest.raises(ValueError, match=message):
+        sp.load_rank_state_dict(state)
+    assert _same(_snapshot(sp), before)
