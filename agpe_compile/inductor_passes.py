@@ -10,13 +10,15 @@ are stored, never what is computed.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
+import os
 from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch import fx
 
-__all__ = ["KernelInputsPass", "lowering_patches", "realize_shared_kernel_inputs", "unshare_kernel_outputs"]
+__all__ = ["KernelInputsPass", "lowering_key", "lowering_patches", "realize_shared_kernel_inputs", "unshare_kernel_outputs"]
 
 _KERNEL_TARGETS = ("triton_kernel_wrapper_mutation", "triton_kernel_wrapper_functional")
 
@@ -135,14 +137,53 @@ class KernelInputsPass(_custom_graph_pass_base()):  # type: ignore[misc]
             self.then(graph)
 
     def uuid(self) -> Optional[str]:
-        """The FX graph cache's key for this pass: this file's contents (and the chained
-        pass's key; ``None``, which bypasses the cache, when it has none)."""
-        with open(__file__, "rb") as f:
-            key = hashlib.sha256(f.read()).hexdigest()
+        """The compile caches' key for this pass (Note [Compile caches and the traced kernels]),
+        with the chained pass's key (``None``, which bypasses the caches, when it has none)."""
+        key = lowering_key()
         if self.then is None:
             return key
         then_uuid = self.then.uuid() if hasattr(self.then, "uuid") else None
         return None if then_uuid is None else f"{key}:{then_uuid}"
+
+
+# Note [Compile caches and the traced kernels]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# torch's AOTAutograd cache (on by default in 2.11 and 2.13) keys a compiled graph on
+# Dynamo's graph, which holds only ``torch.ops.agpe.sparse_linear`` calls, and on the
+# configs. Which kernels the op's body traces (AGPE_TMA, AGPE_INLINE_KERNELS, the crossover
+# densities and the kernels of this version of agpe_compile) is in neither, so a second
+# compile of the same model, in a new process with the same cache directory or after
+# torch._dynamo.reset(), replayed the first compile's kernels: the twenty-first session's
+# AGPE_TMA=auto/off training steps both ran the plain kernels (audit BF; their first steps
+# after a crossing took 1-3 s instead of ~20 s). The post-grad pass's uuid is part of that
+# key (and of the FX graph cache's), so it carries all of them: a hash of the sources the
+# lowering traces and the settings read while tracing.
+_LOWERING_SOURCES = ("inductor_passes.py", "ops", "kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_hash() -> str:
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for entry in _LOWERING_SOURCES:
+        path = os.path.join(root, entry)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(path, name) for name in os.listdir(path) if name.endswith(".py"))
+        for name in files:
+            digest.update(os.path.relpath(name, root).encode())
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def lowering_key() -> str:
+    """What decides the kernels an agpe graph traces: the lowering's sources and the
+    settings read while tracing (Note [Compile caches and the traced kernels])."""
+    from agpe_compile.kernels.launch import TMA_ENV
+    from agpe_compile.ops.sparse_linear import INLINE_KERNELS
+
+    tma = os.environ.get(TMA_ENV, "off").strip().lower() or "off"
+    return f"{_sources_hash()}:tma={tma}:inline={int(INLINE_KERNELS)}"
 
 
 def lowering_patches(mode: Optional[str]) -> Dict[str, Any]:

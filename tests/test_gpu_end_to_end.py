@@ -65,6 +65,10 @@ def _eager(x, w, bias, mask, sal, dgs, flag, counters, layout):
 @pytest.mark.parametrize("tma", ["off", "auto", "persistent"])  # Note [TMA by default]: eager "auto" failed once
 def test_op_every_cuda_path(density, bucket, compiled, flag, tma, monkeypatch):
     monkeypatch.setenv("AGPE_TMA", tma)
+    # plain Inductor, without agpe's post-grad pass whose key carries AGPE_TMA (Note [Compile
+    # caches and the traced kernels]): its AOTAutograd cache would serve the "off" graph to
+    # the TMA parameters, which then passed without running their kernels (audit BF)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     torch._dynamo.reset()
     x, w, bias, mask, em, dy = _op_problem(density, seed=int(density * 100))
     fn = torch.compile(_eager, fullgraph=True) if compiled else _eager

@@ -171,10 +171,50 @@ def test_lowering_patches_keep_the_mode_and_a_users_pass():
     assert all(keys) and ("user-pass-1" in keys or keys[0].endswith(":user-pass-1"))
 
 
-def test_the_pass_key_follows_this_code():
+def test_the_pass_key_follows_the_lowerings_code_and_settings(monkeypatch):
+    monkeypatch.delenv("AGPE_TMA", raising=False)
     key = KernelInputsPass().uuid()
-    assert key == KernelInputsPass().uuid() and len(key) == 64
+    assert key == KernelInputsPass().uuid() and key.endswith(":tma=off:inline=1")
     assert KernelInputsPass(lambda graph: None).uuid() is None  # a chained pass without a key: no caching
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    assert KernelInputsPass().uuid() == key.replace(":tma=off", ":tma=persistent")
+    monkeypatch.setattr(inductor_passes, "_LOWERING_SOURCES", ("inductor_passes.py",))
+    inductor_passes._sources_hash.cache_clear()
+    try:
+        assert KernelInputsPass().uuid().split(":")[0] != key.split(":")[0]  # the kernels' sources count
+    finally:
+        monkeypatch.undo()
+        inductor_passes._sources_hash.cache_clear()
+
+
+_CACHE_SCRIPT = """
+import os, sys, torch
+import agpe_compile
+from torch._dynamo.utils import counters
+from tests.models import MLP
+hits = []
+for tma in ("off", "persistent", "off"):
+    os.environ["AGPE_TMA"] = tma
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = MLP()
+    agpe_compile.prepare(model, {"block_size": 16})
+    torch.compile(model, backend="agpe")(torch.randn(4, 64)).sum().backward()
+    hits.append(counters["aot_autograd"]["autograd_cache_hit"])
+print(hits)
+"""
+
+
+def test_a_compile_under_another_agpe_tma_is_not_served_from_the_cache(tmp_path):
+    # Audit BF: the AOTAutograd cache replayed the kernels of the first compile whatever
+    # AGPE_TMA said (Note [Compile caches and the traced kernels])
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [0, 0, 1]  # persistent: compiled anew; off again: hit
 
 
 def test_the_backend_runs_the_pass_on_the_forward_and_backward_graphs(monkeypatch):

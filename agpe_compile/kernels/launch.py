@@ -166,10 +166,12 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # otherwise; both compute the same function, so the choice is speed only. AGPE_TMA=device
 # forces them (raising on operands they cannot take); AGPE_TMA=persistent is "auto" with
 # persistent programs that build their descriptors once (Note [Persistent TMA programs] in
-# forward_tma.py; not timed on a GPU yet). The default stays "off": the
-# benchmark's training step, timed with "auto" and "off" one after the other in the same
-# call, showed no consistent gain (auto slower in four of six cells, faster in two, by up
-# to 0.056 of the dense step: the spread between runs). The eager backward that failed
+# forward_tma.py; not timed on a GPU yet). The default stays "off" until the training
+# step is timed with them: the twenty-first session's "auto" and "off" steps both ran the
+# plain kernels (torch's AOTAutograd cache served "off"'s graphs to "auto", audit BF; the
+# cache key now carries the setting, Note [Compile caches and the traced kernels] in
+# inductor_passes.py); the ninth session's step with "auto" (compiled fresh, compared with
+# an earlier call) suggested 0.848 against 0.921 of dense at d=0.5, not side by side. The eager backward that failed
 # with "auto" in the ninth session (autograd's thread had no Triton scratch allocator,
 # fixed below: _ensure_scratch_allocator) passed on the GPU in the twenty-first. Graphs
 # the backend lowers with aot_eager (inductor=False) replay their kernels through torch's
@@ -259,14 +261,16 @@ _SM_SHARED = 228 * 1024
 def tma_shared_bytes(kernel_name: str, cfg: KernelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Shared memory of one device-descriptor TMA program, from its configuration: the
     forward and dX kernels keep num_stages - 2 tile pairs (the index load takes a stage),
-    the dW kernel num_stages. An upper bound of what Triton allocates (checked against
-    sm_90 compiles, tests/test_kernels.py), so the grid never counts more resident
-    programs than shared memory allows (registers may allow fewer). 1 KB on top for the
-    pipeline's barriers."""
+    at most 3 (what Triton 3.6 and 3.9 allocate for 6 stages: audit BF found the grid of
+    the 6-stage dX default at one program per SM where two fit), the dW kernel num_stages.
+    An upper bound of what Triton allocates, within one stage of it (checked against sm_90
+    compiles, tests/test_kernels.py), so the grid never counts more resident programs than
+    shared memory allows (registers may allow fewer). 1 KB on top for the pipeline's
+    barriers."""
     if kernel_name == "grad_weight":  # a dY and an X tile of BLOCK_M x block size per stage
         return cfg.num_stages * 2 * cfg.block_m * block_size * dtype.itemsize + 1024
     # an [BLOCK_M, BLOCK_K] activation tile and a [block size, BLOCK_K] weight tile per stage
-    return max(1, cfg.num_stages - 2) * (cfg.block_m + block_size) * cfg.block_k * dtype.itemsize + 1024
+    return min(3, max(1, cfg.num_stages - 2)) * (cfg.block_m + block_size) * cfg.block_k * dtype.itemsize + 1024
 
 
 def persistent_programs(tiles, cfg: KernelConfig, kernel_name: str, block_size: int, dtype: torch.dtype,
