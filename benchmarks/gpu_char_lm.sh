@@ -6,6 +6,8 @@
 #   device run: carry ["runs/kjv.txt"], command: bash benchmarks/gpu_char_lm.sh
 # Dense and agpe-75, 5000 steps each; results.json is rewritten after each run, so a
 # timeout keeps the finished run. Results land in $OUT (default runs/gpu_char_lm).
+# CHAR_LM_TEXT: the text file (default runs/kjv.txt); CHAR_LM_LIMIT: the time limit of the
+# two runs together in seconds (default 540, for the device tool's 10-minute call).
 set -uo pipefail
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-runs/gpu_char_lm}"

@@ -2,25 +2,51 @@
 # Everything a lent GPU (H100/H200; torch 2.11 + triton 3.6, no network) should run, in one
 # or two calls: correctness at real sizes first, then the benchmarks and diagnostics, each under its
 # own time limit so one hang cannot eat the session. Results land in RUN_DIR (default
-# runs/gpu); when the device tool's $OUT is set, RUN_DIR is packed into $OUT/gpu_session.tgz
-# (the tool returns at most 8 files).
+# runs/gpu/<UTC time>); when the device tool's $OUT is set, RUN_DIR is packed into
+# $OUT/gpu_session.tgz after every part (the tool returns at most 8 files). The limits below
+# are the parts' timeouts; each may run 10 s past its own (timeout -k 10) plus ~10 s of start.
 #   run from the repository root:  bash benchmarks/gpu_session.sh
 # PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "tmakernels", "ckpt" and "probe");
 # a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
-# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 430 s)
-# times the training step with AGPE_TMA=auto, persistent and off one after the other (Note
-# [TMA by default] in agpe_compile/kernels/launch.py; TMA_SETTINGS="persistent off" for two,
-# <= 290 s); "tmakernels" (<= 270 s) times the kernels with AGPE_TMA=persistent against cuBLAS
+# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 600 s)
+# times the training step with AGPE_TMA=auto, persistent and off one after the other, each
+# compiled anew (~115 s each; Note [TMA by default] in agpe_compile/kernels/launch.py;
+# TMA_SETTINGS="persistent off" for two, <= 400 s); "tmakernels" (<= 270 s) times the kernels with AGPE_TMA=persistent against cuBLAS
 # (block 128) and every TMA variant against the plain kernels; "ckpt" (<= 200 s) times the step with
 # every block under activation checkpointing; "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
-# TRAIN_STEP_ARGS=--no-mask-update shortens the training step; SCHEDULE_STEPS=100 adds the
+# TRAIN_STEP_ARGS=--no-mask-update shortens the training step; TRAIN_STEP_LOGS sets its TORCH_LOGS
+# (default output_code, for inductor_copies.py); SCHEDULE_STEPS=100 adds the
 # simulated schedule's compile count (measured before: 7 compilations for 10 crossings).
+# Every part's exit status is kept: a failing part prints its log's tail, the others still
+# run, and the script exits 1 if any failed. Under the device tool ($OUT set) the results are
+# packed into $OUT after every part, so a call cut off by its own time limit keeps what ended;
+# each call writes a folder of its own under runs/gpu (a warm machine keeps earlier calls').
 set -uo pipefail
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-RUN_DIR="${RUN_DIR:-runs/gpu}"
+RUN_DIR="${RUN_DIR:-runs/gpu/$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$RUN_DIR"
+FAILED=""
+# part NAME LOG STATUS: record a part's exit status; on failure say so with the log's tail
+part() {
+  if [ "$3" -ne 0 ]; then
+    FAILED="$FAILED $1"
+    echo "== PART $1 FAILED (exit $3; 124/137: its time limit); last lines of $2:"
+    [ -f "$2" ] && tail -15 "$2"
+  fi
+  pack
+}
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/gpu_session.tgz.tmp" -C "$RUN_DIR" . && mv "$OUT/gpu_session.tgz.tmp" "$OUT/gpu_session.tgz"
+  # (the device tool returns at most 8 files: the archive and the summaries one call writes)
+  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt \
+           train_step_ckpt.txt kernels_persistent.txt kernels_tma.txt; do
+    [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"
+  done
+  return 0
+}
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
   | tee "$RUN_DIR/machine.txt"
@@ -32,16 +58,19 @@ elif python -c "import pytest, hypothesis" 2>/dev/null; then
     tests/test_graphs.py tests/controller/test_host_sync.py tests/controller/test_zero_weights.py \
     tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_distributed.py \
     2>&1 | tee "$RUN_DIR/gpu_tests.txt" | tail -30
+  part tests "$RUN_DIR/gpu_tests.txt" "${PIPESTATUS[0]}"
 else
   echo "pytest/hypothesis missing on this machine: GPU tests not run" | tee "$RUN_DIR/gpu_tests.txt"
 fi
 if has diagnose; then
   # where the op's dense path loses time against cuBLAS (docs/benchmarks.md, "dense path")
   timeout -k 10 45 python benchmarks/gpu_diagnose.py --out-dir "$RUN_DIR/diagnose" 2>&1 | tee "$RUN_DIR/diagnose.txt" | tail -14
+  part diagnose "$RUN_DIR/diagnose.txt" "${PIPESTATUS[0]}"
 fi
 if has kernels; then
   timeout -k 10 150 python benchmarks/kernels.py ${KERNEL_ARGS---no-sweep} --out "$RUN_DIR/kernels.json" 2>&1 \
     | tee "$RUN_DIR/kernels.txt" | tail -70
+  part kernels "$RUN_DIR/kernels.txt" "${PIPESTATUS[0]}"
 fi
 # The training step with its mask-update cost; 60-row kernel tables, and Inductor's generated
 # code of both steps (to see which reductions and copies surround the agpe op).
@@ -49,26 +78,35 @@ if has train; then
   TORCH_LOGS="${TRAIN_STEP_LOGS:-output_code}" TORCH_LOGS_OUT="$RUN_DIR/output_code.txt" \
     timeout -k 10 300 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-0} --profile --profile-rows 60 \
     ${TRAIN_STEP_ARGS:-} --out "$RUN_DIR/train_step.json" 2>&1 | tee "$RUN_DIR/train_step.txt" | tail -30
+  part train "$RUN_DIR/train_step.txt" "${PIPESTATUS[0]}"
   # kernels writing one value to several outputs (Note [Kernel operands]): none expected now
-  [ -f "$RUN_DIR/output_code.txt" ] && python benchmarks/inductor_copies.py "$RUN_DIR/output_code.txt" \
-    | tee "$RUN_DIR/inductor_copies.txt"
+  if [ -f "$RUN_DIR/output_code.txt" ]; then
+    python benchmarks/inductor_copies.py "$RUN_DIR/output_code.txt" 2>&1 | tee "$RUN_DIR/inductor_copies.txt"
+    part inductor_copies "$RUN_DIR/inductor_copies.txt" "${PIPESTATUS[0]}"
+  fi
 fi
 # The persistent TMA kernels (Note [Persistent TMA programs]): the targets' table with them
 # (block 128, cuBLAS side by side), then every TMA variant against the plain kernels.
 if has tmakernels; then
   AGPE_TMA=persistent timeout -k 10 150 python benchmarks/kernels.py --no-sweep --no-tma --block-sizes 128 \
     --out "$RUN_DIR/kernels_persistent.json" 2>&1 | tee "$RUN_DIR/kernels_persistent.txt" | tail -25
+  part kernels_persistent "$RUN_DIR/kernels_persistent.txt" "${PIPESTATUS[0]}"
   timeout -k 10 120 python benchmarks/kernels.py --only-tma --out "$RUN_DIR/kernels_tma.json" 2>&1 \
     | tee "$RUN_DIR/kernels_tma.txt" | tail -20
+  part kernels_tma "$RUN_DIR/kernels_tma.txt" "${PIPESTATUS[0]}"
 fi
 # TMA on/off, one process each (the kernel choice is made when a graph is compiled); each
-# run times dense in the same process, so compare the agpe/dense ratios.
+# run times dense in the same process, so compare the agpe/dense ratios. Each setting
+# compiles anew: the compile caches key agpe graphs on AGPE_TMA (Note [Compile caches and
+# the traced kernels]); its first step after a crossing should take a real compile (~20 s).
 if has tma; then
   for setting in ${TMA_SETTINGS:-auto persistent off}; do
-    AGPE_TMA=$setting timeout -k 10 140 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
+    AGPE_TMA=$setting timeout -k 10 200 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
       --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
       > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1
-    grep -E "ms/step|best at" "$RUN_DIR/train_step_tma_$setting.txt"
+    status=$?
+    grep -E "ms/step|best at|after rebucket" "$RUN_DIR/train_step_tma_$setting.txt"
+    part "tma_$setting" "$RUN_DIR/train_step_tma_$setting.txt" "$status"
   done
 fi
 # Activation checkpointing (Note [Weights inside higher-order ops]): every block, dense and
@@ -77,19 +115,24 @@ if has ckpt; then
   timeout -k 10 200 python benchmarks/train_step.py --activation-checkpointing --densities 1.0,0.25,0.1 \
     --optimizers fused --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_ckpt.json" \
     > "$RUN_DIR/train_step_ckpt.txt" 2>&1
+  status=$?
   grep -E "ms/step|best at" "$RUN_DIR/train_step_ckpt.txt"
+  part ckpt "$RUN_DIR/train_step_ckpt.txt" "$status"
 fi
 if has probe; then
   timeout -k 10 120 python benchmarks/gpu_host_probe.py > "$RUN_DIR/host_probe.txt" 2>&1
+  status=$?
   grep -E "^==" "$RUN_DIR/host_probe.txt"
+  part probe "$RUN_DIR/host_probe.txt" "$status"
 fi
 if [ -n "${OUT:-}" ]; then
   [ -f "$RUN_DIR/output_code.txt" ] && gzip -f "$RUN_DIR/output_code.txt"
-  tar czf "$OUT/gpu_session.tgz" -C "$RUN_DIR" .
-  # (the device tool returns at most 8 files: the archive and the summaries one call writes)
-  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt train_step_ckpt.txt \
-           kernels_persistent.txt kernels_tma.txt; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+  pack
   ls -la "$OUT"
+fi
+if [ -n "$FAILED" ]; then
+  echo "== failed parts:$FAILED (their logs are in $RUN_DIR)"
+  exit 1
 fi
 # The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):
 # benchmarks/gpu_char_lm.sh.

@@ -226,15 +226,28 @@ def _time_configs(dtype, candidates, density: float, tma: bool) -> List[Dict]:
 TMA_MODES = ("host", "device", "persistent")  # Note [Persistent TMA programs] in kernels/forward_tma.py
 
 
-def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Dict]:
+def format_tma_row(entry: Dict) -> str:
+    parts = []
+    for mode in TMA_MODES:
+        if f"tma_{mode}_ms" not in entry:  # a report written before the mode existed
+            continue
+        ms = entry[f"tma_{mode}_ms"]
+        parts.append(f"TMA {mode} " + (f"{ms:.3f} ms ({ms / entry['plain_ms']:.3f}x)" if ms is not None
+                                       else entry.get(f"tma_{mode}_note", "failed")))
+    return (f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: plain "
+            f"{entry['plain_ms']:.3f} ms, " + ", ".join(parts))
+
+
+def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1), rows: Optional[List[Dict]] = None) -> List[Dict]:
     """The TMA candidates (kernels/forward_tma.py, grad_input_tma.py, grad_weight_tma.py;
     descriptors built on the host, on the device with one tile per program, and on the
     device by persistent programs) against the plain kernels, block 128, each with its own
-    default config, same masks: which one should be the default."""
+    default config, same masks: which one should be the default. Each row goes into
+    ``rows`` and is printed as soon as it is measured (a time limit keeps what ended)."""
     calls = {"forward": lambda x, dy, w, lay, tma: block_sparse_forward(x, w, lay, tma=tma),
              "grad_input": lambda x, dy, w, lay, tma: block_sparse_grad_input(dy, w, lay, tma=tma),
              "grad_weight": lambda x, dy, w, lay, tma: block_sparse_grad_weight(dy, x, lay, tma=tma)}
-    results = []
+    results = [] if rows is None else rows
     for m, k, n in shapes:
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
         dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
@@ -254,6 +267,7 @@ def run_tma(dtype, shapes=GPU_SHAPES[:2], densities=(0.5, 0.25, 0.1)) -> List[Di
                         row[f"tma_{mode}_ms"] = None
                         row[f"tma_{mode}_note"] = f"{type(error).__name__}: {str(error)[:160]}"
                 results.append(row)
+                print(format_tma_row(row), flush=True)
     return results
 
 
@@ -371,13 +385,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         report["results"] = []
         if args.out:  # `timeout` sends SIGTERM: keep what was measured
             signal.signal(signal.SIGTERM, lambda *_: _write_partial(report, args.out))
-        if not args.only_tma:
-            run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16, rows=report["results"])
-            report["crossover"] = crossover(report["results"])
-            report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
-        if not args.no_tma:
-            report["tma"] = run_tma(torch.bfloat16)
-            report["tma_configs"] = [] if args.only_tma else run_tma_configs(torch.bfloat16)
+        try:
+            if not args.only_tma:
+                run_gpu(GPU_SHAPES, block_sizes, GPU_DENSITIES, torch.bfloat16, rows=report["results"])
+                report["crossover"] = crossover(report["results"])
+                report["sweep"] = [] if args.no_sweep else run_sweep(torch.bfloat16)
+            if not args.no_tma:
+                run_tma(torch.bfloat16, rows=report.setdefault("tma", []))  # rows printed as measured
+                report["tma_configs"] = [] if args.only_tma else run_tma_configs(torch.bfloat16)
+        except Exception as error:  # a CUDA error ends the context: keep what was measured before it
+            report["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            if args.out:
+                _write_partial(report, args.out, why=report["error"])
+            raise
     else:
         # One thread: on a shared 2-core host, OpenMP threads that wait on a busy core
         # make timings swing 10x; the cost model in cpu_gather was measured the same way.
@@ -396,16 +416,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                                     "CUDA-only (nan)"))
     if "crossover" in report:
         print(f"crossover (fwd+bwd >= 0.97x dense from this density up): {report['crossover']}")
-    for entry in report.get("tma", []):
-        parts = []
-        for mode in TMA_MODES:
-            if f"tma_{mode}_ms" not in entry:  # a report written before the mode existed
-                continue
-            ms = entry[f"tma_{mode}_ms"]
-            parts.append(f"TMA {mode} " + (f"{ms:.3f} ms ({ms / entry['plain_ms']:.3f}x)" if ms is not None
-                                           else entry.get(f"tma_{mode}_note", "failed")))
-        print(f"{entry['kernel']:<10} {entry['m']}x{entry['k']}x{entry['n']} d={entry['density']}: plain "
-              f"{entry['plain_ms']:.3f} ms, " + ", ".join(parts))
+    for entry in report.get("tma", []):  # again, with the table
+        print(format_tma_row(entry))
     for entry in report.get("tma_configs", []):
         ms = f"{entry['ms']:.3f} ms" if entry["ms"] is not None else entry["note"]
         print(f"TMA {entry['kernel']:<10} d=0.5 {entry['config']} {ms}")
@@ -419,12 +431,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"wrote {args.out}")
 
 
-def _write_partial(report: Dict, path: str) -> None:
+def _write_partial(report: Dict, path: str, why: Optional[str] = None) -> None:
+    """Write what was measured; on a time limit's SIGTERM (``why`` None) exit 124."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(report, incomplete=True), f, indent=1, default=str)
-    print(f"kernels: stopped by a time limit; partial results written to {path}", flush=True)
-    raise SystemExit(124)
+    print(f"kernels: stopped by {why or 'a time limit'}; partial results written to {path}", flush=True)
+    if why is None:
+        raise SystemExit(124)
 
 
 if __name__ == "__main__":

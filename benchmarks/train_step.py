@@ -483,6 +483,7 @@ def main(argv=None) -> None:
     profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
 
     op_module.INLINE_KERNELS = not args.opaque
+    _tma_setting()  # a misspelt AGPE_TMA fails here, not after the whole run (audit BF)
     if args.out:  # `timeout` sends SIGTERM: keep what was measured
         signal.signal(signal.SIGTERM, lambda *_: _write_partial(args.out))
     try:
