@@ -50,8 +50,10 @@ class AGPEConfig:
             ``dense`` ignores it.
         policy: ``dense``, ``static`` (fixed sparse layout), ``set``, ``rigl``, ``gmp``,
             ``snfs`` or ``agpe`` (see policies.py).
-        block_size: block side handed to ``agpe_compile.prepare``; ``None`` = the backend
-            default (32). Must divide both dimensions of every included linear layer.
+        block_size: block side handed to ``agpe_compile.prepare``; ``None`` = the block size
+            the layers were prepared with (``prepare`` or a compile before the Sparsifier),
+            else the backend default (32). Must divide both dimensions of every included
+            linear layer.
         include, exclude: fnmatch patterns on layer names, as in the backend options.
         saliency: the per-block score the backend computes for this Sparsifier's layers
             (``taylor``, ``gradient``, ``magnitude``, ``movement``); the backend's
