@@ -824,8 +824,8 @@ def test_persistent_tma_grids_hold_what_the_gpu_runs_at_once(triton_kernels):
     forward = config_for("forward", 128, bf16, interpret=False, tma=True)  # 3 x 32 KB in flight: 2 per SM
     assert persistent_programs(10**6, forward, "forward", 128, bf16, cuda, compiled) == 2 * sms
     assert persistent_programs(50, forward, "forward", 128, bf16, cuda, compiled) == 50
-    small = config_for("forward", 32, bf16, interpret=False, tma=True)  # 4 x 10 KB: 5 per SM
-    assert persistent_programs(10**6, small, "forward", 32, bf16, cuda, compiled) == 5 * sms
+    small = config_for("forward", 32, bf16, interpret=False, tma=True)  # 6 stages, Triton keeps 3 x 10 KB: 7 per SM
+    assert persistent_programs(10**6, small, "forward", 32, bf16, cuda, compiled) == 7 * sms
     grad_weight = config_for("grad_weight", 128, bf16, interpret=False, tma=True)  # 4 x 32 KB: 1 per SM
     assert persistent_programs(10**6, grad_weight, "grad_weight", 128, bf16, cuda, compiled, split=4) == sms // 4
     from agpe_compile.kernels.forward_tma import forward_tma_device_kernel
