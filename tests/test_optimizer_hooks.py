@@ -12,6 +12,7 @@ import agpe_compile
 from agpe_compile import optimizer_hooks
 from agpe_compile.controller import AGPEConfig, Sparsifier
 from agpe_compile.controller import zero_code
+from agpe_compile.ops.reference import expand_block_mask
 
 from tests.controller.helpers import TinyMLP, batches
 
@@ -47,11 +48,55 @@ def test_a_hook_removing_itself_and_a_later_one_during_the_step():
         assert calls == ["first", "user"]  # the removed hook is not called
         opt.step()
         assert calls == ["first", "user", "user"]
-        assert handles["first"].id not in optimizer_hooks.registered()
+        assert first not in optimizer_hooks.registered()
     finally:
         user_handle.remove()
         for handle in handles.values():
             handle.remove()
+
+
+def test_agpe_hooks_keep_their_place_among_the_users_and_copies_remove_nothing():
+    # re-audit BI: one dispatcher moved every agpe hook before a user's hook registered
+    # between them (a user hook writing weights then ran after the re-zeroing), and closing a
+    # deep copy of a Sparsifier removed the original's hook
+    import copy
+    import pickle
+
+    calls = []
+
+    def agpe_hook(name):
+        return lambda optimizer, args, kwargs: calls.append(name)
+
+    first = optimizer_hooks.register_step_post_hook(agpe_hook("agpe 1"))
+    user = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: calls.append("user"))
+    second = optimizer_hooks.register_step_post_hook(agpe_hook("agpe 2"))
+    try:
+        copy.deepcopy(second).remove()
+        pickle.loads(pickle.dumps(first)).remove()
+        _sgd_step().step()
+        assert calls == ["agpe 1", "user", "agpe 2"]
+    finally:
+        user.remove()
+        first.remove()
+        second.remove()
+
+
+def test_closing_a_copy_of_a_sparsifier_keeps_the_originals_zero_weights():
+    import copy
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.75, block_size=4, update_interval=4, end_step=20,
+                                            initial_density=0.5))
+    copy.deepcopy(sp).close()
+    x, y = next(batches(1))
+    F.cross_entropy(model(x), y).backward()  # eager: gradients reach the inactive blocks
+    opt.step()
+    for state in sp.layers.values():
+        inactive = expand_block_mask(state.block_mask, state.block_size, torch.float32) == 0
+        assert inactive.any() and not state.weight.detach()[inactive].any(), state.name
+    sp.close()
 
 
 class _NoLinearFirst(nn.Module):
