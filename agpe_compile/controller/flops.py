@@ -99,8 +99,9 @@ class FlopAccountant:
         return {name: dataclasses.asdict(f) for name, f in self.totals.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Every layer's ``{sparse, dense, rows}``, each a non-negative integer (an int, a
-        numpy integer or a 0-d integer tensor); raises on anything else before changing any."""
+        """Every layer's ``{sparse, dense, rows}``, each an integer (an int, a numpy integer
+        or a 0-d integer tensor); raises on anything else before changing any. (Negative
+        totals load: earlier versions wrote them after a model whose counters were rewound.)"""
         loaded = {name: _layer_flops(name, state[name]) for name in self.totals}
         self.totals.update(loaded)
 
@@ -115,7 +116,7 @@ def _layer_flops(name: str, entry) -> LayerFlops:
         value = entry[field]
         if hasattr(value, "item") and tuple(getattr(value, "shape", (1,))) == ():
             value = value.item()  # numpy scalars and 0-d tensors
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"flops[{name!r}][{field!r}] is {value!r}, expected a non-negative int")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"flops[{name!r}][{field!r}] is {value!r}, expected an int")
         values[field] = int(value)
     return LayerFlops(**values)

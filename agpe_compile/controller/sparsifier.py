@@ -774,6 +774,8 @@ class Sparsifier:
         for name in self.layers:
             rows_now = int(counters[name][0])
             rows = rows_now - self.seen_counters[name][0]
+            if rows < 0:  # the model's counters were rewound (an earlier state_dict loaded into it
+                rows = rows_now  # alone): count from there, never negative FLOPs (re-audit BI)
             scored_rows = rows_now - int(scored_from[name]) if scored and name in scored_from else 0
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now

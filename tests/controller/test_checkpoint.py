@@ -434,6 +434,26 @@ def test_numpy_scalars_and_lists_in_a_checkpoint_load_as_their_values():
         assert torch.equal(a.layers[name].saliency, b.layers[name].saliency)
 
 
+def test_a_model_rewound_under_its_sparsifier_counts_no_negative_flops_and_old_negative_totals_load():
+    # re-audit BI: a model state_dict loaded alone (its row counters rewound) made the FLOP
+    # totals negative; such checkpoints, written before, must still load
+    import copy
+
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    initial = copy.deepcopy(model.state_dict())
+    train(cmodel, opt, sp, batches(12))
+    model.load_state_dict(initial)  # counters back to 0
+    train(cmodel, opt, sp, batches(8, seed=1))
+    report = sp.flops
+    assert all(f.sparse > 0 and f.rows > 0 for f in report.layers.values()) and 0 < report.ratio <= 1
+    state = sp.state_dict()
+    state["flops"]["fc2"] = dict(state["flops"]["fc2"], sparse=-5, rows=-3)  # as earlier versions wrote
+    *_, fresh, _, _ = make_run(config)
+    fresh.load_state_dict(state)
+    assert fresh.accountant.totals["fc2"].sparse == -5
+
+
 @pytest.mark.parametrize("damage", ["buffer shape", "buffer missing", "buffers a list", "sparsifier state",
                                     "a plain state"])
 def test_a_malformed_rank_state_raises_and_changes_nothing(damage):
