@@ -158,7 +158,7 @@ class KernelInputsPass(_custom_graph_pass_base()):  # type: ignore[misc]
 # after a crossing took 1-3 s instead of ~20 s). The post-grad pass's uuid is part of that
 # key (and of the FX graph cache's), so it carries all of them: a hash of the sources the
 # lowering traces and the settings read while tracing.
-_LOWERING_SOURCES = ("inductor_passes.py", "ops", "kernels")
+_LOWERING_SOURCES = ("inductor_passes.py", "ops", "kernels", "layout.py", "packed_layout.py")
 
 
 @functools.lru_cache(maxsize=None)

@@ -598,7 +598,9 @@ class _PreparedBlockSize:
         return new
 
     def __getstate__(self):  # torch.save(model): the module pickles the parameter anyway (one object)
-        return {"param": self.current(), "block_size": self.block_size, "name": getattr(self, "name", None)}
+        module = None if getattr(self, "module_ref", None) is None else self.module_ref()
+        return {"param": self.current(), "block_size": self.block_size, "name": getattr(self, "name", None),
+                "module": module}
 
     def __setstate__(self, state):
         param = state["param"]
@@ -607,7 +609,8 @@ class _PreparedBlockSize:
         if isinstance(param, nn.Parameter):  # one assigned after prepare was pickled without the mark
             setattr(param, PREPARED_BLOCK_SIZE_ATTR, self.block_size)
         self.name = state.get("name")
-        self.module_ref = None  # set again by the module's load hook or the next prepare
+        module = state.get("module")  # (None in a pickle of the twenty-second session's code)
+        self.module_ref = None if module is None else weakref.ref(module)
 
 
 def _adopt_on_load(module: nn.Module) -> None:

@@ -306,6 +306,12 @@ def test_a_graph_after_a_break_takes_the_prepared_block_size_too(caplog):
         with torch.no_grad():
             torch.compile(copied, backend="agpe", options={"inductor": False})(torch.randn(3, 16))
         assert {n: s.block_size for n, s in agpe_compile.layer_states(copied).items()} == {"fc": 8, "router": 8}
+    # and so does a loaded one whose parameter is reassigned then (re-audit BI)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    loaded.router = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+    copied = copy.deepcopy(loaded)
+    assert copied._agpe_prepared_block_sizes["router"].param_ref() is copied.router
+    assert copied.router._agpe_prepared_block_size == 8
 
 
 def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):

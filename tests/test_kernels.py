@@ -687,6 +687,11 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         "        report = compile_tma(k, block_size=b, config=c, device_descriptors=True)\n"
         "        stage = (2 * c.block_m * b if k == 'grad_weight' else (c.block_m + b) * c.block_k) * 2\n"
         "        sizes.append([k, b, report['shared_bytes'], tma_shared_bytes(k, c, b, torch.bfloat16), stage])\n"
+        "from agpe_compile.kernels.configs import KernelConfig\n"  # deeper pipelines (re-audit BI)
+        "for k, c in [('grad_input', KernelConfig(128, 64, num_warps=8, num_stages=8)),\n"
+        "             ('forward', KernelConfig(64, 32, num_stages=10))]:\n"
+        "    report = compile_tma(k, block_size=128, config=c, device_descriptors=True)\n"
+        "    sizes.append([k, 128, report['shared_bytes'], tma_shared_bytes(k, c, 128, torch.bfloat16), 0])\n"
         "print(json.dumps(sizes))\n"
         "print(json.dumps(reports))\n"
     )
@@ -701,7 +706,7 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         assert report["shared_bytes"] <= HOPPER_SHARED_LIMIT and report["spill_bytes"] == 0, report
         assert report["tma_loads"] > 0 and report["wgmma"] > 0, report
     sizes = json.loads(result.stdout.splitlines()[-2])
-    assert len(sizes) == sum(len(cs) + 2 for cs in TMA_CANDIDATES.values())
+    assert len(sizes) == sum(len(cs) + 2 for cs in TMA_CANDIDATES.values()) + 2
     for kernel, block_size, allocated, estimate, stage in sizes:  # launch.tma_shared_bytes: an upper bound
         assert allocated <= estimate, (kernel, block_size, allocated, estimate)
         # and at block 128 (the targets' configs) it counts the programs an SM holds exactly: the
