@@ -62,6 +62,7 @@ from torch import fx
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm)
 ADDMM_TARGETS = (torch.addmm,)
+MATMUL_METHODS = ("matmul", "mm")  # Tensor methods, call_method nodes in Dynamo's graphs
 EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
 # Contractions agpe does not rewrite: a weight reaching one is reported, not skipped silently.
 OTHER_CONTRACTION_TARGETS = tuple(t for t in (torch.einsum, getattr(torch.functional, "einsum", None), torch.bmm,
@@ -222,6 +223,12 @@ def _only_linear_uses(weight: fx.Node, sites: List[LinearSite]) -> bool:
 def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
     if node.op == "call_method" and node.target in OTHER_CONTRACTION_METHODS:
         return [], _unmatched_contraction(node, f"Tensor.{node.target}")
+    if node.op == "call_method" and node.target in MATMUL_METHODS:  # x.matmul(W.t()), x.mm(W.t())
+        if len(node.args) == 2 and not node.kwargs:
+            return _match_matmul(node, *node.args)
+        return [], _unmatched_contraction(node, f"Tensor.{node.target}", operands=list(node.args[:2]))
+    if node.op == "call_method" and node.target == "addmm":  # b.addmm(x, W.t())
+        return _match_addmm(node, list(node.args), dict(node.kwargs), "Tensor.addmm")
     if node.op != "call_function":
         return [], []
     if node.target in OTHER_CONTRACTION_TARGETS:
@@ -241,30 +248,38 @@ def _match(node: fx.Node) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
             return [LinearSite(node, x, weight, bias, "linear")], []
         return [], []
     if node.target in MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
-        x, rhs = node.args
+        return _match_matmul(node, *node.args)
+    if node.target in ADDMM_TARGETS:
+        return _match_addmm(node, list(node.args), dict(node.kwargs), "torch.addmm")
+    return [], []
+
+
+def _match_matmul(node: fx.Node, x, rhs) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
+    weight = _transposed_placeholder(rhs)
+    if weight is not None:
+        return [LinearSite(node, x, weight, None, "matmul", transpose=rhs)], []
+    return [], _unmatched(node, (x, rhs))
+
+
+def _match_addmm(node: fx.Node, args: list, kwargs: dict, name: str) -> Tuple[List[LinearSite], List[UnmatchedUse]]:
+    """torch.addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None) (Tensor.addmm: self is the
+    input), operands by position or name."""
+    given = len(args)
+    args = args + [None] * 3
+    bias = kwargs.get("input", kwargs.get("self", args[0]))
+    x, rhs = kwargs.get("mat1", args[1]), kwargs.get("mat2", args[2])
+    scales = {key: kwargs.get(key, 1) for key in ("beta", "alpha")}
+    others = sorted(set(kwargs) - {"input", "self", "mat1", "mat2", "beta", "alpha"})
+    if given <= 3 and not others and all(not isinstance(v, fx.Node) and v == 1 for v in scales.values()):
         weight = _transposed_placeholder(rhs)
         if weight is not None:
-            return [LinearSite(node, x, weight, None, "matmul", transpose=rhs)], []
+            return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
         return [], _unmatched(node, (x, rhs))
-    if node.target in ADDMM_TARGETS:
-        # torch.addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None), operands by position or name
-        args = list(node.args) + [None] * 3
-        bias = node.kwargs.get("input", node.kwargs.get("self", args[0]))
-        x, rhs = node.kwargs.get("mat1", args[1]), node.kwargs.get("mat2", args[2])
-        scales = {key: node.kwargs.get(key, 1) for key in ("beta", "alpha")}
-        others = sorted(set(node.kwargs) - {"input", "self", "mat1", "mat2", "beta", "alpha"})
-        if len(node.args) <= 3 and not others and all(
-                not isinstance(v, fx.Node) and v == 1 for v in scales.values()):
-            weight = _transposed_placeholder(rhs)
-            if weight is not None:
-                return [LinearSite(node, x, weight, bias, "addmm", transpose=rhs)], []
-            return [], _unmatched(node, (x, rhs))
-        # not x @ W.T + b as such: the product's operands are listed (the added input is no weight)
-        named = [f"{key}={value}" for key, value in scales.items() if isinstance(value, fx.Node) or value != 1]
-        return [], _unmatched_contraction(node, "torch.addmm with " + ", ".join(named + [f"{k}=" for k in others]
-                                                                            or ["extra arguments"]),
-                                          operands=[x, rhs])
-    return [], []
+    # not x @ W.T + b as such: the product's operands are listed (the added input is no weight)
+    named = [f"{key}={value}" for key, value in scales.items() if isinstance(value, fx.Node) or value != 1]
+    return [], _unmatched_contraction(node, f"{name} with " + ", ".join(named + [f"{k}=" for k in others]
+                                                                      or ["extra arguments"]),
+                                      operands=[x, rhs])
 
 
 # The reason of a weight a contraction agpe does not rewrite uses (backend.py warns on it).
@@ -276,8 +291,12 @@ def _unmatched(node: fx.Node, operands) -> List[UnmatchedUse]:
     for position, operand in enumerate(operands):
         if isinstance(operand, fx.Node) and operand.op == "placeholder":
             side = "left operand" if position == 0 else "right operand without transpose"
-            found.append(UnmatchedUse(node, operand, f"used as the {side} of {node.target.__name__}, not as x @ W.T"))
+            found.append(UnmatchedUse(node, operand, f"used as the {side} of {_target_name(node)}, not as x @ W.T"))
     return found
+
+
+def _target_name(node: fx.Node) -> str:
+    return f"Tensor.{node.target}" if isinstance(node.target, str) else node.target.__name__
 
 
 def _custom_op(target) -> bool:

@@ -59,6 +59,10 @@ class Spelling(nn.Module):
             "addmm mat2= alpha=2": lambda: torch.addmm(b, x, mat2=w.t(), alpha=2),
             "addmm mat1= mat2=": lambda: torch.addmm(b, mat1=x, mat2=w.t()),
             "addmm input= mat1= mat2=": lambda: torch.addmm(input=b, mat1=x, mat2=w.t()),
+            "Tensor.matmul": lambda: x.matmul(w.t()),
+            "Tensor.mm": lambda: x.mm(w.T),
+            "Tensor.addmm": lambda: b.addmm(x, w.t()),
+            "Tensor.addmm alpha=2": lambda: b.addmm(x, w.t(), alpha=2),
             "einsum": lambda: torch.einsum("bi,oi->bo", x, w),
             "tensordot": lambda: torch.tensordot(x, w, dims=([1], [1])),
             "inner": lambda: torch.inner(x, w),
@@ -98,14 +102,15 @@ def test_a_second_use_of_a_rewritten_weight_is_masked_too(mode):
 
 
 @pytest.mark.parametrize("mode", ["W.mT", "swapaxes", "T.contiguous()", "F.linear keywords", "addmm beta=1",
-                                  "addmm mat1= mat2=", "addmm input= mat1= mat2="])
+                                  "addmm mat1= mat2=", "addmm input= mat1= mat2=", "Tensor.matmul", "Tensor.mm",
+                                  "Tensor.addmm"])
 def test_more_spellings_of_x_at_w_transposed_are_linear_sites(mode):
     model = Spelling(mode)
     report = _check_against_oracle(model, model.fc, torch.randn(4, 16))
     assert [(r.name, r.rewritten, r.lowering) for r in report.layers] == [("fc", True, "sparse_linear")]
 
 
-@pytest.mark.parametrize("mode", ["einsum", "tensordot", "inner", "addmm beta=0.5"])
+@pytest.mark.parametrize("mode", ["einsum", "tensordot", "inner", "addmm beta=0.5", "Tensor.addmm alpha=2"])
 def test_a_prepared_weight_used_in_an_unknown_form_is_masked(mode):
     model = Spelling(mode)
     report = _check_against_oracle(model, model.fc, torch.randn(4, 16))
@@ -122,7 +127,7 @@ def test_an_unprepared_weight_in_an_unknown_form_is_left_alone():
         ("fc", False, "used by torch.einsum (agpe rewrites nn.Linear, F.linear and x @ W.T as matmul, mm or addmm only)")]
 
 
-@pytest.mark.parametrize("mode", ["addmm beta=0.5", "addmm mat2= alpha=2", "bilinear"])
+@pytest.mark.parametrize("mode", ["addmm beta=0.5", "addmm mat2= alpha=2", "Tensor.addmm alpha=2", "bilinear"])
 def test_other_contractions_of_unprepared_weights_are_listed(mode):
     # Audit AZ F4: torch.bilinear and an addmm with beta != 1 were in no table at all.
     class Bilinear(nn.Module):
@@ -133,12 +138,12 @@ def test_other_contractions_of_unprepared_weights_are_listed(mode):
         def forward(self, x):
             return self.fc(x, x)
 
-    model = Spelling(mode) if mode.startswith("addmm") else Bilinear()
-    if mode.startswith("addmm"):  # an added 2-D parameter is no contraction weight (re-audit BA F4)
+    model = Spelling(mode) if "addmm" in mode else Bilinear()
+    if "addmm" in mode:  # an added 2-D parameter is no contraction weight (re-audit BA F4)
         model.fc.bias = nn.Parameter(torch.zeros(4, 32))
     x = torch.randn(4, 16)
     name = {"addmm beta=0.5": "torch.addmm with beta=0.5", "addmm mat2= alpha=2": "torch.addmm with alpha=2",
-            "bilinear": "torch.bilinear"}[mode]
+            "Tensor.addmm alpha=2": "Tensor.addmm with alpha=2", "bilinear": "torch.bilinear"}[mode]
     assert [(r.name, r.rewritten, r.reason) for r in agpe_compile.explain(model, x).layers] == [
         ("fc", False, f"used by {name} (agpe rewrites nn.Linear, F.linear and x @ W.T as matmul, mm or addmm only)")]
 
