@@ -1,23 +1,28 @@
-"""agpe's global optimizer step post-hooks, removable at any time.
+"""agpe's global optimizer step post-hooks, called through one hook of torch's.
 
 Note [One global optimizer hook]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 ``torch.optim`` calls its global step post-hooks while iterating the OrderedDict that holds
-them (torch 2.11 and 2.13), so removing one of them during that loop raises "OrderedDict
+them (torch 2.11 and 2.13), so adding or removing one during that loop raises "OrderedDict
 mutated during iteration" out of ``optimizer.step()``. agpe's hooks remove hooks: zero-code
 mode's one-shot "nothing to prune" check removed itself, and zero-code's ``gc.collect()``
 (when another optimizer of its weights steps) can run the finalizer of a dropped Sparsifier,
 which removes that Sparsifier's hook (Note [A dropped Sparsifier] in
 controller/sparsifier.py). Both made the first ``optimizer.step()`` raise (helper audit BH).
+A Sparsifier created, or a zero-code model first compiled, inside a user's hook adds one
+(re-audit BJ).
 
-So an agpe hook is registered with torch as an entry that calls it, in the place it had
-before among the user's hooks (a hook of the user's that writes weights runs where it ran,
-re-audit BI), and removing it only empties the entry: from then on it calls nothing and
-holds nothing, and it is not called later in the same step. torch's dict is touched only
-when an agpe hook is registered, which also drops the emptied entries (user code, never
-inside a step's hook loop). A copy or a pickle of a handle (a deep-copied Sparsifier's)
-removes nothing: the copy never registered a hook (re-audit BI: closing a copy removed the
-original's).
+So agpe registers a single hook with torch, once per process (under a lock: threads), that
+calls agpe's hooks from a snapshot of its own table: adding or removing an agpe hook at any
+time, from inside a hook or a finalizer, never touches torch's dict. A hook removed by an
+earlier hook of the same step is not called. agpe's hooks run in their registration order,
+together, at the place of the first one among torch's global hooks: a user's global hook
+registered after that runs after all of them (re-audit BI), as a per-optimizer hook
+(``optimizer.register_step_post_hook``) always did; a hook that writes to pruned weights
+after agpe re-zeroed them breaks the zero-weight promise either way, so register such a
+hook before the first Sparsifier. A copy or a pickle of a handle (a deep-copied
+Sparsifier's) removes nothing: the copy never registered a hook (re-audit BI: closing a copy
+removed the original's).
 
 Example::
 
@@ -27,6 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import itertools
+import threading
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -34,37 +42,23 @@ from torch.optim.optimizer import register_optimizer_step_post_hook as _register
 
 Hook = Callable[[torch.optim.Optimizer, Any, Any], None]
 
-
-class _Entry:
-    """What torch calls: the agpe hook, until it is removed."""
-
-    __slots__ = ("hook", "torch_handle", "__weakref__")
-
-    def __init__(self, hook: Hook) -> None:
-        self.hook: Optional[Hook] = hook
-        self.torch_handle = None
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        hook = self.hook
-        if hook is not None:
-            hook(optimizer, args, kwargs)
-
-
-_ENTRIES: List[_Entry] = []  # registered with torch, live or emptied (dropped at the next registration)
+_HOOKS: "collections.OrderedDict[int, Hook]" = collections.OrderedDict()
+_IDS = itertools.count()
+_INSTALLED: List[Any] = []  # torch's handle of the one hook, once registered
+_LOCK = threading.Lock()
 
 
 class HookHandle:
-    """Removes its hook (at any time, also from inside a hook or a finalizer)."""
+    """Removes its hook from agpe's table (at any time, also from inside a hook)."""
 
-    __slots__ = ("_entry",)
+    __slots__ = ("id",)
 
-    def __init__(self, entry: Optional[_Entry]) -> None:
-        self._entry = entry
+    def __init__(self, hook_id: Optional[int]) -> None:
+        self.id = hook_id
 
     def remove(self) -> None:
-        entry, self._entry = self._entry, None
-        if entry is not None:
-            entry.hook = None
+        if self.id is not None:
+            _HOOKS.pop(self.id, None)
 
     def __deepcopy__(self, memo) -> "HookHandle":
         return HookHandle(None)
@@ -74,19 +68,27 @@ class HookHandle:
 
 
 def register_step_post_hook(hook: Hook) -> HookHandle:
-    """Like ``torch.optim.optimizer.register_optimizer_step_post_hook``, with a handle whose
-    ``remove`` is safe inside torch's hook loop (Note [One global optimizer hook])."""
-    for entry in [e for e in _ENTRIES if e.hook is None]:
-        entry.torch_handle.remove()
-        _ENTRIES.remove(entry)
-    entry = _Entry(hook)
-    # never traced: an optimizer step inside a compiled function would otherwise make Dynamo
-    # trace agpe's host-side hooks (each is disabled too)
-    entry.torch_handle = _register_with_torch(torch.compiler.disable(entry))
-    _ENTRIES.append(entry)
-    return HookHandle(entry)
+    """Like ``torch.optim.optimizer.register_optimizer_step_post_hook`` (Note [One global
+    optimizer hook])."""
+    with _LOCK:
+        if not _INSTALLED:
+            _INSTALLED.append(_register_with_torch(_run_hooks))
+        hook_id = next(_IDS)
+        _HOOKS[hook_id] = hook
+    return HookHandle(hook_id)
 
 
 def registered() -> List[Hook]:
     """agpe's hooks now registered, in order (for tests and diagnostics)."""
-    return [e.hook for e in _ENTRIES if e.hook is not None]
+    return list(_HOOKS.values())
+
+
+# Never traced: an optimizer step inside a compiled function would otherwise make Dynamo
+# trace agpe's host-side hooks (each is disabled too).
+@torch.compiler.disable
+def _run_hooks(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _HOOKS:
+        return
+    for hook_id, hook in list(_HOOKS.items()):
+        if hook_id in _HOOKS:  # not removed by an earlier hook of this step
+            hook(optimizer, args, kwargs)
