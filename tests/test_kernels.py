@@ -689,7 +689,9 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         "        sizes.append([k, b, report['shared_bytes'], tma_shared_bytes(k, c, b, torch.bfloat16), stage])\n"
         "from agpe_compile.kernels.configs import KernelConfig\n"  # deeper pipelines (re-audit BI)
         "for k, c in [('grad_input', KernelConfig(128, 64, num_warps=8, num_stages=8)),\n"
-        "             ('forward', KernelConfig(64, 32, num_stages=10))]:\n"
+        "             ('forward', KernelConfig(64, 32, num_stages=10)),\n"  # and shallow ones (re-audit BJ)
+        "             ('forward', KernelConfig(128, 64, num_warps=8, num_stages=2)),\n"
+        "             ('grad_input', KernelConfig(128, 64, num_warps=8, num_stages=3))]:\n"
         "    report = compile_tma(k, block_size=128, config=c, device_descriptors=True)\n"
         "    sizes.append([k, 128, report['shared_bytes'], tma_shared_bytes(k, c, 128, torch.bfloat16), 0])\n"
         "print(json.dumps(sizes))\n"
@@ -706,7 +708,7 @@ def test_tma_candidates_compile_for_hopper_with_bulk_copies(triton_kernels):
         assert report["shared_bytes"] <= HOPPER_SHARED_LIMIT and report["spill_bytes"] == 0, report
         assert report["tma_loads"] > 0 and report["wgmma"] > 0, report
     sizes = json.loads(result.stdout.splitlines()[-2])
-    assert len(sizes) == sum(len(cs) + 2 for cs in TMA_CANDIDATES.values()) + 2
+    assert len(sizes) == sum(len(cs) + 2 for cs in TMA_CANDIDATES.values()) + 4
     for kernel, block_size, allocated, estimate, stage in sizes:  # launch.tma_shared_bytes: an upper bound
         assert allocated <= estimate, (kernel, block_size, allocated, estimate)
         # and at block 128 (the targets' configs) it counts the programs an SM holds exactly: the

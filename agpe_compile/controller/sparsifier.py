@@ -776,7 +776,7 @@ class Sparsifier:
             rows = rows_now - self.seen_counters[name][0]
             if rows < 0:  # the model's counters were rewound (an earlier state_dict loaded into it
                 rows = rows_now  # alone): count from there, never negative FLOPs (re-audit BI)
-            scored_rows = rows_now - int(scored_from[name]) if scored and name in scored_from else 0
+            scored_rows = max(0, rows_now - int(scored_from[name])) if scored and name in scored_from else 0
             self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
             self.seen_counters[name][0] = rows_now
 
@@ -915,7 +915,8 @@ class Sparsifier:
 
     def _take_skips(self, name: str, counters: torch.Tensor) -> int:
         now = int(counters[1])
-        skipped, self.seen_counters[name][1] = now - self.seen_counters[name][1], now
+        # (max: the model's counters rewound by a load of its state dict alone, re-audit BJ)
+        skipped, self.seen_counters[name][1] = max(0, now - self.seen_counters[name][1]), now
         if skipped:
             log.warning("agpe: %s: %d backward call(s) had non-finite scores; their scores were skipped",
                         name, skipped)

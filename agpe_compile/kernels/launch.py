@@ -261,9 +261,9 @@ _SM_SHARED = 228 * 1024
 def tma_shared_bytes(kernel_name: str, cfg: KernelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Shared memory of one device-descriptor TMA program, from its configuration: the
     forward and dX kernels keep num_stages - 2 tile pairs (the index load takes a stage),
-    at most (num_stages + 1) // 2 (what Triton 3.6 and 3.9 allocate for 6 to 8 stages: audit
-    BF found the grid of the 6-stage dX default at one program per SM where two fit), the
-    dW kernel num_stages.
+    at least 2 from 2 stages on and at most (num_stages + 1) // 2 (what Triton 3.6 and 3.9
+    allocate for 2-3 and 6-10 stages: audit BF found the grid of the 6-stage dX default at
+    one program per SM where two fit), the dW kernel num_stages.
     An upper bound of what Triton allocates, within one stage of it (checked against sm_90
     compiles, tests/test_kernels.py), so the grid never counts more resident programs than
     shared memory allows (registers may allow fewer). 1 KB on top for the pipeline's
@@ -271,7 +271,8 @@ def tma_shared_bytes(kernel_name: str, cfg: KernelConfig, block_size: int, dtype
     if kernel_name == "grad_weight":  # a dY and an X tile of BLOCK_M x block size per stage
         return cfg.num_stages * 2 * cfg.block_m * block_size * dtype.itemsize + 1024
     # an [BLOCK_M, BLOCK_K] activation tile and a [block size, BLOCK_K] weight tile per stage
-    tiles = min(max(1, cfg.num_stages - 2), (cfg.num_stages + 1) // 2)
+    stages = cfg.num_stages
+    tiles = max(min(2, stages), min(stages - 2, (stages + 1) // 2))
     return tiles * (cfg.block_m + block_size) * cfg.block_k * dtype.itemsize + 1024
 
 

@@ -447,6 +447,7 @@ def test_a_model_rewound_under_its_sparsifier_counts_no_negative_flops_and_old_n
     train(cmodel, opt, sp, batches(8, seed=1))
     report = sp.flops
     assert all(f.sparse > 0 and f.rows > 0 for f in report.layers.values()) and 0 < report.ratio <= 1
+    assert all(v >= 0 for counts in sp.seen_counters.values() for v in counts)
     state = sp.state_dict()
     state["flops"]["fc2"] = dict(state["flops"]["fc2"], sparse=-5, rows=-3)  # as earlier versions wrote
     *_, fresh, _, _ = make_run(config)
