@@ -12,8 +12,9 @@ controller/sparsifier.py). Both made the first ``optimizer.step()`` raise (helpe
 A Sparsifier created, or a zero-code model first compiled, inside a user's hook adds one
 (re-audit BJ).
 
-So agpe registers a single hook with torch, once per process (under a lock: threads), that
-calls agpe's hooks from a snapshot of its own table: adding or removing an agpe hook at any
+So agpe registers a single hook with torch, once per process, when agpe_compile is imported
+(a first registration inside a user's hook would still add to torch's dict, re-audit BK),
+that calls agpe's hooks from a snapshot of its own table (its ids taken under a lock): adding or removing an agpe hook at any
 time, from inside a hook or a finalizer, never touches torch's dict. A hook removed by an
 earlier hook of the same step is not called. agpe's hooks run in their registration order,
 together, at the place of the first one among torch's global hooks: a user's global hook
@@ -42,10 +43,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook as _register
 
 Hook = Callable[[torch.optim.Optimizer, Any, Any], None]
 
-_HOOKS: "collections.OrderedDict[int, Hook]" = collections.OrderedDict()
-_IDS = itertools.count()
-_INSTALLED: List[Any] = []  # torch's handle of the one hook, once registered
-_LOCK = threading.Lock()
+# Kept across importlib.reload (which re-runs this file in the same module dict): a second
+# table, counter or torch hook would run hooks twice or let an old handle remove a new hook.
+_HOOKS: "collections.OrderedDict[int, Hook]" = globals().get("_HOOKS", collections.OrderedDict())
+_IDS = globals().get("_IDS", itertools.count())
+_INSTALLED: List[Any] = globals().get("_INSTALLED", [])  # torch's handle of the one hook
+_LOCK = globals().get("_LOCK", threading.Lock())
 
 
 class HookHandle:
@@ -71,8 +74,6 @@ def register_step_post_hook(hook: Hook) -> HookHandle:
     """Like ``torch.optim.optimizer.register_optimizer_step_post_hook`` (Note [One global
     optimizer hook])."""
     with _LOCK:
-        if not _INSTALLED:
-            _INSTALLED.append(_register_with_torch(_run_hooks))
         hook_id = next(_IDS)
         _HOOKS[hook_id] = hook
     return HookHandle(hook_id)
@@ -92,3 +93,9 @@ def _run_hooks(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     for hook_id, hook in list(_HOOKS.items()):
         if hook_id in _HOOKS:  # not removed by an earlier hook of this step
             hook(optimizer, args, kwargs)
+
+
+# Registered with torch when agpe_compile is imported, not at agpe's first hook: that may come
+# inside a user's hook, in torch's loop (re-audit BK). It does nothing until agpe has hooks.
+if not _INSTALLED:
+    _INSTALLED.append(_register_with_torch(_run_hooks))

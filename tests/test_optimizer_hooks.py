@@ -210,3 +210,30 @@ def test_dropped_sparsifier_collected_by_zero_code_inside_the_step():
     assert ref() is None
     agpe_compile.strip(model)
     torch._dynamo.reset()
+
+
+def test_one_torch_hook_from_import_and_across_a_reload():
+    # re-audit BK: installed at agpe's first hook, which may come inside a user's hook (torch's
+    # loop); a reload made a second table and a second torch hook (hooks ran twice)
+    import importlib
+
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    def ours():
+        return [h for h in _global_optimizer_post_hooks.values() if "_run_hooks" in repr(h)]
+
+    assert len(ours()) == 1
+    calls = []
+    handle = optimizer_hooks.register_step_post_hook(lambda optimizer, args, kwargs: calls.append("old"))
+    try:
+        reloaded = importlib.reload(optimizer_hooks)
+        other = reloaded.register_step_post_hook(lambda optimizer, args, kwargs: calls.append("new"))
+        assert len(ours()) == 1
+        _sgd_step().step()
+        assert calls == ["old", "new"]
+        handle.remove()
+        _sgd_step().step()
+        assert calls == ["old", "new", "new"]
+        other.remove()
+    finally:
+        handle.remove()
