@@ -18,6 +18,7 @@ from torch import fx
 
 import agpe_compile
 from agpe_compile import inductor_passes
+from agpe_compile.ops import paths
 from agpe_compile.inductor_passes import (KernelInputsPass, lowering_patches, realize_shared_kernel_inputs,
                                           unshare_kernel_outputs)
 
@@ -174,10 +175,12 @@ def test_lowering_patches_keep_the_mode_and_a_users_pass():
 def test_the_pass_key_follows_the_lowerings_code_and_settings(monkeypatch):
     monkeypatch.delenv("AGPE_TMA", raising=False)
     key = KernelInputsPass().uuid()
-    assert key == KernelInputsPass().uuid() and key.endswith(":tma=off:inline=1")
+    assert key == KernelInputsPass().uuid() and ":tma=off:inline=1:crossover=" in key
     assert KernelInputsPass(lambda graph: None).uuid() is None  # a chained pass without a key: no caching
     monkeypatch.setenv("AGPE_TMA", "persistent")
     assert KernelInputsPass().uuid() == key.replace(":tma=off", ":tma=persistent")
+    monkeypatch.setitem(paths.GPU_DENSE_CROSSOVER, 128, 0.5)  # changed at run time: its source is the same
+    assert KernelInputsPass().uuid() not in (key, key.replace(":tma=off", ":tma=persistent"))
     monkeypatch.setattr(inductor_passes, "_LOWERING_SOURCES", ("inductor_passes.py",))
     inductor_passes._sources_hash.cache_clear()
     try:

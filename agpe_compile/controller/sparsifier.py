@@ -44,7 +44,7 @@ from agpe_compile.state import LayerState, compiled_dense_reason, layer_states, 
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
-from . import checkpoint, rank_checkpoint
+from . import checkpoint, model_loads, rank_checkpoint
 from .adaptive_schedule import Feedback
 from .audit import AUDIT_VERSION, AuditLog, layer_records
 from .config import AGPEConfig
@@ -219,6 +219,10 @@ class Sparsifier:
         for name, counters in zip(self.layers, to_host([s.counters for s in self.layers.values()])):
             self.seen_counters[name] = [int(v) for v in counters.tolist()]
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
+        # Note [Counters a model load rewrites] (model_loads.py)
+        self._counters_before_load: Dict[str, List[int]] = {}
+        self._load_hooks = model_loads.watch(self, list(self.layers.values()))
+        weakref.finalize(self, _remove_handles, self._load_hooks)
         self._warned_no_backward = False
         self._warned_missed_layers: set = set()
         self._warned_target = False
@@ -314,9 +318,9 @@ class Sparsifier:
         zero_weights.py) until a new Sparsifier takes the layers or ``torch._dynamo.reset()``
         drops those graphs."""
         self._closed = True
-        for handle in self._hooks:
+        for handle in self._hooks + self._load_hooks:
             handle.remove()
-        self._hooks = []
+        self._hooks, self._load_hooks[:] = [], []
         for state in self.layers.values():
             if state.sparsifier_ref is not None and state.sparsifier_ref() is self:
                 state.sparsifier_ref = None
@@ -773,12 +777,16 @@ class Sparsifier:
         """FLOPs of the rows seen since the last call, at the current masks (host copies)."""
         for name in self.layers:
             rows_now = int(counters[name][0])
-            rows = rows_now - self.seen_counters[name][0]
-            if rows < 0:  # the model's counters were rewound (an earlier state_dict loaded into it
-                rows = rows_now  # alone): count from there, never negative FLOPs (re-audit BI)
             scored_rows = max(0, rows_now - int(scored_from[name])) if scored and name in scored_from else 0
-            self.accountant.add(name, rows, int(masks[name].sum()), scored_rows)
-            self.seen_counters[name][0] = rows_now
+            self._account_layer(name, rows_now, int(masks[name].sum()), scored_rows)
+
+    def _account_layer(self, name: str, rows_now: int, active: int, scored_rows: int) -> None:
+        """FLOPs of one layer's rows since the last accounting point, at ``active`` blocks."""
+        rows = rows_now - self.seen_counters[name][0]
+        if rows < 0:  # the counters were rewound other than by a model load (Note [Counters a model
+            rows = rows_now  # load rewrites]: e.g. copied into): count from there, never negative FLOPs
+        self.accountant.add(name, rows, active, scored_rows)
+        self.seen_counters[name][0] = rows_now
 
     def _check_one_call_per_optimizer_step(self) -> None:
         """Warn (once) when step() is called again with no optimizer step in between: each
@@ -994,6 +1002,11 @@ class _Snapshot:
 
 def _dead() -> None:
     return None
+
+
+def _remove_handles(handles) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 # Note [A dropped Sparsifier]

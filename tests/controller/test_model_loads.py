@@ -1,0 +1,128 @@
+"""A model state dict loaded alone under a live Sparsifier (Note [Counters a model load rewrites])."""
+
+import copy
+import gc
+import io
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from agpe_compile.controller import AGPEConfig
+from agpe_compile.controller.model_loads import _AfterLoad, _BeforeLoad
+
+from .helpers import batches, make_run, train
+
+ROWS = 32  # rows per batch (helpers.batches)
+
+
+def _recording(sp):
+    """Record every accountant.add(name, rows, active, scored_rows) call."""
+    calls = []
+    add = sp.accountant.add
+
+    def record(name, rows, active, scored_rows=0):
+        calls.append((name, rows, active, scored_rows))
+        add(name, rows, active, scored_rows)
+
+    sp.accountant.add = record
+    return calls
+
+
+def _rollback_run(read_before_load: bool):
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    initial = copy.deepcopy(model.state_dict())
+    train(cmodel, opt, sp, batches(14))  # intervals at 4, 8, 12: two steps not yet accounted
+    if read_before_load:
+        sp.flops
+    model.load_state_dict(initial)  # counters back to 0, masks back to the initial ones
+    train(cmodel, opt, sp, batches(8, seed=1))
+    return sp.flops
+
+
+def test_rows_before_a_rollback_of_the_model_alone_are_counted_once_at_their_masks():
+    # re-audits BI, BJ, BK: the rows since the last snapshot were lost (or counted from zero)
+    read, unread = _rollback_run(True), _rollback_run(False)
+    for name, layer in unread.layers.items():
+        assert layer.rows == 22 * ROWS, name
+    assert unread.layers == read.layers  # whether or not flops was read before the load
+
+
+def test_a_model_state_of_a_longer_run_adds_no_rows_that_did_not_run():
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    other, other_opt, other_sp, other_c, _ = make_run(config)
+    train(other_c, other_opt, other_sp, batches(20))
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(6))
+    model.load_state_dict(other.state_dict())  # counters jump from 6 to 20 batches
+    train(cmodel, opt, sp, batches(4, seed=1))
+    for name, layer in sp.flops.layers.items():
+        assert layer.rows == 10 * ROWS, name
+
+
+def test_scored_rows_before_a_load_are_counted():
+    # RigL scores the dense gradient on the step before each update: a backward of that step
+    # before the load and one after are both scored
+    config = AGPEConfig(policy="rigl", target_sparsity=0.75, block_size=4, update_interval=4, end_step=40,
+                        initial_density=0.5)
+    model, opt, sp, cmodel, _ = make_run(config)
+    initial = copy.deepcopy(model.state_dict())
+    train(cmodel, opt, sp, batches(7))
+    assert sp._flag_on
+    calls = _recording(sp)
+    (x, y), (x2, y2) = batches(2, seed=3)
+    F.cross_entropy(cmodel(x), y).backward()  # scored, then the model rolls back
+    model.load_state_dict(initial)
+    F.cross_entropy(cmodel(x2), y2).backward()  # scored
+    opt.step()
+    opt.zero_grad()
+    sp.step()  # step 8: the update
+    for name in sp.layers:  # steps 5-7 and the two backward passes; the two scored
+        assert sum(c[1] for c in calls if c[0] == name) == 5 * ROWS, name
+        assert sum(c[3] for c in calls if c[0] == name) == 2 * ROWS, name
+
+
+def test_calls_skipped_before_a_load_are_still_reported(caplog):
+    config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=4, end_step=40,
+                        initial_density=0.5)
+    model, opt, sp, cmodel, _ = make_run(config)
+    initial = copy.deepcopy(model.state_dict())
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for i, (x, y) in enumerate(batches(8)):
+            if i == 4:
+                x = torch.full_like(x, float("nan"))  # step 5: its scores are skipped
+            loss = F.cross_entropy(cmodel(x), y)
+            loss.backward()
+            if i != 4:
+                opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+            if i == 5:
+                model.load_state_dict(initial)  # counters[1] back to 0
+    assert "1 backward call(s) had non-finite scores" in caplog.text
+
+
+def _load_hooks(module):
+    pre = [h for h in module._load_state_dict_pre_hooks.values() if isinstance(getattr(h, "hook", h), _BeforeLoad)]
+    post = [h for h in module._load_state_dict_post_hooks.values() if isinstance(h, _AfterLoad)]
+    return pre, post
+
+
+def test_load_hooks_go_with_close_and_a_dropped_sparsifier_and_not_with_a_copy():
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    assert all(len(hooks) == 1 for hooks in _load_hooks(model.fc1))
+    copy.deepcopy(sp).close()  # the copy's handles must not remove the original's hooks
+    assert all(len(hooks) == 1 for hooks in _load_hooks(model.fc1))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a pickled module carries inert hooks
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.load_state_dict(model.state_dict())
+    sp.close()
+    assert _load_hooks(model.fc1) == ([], [])
+    model, opt, sp, cmodel, _ = make_run(config)
+    del sp
+    gc.collect()
+    assert _load_hooks(model.fc1) == ([], [])
