@@ -63,6 +63,9 @@ class BlockSparseAdamW(torch.optim.AdamW):
             if bad:
                 raise ValueError(f"BlockSparseAdamW: expected {bad[0]}=False (not supported), got True")
         self.sparse_updates = 0  # parameters stepped on the block-sparse path, cumulative
+        # ids of the parameters the last step updated on the block-sparse path: it wrote none of
+        # their inactive blocks, so the Sparsifier's step hook need not re-zero them (zero_weights.py)
+        self.sparse_stepped: frozenset = frozenset()
         self._layouts = {}
         self._log_betas = {}  # (device, beta1, beta2) -> kernels.adamw_log_betas, for capture
 
@@ -98,8 +101,10 @@ class BlockSparseAdamW(torch.optim.AdamW):
         finally:
             for param, grad, _, _ in sparse:
                 param.grad = grad
+        self.sparse_stepped = frozenset()
         for param, grad, group, layer in sparse:
             self._sparse_step(param, grad, group, layer)
+        self.sparse_stepped = frozenset(id(param) for param, _, _, _ in sparse)
         return loss
 
     def _sparse_step(self, param: torch.Tensor, grad: torch.Tensor, group: dict, layer: LayerState) -> None:

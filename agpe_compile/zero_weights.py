@@ -4,14 +4,18 @@ The explicit Sparsifier marks its layers ``LayerState.zero_inactive`` and calls
 :func:`install` with its optimizer. From then on:
 
 * after every step of an optimizer holding the layers' weights (the Sparsifier's, or one
-  that replaced it) the inactive blocks are written with zeros (a Triton kernel that
-  touches only those blocks on CUDA; one in-place pass elsewhere) in each layer that
-  skips masking (``ops.paths.skips_masking``: the dense path by density), that ran
-  outside a compiled graph since the last step (``LayerState.ran_eagerly``: its gradient
-  reached inactive blocks), and in every layer after a step of an optimizer not known to
-  keep zero-gradient entries at zero (``keeps_zeros``: e.g. Muon, LBFGS, third-party
-  preconditioners). Elsewhere inactive weights stay zero by themselves: their gradient is
-  exactly zero and their optimizer state was reset when they were pruned;
+  that replaced it) the inactive blocks of every layer it stepped are written with zeros
+  (a Triton kernel that touches only those blocks on CUDA; one in-place pass elsewhere);
+  after any optimizer's step, also in each layer that skips masking
+  (``ops.paths.skips_masking``: the dense path by density) or that ran outside a compiled
+  graph since the last step (``LayerState.ran_eagerly``), and in every layer after a step
+  of an optimizer not known to keep zero-gradient entries at zero (``keeps_zeros``: e.g.
+  Muon, LBFGS, third-party preconditioners). The op's own gradient is exactly zero on
+  inactive blocks, but not the weight's whole gradient: an eager penalty on the weight
+  (``(W - W0).pow(2).sum()``), a gradient hook that adds noise, or a ``.grad`` written by
+  hand reach them, and torch's optimizers then move them (helper audit BM). Only
+  ``BlockSparseAdamW``'s block-sparse step (``sparse_stepped``) never writes an inactive
+  block, so its layers are not re-zeroed;
 * after a module's ``load_state_dict`` its layers are re-zeroed;
 * ``LayerState.sync_layout`` re-zeroes a layer whose mask was edited by hand.
 
@@ -192,7 +196,9 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
                 cached = decided[id(state)] = (key, skips(state))
             stray = state.ran_eagerly or state.traced_elsewhere  # computed with the raw weight somewhere
             stray = stray or (fresh and id(state.weight) in ours)  # its state may predate the masks
-            if cached[1] or mixes or stray:
+            # stepped by this optimizer on a gradient that may hold more than the op's (audit BM)
+            stepped = id(state.weight) in ours and id(state.weight) not in getattr(opt, "sparse_stepped", ())
+            if cached[1] or mixes or stray or stepped:
                 zero_inactive_(state)
             if stray and id(state.weight) in ours:
                 # its eager gradient reached inactive blocks: their moments too (else compiled

@@ -620,11 +620,14 @@ class Sparsifier:
         if self.policy.uses_magnitude:
             needed += [block_sum(s.weight.detach().abs(), s.block_size) for s in states]
         momenta = [self._momentum(s.weight) for s in states] if self.policy.uses_momentum else []
-        if momenta and all(m is None for m in momenta) and not self._warned_no_momentum:
+        missing = [s.name for s, m in zip(states, momenta) if m is None]
+        if missing and not self._warned_no_momentum:  # one missing score keeps every layer's share (audit BM)
             self._warned_no_momentum = True
             log.warning("agpe: policy %r moves the layer budget by optimizer momentum, but no optimizer keeps one "
-                        "for the agpe layers (momentum_buffer or exp_avg; e.g. plain SGD, Rprop): the budget "
-                        "stays where it is", self.config.policy)
+                        "for %s (momentum_buffer or exp_avg; e.g. plain SGD, Rprop): the budget of every layer "
+                        "stays where it is", self.config.policy,
+                        "the agpe layers" if len(missing) == len(states) else
+                        ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         needed += [block_sum(m.abs(), s.block_size) for m, s in zip(momenta, states) if m is not None]
         host = iter(to_host(needed))
         magnitude = [next(host) if self.policy.uses_magnitude else None for _ in states]
@@ -653,6 +656,11 @@ class Sparsifier:
                 # weights drifted to there (changed & mask = grown).
                 keep = state.block_mask & ~blocks
                 zero_outside_(state.weight, keep, state.block_size)
+                grad = state.weight.grad
+                if grad is not None and grad.shape == state.weight.shape:
+                    # a gradient still held (step() called before optimizer.step(), or no
+                    # zero_grad) would move the dropped blocks at the next step (audit BM)
+                    zero_outside_(grad, keep, state.block_size)
             for optimizer in (self.optimizer, *self._other_optimizers):  # a replacement too
                 zero_optimizer_state(optimizer, state.weight, blocks, state.block_size)
             self.saliency.mark_fresh(state.name, result.grown)

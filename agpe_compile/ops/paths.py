@@ -102,7 +102,9 @@ def _warn_once(message: str) -> None:
 #   blocks; so any optimizer (momentum, preconditioners that mix elements) and
 #   ``load_state_dict`` of the module cannot leave a nonzero there. The same hook
 #   re-zeroes every layer after a step of an optimizer that may write zero-gradient
-#   entries, and a layer that ran eagerly (zero_weights.py), so after each step every
+#   entries, every layer the stepping optimizer holds (a gradient from outside the op can
+#   reach inactive blocks; not after BlockSparseAdamW's block-sparse step, which never
+#   writes them) and a layer that ran eagerly (zero_weights.py), so after each step every
 #   inactive weight is zero;
 # * not with LBFGS given to the Sparsifier, which evaluates the model inside its step after
 #   moving the weights along its history: its layers get no flag and keep masking (an

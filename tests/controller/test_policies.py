@@ -309,3 +309,33 @@ def test_snfs_reads_the_momentum_of_the_optimizer_that_steps_now(caplog):
             sp.step(loss)
     said = [r.getMessage() for r in caplog.records if "moves the layer budget by optimizer momentum" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_snfs_says_which_layers_have_no_momentum_when_only_some_lack_it(caplog):
+    # Audit BM F3: one layer without momentum (its own optimizer is plain SGD) froze every
+    # layer's budget without a word: the warning needed all of them to lack it
+    import logging
+
+    import torch.nn.functional as F
+
+    import agpe_compile
+
+    from .helpers import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    adam = torch.optim.Adam(list(model.fc2.parameters()) + list(model.fc3.parameters()), lr=1e-2)
+    sgd = torch.optim.SGD(model.fc1.parameters(), lr=0.05)
+    sp = Sparsifier(model, adam, AGPEConfig(target_sparsity=0.5, policy="snfs", block_size=4, update_interval=2,
+                                            end_step=100))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(6):
+            loss = F.cross_entropy(cmodel(x), y)
+            loss.backward()
+            for opt in (adam, sgd):
+                opt.step()
+                opt.zero_grad()
+            sp.step(loss)
+    said = [r.getMessage() for r in caplog.records if "moves the layer budget by optimizer momentum" in r.getMessage()]
+    assert len(said) == 1 and "no optimizer keeps one for fc1 (" in said[0] and "every layer" in said[0]

@@ -594,3 +594,87 @@ def test_sparsifiers_made_on_one_optimizer_leave_no_load_hooks_behind(how):
         gc.collect()
         counts.append(len(opt._optimizer_load_state_dict_post_hooks))
     assert counts == [0, 0, 0, 0]
+
+
+class _Wide256(torch.nn.Module):
+    """256-wide MLP at block 32: at density 0.125 fc1 and fc2 mask W on the CPU (not the dense
+    path by density), so no other rule re-zeroes them after a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = (torch.nn.Linear(256, 256), torch.nn.Linear(256, 256),
+                                        torch.nn.Linear(256, 32))
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def _wide256_run(variant, optimizer="sgd"):
+    torch.manual_seed(0)
+    model = _Wide256()
+    start = {n: m.weight.detach().clone() for n, m in model.named_children()}
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = agpe_compile.BlockSparseAdamW(model.parameters(), lr=1e-2)
+    sp = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.875, policy="rigl", block_size=32, update_interval=2,
+                                            end_step=20, distribution="uniform", drop_fraction=0.5))
+    assert not any(skips_masking(s.layout(), s.weight.device, s.zero_inactive) for n, s in sp.layers.items()
+                   if n != "fc3")
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    if variant == "noise hook":  # gradient-noise injection on every entry
+        gen = torch.Generator().manual_seed(1)
+        for m in model.children():
+            m.weight.register_hook(lambda grad: grad + 1e-3 * torch.randn(grad.shape, generator=gen))
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(256, 32, generator=gen)
+    for _ in range(7):  # the last step is not an update step (updates re-zero every layer)
+        x = torch.randn(16, 256, generator=gen)
+        loss = F.cross_entropy(cmodel(x), (x @ teacher).argmax(1))
+        if variant == "eager penalty":  # L2-SP: a gradient the agpe op did not make
+            loss = loss + 1e-2 * sum((m.weight - start[n]).pow(2).sum() for n, m in model.named_children())
+        loss.backward()
+        if variant == "step first":  # sparsifier.step() between backward and optimizer.step()
+            sp.step(loss)
+            opt.step()
+            opt.zero_grad()
+        else:
+            opt.step()
+            if variant != "no zero_grad":
+                opt.zero_grad()
+            sp.step(loss)
+    return model, opt, sp, cmodel
+
+
+@pytest.mark.parametrize("variant", ["eager penalty", "noise hook", "no zero_grad", "step first"])
+def test_inactive_weights_stay_zero_when_the_gradient_holds_more_than_the_ops(variant):
+    # Audit BM F1/F2: an eager weight penalty or a noise hook reached inactive blocks of layers
+    # that mask W (their op's gradient is zero there, the weight's whole gradient is not);
+    # a gradient still held at an update moved the dropped blocks at the next step
+    model, opt, sp, cmodel, = _wide256_run(variant)
+    for name, state in sp.layers.items():
+        inactive = expand_block_mask(~state.block_mask, state.block_size, torch.bool)
+        assert inactive.any() and not state.weight.detach()[inactive].any(), (variant, name)
+        if variant in ("no zero_grad", "step first"):  # the dropped blocks' stale gradient was cleared
+            assert not opt.state[state.weight]["momentum_buffer"][inactive].any(), (variant, name)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(cmodel(x), model(x))  # the eager module computes what the compiled one does
+
+
+def test_block_sparse_adamw_steps_are_not_re_zeroed(monkeypatch):
+    # its block-sparse step never writes an inactive block (sparse_stepped): no pass over them
+    import agpe_compile.zero_weights as zero_weights
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    zeroed = []
+    original = zero_weights.zero_inactive_
+    monkeypatch.setattr(zero_weights, "zero_inactive_", lambda state: (zeroed.append(state.name), original(state)))
+    model, opt, sp, _ = _wide256_run("eager penalty", optimizer="block_sparse")
+    assert {id(sp.layers[n].weight) for n in ("fc1", "fc2")} <= opt.sparse_stepped
+    # once, at its first step (Note [Optimizer state on inactive blocks]); SGD: at every step
+    assert zeroed.count("fc1") == zeroed.count("fc2") == 1, zeroed
+    for name, state in sp.layers.items():
+        inactive = expand_block_mask(~state.block_mask, state.block_size, torch.bool)
+        assert not state.weight.detach()[inactive].any(), name
