@@ -50,7 +50,7 @@ from torch import nn
 
 from .layout import DEFAULT_BUCKETS, bucket_for, update_layout_
 from .packed_layout import build_packed, unpack
-from .state import LayerState, layer_states
+from .state import LayerState, adopt_buffers, layer_states
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,6 @@ def _raise_outgrown(state: LayerState, density: float) -> None:
 def _states(model_or_states) -> List[LayerState]:
     if isinstance(model_or_states, nn.Module):
         return list(layer_states(model_or_states).values())
-    if isinstance(model_or_states, dict):
-        return list(model_or_states.values())
-    return list(model_or_states)
+    states = list(model_or_states.values() if isinstance(model_or_states, dict) else model_or_states)
+    adopt_buffers(states)  # Note [Replaced buffers]
+    return states

@@ -41,7 +41,7 @@ import dataclasses
 import fnmatch
 import logging
 import weakref
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -118,7 +118,12 @@ BUFFER_SUFFIXES = (
 # them to the compiled graph on every call. ``model.to(dtype/device)`` (``Module._apply``)
 # and an assignment ``fc.weight_block_mask = t`` replace the module's buffer objects; the
 # wrapper then adopts them (``check_identity``) before the call, so the compiled code, the
-# Sparsifier and the optimizer hooks all see the module's current buffers. The fp32
+# Sparsifier and the optimizer hooks all see the module's current buffers. Every public
+# entry that reads or writes the tensors outside a call adopts them first too
+# (``adopt_buffers``: ``layer_state(s)``, ``prepare``, the Sparsifier's ``step``, ``flops``,
+# ``densities``, state dicts and loads, ``rebucket``, ``strip``, ``explain``): before, a
+# mask edited after ``model.to(device)``, or a mask update between a device round trip and
+# the next call, went to the old tensors and the next call undid it (helper audit BL). The fp32
 # saliency sums are cast back to fp32 if a dtype conversion touched them. A CUDA graph
 # captured by GraphedStep re-captures: its signature holds the buffers' addresses.
 _TENSOR_FIELDS = ("block_mask", "saliency", "dense_grad_sq", "score_dense", "counters", "block_layout")
@@ -659,6 +664,14 @@ def unseen_capacity_error(state: LayerState, capacity: int) -> str:
         f"hooks (e.g. torch.compile(DDP(nn.Sequential(...))): use DDP(torch.compile(model)))")
 
 
+def adopt_buffers(states: Iterable[LayerState]) -> None:
+    """Adopt the buffers each layer's module replaced (Note [Replaced buffers]); stripped
+    layers have none."""
+    for state in states:
+        if not state.stripped:
+            state.check_identity()
+
+
 def state_of(param: torch.Tensor) -> Optional[LayerState]:
     """The LayerState attached to a weight parameter, or None."""
     return getattr(param, STATE_ATTR, None)
@@ -673,6 +686,7 @@ def layer_state(module: nn.Module, param_name: str = "weight") -> LayerState:
             f"agpe: {type(module).__name__}.{param_name} has no agpe state; expected a layer "
             f"prepared with agpe_compile.prepare() or compiled with backend='agpe'"
         )
+    adopt_buffers([state])
     return state
 
 
@@ -689,6 +703,7 @@ def layer_states(model: nn.Module) -> Dict[str, LayerState]:
             found[state.name].append(state)
     # Two layers of one name (prepared through different submodules, each driven by its own
     # Sparsifier): listed under their paths in ``model`` so neither hides the other.
+    adopt_buffers(state for states in found.values() for state in states)
     return {(name if len(states) == 1 else paths[id(state)]): state
             for name, states in found.items() for state in states}
 
@@ -834,6 +849,8 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
             check_block_size_option(state, config)
             if state.module is None:
                 state.attach(module)
+            else:
+                adopt_buffers([state])
             _unmark_left_out(module, param_name, weight)
             prepared[name] = state
             continue

@@ -37,7 +37,8 @@ from .ops.reference import expand_block_mask
 from .state import (EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR,
                     PREPARED_BLOCK_SIZES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
                     _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
-                    state_of)
+                    adopt_buffers, state_of)
+from .controller.model_loads import _AfterLoad, _BeforeLoad
 from .zero_weights import _ReZeroOnLoad
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def strip(model: nn.Module) -> Dict[str, float]:
         raise TypeError(f"agpe.strip: expected an nn.Module, got {type(model).__name__}")
     states = _states(model)
     _check_released(states)
+    adopt_buffers(states)  # Note [Replaced buffers]: fold the module's mask, not one it replaced
     _stop_zero_code(states)
     for module in model.modules():  # the prepared model may sit inside a wrapper (torch.compile, DDP)
         if distributed.DDP_IGNORE_ATTR in module.__dict__:
@@ -153,11 +155,12 @@ def _remove_hooks(module: nn.Module) -> None:
         if hook is _read_layouts or hook is _same_call_path:  # Note [One call path per module class]
             del module._forward_pre_hooks[key]
     for key, hook in list(module._load_state_dict_pre_hooks.items()):
-        if getattr(hook, "hook", hook) is _resize_layouts_on_load:
+        hook = getattr(hook, "hook", hook)
+        if hook is _resize_layouts_on_load or isinstance(hook, _BeforeLoad):
             del module._load_state_dict_pre_hooks[key]
     for key, hook in list(module._load_state_dict_post_hooks.items()):
-        # _ReZeroOnLoad: inert on copies (a closed Sparsifier removed its own)
-        if isinstance(hook, _ReZeroOnLoad) or hook is _adopt_assigned_weights:
+        # _ReZeroOnLoad, _AfterLoad: inert on copies (a closed Sparsifier removed its own)
+        if isinstance(hook, (_ReZeroOnLoad, _AfterLoad)) or hook is _adopt_assigned_weights:
             del module._load_state_dict_post_hooks[key]
     for attr in (LAYOUT_NAMES_ATTR, LAYERS_ATTR, EXCLUSIONS_ATTR, PREPARED_BLOCK_SIZES_ATTR):
         module.__dict__.pop(attr, None)

@@ -189,6 +189,8 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             state = ref()
             if state is None:
                 continue
+            if not state.stripped:
+                state.check_identity()  # Note [Replaced buffers]: model.to(device) since the last call
             state.sync_layout()
             key = id(state.block_layout)
             cached = decided.get(id(state))

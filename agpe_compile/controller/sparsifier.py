@@ -26,6 +26,7 @@ each layer's ``score_dense`` flag so the backward fills ``dense_grad_sq``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import weakref
@@ -40,7 +41,7 @@ from agpe_compile import distributed
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import LayerState, compiled_dense_reason, layer_states, prepare
+from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -287,6 +288,8 @@ class Sparsifier:
         if getattr(self, "_closed", False):
             raise RuntimeError("agpe: Sparsifier.step() after close(): this Sparsifier no longer drives the layers "
                                "(their masks stay as they are); create a new Sparsifier to go on pruning")
+        self._refuse_a_copy("step()")
+        adopt_buffers(self.layers.values())  # Note [Replaced buffers]: model.to(device) since the last call
         self._check_weights_still_attached()
         self._check_one_call_per_optimizer_step()
         if loss is not None:
@@ -310,6 +313,24 @@ class Sparsifier:
         self._set_score_dense(self._scores_dense_at(self.step_count + 1))
         self.seconds += time.perf_counter() - start
 
+    def __deepcopy__(self, memo) -> "Sparsifier":
+        """A copy to look at, not to train with: its layers are copies no hook of its own
+        keeps (``step`` and ``load_state_dict`` refuse it, naming what to do instead)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new.__dict__["_a_copy"] = True
+        return new
+
+    def _refuse_a_copy(self, what: str) -> None:
+        if self.__dict__.get("_a_copy"):  # helper audit BL: it failed naming parametrize
+            raise RuntimeError(
+                f"agpe: Sparsifier.{what} on a copy.deepcopy of a Sparsifier: the copy drives no layers (no hooks "
+                f"keep its copied weights at zero, and its weights are not its optimizer's). To fork a run, save "
+                f"model.state_dict(), optimizer.state_dict() and sparsifier.state_dict(), and load them into a "
+                f"new model, optimizer and Sparsifier(model, optimizer, config)")
+
     def close(self) -> None:
         """Stop driving the layers: remove the optimizer and load hooks and release the masks,
         so another Sparsifier can take them. Masks and weights stay as they are. Graphs compiled
@@ -328,18 +349,21 @@ class Sparsifier:
 
     def densities(self) -> Dict[str, float]:
         """Current density of every agpe layer (one device-to-host copy)."""
+        adopt_buffers(self.layers.values())
         masks = to_host([s.block_mask for s in self.layers.values()])
         return {name: float(mask.float().mean()) for name, mask in zip(self.layers, masks)}
 
     @property
     def global_density(self) -> float:
         """Active blocks / all blocks over every agpe layer (1.0 with none)."""
+        adopt_buffers(self.layers.values())
         return _global_density(to_host([s.block_mask for s in self.layers.values()]))
 
     @property
     def flops(self) -> FlopReport:
         """Cumulative training FLOPs so far, per layer and total (reads the counters)."""
         names = list(self.layers)
+        adopt_buffers(self.layers.values())
         host = to_host([self.layers[n].counters for n in names] + [self.layers[n].block_mask for n in names])
         self._account(False, dict(zip(names, host[:len(names)])), dict(zip(names, host[len(names):])), {})
         return self.accountant.report()
@@ -350,10 +374,16 @@ class Sparsifier:
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically; see docs/checkpoint-format.md."""
+        adopt_buffers(self.layers.values())
         return checkpoint.save(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (any supported format version), masks in place."""
+        if getattr(self, "_closed", False):  # (helper audit BL: it rewrote the masks a newer Sparsifier drives)
+            raise RuntimeError("agpe: Sparsifier.load_state_dict() after close(): this Sparsifier no longer drives "
+                               "the layers; load the state into the Sparsifier that does (or a new one)")
+        self._refuse_a_copy("load_state_dict()")
+        adopt_buffers(self.layers.values())
         checkpoint.load(self, state)
         # the audit log goes on from here: the report drops what the log holds past this step
         self.audit.write({"event": "load", "step": self.step_count})
@@ -362,11 +392,13 @@ class Sparsifier:
         """This data-parallel rank's own state (its interval sums and counters, which differ
         between ranks until the next update): save one per rank beside the shared checkpoint
         (Note [Ranks' own state] in rank_checkpoint.py)."""
+        adopt_buffers(self.layers.values())
         return rank_checkpoint.save_rank(self)
 
     def load_rank_state_dict(self, state: dict) -> None:
         """Restore this rank's :meth:`rank_state_dict`; call it after loading the model's and
         the Sparsifier's shared state."""
+        adopt_buffers(self.layers.values())
         rank_checkpoint.load_rank(self, state)
 
     # ---- one interval -----------------------------------------------------------------
@@ -819,9 +851,12 @@ class Sparsifier:
         if lost:
             raise RuntimeError(
                 f"agpe: layers {lost} no longer have the weight the Sparsifier prepared (a torch.nn.utils."
-                f"parametrize parametrization, or the parameter was replaced, after the Sparsifier was created): "
-                f"their masks no longer describe the weights they train with. Parametrize or replace weights before "
-                f"creating the Sparsifier (such layers then stay dense)")
+                f"parametrize parametrization, or the parameter was replaced after the Sparsifier was created: "
+                f"model.to('meta') / to_empty(), load_state_dict(..., assign=True), an assignment): their masks "
+                f"no longer describe the weights they train with, and its optimizer holds the old ones. Parametrize "
+                f"or replace weights before creating the Sparsifier and its optimizer (parametrized layers then "
+                f"stay dense); to go on from a checkpoint, load it into the model in place (load_state_dict "
+                f"without assign=True)")
 
     def _check_modules_still_in_model(self) -> None:
         """A layer whose module was swapped out of the model after the Sparsifier was created

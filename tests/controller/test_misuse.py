@@ -684,3 +684,41 @@ def test_a_computed_weight_a_graph_compiled_before_the_sparsifier_left_dense_is_
         torch._dynamo.reset()
         agpe_compile.prepare(model, {"block_size": 8})
     assert "a graph compiled before" not in caplog.text
+
+
+def test_a_deep_copy_of_a_sparsifier_refuses_to_train_and_says_how_to_fork():
+    # helper audit BL: the copy's first step failed blaming parametrize
+    config = AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(3))
+    state = sp.state_dict()
+    twin = copy.deepcopy(sp)
+    assert twin.step_count == sp.step_count and twin.densities() == sp.densities()  # readable
+    with pytest.raises(RuntimeError, match="copy.deepcopy of a Sparsifier.*sparsifier.state_dict"):
+        twin.step()
+    with pytest.raises(RuntimeError, match="copy.deepcopy of a Sparsifier"):
+        twin.load_state_dict(state)
+    train(cmodel, opt, sp, batches(3, seed=1))  # the original goes on
+    assert sp.step_count == 6
+
+
+def test_a_closed_sparsifier_refuses_to_load_a_state():
+    # helper audit BL: it rewrote the masks of layers a newer Sparsifier drove
+    config = AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    state = sp.state_dict()
+    sp.close()
+    newer = Sparsifier(model, opt, AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.75, update_interval=2,
+                                              end_step=100))
+    masks = {n: s.block_mask.clone() for n, s in newer.layers.items()}
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(\) after close\(\)"):
+        sp.load_state_dict(state)
+    assert all(torch.equal(masks[n], s.block_mask) for n, s in newer.layers.items())
+
+
+def test_weights_replaced_by_an_assign_load_are_named_in_the_refusal():
+    config = AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    with pytest.raises(RuntimeError, match=r"assign=True"):
+        sp.step()
