@@ -50,7 +50,7 @@ import dataclasses
 import logging
 import math
 import numbers
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, List
 
 import torch
 
@@ -215,7 +215,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     with torch.no_grad():
         for name, layer in sp.layers.items():
             layer.block_mask.copy_(read["masks"][name])
-    _fill_stale_buffers(sp, read["layer_buffers"], rolled_back)
+    unwritten = _fill_stale_buffers(sp, read["layer_buffers"], rolled_back)
     sp.pruned_saliency = read["pruned_saliency"]
     sp.saliency.load_state_dict({"values": read["saliency_ema"], "fresh": read["saliency_fresh"]})
     from .sparsifier import AGE_NEVER_GROWN  # runtime import: sparsifier.py imports this module
@@ -236,6 +236,10 @@ def load(sp: "Sparsifier", state: dict) -> None:
     sp.seen_counters = {n: list(seen[n]) if seen is not None else [int(v) for v in layer.counters.tolist()]
                         for n, layer in sp.layers.items()}
     sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
+    # Note [Counters a model load rewrites]: the snapshots of the layers whose buffers this load
+    # left alone describe the checkpoint's counters, which a model load to come puts back
+    sp._counters_before_load.clear()
+    sp._snapshot_awaits_model_load = set(unwritten) if seen is not None else set()
     sp._loss_sum, sp._loss_steps = read["loss_window"]
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
     if sp._flag_on and read["scored_from"] is not None:
@@ -351,19 +355,22 @@ def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "laye
     return tensor.to(live.device, live.dtype)
 
 
-def _fill_stale_buffers(sp: "Sparsifier", saved, rolled_back: bool) -> None:
+def _fill_stale_buffers(sp: "Sparsifier", saved, rolled_back: bool) -> List[str]:
     """Note [Buffers the model did not load]: the saved interval buffers go into every layer
     whose row counter is below the saved one, every layer that counts no rows, and every
-    layer when the Sparsifier is rolled back to an earlier step."""
+    layer when the Sparsifier is rolled back to an earlier step; returns the layers it left."""
     if saved is None:
-        return
+        return list(sp.layers)
+    unwritten = []
     with torch.no_grad():
         for name, layer in sp.layers.items():
             live_rows, saved_rows = int(layer.counters[0]), int(saved[name]["counters"][0])
             if live_rows >= saved_rows and not rolled_back and saved_rows > 0:
+                unwritten.append(name)
                 continue  # the model's own load filled them (the same values)
             for field in BUFFER_FIELDS:
                 getattr(layer, field).copy_(saved[name][field])
+    return unwritten
 
 
 def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):

@@ -18,9 +18,14 @@ the scored rows when dense scoring is on; after the load the snapshot moves to t
 counters, and every other count kept as a difference to the counters (skipped calls since
 the interval and since dense scoring began, rows since the interval for the "no backward"
 check) moves with them by the same amount, so those counts go on as if no load happened.
-Loading the Sparsifier's own checkpoint sets all of it anyway (either order: a Sparsifier
-loaded first has already written the checkpoint's counters into the buffers, so the model's
-load then moves nothing). The hooks hold the Sparsifier weakly, go with ``close()``, and a
+Loading the Sparsifier's own checkpoint sets all of it anyway. Loaded first, it writes the
+checkpoint's counters into the buffers that are behind them (the model's load then moves
+nothing) and leaves the others (Note [Buffers the model did not load] in checkpoint.py),
+whose snapshot then describes counters the model's load is still to put back: those layers
+are marked (``_snapshot_awaits_model_load``), and their next model load counts and moves
+nothing (re-audit BN: a format-3 checkpoint lost the rows before its save, and a rollback
+at the same step counted the thrown-away batch). The mark goes at the next ``step()`` or
+accounting point. The hooks hold the Sparsifier weakly, go with ``close()``, and a
 copy or a pickle of the module carries inert ones (a copy's layers are driven by no
 Sparsifier, Note [Copying prepared models] in state.py).
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 import weakref
 from typing import Dict, List
 
+import torch
 from torch import nn
 
 from agpe_compile.state import BUFFER_SUFFIXES
@@ -68,8 +74,12 @@ class _BeforeLoad:
         if sp is None or getattr(sp, "_closed", False):
             return
         for name in self.names:
+            sp._counters_before_load.pop(name, None)  # left by a load that raised before its post-hook
             state = sp.layers.get(name)
             if state is None or state.module is not module or _counters_key(state, prefix) not in state_dict:
+                continue
+            if name in sp._snapshot_awaits_model_load:  # the snapshot is already the loaded counters'
+                sp._counters_before_load[name] = None
                 continue
             scoring = sp._flag_on and name in sp._scored_from
             tensors = [state.counters, state.block_mask] + ([sp._scored_from[name]] if scoring else [])
@@ -94,19 +104,25 @@ class _AfterLoad:
         if sp is None or getattr(sp, "_closed", False):
             return
         for name in self.names:
-            before = sp._counters_before_load.pop(name, None)
+            if name not in sp._counters_before_load:
+                continue
+            before = sp._counters_before_load.pop(name)
             state = sp.layers.get(name)
-            if before is None or state is None:
+            if before is None:  # after Sparsifier.load_state_dict: it set the snapshot for this load
+                sp._snapshot_awaits_model_load.discard(name)
+                continue
+            if state is None:
                 continue
             after = [int(v) for v in to_host([state.counters])[0].tolist()]
             rows, skips = after[0] - before[0], after[1] - before[1]
             seen = sp.seen_counters[name]
             sp.seen_counters[name] = [after[0], seen[1] + skips]  # rows: accounted up to the load
             sp.rows_at_interval += rows
-            if name in sp._scored_from:  # scored rows: accounted up to the load (when scoring)
-                sp._scored_from[name] = state.counters[0].clone()
-            if name in sp._skips_from:
-                sp._skips_from[name] = sp._skips_from[name] + skips
+            with torch.inference_mode(False):  # a load under inference_mode: kept tensors stay normal
+                if name in sp._scored_from:  # scored rows: accounted up to the load (when scoring)
+                    sp._scored_from[name] = state.counters[0].clone()
+                if name in sp._skips_from:
+                    sp._skips_from[name] = sp._skips_from[name] + skips
 
     def __reduce__(self):
         return _AfterLoad, (_dead, [])

@@ -221,7 +221,8 @@ class Sparsifier:
             self.seen_counters[name] = [int(v) for v in counters.tolist()]
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         # Note [Counters a model load rewrites] (model_loads.py)
-        self._counters_before_load: Dict[str, List[int]] = {}
+        self._counters_before_load: Dict[str, Optional[List[int]]] = {}
+        self._snapshot_awaits_model_load: set = set()  # set by load_state_dict (checkpoint.py)
         self._load_hooks = model_loads.watch(self, list(self.layers.values()))
         weakref.finalize(self, _remove_handles, self._load_hooks)
         self._warned_no_backward = False
@@ -290,6 +291,7 @@ class Sparsifier:
                                "(their masks stay as they are); create a new Sparsifier to go on pruning")
         self._refuse_a_copy("step()")
         adopt_buffers(self.layers.values())  # Note [Replaced buffers]: model.to(device) since the last call
+        self._snapshot_awaits_model_load.clear()  # Note [Counters a model load rewrites]: training went on
         self._check_weights_still_attached()
         self._check_one_call_per_optimizer_step()
         if loss is not None:
@@ -326,8 +328,8 @@ class Sparsifier:
     def _refuse_a_copy(self, what: str) -> None:
         if self.__dict__.get("_a_copy"):  # helper audit BL: it failed naming parametrize
             raise RuntimeError(
-                f"agpe: Sparsifier.{what} on a copy.deepcopy of a Sparsifier: the copy drives no layers (no hooks "
-                f"keep its copied weights at zero, and its weights are not its optimizer's). To fork a run, save "
+                f"agpe: Sparsifier.{what} on a copy.deepcopy of a Sparsifier: the copy drives no layers (no "
+                f"optimizer or load hooks of its own keep its layers' inactive weights at zero). To fork a run, save "
                 f"model.state_dict(), optimizer.state_dict() and sparsifier.state_dict(), and load them into a "
                 f"new model, optimizer and Sparsifier(model, optimizer, config)")
 
@@ -822,6 +824,7 @@ class Sparsifier:
 
     def _account_layer(self, name: str, rows_now: int, active: int, scored_rows: int) -> None:
         """FLOPs of one layer's rows since the last accounting point, at ``active`` blocks."""
+        self._snapshot_awaits_model_load.discard(name)
         rows = rows_now - self.seen_counters[name][0]
         if rows < 0:  # the counters were rewound other than by a model load (Note [Counters a model
             rows = rows_now  # load rewrites]: e.g. copied into): count from there, never negative FLOPs

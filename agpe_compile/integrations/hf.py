@@ -427,6 +427,9 @@ class _AGPECallback(TrainerCallback):
         if args.load_best_model_at_end and best and not os.path.isfile(os.path.join(best, SPARSIFIER_NAME)):
             log.warning("agpe: load_best_model_at_end restored the model of %s, which has no %s: the model's masks "
                         "are that checkpoint's, the Sparsifier's state is the run's last", best, SPARSIFIER_NAME)
+        elif args.load_best_model_at_end and best and getattr(trainer._sparsifier, "_closed", False):
+            log.warning("agpe: load_best_model_at_end restored the model of %s, but the run's Sparsifier was closed: "
+                        "its state is not restored (the model's masks are that checkpoint's)", best)
         elif args.load_best_model_at_end and best:
             sparsifier = trainer._sparsifier
             trainer._load_sparsifier(best, at_global_step=False)

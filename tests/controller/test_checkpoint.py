@@ -102,6 +102,23 @@ def test_version_1_still_loads(caplog):
     assert upgrade(dict(v1))["format_version"] == FORMAT_VERSION
 
 
+def test_a_model_loaded_after_a_version_1_state_adds_no_rows_from_before_the_save():
+    # docs/checkpoint-format.md: FLOP totals restart at zero, in either load order (the
+    # model's load moves the counting with the counters it puts back)
+    config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(5))
+    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY + V4_ONLY}
+    v1["format_version"] = 1
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh_model, fresh_opt, fresh, fresh_c, _ = make_run(config)
+    fresh.load_state_dict(v1)
+    fresh_model.load_state_dict(saved_model)
+    assert fresh.flops.sparse == 0
+    train(fresh_c, fresh_opt, fresh, batches(2, seed=1))
+    assert all(layer.rows == 2 * 32 for layer in fresh.flops.layers.values())
+
+
 def test_version_2_loads_with_no_block_protected(caplog):
     config = AGPEConfig(policy="agpe", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100,
                         initial_density=0.5, protect_grown=2)

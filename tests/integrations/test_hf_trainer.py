@@ -224,6 +224,23 @@ def test_load_best_model_at_end_says_when_the_best_checkpoint_is_denser_than_the
     assert "load_best_model_at_end restored" in caplog.text and "above the target 0.500" in caplog.text
 
 
+def test_load_best_model_at_end_after_the_sparsifier_was_closed_says_so(tmp_path, caplog):
+    # re-audit BN F6: the end of train() loaded the best checkpoint into a closed Sparsifier
+    class CloseAtTheEnd(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                trainer.sparsifier.close()
+
+    args = training_args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
+                         logging_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    trainer = make_trainer(tmp_path, args=args, eval_dataset=Tokens(n=4, seed=1),
+                           agpe_config=agpe_config(policy="rigl", update_interval=1, end_step=4))
+    trainer.add_callback(CloseAtTheEnd())
+    with caplog.at_level("WARNING", logger="agpe_compile"):
+        trainer.train()
+    assert "but the run's Sparsifier was closed" in caplog.text
+
+
 # ---- refusals: each says what to do instead ----------------------------------------------
 
 
