@@ -46,6 +46,7 @@ from .ops.reference import expand_block_mask
 
 log = logging.getLogger(__name__)
 _KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
+_INT32_LIMIT = 2**31
 
 
 def zero_outside_(weight: torch.Tensor, keep: torch.Tensor, block_size: int) -> None:
@@ -63,7 +64,8 @@ def zero_inactive_(state) -> None:
     with torch.no_grad():
         # the kernel reads the layout: only when it matches the mask (else the mask itself)
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES
-                and weight.is_contiguous() and state.layout_mask_version == state.block_mask._version):
+                and weight.is_contiguous() and weight.numel() < _INT32_LIMIT  # int32 offsets (audit BO)
+                and state.layout_mask_version == state.block_mask._version):
             kernels.zero_inactive_blocks_(weight, state.layout())
         else:
             zero_outside_(weight, state.block_mask, state.block_size)

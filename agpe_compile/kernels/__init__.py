@@ -10,7 +10,7 @@ Example::
     >>> y = block_sparse_forward(x, weight, layout) if triton_available() else gather_forward(x, weight, layout)
 """
 
-from .checks import SALIENCY_MODES
+from .checks import SALIENCY_MODES, extent
 from .configs import KernelConfig, config_for
 from .cpu_gather import always_dense_from, choose_cpu_path, gather_forward, gather_grad_input, gather_grad_weight
 from .launch import (adamw_log_betas, bias_grad, block_sparse_adamw_, block_sparse_forward, block_sparse_grad_input,
@@ -29,6 +29,7 @@ __all__ = [
     "always_dense_from",
     "choose_cpu_path",
     "config_for",
+    "extent",
     "gather_forward",
     "gather_grad_input",
     "gather_grad_weight",

@@ -17,6 +17,14 @@ SALIENCY_MODES = ("taylor", "gradient", "magnitude", "movement")
 _MAX_ELEMENTS = 2**31  # the kernels index with int32 offsets
 
 
+def extent(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to its last element in memory, plus one: what its
+    largest int32 offset reaches (a slice of a wider tensor reaches past its ``numel()``)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 def as_2d(name: str, t: torch.Tensor, features: int) -> torch.Tensor:
     """[..., features] -> [M, features]; a view unless the leading dims cannot be flattened."""
     if not isinstance(t, torch.Tensor):
@@ -29,6 +37,25 @@ def as_2d(name: str, t: torch.Tensor, features: int) -> torch.Tensor:
     if t.numel() >= _MAX_ELEMENTS:
         raise ValueError(f"agpe kernels: expected {name} with < 2**31 elements, got {t.numel()}")
     return t if t.dim() == 2 else t.reshape(-1, features)
+
+
+def check_int32_reach(layout: BlockLayout, tensors: Sequence[torch.Tensor], output_rows: Optional[int] = None,
+                      output_features: int = 0) -> None:
+    """The Triton kernels' offsets are int32 (audit BO): every operand must reach < 2**31
+    elements in memory (a strided view of a wider tensor reaches past its ``numel()``), the
+    weight's [N, K] too, and so must an output of ``output_rows`` x ``output_features``."""
+    n, k = layout.shape
+    if n * k >= _MAX_ELEMENTS:
+        raise ValueError(f"agpe kernels: expected a weight of < 2**31 elements (the kernels index with int32), "
+                         f"got {tuple(layout.shape)}; such a layer runs the dense path")
+    for t in tensors:
+        if extent(t) >= _MAX_ELEMENTS:
+            raise ValueError(f"agpe kernels: expected operands reaching < 2**31 elements in memory (the kernels "
+                             f"index with int32), got one of shape {tuple(t.shape)} and strides {t.stride()}; pass "
+                             f"a contiguous tensor")
+    if output_rows is not None and output_rows * output_features >= _MAX_ELEMENTS:
+        raise ValueError(f"agpe kernels: expected an output of < 2**31 elements (the kernels index with int32), "
+                         f"got {output_rows} x {output_features}")
 
 
 def check_rows(grad_out: torch.Tensor, x: torch.Tensor) -> None:
@@ -53,6 +80,7 @@ def check_operands(layout: BlockLayout, weight: Optional[torch.Tensor], activati
     if weight is not None and tuple(weight.shape) != layout.shape:
         raise ValueError(f"agpe kernels: expected weight of shape {layout.shape} (the layout's), "
                          f"got {tuple(weight.shape)}")
+
     if layout.row_ptr.device != first.device:
         raise ValueError(f"agpe kernels: expected the layout on {first.device}, got {layout.row_ptr.device}")
 

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from ..layout import BlockLayout
-from .checks import (SALIENCY_MODES, as_2d, check_layout, check_operands, check_rows, check_saliency,
-                     check_scores, check_tensor)
+from .checks import (SALIENCY_MODES, as_2d, check_int32_reach, check_layout, check_operands, check_rows,
+                     check_saliency, check_scores, check_tensor, extent)
 from .configs import KernelConfig, config_for
 from .runtime import cdiv, dot_options, is_interpreted, is_tracing, launcher, require_triton
 
@@ -51,6 +51,7 @@ def block_sparse_forward(
     (benchmarks/kernels.py)."""
     x2 = as_2d("x", x, check_layout(layout).shape[1])
     check_operands(layout, weight, [x2])
+    check_int32_reach(layout, [x2, weight], x2.shape[0], layout.shape[0])
     if bias is not None:
         check_tensor("bias", bias, (layout.shape[0],), x.dtype, x.device)
         if bias.stride(0) != 1:  # the kernels read bias[n] at bias_ptr + n
@@ -108,6 +109,7 @@ def block_sparse_grad_input(
     ``tma``: which kernel (kernels/grad_input.py or grad_input_tma.py), as for the forward."""
     dy2 = as_2d("grad_out", grad_out, check_layout(layout).shape[0])
     check_operands(layout, weight, [dy2])
+    check_int32_reach(layout, [dy2, weight], dy2.shape[0], layout.shape[1])
     require_triton()
     tma = _tma_mode(tma, dy2, weight)
     if tma == "host":
@@ -450,6 +452,9 @@ def bias_grad(grad_out: torch.Tensor, *, split: Optional[int] = None) -> torch.T
     (fp32 accumulation), from one read of dY (kernels/column_sum.py). Deterministic.
     ``split`` (row ranges summed by separate programs) defaults to ~4 waves of the GPU."""
     g2 = as_2d("grad_out", grad_out, grad_out.shape[-1])
+    if extent(g2) >= 2**31:
+        raise ValueError(f"agpe kernels: expected grad_out reaching < 2**31 elements in memory (the kernel indexes "
+                         f"with int32), got shape {tuple(grad_out.shape)} and strides {grad_out.stride()}")
     require_triton()
     from .column_sum import column_sum_kernel
 
@@ -479,6 +484,7 @@ def zero_inactive_blocks_(weight: torch.Tensor, layout: BlockLayout) -> torch.Te
     not touched); returns ``weight``. See kernels/zero_blocks.py."""
     check_layout(layout)
     check_operands(layout, weight, [weight])
+    check_int32_reach(layout, [weight])
     require_triton()
     from .zero_blocks import zero_blocks_kernel
 
@@ -532,9 +538,13 @@ def mask_and_score_(
     """
     check_layout(layout)
     check_operands(layout, weight, [grad_weight])
+    check_int32_reach(layout, [grad_weight, weight])
     check_tensor("grad_weight", grad_weight, layout.shape, weight.dtype, weight.device)
     check_saliency(saliency_mode, saliency, weight, layout, weight.device)
     check_scores("dense_grad_sq", dense_grad_sq, layout, weight.device)
+    if enabled is not None and (not isinstance(enabled, torch.Tensor) or enabled.dim() != 0
+                                or enabled.device != weight.device):
+        raise ValueError(f"agpe kernels: expected enabled to be a 0-d tensor on {weight.device}, got {enabled!r}")
     require_triton()
     from .mask_scores import mask_scores_kernel
 
@@ -643,6 +653,7 @@ def _grad_operands(grad_out, x, layout, weight):
     dy2, x2 = as_2d("grad_out", grad_out, n), as_2d("x", x, k)
     check_rows(dy2, x2)
     check_operands(layout, weight, [dy2, x2])
+    check_int32_reach(layout, [dy2, x2] + ([weight] if weight is not None else []))
     return dy2, x2
 
 

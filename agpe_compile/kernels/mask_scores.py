@@ -47,7 +47,7 @@ def mask_scores_kernel(
     else:
         enabled = 1
         if HAS_FLAG:
-            enabled = tl.load(enabled_ptr).to(tl.int32)
+            enabled = (tl.load(enabled_ptr) != 0).to(tl.int32)  # any non-zero value, as grad_scores reads it
         if enabled != 0:
             grad = tl.load(g_block).to(tl.float32)
             tl.store(dense_sq_ptr + block, tl.load(dense_sq_ptr + block) + tl.sum(tl.sum(grad * grad, axis=1), axis=0))

@@ -68,8 +68,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> str:
 
 def _no_triton_reason(x: torch.Tensor, weight: torch.Tensor, block_size: int):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if max(x.numel(), rows * weight.shape[0]) >= _INT32_LIMIT:
-        return "its input or output has 2**31 or more elements (the kernels index with int32)"
+    # what the int32 offsets reach: a strided input past its numel, the weight (audit BO)
+    if max(kernels.extent(x), rows * weight.shape[0], kernels.extent(weight)) >= _INT32_LIMIT:
+        return "its input, output or weight spans 2**31 or more elements (the kernels index with int32)"
     if block_size not in TRITON_BLOCK_SIZES:
         return f"block size {block_size} is not one of the kernels' {TRITON_BLOCK_SIZES}"
     if x.dtype not in TRITON_DTYPES or x.dtype != weight.dtype:

@@ -248,7 +248,7 @@ def _dense_bias_grad(grad_out: torch.Tensor) -> torch.Tensor:
 # same ``sum`` as before.
 def _lowered_bias_grad(grad_out: torch.Tensor) -> torch.Tensor:
     if (grad_out.device.type in TRACED_DEVICES and INLINE_KERNELS and grad_out.dtype in paths.TRITON_DTYPES
-            and grad_out.dim() >= 2 and grad_out.numel() < 2**31):  # the kernel indexes with int32
+            and grad_out.dim() >= 2 and kernels.extent(grad_out) < 2**31):  # the kernel indexes with int32
         return kernels.bias_grad(grad_out)
     return _dense_bias_grad(grad_out)
 
