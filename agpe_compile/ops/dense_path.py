@@ -69,9 +69,10 @@ def grad_weight_and_scores(
     b = block_size
     dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     if not host_readable(block_mask):  # traced or on a device: shape-only, the reference's formulas
-        grad_weight = reference.apply_block_mask(dense, block_mask, b)
+        grad_weight = _zeros_outside(dense, block_mask, b)
         scores = reference.block_scores(weight, grad_weight, b, mode) * block_mask
-        dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b) * score_dense.to(torch.float32)
+        dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b)
+        dense_sq = torch.where(score_dense.to(torch.bool), dense_sq, torch.zeros_like(dense_sq))  # (inf * 0: NaN)
         return grad_weight, scores, dense_sq
     flag = bool(score_dense)
     live = all_live(block_mask)
@@ -179,13 +180,23 @@ def masked_weight(weight: torch.Tensor, block_mask: torch.Tensor, block_size: in
     return (weight.view(rows, block_size, k) * row_mask(block_mask, block_size, weight.dtype)).view(n, k)
 
 
+# The gradient's inactive blocks are written with zeros, not multiplied by 0: a 16-bit dense
+# gradient that overflowed there only (inputs that feed pruned blocks alone) would be NaN
+# (inf * 0), skip the call's scores and a GradScaler step, where the kernels and the gathered
+# path, which never compute those blocks, give 0 (helper audit BO).
 def _mask_in_place(values: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
-    if not values.is_contiguous():
-        return reference.apply_block_mask(values, block_mask, block_size)
-    n, k = values.shape
-    rows = block_mask.shape[0]
-    values.view(rows, block_size, k).mul_(row_mask(block_mask, block_size, values.dtype))
+    if zero_weight_blocks_(values, block_mask, block_size) is None:  # not contiguous
+        return _zeros_outside(values, block_mask, block_size)
     return values
+
+
+def _zeros_outside(values: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``values`` with zeros on the inactive blocks, out of place (traceable)."""
+    n, k = values.shape
+    rows, cols = block_mask.shape
+    keep = block_mask.reshape(rows, 1, cols, 1)
+    blocks = values.reshape(rows, block_size, cols, block_size)
+    return torch.where(keep, blocks, torch.zeros((), dtype=values.dtype, device=values.device)).reshape(n, k)
 
 
 _INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
