@@ -48,3 +48,29 @@ def test_the_launchers_refuse_what_int32_offsets_cannot_reach():
     with pytest.raises(ValueError, match="an output of < 2\\*\\*31"):
         check_int32_reach(small, [], output_rows=2**26, output_features=32)
     check_int32_reach(small, [_meta((64, 32))], output_rows=64, output_features=32)  # fine
+
+
+def test_a_strided_output_gradient_is_made_contiguous_for_the_kernels(monkeypatch):
+    # re-audit BP F4: the path is chosen from x and W; a dY slice reaching past 2**31 elements
+    # would have reached the kernels (which refuse it) instead of a contiguous copy
+    import importlib
+
+    from agpe_compile.packed_layout import build_packed
+
+    sparse_linear = importlib.import_module("agpe_compile.ops.sparse_linear")  # the module, not the op
+
+    seen = []
+    monkeypatch.setattr(paths, "choose", lambda x, weight, layout: "triton")
+    monkeypatch.setattr(paths, "grad_input", lambda grad_out, *args: seen.append(kernels.extent(grad_out)) or
+                        torch.zeros(grad_out.shape[0], 32))
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    layout, _ = build_packed(mask, 16, (1.0,))
+    stride = 2**31 // 3 + 64
+    wide = torch.empty(3 * stride + 32, dtype=torch.float16)  # a wider gradient's storage (never written)
+    grad_out = wide.as_strided((4, 32), (stride, 1))
+    assert kernels.extent(grad_out) >= 2**31
+    sparse_linear._backward_impl(grad_out, torch.zeros(4, 32, dtype=torch.float16),
+                                 torch.zeros(32, 32, dtype=torch.float16), mask, torch.zeros(2, 2),
+                                 torch.zeros(2, 2), torch.tensor(False), torch.zeros(2, dtype=torch.int64), layout,
+                                 16, "taylor", True, False)
+    assert seen == [4 * 32]

@@ -238,8 +238,12 @@ def load(sp: "Sparsifier", state: dict) -> None:
     sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
     # Note [Counters a model load rewrites]: the snapshots of the layers whose buffers this load
     # left alone describe the checkpoint's counters, which a model load to come puts back
+    # (with the counters that load must bring: the saved ones; a format-3 checkpoint has none)
     sp._counters_before_load.clear()
-    sp._snapshot_awaits_model_load = set(unwritten) if seen is not None else set()
+    saved_buffers = read["layer_buffers"]
+    sp._snapshot_awaits_model_load = {
+        name: None if saved_buffers is None else [int(v) for v in saved_buffers[name]["counters"].tolist()]
+        for name in unwritten} if seen is not None else {}
     sp._loss_sum, sp._loss_steps = read["loss_window"]
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
     if sp._flag_on and read["scored_from"] is not None:

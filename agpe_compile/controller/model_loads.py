@@ -22,10 +22,12 @@ Loading the Sparsifier's own checkpoint sets all of it anyway. Loaded first, it 
 checkpoint's counters into the buffers that are behind them (the model's load then moves
 nothing) and leaves the others (Note [Buffers the model did not load] in checkpoint.py),
 whose snapshot then describes counters the model's load is still to put back: those layers
-are marked (``_snapshot_awaits_model_load``), and their next model load counts and moves
-nothing (re-audit BN: a format-3 checkpoint lost the rows before its save, and a rollback
-at the same step counted the thrown-away batch). The mark goes at the next ``step()`` or
-accounting point. The hooks hold the Sparsifier weakly, go with ``close()``, and a
+are marked (``_snapshot_awaits_model_load``, with the counters the checkpoint saved), and
+a model load that brings those counters counts and moves nothing (re-audit BN: a format-3
+checkpoint lost the rows before its save, and a rollback at the same step counted the
+thrown-away batch); one that brings other counters (another checkpoint's model) is an
+accounting point as any (re-audit BP). Until then a marked layer's live counters are not the
+run's: ``flops`` counts none of its rows. The mark goes at the next ``step()``. The hooks hold the Sparsifier weakly, go with ``close()``, and a
 copy or a pickle of the module carries inert ones (a copy's layers are driven by no
 Sparsifier, Note [Copying prepared models] in state.py).
 """
@@ -78,9 +80,11 @@ class _BeforeLoad:
             state = sp.layers.get(name)
             if state is None or state.module is not module or _counters_key(state, prefix) not in state_dict:
                 continue
-            if name in sp._snapshot_awaits_model_load:  # the snapshot is already the loaded counters'
-                sp._counters_before_load[name] = None
-                continue
+            if name in sp._snapshot_awaits_model_load:
+                if _brings_the_checkpoints_counters(sp, name, state_dict[_counters_key(state, prefix)]):
+                    sp._counters_before_load[name] = None  # the snapshot is already the loaded counters'
+                    continue
+                del sp._snapshot_awaits_model_load[name]  # another checkpoint's model: as any model load
             scoring = sp._flag_on and name in sp._scored_from
             tensors = [state.counters, state.block_mask] + ([sp._scored_from[name]] if scoring else [])
             host = to_host(tensors)
@@ -91,6 +95,16 @@ class _BeforeLoad:
 
     def __reduce__(self):
         return _BeforeLoad, (_dead, [])
+
+
+def _brings_the_checkpoints_counters(sp, name: str, incoming) -> bool:
+    """Whether a model load after ``Sparsifier.load_state_dict`` brings the counters of that
+    checkpoint (its saved ones; a format-3 checkpoint saved none: any at or past the snapshot)."""
+    if not isinstance(incoming, torch.Tensor) or incoming.numel() != 2:
+        return False  # torch's own load refuses it
+    values = [int(v) for v in incoming.tolist()]
+    expected = sp._snapshot_awaits_model_load[name]
+    return values == expected if expected is not None else values[0] >= sp.seen_counters[name][0]
 
 
 class _AfterLoad:
@@ -109,7 +123,7 @@ class _AfterLoad:
             before = sp._counters_before_load.pop(name)
             state = sp.layers.get(name)
             if before is None:  # after Sparsifier.load_state_dict: it set the snapshot for this load
-                sp._snapshot_awaits_model_load.discard(name)
+                sp._snapshot_awaits_model_load.pop(name, None)
                 continue
             if state is None:
                 continue

@@ -84,4 +84,4 @@ def load_rank(sp: "Sparsifier", state: dict) -> None:
         for name, layer in sp.layers.items():
             for key in RANK_BUFFERS:
                 getattr(layer, key).copy_(buffers[name][key])
-    sp._snapshot_awaits_model_load = set()  # the counters are the snapshot's now
+    sp._snapshot_awaits_model_load = {}  # the counters are the snapshot's now

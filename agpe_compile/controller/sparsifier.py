@@ -222,7 +222,9 @@ class Sparsifier:
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         # Note [Counters a model load rewrites] (model_loads.py)
         self._counters_before_load: Dict[str, Optional[List[int]]] = {}
-        self._snapshot_awaits_model_load: set = set()  # set by load_state_dict (checkpoint.py)
+        # layer -> the counters a model load is to bring back (None: unknown, a format-3
+        # checkpoint); set by load_state_dict (checkpoint.py)
+        self._snapshot_awaits_model_load: Dict[str, Optional[List[int]]] = {}
         self._load_hooks = model_loads.watch(self, list(self.layers.values()))
         weakref.finalize(self, _remove_handles, self._load_hooks)
         self._warned_no_backward = False
@@ -824,12 +826,21 @@ class Sparsifier:
 
     def _account_layer(self, name: str, rows_now: int, active: int, scored_rows: int) -> None:
         """FLOPs of one layer's rows since the last accounting point, at ``active`` blocks."""
-        self._snapshot_awaits_model_load.discard(name)
+        if name in self._snapshot_awaits_model_load:
+            return  # its live counters are not this run's until the model's load (re-audit BP)
         rows = rows_now - self.seen_counters[name][0]
         if rows < 0:  # the counters were rewound other than by a model load (Note [Counters a model
             rows = rows_now  # load rewrites]: e.g. copied into): count from there, never negative FLOPs
         self.accountant.add(name, rows, active, scored_rows)
         self.seen_counters[name][0] = rows_now
+
+    def _accounted_to_now(self) -> None:
+        """The accountant holds every row run so far (FLOP totals put back after a load):
+        count on from the layers' counters as they are now."""
+        for name, counters in zip(self.layers, to_host([s.counters for s in self.layers.values()])):
+            self.seen_counters[name][0] = int(counters[0])
+        self._snapshot_awaits_model_load.clear()
+        self._counters_before_load.clear()
 
     def _check_one_call_per_optimizer_step(self) -> None:
         """Warn (once) when step() is called again with no optimizer step in between: each

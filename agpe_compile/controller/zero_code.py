@@ -89,7 +89,7 @@ import torch
 from agpe_compile.buckets import rebucket
 from agpe_compile.optimizer_hooks import register_step_post_hook
 from agpe_compile.step_nesting import inner_step
-from agpe_compile.state import LayerState
+from agpe_compile.state import LayerState, adopt_buffers
 
 from .config import AGPEConfig
 from .sparsifier import Sparsifier
@@ -246,6 +246,7 @@ class ZeroCodeController:
                 # and turned dense-gradient scoring on for a micro-batch of step 1: the explicit
                 # Sparsifier scores none of step 1 there, and those scores would reach the first
                 # regrowth (with update_interval 1 it scores all of step 1, as the ticks did)
+                adopt_buffers(sparsifier.layers.values())  # Note [Replaced buffers]
                 for state in sparsifier.layers.values():
                     state.dense_grad_sq.zero_()
                 sparsifier._set_score_dense(sparsifier._scores_dense_at(1))

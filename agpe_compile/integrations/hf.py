@@ -437,6 +437,7 @@ class _AGPECallback(TrainerCallback):
             # checkpoint's; the FLOPs are what this run executed, all of its steps
             if run_flops is not None:
                 sparsifier.accountant.load_state_dict(run_flops)
+                sparsifier._accounted_to_now()  # the run's totals hold the best model's rows (re-audit BP)
             density, final = sparsifier.global_density, sparsifier.config.final_density
             if density > final + 0.01:
                 log.warning(

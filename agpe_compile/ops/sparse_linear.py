@@ -108,6 +108,8 @@ def _backward_impl(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     layout = paths.layout_of(block_layout, block_mask, block_size)
     path = paths.choose(x, weight, layout)
+    if path == "triton" and kernels.extent(grad_out) >= 2**31:  # a strided dY reaching past int32 offsets
+        grad_out = grad_out.contiguous()  # (its numel is below 2**31: choose() checked rows * N; audit BP)
     grad_input = x.new_empty(_EMPTY)
     grad_weight = weight.new_empty(_EMPTY)
     if need_input_grad:

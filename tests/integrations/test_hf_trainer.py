@@ -224,6 +224,28 @@ def test_load_best_model_at_end_says_when_the_best_checkpoint_is_denser_than_the
     assert "load_best_model_at_end restored" in caplog.text and "above the target 0.500" in caplog.text
 
 
+def test_load_best_model_at_end_reports_the_runs_flops_once(tmp_path):
+    # re-audit BP F3: a best checkpoint saved mid-interval left its snapshot under the run's
+    # restored totals, so the first read of sparsifier.flops counted its last rows again
+    evals = []
+
+    def first_is_best(prediction):
+        evals.append(len(evals))
+        return {"first": float(len(evals) == 1)}
+
+    args = training_args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
+                         logging_steps=2, load_best_model_at_end=True, metric_for_best_model="first")
+    trainer = make_trainer(tmp_path, args=args, eval_dataset=Tokens(n=4, seed=1), compute_metrics=first_is_best,
+                           agpe_config=agpe_config(policy="rigl", update_interval=4, end_step=8))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    last = torch.load(os.path.join(tmp_path, "checkpoint-4", SPARSIFIER_NAME), weights_only=True)
+    # the run's 4 steps: checkpoint-4's totals plus the rows it had not yet accounted
+    run = {n: f["rows"] + int(last["layer_buffers"][n]["counters"][0]) - last["seen_counters"][n][0]
+           for n, f in last["flops"].items()}
+    assert {n: layer.rows for n, layer in trainer.sparsifier.flops.layers.items()} == run
+
+
 def test_load_best_model_at_end_after_the_sparsifier_was_closed_says_so(tmp_path, caplog):
     # re-audit BN F6: the end of train() loaded the best checkpoint into a closed Sparsifier
     class CloseAtTheEnd(transformers.TrainerCallback):
