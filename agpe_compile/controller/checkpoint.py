@@ -21,13 +21,13 @@ their row counter (cumulative, only ever growing in a run) is below the saved on
 the case in exactly the orders where the model's own load has not filled them: before
 ``model.load_state_dict`` (which then writes the same values), after a load that dropped
 them, and after such a load into a model that ran a few steps first (their sums belong to
-no run the checkpoint knows). It also writes it into layers whose saved counter is 0
-(layers fed ``W*M`` through masked_weight score without counting rows, so the counter
-cannot tell; a model's load put the same values there) and into every layer when the
-Sparsifier rolls back (the checkpoint's step is before its own: the buffers hold a later
-point of the run, which the restored interval must not fold in; a helper audit found that
-the rows of those steps were counted twice when only the weights were loaded). Other
-buffers at or past the saved counter are the model's own load's (equal) and are left alone.
+no run the checkpoint knows). In fact it writes the copy into every layer: a layer at or past the saved counter holds
+either the same values (the model's own load put them there) or a later point of some run
+(the Sparsifier rolled back to an earlier step, or to the same step after a batch that was
+thrown away before ``step()``), which the restored interval must not fold in (helper audits:
+the rows of those steps were counted twice when only the weights were loaded; re-audits BN,
+BQ: leaving such layers alone made the snapshot describe counters the buffers did not hold,
+which every later read, save and model load had to work around).
 
 Load order: either. The Sparsifier re-buckets each layer's layout buffer to the saved masks;
 ``model.load_state_dict`` resizes layout buffers of another bucket itself (a pre-hook that
@@ -71,6 +71,11 @@ BUFFER_FIELDS = ("saliency", "dense_grad_sq", "counters")  # Note [Buffers the m
 
 def save(sp: "Sparsifier") -> dict:
     """The current-version state dict of ``sp`` (tensors are copies, on their own devices)."""
+    if sp._snapshot_awaits_model_load:  # (re-audit BQ: their buffers would be saved as the checkpoint's)
+        raise RuntimeError(
+            f"agpe: Sparsifier.state_dict() between loading a checkpoint without layer buffers (format 3) and "
+            f"loading the model's state: layers {sorted(sp._snapshot_awaits_model_load)[:5]} do not hold that "
+            f"checkpoint's counters and interval sums yet. Load the model's state_dict first")
     schedule = sp.schedule_state
     return {
         "format_version": FORMAT_VERSION,
@@ -209,13 +214,12 @@ def load(sp: "Sparsifier", state: dict) -> None:
     if read["config_changes"]:
         log.warning("agpe: checkpoint config differs from the Sparsifier's config in %s; using the Sparsifier's",
                     ", ".join(read["config_changes"]))
-    rolled_back = read["step"] < sp.step_count  # Note [Buffers the model did not load]
     sp.step_count = read["step"]
     sp.target_density = read["target_density"]
     with torch.no_grad():
         for name, layer in sp.layers.items():
             layer.block_mask.copy_(read["masks"][name])
-    unwritten = _fill_stale_buffers(sp, read["layer_buffers"], rolled_back)
+    unwritten = _fill_stale_buffers(sp, read["layer_buffers"])
     sp.pruned_saliency = read["pruned_saliency"]
     sp.saliency.load_state_dict({"values": read["saliency_ema"], "fresh": read["saliency_fresh"]})
     from .sparsifier import AGE_NEVER_GROWN  # runtime import: sparsifier.py imports this module
@@ -236,14 +240,12 @@ def load(sp: "Sparsifier", state: dict) -> None:
     sp.seen_counters = {n: list(seen[n]) if seen is not None else [int(v) for v in layer.counters.tolist()]
                         for n, layer in sp.layers.items()}
     sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
-    # Note [Counters a model load rewrites]: the snapshots of the layers whose buffers this load
-    # left alone describe the checkpoint's counters, which a model load to come puts back
-    # (with the counters that load must bring: the saved ones; a format-3 checkpoint has none)
+    # Note [Counters a model load rewrites]: a checkpoint without layer buffers (format 3) leaves
+    # the live counters; those behind its snapshot are a model's still to be loaded
     sp._counters_before_load.clear()
-    saved_buffers = read["layer_buffers"]
     sp._snapshot_awaits_model_load = {
-        name: None if saved_buffers is None else [int(v) for v in saved_buffers[name]["counters"].tolist()]
-        for name in unwritten} if seen is not None else {}
+        name: None for name in unwritten
+        if seen is not None and int(sp.layers[name].counters[0]) < sp.seen_counters[name][0]}
     sp._loss_sum, sp._loss_steps = read["loss_window"]
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
     if sp._flag_on and read["scored_from"] is not None:
@@ -359,22 +361,16 @@ def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "laye
     return tensor.to(live.device, live.dtype)
 
 
-def _fill_stale_buffers(sp: "Sparsifier", saved, rolled_back: bool) -> List[str]:
-    """Note [Buffers the model did not load]: the saved interval buffers go into every layer
-    whose row counter is below the saved one, every layer that counts no rows, and every
-    layer when the Sparsifier is rolled back to an earlier step; returns the layers it left."""
+def _fill_stale_buffers(sp: "Sparsifier", saved) -> List[str]:
+    """Note [Buffers the model did not load]: the saved interval buffers go into every layer;
+    returns the layers it left (all of them when the checkpoint has none: format 3)."""
     if saved is None:
         return list(sp.layers)
-    unwritten = []
     with torch.no_grad():
         for name, layer in sp.layers.items():
-            live_rows, saved_rows = int(layer.counters[0]), int(saved[name]["counters"][0])
-            if live_rows >= saved_rows and not rolled_back and saved_rows > 0:
-                unwritten.append(name)
-                continue  # the model's own load filled them (the same values)
             for field in BUFFER_FIELDS:
                 getattr(layer, field).copy_(saved[name][field])
-    return unwritten
+    return []
 
 
 def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):

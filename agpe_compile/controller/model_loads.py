@@ -18,16 +18,15 @@ the scored rows when dense scoring is on; after the load the snapshot moves to t
 counters, and every other count kept as a difference to the counters (skipped calls since
 the interval and since dense scoring began, rows since the interval for the "no backward"
 check) moves with them by the same amount, so those counts go on as if no load happened.
-Loading the Sparsifier's own checkpoint sets all of it anyway. Loaded first, it writes the
-checkpoint's counters into the buffers that are behind them (the model's load then moves
-nothing) and leaves the others (Note [Buffers the model did not load] in checkpoint.py),
-whose snapshot then describes counters the model's load is still to put back: those layers
-are marked (``_snapshot_awaits_model_load``, with the counters the checkpoint saved), and
-a model load that brings those counters counts and moves nothing (re-audit BN: a format-3
-checkpoint lost the rows before its save, and a rollback at the same step counted the
-thrown-away batch); one that brings other counters (another checkpoint's model) is an
-accounting point as any (re-audit BP). Until then a marked layer's live counters are not the
-run's: ``flops`` counts none of its rows. The mark goes at the next ``step()``. The hooks hold the Sparsifier weakly, go with ``close()``, and a
+Loading the Sparsifier's own checkpoint sets all of it anyway: it writes the checkpoint's
+buffers into every layer (Note [Buffers the model did not load] in checkpoint.py), so a
+model load of the same checkpoint after it moves nothing. A checkpoint without layer buffers
+(format 3) cannot: layers whose live counters are behind its snapshot (a fresh model whose
+state is still to be loaded) are marked (``_snapshot_awaits_model_load``), ``flops`` counts
+none of their rows, a model load that brings counters at or past the snapshot neither counts
+nor moves them (re-audit BN: the rows between the snapshot and the save were lost), another
+is an accounting point as any, ``state_dict()`` refuses until then (re-audit BQ), and the
+mark goes at the next ``step()``. The hooks hold the Sparsifier weakly, go with ``close()``, and a
 copy or a pickle of the module carries inert ones (a copy's layers are driven by no
 Sparsifier, Note [Copying prepared models] in state.py).
 """

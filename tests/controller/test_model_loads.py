@@ -237,15 +237,49 @@ def test_reading_flops_between_the_sparsifiers_load_and_the_models_changes_nothi
         model, opt, sp, cmodel, _ = make_run(config)
         train(cmodel, opt, sp, data[:10])
         saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()})
-        if version == 3:
+        if version == 4:  # a rollback at the same step, after a thrown-away batch
+            x, y = next(batches(1, seed=7))
+            F.cross_entropy(cmodel(x), y).backward()
+            opt.zero_grad()
+        else:  # a resume in a new run from a checkpoint without layer buffers (its counters behind)
             saved["sp"].pop("layer_buffers")
             saved["sp"]["format_version"] = 3
-        x, y = next(batches(1, seed=7))
-        F.cross_entropy(cmodel(x), y).backward()  # a thrown-away batch: the rollback is at the same step
-        opt.zero_grad()
+            torch._dynamo.reset()
+            model, opt, sp, cmodel, _ = make_run(config)
         sp.load_state_dict(saved["sp"])
         sp.flops
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         train(cmodel, opt, sp, data[10:])
         assert {n: layer.rows for n, layer in sp.flops.layers.items()} == straight, version
+
+
+def test_a_sparsifier_state_is_not_saved_while_a_format_3_resume_waits_for_the_model():
+    # re-audit BQ F3: the save wrote the fresh model's counters and zero sums as the checkpoint's
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(10))
+    saved = copy.deepcopy({"model": model.state_dict(), "sp": sp.state_dict()})
+    saved["sp"].pop("layer_buffers")
+    saved["sp"]["format_version"] = 3
+    model, opt, sp, cmodel, _ = make_run(config)
+    sp.load_state_dict(saved["sp"])
+    with pytest.raises(RuntimeError, match="Load the model's state_dict first"):
+        sp.state_dict()
+    model.load_state_dict(saved["model"])
+    assert sp.state_dict()["layer_buffers"]["fc1"]["counters"].tolist() == saved["model"][
+        "fc1.weight_saliency_counters"].tolist()
+
+
+def test_a_flops_read_right_after_a_whole_resume_counts_the_checkpoints_last_rows():
+    # re-audit BQ F1: model then Sparsifier, then flops: the rows between the last interval and
+    # the save were left out until the first step
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(10))
+    expected = {n: layer.rows for n, layer in sp.flops.layers.items()}
+    saved = copy.deepcopy({"model": model.state_dict(), "sp": sp.state_dict()})
+    model, opt, sp, cmodel, _ = make_run(config)
+    model.load_state_dict(saved["model"])
+    sp.load_state_dict(saved["sp"])
+    assert {n: layer.rows for n, layer in sp.flops.layers.items()} == expected == {n: 10 * ROWS for n in expected}
