@@ -73,9 +73,11 @@ def save(sp: "Sparsifier") -> dict:
     """The current-version state dict of ``sp`` (tensors are copies, on their own devices)."""
     if sp._snapshot_awaits_model_load:  # (re-audit BQ: their buffers would be saved as the checkpoint's)
         raise RuntimeError(
-            f"agpe: Sparsifier.state_dict() between loading a checkpoint without layer buffers (format 3) and "
-            f"loading the model's state: layers {sorted(sp._snapshot_awaits_model_load)[:5]} do not hold that "
-            f"checkpoint's counters and interval sums yet. Load the model's state_dict first")
+            f"agpe: the Sparsifier's state cannot be saved between loading a checkpoint without layer buffers "
+            f"(format 3) and loading the model's state with its agpe buffers: layers "
+            f"{sorted(sp._snapshot_awaits_model_load)[:5]} do not hold that checkpoint's counters and interval "
+            f"sums yet. Load the model's state_dict (as model.state_dict() of the prepared model saved it, agpe "
+            f"buffers included) first, or call sparsifier.step() to go on from the buffers the model has")
     schedule = sp.schedule_state
     return {
         "format_version": FORMAT_VERSION,
@@ -242,10 +244,15 @@ def load(sp: "Sparsifier", state: dict) -> None:
     sp.rows_at_interval = sum(counts[0] for counts in sp.seen_counters.values())  # rows seen at the save
     # Note [Counters a model load rewrites]: a checkpoint without layer buffers (format 3) leaves
     # the live counters; those behind its snapshot are a model's still to be loaded
+    # (a layer still at the counters a model load put back, or the Sparsifier found, holds that
+    # model's; one behind the snapshot, or that ran a backward since, none of the checkpoint's:
+    # re-audit BR)
     sp._counters_before_load.clear()
+    live = {name: int(sp.layers[name].counters[0]) for name in unwritten}
     sp._snapshot_awaits_model_load = {
         name: None for name in unwritten
-        if seen is not None and int(sp.layers[name].counters[0]) < sp.seen_counters[name][0]}
+        if seen is not None and (live[name] != sp._counters_at_model_load.get(name)
+                                 or live[name] < sp.seen_counters[name][0])}
     sp._loss_sum, sp._loss_steps = read["loss_window"]
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
     if sp._flag_on and read["scored_from"] is not None:

@@ -21,8 +21,10 @@ check) moves with them by the same amount, so those counts go on as if no load h
 Loading the Sparsifier's own checkpoint sets all of it anyway: it writes the checkpoint's
 buffers into every layer (Note [Buffers the model did not load] in checkpoint.py), so a
 model load of the same checkpoint after it moves nothing. A checkpoint without layer buffers
-(format 3) cannot: layers whose live counters are behind its snapshot (a fresh model whose
-state is still to be loaded) are marked (``_snapshot_awaits_model_load``), ``flops`` counts
+(format 3) cannot: layers whose live counters moved since the last model load (or since the
+Sparsifier found them), or are behind its snapshot, hold none of its counters (a fresh model
+whose state is still to be loaded, a rollback, warm-up batches; re-audit BR) and are marked
+(``_snapshot_awaits_model_load``), ``flops`` counts
 none of their rows, a model load that brings counters at or past the snapshot neither counts
 nor moves them (re-audit BN: the rows between the snapshot and the save were lost), another
 is an accounting point as any, ``state_dict()`` refuses until then (re-audit BQ), and the
@@ -121,12 +123,13 @@ class _AfterLoad:
                 continue
             before = sp._counters_before_load.pop(name)
             state = sp.layers.get(name)
-            if before is None:  # after Sparsifier.load_state_dict: it set the snapshot for this load
-                sp._snapshot_awaits_model_load.pop(name, None)
-                continue
             if state is None:
                 continue
             after = [int(v) for v in to_host([state.counters])[0].tolist()]
+            sp._counters_at_model_load[name] = after[0]
+            if before is None:  # after Sparsifier.load_state_dict: it set the snapshot for this load
+                sp._snapshot_awaits_model_load.pop(name, None)
+                continue
             rows, skips = after[0] - before[0], after[1] - before[1]
             seen = sp.seen_counters[name]
             sp.seen_counters[name] = [after[0], seen[1] + skips]  # rows: accounted up to the load

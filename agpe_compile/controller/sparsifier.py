@@ -225,6 +225,8 @@ class Sparsifier:
         # layer -> the counters a model load is to bring back (None: unknown, a format-3
         # checkpoint); set by load_state_dict (checkpoint.py)
         self._snapshot_awaits_model_load: Dict[str, Optional[List[int]]] = {}
+        # each layer's row counter as the last model load put it back (or as found at creation)
+        self._counters_at_model_load: Dict[str, int] = {n: c[0] for n, c in self.seen_counters.items()}
         self._load_hooks = model_loads.watch(self, list(self.layers.values()))
         weakref.finalize(self, _remove_handles, self._load_hooks)
         self._warned_no_backward = False
