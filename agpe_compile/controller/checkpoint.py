@@ -250,7 +250,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
     sp._counters_before_load.clear()
     live = {name: int(sp.layers[name].counters[0]) for name in unwritten}
     sp._snapshot_awaits_model_load = {
-        name: None for name in unwritten
+        name: live[name] for name in unwritten
         if seen is not None and (live[name] != sp._counters_at_model_load.get(name)
                                  or live[name] < sp.seen_counters[name][0])}
     sp._loss_sum, sp._loss_steps = read["loss_window"]

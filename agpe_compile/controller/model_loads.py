@@ -25,9 +25,10 @@ model load of the same checkpoint after it moves nothing. A checkpoint without l
 Sparsifier found them), or are behind its snapshot, hold none of its counters (a fresh model
 whose state is still to be loaded, a rollback, warm-up batches; re-audit BR) and are marked
 (``_snapshot_awaits_model_load``), ``flops`` counts
-none of their rows, a model load that brings counters at or past the snapshot neither counts
-nor moves them (re-audit BN: the rows between the snapshot and the save were lost), another
-is an accounting point as any, ``state_dict()`` refuses until then (re-audit BQ), and the
+none of their rows, a model load that brings counters at or past the snapshot (and, when
+the live counters were past it too, not past them) neither counts nor moves them (re-audit
+BN: the rows between the snapshot and the save were lost), another is an accounting point
+as any (re-audit BS: another run's model), ``state_dict()`` refuses until then (re-audit BQ), and the
 mark goes at the next ``step()``. The hooks hold the Sparsifier weakly, go with ``close()``, and a
 copy or a pickle of the module carries inert ones (a copy's layers are driven by no
 Sparsifier, Note [Copying prepared models] in state.py).
@@ -99,13 +100,14 @@ class _BeforeLoad:
 
 
 def _brings_the_checkpoints_counters(sp, name: str, incoming) -> bool:
-    """Whether a model load after ``Sparsifier.load_state_dict`` brings the counters of that
-    checkpoint (its saved ones; a format-3 checkpoint saved none: any at or past the snapshot)."""
+    """Whether a model load after ``Sparsifier.load_state_dict`` of a format-3 checkpoint (which
+    saved no counters) brings that checkpoint's: at or past its snapshot, and, when the live
+    counters were past it too (a rollback), not past them (re-audit BS: another run's model)."""
     if not isinstance(incoming, torch.Tensor) or incoming.numel() != 2:
         return False  # torch's own load refuses it
-    values = [int(v) for v in incoming.tolist()]
-    expected = sp._snapshot_awaits_model_load[name]
-    return values == expected if expected is not None else values[0] >= sp.seen_counters[name][0]
+    rows = int(incoming.reshape(-1)[0])
+    live, snapshot = sp._snapshot_awaits_model_load[name], sp.seen_counters[name][0]
+    return rows >= snapshot and (live < snapshot or rows <= live)
 
 
 class _AfterLoad:

@@ -222,9 +222,9 @@ class Sparsifier:
         self.rows_at_interval = sum(seen[0] for seen in self.seen_counters.values())
         # Note [Counters a model load rewrites] (model_loads.py)
         self._counters_before_load: Dict[str, Optional[List[int]]] = {}
-        # layer -> the counters a model load is to bring back (None: unknown, a format-3
-        # checkpoint); set by load_state_dict (checkpoint.py)
-        self._snapshot_awaits_model_load: Dict[str, Optional[List[int]]] = {}
+        # layer -> its live row counter when a format-3 state was loaded before the model's
+        # (Note [Counters a model load rewrites]); set by load_state_dict (checkpoint.py)
+        self._snapshot_awaits_model_load: Dict[str, int] = {}
         # each layer's row counter as the last model load put it back (or as found at creation)
         self._counters_at_model_load: Dict[str, int] = {n: c[0] for n, c in self.seen_counters.items()}
         self._load_hooks = model_loads.watch(self, list(self.layers.values()))

@@ -319,3 +319,21 @@ def test_a_format_3_state_loaded_first_counts_no_rows_of_counters_it_does_not_kn
     opt.load_state_dict(saved["opt"])
     train(cmodel, opt, sp, data[10:])
     assert {n: layer.rows for n, layer in sp.flops.layers.items()} == straight
+
+
+def test_another_runs_model_after_a_format_3_rollback_is_an_accounting_point():
+    # re-audit BS F1: any counters at or past the snapshot were taken for the checkpoint's own,
+    # so a longer run's model (its counters past the live ones) added rows that never ran here
+    config = AGPEConfig(policy="agpe", target_sparsity=0.9, block_size=4, update_interval=4, end_step=40)
+    other, other_opt, other_sp, other_c, _ = make_run(config)
+    train(other_c, other_opt, other_sp, batches(20, seed=5))
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(10))
+    saved = copy.deepcopy(sp.state_dict())
+    saved.pop("layer_buffers")
+    saved["format_version"] = 3
+    train(cmodel, opt, sp, batches(2, seed=1))
+    sp.load_state_dict(saved)  # back to step 10's controller state, then another run's weights
+    model.load_state_dict(other.state_dict())
+    train(cmodel, opt, sp, batches(4, seed=2))
+    assert all(layer.rows == 16 * ROWS for layer in sp.flops.layers.values())
