@@ -181,6 +181,10 @@ def training_step(compiled: Callable, model: nn.Module, x: torch.Tensor,
     return step
 
 
+# handles of the zero-weight hooks of the step made last (make_step removes them)
+_ZERO_HOOKS: List = []
+
+
 def make_step(kind: str, compiled: Callable, model: nn.Module, x: torch.Tensor,
               device: torch.device) -> Callable[[], None]:
     """The timed step for optimizer ``kind``; ``graphed`` and ``graphed_block_sparse`` replay
@@ -188,8 +192,14 @@ def make_step(kind: str, compiled: Callable, model: nn.Module, x: torch.Tensor,
     ``agpe_compile.GraphedStep``."""
     optimizer = make_optimizer(kind, model, device)
     promised = [s for s in agpe_compile.layer_states(model).values() if s.zero_inactive]
+    # The hooks are global and act after ANY optimizer holding these weights: those of the
+    # step timed before must go (as Sparsifier.close() removes its own), or each timed step
+    # would re-zero every layer once per earlier variant (the twenty-fifth session's first
+    # GPU run did: torch AdamW's "fused" column at d < 1 paid up to 13 passes per step).
+    while _ZERO_HOOKS:
+        _ZERO_HOOKS.pop().remove()
     if promised:  # what the Sparsifier installs with its promise (Note [Zero inactive weights])
-        install_zero_hooks(optimizer, promised)
+        _ZERO_HOOKS.extend(install_zero_hooks(optimizer, promised))
     if kind not in GRAPHED:
         return training_step(compiled, model, x, optimizer)
 

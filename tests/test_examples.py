@@ -71,6 +71,44 @@ def test_train_step_profile_sums_device_rows_only():
     assert bench.device_time_us(rows) == 750.0
 
 
+def test_train_step_times_each_variant_with_its_own_zero_hooks_only(monkeypatch):
+    # The zero-weight hooks are global: each make_step installed another set and none was
+    # removed, so the variant timed last re-zeroed every layer once per variant timed before
+    # (the twenty-fifth session's H200 run: torch AdamW "fused" at d=0.25 took 1.54x the dense
+    # step, host-bound at 29.9 ms of issue per step, against 0.73x in the twenty-first)
+    import importlib.util
+
+    import torch
+
+    import agpe_compile
+    from agpe_compile import zero_weights
+
+    spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(ROOT, "benchmarks", "train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    size = dict(bench.SMALL_SIZE, batch=2, seq=16)
+    device = torch.device("cpu")
+    model = bench.make_stack(size, device)
+    states = agpe_compile.prepare(model, options={"block_size": size["block"]})
+    for state in states.values():
+        state.zero_inactive = True
+    bench.set_density(model, 0.5)
+    x = torch.randn(size["batch"], size["seq"], size["d_model"])
+    calls = []
+    real = zero_weights.zero_inactive_
+    monkeypatch.setattr(zero_weights, "zero_inactive_", lambda state: (calls.append(state), real(state)))
+    try:
+        for kind in ("foreach", "fused", "foreach"):
+            step = bench.make_step(kind, model, model, x, device)
+        step()  # the first step after set_density also syncs the edited masks
+        calls.clear()
+        step()
+        assert len(calls) == len(states), f"{len(calls)} re-zero passes for {len(states)} layers"
+    finally:
+        while bench._ZERO_HOOKS:
+            bench._ZERO_HOOKS.pop().remove()
+
+
 def test_gpu_host_probe_eager_op_part_runs_on_the_cpu(capsys):
     # the probe runs only on a lent GPU (one call of a short lease): its eager-op part, the
     # one new since its last GPU run, is smoke-tested here on small CPU shapes

@@ -26,7 +26,9 @@ SM (``persistent_programs`` in launch.py) that builds its descriptors once and w
 tile count / SMs tiles in the grouped order. The dW kernel walks the live slots the same
 way (``slot = pid, pid + P, ... < live count``), so its persistent grid also skips the
 padded slots' programs. Same arithmetic in the same order per tile: the results equal the
-one-tile-per-program launch bit for bit (tests/test_kernels.py). Not timed on a GPU yet.
+one-tile-per-program launch bit for bit (tests/test_kernels.py). On an H200 (twenty-fifth
+session) the persistent forward took 0.72-0.92x the plain kernel's time, the device
+variant 0.77-0.96x, the host variant 0.76-0.86x (docs/benchmarks.md).
 """
 
 import triton

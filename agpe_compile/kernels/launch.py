@@ -168,12 +168,15 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # otherwise; both compute the same function, so the choice is speed only. AGPE_TMA=device
 # forces them (raising on operands they cannot take); AGPE_TMA=persistent is "auto" with
 # persistent programs that build their descriptors once (Note [Persistent TMA programs] in
-# forward_tma.py; not timed on a GPU yet). The default stays "off" until the training
-# step is timed with them: the twenty-first session's "auto" and "off" steps both ran the
-# plain kernels (torch's AOTAutograd cache served "off"'s graphs to "auto", audit BF; the
-# cache key now carries the setting, Note [Compile caches and the traced kernels] in
-# inductor_passes.py); the ninth session's step with "auto" (compiled fresh, compared with
-# an earlier call) suggested 0.848 against 0.921 of dense at d=0.5, not side by side. The eager backward that failed
+# forward_tma.py): on the H200 (twenty-fifth session, same shapes and densities) 0.72-0.92x
+# the plain forward, 0.77-0.95x dX, 0.97-1.08x dW, and a CUDA-graphed training step 0.06-0.08
+# of the dense step faster at d <= 0.5 (graphed BlockSparseAdamW at d=0.25: 0.596 against
+# 0.628 of dense; a tie at d=0.1). The default stays "off": a step without CUDA graphs is
+# bound by the host, and its host issue time grew with them (fused AdamW at d=0.25: 18.4
+# against 15.4 ms per step, 0.949 against 0.796 of dense). (The twenty-first session's
+# "auto" and "off" steps both ran the plain kernels: torch's AOTAutograd cache served
+# "off"'s graphs to "auto", audit BF; the cache key now carries the setting, Note [Compile
+# caches and the traced kernels] in inductor_passes.py.) The eager backward that failed
 # with "auto" in the ninth session (autograd's thread had no Triton scratch allocator,
 # fixed below: _ensure_scratch_allocator) passed on the GPU in the twenty-first. Graphs
 # the backend lowers with aot_eager (inductor=False) replay their kernels through torch's
