@@ -158,7 +158,8 @@ class KernelInputsPass(_custom_graph_pass_base()):  # type: ignore[misc]
 # after a crossing took 1-3 s instead of ~20 s). The post-grad pass's uuid is part of that
 # key (and of the FX graph cache's), so it carries all of them: a hash of the sources the
 # lowering traces and the settings read while tracing (the crossover densities as they are
-# at compile time, should a user change ``paths.GPU_DENSE_CROSSOVER``).
+# at compile time, should a user change ``paths.GPU_DENSE_CROSSOVER`` or
+# ``paths.GPU_DENSE_CROSSOVER_PERSISTENT_TMA``).
 _LOWERING_SOURCES = ("inductor_passes.py", "ops", "kernels", "layout.py", "packed_layout.py")
 
 
@@ -181,12 +182,15 @@ def lowering_key() -> str:
     """What decides the kernels an agpe graph traces: the lowering's sources and the
     settings read while tracing (Note [Compile caches and the traced kernels])."""
     from agpe_compile.kernels.launch import TMA_ENV
-    from agpe_compile.ops.paths import GPU_DENSE_CROSSOVER
+    from agpe_compile.ops.paths import GPU_DENSE_CROSSOVER, GPU_DENSE_CROSSOVER_PERSISTENT_TMA
     from agpe_compile.ops.sparse_linear import INLINE_KERNELS
 
     tma = os.environ.get(TMA_ENV, "off").strip().lower() or "off"
-    crossover = ",".join(f"{b}={d!r}" for b, d in sorted(GPU_DENSE_CROSSOVER.items()))  # as set now, not its source
-    return f"{_sources_hash()}:tma={tma}:inline={int(INLINE_KERNELS)}:crossover={crossover}"
+    # as set now, not their source
+    crossover = ",".join(f"{b}={d!r}" for b, d in sorted(GPU_DENSE_CROSSOVER.items()))
+    persistent = ",".join(f"{b}={d!r}" for b, d in sorted(GPU_DENSE_CROSSOVER_PERSISTENT_TMA.items()))
+    return (f"{_sources_hash()}:tma={tma}:inline={int(INLINE_KERNELS)}:crossover={crossover}"
+            f":crossover_persistent={persistent}")
 
 
 def lowering_patches(mode: Optional[str]) -> Dict[str, Any]:

@@ -95,7 +95,7 @@ def zero_inactive_(state) -> None:
 def skips(state) -> bool:
     """Whether the layer's compiled calls use its weight unmasked now."""
     weight = state.weight
-    return weight is not None and skips_masking(state.layout(), weight.device, state.zero_inactive)
+    return weight is not None and skips_masking(state.layout(), weight.device, state.zero_inactive, weight.dtype)
 
 
 def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:

@@ -15,7 +15,7 @@ want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and explicitly: pinned to 2.13.0 (the CPU build where pip's configuration provides it,
   # as on this project's machines); anything unpinned would pull a newer CUDA build.
-  echo "[env] installing torch==2.13.0 (CPU) and the pinned packages" >&2
+  echo "[env] installing torch==2.13.0 (the build pip's configuration provides) and the pinned packages" >&2
   "$VENV/bin/pip" install -q torch==2.13.0
   "$VENV/bin/pip" install -q -r "$ROOT/requirements.txt"
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"

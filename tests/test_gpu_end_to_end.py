@@ -60,7 +60,9 @@ def _eager(x, w, bias, mask, sal, dgs, flag, counters, layout):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
-@pytest.mark.parametrize("density, bucket", [(0.25, 0.25), (0.9, 1.0)], ids=["triton", "cublas"])
+# the 0.75 bucket: cuBLAS, except the kernels under AGPE_TMA=persistent (GPU_DENSE_CROSSOVER_PERSISTENT_TMA)
+@pytest.mark.parametrize("density, bucket", [(0.25, 0.25), (0.7, 0.75), (0.9, 1.0)],
+                         ids=["triton", "bucket075", "cublas"])
 @pytest.mark.parametrize("flag", [True, False])
 @pytest.mark.parametrize("tma", ["off", "auto", "persistent"])  # Note [TMA by default]: eager "auto" failed once
 def test_op_every_cuda_path(density, bucket, compiled, flag, tma, monkeypatch):

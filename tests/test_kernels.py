@@ -965,3 +965,52 @@ def test_the_cpu_path_of_a_layout_is_costed_at_its_own_bucket():
     assert layout.bucket == 0.1 and layout.capacity == 103
     x, weight = torch.randn(2048, 1024), torch.randn(1024, 1024)
     assert paths.choose(x, weight, layout) == choose_cpu_path(2048, 1024, 1024, 0.1, 32) == "gather"
+
+
+def test_the_gpu_crossover_follows_persistent_tma_for_16_bit_weights_on_hopper(monkeypatch):
+    # GPU_DENSE_CROSSOVER_PERSISTENT_TMA (ops/paths.py): with AGPE_TMA=persistent the block-128
+    # kernels beat cuBLAS at the 0.75 bucket on the H200 (0.87-0.95), so that bucket runs them;
+    # other settings, dtypes and GPUs keep the plain crossover, and so do blocks 32 and 64.
+    from agpe_compile.kernels import launch
+    from agpe_compile.layout import build_layout
+    from agpe_compile.ops import paths
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    assert launch.persistent_tma_setting(cuda, torch.bfloat16)
+    assert paths.dense_from(128, cuda, torch.bfloat16) == 1.0
+    assert paths.dense_from(128, cuda, torch.float16) == 1.0
+    assert paths.dense_from(128, cuda, torch.float32) == 0.75  # tf32 keeps the plain kernels
+    assert paths.dense_from(64, cuda, torch.bfloat16) == paths.GPU_DENSE_CROSSOVER[64]  # not timed
+    assert paths.dense_from(128, cuda) == 0.75  # no dtype: the plain rule
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask.view(-1)[:12] = True
+    layout = build_layout(mask, 128)
+    assert layout.capacity == 12  # the 0.75 bucket
+    assert not paths.skips_masking(layout, cuda, True, torch.bfloat16)  # it runs the kernels
+    assert paths.skips_masking(layout, cuda, True, torch.float32)
+    full = build_layout(torch.ones(4, 4, dtype=torch.bool), 128)
+    assert paths.skips_masking(full, cuda, True, torch.bfloat16)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(paths.kernels, "triton_available", lambda: True)
+    with FakeTensorMode():  # CUDA operands on a machine without CUDA
+        x = torch.empty(64, 512, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(512, 512, dtype=torch.bfloat16, device="cuda")
+        assert paths.choose(x, w, layout) == "triton"
+        assert paths.choose(x, w, full) == "dense"
+        assert paths.choose(x.float(), w.float(), layout) == "dense"  # fp32: the plain crossover
+    with launch.traced_for_eager_replay():  # aot_eager graphs never take TMA
+        monkeypatch.setattr(launch, "is_tracing", lambda: True)
+        assert not launch.persistent_tma_setting(cuda, torch.bfloat16)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for setting in ("off", "auto", "device"):
+        monkeypatch.setenv("AGPE_TMA", setting)
+        assert paths.dense_from(128, cuda, torch.bfloat16) == 0.75
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # Ampere
+    assert paths.dense_from(128, cuda, torch.bfloat16) == 0.75
+    assert not launch.persistent_tma_setting(torch.device("cpu"), torch.bfloat16)

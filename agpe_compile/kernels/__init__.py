@@ -14,7 +14,8 @@ from .checks import SALIENCY_MODES, extent
 from .configs import KernelConfig, config_for
 from .cpu_gather import always_dense_from, choose_cpu_path, gather_forward, gather_grad_input, gather_grad_weight
 from .launch import (adamw_log_betas, bias_grad, block_sparse_adamw_, block_sparse_forward, block_sparse_grad_input,
-                     block_sparse_grad_weight, inactive_grad_sq_, mask_and_score_, zero_inactive_blocks_)
+                     block_sparse_grad_weight, inactive_grad_sq_, mask_and_score_, persistent_tma_setting,
+                     zero_inactive_blocks_)
 from .runtime import triton_available
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "gather_grad_weight",
     "inactive_grad_sq_",
     "mask_and_score_",
+    "persistent_tma_setting",
     "triton_available",
     "zero_inactive_blocks_",
 ]

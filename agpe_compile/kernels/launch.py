@@ -169,14 +169,17 @@ def block_sparse_grad_input_tma(grad_out, weight, layout, *, config=None) -> tor
 # forces them (raising on operands they cannot take); AGPE_TMA=persistent is "auto" with
 # persistent programs that build their descriptors once (Note [Persistent TMA programs] in
 # forward_tma.py): on the H200 (twenty-fifth session, same shapes and densities) 0.72-0.92x
-# the plain forward, 0.77-0.95x dX, 0.97-1.08x dW, and a CUDA-graphed training step 0.06-0.08
-# of the dense step faster at d <= 0.5 (graphed BlockSparseAdamW at d=0.25: 0.596 against
-# 0.628 of dense; a tie at d=0.1). The default stays "off": a step without CUDA graphs is
-# bound by the host, and its host issue time grew with them (fused AdamW at d=0.25: 18.4
-# against 15.4 ms per step, 0.949 against 0.796 of dense). (The twenty-first session's
+# the plain forward, 0.77-0.95x dX, 0.97-1.08x dW, and a CUDA-graphed training step faster
+# in every comparison (graphed BlockSparseAdamW by 0.03-0.06 of the dense step at d =
+# 0.25-0.5, a tie at d=0.1; graphed fused AdamW by 0.04-0.14). The default stays "off": a
+# step without CUDA graphs is bound by the host, and there the comparison was inconclusive
+# (fused AdamW at d=0.25: 0.949 and 0.660 of dense in two processes, 0.796 without it).
+# (The twenty-first session's
 # "auto" and "off" steps both ran the plain kernels: torch's AOTAutograd cache served
 # "off"'s graphs to "auto", audit BF; the cache key now carries the setting, Note [Compile
-# caches and the traced kernels] in inductor_passes.py.) The eager backward that failed
+# caches and the traced kernels] in inductor_passes.py.) Under "persistent" the dense-path
+# crossover of ops/paths.py follows (persistent_tma_setting): block 128's kernels ran at
+# 0.87-0.95 of cuBLAS at the 0.75 bucket, so 16-bit layers there run them. The eager backward that failed
 # with "auto" in the ninth session (autograd's thread had no Triton scratch allocator,
 # fixed below: _ensure_scratch_allocator) passed on the GPU in the twenty-first. Graphs
 # the backend lowers with aot_eager (inductor=False) replay their kernels through torch's
@@ -216,6 +219,23 @@ def _tma_setting() -> str:
 
 
 _REPLAYED_EAGERLY = {"depth": 0}
+
+
+def persistent_tma_setting(device: torch.device, dtype: torch.dtype, capability=None) -> bool:
+    """Whether AGPE_TMA=persistent applies to a layer of ``dtype`` weights on ``device``:
+    set, a 16-bit dtype, compute capability 9.x, and not a graph lowered for eager replay
+    (traced_for_eager_replay). The operands' alignment is not checked here: a layer whose
+    operands do not meet TMA's rules runs the plain kernels (ops/paths.py's crossover
+    follows this, Note [TMA by default])."""
+    if _tma_setting() != "persistent" or (_REPLAYED_EAGERLY["depth"] and is_tracing()):
+        return False
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if capability is None:
+        if not torch.cuda.is_available():  # fake CUDA tensors traced on a machine without CUDA
+            return False
+        capability = torch.cuda.get_device_capability(device)
+    return capability[0] == 9
 
 
 @contextlib.contextmanager

@@ -38,6 +38,13 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 0.98-1.07 at 0.5, 0.71-0.76 at 0.35. Block 32 was not timed: it takes block 64's value
 # (its tiles are smaller, so it cannot cross over later than 64).
 GPU_DENSE_CROSSOVER = {32: 0.5, 64: 0.5, 128: 0.75}
+# The same under AGPE_TMA=persistent for 16-bit weights on Hopper (Note [TMA by default] in
+# kernels/launch.py), whose kernels are faster: on an H200 (twenty-fifth session, bf16, the
+# three shapes of benchmarks/kernels.py) fwd+bwd / cuBLAS at block 128 was 0.87-0.95 at
+# 0.75 (0.87-0.91 graphed) against 1.02 for the dense path, so block 128 runs the kernels
+# up to the 0.75 bucket and the dense path only at full capacity. Blocks 32 and 64 were not
+# timed with them: their plain values.
+GPU_DENSE_CROSSOVER_PERSISTENT_TMA = {128: 1.0}
 
 log = logging.getLogger(__name__)
 _INT32_LIMIT = 2**31
@@ -49,7 +56,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> str:
     fraction = layout.capacity / (rows * cols)
     b = layout.block_size
     if x.device.type == "cuda":
-        if fraction >= GPU_DENSE_CROSSOVER.get(b, 0.0):
+        if fraction >= dense_from(b, x.device, weight.dtype):
             return "dense"  # by design: near full density cuBLAS on W*M is the fastest
         reason = _no_triton_reason(x, weight, b)
         if reason is None:
@@ -116,19 +123,25 @@ def _warn_once(message: str) -> None:
 # those are exactly the layers the hook keeps zeroed; every other path reads live blocks
 # only or masks as before. Without the flag (hand-edited masks, zero-code mode) nothing
 # changes.
-def skips_masking(layout: BlockLayout, device: torch.device, zero_inactive: bool) -> bool:
-    """Whether a call with this layout uses W unmasked (Note [Zero inactive weights])."""
+def skips_masking(layout: BlockLayout, device: torch.device, zero_inactive: bool,
+                  dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a call with this layout (and a weight of ``dtype``) uses W unmasked (Note
+    [Zero inactive weights])."""
     if not zero_inactive:
         return False
     rows, cols = layout.grid_shape
-    return layout.capacity / (rows * cols) >= dense_from(layout.block_size, device)
+    return layout.capacity / (rows * cols) >= dense_from(layout.block_size, device, dtype)
 
 
-def dense_from(block_size: int, device: torch.device) -> float:
-    """Bucket capacity from which a layer runs the dense path by density on ``device``.
-    On the CPU the cost model decides per call (from the row count too); this is where it
-    picks the dense path for every row count, so the rule stays shape-only."""
+def dense_from(block_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Bucket capacity from which a layer runs the dense path by density on ``device``
+    (for a weight of ``dtype``: on CUDA the crossover follows AGPE_TMA=persistent for 16-bit
+    weights on Hopper, GPU_DENSE_CROSSOVER_PERSISTENT_TMA). On the CPU the cost model decides
+    per call (from the row count too); this is where it picks the dense path for every row
+    count, so the rule stays shape-only."""
     if device.type == "cuda":
+        if kernels.persistent_tma_setting(device, dtype):
+            return GPU_DENSE_CROSSOVER_PERSISTENT_TMA.get(block_size, GPU_DENSE_CROSSOVER.get(block_size, 0.0))
         return GPU_DENSE_CROSSOVER.get(block_size, 0.0)
     if device.type == "cpu":
         return kernels.always_dense_from(block_size)
@@ -141,7 +154,7 @@ def forward(x, weight, bias, block_mask, layout: BlockLayout, path: str, zero_in
     if path == "gather":
         return kernels.gather_forward(x, weight, layout, bias)
     return dense_path.forward(x, weight, bias, block_mask, layout.block_size,
-                              skips_masking(layout, x.device, zero_inactive))
+                              skips_masking(layout, x.device, zero_inactive, weight.dtype))
 
 
 def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str, zero_inactive: bool = False) -> torch.Tensor:
@@ -150,7 +163,7 @@ def grad_input(grad_out, weight, block_mask, layout: BlockLayout, path: str, zer
     if path == "gather":
         return kernels.gather_grad_input(grad_out, weight, layout)
     return dense_path.grad_input(grad_out, weight, block_mask, layout.block_size,
-                                 skips_masking(layout, grad_out.device, zero_inactive))
+                                 skips_masking(layout, grad_out.device, zero_inactive, weight.dtype))
 
 
 def grad_weight_and_scores(
