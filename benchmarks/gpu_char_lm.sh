@@ -15,7 +15,8 @@ TEXT="${CHAR_LM_TEXT:-runs/kjv.txt}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/machine.txt"
 # --prune-until 0.4: the schedule that met the target on the CPU at this model size (three
-# seeds at 1,000 and 2,000 steps, docs/benchmarks.md); the default 0.5 gave 0.507x FLOPs.
+# seeds at 1,000 and 2,000 steps, docs/benchmarks.md); the default 0.5 gave 0.523x FLOPs
+# (attention counted).
 timeout -k 10 "${CHAR_LM_LIMIT:-540}" python examples/char_lm.py --full --sparsities 0.75 --prune-until 0.4 \
   --text-file "$TEXT" \
   --out "$OUT" 2>&1 | tee "$OUT/char_lm.txt" | tail -14

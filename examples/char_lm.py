@@ -98,9 +98,36 @@ def batches(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, 
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def _cpu_attention_formulas() -> dict:
+    """torch's FlopCounterMode counts the CUDA attention kernels (flash, efficient, cuDNN)
+    but has no formula for the CPU one, so attention counted 0 FLOPs on the CPU and the
+    FLOP ratios there left it out (helper audit BU). Map the CPU ops to torch's own formulas
+    so both devices count the same (4*B*H*T*T*Dh forward, twice that backward)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    formulas = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop)):
+        op = getattr(aten, name, None)
+        if op is not None:
+            formulas[op] = _raw(formula)
+    return formulas
+
+
+def _raw(formula):
+    """torch's registered formulas already take tensors (shape-wrapped): mark the mapping
+    raw so FlopCounterMode does not wrap them a second time."""
+    def count(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    count._get_raw = True
+    return count
+
+
 def other_flops_per_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, agpe_layers) -> int:
     """Training FLOPs of one step outside the agpe layers (attention, head, ...), counted once."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
     with counter:
         F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
     model.zero_grad(set_to_none=True)

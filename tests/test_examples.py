@@ -247,3 +247,26 @@ def test_char_lm_text_file_holds_the_same_text_as_bible(tmp_path):
     raw = subprocess.run(["bible", "-l0", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
     (tmp_path / "kjv.txt").write_text(raw, encoding="utf-8")
     assert char_lm.load_text(str(tmp_path / "kjv.txt")) == char_lm.load_text()
+
+
+def test_char_lm_counts_attention_flops_on_the_cpu():
+    # torch's FlopCounterMode has no formula for the CPU attention kernel: every CPU char-LM
+    # run logged attention as 0 FLOPs (helper audit BU), so its FLOP ratios left it out
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location("char_lm", os.path.join(ROOT, "examples", "char_lm.py"))
+        char_lm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(char_lm)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "examples"))
+    q = torch.randn(2, 4, 64, 32, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=char_lm._cpu_attention_formulas()) as counter:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    forward = 4 * 2 * 4 * 64 * 64 * 32  # QK^T and AV, torch's formula (no causal halving)
+    assert counter.get_total_flops() > 2 * forward  # forward and backward both counted
