@@ -41,9 +41,11 @@ pack() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/gpu_session.tgz.tmp" -C "$RUN_DIR" . && mv "$OUT/gpu_session.tgz.tmp" "$OUT/gpu_session.tgz"
   # (the device tool returns at most 8 files: the archive and the summaries one call writes)
+  # (at most 7 besides the archive, which holds them all: audit BU)
+  local n=0
   for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt \
            train_step_ckpt.txt kernels_persistent.txt kernels_tma.txt; do
-    [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"
+    if [ -f "$RUN_DIR/$f" ] && [ "$n" -lt 7 ]; then cp "$RUN_DIR/$f" "$OUT/"; n=$((n + 1)); fi
   done
   return 0
 }
