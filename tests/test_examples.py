@@ -270,3 +270,31 @@ def test_char_lm_counts_attention_flops_on_the_cpu():
         F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     forward = 4 * 2 * 4 * 64 * 64 * 32  # QK^T and AV, torch's formula (no causal halving)
     assert counter.get_total_flops() > 2 * forward  # forward and backward both counted
+
+
+def test_char_lm_writes_the_unfinished_run_at_each_evaluation(tmp_path, monkeypatch):
+    # results.json was written only when a run finished: a device call's time limit that
+    # stopped the second (agpe) run of `--full` returned none of it (helper audit BU)
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location("char_lm_partial", os.path.join(ROOT, "examples", "char_lm.py"))
+        char_lm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(char_lm)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "examples"))
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 200)
+    written = []
+    real = char_lm.write_results
+    monkeypatch.setattr(char_lm, "write_results",
+                        lambda out, header, runs: (written.append({n: dict(r) for n, r in runs.items()}),
+                                                   real(out, header, runs)))
+    char_lm.main(["--smoke", "--text-file", str(text), "--sparsities", "0.75", "--lowering", "aot_eager",
+                  "--out", str(tmp_path / "out")])
+    partial = [(name, row["partial_step"]) for runs in written for name, row in runs.items() if "partial_step" in row]
+    assert ("dense", 6) in partial and ("agpe-75", 6) in partial, partial
+    final = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["run"] for r in final["runs"]] == ["dense", "agpe-75"]
+    assert not any("partial_step" in r for r in final["runs"])  # replaced by the finished rows
