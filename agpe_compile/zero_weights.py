@@ -7,7 +7,7 @@ The explicit Sparsifier marks its layers ``LayerState.zero_inactive`` and calls
   that replaced it) the inactive blocks of every layer it stepped are written with zeros
   (a Triton kernel that touches only those blocks on CUDA; one in-place pass elsewhere);
   after any optimizer's step, also in each layer that skips masking
-  (``ops.paths.skips_masking``: the dense path by density) or that ran outside a compiled
+  (``ops.paths.may_skip_masking``: the dense path by density) or that ran outside a compiled
   graph since the last step (``LayerState.ran_eagerly``), and in every layer after a step
   of an optimizer not known to keep zero-gradient entries at zero (``keeps_zeros``: e.g.
   Muon, LBFGS, third-party preconditioners). The op's own gradient is exactly zero on
@@ -41,7 +41,7 @@ from . import kernels
 from .optimizer_hooks import register_step_post_hook
 from .step_nesting import inner_step
 from .ops.dense_path import zero_weight_blocks_
-from .ops.paths import skips_masking
+from .ops.paths import may_skip_masking
 from .ops.reference import expand_block_mask
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,10 @@ def zero_inactive_(state) -> None:
 
 
 def skips(state) -> bool:
-    """Whether the layer's compiled calls use its weight unmasked now."""
+    """Whether the layer's compiled calls may use its weight unmasked now (the lower
+    crossover of any setting: ops.paths.may_skip_masking)."""
     weight = state.weight
-    return weight is not None and skips_masking(state.layout(), weight.device, state.zero_inactive, weight.dtype)
+    return weight is not None and may_skip_masking(state.layout(), weight.device, state.zero_inactive)
 
 
 def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:

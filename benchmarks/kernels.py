@@ -179,6 +179,13 @@ def run_gpu(shapes, block_sizes, densities, dtype, log=print, rows: Optional[Lis
                 log(f"  {m}x{k}x{n} b={block_size} d={density}: kernels fwd+bwd {row['fwd_bwd_ratio']:.3f}x "
                     f"(graphed {row['fwd_bwd_graph_ratio']:.3f}x), op (autograd) {row['op_ratio']:.3f}x dense",
                     flush=True)
+        # dense again after the shape's rows: its drift is the noise a verdict must clear (audit BU)
+        again = gpu_bench(lambda: (F.linear(x, weight), dy @ weight, dy.T @ x))
+        for row in rows:
+            if (row["m"], row["k"], row["n"]) == (m, k, n):
+                row["dense_fwd_bwd_ms_after"] = again
+        log(f"  {m}x{k}x{n}: dense fwd+bwd {dense_step:.3f} ms before the rows, {again:.3f} ms after "
+            f"({100 * (again / dense_step - 1):+.1f}%)", flush=True)
         del x, dy, weight
         torch.cuda.empty_cache()
     return rows
@@ -311,15 +318,21 @@ def format_table(rows: List[Dict], gpu: bool) -> str:
         if gpu and r["block_size"] == 128 and r["density"] in TARGETS:
             target = TARGETS[r["density"]]
             graphed = r["fwd_bwd_graph_ratio"]
-            note = (f"target <= {target:.2f}: eager {'met' if r['fwd_bwd_ratio'] <= target else 'MISSED'}, "
-                    f"graphed {'met' if graphed <= target else 'MISSED'}")
+            # a verdict closer to the target than dense's own drift over the shape's rows is noise
+            noise = abs(r.get("dense_fwd_bwd_ms_after", r["dense_fwd_bwd_ms"]) / r["dense_fwd_bwd_ms"] - 1)
+
+            def verdict(ratio):
+                word = "met" if ratio <= target else "MISSED"
+                return f"{word} (within noise)" if abs(ratio - target) <= noise * ratio else word
+
+            note = f"target <= {target:.2f}: eager {verdict(r['fwd_bwd_ratio'])}, graphed {verdict(graphed)}
         elif not gpu:
             note = f"cost model picks {r['cost_model_pick']}"
         lines.append(f"{r['m']:>6} {r['k']:>6} {r['n']:>6} {r['block_size']:>4} {r['density']:>5.2f} "
-                     f"{r['agpe_ms']['fwd']:>8.3f} {r['dense_fwd_ms']:>8.3f} {r['fwd_ratio']:>6.2f} "
-                     f"{r['agpe_ms']['fwd_bwd']:>8.3f} {r['dense_fwd_bwd_ms']:>8.3f} {r['fwd_bwd_ratio']:>6.2f}"
-                     f" {r.get('fwd_bwd_graph_ratio', float('nan')):>6.2f}"
-                     f" {r.get('op_ratio', float('nan')):>6.2f}  {note}")
+                     f"{r['agpe_ms']['fwd']:>8.3f} {r['dense_fwd_ms']:>8.3f} {r['fwd_ratio']:>6.3f} "
+                     f"{r['agpe_ms']['fwd_bwd']:>8.3f} {r['dense_fwd_bwd_ms']:>8.3f} {r['fwd_bwd_ratio']:>6.3f}"
+                     f" {r.get('fwd_bwd_graph_ratio', float('nan')):>6.3f}"
+                     f" {r.get('op_ratio', float('nan')):>6.3f}  {note}")
     return "\n".join(lines)
 
 

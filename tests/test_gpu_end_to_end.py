@@ -76,6 +76,13 @@ def test_op_every_cuda_path(density, bucket, compiled, flag, tma, monkeypatch):
     fn = torch.compile(_eager, fullgraph=True) if compiled else _eager
     got_bucket, y, dx, dw, db, (sal, dgs, _, counters) = _run(fn, x, w, bias, mask, dy, flag)
     assert got_bucket == bucket
+    if bucket == 0.75:  # the path this bucket takes follows the setting (GPU_DENSE_CROSSOVER_PERSISTENT_TMA)
+        from agpe_compile.layout import build_layout
+        from agpe_compile.ops import paths
+
+        hopper = torch.cuda.get_device_capability()[0] == 9
+        expected = "triton" if tma == "persistent" and hopper else "dense"
+        assert paths.choose(x, w, build_layout(mask, B)) == expected
     wd = torch.where(em, w.double(), 0.0)
     x2, dy2 = x.double().reshape(-1, x.shape[-1]), dy.double().reshape(-1, dy.shape[-1])
     torch.testing.assert_close(y.double(), (x2 @ wd.T + bias.double()).reshape(y.shape), **BF16)

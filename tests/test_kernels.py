@@ -984,6 +984,7 @@ def test_the_gpu_crossover_follows_persistent_tma_for_16_bit_weights_on_hopper(m
     assert paths.dense_from(128, cuda, torch.float16) == 1.0
     assert paths.dense_from(128, cuda, torch.float32) == 0.75  # tf32 keeps the plain kernels
     assert paths.dense_from(64, cuda, torch.bfloat16) == paths.GPU_DENSE_CROSSOVER[64]  # not timed
+    assert paths.dense_from(32, cuda, torch.bfloat16) == paths.GPU_DENSE_CROSSOVER[32]
     assert paths.dense_from(128, cuda) == 0.75  # no dtype: the plain rule
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask.view(-1)[:12] = True
@@ -1014,3 +1015,41 @@ def test_the_gpu_crossover_follows_persistent_tma_for_16_bit_weights_on_hopper(m
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # Ampere
     assert paths.dense_from(128, cuda, torch.bfloat16) == 0.75
     assert not launch.persistent_tma_setting(torch.device("cpu"), torch.bfloat16)
+
+
+def test_the_step_hook_re_zeroes_from_the_lower_crossover_whatever_the_setting(monkeypatch):
+    # Re-audit BV: the op decides at trace time (the aot_eager lowering traces outside TMA, so
+    # with the plain crossover: W unmasked at the 0.75 bucket), the hook at run time (reading
+    # AGPE_TMA=persistent: "no skip"): the hook then left a layer the graph reads unmasked
+    # without re-zeroing. It now re-zeroes from the lower crossover of any setting.
+    from agpe_compile import zero_weights
+    from agpe_compile.kernels import launch
+    from agpe_compile.layout import build_layout
+    from agpe_compile.ops import paths
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask.view(-1)[:12] = True
+    layout = build_layout(mask, 128)  # the 0.75 bucket
+    assert not paths.skips_masking(layout, cuda, True, torch.bfloat16)  # traced with Inductor: the kernels
+    with launch.traced_for_eager_replay():
+        monkeypatch.setattr(launch, "is_tracing", lambda: True)
+        assert paths.skips_masking(layout, cuda, True, torch.bfloat16)  # traced for aot_eager: W unmasked
+    assert paths.may_skip_masking(layout, cuda, True)  # so the hook re-zeroes it
+    assert not paths.may_skip_masking(layout, cuda, False)
+    monkeypatch.setenv("AGPE_TMA", "persistant")  # misspelt: the op raises at its launch, never the hook
+    assert paths.may_skip_masking(layout, cuda, True)
+
+    class State:  # what zero_weights.skips reads
+        weight = torch.zeros(512, 512, dtype=torch.bfloat16)
+        zero_inactive = True
+
+        def layout(self):
+            return layout
+
+    seen = []
+    monkeypatch.setattr(zero_weights, "may_skip_masking", lambda *args: seen.append(args) or True)
+    assert zero_weights.skips(State()) and seen == [(layout, State.weight.device, True)]

@@ -106,7 +106,8 @@ def _warn_once(message: str) -> None:
 #
 # * every mask update re-zeroes all inactive blocks (controller/sparsifier.py);
 # * after EVERY optimizer step a hook re-zeroes the inactive blocks of the layers that
-#   skip the masking (``skips_masking`` below), with a kernel that only writes inactive
+#   may skip the masking (``may_skip_masking`` below: the lower crossover of any dtype,
+#   AGPE_TMA setting and lowering), with a kernel that only writes inactive
 #   blocks; so any optimizer (momentum, preconditioners that mix elements) and
 #   ``load_state_dict`` of the module cannot leave a nonzero there. The same hook
 #   re-zeroes every layer after a step of an optimizer that may write zero-gradient
@@ -131,6 +132,25 @@ def skips_masking(layout: BlockLayout, device: torch.device, zero_inactive: bool
         return False
     rows, cols = layout.grid_shape
     return layout.capacity / (rows * cols) >= dense_from(layout.block_size, device, dtype)
+
+
+def may_skip_masking(layout: BlockLayout, device: torch.device, zero_inactive: bool) -> bool:
+    """Whether a compiled call with this layout MAY use W unmasked, whatever the dtype,
+    AGPE_TMA setting, GPU or lowering it was compiled with: the step hook's test for
+    re-zeroing (zero_weights.py). The op decides at trace time (skips_masking, with the
+    weight's dtype and the setting then; the aot_eager lowering traces outside TMA), the hook
+    at run time, so the hook takes the lower of the crossovers (re-audit BV: a layer at the
+    0.75 bucket under AGPE_TMA=persistent lowered with inductor=False skipped masking while
+    the hook, reading the setting, did not re-zero it)."""
+    if not zero_inactive:
+        return False
+    rows, cols = layout.grid_shape
+    fraction = layout.capacity / (rows * cols)
+    if device.type == "cuda":
+        b = layout.block_size
+        plain = GPU_DENSE_CROSSOVER.get(b, 0.0)
+        return fraction >= min(plain, GPU_DENSE_CROSSOVER_PERSISTENT_TMA.get(b, plain))
+    return fraction >= dense_from(layout.block_size, device)
 
 
 def dense_from(block_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
