@@ -7,7 +7,7 @@
 # are the parts' timeouts; each may run 10 s past its own (timeout -k 10) plus ~10 s of start.
 #   run from the repository root:  bash benchmarks/gpu_session.sh
 # PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "tmakernels", "ckpt" and "probe");
-# a lease's 10-minute call limit fits "tests diagnose kernels" (<= 395 s; 204 s on an H200 in
+# a lease's 10-minute call limit fits "tests diagnose kernels" (<= 485 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
 # (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 600 s)
 # times the training step with AGPE_TMA=auto, persistent and off one after the other, each
@@ -52,11 +52,16 @@ pack() {
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
   | tee "$RUN_DIR/machine.txt"
+# Every part's limit is capped so the script ends by DEADLINE seconds (default 570, inside
+# the device tool's 600 s call): a part the tool would kill mid-write gets its own SIGTERM
+# instead and keeps its partial JSON (audit BU).
+DEADLINE="${DEADLINE:-570}"
+cap() { local left=$((DEADLINE - SECONDS - 15)); [ "$left" -lt 10 ] && left=10; echo $(($1 < left ? $1 : left)); }
 PARTS="${PARTS:-tests diagnose kernels train}"
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if ! has tests; then :
 elif python -c "import pytest, hypothesis" 2>/dev/null; then
-  timeout -k 10 260 python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
+  timeout -k 10 $(cap 260) python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
     tests/test_graphs.py tests/controller/test_host_sync.py tests/controller/test_zero_weights.py \
     tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_distributed.py \
     2>&1 | tee "$RUN_DIR/gpu_tests.txt" | tail -30
@@ -66,11 +71,11 @@ else
 fi
 if has diagnose; then
   # where the op's dense path loses time against cuBLAS (docs/benchmarks.md, "dense path")
-  timeout -k 10 45 python benchmarks/gpu_diagnose.py --out-dir "$RUN_DIR/diagnose" 2>&1 | tee "$RUN_DIR/diagnose.txt" | tail -14
+  timeout -k 10 $(cap 45) python benchmarks/gpu_diagnose.py --out-dir "$RUN_DIR/diagnose" 2>&1 | tee "$RUN_DIR/diagnose.txt" | tail -14
   part diagnose "$RUN_DIR/diagnose.txt" "${PIPESTATUS[0]}"
 fi
 if has kernels; then
-  timeout -k 10 150 python benchmarks/kernels.py ${KERNEL_ARGS---no-sweep} --out "$RUN_DIR/kernels.json" 2>&1 \
+  timeout -k 10 $(cap 150) python benchmarks/kernels.py ${KERNEL_ARGS---no-sweep} --out "$RUN_DIR/kernels.json" 2>&1 \
     | tee "$RUN_DIR/kernels.txt" | tail -70
   part kernels "$RUN_DIR/kernels.txt" "${PIPESTATUS[0]}"
 fi
@@ -78,7 +83,7 @@ fi
 # code of both steps (to see which reductions and copies surround the agpe op).
 if has train; then
   TORCH_LOGS="${TRAIN_STEP_LOGS:-output_code}" TORCH_LOGS_OUT="$RUN_DIR/output_code.txt" \
-    timeout -k 10 300 python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-0} --profile --profile-rows 60 \
+    timeout -k 10 $(cap 300) python benchmarks/train_step.py --schedule-steps ${SCHEDULE_STEPS:-0} --profile --profile-rows 60 \
     ${TRAIN_STEP_ARGS:-} --out "$RUN_DIR/train_step.json" 2>&1 | tee "$RUN_DIR/train_step.txt" | tail -30
   part train "$RUN_DIR/train_step.txt" "${PIPESTATUS[0]}"
   # kernels writing one value to several outputs (Note [Kernel operands]): none expected now
@@ -90,10 +95,10 @@ fi
 # The persistent TMA kernels (Note [Persistent TMA programs]): the targets' table with them
 # (block 128, cuBLAS side by side), then every TMA variant against the plain kernels.
 if has tmakernels; then
-  AGPE_TMA=persistent timeout -k 10 150 python benchmarks/kernels.py --no-sweep --no-tma --block-sizes 128 \
+  AGPE_TMA=persistent timeout -k 10 $(cap 150) python benchmarks/kernels.py --no-sweep --no-tma --block-sizes 128 \
     --out "$RUN_DIR/kernels_persistent.json" 2>&1 | tee "$RUN_DIR/kernels_persistent.txt" | tail -25
   part kernels_persistent "$RUN_DIR/kernels_persistent.txt" "${PIPESTATUS[0]}"
-  timeout -k 10 120 python benchmarks/kernels.py --only-tma --out "$RUN_DIR/kernels_tma.json" 2>&1 \
+  timeout -k 10 $(cap 120) python benchmarks/kernels.py --only-tma --out "$RUN_DIR/kernels_tma.json" 2>&1 \
     | tee "$RUN_DIR/kernels_tma.txt" | tail -20
   part kernels_tma "$RUN_DIR/kernels_tma.txt" "${PIPESTATUS[0]}"
 fi
@@ -103,7 +108,7 @@ fi
 # the traced kernels]); its first step after a crossing should take a real compile (~20 s).
 if has tma; then
   for setting in ${TMA_SETTINGS:-auto persistent off}; do
-    AGPE_TMA=$setting timeout -k 10 200 python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
+    AGPE_TMA=$setting timeout -k 10 $(cap 200) python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
       --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
       > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1
     status=$?
@@ -114,7 +119,7 @@ fi
 # Activation checkpointing (Note [Weights inside higher-order ops]): every block, dense and
 # agpe, under torch.utils.checkpoint; the agpe/dense ratios next to the plain "train" ones.
 if has ckpt; then
-  timeout -k 10 200 python benchmarks/train_step.py --activation-checkpointing --densities 1.0,0.25,0.1 \
+  timeout -k 10 $(cap 200) python benchmarks/train_step.py --activation-checkpointing --densities 1.0,0.25,0.1 \
     --optimizers fused --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_ckpt.json" \
     > "$RUN_DIR/train_step_ckpt.txt" 2>&1
   status=$?
@@ -122,7 +127,7 @@ if has ckpt; then
   part ckpt "$RUN_DIR/train_step_ckpt.txt" "$status"
 fi
 if has probe; then
-  timeout -k 10 120 python benchmarks/gpu_host_probe.py > "$RUN_DIR/host_probe.txt" 2>&1
+  timeout -k 10 $(cap 120) python benchmarks/gpu_host_probe.py > "$RUN_DIR/host_probe.txt" 2>&1
   status=$?
   grep -E "^==" "$RUN_DIR/host_probe.txt"
   part probe "$RUN_DIR/host_probe.txt" "$status"

@@ -325,7 +325,7 @@ def format_table(rows: List[Dict], gpu: bool) -> str:
                 word = "met" if ratio <= target else "MISSED"
                 return f"{word} (within noise)" if abs(ratio - target) <= noise * ratio else word
 
-            note = f"target <= {target:.2f}: eager {verdict(r['fwd_bwd_ratio'])}, graphed {verdict(graphed)}
+            note = f"target <= {target:.2f}: eager {verdict(r['fwd_bwd_ratio'])}, graphed {verdict(graphed)}"
         elif not gpu:
             note = f"cost model picks {r['cost_model_pick']}"
         lines.append(f"{r['m']:>6} {r['k']:>6} {r['n']:>6} {r['block_size']:>4} {r['density']:>5.2f} "

@@ -20,6 +20,9 @@ from gpt import GPT  # noqa: E402
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     model = GPT(vocab=96, d_model=128, n_heads=4, n_layers=2, seq_len=64)
     states = agpe_compile.prepare(model, options={"block_size": 32, "exclude": ["head"]})
