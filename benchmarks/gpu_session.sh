@@ -41,11 +41,15 @@ pack() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/gpu_session.tgz.tmp" -C "$RUN_DIR" . && mv "$OUT/gpu_session.tgz.tmp" "$OUT/gpu_session.tgz"
   # (the device tool returns at most 8 files: the archive and the summaries one call writes)
-  # (at most 7 besides the archive, which holds them all: audit BU)
-  local n=0
+  # (at most 7 besides the archive, which holds them all, counting those copied by earlier
+  # packs: audit BU, re-audit BW)
+  local n
+  n=$(find "$OUT" -maxdepth 1 -type f ! -name 'gpu_session.tgz*' | wc -l)
   for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt \
            train_step_ckpt.txt kernels_persistent.txt kernels_tma.txt; do
-    if [ -f "$RUN_DIR/$f" ] && [ "$n" -lt 7 ]; then cp "$RUN_DIR/$f" "$OUT/"; n=$((n + 1)); fi
+    [ -f "$RUN_DIR/$f" ] || continue
+    if [ -f "$OUT/$f" ]; then cp "$RUN_DIR/$f" "$OUT/"
+    elif [ "$n" -lt 7 ]; then cp "$RUN_DIR/$f" "$OUT/"; n=$((n + 1)); fi
   done
   return 0
 }

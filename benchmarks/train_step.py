@@ -316,6 +316,7 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     if profile_dir and device.type == "cuda":
         results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{densities[-1]}.txt"), log,
                                     rows=profile_rows))
+    results["timings_done"] = True  # every density timed: a later failure keeps these rows
     results["agpe_compilations"] = backend.graph_count
     if mask_update:
         results.update(mask_update_cost(size, device, x, inductor, log))
@@ -517,10 +518,13 @@ def main(argv=None) -> None:
             raise
         traceback.print_exc()
         measured = PARTIAL.get("results") or {}
-        if any(not row.get("failed") for row in measured.get("rows", [])):
-            # agpe steps were timed, so the inlined lowering works: keep them (a later part
-            # failed: the profile, the mask update) rather than re-running everything (audit BU)
-            print("agpe: the run FAILED after agpe steps were timed (traceback above); keeping those", flush=True)
+        if measured.get("timings_done"):
+            # every density was timed, so the inlined lowering works: keep the rows (a later
+            # part failed: the profile, the mask update) rather than re-running everything
+            # (audit BU; a failure while timing, e.g. a density's compile, still re-runs all
+            # with opaque ops: re-audit BW)
+            print("agpe: the run FAILED after every agpe step was timed (traceback above); keeping those",
+                  flush=True)
             results = dict(measured, error=repr(error))
         else:
             print("agpe: the inlined (triton_op) lowering FAILED above; measuring with opaque ops instead", flush=True)

@@ -104,7 +104,8 @@ def _cpu_attention_formulas() -> dict:
     """torch's FlopCounterMode counts the CUDA attention kernels (flash, efficient, cuDNN)
     but has no formula for the CPU one, so attention counted 0 FLOPs on the CPU and the
     FLOP ratios there left it out (helper audit BU). Map the CPU ops to torch's own formulas
-    so both devices count the same (4*B*H*T*T*Dh forward, twice that backward)."""
+    so both devices count the same (torch's formulas: 4*B*H*T*T*Dh forward, 2.5 times that
+    backward)."""
     from torch.utils import flop_counter
 
     aten = torch.ops.aten
@@ -421,7 +422,9 @@ def main(argv=None) -> None:
           "global density of the agpe layers; compiles: backend compilations")
     if args.smoke:
         print("(--smoke trains a few steps per run: an end-to-end check, its losses say nothing about accuracy)")
-    kept = [name for name in earlier if name not in {r["run"] for r in results}]
+    kept = [name + (f" (unfinished: stopped at step {earlier[name]['partial_step']})"
+                    if "partial_step" in earlier[name] else "")
+            for name in earlier if name not in {r["run"] for r in results}]
     if kept:  # the same comparison: the table is this invocation's, results.json and the plot hold all
         print(f"(results.json and the plot also keep {', '.join(kept)} of an earlier run with the same settings)")
     print(f"wrote {os.path.join(args.out, 'results.json')} and one audit JSONL per run")
