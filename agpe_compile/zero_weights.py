@@ -133,7 +133,9 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
     one the Sparsifier was given; it is always followed."""
     refs = [weakref.ref(s) for s in states]
     weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
-    decided: Dict[int, Tuple[int, bool]] = {}  # id(state) -> (id(layout buffer), skips)
+    # id(state) -> (layout buffer, zero_inactive, weight device, skips): the buffer itself, not
+    # its id (a freed layout's id can be reused by the next one: re-audit BW)
+    decided: Dict[int, Tuple[torch.Tensor, bool, object, bool]] = {}
     holders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, held ids)
     warned_lbfgs: List[bool] = []
     given = weakref.ref(optimizer)
@@ -195,15 +197,17 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             if not state.stripped:
                 state.check_identity()  # Note [Replaced buffers]: model.to(device) since the last call
             state.sync_layout()
-            key = id(state.block_layout)
+            weight = state.weight
             cached = decided.get(id(state))
-            if cached is None or cached[0] != key:
-                cached = decided[id(state)] = (key, skips(state))
+            if (cached is None or cached[0] is not state.block_layout or cached[1] != state.zero_inactive
+                    or cached[2] != (weight.device if weight is not None else None)):
+                cached = decided[id(state)] = (state.block_layout, state.zero_inactive,
+                                               weight.device if weight is not None else None, skips(state))
             stray = state.ran_eagerly or state.traced_elsewhere  # computed with the raw weight somewhere
             stray = stray or (fresh and id(state.weight) in ours)  # its state may predate the masks
             # stepped by this optimizer on a gradient that may hold more than the op's (audit BM)
             stepped = id(state.weight) in ours and id(state.weight) not in getattr(opt, "sparse_stepped", ())
-            if cached[1] or mixes or stray or stepped:
+            if cached[3] or mixes or stray or stepped:
                 zero_inactive_(state)
             if stray and id(state.weight) in ours:
                 # its eager gradient reached inactive blocks: their moments too (else compiled
