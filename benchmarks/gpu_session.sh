@@ -9,10 +9,9 @@
 # PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "tmakernels", "ckpt" and "probe");
 # a lease's 10-minute call limit fits "tests diagnose kernels" (<= 485 s; 204 s on an H200 in
 # the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
-# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 600 s)
-# times the training step with AGPE_TMA=auto, persistent and off one after the other, each
-# compiled anew (~115 s each; Note [TMA by default] in agpe_compile/kernels/launch.py;
-# TMA_SETTINGS="persistent off" for two, <= 400 s); "tmakernels" (<= 270 s) times the kernels with AGPE_TMA=persistent against cuBLAS
+# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 430 s)
+# times the training step with AGPE_TMA off and persistent (TMA_SETTINGS) in one process,
+# each compiled anew (Note [TMA by default] in agpe_compile/kernels/launch.py); "tmakernels" (<= 270 s) times the kernels with AGPE_TMA=persistent against cuBLAS
 # (block 128) and every TMA variant against the plain kernels; "ckpt" (<= 200 s) times the step with
 # every block under activation checkpointing; "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
@@ -106,19 +105,18 @@ if has tmakernels; then
     | tee "$RUN_DIR/kernels_tma.txt" | tail -20
   part kernels_tma "$RUN_DIR/kernels_tma.txt" "${PIPESTATUS[0]}"
 fi
-# TMA on/off, one process each (the kernel choice is made when a graph is compiled); each
-# run times dense in the same process, so compare the agpe/dense ratios. Each setting
-# compiles anew: the compile caches key agpe graphs on AGPE_TMA (Note [Compile caches and
-# the traced kernels]); its first step after a crossing should take a real compile (~20 s).
+# TMA settings side by side in ONE process (--tma-settings: each compiled anew against the
+# same dense step; the twenty-fifth session's two processes on one machine differed more than
+# the effect): the compile caches key agpe graphs on AGPE_TMA (Note [Compile caches and the
+# traced kernels]), so each setting's first step after a crossing is a real compile (20-35 s).
 if has tma; then
-  for setting in ${TMA_SETTINGS:-auto persistent off}; do
-    AGPE_TMA=$setting timeout -k 10 $(cap 200) python benchmarks/train_step.py --densities 0.5,0.25,0.1 \
-      --optimizers fused,graphed --no-mask-update --schedule-steps 0 --out "$RUN_DIR/train_step_tma_$setting.json" \
-      > "$RUN_DIR/train_step_tma_$setting.txt" 2>&1
-    status=$?
-    grep -E "ms/step|best at|after rebucket" "$RUN_DIR/train_step_tma_$setting.txt"
-    part "tma_$setting" "$RUN_DIR/train_step_tma_$setting.txt" "$status"
-  done
+  settings="${TMA_SETTINGS:-off persistent}"
+  timeout -k 10 $(cap 420) python benchmarks/train_step.py --tma-settings "${settings// /,}" \
+    --densities 0.5,0.25,0.1 --optimizers fused,block_sparse,graphed,graphed_block_sparse --no-mask-update \
+    --schedule-steps 0 --out "$RUN_DIR/train_step_tma.json" > "$RUN_DIR/train_step_tma.txt" 2>&1
+  status=$?
+  grep -E "ms/step|best at|after rebucket" "$RUN_DIR/train_step_tma.txt"
+  part tma "$RUN_DIR/train_step_tma.txt" "$status"
 fi
 # Activation checkpointing (Note [Weights inside higher-order ops]): every block, dense and
 # agpe, under torch.utils.checkpoint; the agpe/dense ratios next to the plain "train" ones.

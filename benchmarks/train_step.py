@@ -240,7 +240,8 @@ def _log(*args) -> None:
 
 def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: bool = True, log=_log,
         profile_dir: str = "", profile_rows: int = 25, zero_inactive: bool = True, densities: Sequence[float] = DENSITIES,
-        optimizers: Sequence[str] = ("fused", "block_sparse"), mask_update: bool = True) -> Dict:
+        optimizers: Sequence[str] = ("fused", "block_sparse"), mask_update: bool = True,
+        tma_settings: Sequence[str] = ()) -> Dict:
     measure = timer(device)
     dtype = getattr(torch, size["dtype"])
     x = torch.randn(size["batch"], size["seq"], size["d_model"], device=device, dtype=dtype)
@@ -278,46 +279,62 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
             training_step(compiled_dense, dense, x, make_optimizer(baseline, dense, device)),
             os.path.join(profile_dir, "profile_dense.txt"), log, rows=profile_rows)
 
-    torch._dynamo.reset()
-    model = make_stack(size, device)
-    states = agpe_compile.prepare(model, options={"block_size": size["block"]})
-    for state in states.values():  # as under the Sparsifier: set_density zeroes inactive weights
-        state.zero_inactive = zero_inactive
-    backend = agpe_compile.AgpeBackend({"inductor": inductor})
-    compiled = torch.compile(model, backend=backend)
-    set_density(model, 1.0)
-    t0 = time.perf_counter()
-    training_step(compiled, model, x)()
-    _sync(device)
-    results["agpe_first_step_s"] = time.perf_counter() - t0
-    for density in densities:
-        set_density(model, density)
-        agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
+    graph_count = 0
+    env_tma = os.environ.get("AGPE_TMA")  # put back after the settings' runs
+    # Note: each AGPE_TMA setting compiles its own graphs (the lowering key carries it), timed
+    # against the same dense step in this process: one process compares them (audit BT/BU:
+    # two processes on one machine differed more than the effect)
+    for setting in tma_settings or (None,):
+        if setting is not None:
+            os.environ["AGPE_TMA"] = setting
+        tma = _tma_setting()
+        label = f" {tma:<10}" if tma_settings else ""
+        torch._dynamo.reset()
+        model = make_stack(size, device)
+        states = agpe_compile.prepare(model, options={"block_size": size["block"]})
+        for state in states.values():  # as under the Sparsifier: set_density zeroes inactive weights
+            state.zero_inactive = zero_inactive
+        backend = agpe_compile.AgpeBackend({"inductor": inductor})
+        compiled = torch.compile(model, backend=backend)
+        set_density(model, 1.0)
         t0 = time.perf_counter()
         training_step(compiled, model, x)()
         _sync(device)
-        first = time.perf_counter() - t0
-        for kind in optimizers:
-            try:
-                step = make_step(kind, compiled, model, x, device)
-                seconds = measure(step, warmup, iters)
-            except Exception:
-                traceback.print_exc()
-                log(f"agpe d={density:<5} AdamW {kind:<12} FAILED (traceback above)")
-                results["rows"].append({"density": density, "optimizer": kind, "failed": True})
-                continue
-            results["rows"].append({"density": density, "optimizer": kind, "agpe_step_s": seconds,
-                                    "ratio_vs_dense": seconds / dense_time, "speedup": dense_time / seconds,
-                                    "first_step_after_rebucket_s": first, "host_issue_s": measure.host})
-            host = f", host issue {1e3 * measure.host:.2f} ms" if measure.host is not None else ""
-            log(f"agpe d={density:<5} AdamW {kind:<12} {1e3 * seconds:9.2f} ms/step  "
-                f"{seconds / dense_time:6.3f}x dense time (first step after rebucket {first:.1f} s{host})")
-        first = 0.0
+        results.setdefault("agpe_first_step_s", time.perf_counter() - t0)
+        for density in densities:
+            set_density(model, density)
+            agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
+            t0 = time.perf_counter()
+            training_step(compiled, model, x)()
+            _sync(device)
+            first = time.perf_counter() - t0
+            for kind in optimizers:
+                try:
+                    step = make_step(kind, compiled, model, x, device)
+                    seconds = measure(step, warmup, iters)
+                except Exception:
+                    traceback.print_exc()
+                    log(f"agpe d={density:<5} AdamW {kind:<12}{label} FAILED (traceback above)")
+                    results["rows"].append({"density": density, "optimizer": kind, "failed": True, "tma": tma})
+                    continue
+                results["rows"].append({"density": density, "optimizer": kind, "tma": tma, "agpe_step_s": seconds,
+                                        "ratio_vs_dense": seconds / dense_time, "speedup": dense_time / seconds,
+                                        "first_step_after_rebucket_s": first, "host_issue_s": measure.host})
+                host = f", host issue {1e3 * measure.host:.2f} ms" if measure.host is not None else ""
+                log(f"agpe d={density:<5} AdamW {kind:<12}{label} {1e3 * seconds:9.2f} ms/step  "
+                    f"{seconds / dense_time:6.3f}x dense time (first step after rebucket {first:.1f} s{host})")
+            first = 0.0
+        graph_count += backend.graph_count
+    if tma_settings:
+        if env_tma is None:
+            os.environ.pop("AGPE_TMA", None)
+        else:
+            os.environ["AGPE_TMA"] = env_tma
     if profile_dir and device.type == "cuda":
         results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{densities[-1]}.txt"), log,
                                     rows=profile_rows))
     results["timings_done"] = True  # every density timed: a later failure keeps these rows
-    results["agpe_compilations"] = backend.graph_count
+    results["agpe_compilations"] = graph_count
     if mask_update:
         results.update(mask_update_cost(size, device, x, inductor, log))
     return results
@@ -488,6 +505,10 @@ def main(argv=None) -> None:
                              "capturable, graphed; CUDA only). Default: fused,block_sparse,graphed,"
                              "graphed_block_sparse on CUDA, foreach,fused,block_sparse on CPU")
     parser.add_argument("--no-mask-update", action="store_true", help="skip timing the Sparsifier's mask update")
+    parser.add_argument("--tma-settings", default="",
+                        help="comma-separated AGPE_TMA values (off, auto, device, persistent) to time one after "
+                             "the other in this process against the same dense step, each compiled anew "
+                             "(default: the environment's setting only)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="run every block (dense and agpe) under torch.utils.checkpoint")
     parser.add_argument("--schedule-steps", type=int, default=2000,
@@ -502,7 +523,13 @@ def main(argv=None) -> None:
     # the module, not the op of the same name that agpe_compile.ops exports
     op_module = importlib.import_module("agpe_compile.ops.sparse_linear")
 
-    run_args = dict(densities=densities, optimizers=optimizers, mask_update=not args.no_mask_update)
+    tma_settings = [s.strip().lower() for s in args.tma_settings.split(",") if s.strip()]
+    from agpe_compile.kernels.launch import _TMA_ENV_VALUES
+    unknown = [s for s in tma_settings if s not in _TMA_ENV_VALUES]
+    if unknown:
+        parser.error(f"--tma-settings: unknown {unknown}; expected a comma-separated subset of {_TMA_ENV_VALUES}")
+    run_args = dict(densities=densities, optimizers=optimizers, mask_update=not args.no_mask_update,
+                    tma_settings=tma_settings)
 
     profile_dir = os.path.dirname(os.path.abspath(args.out)) if (args.profile and args.out) else ""
 
@@ -549,12 +576,16 @@ def main(argv=None) -> None:
     results["date"] = datetime.date.today().isoformat()
     print(f"\n{results['machine']}, torch {results['torch']}, {results['date']}")
     print(f"dense baseline: torch.compile (Inductor) + AdamW {results['dense_optimizer']}")
-    print(f"{'density':>8} {'optimizer':>13} {'agpe/dense':>11} {'speedup':>8}")
+    several = len({row.get("tma") for row in results["rows"]}) > 1  # --tma-settings: a column for it
+    tma_head = f" {'AGPE_TMA':>10}" if several else ""
+    print(f"{'density':>8} {'optimizer':>13}{tma_head} {'agpe/dense':>11} {'speedup':>8}")
     for row in results["rows"]:
+        tma_cell = f" {row.get('tma') or '':>10}" if several else ""
         if row.get("failed"):
-            print(f"{row['density']:>8} {row['optimizer']:>13} {'FAILED':>11}")
+            print(f"{row['density']:>8} {row['optimizer']:>13}{tma_cell} {'FAILED':>11}")
             continue
-        print(f"{row['density']:>8} {row['optimizer']:>13} {row['ratio_vs_dense']:>11.3f} {row['speedup']:>8.2f}")
+        print(f"{row['density']:>8} {row['optimizer']:>13}{tma_cell} {row['ratio_vs_dense']:>11.3f} "
+              f"{row['speedup']:>8.2f}")
     results["best"] = best_by_density(results["rows"])
     for density, row in results["best"].items():
         target = SPEEDUP_TARGETS.get(density)
@@ -563,7 +594,8 @@ def main(argv=None) -> None:
             ok = row["speedup"] >= target if target > 1 else row["ratio_vs_dense"] <= 1 / target
             verdict = f"  target {'>= %.1fx' % target if target > 1 else '<= %.2fx time' % (1 / target)}: " \
                       f"{'met' if ok else 'MISSED'}"
-        print(f"best at d={density}: {row['optimizer']}, {row['ratio_vs_dense']:.3f} of the best dense step's time "
+        with_tma = f" (AGPE_TMA={row['tma']})" if several else ""
+        print(f"best at d={density}: {row['optimizer']}{with_tma}, {row['ratio_vs_dense']:.3f} of the best dense step's time "
               f"(speed-up {row['speedup']:.2f}x){verdict}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

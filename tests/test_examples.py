@@ -298,3 +298,16 @@ def test_char_lm_writes_the_unfinished_run_at_each_evaluation(tmp_path, monkeypa
     final = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["run"] for r in final["runs"]] == ["dense", "agpe-75"]
     assert not any("partial_step" in r for r in final["runs"])  # replaced by the finished rows
+
+
+def test_train_step_times_several_tma_settings_in_one_process(tmp_path):
+    # the twenty-fifth session's non-graphed comparison of AGPE_TMA off / persistent came from
+    # two processes that differed more than the effect: --tma-settings times both in one
+    out = tmp_path / "train_step.json"
+    stdout = run(["benchmarks/train_step.py", "--small", "--warmup", "0", "--iters", "1", "--lowering", "aot_eager",
+                  "--densities", "0.5", "--optimizers", "foreach", "--no-mask-update",
+                  "--tma-settings", "off,persistent", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert [(row["density"], row["optimizer"], row["tma"]) for row in results["rows"]] == [
+        (0.5, "foreach", "off"), (0.5, "foreach", "persistent")]
+    assert "AGPE_TMA" in stdout and results["tma_setting"] == "off"  # the environment's, put back
