@@ -36,6 +36,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from agpe_compile import ops  # noqa: F401  (registers torch.ops.agpe.*)
+from agpe_compile import sharding
 from agpe_compile.config import BackendConfig
 from agpe_compile.controller.zero_code import (AGPE_OPTION_KEYS, config_from_options, make_zero_code_controller,
                                                split_options, watch_for_nothing_to_prune)
@@ -271,6 +272,19 @@ class AgpeCompiledGraph:
         return state
 
 
+def _sharding_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    """Why this graph computes with FSDP- or tensor-parallel-sharded weights, or None: a DTensor
+    or FlatParameter input, or a module of FSDP1/FSDP2 in a node's module stack (FSDP2 hands
+    the forward transient unsharded copies, plain tensors: helper audit BX)."""
+    for t in example_inputs:
+        reason = sharding.tensor_reason(t)
+        if reason is not None:
+            return f"a weight or input of the compiled graph is {reason}"
+    classes = {entry[1] for node in gm.graph.nodes for entry in (node.meta.get("nn_module_stack") or {}).values()
+               if isinstance(entry, tuple) and len(entry) == 2}
+    return sharding.classes_reason(classes)
+
+
 class AgpeBackend:
     """A configured agpe backend. ``on_graph`` receives a :class:`GraphRecord` per graph."""
 
@@ -309,6 +323,7 @@ class AgpeBackend:
                 f"agpe: torch.compile passed {sorted(compile_kwargs)} to an AgpeBackend instance; give them to the "
                 f"instance instead: AgpeBackend(options, mode=...), or use backend='agpe' with options={{..., "
                 f"'mode': ...}}")
+        sharding.refuse(_sharding_reason(gm, example_inputs), "agpe backend")  # Note [Sharded weights]
         sites, unmatched = find_linear_sites(gm.graph)
         decisions = decide_layers(gm.graph, example_inputs, sites, unmatched, self.config)
         for decision in decisions:

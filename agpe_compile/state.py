@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import distributed
+from . import distributed, sharding
 from .config import BackendConfig
 from .layout import DEFAULT_BUCKETS, BlockLayout, capacity_for, update_layout_
 from .other_backends import NESTED, TRACED_ELSEWHERE, mark_traced_elsewhere, other_backend, say_compiled_by
@@ -820,6 +820,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         if state is not None and pattern_reason(state.name, config) is None:
             module_path, _, param_name = path.rpartition(".")
             check_block_size_option(state, config, seen_as=layer_name(module_path, param_name))
+    sharding.refuse(sharding.module_reason(model), "agpe.prepare")  # Note [Sharded weights]
     _refuse_meta_weights(model, config)
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}

@@ -37,7 +37,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from . import kernels
+from . import kernels, sharding
 from .optimizer_hooks import register_step_post_hook
 from .step_nesting import inner_step
 from .ops.dense_path import zero_weight_blocks_
@@ -61,6 +61,7 @@ def zero_inactive_(state) -> None:
     weight = state.weight
     if weight is None:
         return
+    sharding.refuse_reshaped(state.name, weight)  # Note [Sharded weights]
     with torch.no_grad():
         # the kernel reads the layout: only when it matches the mask (else the mask itself)
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES

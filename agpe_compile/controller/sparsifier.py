@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from agpe_compile import distributed
+from agpe_compile import distributed, sharding
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
@@ -114,6 +114,7 @@ class Sparsifier:
         initialized weights whose init leaves whole blocks at zero (``nn.init.eye_``)."""
         if not isinstance(config, AGPEConfig):
             raise TypeError(f"agpe: Sparsifier expected an AGPEConfig, got {type(config).__name__}")
+        sharding.refuse(sharding.module_reason(model), "agpe: Sparsifier")  # Note [Sharded weights]
         config.check_model(model, layer_states(model))  # before prepare: a refused model is left as it was
         states = prepare(model, options=config.backend_options)
         frozen = sorted(name for name, state in states.items()
@@ -865,10 +866,14 @@ class Sparsifier:
         lost = [name for name, state in self.layers.items() if state.module is not None
                 and state.module._parameters.get(state.param_name) is not self._weights[name]()]
         if lost:
+            model = getattr(self, "model", None)
+            if model is not None:  # Note [Sharded weights]: FSDP wrapped the model after the Sparsifier
+                sharding.refuse(sharding.module_reason(model), f"agpe: layers {lost} lost their weights")
             raise RuntimeError(
                 f"agpe: layers {lost} no longer have the weight the Sparsifier prepared (a torch.nn.utils."
                 f"parametrize parametrization, or the parameter was replaced after the Sparsifier was created: "
-                f"model.to('meta') / to_empty(), load_state_dict(..., assign=True), an assignment): their masks "
+                f"model.to('meta') / to_empty(), load_state_dict(..., assign=True), an assignment, or FSDP "
+                f"wrapping the model, which agpe does not support: Note [Sharded weights]): their masks "
                 f"no longer describe the weights they train with, and its optimizer holds the old ones. Parametrize "
                 f"or replace weights before creating the Sparsifier and its optimizer (parametrized layers then "
                 f"stay dense); to go on from a checkpoint, load it into the model in place (load_state_dict "

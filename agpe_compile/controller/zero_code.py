@@ -86,6 +86,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from agpe_compile import sharding
 from agpe_compile.buckets import rebucket
 from agpe_compile.optimizer_hooks import register_step_post_hook
 from agpe_compile.step_nesting import inner_step
@@ -161,6 +162,7 @@ class ZeroCodeController:
         # another model's parameter, which this controller must not follow
         self._weights = {id(s.weight): weakref.ref(s.weight) for s in states if s.weight is not None}
         self._gave_up = False
+        self._checked_sharding: "weakref.WeakSet" = weakref.WeakSet()  # optimizers checked for sharded parameters
         self._resume_following = False
         # Compiled calls since the last backward that reached one of ours (their BackwardTokens,
         # weakly: a graph dropped without a backward no longer counts).
@@ -223,6 +225,14 @@ class ZeroCodeController:
         if self.closed:
             return
         if not self._bound:
+            if optimizer not in self._checked_sharding:  # Note [Sharded weights], once per optimizer
+                self._checked_sharding.add(optimizer)
+                reason = next((r for g in optimizer.param_groups for p in g["params"]
+                               for r in (sharding.tensor_reason(p),) if r is not None), None)
+                # FSDP2 hands the compiled forward transient unsharded copies, plain tensors: the
+                # sharded parameters an optimizer steps are what shows it (helper audit BX)
+                sharding.refuse(f"an optimizer steps a parameter that is {reason}" if reason else None,
+                                "agpe zero-code mode")
             if self._gave_up or not self._holds_weights(optimizer):
                 return
             if self._resume_following:

@@ -1,0 +1,97 @@
+"""Models whose weights FSDP or tensor parallelism shards are refused, naming what was found
+(Note [Sharded weights] in agpe_compile/sharding.py; helper audit BX: before, FSDP2 in
+zero-code mode silently pruned transient copies, FSDP1 trained dense, others failed with
+unrelated messages). One gloo rank in this process; the audit's 2-rank runs behaved alike."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import agpe_compile
+from agpe_compile import sharding
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _config():
+    return agpe_compile.AGPEConfig(policy="rigl", target_sparsity=0.75, block_size=16, update_interval=2, end_step=10)
+
+
+def test_fsdp2_is_refused_by_prepare_the_sparsifier_and_at_the_first_step(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(MLP())
+    with pytest.raises(ValueError, match="agpe.prepare: the model holds a module sharded by FSDP2 fully_shard"):
+        agpe_compile.prepare(model)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="agpe: Sparsifier: .*FSDP2 fully_shard.*DistributedDataParallel"):
+        agpe_compile.Sparsifier(model, opt, _config())
+    # a Sparsifier made before fully_shard: its first step names FSDP, not parametrize
+    model = MLP()
+    opt = torch.optim.AdamW(model.parameters())
+    sp = agpe_compile.Sparsifier(model, opt, _config())
+    fully_shard(model)
+    with pytest.raises(ValueError, match=r"lost their weights: the model holds a module sharded by FSDP2"):
+        sp.step(torch.tensor(1.0))
+
+
+def test_fsdp2_in_zero_code_mode_is_refused_at_the_first_optimizer_step(one_rank):
+    # the compiled forward sees FSDP2's transient unsharded copies (plain tensors): before,
+    # agpe pruned those and the model's real weights kept their pruned blocks
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    model = fully_shard(MLP())
+    backend = agpe_compile.AgpeBackend({"inductor": False, "policy": "rigl", "target_sparsity": 0.75,
+                                        "block_size": 16, "update_interval": 2, "end_step": 10})
+    run = torch.compile(model, backend=backend)
+    opt = torch.optim.AdamW(model.parameters())
+    run(torch.randn(4, 32)).square().mean().backward()
+    with pytest.raises(ValueError, match="zero-code mode: an optimizer steps a parameter that is a DTensor"):
+        opt.step()
+    torch._dynamo.reset()
+
+
+def test_fsdp1_is_refused_by_the_sparsifier(one_rank):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for orig in (False, True):
+        model = FSDP(MLP(), use_orig_params=orig, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match="FSDP FullyShardedDataParallel"):
+            agpe_compile.Sparsifier(model, torch.optim.AdamW(model.parameters()), _config())
+
+
+def test_a_flattened_weight_is_named_not_unpacked():
+    # FSDP1 with use_orig_params=True wrapped after the Sparsifier: the weight became a 1-D view
+    # ("not enough values to unpack" in the step hook before)
+    with pytest.raises(RuntimeError, match=r"fc1's weight is now \(2048,\).*1-D shards"):
+        sharding.refuse_reshaped("fc1", torch.zeros(2048))
+    sharding.refuse_reshaped("fc1", torch.zeros(4, 4))  # a whole weight passes
+
+
+def test_ddp_and_plain_models_pass():
+    assert sharding.module_reason(MLP()) is None
+    assert sharding.tensor_reason(torch.zeros(2, 2)) is None
+    assert sharding.classes_reason([nn.Linear, "not a class"]) is None
