@@ -69,7 +69,7 @@ def test_fsdp2_in_zero_code_mode_is_refused_at_the_first_optimizer_step(one_rank
     run = torch.compile(model, backend=backend)
     opt = torch.optim.AdamW(model.parameters())
     run(torch.randn(4, 32)).square().mean().backward()
-    with pytest.raises(ValueError, match="zero-code mode: an optimizer steps a parameter that is a DTensor"):
+    with pytest.raises(ValueError, match="zero-code mode: an optimizer steps parameters of the compiled layers. shapes that are a DTensor"):
         opt.step()
     torch._dynamo.reset()
 
@@ -95,3 +95,21 @@ def test_ddp_and_plain_models_pass():
     assert sharding.module_reason(MLP()) is None
     assert sharding.tensor_reason(torch.zeros(2, 2)) is None
     assert sharding.classes_reason([nn.Linear, "not a class"]) is None
+
+
+def test_zero_code_mode_leaves_another_models_sharded_optimizer_alone(one_rank):
+    # the refusal above looks for sharded parameters of the compiled layers' shapes: an
+    # unrelated FSDP2 model's optimizer stepping in the same process is not this model's
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    model = MLP()
+    backend = agpe_compile.AgpeBackend({"inductor": False, "policy": "rigl", "target_sparsity": 0.75,
+                                        "block_size": 16, "update_interval": 2, "end_step": 10})
+    run = torch.compile(model, backend=backend)
+    other = fully_shard(nn.Linear(8, 8))
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    run(torch.randn(4, 32)).square().mean().backward()
+    other(torch.randn(2, 8)).sum().backward()
+    other_opt.step()  # no refusal
+    torch._dynamo.reset()

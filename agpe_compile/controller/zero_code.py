@@ -227,11 +227,15 @@ class ZeroCodeController:
         if not self._bound:
             if optimizer not in self._checked_sharding:  # Note [Sharded weights], once per optimizer
                 self._checked_sharding.add(optimizer)
-                reason = next((r for g in optimizer.param_groups for p in g["params"]
-                               for r in (sharding.tensor_reason(p),) if r is not None), None)
-                # FSDP2 hands the compiled forward transient unsharded copies, plain tensors: the
-                # sharded parameters an optimizer steps are what shows it (helper audit BX)
-                sharding.refuse(f"an optimizer steps a parameter that is {reason}" if reason else None,
+                # FSDP2 hands the compiled forward transient unsharded copies, plain tensors: what
+                # shows it is an optimizer stepping sharded parameters of our layers' whole shapes
+                # instead of our weights (helper audit BX; another model's optimizer is left alone)
+                shapes = {tuple(w().shape) for w in self._weights.values() if w() is not None}
+                reason = None if self._holds_weights(optimizer) else next(
+                    (r for g in optimizer.param_groups for p in g["params"]
+                     for r in (sharding.tensor_reason(p),) if r is not None and tuple(p.shape) in shapes), None)
+                sharding.refuse(f"an optimizer steps parameters of the compiled layers' shapes that are {reason}, "
+                                f"not the weights the compiled graph computed with" if reason else None,
                                 "agpe zero-code mode")
             if self._gave_up or not self._holds_weights(optimizer):
                 return
