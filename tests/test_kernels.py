@@ -997,12 +997,24 @@ def test_the_gpu_crossover_follows_persistent_tma_for_16_bit_weights_on_hopper(m
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     monkeypatch.setattr(paths.kernels, "triton_available", lambda: True)
+    # fake CUDA tensors on a machine without a GPU: FakeTensorMode initializes CUDA when
+    # torch.cuda.is_available() says yes (a CUDA build of torch without a driver fails there),
+    # so the capability goes to the setting's check instead
+    monkeypatch.undo()
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    monkeypatch.setattr(paths.kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(paths.kernels, "persistent_tma_setting",
+                        lambda device, dtype: launch.persistent_tma_setting(device, dtype, capability=(9, 0)))
     with FakeTensorMode():  # CUDA operands on a machine without CUDA
         x = torch.empty(64, 512, dtype=torch.bfloat16, device="cuda")
         w = torch.empty(512, 512, dtype=torch.bfloat16, device="cuda")
         assert paths.choose(x, w, layout) == "triton"
         assert paths.choose(x, w, full) == "dense"
         assert paths.choose(x.float(), w.float(), layout) == "dense"  # fp32: the plain crossover
+    monkeypatch.undo()
+    monkeypatch.setenv("AGPE_TMA", "persistent")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with launch.traced_for_eager_replay():  # aot_eager graphs never take TMA
         monkeypatch.setattr(launch, "is_tracing", lambda: True)
         assert not launch.persistent_tma_setting(cuda, torch.bfloat16)
