@@ -272,15 +272,19 @@ class AgpeCompiledGraph:
         return state
 
 
-def _sharding_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]):
-    """Why this graph computes with FSDP- or tensor-parallel-sharded weights, or None: a DTensor
-    or FlatParameter input, or a module of FSDP1/FSDP2 in a node's module stack (FSDP2 hands
-    the forward transient unsharded copies, plain tensors: helper audit BX)."""
-    for t in example_inputs:
-        reason = sharding.tensor_reason(t)
+def _sharding_reason(gm: fx.GraphModule, example_inputs: Sequence[Any], sites):
+    """Why this graph's linear layers compute with FSDP- or tensor-parallel-sharded weights, or
+    None: a linear weight that is a DTensor or FlatParameter, or a linear call inside a module
+    of FSDP1/FSDP2 (FSDP2 hands the forward transient unsharded copies, plain tensors: helper
+    audit BX). Other DTensor inputs (a buffer, an embedding split by tensor parallelism) are
+    not refused (re-audit BZ)."""
+    position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    for site in sites:
+        i = position.get(site.weight)
+        reason = sharding.tensor_reason(example_inputs[i]) if i is not None and i < len(example_inputs) else None
         if reason is not None:
-            return f"a weight or input of the compiled graph is {reason}"
-    classes = {entry[1] for node in gm.graph.nodes for entry in (node.meta.get("nn_module_stack") or {}).values()
+            return f"the weight {site.weight.name} of a linear layer in the compiled graph is {reason}"
+    classes = {entry[1] for site in sites for entry in (site.node.meta.get("nn_module_stack") or {}).values()
                if isinstance(entry, tuple) and len(entry) == 2}
     return sharding.classes_reason(classes)
 
@@ -323,8 +327,8 @@ class AgpeBackend:
                 f"agpe: torch.compile passed {sorted(compile_kwargs)} to an AgpeBackend instance; give them to the "
                 f"instance instead: AgpeBackend(options, mode=...), or use backend='agpe' with options={{..., "
                 f"'mode': ...}}")
-        sharding.refuse(_sharding_reason(gm, example_inputs), "agpe backend")  # Note [Sharded weights]
         sites, unmatched = find_linear_sites(gm.graph)
+        sharding.refuse(_sharding_reason(gm, example_inputs, sites), "agpe backend")  # Note [Sharded weights]
         decisions = decide_layers(gm.graph, example_inputs, sites, unmatched, self.config)
         for decision in decisions:
             if not decision.rewritten:

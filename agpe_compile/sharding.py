@@ -51,19 +51,32 @@ def tensor_reason(t: object) -> Optional[str]:
     return None
 
 
-def module_reason(module: nn.Module) -> Optional[str]:
-    """Why ``module`` (or one of its submodules or parameters) is sharded, or None."""
+_LINEAR_TYPES = (nn.Linear, nn.MultiheadAttention)
+
+
+def module_reason(module: nn.Module, weights: Optional[Iterable] = None) -> Optional[str]:
+    """Why ``module``'s linear layers are sharded, or None: an FSDP module over a linear
+    layer, or a linear weight that is a DTensor. ``weights``: (name, tensor) of the weights
+    agpe would prune (default: every 2-D parameter of an nn.Linear or MultiheadAttention);
+    a DTensor elsewhere (an embedding split by tensor parallelism, a buffer) is not refused
+    (re-audit BZ)."""
     fsdp1, fsdp2, _, _ = _types()
     for name, sub in module.named_modules():
         where = f" ({name})" if name else ""
+        if not any(isinstance(m, _LINEAR_TYPES) for m in sub.modules()):
+            continue
         if fsdp1 is not None and isinstance(sub, fsdp1):
             return f"the model holds an FSDP FullyShardedDataParallel module{where}"
         if fsdp2 is not None and isinstance(sub, fsdp2):
             return f"the model holds a module sharded by FSDP2 fully_shard{where}"
-    for name, param in module.named_parameters():
+    if weights is None:
+        weights = [(name if param_name == "weight" and name else f"{name}.{param_name}".lstrip("."), param)
+                   for name, sub in module.named_modules() if isinstance(sub, _LINEAR_TYPES)
+                   for param_name, param in sub.named_parameters(recurse=False) if param.dim() == 2]
+    for name, param in weights:
         reason = tensor_reason(param)
         if reason is not None:
-            return f"its parameter {name} is {reason}"
+            return f"the weight of its linear layer {name} is {reason}"
     return None
 
 
@@ -78,6 +91,16 @@ def classes_reason(classes: Iterable[type]) -> Optional[str]:
         if fsdp2 is not None and issubclass(cls, fsdp2):
             return f"the compiled code runs inside a module sharded by FSDP2 fully_shard ({cls.__name__})"
     return None
+
+
+def refuse_sharded_state(name: str, weight: Optional[torch.Tensor], mask: torch.Tensor) -> None:
+    """A layer whose weight or mask became a DTensor after agpe prepared it (tensor parallelism
+    applied after the Sparsifier: ``parallelize_module`` turns its buffers into DTensors too,
+    and the step hook failed in torch's sharding propagation: re-audit BZ)."""
+    for what, t in (("weight", weight), ("mask", mask)):
+        reason = tensor_reason(t)
+        if reason is not None:
+            raise RuntimeError(f"agpe: layer {name}'s {what} became {reason} after agpe prepared it; {_SUPPORTED}")
 
 
 def refuse_reshaped(name: str, weight: torch.Tensor) -> None:

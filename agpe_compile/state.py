@@ -779,6 +779,13 @@ def _parametrized_linears(model: nn.Module) -> List[str]:
             if nn.utils.parametrize.is_parametrized(module, param_name)]
 
 
+def sharded_reason(model: nn.Module, config: Optional[BackendConfig] = None) -> Optional[str]:
+    """Why the weights ``prepare`` would give masks are sharded by FSDP or tensor parallelism,
+    or None (Note [Sharded weights] in sharding.py)."""
+    return sharding.module_reason(model, [(layer_name(module_name, param_name), weight) for module_name, _, param_name,
+                                          weight in _linear_weights(_unwrapped(model))])
+
+
 def _refuse_meta_weights(model: nn.Module, config: BackendConfig) -> None:
     """A layer on the meta device has no values to build a mask from, and ``to_empty`` would
     later give its mask and layout uninitialized memory: materialize first."""
@@ -820,7 +827,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
         if state is not None and pattern_reason(state.name, config) is None:
             module_path, _, param_name = path.rpartition(".")
             check_block_size_option(state, config, seen_as=layer_name(module_path, param_name))
-    sharding.refuse(sharding.module_reason(model), "agpe.prepare")  # Note [Sharded weights]
+    sharding.refuse(sharded_reason(model, config), "agpe.prepare")  # Note [Sharded weights]
     _refuse_meta_weights(model, config)
     tied = _embedding_weights(model)
     prepared: Dict[str, LayerState] = {}

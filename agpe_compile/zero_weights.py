@@ -195,6 +195,7 @@ def install(optimizer: torch.optim.Optimizer, states: List, on_step=None) -> Lis
             state = ref()
             if state is None:
                 continue
+            sharding.refuse_sharded_state(state.name, state.weight, state.block_mask)  # Note [Sharded weights]
             if not state.stripped:
                 state.check_identity()  # Note [Replaced buffers]: model.to(device) since the last call
             state.sync_layout()

@@ -113,3 +113,23 @@ def test_zero_code_mode_leaves_another_models_sharded_optimizer_alone(one_rank):
     other(torch.randn(2, 8)).sum().backward()
     other_opt.step()  # no refusal
     torch._dynamo.reset()
+
+
+def test_a_dtensor_that_is_not_a_linear_weight_is_not_refused(one_rank):
+    # re-audit BZ: any DTensor parameter or input was refused, also an embedding that tensor
+    # parallelism splits while the linear layers stay whole
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = MLP()
+    model.emb = nn.Embedding(10, 32)
+    model.emb.weight = nn.Parameter(distribute_tensor(model.emb.weight.detach(), mesh, [Replicate()]))
+    assert agpe_compile.state.sharded_reason(model) is None
+    assert set(agpe_compile.prepare(model, {"block_size": 16})) == {"fc1", "fc2"}
+    other = MLP()
+    other.fc1.weight = nn.Parameter(distribute_tensor(other.fc1.weight.detach(), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match="the weight of its linear layer fc1 is a DTensor"):
+        agpe_compile.prepare(other, {"block_size": 16})
+    with pytest.raises(RuntimeError, match="layer fc2's mask became a DTensor"):
+        sharding.refuse_sharded_state("fc2", torch.zeros(2, 2), distribute_tensor(torch.ones(2, 2), mesh, [Replicate()]))

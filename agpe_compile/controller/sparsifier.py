@@ -41,7 +41,7 @@ from agpe_compile import distributed, sharding
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare
+from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare, sharded_reason
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -114,7 +114,7 @@ class Sparsifier:
         initialized weights whose init leaves whole blocks at zero (``nn.init.eye_``)."""
         if not isinstance(config, AGPEConfig):
             raise TypeError(f"agpe: Sparsifier expected an AGPEConfig, got {type(config).__name__}")
-        sharding.refuse(sharding.module_reason(model), "agpe: Sparsifier")  # Note [Sharded weights]
+        sharding.refuse(sharded_reason(model), "agpe: Sparsifier")  # Note [Sharded weights]
         config.check_model(model, layer_states(model))  # before prepare: a refused model is left as it was
         states = prepare(model, options=config.backend_options)
         frozen = sorted(name for name, state in states.items()
@@ -868,7 +868,7 @@ class Sparsifier:
         if lost:
             model = getattr(self, "model", None)
             if model is not None:  # Note [Sharded weights]: FSDP wrapped the model after the Sparsifier
-                sharding.refuse(sharding.module_reason(model), f"agpe: layers {lost} lost their weights")
+                sharding.refuse(sharded_reason(model), f"agpe: layers {lost} lost their weights")
             raise RuntimeError(
                 f"agpe: layers {lost} no longer have the weight the Sparsifier prepared (a torch.nn.utils."
                 f"parametrize parametrization, or the parameter was replaced after the Sparsifier was created: "
