@@ -305,7 +305,7 @@ def test_train_step_times_several_tma_settings_in_one_process(tmp_path):
     # two processes that differed more than the effect: --tma-settings times both in one
     out = tmp_path / "train_step.json"
     stdout = run(["benchmarks/train_step.py", "--small", "--warmup", "0", "--iters", "1", "--lowering", "aot_eager",
-                  "--densities", "0.5", "--optimizers", "foreach", "--no-mask-update",
+                  "--densities", "0.5", "--optimizers", "foreach", "--no-mask-update", "--schedule-steps", "0",
                   "--tma-settings", "off,persistent", "--out", str(out)])
     results = json.loads(out.read_text())
     assert [(row["density"], row["optimizer"], row["tma"]) for row in results["rows"]] == [
