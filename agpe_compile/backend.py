@@ -104,7 +104,7 @@ class AgpeCompiledGraph:
             self.before_training_call()
         if self.left_dense:
             self._check_left_dense(args)
-        extra, written = [], []
+        extra, written, served = [], [], []
         for i, (state, shape) in enumerate(zip(self.states, self.layout_shapes)):
             if self.weight_indices is not None:
                 weight = args[self.weight_indices[i]]
@@ -113,6 +113,7 @@ class AgpeCompiledGraph:
                 if weight is not state.weight and not isinstance(weight, FakeTensor):
                     state = self._state_of_another_instance(i, weight)
             state.check_identity()
+            served.append(state)
             state.eager_pending = False  # Note [Eager runs of a prepared layer]
             state.sync_layout()
             if self.compiled_as[i][2] and not state.zero_inactive and self.weight_indices is not None:
@@ -132,6 +133,10 @@ class AgpeCompiledGraph:
         outputs = self.compiled(*args, *extra)
         if written and torch.is_grad_enabled():
             token = _restore_versions_before_backward(outputs, written, args)
+            if token is not None:  # Note [Mistakes the Sparsifier names]: step() before this backward
+                ref = weakref.ref(token)
+                for state in served:
+                    state.backward_token = ref
             awaiting = getattr(self.before_training_call, "awaiting_backward", None)
             if token is not None and awaiting is not None:  # zero-code mode (Note [Zero-code step counting])
                 awaiting(token)
@@ -239,6 +244,19 @@ class AgpeCompiledGraph:
 
         compiled = self.states[i]
         state = state_of(weight)
+        module = compiled.module
+        driver = next((ref() for ref in (compiled.sparsifier_ref, compiled.controller_ref) if ref is not None), None)
+        if (state is None and driver is not None and module is not None
+                and module._parameters.get(compiled.param_name) is weight):
+            # the same module with a new Parameter: not another instance (helper audit CB: this
+            # named it "fc2#<id>" and, once the layer was sparse, blamed the graph's capacity)
+            raise RuntimeError(
+                f"agpe: layer {compiled.name!r}'s {compiled.param_name} was replaced after agpe prepared it (an "
+                f"assignment such as `layer.weight = nn.Parameter(...)`, load_state_dict(..., assign=True), "
+                f"to_empty()): its mask describes the old weight, and the optimizer holds the old one. Replace "
+                f"weights before creating the Sparsifier and its optimizer (or before the first compiled call in "
+                f"zero-code mode); to go on from a checkpoint, load it into the model in place (load_state_dict "
+                f"without assign=True)")
         if state is None:  # never prepared nor compiled itself: dense, as the backend would make it
             if not isinstance(weight, torch.nn.Parameter):
                 raise RuntimeError(f"agpe: layer {compiled.name!r} got a {type(weight).__name__}, not a Parameter")
@@ -274,16 +292,22 @@ class AgpeCompiledGraph:
 
 def _sharding_reason(gm: fx.GraphModule, example_inputs: Sequence[Any], sites):
     """Why this graph's linear layers compute with FSDP- or tensor-parallel-sharded weights, or
-    None: a linear weight that is a DTensor or FlatParameter, or a linear call inside a module
-    of FSDP1/FSDP2 (FSDP2 hands the forward transient unsharded copies, plain tensors: helper
+    None: a linear weight that is a DTensor or FlatParameter or a view of one, or a linear call
+    inside a module of FSDP1/FSDP2 (FSDP2 hands the forward transient unsharded copies, plain tensors: helper
     audit BX). Other DTensor inputs (a buffer, an embedding split by tensor parallelism) are
     not refused (re-audit BZ)."""
     position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for site in sites:
         i = position.get(site.weight)
-        reason = sharding.tensor_reason(example_inputs[i]) if i is not None and i < len(example_inputs) else None
+        weight = example_inputs[i] if i is not None and i < len(example_inputs) else None
+        reason = sharding.tensor_reason(weight)
         if reason is not None:
             return f"the weight {site.weight.name} of a linear layer in the compiled graph is {reason}"
+        # FSDP1 with use_orig_params=True hands the forward views of its FlatParameter
+        # (plain tensors; Dynamo skips the FSDP module, so no FSDP class is in the stack)
+        reason = sharding.tensor_reason(getattr(weight, "_base", None))
+        if reason is not None:
+            return f"the weight {site.weight.name} of a linear layer in the compiled graph is a view of {reason}"
     classes = {entry[1] for site in sites for entry in (site.node.meta.get("nn_module_stack") or {}).values()
                if isinstance(entry, tuple) and len(entry) == 2}
     return sharding.classes_reason(classes)
@@ -338,7 +362,8 @@ class AgpeBackend:
         if result.states:
             _keep_recompile_headroom(result.states, self.for_explain)
             if self.zero_code_options is None and not self.for_explain:
-                _warn_undriven(result.states)
+                _warn_undriven(result.states, {d.name for d in decisions if d.rewritten and d.sites
+                                               and all(_in_linear_module(site) for site in d.sites)})
         if self.on_graph is not None:
             self.on_graph(GraphRecord(self.graph_count, gm, result.gm, decisions))
         self.graph_count += 1
@@ -628,7 +653,16 @@ def _source_placeholders(node: fx.Node, depth: int = 0) -> List[fx.Node]:
     return found
 
 
-def _warn_undriven(states: Sequence[LayerState]) -> None:
+def _in_linear_module(site) -> bool:
+    """Whether this linear call runs inside an nn.Linear or nn.MultiheadAttention module (the
+    innermost entry of its node's module stack)."""
+    stack = [entry for entry in (site.node.meta.get("nn_module_stack") or {}).values()
+             if isinstance(entry, tuple) and len(entry) == 2]
+    return bool(stack) and isinstance(stack[-1][1], type) and issubclass(
+        stack[-1][1], (torch.nn.Linear, torch.nn.MultiheadAttention))
+
+
+def _warn_undriven(states: Sequence[LayerState], module_layers: set = frozenset()) -> None:
     """A graph whose layers a Sparsifier drives, with some layers no Sparsifier drives: the
     compile found them (a parameter used through F.linear or x @ W.T outside nn.Linear, which
     a Sparsifier created before compiling cannot see), and they would train dense with every
@@ -641,6 +675,14 @@ def _warn_undriven(states: Sequence[LayerState]) -> None:
     if not driven or not undriven or not _first_time(("undriven", tuple(s.name for s in undriven))):
         return
     names = ", ".join(s.name for s in undriven[:5]) + (f" and {len(undriven) - 5} more" if len(undriven) > 5 else "")
+    if all(s.name in module_layers for s in undriven):
+        # modules the Sparsifier would have taken: added to the model after it (helper audit CB)
+        log.warning("agpe: this compile found layer(s) %s (linear modules the model did not hold when the "
+                    "Sparsifier driving %s was created: added since?) that no Sparsifier drives, so they train "
+                    "dense with every block live and are not in its global density. To prune them, add every "
+                    "module before creating the optimizer and the Sparsifier; to keep them dense, exclude them "
+                    "(AGPEConfig(exclude=[...]))", names, driven[0].name)
+        return
     log.warning("agpe: this compile found layer(s) %s (weights used as x @ W.T outside an nn.Linear, e.g. "
                 "F.linear on a parameter) that the Sparsifier driving %s does not drive: it was created before they "
                 "were found, so they train dense with every block live and are not in its global density. To prune "

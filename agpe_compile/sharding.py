@@ -13,6 +13,11 @@ the saved model was dense), FSDP1 trained dense with a warning about "no eligibl
 others failed with unrelated messages ("not enough values to unpack", "mixed torch.Tensor
 and DTensor", a parametrize hint). So ``prepare``, the ``Sparsifier`` and the backend
 refuse such models, naming what they found. DDP works (a whole weight per rank).
+In zero-code mode the backend also refuses linear weights that are views of a FlatParameter
+(FSDP1 with ``use_orig_params=True``: Dynamo skips FSDP1's forward, so no FSDP class is in
+the graph's module stack), and the first optimizer step refuses sharded parameters when no
+graph held a linear layer (FSDP2 per layer: Dynamo skips the sharded layers' forwards).
+FSDP1 with ``use_orig_params=False`` never reaches agpe (Dynamo runs it eagerly): not caught.
 """
 
 from __future__ import annotations

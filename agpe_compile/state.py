@@ -182,6 +182,10 @@ class LayerState:
     eager_checked: Optional[tuple] = None
     warned_eager_unmasked: bool = False
     eager_pending: bool = False  # the hook ran eagerly and no agpe graph has served the layer since
+    # The BackwardToken of the last compiled call with grad enabled through this layer
+    # (weakly: it lives as long as that call's autograd graph); Sparsifier.step() warns while
+    # it waits for its backward (Note [Mistakes the Sparsifier names] in controller/sparsifier.py).
+    backward_token: Optional[weakref.ReferenceType] = None
     # Made by a graph compiled before prepare (named from that graph's frame, not from the
     # layer's path in the model): prepare() gives it its path once (``_take_path_name``).
     graph_named: bool = False

@@ -133,3 +133,41 @@ def test_a_dtensor_that_is_not_a_linear_weight_is_not_refused(one_rank):
         agpe_compile.prepare(other, {"block_size": 16})
     with pytest.raises(RuntimeError, match="layer fc2's mask became a DTensor"):
         sharding.refuse_sharded_state("fc2", torch.zeros(2, 2), distribute_tensor(torch.ones(2, 2), mesh, [Replicate()]))
+
+
+_ZERO_CODE = {"inductor": False, "policy": "rigl", "target_sparsity": 0.75, "block_size": 16, "update_interval": 2,
+              "end_step": 10}
+
+
+def test_fsdp1_with_orig_params_is_refused_by_the_backend(one_rank):
+    # Dynamo skips FSDP1's own forward, so the graph holds no FSDP class, and its linear
+    # weights are plain views of the FlatParameter: before, zero-code mode trained dense
+    # behind the generic "weight is not a parameter" warning
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch._dynamo.reset()
+    model = FSDP(MLP(), use_orig_params=True, device_id=torch.device("cpu"))
+    run = torch.compile(model, backend=agpe_compile.AgpeBackend(_ZERO_CODE))
+    with pytest.raises(Exception, match="agpe backend: the weight .*fc1.* is a view of an FSDP FlatParameter"):
+        run(torch.randn(4, 32))
+    torch._dynamo.reset()
+
+
+def test_fsdp2_sharding_each_layer_in_zero_code_mode_is_refused(one_rank, monkeypatch):
+    # fully_shard per layer: Dynamo skips the sharded layers' forwards, so no graph holds a
+    # linear layer and zero-code mode trained dense with the generic warning
+    from torch.distributed.fsdp import fully_shard
+    from agpe_compile.controller import zero_code
+
+    monkeypatch.setattr(zero_code, "_CONTROLLERS_MADE", 0)
+    monkeypatch.setattr(zero_code, "_WATCH", [])
+    torch._dynamo.reset()
+    model = MLP()
+    fully_shard(model.fc1)
+    fully_shard(model.fc2)
+    run = torch.compile(model, backend=agpe_compile.AgpeBackend(_ZERO_CODE))
+    opt = torch.optim.AdamW(model.parameters())
+    run(torch.randn(4, 32)).square().mean().backward()
+    with pytest.raises(ValueError, match="zero-code mode: no compiled graph had a linear layer .* a DTensor"):
+        opt.step()
+    torch._dynamo.reset()

@@ -129,6 +129,9 @@ class _AfterLoad:
                 continue
             after = [int(v) for v in to_host([state.counters])[0].tolist()]
             sp._counters_at_model_load[name] = after[0]
+            if (sp.step_count == 0 and not sp._state_loaded and after[0] > 0
+                    and sp._model_loaded_without_state is None):  # Note [Mistakes the Sparsifier names]
+                sp._model_loaded_without_state = (name, after[0])
             if before is None:  # after Sparsifier.load_state_dict: it set the snapshot for this load
                 sp._snapshot_awaits_model_load.pop(name, None)
                 continue

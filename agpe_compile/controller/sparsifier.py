@@ -230,6 +230,10 @@ class Sparsifier:
         self._counters_at_model_load: Dict[str, int] = {n: c[0] for n, c in self.seen_counters.items()}
         self._load_hooks = model_loads.watch(self, list(self.layers.values()))
         weakref.finalize(self, _remove_handles, self._load_hooks)
+        # Note [Mistakes the Sparsifier names]: a model load that brought a run's state while
+        # this Sparsifier's own state was never loaded ((layer, rows) of the first such layer)
+        self._state_loaded = False
+        self._model_loaded_without_state: Optional[tuple] = None
         self._warned_no_backward = False
         self._warned_missed_layers: set = set()
         self._warned_target = False
@@ -274,6 +278,11 @@ class Sparsifier:
             # the list itself: install() appends the load hooks it registers later on
             weakref.finalize(self, _dropped, self._hooks, list(self.layers.values()))
         self._optimizer_steps, self._optimizer_steps_at_step = 0, None
+        # steps of the optimizer given (not of other optimizers of the layers) in all, and
+        # when step() last ran (Note [Mistakes the Sparsifier names])
+        self._own_optimizer_steps, self._own_steps_at_step = 0, 0
+        self._warned_missed_steps = False
+        self._warned_before_backward = False
 
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
@@ -299,6 +308,9 @@ class Sparsifier:
         self._snapshot_awaits_model_load.clear()  # Note [Counters a model load rewrites]: training went on
         self._check_weights_still_attached()
         self._check_one_call_per_optimizer_step()
+        self._check_no_missed_optimizer_steps()
+        self._check_no_backward_pending()
+        self._check_resumed_state()
         if loss is not None:
             value = _loss_value(loss)
             finite = torch.isfinite(value)
@@ -392,6 +404,7 @@ class Sparsifier:
         self._refuse_a_copy("load_state_dict()")
         adopt_buffers(self.layers.values())
         checkpoint.load(self, state)
+        self._state_loaded, self._model_loaded_without_state = True, None
         # the audit log goes on from here: the report drops what the log holds past this step
         self.audit.write({"event": "load", "step": self.step_count})
 
@@ -860,6 +873,84 @@ class Sparsifier:
                         "step (under gradient accumulation too); a torch.amp.GradScaler that skipped an "
                         "overflowing step also causes this, and then the skipped step counts as a step")
 
+    # Note [Mistakes the Sparsifier names]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # Three mistakes in a training loop that trained silently wrong or failed in torch's words
+    # (helper audit CB, twenty-sixth session), each named once, as a warning, at step():
+    # * step() called once per several steps of its optimizer, or never: the schedule counts
+    #   step() calls, so masks changed at a fraction of the rate or not at all. Only steps of
+    #   the optimizer given count (co-stepping optimizers of other layers would not mean a
+    #   missed call); "never" is told from the optimizer hook after max(10, 2 * update_interval)
+    #   of its steps. Explicit mode only (zero-code mode steps from the hook itself).
+    # * step() between the forward and loss.backward(): the step before an update switches the
+    #   scoring flag in place (and set/gmp's update edits the weight), so the backward failed
+    #   with torch's "modified by an inplace operation" at some steps only. A compiled call
+    #   whose graph still waits for its backward (``LayerState.backward_token``) is seen at any
+    #   step. A warning, not an error: a graph kept alive without a backward (an evaluation
+    #   with grad enabled whose output is held) would be a false alarm.
+    # * a model state_dict of a run (its counters show rows) loaded into a Sparsifier at step
+    #   0 whose own state was never loaded: its schedule starts again at step 0 (agpe regrew a
+    #   50%-sparse model to density 1.0). The warning comes at the first step(), so every
+    #   documented load order (model before or after the Sparsifier's state) passes.
+
+    def _check_no_missed_optimizer_steps(self) -> None:
+        missed = self._own_optimizer_steps - self._own_steps_at_step
+        self._own_steps_at_step = self._own_optimizer_steps
+        if missed >= 2 and getattr(self, "model", None) is not None:
+            self._warn_missed_steps(f"Sparsifier.step() was called once for {missed} optimizer steps")
+
+    def _warn_missed_steps(self, what: str) -> None:
+        if self._warned_missed_steps or not self.policy.updates_masks:
+            return
+        self._warned_missed_steps = True
+        log.warning("agpe: %s: each call counts one training step (update_interval=%d and end_step=%s count "
+                    "calls), so the masks change only as often as it is called. Call sparsifier.step(loss) once "
+                    "after every optimizer.step() (under gradient accumulation: once per optimizer step)", what,
+                    self.config.update_interval, self.config.end_step)
+
+    def _after_own_optimizer_step(self) -> None:
+        """From the optimizer hook: step() not called for many steps of its optimizer."""
+        self._own_optimizer_steps += 1
+        missed = self._own_optimizer_steps - self._own_steps_at_step
+        if (missed >= max(10, 2 * self.config.update_interval) and not self._warned_missed_steps
+                and getattr(self, "model", None) is not None):
+            self._warn_missed_steps(f"{missed} optimizer steps and no Sparsifier.step() since "
+                                    f"{'the Sparsifier was created' if self._own_steps_at_step == 0 else 'the last one'}")
+
+    def _check_no_backward_pending(self) -> None:
+        if self._warned_before_backward:
+            return
+        for name, state in self.layers.items():
+            token = state.backward_token() if state.backward_token is not None else None
+            if token is not None and not token.reached:
+                self._warned_before_backward = True
+                log.warning(
+                    "agpe: Sparsifier.step() was called while a compiled call through layer %s still waits for its "
+                    "backward. Call it after loss.backward() (and after optimizer.step()): called before the "
+                    "backward, a step that changes the layers' buffers (the one before each mask update, and the "
+                    "update itself) makes that backward fail in torch with \"one of the variables needed for "
+                    "gradient computation has been modified by an inplace operation\". If that call was an "
+                    "evaluation, run it under torch.no_grad()", name)
+                return
+
+    def _check_resumed_state(self) -> None:
+        loaded = self._model_loaded_without_state
+        if loaded is None:
+            return
+        self._model_loaded_without_state = None
+        name, rows = loaded
+        zero_code = getattr(self, "model", None) is None
+        log.warning(
+            "agpe: a model state_dict from a run (layer %s's counters show %d rows trained; global density %.3f) "
+            "was loaded under this Sparsifier, but its own state was not: %s", name, rows, self.global_density,
+            "zero-code mode keeps no resumable schedule state, so its schedule starts again at step 0 (agpe may "
+            "regrow the loaded masks at its first update). To resume a run, use agpe_compile.Sparsifier and load "
+            "its state_dict() too (docs/checkpoint-format.md)" if zero_code else
+            "its schedule starts again at step 0 (agpe may regrow the loaded masks at its first update; rigl and "
+            "set restart their drop-fraction schedule). To resume the run, also call "
+            "sparsifier.load_state_dict(checkpoint['sparsifier']) before the first step (docs/checkpoint-format.md); "
+            "to start a new schedule from these weights on purpose, ignore this warning")
+
     def _check_weights_still_attached(self) -> None:
         """A layer whose weight stopped being its module's parameter (parametrized or replaced
         after the Sparsifier was created) trains with a weight no mask describes."""
@@ -1096,6 +1187,8 @@ def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
         if sparsifier is not None:
             sparsifier._optimizer_steps += 1
             sparsifier._last_optimizer = weakref.ref(optimizer)
+            if optimizer is sparsifier.optimizer:
+                sparsifier._after_own_optimizer_step()
             if optimizer is not sparsifier.optimizer:
                 sparsifier._other_optimizers.add(optimizer)
 

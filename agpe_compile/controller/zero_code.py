@@ -380,6 +380,13 @@ def watch_for_nothing_to_prune() -> None:
         _WATCH.pop().remove()
         _WATCH.append(None)  # said or not, never again in this process
         if not _CONTROLLERS_MADE:
+            # FSDP2 sharding each layer (fully_shard per block): Dynamo skips the sharded
+            # modules' forwards, so the graphs hold no linear layer (Note [Sharded weights])
+            reason = next((r for g in optimizer.param_groups for p in g["params"]
+                           for r in (sharding.tensor_reason(p),) if r is not None), None)
+            sharding.refuse(f"no compiled graph had a linear layer agpe can prune, and the optimizer steps "
+                            f"parameters that are {reason} (torch.compile does not hand agpe the layers FSDP "
+                            f"wraps)" if reason else None, "agpe zero-code mode")
             log.warning("agpe: zero-code mode: the options asked for pruning, but no compiled graph had a linear "
                         "layer agpe can prune (nn.Linear, F.linear, x @ W.t(), nn.MultiheadAttention), so the model "
                         "trains dense. agpe_compile.explain(model, x) shows what each graph holds")

@@ -26,7 +26,7 @@ def test_missing_dataset_names_the_apt_command(tmp_path):
     ("swap", "expected N 28x28 images and N labels"),  # 10,000 test labels for 60,000 images trained silently
     ("corrupt", "cannot read the Fashion-MNIST file"),  # a damaged deflate stream: a raw zlib.error
 ])
-def test_damaged_data_files_are_named(tmp_path, damage, message):
+def test_damaged_data_files_are_named(tmp_path, damage, message, capsys):
     import shutil
 
     data = tmp_path / "data"
@@ -44,9 +44,12 @@ def test_damaged_data_files_are_named(tmp_path, damage, message):
     else:
         test_labels = sorted(p for p in data.iterdir() if p.name.startswith("t10k-labels"))[0]
         shutil.copy(test_labels, labels)
-    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--methods", "plain", "--data-dir", str(data),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    # in this process (test_missing_dataset_names_the_apt_command runs the command line)
+    with pytest.raises(SystemExit) as exited:
+        _example_module().main(["--smoke", "--methods", "plain", "--data-dir", str(data), "--out",
+                                str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exited.value.code not in (0, None) and message in (err + str(exited.value.code))
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason=f"needs Debian's dataset-fashion-mnist in {DATA}")
@@ -103,7 +106,26 @@ def test_validation_split_and_agpe_overrides(tmp_path):
     (["--block-size", "7"], "--block-size: expected a divisor of every sparse layer's dimensions [784, 1000"),
     (["--hidden", "1000,x"], "--hidden: expected comma-separated integers, got '1000,x'"),
 ])
-def test_bad_flags_are_named(tmp_path, args, message):
-    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--out", str(tmp_path), *args],
+def test_bad_flags_are_named(tmp_path, args, message, capsys):
+    # in this process (a subprocess per case spent most of its time importing torch); the
+    # command line itself: test_a_bad_flag_exits_with_status_2_from_the_command_line
+    with pytest.raises(SystemExit) as exited:
+        _example_module().main(["--smoke", "--out", str(tmp_path), *args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_flag_exits_with_status_2_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, EXAMPLE, "--smoke", "--out", str(tmp_path), "--agpe", "cooldown=-1"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2 and "--agpe: AGPEConfig.cooldown got -1; expected an int >= 0" in result.stderr
+
+
+def _example_module():
+    import importlib.util
+
+    name = "agpe_example_fashion_mnist"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+        spec.loader.exec_module(module)
+    return sys.modules[name]

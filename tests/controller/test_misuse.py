@@ -722,3 +722,158 @@ def test_weights_replaced_by_an_assign_load_are_named_in_the_refusal():
     model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
     with pytest.raises(RuntimeError, match=r"assign=True"):
         sp.step()
+
+
+# Note [Mistakes the Sparsifier names] (helper audit CB, twenty-sixth session)
+
+def _messages(caplog, text):
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+def test_step_called_once_per_several_optimizer_steps_warns_once(caplog):
+    # before: the schedule ran at a third of the rate (density 1.0 where 0.5 was due), silently
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                update_interval=4, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(6))  # one call per optimizer step: quiet
+        assert not _messages(caplog, "optimizer steps")
+        for i, (x, y) in enumerate(batches(9, seed=1)):
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if i % 3 == 2:
+                sp.step()
+    assert len(_messages(caplog, "Sparsifier.step() was called once for 3 optimizer steps")) == 1
+
+
+def test_step_never_called_warns_from_the_optimizer_hook(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=4, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, None, batches(12))
+    said = _messages(caplog, "optimizer steps and no Sparsifier.step() since the Sparsifier was created")
+    assert len(said) == 1 and "10 optimizer steps" in said[0].getMessage()  # max(10, 2 * update_interval)
+    assert sp.step_count == 0
+
+
+def test_a_policy_that_never_changes_masks_is_not_told_to_call_step(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="static", block_size=4, target_sparsity=0.5))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, None, batches(12))
+    assert not _messages(caplog, "optimizer steps")
+
+
+def test_a_second_optimizer_stepping_other_layers_is_not_a_missed_step(caplog):
+    # two optimizers, each over part of the layers, both stepping every iteration
+    model, _, _, _, _ = make_run(AGPEConfig(policy="dense", block_size=4))
+    opt_a = torch.optim.SGD(list(model.fc1.parameters()) + list(model.fc2.parameters()), lr=0.1)
+    opt_b = torch.optim.SGD(model.fc3.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt_a, AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5, update_interval=2,
+                                             end_step=100))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(12):
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+            opt_a.step()
+            opt_b.step()
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            sp.step()
+    assert not _messages(caplog, "optimizer steps")
+
+
+@pytest.mark.parametrize("policy,good_steps", [("agpe", 3), ("set", 4)])
+def test_step_between_forward_and_backward_is_named_at_the_first_call(policy, good_steps, caplog):
+    # before: torch's "modified by an inplace operation" at the step before an update (or at
+    # the update, set/gmp), naming a bool flag or a weight; a short smoke test passed
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy=policy, block_size=4, target_sparsity=0.5,
+                                                update_interval=5, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(good_steps))  # the documented order: quiet
+        assert not _messages(caplog, "still waits for its backward")
+        x, y = next(batches(1, seed=1))
+        loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+        # agpe: step 4 switches the scoring flag for step 5's update; set: step 5's update edits the weight
+        sp.step(loss)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    said = _messages(caplog, "still waits for its backward")
+    assert len(said) == 1 and "Call it after loss.backward()" in said[0].getMessage()
+
+
+def test_an_evaluation_without_no_grad_whose_output_is_dropped_is_not_a_pending_backward(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=2, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(6):
+            loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+            loss.backward()
+            cmodel(x).sum().item()  # grad enabled, output dropped: its graph goes with it
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+    assert not _messages(caplog, "still waits for its backward")
+
+
+@pytest.mark.parametrize("order", ["forgot", "sparsifier_first", "model_first"])
+def test_a_run_resumed_without_the_sparsifiers_state_is_named(order, caplog):
+    # before: with the model loaded after the Sparsifier (the documented order) and its state
+    # forgotten, agpe restarted its schedule at step 0 and regrew the loaded model, silently
+    config = AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5, update_interval=4, end_step=12)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(16))
+    saved = {"model": copy.deepcopy(model.state_dict()), "sparsifier": copy.deepcopy(sp.state_dict())}
+    sp.close()
+    torch._dynamo.reset()
+    fresh, fresh_opt, fresh_sp, fresh_c, _ = make_run(config, seed=1)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        if order == "sparsifier_first":
+            fresh_sp.load_state_dict(saved["sparsifier"])
+        fresh.load_state_dict(saved["model"])
+        if order == "model_first":
+            fresh_sp.load_state_dict(saved["sparsifier"])
+        train(fresh_c, fresh_opt, fresh_sp, batches(2, seed=2))
+    said = _messages(caplog, "but its own state was not")
+    if order == "forgot":
+        assert len(said) == 1 and "sparsifier.load_state_dict(checkpoint['sparsifier'])" in said[0].getMessage()
+        assert "global density 0.5" in said[0].getMessage()
+    else:
+        assert not said
+    torch._dynamo.reset()
+
+
+def test_a_weight_parameter_replaced_after_the_sparsifier_is_named_at_the_next_call():
+    # before: once the layer was sparse, the call raised a capacity error naming "fc2#<id>"
+    # and three causes that did not apply
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                    update_interval=2, end_step=100))
+    train(cmodel, opt, sp, batches(3))
+    model.fc2.weight = torch.nn.Parameter(torch.randn(32, 32))
+    with pytest.raises(RuntimeError, match=r"layer 'fc2''s weight was replaced after agpe prepared it .*in place"):
+        cmodel(torch.randn(32, 16))  # the shape trained on: the compiled graph is reused
+    torch._dynamo.reset()
+
+
+def test_a_linear_added_after_the_sparsifier_is_named_as_such(caplog):
+    class Growing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.extra = torch.nn.Linear(16, 32), None
+
+        def forward(self, x):
+            x = self.fc1(x)
+            return x if self.extra is None else self.extra(x)
+
+    torch._dynamo.reset()
+    model = Growing()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5, update_interval=2,
+                                           end_step=100))
+    model.extra = torch.nn.Linear(32, 32)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(torch.randn(4, 16))
+    said = _messages(caplog, "linear modules the model did not hold when the Sparsifier driving fc1 was created")
+    assert len(said) == 1 and "extra" in said[0].getMessage()
+    assert not _messages(caplog, "F.linear on a parameter")
+    sp.close()
+    torch._dynamo.reset()
