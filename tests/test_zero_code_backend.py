@@ -538,3 +538,15 @@ def test_zero_code_counts_each_step_once_with_two_optimizers_over_the_layers():
     assert controller.sparsifier.step_count == 30 and controller.optimizer is first
     assert second in controller.sparsifier._other_optimizers  # its moments of changed blocks are reset too
     torch._dynamo.reset()
+
+
+def test_a_first_optimizer_step_past_the_first_update_says_what_follows_and_the_remedy(caplog):
+    # helper audit CB: the warning named neither the drift of pruned weights nor what to do
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        _, _, backend = _zero_code_run(2, micro_batches=6)  # 6 calls before the first step, update_interval 5
+    said = [r.getMessage() for r in caplog.records if "keeps counting compiled calls" in r.getMessage()]
+    assert len(said) == 1 and "came after 6 calls" in said[0]
+    assert "pruned weights drift from zero" in said[0] and "under torch.no_grad()" in said[0]
+    assert backend.controllers[0].calls == 12

@@ -249,8 +249,14 @@ class ZeroCodeController:
                 # step and a short interval): switching now would count steps twice.
                 self._gave_up = True
                 log.warning("agpe: zero-code mode keeps counting compiled calls as training steps: the first "
-                            "step of %s came after %d calls, past the first update", type(optimizer).__name__,
-                            self.calls)
+                            "step of %s came after %d calls, past the first update. So for the rest of the run "
+                            "every compiled call with grad enabled counts one step (micro-batches too), and the "
+                            "optimizer is not followed: the moments of pruned blocks are not reset, so pruned "
+                            "weights drift from zero between updates (the compiled model masks them and each "
+                            "update re-zeroes them; the module run eagerly does not mask them). To have the "
+                            "optimizer followed, run warm-up calls under torch.no_grad() (or call "
+                            "torch._dynamo.reset() before training, which restarts the schedule)",
+                            type(optimizer).__name__, self.calls)
                 return
             # Steps the ticks counted before the first optimizer step were micro-batches of it;
             # no update ran yet, so the count can restart (Note [Zero-code step counting]).

@@ -385,6 +385,14 @@ class AGPETrainer(Trainer):
                 f"{plugin.backend.value.lower()!r} (an accelerate config or ACCELERATE_DYNAMO_BACKEND), a second "
                 f"compile around the one AGPETrainer makes (in place, backend='agpe'). Set the dynamo backend to "
                 f"'no' (unset ACCELERATE_DYNAMO_BACKEND); backend options go in agpe_compile_options={{...}}")
+        sharded = [name for name, on in (("FSDP", getattr(self, "is_fsdp_enabled", False)),
+                                         ("DeepSpeed", getattr(self, "is_deepspeed_enabled", False))) if on]
+        if sharded:  # set by accelerate's config or ACCELERATE_USE_FSDP/_DEEPSPEED, not only args.fsdp
+            raise ValueError(
+                f"AGPETrainer: accelerate is configured for {sharded[0]} (an accelerate config or its "
+                f"ACCELERATE_USE_* environment variable), which replaces or shards the Parameters that carry the "
+                f"agpe state (Note [Sharded weights] in agpe_compile/sharding.py); train with "
+                f"DistributedDataParallel (accelerate launch / torchrun without FSDP or DeepSpeed)")
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"AGPETrainer: {self.args.n_gpu} GPUs in one process make the Trainer use nn.DataParallel, which "

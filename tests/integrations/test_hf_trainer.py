@@ -339,6 +339,14 @@ def test_refusals_found_by_the_trainer_name_the_fix(tmp_path, monkeypatch):
     args._n_gpu = 2  # as on a machine with two visible GPUs
     with pytest.raises(ValueError, match="Launch one process per GPU"):
         make_trainer(tmp_path, args=args)
+    trainer = make_trainer(tmp_path)
+    for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+        # as accelerate sets them from its config (a one-process test cannot launch FSDP); the
+        # check read args.fsdp/args.deepspeed only
+        with monkeypatch.context() as patched:
+            patched.setattr(trainer, flag, True, raising=False)
+            with pytest.raises(ValueError, match=f"accelerate is configured for {name}.*DistributedDataParallel"):
+                trainer._refuse_after_init()
     plain = tmp_path / "plain-checkpoint"  # a folder without the Sparsifier's file
     plain.mkdir()
     with pytest.raises(ValueError, match=f"has no {SPARSIFIER_NAME}.*without resume_from_checkpoint"):
