@@ -46,7 +46,7 @@ from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
 from agpe_compile.state import (_TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState, clear_compiled_dense,
-                                mark_compiled_dense, state_of)
+                                mark_compiled_dense, note_backward_reached, state_of)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ class AgpeCompiledGraph:
             if token is not None:  # Note [Mistakes the Sparsifier names]: step() before this backward
                 ref = weakref.ref(token)
                 for state in served:
-                    state.backward_token = ref
+                    state.backward_tokens = [r for r in state.backward_tokens
+                                             if (t := r()) is not None and not t.reached] + [ref]
             awaiting = getattr(self.before_training_call, "awaiting_backward", None)
             if token is not None and awaiting is not None:  # zero-code mode (Note [Zero-code step counting])
                 awaiting(token)
@@ -550,6 +551,7 @@ def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inpu
     def restore(grad_outputs):
         if not token.reached:
             token.reached = True
+            note_backward_reached()
             if token.on_backward is not None:
                 token.on_backward()
         if torch.is_grad_enabled():  # the engine runs a create_graph=True backward with grad mode on
@@ -676,12 +678,18 @@ def _warn_undriven(states: Sequence[LayerState], module_layers: set = frozenset(
         return
     names = ", ".join(s.name for s in undriven[:5]) + (f" and {len(undriven) - 5} more" if len(undriven) > 5 else "")
     if all(s.name in module_layers for s in undriven):
-        # modules the Sparsifier would have taken: added to the model after it (helper audit CB)
-        log.warning("agpe: this compile found layer(s) %s (linear modules the model did not hold when the "
-                    "Sparsifier driving %s was created: added since?) that no Sparsifier drives, so they train "
-                    "dense with every block live and are not in its global density. To prune them, add every "
-                    "module before creating the optimizer and the Sparsifier; to keep them dense, exclude them "
-                    "(AGPEConfig(exclude=[...]))", names, driven[0].name)
+        # linear modules no Sparsifier holds: added to the model after it (helper audit CB), or
+        # another model traced in the same graph (a teacher), whose names may be the driven
+        # model's own: then excluding them by name would exclude the driven layers (re-audit CC)
+        taken = set().union(*(getattr(s.sparsifier_ref(), "layers", {}).keys() for s in driven))
+        clash = any(s.name in taken for s in undriven)
+        log.warning("agpe: this compile found linear layer(s) %s that no Sparsifier drives (the Sparsifier driving "
+                    "%s does not hold them: a module added to the model after it was created, or another model's "
+                    "layers traced in the same graph), so they train dense with every block live and are not in its "
+                    "global density. To prune an added module, add it before creating the optimizer and the "
+                    "Sparsifier; another model's layers (a teacher) stay dense without this warning when frozen "
+                    "(requires_grad_(False)) or run under torch.no_grad()%s", names, driven[0].name,
+                    "" if clash else "; or compile with options={'exclude': [...]} naming them")
         return
     log.warning("agpe: this compile found layer(s) %s (weights used as x @ W.T outside an nn.Linear, e.g. "
                 "F.linear on a parameter) that the Sparsifier driving %s does not drive: it was created before they "

@@ -52,6 +52,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -105,6 +106,7 @@ class GraphedStep:
         self.output: Any = None
         self.captures = 0
         self.replays = 0
+        self._stepped: List[tuple] = []  # Note [Optimizer steps a replay runs]
 
     def reset(self) -> None:
         """Drop the captured graph: the next call runs eagerly and captures again."""
@@ -120,6 +122,7 @@ class GraphedStep:
         if self.graph is not None and signature == self.signature:
             self.graph.replay()
             self.replays += 1
+            _count_replayed_steps(self._stepped)
             return self.output
         if self.graph is not None:
             moved = sorted({name for (name, ptr), (_, old) in zip(signature, self.signature) if ptr != old})
@@ -142,9 +145,11 @@ class GraphedStep:
             param.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        before = _optimizer_steps_seen(self.model)
         with torch.cuda.stream(side):
             result = self.step_fn()
         torch.cuda.current_stream().wait_stream(side)
+        self._stepped = _stepped_since(before)
         # Gradients allocated inside the capture come from the graph's pool and are
         # overwritten (not accumulated) by every replay.
         for param in self.model.parameters():
@@ -167,3 +172,42 @@ class GraphedStep:
         self.signature = tensor_signature(self.model, self.optimizers)
         self.captures += 1
         return result
+
+
+# Note [Optimizer steps a replay runs]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A Sparsifier counts the optimizer steps of its layers in a global optimizer hook, to name a
+# step() called twice per optimizer step or once per several (Note [Mistakes the Sparsifier
+# names] in controller/sparsifier.py). A replay runs its optimizer step without the hook,
+# and the capture runs the hook without a step (capturing records kernels only; the hook
+# skips counting while the stream captures). So the eager step of each capture records
+# which Sparsifiers its optimizer steps reached, and each replay counts one for them
+# (helper re-audit CC: both warnings misfired under GraphedStep).
+def _drivers(model) -> list:
+    found = {}
+    for state in layer_states(model).values():
+        sparsifier = state.sparsifier_ref() if state.sparsifier_ref is not None else None
+        if sparsifier is not None:
+            found[id(sparsifier)] = sparsifier
+    return list(found.values())
+
+
+def _optimizer_steps_seen(model) -> list:
+    return [(weakref.ref(sp), sp._optimizer_steps, sp._own_optimizer_steps) for sp in _drivers(model)]
+
+
+def _stepped_since(before: list) -> List[tuple]:
+    """(Sparsifier ref, whether its own optimizer stepped) for each one an optimizer step reached."""
+    stepped = []
+    for ref, steps, own in before:
+        sparsifier = ref()
+        if sparsifier is not None and sparsifier._optimizer_steps > steps:
+            stepped.append((ref, sparsifier._own_optimizer_steps > own))
+    return stepped
+
+
+def _count_replayed_steps(stepped: List[tuple]) -> None:
+    for ref, own in stepped:
+        sparsifier = ref()
+        if sparsifier is not None:
+            sparsifier._count_optimizer_step(own)

@@ -15,8 +15,9 @@ and DTensor", a parametrize hint). So ``prepare``, the ``Sparsifier`` and the ba
 refuse such models, naming what they found. DDP works (a whole weight per rank).
 In zero-code mode the backend also refuses linear weights that are views of a FlatParameter
 (FSDP1 with ``use_orig_params=True``: Dynamo skips FSDP1's forward, so no FSDP class is in
-the graph's module stack), and the first optimizer step refuses sharded parameters when no
-graph held a linear layer (FSDP2 per layer: Dynamo skips the sharded layers' forwards).
+the graph's module stack), and the first optimizer step names sharded parameters when no
+graph held a linear layer (FSDP2 per layer: Dynamo skips the sharded layers' forwards, so
+nothing is pruned; a warning, since a DTensor there need not be FSDP's).
 FSDP1 with ``use_orig_params=False`` never reaches agpe (Dynamo runs it eagerly): not caught.
 """
 
@@ -27,7 +28,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-_SUPPORTED = ("agpe cannot prune weights that FSDP or tensor parallelism shards (it keeps each layer's mask beside "
+SUPPORTED = _SUPPORTED = ("agpe cannot prune weights that FSDP or tensor parallelism shards (it keeps each layer's mask beside "
               "one whole [N, K] weight): train with DistributedDataParallel, which agpe supports, or without "
               "agpe (Note [Sharded weights] in agpe_compile/sharding.py)")
 

@@ -130,6 +130,19 @@ _TENSOR_FIELDS = ("block_mask", "saliency", "dense_grad_sq", "score_dense", "cou
 _FP32_FIELDS = ("saliency", "dense_grad_sq")
 
 
+# Backwards that reached a compiled agpe call, in this process (backend.py counts them; the
+# Sparsifier reads them: Note [Mistakes the Sparsifier names] in controller/sparsifier.py).
+_BACKWARDS_REACHED = [0]
+
+
+def backwards_reached() -> int:
+    return _BACKWARDS_REACHED[0]
+
+
+def note_backward_reached() -> None:
+    _BACKWARDS_REACHED[0] += 1
+
+
 @dataclasses.dataclass(eq=False)
 class LayerState:
     """Mask and saliency tensors of one weight; see Note [Where masks live].
@@ -182,10 +195,11 @@ class LayerState:
     eager_checked: Optional[tuple] = None
     warned_eager_unmasked: bool = False
     eager_pending: bool = False  # the hook ran eagerly and no agpe graph has served the layer since
-    # The BackwardToken of the last compiled call with grad enabled through this layer
-    # (weakly: it lives as long as that call's autograd graph); Sparsifier.step() warns while
-    # it waits for its backward (Note [Mistakes the Sparsifier names] in controller/sparsifier.py).
-    backward_token: Optional[weakref.ReferenceType] = None
+    # The BackwardTokens of the compiled calls with grad enabled through this layer whose
+    # backward has not come yet (weakly: each lives as long as its call's autograd graph);
+    # Sparsifier.step() warns while one waits (Note [Mistakes the Sparsifier names] in
+    # controller/sparsifier.py).
+    backward_tokens: List[weakref.ReferenceType] = dataclasses.field(default_factory=list)
     # Made by a graph compiled before prepare (named from that graph's frame, not from the
     # layer's path in the model): prepare() gives it its path once (``_take_path_name``).
     graph_named: bool = False
@@ -265,6 +279,7 @@ class LayerState:
             setattr(new_weight, STATE_ATTR, new)
         new.controller_ref = new.sparsifier_ref = None
         new.capacity_layouts = []  # the copy is compiled by graphs of its own
+        new.backward_tokens = []  # (weak references to the original's calls)
         new.zero_inactive = False  # no Sparsifier keeps the copy's inactive weights at zero
         return new
 
@@ -274,6 +289,7 @@ class LayerState:
         state["weight_ref"] = state["controller_ref"] = state["sparsifier_ref"] = None
         state["zero_inactive"] = False  # the loaded model is driven by no Sparsifier yet
         state["capacity_layouts"] = []  # weak references; graphs are not pickled
+        state["backward_tokens"] = []
         return state
 
     def __setstate__(self, state):

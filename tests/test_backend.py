@@ -341,6 +341,23 @@ def test_deepcopy_and_torch_save_keep_the_masks(tmp_path):
         assert originals[state.name].block_mask.any()
 
 
+def test_a_model_saves_and_copies_while_a_compiled_call_waits_for_its_backward(tmp_path):
+    # LayerState keeps weak references to the calls waiting for their backward (Note [Mistakes
+    # the Sparsifier names]); weak references cannot be pickled, and a copy must not share them
+    import copy
+
+    torch._dynamo.reset()
+    model = MLP()
+    agpe_compile.prepare(model, options={"block_size": 16})
+    out = torch.compile(model, backend=aot_backend())(torch.randn(4, 64))  # its graph waits for a backward
+    assert any(s.backward_tokens for s in agpe_compile.layer_states(model).values())
+    torch.save(model, tmp_path / "model.pt")
+    for clone in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert all(not s.backward_tokens for s in agpe_compile.layer_states(clone).values())
+    out.sum().backward()
+    torch._dynamo.reset()
+
+
 def test_compile_modes_reach_inductor_and_bad_ones_are_named():
     # Note [Compile modes]: torch.compile hands mode= to the backend.
     torch._dynamo.reset()

@@ -91,11 +91,18 @@ def _train(graphed: bool, steps: int = 24, block_sparse: bool = False):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("block_sparse", [False, True], ids=["adamw", "block-sparse-adamw"])
-def test_graphed_training_matches_eager_across_mask_updates_and_crossings(block_sparse):
+def test_graphed_training_matches_eager_across_mask_updates_and_crossings(block_sparse, caplog):
+    import logging
+
     torch._dynamo.reset()
     eager_losses, eager_masks, eager_model, _, eager_layouts, _ = _train(graphed=False, block_sparse=block_sparse)
     torch._dynamo.reset()
-    losses, masks, model, graphed, layouts, sparsifier = _train(graphed=True, block_sparse=block_sparse)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        losses, masks, model, graphed, layouts, sparsifier = _train(graphed=True, block_sparse=block_sparse)
+    # Note [Optimizer steps a replay runs]: one optimizer step per call, captures and replays alike
+    assert not [r for r in caplog.records if "optimizer steps" in r.getMessage()
+                or "no optimizer.step() since" in r.getMessage()]
+    assert sparsifier._own_optimizer_steps == len(losses)
     assert sparsifier.global_density < 0.2  # the schedule really pruned
     assert len(layouts) >= 3  # ... across several bucket crossings
     # One capture per distinct layout the step ran with (the last one's layout set is

@@ -41,7 +41,8 @@ from agpe_compile import distributed, sharding
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare, sharded_reason
+from agpe_compile.state import (LayerState, adopt_buffers, backwards_reached, compiled_dense_reason, layer_states, prepare,
+                                sharded_reason)
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -283,6 +284,7 @@ class Sparsifier:
         self._own_optimizer_steps, self._own_steps_at_step = 0, 0
         self._warned_missed_steps = False
         self._warned_before_backward = False
+        self._backwards_at_step = backwards_reached()
 
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
@@ -881,17 +883,21 @@ class Sparsifier:
     #   step() calls, so masks changed at a fraction of the rate or not at all. Only steps of
     #   the optimizer given count (co-stepping optimizers of other layers would not mean a
     #   missed call); "never" is told from the optimizer hook after max(10, 2 * update_interval)
-    #   of its steps. Explicit mode only (zero-code mode steps from the hook itself).
+    #   of its steps; not past end_step (no mask changes then) nor for policies that never
+    #   change masks. Explicit mode only (zero-code mode steps from the hook itself). A CUDA
+    #   graph replay counts its step (Note [Optimizer steps a replay runs] in graphs.py).
     # * step() between the forward and loss.backward(): the step before an update switches the
     #   scoring flag in place (and set/gmp's update edits the weight), so the backward failed
-    #   with torch's "modified by an inplace operation" at some steps only. A compiled call
-    #   whose graph still waits for its backward (``LayerState.backward_token``) is seen at any
-    #   step. A warning, not an error: a graph kept alive without a backward (an evaluation
-    #   with grad enabled whose output is held) would be a false alarm.
+    #   with torch's "modified by an inplace operation" at some steps only. Said when a
+    #   compiled call's graph still waits for its backward (``LayerState.backward_tokens``)
+    #   and no backward reached any compiled call since the last step(): a waiting graph in a
+    #   loop whose loss was backpropagated is one no loss uses (an auxiliary output, an
+    #   evaluation with grad enabled kept alive; re-audit CC). A warning, not an error.
     # * a model state_dict of a run (its counters show rows) loaded into a Sparsifier at step
     #   0 whose own state was never loaded: its schedule starts again at step 0 (agpe regrew a
     #   50%-sparse model to density 1.0). The warning comes at the first step(), so every
-    #   documented load order (model before or after the Sparsifier's state) passes.
+    #   documented load order (model before or after the Sparsifier's state) passes; not for
+    #   policies that never change masks.
 
     def _check_no_missed_optimizer_steps(self) -> None:
         missed = self._own_optimizer_steps - self._own_steps_at_step
@@ -900,16 +906,24 @@ class Sparsifier:
             self._warn_missed_steps(f"Sparsifier.step() was called once for {missed} optimizer steps")
 
     def _warn_missed_steps(self, what: str) -> None:
-        if self._warned_missed_steps or not self.policy.updates_masks:
-            return
+        end = self.config.end_step
+        if self._warned_missed_steps or not self.policy.updates_masks or (end is not None and self.step_count >= end):
+            return  # (past end_step no mask changes: re-audit CC)
         self._warned_missed_steps = True
         log.warning("agpe: %s: each call counts one training step (update_interval=%d and end_step=%s count "
                     "calls), so the masks change only as often as it is called. Call sparsifier.step(loss) once "
                     "after every optimizer.step() (under gradient accumulation: once per optimizer step)", what,
                     self.config.update_interval, self.config.end_step)
 
+    def _count_optimizer_step(self, own: bool) -> None:
+        """One optimizer step of the layers (from the optimizer hook, or a GraphedStep replay);
+        ``own``: of the optimizer given."""
+        self._optimizer_steps += 1
+        if own:
+            self._after_own_optimizer_step()
+
     def _after_own_optimizer_step(self) -> None:
-        """From the optimizer hook: step() not called for many steps of its optimizer."""
+        """step() not called for many steps of its optimizer."""
         self._own_optimizer_steps += 1
         missed = self._own_optimizer_steps - self._own_steps_at_step
         if (missed >= max(10, 2 * self.config.update_interval) and not self._warned_missed_steps
@@ -918,11 +932,15 @@ class Sparsifier:
                                     f"{'the Sparsifier was created' if self._own_steps_at_step == 0 else 'the last one'}")
 
     def _check_no_backward_pending(self) -> None:
-        if self._warned_before_backward:
+        reached = backwards_reached()
+        in_order, self._backwards_at_step = reached != self._backwards_at_step, reached
+        # A backward reached a compiled call since the last step(): the loop is in order, and a
+        # graph still waiting is one no loss uses (an auxiliary head, an evaluation kept alive;
+        # re-audit CC). Zero-code mode steps from its own hooks (and skips waiting graphs).
+        if self._warned_before_backward or in_order or getattr(self, "model", None) is None:
             return
         for name, state in self.layers.items():
-            token = state.backward_token() if state.backward_token is not None else None
-            if token is not None and not token.reached:
+            if any(t is not None and not t.reached for t in (ref() for ref in state.backward_tokens)):
                 self._warned_before_backward = True
                 log.warning(
                     "agpe: Sparsifier.step() was called while a compiled call through layer %s still waits for its "
@@ -938,6 +956,8 @@ class Sparsifier:
         if loaded is None:
             return
         self._model_loaded_without_state = None
+        if not self.policy.updates_masks:  # static / dense: no schedule to restart (re-audit CC)
+            return
         name, rows = loaded
         zero_code = getattr(self, "model", None) is None
         log.warning(
@@ -1185,14 +1205,18 @@ def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
     def hook(optimizer) -> None:
         sparsifier = ref()
         if sparsifier is not None:
-            sparsifier._optimizer_steps += 1
             sparsifier._last_optimizer = weakref.ref(optimizer)
-            if optimizer is sparsifier.optimizer:
-                sparsifier._after_own_optimizer_step()
             if optimizer is not sparsifier.optimizer:
                 sparsifier._other_optimizers.add(optimizer)
+            if _capturing():  # Note [Optimizer steps a replay runs] (graphs.py): no step runs now
+                return
+            sparsifier._count_optimizer_step(optimizer is sparsifier.optimizer)
 
     return hook
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _global_density(masks) -> float:

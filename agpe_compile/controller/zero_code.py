@@ -387,12 +387,17 @@ def watch_for_nothing_to_prune() -> None:
         _WATCH.append(None)  # said or not, never again in this process
         if not _CONTROLLERS_MADE:
             # FSDP2 sharding each layer (fully_shard per block): Dynamo skips the sharded
-            # modules' forwards, so the graphs hold no linear layer (Note [Sharded weights])
+            # modules' forwards, so the graphs hold no linear layer (Note [Sharded weights]).
+            # Said, not refused: nothing is pruned either way, and a DTensor that is not a
+            # linear weight (tensor parallelism's embedding) proves no FSDP (re-audit CC).
             reason = next((r for g in optimizer.param_groups for p in g["params"]
                            for r in (sharding.tensor_reason(p),) if r is not None), None)
-            sharding.refuse(f"no compiled graph had a linear layer agpe can prune, and the optimizer steps "
-                            f"parameters that are {reason} (torch.compile does not hand agpe the layers FSDP "
-                            f"wraps)" if reason else None, "agpe zero-code mode")
+            if reason is not None:
+                log.warning("agpe: zero-code mode: the options asked for pruning, but no compiled graph had a "
+                            "linear layer agpe can prune, and the optimizer steps parameters that are %s: "
+                            "torch.compile does not hand agpe the layers FSDP wraps, so the model trains dense. "
+                            "%s", reason, sharding.SUPPORTED)
+                return
             log.warning("agpe: zero-code mode: the options asked for pruning, but no compiled graph had a linear "
                         "layer agpe can prune (nn.Linear, F.linear, x @ W.t(), nn.MultiheadAttention), so the model "
                         "trains dense. agpe_compile.explain(model, x) shows what each graph holds")

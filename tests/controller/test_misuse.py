@@ -872,8 +872,111 @@ def test_a_linear_added_after_the_sparsifier_is_named_as_such(caplog):
     model.extra = torch.nn.Linear(32, 32)
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))(torch.randn(4, 16))
-    said = _messages(caplog, "linear modules the model did not hold when the Sparsifier driving fc1 was created")
-    assert len(said) == 1 and "extra" in said[0].getMessage()
+    said = _messages(caplog, "a module added to the model after it was created")
+    assert len(said) == 1 and "layer(s) extra that no Sparsifier drives" in said[0].getMessage()
+    assert "the Sparsifier driving fc1" in said[0].getMessage()
     assert not _messages(caplog, "F.linear on a parameter")
+    # the advice holds: excluded by the compile, the added layer stays dense without a word
+    caplog.clear()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False, "exclude": ["extra"]}))(
+            torch.randn(4, 16))
+    assert not _messages(caplog, "no Sparsifier drives")
     sp.close()
     torch._dynamo.reset()
+
+
+def test_step_never_called_after_end_step_is_not_warned(caplog):
+    # re-audit CC: past end_step no mask changes, whoever calls step()
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=2, end_step=4))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(5))
+        train(cmodel, opt, None, batches(12, seed=1))  # the run goes on without step() past end_step
+    assert not _messages(caplog, "optimizer steps")
+
+
+def test_a_graph_no_loss_uses_is_not_a_step_before_backward(caplog):
+    # re-audit CC: an auxiliary output kept alive (here a second compiled call whose result is
+    # logged, not trained) while the loss's backward reached the model's graph
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                update_interval=2, end_step=100))
+    kept = []
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(6):
+            loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+            kept.append(cmodel(x))  # grad enabled, kept until after step()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+            kept.clear()
+    assert not _messages(caplog, "still waits for its backward")
+
+
+def test_a_pending_call_is_seen_behind_a_later_call_through_another_wrapper(caplog):
+    # re-audit CC: the layer remembered only its last call, so a second call through another
+    # compiled wrapper (dropped at once) hid the first one's waiting graph
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                    update_interval=5, end_step=100))
+    other = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(2))
+        x, y = next(batches(1, seed=1))
+        loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+        other(x).sum().item()  # another wrapper's call, its graph dropped
+        sp.step(loss)
+    assert len(_messages(caplog, "still waits for its backward")) == 1
+    loss.backward()
+    torch._dynamo.reset()
+
+
+def test_a_static_run_loaded_without_the_sparsifiers_state_is_not_told_its_schedule_restarts(caplog):
+    config = AGPEConfig(policy="static", block_size=4, target_sparsity=0.5)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(4))
+    saved = copy.deepcopy(model.state_dict())
+    sp.close()
+    torch._dynamo.reset()
+    fresh, fresh_opt, fresh_sp, fresh_c, _ = make_run(config, seed=1)
+    fresh.load_state_dict(saved)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(fresh_c, fresh_opt, fresh_sp, batches(2, seed=2))
+    assert not _messages(caplog, "but its own state was not")
+    torch._dynamo.reset()
+
+
+def test_a_graphed_steps_capture_and_replays_count_one_optimizer_step_each(monkeypatch, caplog):
+    # Note [Optimizer steps a replay runs] (graphs.py), simulated on the CPU: GraphedStep's
+    # first call runs the step eagerly and again under capture (hooks fire, no step runs);
+    # a replay runs a step without hooks. Both warnings misfired (re-audit CC).
+    from agpe_compile import graphs
+    from agpe_compile.controller import sparsifier as sparsifier_module
+
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                    update_interval=2, end_step=100))
+    data = batches(8)
+
+    def step_fn():
+        x, y = next(data)
+        loss = torch.nn.functional.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        before = graphs._optimizer_steps_seen(model)
+        step_fn()  # the eager step
+        stepped = graphs._stepped_since(before)
+        assert [own for _, own in stepped] == [True]
+        monkeypatch.setattr(sparsifier_module, "_capturing", lambda: True)
+        loss = step_fn()  # the capture
+        monkeypatch.undo()
+        sp.step(loss)
+        for _ in range(5):
+            graphs._count_replayed_steps(stepped)  # a replay
+            sp.step(loss)
+    assert not _messages(caplog, "optimizer steps") and not _messages(caplog, "no optimizer.step() since")
+    assert sp._optimizer_steps == 6 and sp._own_optimizer_steps == 6
