@@ -46,7 +46,7 @@ from agpe_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
 from agpe_compile.buckets import (check_bucket_set_recompiles, ensure_recompile_headroom, recompile_budget,
                                   start_frame_compile)
 from agpe_compile.state import (_TENSOR_FIELDS, DENSE_SAID_ATTR, STATE_ATTR, LayerState, clear_compiled_dense,
-                                mark_compiled_dense, note_backward_reached, state_of)
+                                mark_compiled_dense, state_of)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class AgpeCompiledGraph:
             token = _restore_versions_before_backward(outputs, written, args)
             if token is not None:  # Note [Mistakes the Sparsifier names]: step() before this backward
                 ref = weakref.ref(token)
+                token.served = [weakref.ref(state) for state in served]
                 for state in served:
                     state.backward_tokens = [r for r in state.backward_tokens
                                              if (t := r()) is not None and not t.reached] + [ref]
@@ -536,6 +537,7 @@ class BackwardToken:
     def __init__(self) -> None:
         self.reached = False
         self.on_backward: Optional[Callable[[], None]] = None
+        self.served: List[Any] = []  # weak references to the call's LayerStates (set by the call wrapper)
 
 
 def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inputs=()) -> Optional[BackwardToken]:
@@ -551,7 +553,10 @@ def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inpu
     def restore(grad_outputs):
         if not token.reached:
             token.reached = True
-            note_backward_reached()
+            for ref in token.served:  # Note [Mistakes the Sparsifier names]
+                state = ref()
+                if state is not None:
+                    state.backwards_reached += 1
             if token.on_backward is not None:
                 token.on_backward()
         if torch.is_grad_enabled():  # the engine runs a create_graph=True backward with grad mode on
@@ -688,7 +693,7 @@ def _warn_undriven(states: Sequence[LayerState], module_layers: set = frozenset(
                     "layers traced in the same graph), so they train dense with every block live and are not in its "
                     "global density. To prune an added module, add it before creating the optimizer and the "
                     "Sparsifier; another model's layers (a teacher) stay dense without this warning when frozen "
-                    "(requires_grad_(False)) or run under torch.no_grad()%s", names, driven[0].name,
+                    "(requires_grad_(False))%s", names, driven[0].name,
                     "" if clash else "; or compile with options={'exclude': [...]} naming them")
         return
     log.warning("agpe: this compile found layer(s) %s (weights used as x @ W.T outside an nn.Linear, e.g. "

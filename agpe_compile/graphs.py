@@ -123,6 +123,8 @@ class GraphedStep:
             self.graph.replay()
             self.replays += 1
             _count_replayed_steps(self._stepped)
+            for state in layer_states(self.model).values():  # the replay ran the captured backward
+                state.backwards_reached += 1
             return self.output
         if self.graph is not None:
             moved = sorted({name for (name, ptr), (_, old) in zip(signature, self.signature) if ptr != old})

@@ -130,19 +130,6 @@ _TENSOR_FIELDS = ("block_mask", "saliency", "dense_grad_sq", "score_dense", "cou
 _FP32_FIELDS = ("saliency", "dense_grad_sq")
 
 
-# Backwards that reached a compiled agpe call, in this process (backend.py counts them; the
-# Sparsifier reads them: Note [Mistakes the Sparsifier names] in controller/sparsifier.py).
-_BACKWARDS_REACHED = [0]
-
-
-def backwards_reached() -> int:
-    return _BACKWARDS_REACHED[0]
-
-
-def note_backward_reached() -> None:
-    _BACKWARDS_REACHED[0] += 1
-
-
 @dataclasses.dataclass(eq=False)
 class LayerState:
     """Mask and saliency tensors of one weight; see Note [Where masks live].
@@ -200,6 +187,9 @@ class LayerState:
     # Sparsifier.step() warns while one waits (Note [Mistakes the Sparsifier names] in
     # controller/sparsifier.py).
     backward_tokens: List[weakref.ReferenceType] = dataclasses.field(default_factory=list)
+    # Backwards that reached a compiled call through this layer (or a GraphedStep replay of
+    # one); the Sparsifier compares its layers' sum between steps (same Note).
+    backwards_reached: int = 0
     # Made by a graph compiled before prepare (named from that graph's frame, not from the
     # layer's path in the model): prepare() gives it its path once (``_take_path_name``).
     graph_named: bool = False
@@ -296,6 +286,11 @@ class LayerState:
         module = state.pop("module_ref")
         self.__dict__.update(state)
         self.module_ref = None if module is None else weakref.ref(module)
+        # a pickle written before a field with a default factory existed (re-audit CD: a
+        # torch.save(model) of an earlier version failed at its first training call)
+        for field in dataclasses.fields(self):
+            if field.name not in self.__dict__ and field.default_factory is not dataclasses.MISSING:
+                setattr(self, field.name, field.default_factory())
 
     @property
     def grid(self) -> Tuple[int, int]:

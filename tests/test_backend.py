@@ -355,6 +355,13 @@ def test_a_model_saves_and_copies_while_a_compiled_call_waits_for_its_backward(t
     for clone in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
         assert all(not s.backward_tokens for s in agpe_compile.layer_states(clone).values())
     out.sum().backward()
+    # a pickle written before LayerState had this field (re-audit CD) loads and trains
+    state = next(iter(agpe_compile.layer_states(model).values()))
+    old = state.__getstate__()
+    del old["backward_tokens"], old["capacity_layouts"]
+    revived = agpe_compile.state.LayerState.__new__(agpe_compile.state.LayerState)
+    revived.__setstate__(old)
+    assert revived.backward_tokens == [] and revived.capacity_layouts == []
     torch._dynamo.reset()
 
 

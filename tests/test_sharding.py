@@ -173,6 +173,6 @@ def test_fsdp2_sharding_each_layer_in_zero_code_mode_is_named(one_rank, monkeypa
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         opt.step()
     said = [r.getMessage() for r in caplog.records if "no compiled graph had a linear layer" in r.getMessage()]
-    assert len(said) == 1 and "parameters that are a DTensor" in said[0] and "FSDP wraps" in said[0]
+    assert len(said) == 1 and "parameters that are a DTensor" in said[0] and "FSDP2 wraps" in said[0]
     assert "DistributedDataParallel" in said[0]
     torch._dynamo.reset()

@@ -41,8 +41,7 @@ from agpe_compile import distributed, sharding
 from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import (LayerState, adopt_buffers, backwards_reached, compiled_dense_reason, layer_states, prepare,
-                                sharded_reason)
+from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare, sharded_reason
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -284,7 +283,7 @@ class Sparsifier:
         self._own_optimizer_steps, self._own_steps_at_step = 0, 0
         self._warned_missed_steps = False
         self._warned_before_backward = False
-        self._backwards_at_step = backwards_reached()
+        self._backwards_at_step = self._backwards_reached()
 
         self._warned_double_step = False
         self._set_score_dense(self._scores_dense_at(1))
@@ -890,7 +889,8 @@ class Sparsifier:
     #   scoring flag in place (and set/gmp's update edits the weight), so the backward failed
     #   with torch's "modified by an inplace operation" at some steps only. Said when a
     #   compiled call's graph still waits for its backward (``LayerState.backward_tokens``)
-    #   and no backward reached any compiled call since the last step(): a waiting graph in a
+    #   and no backward reached a compiled call through its layers since the last step()
+    #   (``LayerState.backwards_reached``; a GraphedStep replay counts one): a waiting graph in a
     #   loop whose loss was backpropagated is one no loss uses (an auxiliary output, an
     #   evaluation with grad enabled kept alive; re-audit CC). A warning, not an error.
     # * a model state_dict of a run (its counters show rows) loaded into a Sparsifier at step
@@ -931,8 +931,13 @@ class Sparsifier:
             self._warn_missed_steps(f"{missed} optimizer steps and no Sparsifier.step() since "
                                     f"{'the Sparsifier was created' if self._own_steps_at_step == 0 else 'the last one'}")
 
+    def _backwards_reached(self) -> int:
+        """Backwards that reached a compiled call through this Sparsifier's layers (another
+        model's backward, a GAN's other network, says nothing about this one: re-audit CD)."""
+        return sum(state.backwards_reached for state in self.layers.values())
+
     def _check_no_backward_pending(self) -> None:
-        reached = backwards_reached()
+        reached = self._backwards_reached()
         in_order, self._backwards_at_step = reached != self._backwards_at_step, reached
         # A backward reached a compiled call since the last step(): the loop is in order, and a
         # graph still waiting is one no loss uses (an auxiliary head, an evaluation kept alive;

@@ -395,8 +395,8 @@ def watch_for_nothing_to_prune() -> None:
             if reason is not None:
                 log.warning("agpe: zero-code mode: the options asked for pruning, but no compiled graph had a "
                             "linear layer agpe can prune, and the optimizer steps parameters that are %s: "
-                            "torch.compile does not hand agpe the layers FSDP wraps, so the model trains dense. "
-                            "%s", reason, sharding.SUPPORTED)
+                            "sharded layers are not pruned (torch.compile does not hand agpe the layers FSDP2 "
+                            "wraps), so the model trains dense. %s", reason, sharding.SUPPORTED)
                 return
             log.warning("agpe: zero-code mode: the options asked for pruning, but no compiled graph had a linear "
                         "layer agpe can prune (nn.Linear, F.linear, x @ W.t(), nn.MultiheadAttention), so the model "

@@ -980,3 +980,24 @@ def test_a_graphed_steps_capture_and_replays_count_one_optimizer_step_each(monke
             sp.step(loss)
     assert not _messages(caplog, "optimizer steps") and not _messages(caplog, "no optimizer.step() since")
     assert sp._optimizer_steps == 6 and sp._own_optimizer_steps == 6
+
+
+def test_another_networks_backward_does_not_hide_a_step_before_backward(caplog):
+    # re-audit CD: a GAN's discriminator backward silenced the generator's misuse when the
+    # count of backwards was process-wide
+    g_model, g_opt, g_sp, g_c, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                       update_interval=5, end_step=100))
+    d_model, d_opt, d_sp, d_c, _ = make_run(AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5,
+                                                       update_interval=5, end_step=100), seed=1)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        x, y = next(batches(1))
+        g_loss = torch.nn.functional.cross_entropy(g_c(x), y)
+        d_loss = torch.nn.functional.cross_entropy(d_c(x), y)
+        d_loss.backward()
+        d_opt.step()
+        d_sp.step(d_loss)
+        g_sp.step(g_loss)  # before g_loss.backward()
+    said = _messages(caplog, "still waits for its backward")
+    assert len(said) == 1
+    g_loss.backward()
+    torch._dynamo.reset()
