@@ -538,6 +538,7 @@ class BackwardToken:
         self.reached = False
         self.on_backward: Optional[Callable[[], None]] = None
         self.served: List[Any] = []  # weak references to the call's LayerStates (set by the call wrapper)
+        self.node_ids: frozenset = frozenset()  # ids of the call's autograd nodes
 
 
 def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inputs=()) -> Optional[BackwardToken]:
@@ -549,6 +550,7 @@ def _restore_versions_before_backward(outputs, aliases: List[torch.Tensor], inpu
     if not nodes:
         return None
     token = BackwardToken()
+    token.node_ids = frozenset(nodes)  # valid while the token lives: the nodes hold it (their pre-hooks)
 
     def restore(grad_outputs):
         if not token.reached:

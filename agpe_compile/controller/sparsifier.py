@@ -310,7 +310,7 @@ class Sparsifier:
         self._check_weights_still_attached()
         self._check_one_call_per_optimizer_step()
         self._check_no_missed_optimizer_steps()
-        self._check_no_backward_pending()
+        self._check_no_backward_pending(loss)
         self._check_resumed_state()
         if loss is not None:
             value = _loss_value(loss)
@@ -889,9 +889,11 @@ class Sparsifier:
     #   scoring flag in place (and set/gmp's update edits the weight), so the backward failed
     #   with torch's "modified by an inplace operation" at some steps only. Said when a
     #   compiled call's graph still waits for its backward (``LayerState.backward_tokens``)
-    #   and no backward reached a compiled call through its layers since the last step()
-    #   (``LayerState.backwards_reached``; a GraphedStep replay counts one): a waiting graph in a
-    #   loop whose loss was backpropagated is one no loss uses (an auxiliary output, an
+    #   and either the loss given depends on it (its autograd graph reaches the call's nodes:
+    #   the last micro-batch under gradient accumulation, re-audit CE) or no backward reached a
+    #   compiled call through its layers since the last step() (``LayerState.backwards_reached``;
+    #   a GraphedStep replay counts one). A waiting graph in a loop whose loss was
+    #   backpropagated and does not reach it is one no loss uses (an auxiliary output, an
     #   evaluation with grad enabled kept alive; re-audit CC). A warning, not an error.
     # * a model state_dict of a run (its counters show rows) loaded into a Sparsifier at step
     #   0 whose own state was never loaded: its schedule starts again at step 0 (agpe regrew a
@@ -936,25 +938,32 @@ class Sparsifier:
         model's backward, a GAN's other network, says nothing about this one: re-audit CD)."""
         return sum(state.backwards_reached for state in self.layers.values())
 
-    def _check_no_backward_pending(self) -> None:
+    def _check_no_backward_pending(self, loss=None) -> None:
         reached = self._backwards_reached()
         in_order, self._backwards_at_step = reached != self._backwards_at_step, reached
-        # A backward reached a compiled call since the last step(): the loop is in order, and a
-        # graph still waiting is one no loss uses (an auxiliary head, an evaluation kept alive;
-        # re-audit CC). Zero-code mode steps from its own hooks (and skips waiting graphs).
-        if self._warned_before_backward or in_order or getattr(self, "model", None) is None:
+        if self._warned_before_backward or getattr(self, "model", None) is None:
+            return  # (zero-code mode steps from its own hooks and skips waiting graphs)
+        waiting = {name: [t for t in (ref() for ref in state.backward_tokens) if t is not None and not t.reached]
+                   for name, state in self.layers.items()}
+        waiting = {name: tokens for name, tokens in waiting.items() if tokens}
+        if not waiting:
             return
-        for name, state in self.layers.items():
-            if any(t is not None and not t.reached for t in (ref() for ref in state.backward_tokens)):
-                self._warned_before_backward = True
-                log.warning(
-                    "agpe: Sparsifier.step() was called while a compiled call through layer %s still waits for its "
-                    "backward. Call it after loss.backward() (and after optimizer.step()): called before the "
-                    "backward, a step that changes the layers' buffers (the one before each mask update, and the "
-                    "update itself) makes that backward fail in torch with \"one of the variables needed for "
-                    "gradient computation has been modified by an inplace operation\". If that call was an "
-                    "evaluation, run it under torch.no_grad()", name)
-                return
+        # The loss given depends on a waiting call: its backward has not run (under gradient
+        # accumulation too, where earlier micro-batches' backwards moved the count: re-audit
+        # CE). Otherwise a backward reached these layers since the last step(): the loop is in
+        # order, and the waiting graph is one no loss uses (an auxiliary output, an evaluation
+        # kept alive; re-audit CC).
+        ids = frozenset().union(*(t.node_ids for tokens in waiting.values() for t in tokens))
+        if not _depends_on(loss, ids) and in_order:
+            return
+        self._warned_before_backward = True
+        log.warning(
+            "agpe: Sparsifier.step() was called while a compiled call through layer %s still waits for its "
+            "backward. Call it after loss.backward() (and after optimizer.step()): called before the "
+            "backward, a step that changes the layers' buffers (the one before each mask update, and the "
+            "update itself) makes that backward fail in torch with \"one of the variables needed for "
+            "gradient computation has been modified by an inplace operation\". If that call was an "
+            "evaluation, run it under torch.no_grad()", next(iter(waiting)))
 
     def _check_resumed_state(self) -> None:
         loaded = self._model_loaded_without_state
@@ -1218,6 +1227,24 @@ def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
             sparsifier._count_optimizer_step(optimizer is sparsifier.optimizer)
 
     return hook
+
+
+def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
+    """Whether ``loss``'s autograd graph reaches one of the nodes ``node_ids`` (ids of live
+    nodes), walking at most ``limit`` nodes."""
+    root = getattr(loss, "grad_fn", None) if isinstance(loss, torch.Tensor) else None
+    if root is None or not node_ids:
+        return False
+    seen, todo = {id(root)}, [root]
+    while todo and len(seen) <= limit:
+        node = todo.pop()
+        if id(node) in node_ids:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                todo.append(child)
+    return False
 
 
 def _capturing() -> bool:

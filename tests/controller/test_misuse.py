@@ -1001,3 +1001,20 @@ def test_another_networks_backward_does_not_hide_a_step_before_backward(caplog):
     assert len(said) == 1
     g_loss.backward()
     torch._dynamo.reset()
+
+
+def test_step_before_the_last_micro_batchs_backward_is_named(caplog):
+    # re-audit CE: the earlier micro-batches' backwards made the loop look in order; the loss
+    # given to step() depends on the call still waiting, which says it
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                update_interval=5, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(2))
+        data = batches(3, seed=1)
+        for x, y in list(data)[:2]:
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+        x, y = next(batches(1, seed=2))
+        last = torch.nn.functional.cross_entropy(cmodel(x), y)
+        sp.step(last)  # before the last micro-batch's backward
+    assert len(_messages(caplog, "still waits for its backward")) == 1
+    last.backward()
