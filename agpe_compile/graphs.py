@@ -147,7 +147,7 @@ class GraphedStep:
             param.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        before = _optimizer_steps_seen(self.model)
+        before = _optimizer_steps_seen()
         with torch.cuda.stream(side):
             result = self.step_fn()
         torch.cuda.current_stream().wait_stream(side)
@@ -183,19 +183,15 @@ class GraphedStep:
 # names] in controller/sparsifier.py). A replay runs its optimizer step without the hook,
 # and the capture runs the hook without a step (capturing records kernels only; the hook
 # skips counting while the stream captures). So the eager step of each capture records
-# which Sparsifiers its optimizer steps reached, and each replay counts one for them
-# (helper re-audit CC: both warnings misfired under GraphedStep).
-def _drivers(model) -> list:
-    found = {}
-    for state in layer_states(model).values():
-        sparsifier = state.sparsifier_ref() if state.sparsifier_ref is not None else None
-        if sparsifier is not None:
-            found[id(sparsifier)] = sparsifier
-    return list(found.values())
+# which Sparsifiers its optimizer steps reached (any live one: a second model's stepped in
+# the same step_fn too, re-audit CD), and each replay counts one step for them, and one
+# backward for their layers (the replay ran the captured backward; counting one that did not
+# reach a layer can only silence the step-before-backward warning, never raise a false one).
+# (Helper re-audit CC: both warnings misfired under GraphedStep.)
+def _optimizer_steps_seen() -> list:
+    from .controller.sparsifier import live_sparsifiers
 
-
-def _optimizer_steps_seen(model) -> list:
-    return [(weakref.ref(sp), sp._optimizer_steps, sp._own_optimizer_steps) for sp in _drivers(model)]
+    return [(weakref.ref(sp), sp._optimizer_steps, sp._own_optimizer_steps) for sp in live_sparsifiers()]
 
 
 def _stepped_since(before: list) -> List[tuple]:
@@ -213,3 +209,5 @@ def _count_replayed_steps(stepped: List[tuple]) -> None:
         sparsifier = ref()
         if sparsifier is not None:
             sparsifier._count_optimizer_step(own)
+            for state in sparsifier.layers.values():
+                state.backwards_reached += 1

@@ -256,6 +256,7 @@ class Sparsifier:
         self._check_target_reached(dict(zip(self.layers, to_host([s.block_mask for s in self.layers.values()]))))
         self.rebucketed = rebucket(list(self.layers.values()), config.buckets, between_steps)
         self._hooks = []
+        _LIVE.add(self)  # (GraphedStep: Note [Optimizer steps a replay runs] in graphs.py)
         if optimizer is not None and (not isinstance(optimizer, torch.optim.Optimizer)
                                       or not hasattr(optimizer, "_optimizer_step_post_hooks")):
             raise TypeError(
@@ -1227,6 +1228,14 @@ def _count_optimizer_steps(ref: "weakref.ReferenceType[Sparsifier]"):
             sparsifier._count_optimizer_step(optimizer is sparsifier.optimizer)
 
     return hook
+
+
+_LIVE: "weakref.WeakSet[Sparsifier]" = weakref.WeakSet()
+
+
+def live_sparsifiers() -> List["Sparsifier"]:
+    """The Sparsifiers alive and not closed in this process."""
+    return [sp for sp in list(_LIVE) if not getattr(sp, "_closed", False)]
 
 
 def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:

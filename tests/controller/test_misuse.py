@@ -967,7 +967,7 @@ def test_a_graphed_steps_capture_and_replays_count_one_optimizer_step_each(monke
         return loss.detach()
 
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
-        before = graphs._optimizer_steps_seen(model)
+        before = graphs._optimizer_steps_seen()
         step_fn()  # the eager step
         stepped = graphs._stepped_since(before)
         assert [own for _, own in stepped] == [True]
@@ -1018,3 +1018,41 @@ def test_step_before_the_last_micro_batchs_backward_is_named(caplog):
         sp.step(last)  # before the last micro-batch's backward
     assert len(_messages(caplog, "still waits for its backward")) == 1
     last.backward()
+
+
+def test_a_second_models_sparsifier_stepped_in_the_same_graphed_step_counts_replays_too(monkeypatch, caplog):
+    # re-audit CD: only the Sparsifiers of GraphedStep's own model were counted at a replay
+    from agpe_compile import graphs
+    from agpe_compile.controller import sparsifier as sparsifier_module
+
+    config = AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    other, other_opt, other_sp, other_c, _ = make_run(config, seed=1)
+    data = batches(8)
+
+    def step_fn():
+        x, y = next(data)
+        loss = torch.nn.functional.cross_entropy(cmodel(x), y) + torch.nn.functional.cross_entropy(other_c(x), y)
+        loss.backward()
+        opt.step()
+        other_opt.step()
+        opt.zero_grad()
+        other_opt.zero_grad()
+        return loss.detach()
+
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        before = graphs._optimizer_steps_seen()
+        step_fn()
+        stepped = graphs._stepped_since(before)
+        monkeypatch.setattr(sparsifier_module, "_capturing", lambda: True)
+        loss = step_fn()
+        monkeypatch.undo()
+        sp.step(loss)
+        other_sp.step(loss)
+        for _ in range(4):
+            graphs._count_replayed_steps(stepped)
+            sp.step(loss)
+            other_sp.step(loss)
+    assert not _messages(caplog, "no optimizer.step() since") and not _messages(caplog, "optimizer steps")
+    assert other_sp._own_optimizer_steps == 5
+    torch._dynamo.reset()
