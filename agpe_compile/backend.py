@@ -457,10 +457,11 @@ class AgpeBackend:
             return compile_fx(result.gm, inputs, config_patches=lowering_patches(self.mode))
         from torch._dynamo.backends.debugging import aot_eager
 
+        from agpe_compile.eager_lowering import eager_compilers
         from agpe_compile.kernels.launch import traced_for_eager_replay
 
         with traced_for_eager_replay():  # Note [TMA by default] in kernels/launch.py
-            return aot_eager(result.gm, inputs)
+            return aot_eager(result.gm, inputs, **eager_compilers())  # Note [Host ops in place]
 
 
 def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState], read: set) -> Dict[int, torch.Tensor]:

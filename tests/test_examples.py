@@ -138,6 +138,15 @@ def test_cpu_layer_benchmark(tmp_path):
     assert all(ms > 0 for ms in figures.values()) and "vs plain" in stdout
 
 
+def test_cpu_step_benchmark(tmp_path):
+    out = tmp_path / "cpu_step.json"
+    stdout = run(["benchmarks/cpu_step.py", "--width", "8", "--layers", "2", "--steps", "2", "--repeats", "1",
+                  "--out", str(out)])
+    figures = json.loads(out.read_text())["ms_per_step"]
+    assert list(figures) == ["plain", "agpe", "agpe_functional"]
+    assert all(ms > 0 for ms in figures.values()) and "/ plain" in stdout
+
+
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
 def test_char_lm_smoke(tmp_path):
     stdout = run(["examples/char_lm.py", "--smoke", "--lowering", "aot_eager", "--sparsities", "0.75",

@@ -1,0 +1,159 @@
+"""The aot_eager lowering's graph pass: agpe's host ops called in place, without the
+functional wrapper AOTAutograd put around them (Note [Host ops in place]).
+
+``AgpeBackend`` with ``inductor=False`` (the default off CUDA; the main job's lowering)
+hands ``aot_eager`` a forward and a backward compiler that run :func:`call_host_ops_in_place`
+on their graph and then torch's own ``boxed_nop``. It changes how a value is stored, never
+what is computed.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch import fx
+
+__all__ = ["call_host_ops_in_place", "eager_compilers"]
+
+# Note [Host ops in place]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# The backward op mutates the layer's saliency, dense-gradient and counter buffers
+# (Note [Saliency buffers] in ops/reference.py). AOTAutograd functionalizes the graph, so
+# the aot_eager backward graph holds, per layer,
+#
+#     out = auto_functionalized_v2(agpe.sparse_linear_backward_host, ..., _all_bases=[sal, dgs, cnt])
+#     copy_(sal, out[2]); copy_(dgs, out[3]); copy_(cnt, out[4])
+#
+# and aot_eager runs it as written: clone the three buffers, call the op on the clones
+# through the custom-op dispatcher (autograd, ADInplaceOrView, CPU keys), copy each clone
+# back. Inductor removes that wrapper (its reinplacing pass); aot_eager has no such pass,
+# and on the project's CPU the wrapper and the dispatch cost ~0.36 ms per layer and step,
+# more than the op's own work on a small layer (a 3-layer 32-wide MLP: 2.42 ms per
+# aot_eager training step with the wrapper, 1.34 ms without, 0.49 ms without agpe; 2.86 ms
+# before the host-side score sums of ops/sparse_linear.py too; benchmarks/cpu_step.py,
+# 2026-11-28).
+#
+# This pass replaces each such node by ``_backward_in_place``, which calls the op on the
+# buffers themselves, and deletes the copies back, when nothing else could see the
+# difference: every base is a graph input (a placeholder) read by nothing but the op and
+# its own copy back, and each of the op's new values is used by that copy alone.
+# Anything else (a buffer one layer's two calls share, where the second call's base is the
+# first's output) keeps the functional form. The forward's ``sparse_linear_host`` mutates
+# nothing; it and the backward then call the Python implementation directly where the op
+# itself would (ops/sparse_linear.py ``_run_directly``: real CPU tensors, no tracing, no
+# dispatch mode), through the op otherwise (fake tensors, as DDPOptimizer propagates shapes
+# through a split graph's pieces, meet the op's fake implementation). ``masked_weight``'s
+# backward (MHA projections, other uses of a weight) keeps the wrapper.
+# tests/test_eager_lowering.py checks graphs, values and buffers against the functional form;
+# AGPE_EAGER_IN_PLACE=0 (read at each compile) keeps the functional form, for comparison
+# (benchmarks/cpu_step.py times both in one process).
+
+
+_MUTATED = ("saliency", "dense_grad_sq", "counters")
+
+
+def _host_ops():
+    return (torch.ops.agpe.sparse_linear_backward_host.default,)
+
+
+def _forward_direct(*args: Any, **kwargs: Any) -> torch.Tensor:
+    from agpe_compile.ops.sparse_linear import _forward_impl, _run_directly
+
+    if _run_directly(args[0]):
+        return _forward_impl(*args, **kwargs)
+    return torch.ops.agpe.sparse_linear_host(*args, **kwargs)
+
+
+def _backward_in_place(**kwargs: Any):
+    """The backward op on the buffers themselves: (grad_input, grad_weight, *bases)."""
+    from agpe_compile.ops.sparse_linear import _backward_impl, _run_directly
+
+    bases = kwargs.pop("_all_bases")
+    for name in _MUTATED:
+        kwargs[name] = bases[kwargs.pop(f"_{name}_base_index")]
+    if _run_directly(kwargs["x"]):
+        grad_input, grad_weight = _backward_impl(**kwargs)
+    else:
+        grad_input, grad_weight = torch.ops.agpe.sparse_linear_backward_host(**kwargs)
+    return (grad_input, grad_weight, *bases)
+
+
+def _copies_back(node: fx.Node) -> Optional[List[fx.Node]]:
+    """The copy-back node of each base if ``node`` can run in place, else None."""
+    bases = node.kwargs.get("_all_bases")
+    if not bases or any(not isinstance(b, fx.Node) or b.op != "placeholder" for b in bases):
+        return None
+    for name in _MUTATED:  # each mutated argument is a whole base, not a view of one
+        index = node.kwargs.get(f"_{name}_base_index")
+        extra = [key for key in node.kwargs if key.startswith(f"_{name}_") and key != f"_{name}_base_index"]
+        if not isinstance(index, int) or extra:
+            return None
+    first = 2  # the op's outputs: (grad_input, grad_weight), then the bases' new values
+    copies = {}
+    for user in node.users:
+        if user.target is not operator.getitem:
+            return None
+        index = user.args[1]
+        if index < first:
+            continue
+        base = bases[index - first]
+        if len(user.users) != 1:
+            return None
+        (copy,) = user.users
+        if copy.target is not torch.ops.aten.copy_.default or copy.args[0] is not base or copy.args[1] is not user:
+            return None
+        copies[base] = copy
+    if len(copies) != len(bases) or len(set(bases)) != len(bases):
+        return None
+    for base in bases:  # the op and its copy back are the base's only readers
+        if set(base.users) != {node, copies[base]}:
+            return None
+    return list(copies.values())
+
+
+def call_host_ops_in_place(gm: fx.GraphModule) -> int:
+    """Rewrite ``gm`` in place (Note [Host ops in place]); returns how many ops it rewrote."""
+    graph = gm.graph
+    functional = torch.ops.higher_order.auto_functionalized_v2
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.agpe.sparse_linear_host.default:
+            node.target = _forward_direct
+            rewritten += 1
+            continue
+        if node.target is not functional or not node.args or node.args[0] not in _host_ops():
+            continue
+        copies = _copies_back(node)
+        if copies is None:
+            continue
+        for copy in copies:
+            graph.erase_node(copy)
+        for user in list(node.users):  # the bases' new values, read by nobody now
+            if user.args[1] >= 2 and not user.users:
+                graph.erase_node(user)
+        node.target = _backward_in_place
+        node.args = ()
+        rewritten += 1
+    if rewritten:
+        graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+def eager_compilers() -> dict:
+    """``fw_compiler`` / ``bw_compiler`` for ``aot_eager``: this pass, then torch's ``boxed_nop``."""
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    in_place = os.environ.get("AGPE_EAGER_IN_PLACE", "1") != "0"  # read at each compile
+
+    def compiler(gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        if in_place:
+            call_host_ops_in_place(gm)
+        return boxed_nop(gm, example_inputs)
+
+    return {"fw_compiler": compiler, "bw_compiler": compiler}
