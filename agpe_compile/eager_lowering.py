@@ -46,7 +46,8 @@ __all__ = ["call_host_ops_in_place", "eager_compilers"]
 # itself would (ops/sparse_linear.py ``_run_directly``: real CPU tensors, no tracing, no
 # dispatch mode), through the op otherwise (fake tensors, as DDPOptimizer propagates shapes
 # through a split graph's pieces, meet the op's fake implementation). ``masked_weight``'s
-# backward (MHA projections, other uses of a weight) keeps the wrapper.
+# backward (MHA projections, other uses of a weight) is called in place the same way,
+# through its op.
 # tests/test_eager_lowering.py checks graphs, values and buffers against the functional form;
 # AGPE_EAGER_IN_PLACE=0 (read at each compile) keeps the functional form, for comparison
 # (benchmarks/cpu_step.py times both in one process).
@@ -55,8 +56,17 @@ __all__ = ["call_host_ops_in_place", "eager_compilers"]
 _MUTATED = ("saliency", "dense_grad_sq", "counters")
 
 
-def _host_ops():
-    return (torch.ops.agpe.sparse_linear_backward_host.default,)
+def _in_place_calls() -> dict:
+    """Each mutating op the pass calls in place: (how many outputs it returns, the call)."""
+    return {torch.ops.agpe.sparse_linear_backward_host.default: (2, _backward_in_place),
+            torch.ops.agpe.masked_weight_backward.default: (1, _masked_weight_backward_in_place)}
+
+
+def _whole_bases(kwargs: dict) -> list:
+    bases = kwargs.pop("_all_bases")
+    for name in _MUTATED:
+        kwargs[name] = bases[kwargs.pop(f"_{name}_base_index")]
+    return bases
 
 
 def _forward_direct(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -71,9 +81,7 @@ def _backward_in_place(**kwargs: Any):
     """The backward op on the buffers themselves: (grad_input, grad_weight, *bases)."""
     from agpe_compile.ops.sparse_linear import _backward_impl, _run_directly
 
-    bases = kwargs.pop("_all_bases")
-    for name in _MUTATED:
-        kwargs[name] = bases[kwargs.pop(f"_{name}_base_index")]
+    bases = _whole_bases(kwargs)
     if _run_directly(kwargs["x"]):
         grad_input, grad_weight = _backward_impl(**kwargs)
     else:
@@ -81,8 +89,15 @@ def _backward_in_place(**kwargs: Any):
     return (grad_input, grad_weight, *bases)
 
 
-def _copies_back(node: fx.Node) -> Optional[List[fx.Node]]:
-    """The copy-back node of each base if ``node`` can run in place, else None."""
+def _masked_weight_backward_in_place(**kwargs: Any):
+    """``masked_weight``'s backward on the buffers themselves: (grad_weight, *bases)."""
+    bases = _whole_bases(kwargs)
+    return (torch.ops.agpe.masked_weight_backward(**kwargs), *bases)
+
+
+def _copies_back(node: fx.Node, first: int) -> Optional[List[fx.Node]]:
+    """The copy-back node of each base if ``node`` can run in place, else None. The op's
+    own ``first`` outputs come before the bases' new values."""
     bases = node.kwargs.get("_all_bases")
     if not bases or any(not isinstance(b, fx.Node) or b.op != "placeholder" for b in bases):
         return None
@@ -91,7 +106,6 @@ def _copies_back(node: fx.Node) -> Optional[List[fx.Node]]:
         extra = [key for key in node.kwargs if key.startswith(f"_{name}_") and key != f"_{name}_base_index"]
         if not isinstance(index, int) or extra:
             return None
-    first = 2  # the op's outputs: (grad_input, grad_weight), then the bases' new values
     copies = {}
     for user in node.users:
         if user.target is not operator.getitem:
@@ -118,6 +132,7 @@ def call_host_ops_in_place(gm: fx.GraphModule) -> int:
     """Rewrite ``gm`` in place (Note [Host ops in place]); returns how many ops it rewrote."""
     graph = gm.graph
     functional = torch.ops.higher_order.auto_functionalized_v2
+    calls = _in_place_calls()
     rewritten = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -126,17 +141,18 @@ def call_host_ops_in_place(gm: fx.GraphModule) -> int:
             node.target = _forward_direct
             rewritten += 1
             continue
-        if node.target is not functional or not node.args or node.args[0] not in _host_ops():
+        if node.target is not functional or not node.args or node.args[0] not in calls:
             continue
-        copies = _copies_back(node)
+        first, call = calls[node.args[0]]
+        copies = _copies_back(node, first)
         if copies is None:
             continue
         for copy in copies:
             graph.erase_node(copy)
         for user in list(node.users):  # the bases' new values, read by nobody now
-            if user.args[1] >= 2 and not user.users:
+            if user.args[1] >= first and not user.users:
                 graph.erase_node(user)
-        node.target = _backward_in_place
+        node.target = call
         node.args = ()
         rewritten += 1
     if rewritten:

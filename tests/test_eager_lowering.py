@@ -29,6 +29,19 @@ class TwiceMLP(nn.Module):
         return self.out(F.relu(self.shared(F.relu(self.shared(x)))))
 
 
+class Attention(nn.Module):
+    """nn.MultiheadAttention: its projection weights go through agpe::masked_weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = x.reshape(2, 3, 16)
+        return self.out(self.mha(x, x, x, need_weights=False)[0]).reshape(6, 16)
+
+
 def _train(make_model, in_place: bool, monkeypatch, steps: int = 3, density: float = 0.5):
     """Grads, buffers and outputs of a few compiled steps, and the graphs aot_eager ran."""
     graphs = []
@@ -86,6 +99,18 @@ def test_a_layer_called_twice_keeps_the_functional_form_and_the_same_values(monk
     kept = [n for n in _calls(backward) if n.target is FUNCTIONAL]
     moved = [n for n in _calls(backward) if n.target is eager_lowering._backward_in_place]
     assert len(kept) == 2 and len(moved) == 1  # the shared layer's two calls chain their buffers
+
+
+def test_masked_weight_layers_run_in_place_too(monkeypatch):
+    functional = _train(Attention, False, monkeypatch)
+    in_place = _train(Attention, True, monkeypatch)
+    for old, new in zip(functional[:3], in_place[:3]):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    assert any(n.target is FUNCTIONAL for g in functional[3] for n in _calls(g))
+    calls = [n for g in in_place[3] for n in _calls(g)]
+    assert not [n for n in calls if n.target is FUNCTIONAL or n.target is torch.ops.aten.copy_.default]
+    assert len([n for n in calls if n.target is eager_lowering._masked_weight_backward_in_place]) == 2
+    assert any(s.abs().sum() > 0 for name, s in in_place[2].items() if name.startswith("mha") and name.endswith("saliency"))
 
 
 def test_fake_tensors_go_through_the_op():
