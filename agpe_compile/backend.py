@@ -372,7 +372,7 @@ class AgpeBackend:
         read = {n.meta["agpe_tensor"][2] for n in result.gm.graph.nodes  # indices of layers reading their layout
                 if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
         full = _full_layouts_for_unseen_modules(gm, result.states, read)  # Note [Layouts a graph cannot see change]
-        compiled = self._lower(result, list(example_inputs), full)
+        compiled = self._lower(result, list(example_inputs), full, gm.graph)
         controller = None
         if self.zero_code_options is not None and result.states:
             if not self.for_explain:  # explain compiles to report: nothing to drive
@@ -441,7 +441,7 @@ class AgpeBackend:
         return controller
 
     def _lower(self, result: RewriteResult, example_inputs: List[Any],
-               full_layouts: Optional[Dict[int, torch.Tensor]] = None) -> Callable:
+               full_layouts: Optional[Dict[int, torch.Tensor]] = None, graph: Optional[fx.Graph] = None) -> Callable:
         extra = result.extra_inputs()
         per_layer = len(extra) // max(1, len(result.states))
         for i, layout in (full_layouts or {}).items():  # the layout is each layer's last extra input
@@ -457,11 +457,12 @@ class AgpeBackend:
             return compile_fx(result.gm, inputs, config_patches=lowering_patches(self.mode))
         from torch._dynamo.backends.debugging import aot_eager
 
-        from agpe_compile.eager_lowering import eager_compilers
+        from agpe_compile.eager_lowering import eager_compilers, reads_score_buffers
         from agpe_compile.kernels.launch import traced_for_eager_replay
 
+        in_place = not reads_score_buffers(graph, example_inputs, result.states)  # Note [Host ops in place]
         with traced_for_eager_replay():  # Note [TMA by default] in kernels/launch.py
-            return aot_eager(result.gm, inputs, **eager_compilers())  # Note [Host ops in place]
+            return aot_eager(result.gm, inputs, **eager_compilers(in_place))
 
 
 def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState], read: set) -> Dict[int, torch.Tensor]:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from agpe_compile.passes.decide_layers import source_path
+from agpe_compile.state import BUFFER_SUFFIXES as _ALL_SUFFIXES
 
 __all__ = ["call_host_ops_in_place", "eager_compilers"]
 
@@ -41,7 +45,13 @@ __all__ = ["call_host_ops_in_place", "eager_compilers"]
 # difference: every base is a graph input (a placeholder) read by nothing but the op and
 # its own copy back, and each of the op's new values is used by that copy alone.
 # Anything else (a buffer one layer's two calls share, where the second call's base is the
-# first's output) keeps the functional form. The forward's ``sparse_linear_host`` mutates
+# first's output) keeps the functional form, and so does a whole graph whose own inputs
+# include one of the buffers (the model's forward reads ``fc.weight_saliency``): that input
+# is another placeholder, and its reads would see the sums mid-backward (helper audit CF;
+# ``reads_score_buffers``, checked by the backend before it lowers). A backward that fails
+# part-way leaves the layers whose op already ran with this call's scores added, as
+# Inductor's reinplaced graphs (the default lowering) always did; the functional form
+# wrote them all at its end. The forward's ``sparse_linear_host`` mutates
 # nothing; it and the backward then call the Python implementation directly where the op
 # itself would (ops/sparse_linear.py ``_run_directly``: real CPU tensors, no tracing, no
 # dispatch mode), through the op otherwise (fake tensors, as DDPOptimizer propagates shapes
@@ -54,6 +64,8 @@ __all__ = ["call_host_ops_in_place", "eager_compilers"]
 
 
 _MUTATED = ("saliency", "dense_grad_sq", "counters")
+_BUFFER_SUFFIXES = ("saliency", "saliency_dense_grad_sq", "saliency_counters")  # their names on the module
+assert set(_BUFFER_SUFFIXES) <= set(_ALL_SUFFIXES)
 
 
 def _in_place_calls() -> dict:
@@ -117,7 +129,8 @@ def _copies_back(node: fx.Node, first: int) -> Optional[List[fx.Node]]:
         if len(user.users) != 1:
             return None
         (copy,) = user.users
-        if copy.target is not torch.ops.aten.copy_.default or copy.args[0] is not base or copy.args[1] is not user:
+        if (copy.target is not torch.ops.aten.copy_.default or copy.args[0] is not base or copy.args[1] is not user
+                or copy.users):
             return None
         copies[base] = copy
     if len(copies) != len(bases) or len(set(bases)) != len(bases):
@@ -161,11 +174,36 @@ def call_host_ops_in_place(gm: fx.GraphModule) -> int:
     return rewritten
 
 
-def eager_compilers() -> dict:
-    """``fw_compiler`` / ``bw_compiler`` for ``aot_eager``: this pass, then torch's ``boxed_nop``."""
+def reads_score_buffers(graph: fx.Graph, example_inputs: Sequence[Any], states: Sequence[Any]) -> bool:
+    """Whether one of Dynamo's own graph inputs is (a view of) a layer's mutated buffer: the
+    model's forward reads ``fc.weight_saliency`` itself, say. That input is another
+    placeholder than the op's, so the pass could not see its reads (helper audit CF)."""
+    buffers = {t.untyped_storage().data_ptr() for state in states
+               for t in (state.saliency, state.dense_grad_sq, state.counters)}
+    suffixes = tuple(f"_{suffix}" for suffix in _BUFFER_SUFFIXES)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        if isinstance(example, FakeTensor):  # DDPOptimizer's pieces: the live tensor, if Dynamo kept it
+            try:
+                example = getattr(node.meta.get("grapharg"), "example", None)
+            except Exception:  # a collected weak reference
+                example = None
+        if isinstance(example, torch.Tensor) and not isinstance(example, FakeTensor):
+            if example.untyped_storage().data_ptr() in buffers:
+                return True
+            continue
+        path = source_path(node) or ""  # unknown contents: go by the name Dynamo read it under
+        if path.endswith(suffixes):
+            return True
+    return False
+
+
+def eager_compilers(in_place: bool = True) -> dict:
+    """``fw_compiler`` / ``bw_compiler`` for ``aot_eager``: this pass (unless ``in_place`` is
+    False or AGPE_EAGER_IN_PLACE=0), then torch's ``boxed_nop``."""
     from torch._dynamo.backends.debugging import boxed_nop
 
-    in_place = os.environ.get("AGPE_EAGER_IN_PLACE", "1") != "0"  # read at each compile
+    in_place = in_place and os.environ.get("AGPE_EAGER_IN_PLACE", "1") != "0"  # read at each compile
 
     def compiler(gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         if in_place:

@@ -162,3 +162,45 @@ def test_a_mutated_view_keeps_the_functional_form():
     assert eager_lowering.call_host_ops_in_place(gm) == 1  # the same node over whole bases is rewritten
     assert node.target is eager_lowering._backward_in_place
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+
+
+class ReadsItsScores(nn.Module):
+    """A forward that differentiates through a view of a layer's saliency buffer (helper audit CF)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(16))
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        scores = self.fc1.weight_saliency.reshape(16)
+        x = x * self.p
+        return self.fc2(F.relu(self.fc1(x * scores + x)))
+
+
+def test_a_graph_that_reads_a_score_buffer_keeps_the_functional_form(monkeypatch):
+    """Its mul's backward reads the saliency after fc1's backward op: in place it would see
+    this call's scores (p.grad differed in the 7th digit)."""
+    functional = _train(ReadsItsScores, False, monkeypatch)
+    in_place = _train(ReadsItsScores, True, monkeypatch)
+    for old, new in zip(functional[:3], in_place[:3]):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    assert in_place[3] == []  # the pass never ran on this graph
+
+
+def test_a_copy_back_whose_result_is_used_keeps_the_functional_form():
+    graph = fx.Graph()
+    names = ("grad_out", "weight", "block_mask", "saliency", "dense_grad_sq", "score_dense", "counters")
+    p = {name: graph.placeholder(name) for name in names}
+    node = graph.call_function(FUNCTIONAL, (torch.ops.agpe.masked_weight_backward.default,), dict(
+        grad=p["grad_out"], weight=p["weight"], block_mask=p["block_mask"], score_dense=p["score_dense"],
+        block_size=4, saliency_mode="taylor", _saliency_base_index=0, _dense_grad_sq_base_index=1,
+        _counters_base_index=2, _all_bases=[p["saliency"], p["dense_grad_sq"], p["counters"]]))
+    outs = [graph.call_function(operator.getitem, (node, i)) for i in range(4)]
+    copies = [graph.call_function(torch.ops.aten.copy_.default, (p[base], value))
+              for base, value in zip(("saliency", "dense_grad_sq", "counters"), outs[1:])]
+    graph.output((outs[0], copies[0]))  # the copy's result is read
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert eager_lowering.call_host_ops_in_place(gm) == 0
+    assert node.target is FUNCTIONAL
