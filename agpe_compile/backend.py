@@ -88,6 +88,8 @@ class AgpeCompiledGraph:
         # (argument index, weakref to the parameter, layer name, reason) of the state-less
         # weights this graph left dense (Note [Weights a graph left dense]); set by the backend
         self.left_dense: List[Tuple[int, Any, str, str]] = []
+        # lowered with agpe's ops in place: arguments aliasing a score buffer are copied (set by the backend)
+        self.unalias_score_buffers = False
         for i, layout in (full_layouts or {}).items():  # compiled at full capacity: rewritten in place
             state = states[i]
             self.layout_shapes[i] = layout.shape
@@ -128,6 +130,10 @@ class AgpeCompiledGraph:
             extra.extend(tensors)
         if self._unseen_crossings:
             self._warn_unseen_crossings()
+        if self.unalias_score_buffers:  # Note [Host ops in place] in eager_lowering.py
+            from agpe_compile.eager_lowering import unalias_score_buffers
+
+            args = unalias_score_buffers(args, served)
         # Dynamo calls backends unboxed; aot_autograd's forward is unboxed too even though
         # it inherits a `_boxed_call` attribute from what it wraps.
         outputs = self.compiled(*args, *extra)
@@ -372,6 +378,7 @@ class AgpeBackend:
         read = {n.meta["agpe_tensor"][2] for n in result.gm.graph.nodes  # indices of layers reading their layout
                 if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
         full = _full_layouts_for_unseen_modules(gm, result.states, read)  # Note [Layouts a graph cannot see change]
+        self._lowered_in_place = False
         compiled = self._lower(result, list(example_inputs), full, gm.graph)
         controller = None
         if self.zero_code_options is not None and result.states:
@@ -398,6 +405,7 @@ class AgpeBackend:
         assert [d.state for d in decisions if d.rewritten] == result.states
         graph = AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
                                   layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
+        graph.unalias_score_buffers = self._lowered_in_place and bool(result.states)
         for param, reason, node, name in left_dense:  # Note [Weights a graph left dense]
             mark_compiled_dense(param, reason, graph)
             graph.left_dense.append((position[node], weakref.ref(param), name, reason))
@@ -457,12 +465,12 @@ class AgpeBackend:
             return compile_fx(result.gm, inputs, config_patches=lowering_patches(self.mode))
         from torch._dynamo.backends.debugging import aot_eager
 
-        from agpe_compile.eager_lowering import eager_compilers, reads_score_buffers
+        from agpe_compile.eager_lowering import eager_compilers, enabled, reads_score_buffers
         from agpe_compile.kernels.launch import traced_for_eager_replay
 
-        in_place = not reads_score_buffers(graph, example_inputs, result.states)  # Note [Host ops in place]
+        self._lowered_in_place = enabled() and not reads_score_buffers(graph, example_inputs, result.states)  # Note [Host ops in place]
         with traced_for_eager_replay():  # Note [TMA by default] in kernels/launch.py
-            return aot_eager(result.gm, inputs, **eager_compilers(in_place))
+            return aot_eager(result.gm, inputs, **eager_compilers(self._lowered_in_place))
 
 
 def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState], read: set) -> Dict[int, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from agpe_compile.passes.decide_layers import source_path
 from agpe_compile.state import BUFFER_SUFFIXES as _ALL_SUFFIXES
@@ -48,7 +49,10 @@ __all__ = ["call_host_ops_in_place", "eager_compilers"]
 # first's output) keeps the functional form, and so does a whole graph whose own inputs
 # include one of the buffers (the model's forward reads ``fc.weight_saliency``): that input
 # is another placeholder, and its reads would see the sums mid-backward (helper audit CF;
-# ``reads_score_buffers``, checked by the backend before it lowers). A backward that fails
+# ``reads_score_buffers``, checked by the backend before it lowers). What only aliases a
+# buffer at run time (an argument passed after compiling, a DDPOptimizer piece's activation
+# that is a view of one) the call wrapper replaces by a copy, the values the functional
+# form read (``unalias_score_buffers``; re-audit CG). A backward that fails
 # part-way leaves the layers whose op already ran with this call's scores added, as
 # Inductor's reinplaced graphs (the default lowering) always did; the functional form
 # wrote them all at its end. The forward's ``sparse_linear_host`` mutates
@@ -174,12 +178,32 @@ def call_host_ops_in_place(gm: fx.GraphModule) -> int:
     return rewritten
 
 
+def _storages(t: torch.Tensor) -> List[Optional[int]]:
+    """The data pointers behind ``t`` (a wrapper subclass's: its inner tensors'); None for
+    a tensor whose memory cannot be read (re-audit CG: nested tensors raised here)."""
+    try:
+        return [t.untyped_storage().data_ptr()]
+    except Exception:
+        pass
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [ptr for name in names for ptr in _storages(getattr(t, name))]
+    return [None]
+
+
+def _score_buffer_storages(states: Sequence[Any]) -> set:
+    return {t.untyped_storage().data_ptr() for state in states
+            for t in (state.saliency, state.dense_grad_sq, state.counters)}
+
+
 def reads_score_buffers(graph: fx.Graph, example_inputs: Sequence[Any], states: Sequence[Any]) -> bool:
     """Whether one of Dynamo's own graph inputs is (a view of) a layer's mutated buffer: the
     model's forward reads ``fc.weight_saliency`` itself, say. That input is another
-    placeholder than the op's, so the pass could not see its reads (helper audit CF)."""
-    buffers = {t.untyped_storage().data_ptr() for state in states
-               for t in (state.saliency, state.dense_grad_sq, state.counters)}
+    placeholder than the op's, so the pass could not see its reads (helper audit CF). An
+    input whose memory cannot be read counts as one. Inputs that only alias a buffer at
+    run time (an argument, a DDPOptimizer piece's activation) are handled per call by
+    :func:`unalias_score_buffers` (re-audit CG)."""
+    buffers = _score_buffer_storages(states)
     suffixes = tuple(f"_{suffix}" for suffix in _BUFFER_SUFFIXES)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
@@ -189,7 +213,7 @@ def reads_score_buffers(graph: fx.Graph, example_inputs: Sequence[Any], states: 
             except Exception:  # a collected weak reference
                 example = None
         if isinstance(example, torch.Tensor) and not isinstance(example, FakeTensor):
-            if example.untyped_storage().data_ptr() in buffers:
+            if any(ptr is None or ptr in buffers for ptr in _storages(example)):
                 return True
             continue
         path = source_path(node) or ""  # unknown contents: go by the name Dynamo read it under
@@ -198,12 +222,37 @@ def reads_score_buffers(graph: fx.Graph, example_inputs: Sequence[Any], states: 
     return False
 
 
+def unalias_score_buffers(args: tuple, states: Sequence[Any]) -> tuple:
+    """``args`` with a copy in place of each tensor that shares memory with one of the
+    ``states``' mutated buffers: a graph lowered in place must not read a buffer its
+    backward adds to (re-audit CG: an argument passed after compiling, a DDPOptimizer
+    piece's activation that is a view of one). The copy is what the functional form read:
+    the values as of the forward."""
+    buffers = None
+    out = None
+    for i, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor) or isinstance(arg, (torch.nn.Parameter, FakeTensor)):
+            continue
+        if buffers is None:
+            buffers = _score_buffer_storages(states)
+        if any(ptr in buffers for ptr in _storages(arg) if ptr is not None):
+            if out is None:
+                out = list(args)
+            out[i] = arg.clone()
+    return args if out is None else tuple(out)
+
+
+def enabled() -> bool:
+    """Whether the pass runs: AGPE_EAGER_IN_PLACE is not "0" (read at each compile)."""
+    return os.environ.get("AGPE_EAGER_IN_PLACE", "1") != "0"
+
+
 def eager_compilers(in_place: bool = True) -> dict:
     """``fw_compiler`` / ``bw_compiler`` for ``aot_eager``: this pass (unless ``in_place`` is
     False or AGPE_EAGER_IN_PLACE=0), then torch's ``boxed_nop``."""
     from torch._dynamo.backends.debugging import boxed_nop
 
-    in_place = in_place and os.environ.get("AGPE_EAGER_IN_PLACE", "1") != "0"  # read at each compile
+    in_place = in_place and enabled()
 
     def compiler(gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         if in_place:

@@ -204,3 +204,54 @@ def test_a_copy_back_whose_result_is_used_keeps_the_functional_form():
     gm = fx.GraphModule(torch.nn.Module(), graph)
     assert eager_lowering.call_host_ops_in_place(gm) == 0
     assert node.target is FUNCTIONAL
+
+
+class ScaledByAnArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(16))
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x, scale):
+        x = x * self.p
+        return self.fc2(F.relu(self.fc1(x * scale.reshape(16) + x)))  # mul's backward reads `scale` after fc1's op
+
+
+def test_an_argument_that_is_a_score_buffer_at_run_time_is_read_as_of_the_forward(monkeypatch):
+    """Compiled with an ordinary argument, later called with fc1's saliency in it (no
+    recompile): the wrapper hands the graph a copy (re-audit CG)."""
+    results = []
+    for in_place in ("0", "1"):
+        monkeypatch.setenv("AGPE_EAGER_IN_PLACE", in_place)
+        torch.manual_seed(0)
+        model = ScaledByAnArgument()
+        agpe_compile.prepare(model, options={"block_size": 4})
+        compiled = torch.compile(model, backend=aot_backend())
+        x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+        compiled(x, torch.ones(4, 4)).square().mean().backward()
+        model.zero_grad()
+        compiled(x, model.fc1.weight_saliency).square().mean().backward()
+        results.append((model.p.grad.clone(), layer_states(model)["fc1"].saliency.clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_an_argument_whose_memory_cannot_be_read_compiles():
+    """A wrapper subclass or a nested tensor has no storage of its own (re-audit CG: the
+    guard raised 'Attempted to access the data pointer on an invalid python storage')."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x, t):
+            return self.fc(x) + (t * 2).sum()
+
+    torch.manual_seed(0)
+    model = Model()
+    agpe_compile.prepare(model, options={"block_size": 4})
+    compiled = torch.compile(model, backend=aot_backend())
+    compiled(torch.randn(6, 16), TwoTensor(torch.randn(3), torch.randn(3))).square().mean().backward()
+    assert model.fc.weight.grad is not None
