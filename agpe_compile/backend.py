@@ -97,7 +97,12 @@ class AgpeCompiledGraph:
             state.add_capacity_layout(layout)
 
     def __call__(self, *args):
-        if self.before_training_call is not None and torch.is_grad_enabled():
+        # DDPOptimizer propagates FakeTensors through the pieces of a split graph (Note [Fake
+        # example inputs] in passes/decide_layers.py): that is no training call, no mask can be
+        # read then, and none needs to be (re-audit CG: a mask changed since prepare made the
+        # sync raise a data-dependent error, and Dynamo fell back to one graph per layer).
+        propagating = any(isinstance(arg, FakeTensor) for arg in args)
+        if self.before_training_call is not None and torch.is_grad_enabled() and not propagating:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     "agpe: zero-code mode cannot run inside a CUDA graph capture: its controller ticks on the "
@@ -117,7 +122,8 @@ class AgpeCompiledGraph:
             state.check_identity()
             served.append(state)
             state.eager_pending = False  # Note [Eager runs of a prepared layer]
-            state.sync_layout()
+            if not propagating:
+                state.sync_layout()
             if self.compiled_as[i][2] and not state.zero_inactive and self.weight_indices is not None:
                 # compiled under a promise this layer does not keep (Note [A promise outlives its Sparsifier])
                 args = _with_masked_weight(args, self.weight_indices[i], state)
@@ -378,8 +384,12 @@ class AgpeBackend:
         read = {n.meta["agpe_tensor"][2] for n in result.gm.graph.nodes  # indices of layers reading their layout
                 if n.op == "placeholder" and n.meta.get("agpe_tensor", (None, None))[1] == "block_layout" and n.users}
         full = _full_layouts_for_unseen_modules(gm, result.states, read)  # Note [Layouts a graph cannot see change]
-        self._lowered_in_place = False
-        compiled = self._lower(result, list(example_inputs), full, gm.graph)
+        if not self.config.inductor and result.states:  # Note [Host ops in place] in eager_lowering.py
+            from agpe_compile import eager_lowering
+
+            result.in_place = eager_lowering.enabled() and not eager_lowering.reads_score_buffers(
+                gm.graph, example_inputs, result.states)
+        compiled = self._lower(result, list(example_inputs), full)
         controller = None
         if self.zero_code_options is not None and result.states:
             if not self.for_explain:  # explain compiles to report: nothing to drive
@@ -405,7 +415,7 @@ class AgpeBackend:
         assert [d.state for d in decisions if d.rewritten] == result.states
         graph = AgpeCompiledGraph(compiled, result.states, controller, weight_indices,
                                   layout_read=[i in read for i in range(len(result.states))], full_layouts=full)
-        graph.unalias_score_buffers = self._lowered_in_place and bool(result.states)
+        graph.unalias_score_buffers = result.in_place
         for param, reason, node, name in left_dense:  # Note [Weights a graph left dense]
             mark_compiled_dense(param, reason, graph)
             graph.left_dense.append((position[node], weakref.ref(param), name, reason))
@@ -449,7 +459,7 @@ class AgpeBackend:
         return controller
 
     def _lower(self, result: RewriteResult, example_inputs: List[Any],
-               full_layouts: Optional[Dict[int, torch.Tensor]] = None, graph: Optional[fx.Graph] = None) -> Callable:
+               full_layouts: Optional[Dict[int, torch.Tensor]] = None) -> Callable:
         extra = result.extra_inputs()
         per_layer = len(extra) // max(1, len(result.states))
         for i, layout in (full_layouts or {}).items():  # the layout is each layer's last extra input
@@ -465,12 +475,11 @@ class AgpeBackend:
             return compile_fx(result.gm, inputs, config_patches=lowering_patches(self.mode))
         from torch._dynamo.backends.debugging import aot_eager
 
-        from agpe_compile.eager_lowering import eager_compilers, enabled, reads_score_buffers
+        from agpe_compile.eager_lowering import eager_compilers
         from agpe_compile.kernels.launch import traced_for_eager_replay
 
-        self._lowered_in_place = enabled() and not reads_score_buffers(graph, example_inputs, result.states)  # Note [Host ops in place]
         with traced_for_eager_replay():  # Note [TMA by default] in kernels/launch.py
-            return aot_eager(result.gm, inputs, **eager_compilers(self._lowered_in_place))
+            return aot_eager(result.gm, inputs, **eager_compilers(result.in_place))  # Note [Host ops in place]
 
 
 def _full_layouts_for_unseen_modules(gm: fx.GraphModule, states: List[LayerState], read: set) -> Dict[int, torch.Tensor]:

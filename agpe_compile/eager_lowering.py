@@ -52,7 +52,9 @@ __all__ = ["call_host_ops_in_place", "eager_compilers"]
 # ``reads_score_buffers``, checked by the backend before it lowers). What only aliases a
 # buffer at run time (an argument passed after compiling, a DDPOptimizer piece's activation
 # that is a view of one) the call wrapper replaces by a copy, the values the functional
-# form read (``unalias_score_buffers``; re-audit CG). A backward that fails
+# form read (``unalias_score_buffers``; re-audit CG). Not covered: a graph that also
+# writes to such an argument in place writes to the copy, so the buffer misses that write
+# (re-audit CH; an argument that is agpe's score buffer and that the model edits). A backward that fails
 # part-way leaves the layers whose op already ran with this call's scores added, as
 # Inductor's reinplaced graphs (the default lowering) always did; the functional form
 # wrote them all at its end. The forward's ``sparse_linear_host`` mutates

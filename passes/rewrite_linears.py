@@ -51,6 +51,9 @@ class RewriteResult:
     gm: fx.GraphModule
     states: List[LayerState]
     changed: bool
+    # aot_eager lowering only: agpe's ops run in place (Note [Host ops in place] in
+    # agpe_compile/eager_lowering.py); decided by the backend before it lowers
+    in_place: bool = False
 
     def extra_inputs(self) -> List[torch.Tensor]:
         return [t for state in self.states for t in state.tensors()]

@@ -150,3 +150,36 @@ def test_a_checkpoint_between_two_updates_resumes_exactly_with_each_ranks_own_st
                   if not torch.equal(value, r["without"][part][name])]
         assert differ
         assert "saved by rank" in r["other_rank"] and "load each rank's own file" in r["other_rank"]
+
+
+def test_ddp_optimizer_pieces_stay_whole_after_the_masks_changed(tmp_path):
+    """DDPOptimizer runs each compiled piece on FakeTensors to propagate shapes; the call
+    wrapper synced a changed mask's layout there and raised a data-dependent error, so
+    Dynamo dropped the split graph and compiled every layer on its own (re-audit CG)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    import agpe_compile
+
+    from .models import MLP, aot_backend, set_random_masks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        counts, outputs = [], []
+        for changed in (False, True):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = MLP((256, 512, 512, 256, 8))
+            agpe_compile.prepare(model, options={"block_size": 32})
+            if changed:
+                set_random_masks(model, 0.5)
+            backend = aot_backend()
+            compiled = torch.compile(nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1), backend=backend)
+            x = torch.randn(6, 256, generator=torch.Generator().manual_seed(0))
+            outputs.append((compiled(x), model(x)))
+            counts.append(backend.graph_count)
+    finally:
+        dist.destroy_process_group()
+    assert counts[0] == counts[1] == 2, counts  # two pieces, not one graph per layer
+    for compiled_out, eager_out in outputs:
+        torch.testing.assert_close(compiled_out, eager_out)
