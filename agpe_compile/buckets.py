@@ -34,6 +34,21 @@ and raising a limit the user set is a warning (once).
 Compiles made by :func:`agpe_compile.explain` (one per call) are added to the frame's
 budget: explaining a model every epoch is not "something else recompiling it".
 
+Note [Buckets no path tells apart]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A layout's capacity matters only to the paths that walk it (the Triton kernels, the CPU's
+gathered blocks). A bucket at or above the dense crossover of every device, dtype and
+AGPE_TMA setting (``ops.paths.dense_everywhere_from``: every bucket for blocks other than
+32/64/128, from 0.5 up for 32 and 64, none for 128) runs the dense path wherever the layer
+lives, exactly as a full-capacity layout does: the path, the masking and the zero hook
+decide by ``capacity >= crossover``, true for both. So a layer's layout takes the buckets
+below that point plus 1.0 (:func:`layout_buckets`): it stays at full capacity until its
+density falls below it, and crossings between buckets no path tells apart recompile
+nothing. The main job's block-8 MLP compiled 6 graphs more for its 6 crossings (~0.5 s
+each with aot_eager on a 2-core CPU); a block-64 run on a GPU skips the 0.75 and 0.5
+crossings (a cold Inductor compile took 18-36 s per crossing on an H200). The schedule
+still reasons in the configured buckets (``bucket_for(density, config.buckets)``).
+
 Example::
 
     >>> state.block_mask.copy_(sparser_mask)      # density 0.4 -> bucket 0.5
@@ -48,7 +63,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .layout import DEFAULT_BUCKETS, bucket_for, update_layout_
+from .layout import DEFAULT_BUCKETS, _normalize_buckets, bucket_for, update_layout_
 from .packed_layout import build_packed, unpack
 from .state import LayerState, adopt_buffers, layer_states
 
@@ -58,6 +73,19 @@ _warned_raise = False
 RECOMPILE_FLOOR = 64
 RECOMPILE_HEADROOM = 16
 RECOMPILES_PER_CROSSING = 8  # kinds of call (train, no_grad, eval, ...) x shape variants
+
+
+def layout_buckets(buckets: Iterable[float], block_size: int) -> tuple:
+    """The buckets a layout of ``block_size`` takes: those below the point from which every
+    device runs the dense path, and 1.0 (Note [Buckets no path tells apart]).
+
+    >>> layout_buckets(DEFAULT_BUCKETS, 8), layout_buckets(DEFAULT_BUCKETS, 64)
+    ((1.0,), (0.05, 0.1, 0.15, 0.25, 0.35, 1.0))
+    """
+    from .ops.paths import dense_everywhere_from
+
+    top = dense_everywhere_from(block_size)
+    return tuple(b for b in _normalize_buckets(buckets) if b < top) + (1.0,)
 
 
 def recompile_budget(layers: int, buckets: int = len(DEFAULT_BUCKETS)) -> int:
@@ -266,7 +294,8 @@ def plan_layouts(states: List[LayerState], host_masks: List[torch.Tensor], bucke
     buckets = tuple(buckets)
     moved, writes = [], []
     for state, mask in zip(states, host_masks):
-        bucket = bucket_for(float(mask.float().mean()), buckets)
+        own = layout_buckets(buckets, state.block_size)
+        bucket = bucket_for(float(mask.float().mean()), own)
         if bucket == state.layout_bucket or state.module is None or not between_steps:
             if bucket != state.layout_bucket:
                 log.debug("agpe.rebucket: %s keeps its layout of bucket %s (%s)", state.name, state.layout_bucket,
@@ -276,7 +305,7 @@ def plan_layouts(states: List[LayerState], host_masks: List[torch.Tensor], bucke
                 _raise_outgrown(state, float(mask.float().mean()))
             writes.append((state.block_layout, packed))
             continue
-        packed, bucket = build_packed(mask, state.block_size, buckets)
+        packed, bucket = build_packed(mask, state.block_size, own)
         if packed.shape == state.block_layout.shape:
             writes.append((state.block_layout, packed))  # same capacity: stay in place, no recompile
         else:

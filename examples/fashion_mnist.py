@@ -335,7 +335,7 @@ def print_table(results: Dict[str, Dict[str, float]], eval_set: str = "test") ->
     print("plain: the same MLP under torch.compile without agpe (same lowering), the wall-clock baseline; "
           "dense: through agpe with every block active; "
           "train FLOPs: executed training FLOPs (agpe layers + dense head) / the same steps run dense; "
-          "graphs: backend compilations (training + eval + one per density-bucket change); sparsifier %: "
+          "graphs: backend compilations (training + eval + one per crossing of a layout bucket: none at block 8, which every device runs dense); sparsifier %: "
           "time in Sparsifier.step (mask updates included) / training time; ms/update: mean time of one "
           "update interval's bookkeeping and mask update")
 

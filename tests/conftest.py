@@ -61,3 +61,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def every_bucket_a_layout(monkeypatch):
+    """Layouts take every configured bucket, as a block-128 layer's do (on a GPU a crossing
+    there changes the kernels' capacity), so that the tests' small CPU layers cross buckets
+    and recompile: by default the CPU runs blocks under 32 dense at every density and their
+    layouts stay at full capacity (Note [Buckets no path tells apart] in buckets.py)."""
+    from agpe_compile.ops import paths
+
+    monkeypatch.setattr(paths, "dense_everywhere_from", lambda block_size: 1.0)

@@ -153,6 +153,23 @@ def may_skip_masking(layout: BlockLayout, device: torch.device, zero_inactive: b
     return fraction >= dense_from(layout.block_size, device)
 
 
+def dense_everywhere_from(block_size: int) -> float:
+    """Smallest bucket capacity from which a layer of ``block_size`` runs the dense path on
+    every device, for every dtype and AGPE_TMA setting (the largest of the crossovers):
+    buckets from there up compute the same thing and are one for the layout (Note
+    [Buckets no path tells apart] in buckets.py).
+
+    >>> dense_everywhere_from(8), dense_everywhere_from(64), dense_everywhere_from(128)
+    (0.0, 0.5, 1.0)
+    """
+    if block_size not in TRITON_BLOCK_SIZES:  # CUDA: no kernels for it
+        cuda = 0.0
+    else:
+        plain = GPU_DENSE_CROSSOVER.get(block_size, 1.0)
+        cuda = max(plain, GPU_DENSE_CROSSOVER_PERSISTENT_TMA.get(block_size, plain))
+    return max(cuda, kernels.always_dense_from(block_size))
+
+
 def dense_from(block_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """Bucket capacity from which a layer runs the dense path by density on ``device``
     (for a weight of ``dtype``: on CUDA the crossover follows AGPE_TMA=persistent for 16-bit
