@@ -33,7 +33,7 @@ from .explain import ExplainReport, LayerRecord, explain
 from .graphs import GraphedStep
 from .optim import BlockSparseAdamW
 from .state import LayerState, layer_state, layer_states, prepare
-from .strip import strip
+from .strip import strip, strip_state_dict
 
 
 
@@ -74,4 +74,5 @@ __all__ = [
     "rebucket",
     "Sparsifier",
     "strip",
+    "strip_state_dict",
 ]

@@ -22,19 +22,24 @@ Example::
     >>> sparsifier.close()                       # stop driving the masks first
     >>> densities = agpe_compile.strip(model)    # {layer name: density}
     >>> torch.save(model.state_dict(), "model.pt")
+
+A checkpoint already on disk (``model.state_dict()`` of a prepared model, agpe buffers
+included) is finished the same way without building the model: :func:`strip_state_dict`,
+or from the shell ``python -m agpe_compile.strip_checkpoint run.pt model.pt [--key model]``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from collections import OrderedDict
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
 
 from . import distributed
 from .ops.reference import expand_block_mask
-from .state import (EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR,
+from .state import (BUFFER_SUFFIXES, EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR,
                     PREPARED_BLOCK_SIZES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
                     _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
                     adopt_buffers, state_of)
@@ -164,3 +169,68 @@ def _remove_hooks(module: nn.Module) -> None:
             del module._load_state_dict_post_hooks[key]
     for attr in (LAYOUT_NAMES_ATTR, LAYERS_ATTR, EXCLUSIONS_ATTR, PREPARED_BLOCK_SIZES_ATTR):
         module.__dict__.pop(attr, None)
+
+
+_MASK_SUFFIX = "_" + BUFFER_SUFFIXES[0]  # "_block_mask"
+
+
+def strip_state_dict(state_dict: Mapping[str, object]) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, float]]:
+    """:func:`strip` for a saved ``model.state_dict()``: (plain state dict, densities).
+
+    For each agpe layer in ``state_dict`` (a ``<prefix><weight>_block_mask`` entry) the
+    returned dict holds ``<prefix><weight>`` with the inactive blocks written as zeros and
+    none of the layer's six agpe entries; every other entry is passed through (the same
+    tensor objects). ``state_dict`` itself is not changed. The result loads with
+    ``strict=True`` into a model built without agpe, like the ``state_dict()`` of a model
+    :func:`strip` finished. Densities are keyed by the weight's entry name.
+
+    >>> sd = {"fc.weight": torch.ones(2, 4), "fc.bias": torch.ones(2),
+    ...       "fc.weight_block_mask": torch.tensor([[True, False]])}
+    >>> plain, densities = strip_state_dict(sd)
+    >>> plain["fc.weight"].tolist(), list(plain), densities
+    ([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]], ['fc.weight', 'fc.bias'], {'fc.weight': 0.5})
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"agpe.strip_state_dict: expected a state dict (a mapping of names to tensors), "
+                        f"got {type(state_dict).__name__}")
+    weights = {key[:-len(_MASK_SUFFIX)] for key in state_dict
+               if isinstance(key, str) and key.endswith(_MASK_SUFFIX)}
+    if not weights:
+        raise ValueError("agpe.strip_state_dict: no agpe layer in this state dict (no '<weight>_block_mask' "
+                         f"entry among its {len(state_dict)} entries); it is plain already, or it is a whole "
+                         "checkpoint: pass its model entry (--key on the command line)")
+    agpe_keys = {f"{weight}_{suffix}" for weight in weights for suffix in BUFFER_SUFFIXES}
+    folded: Dict[str, torch.Tensor] = {}
+    densities: Dict[str, float] = {}
+    for weight_key in sorted(weights):
+        folded[weight_key], densities[weight_key] = _fold(state_dict, weight_key)
+    plain = OrderedDict((key, folded.get(key, value)) for key, value in state_dict.items() if key not in agpe_keys)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        plain._metadata = metadata  # module versions, which load_state_dict passes to the modules
+    return plain, densities
+
+
+def _fold(state_dict: Mapping[str, object], weight_key: str) -> Tuple[torch.Tensor, float]:
+    mask_key = weight_key + _MASK_SUFFIX
+    mask, weight = state_dict[mask_key], state_dict.get(weight_key)
+    if weight is None:
+        raise ValueError(f"agpe.strip_state_dict: {mask_key!r} has no weight {weight_key!r} beside it")
+    for key, value in ((weight_key, weight), (mask_key, mask)):
+        if type(value) not in (torch.Tensor, nn.Parameter):  # DTensor / FSDP shards: the mask is per rank
+            raise TypeError(f"agpe.strip_state_dict: {key!r} is a {type(value).__name__}, not a plain tensor; "
+                            f"save a full (gathered) state dict, or call agpe_compile.strip on the model")
+    if mask.dtype != torch.bool or mask.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"agpe.strip_state_dict: expected a 2-D bool {mask_key!r} and a 2-D {weight_key!r}, "
+                         f"got {mask.dtype} {tuple(mask.shape)} and {tuple(weight.shape)}")
+    (rows, cols), (n, k) = mask.shape, weight.shape
+    block = n // rows if rows else 0
+    if block == 0 or n != rows * block or k != cols * block:
+        raise ValueError(f"agpe.strip_state_dict: {mask_key!r} of shape {tuple(mask.shape)} does not tile "
+                         f"{weight_key!r} of shape {tuple(weight.shape)} with square blocks")
+    density = float(mask.float().mean())
+    weight = weight.detach()
+    if not bool(mask.all()):
+        keep = expand_block_mask(mask.to(weight.device), block, torch.bool)
+        weight = weight.masked_fill(~keep, 0)
+    return weight, density

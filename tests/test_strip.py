@@ -259,3 +259,85 @@ def test_strip_through_a_compiled_wrapper_removes_the_ddp_ignore_list():
     assert set(agpe_compile.strip(torch.compile(model, backend="eager"))) == {"layers.0", "layers.1"}
     assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
     assert not layer_states(model)
+
+
+def _saved_run(tmp_path, model_fn, seed=0):
+    """A prepared model with masks whose inactive weights are NOT zero, its state dict saved
+    to disk and read back (as a user would have it), and the same model stripped live."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = model_fn()
+    fresh = copy.deepcopy(model)
+    agpe_compile.prepare(model, {"block_size": 8})
+    _set_masks(model, seed=seed)
+    path = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "step": 7}, path)
+    agpe_compile.strip(model)
+    return torch.load(path, weights_only=True), model, fresh
+
+
+@pytest.mark.parametrize("model_fn", [lambda: MLP((32, 64, 48, 16)),
+                                      lambda: nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True,
+                                                                         dropout=0.0)],
+                         ids=["mlp", "mha"])
+def test_strip_state_dict_gives_what_strip_gives_without_the_model(tmp_path, model_fn):
+    saved, stripped, fresh = _saved_run(tmp_path, model_fn)
+    before = {key: value.clone() for key, value in saved["model"].items()}
+    plain, densities = agpe_compile.strip_state_dict(saved["model"])
+    assert list(plain) == list(stripped.state_dict()) == list(fresh.state_dict())
+    for key, value in stripped.state_dict().items():
+        assert torch.equal(plain[key], value), key
+    assert set(densities) == {key[:-len("_block_mask")] for key in before if key.endswith("_block_mask")}
+    for key, value in saved["model"].items():  # the input is left as it was
+        assert torch.equal(value, before[key]), key
+    fresh.load_state_dict(plain, strict=True)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(fresh(x), stripped(x), rtol=0, atol=0)
+
+
+def test_strip_state_dict_names_layers_and_keeps_module_versions(tmp_path):
+    saved, stripped, fresh = _saved_run(tmp_path, lambda: MLP((32, 64, 48, 16)))
+    masks = {key[:-len("_block_mask")]: value for key, value in saved["model"].items() if key.endswith("_block_mask")}
+    plain, densities = agpe_compile.strip_state_dict(saved["model"])
+    assert densities == {key: pytest.approx(float(m.float().mean())) for key, m in masks.items()}
+    assert sorted(densities) == ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    assert plain._metadata == saved["model"]._metadata
+    # an entry under a wrapper's prefix (DDP "module.", torch.compile "_orig_mod.") keeps it
+    wrapped = {f"module.{key}": value for key, value in saved["model"].items()}
+    plain_wrapped, _ = agpe_compile.strip_state_dict(wrapped)
+    assert {f"module.{key}" for key in plain} == set(plain_wrapped)
+
+
+def test_strip_state_dict_refuses_what_it_cannot_fold():
+    weight, mask = torch.ones(16, 16), torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="no agpe layer in this state dict"):
+        agpe_compile.strip_state_dict({"fc.weight": weight})
+    with pytest.raises(TypeError, match="expected a state dict"):
+        agpe_compile.strip_state_dict([weight])
+    with pytest.raises(ValueError, match="has no weight 'fc.weight' beside it"):
+        agpe_compile.strip_state_dict({"fc.weight_block_mask": mask})
+    with pytest.raises(ValueError, match="does not tile"):
+        agpe_compile.strip_state_dict({"fc.weight": torch.ones(16, 12), "fc.weight_block_mask": mask})
+    with pytest.raises(ValueError, match="2-D bool"):
+        agpe_compile.strip_state_dict({"fc.weight": weight, "fc.weight_block_mask": mask.float()})
+
+
+def test_strip_checkpoint_command_line(tmp_path, capsys):
+    from agpe_compile import strip_checkpoint
+
+    saved, stripped, fresh = _saved_run(tmp_path, lambda: MLP((32, 64, 48, 16)))
+    out = tmp_path / "plain.pt"
+    assert strip_checkpoint.main([str(tmp_path / "run.pt"), str(out), "--key", "model"]) == 0
+    assert "folded 3 layer mask(s)" in capsys.readouterr().out
+    fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    for key, value in stripped.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(SystemExit):  # the whole checkpoint dict is not a state dict
+        strip_checkpoint.main([str(tmp_path / "run.pt"), str(out)])
+    assert "no agpe layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        strip_checkpoint.main([str(tmp_path / "run.pt"), str(out), "--key", "optimizer"])
+    assert "has no entry 'optimizer'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        strip_checkpoint.main([str(tmp_path / "missing.pt"), str(out)])
+    assert "cannot read" in capsys.readouterr().err
