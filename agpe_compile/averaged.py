@@ -16,8 +16,8 @@ model's at every update: masks, layouts (a layout of another bucket gets a buffe
 size, as when loading a checkpoint) and the saliency sums are copied, never averaged.
 Parameters and the other buffers are averaged exactly as torch does. The averaged weights
 are then zeroed on the model's inactive blocks. So the average runs the same eagerly,
-compiled with ``backend="agpe"`` (its graphs recompile once per bucket crossing, like the
-model's), or after :func:`agpe_compile.strip`. A regrown block's average starts from zero,
+compiled with ``backend="agpe"`` (its graphs recompile once per crossing of a layout bucket,
+like the model's), or after :func:`agpe_compile.strip`. A regrown block's average starts from zero,
 as the block's weight in the model does.
 
 Example::

@@ -38,10 +38,15 @@ Note [Buckets no path tells apart]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 A layout's capacity matters only to the paths that walk it (the Triton kernels, the CPU's
 gathered blocks). A bucket at or above the dense crossover of every device, dtype and
-AGPE_TMA setting (``ops.paths.dense_everywhere_from``: every bucket for blocks other than
-32/64/128, from 0.5 up for 32 and 64, none for 128) runs the dense path wherever the layer
-lives, exactly as a full-capacity layout does: the path, the masking and the zero hook
-decide by ``capacity >= crossover``, true for both. So a layer's layout takes the buckets
+AGPE_TMA setting (``ops.paths.dense_everywhere_from``: every bucket for blocks under 32,
+from 0.5 up for 32 and 64, none for 128; other sizes by the CPU cost model's anchor too)
+runs the dense path wherever the layer lives, exactly as a full-capacity layout does: the
+path, the masking and the zero hook decide by ``capacity >= crossover``, true for both.
+(Devices other than CPU and CUDA run the dense path at every bucket but skip the masking
+only at full capacity: there such a layer now skips it under the zero-weight promise, and
+the hook re-zeroes it after each optimizer step, as for a full layer; the values are the
+same. BlockSparseAdamW launches one program per capacity slot, the extra ones exiting at
+once: more launches at full capacity, not other values.) So a layer's layout takes the buckets
 below that point plus 1.0 (:func:`layout_buckets`): it stays at full capacity until its
 density falls below it, and crossings between buckets no path tells apart recompile
 nothing. The main job's block-8 MLP compiled 6 graphs more for its 6 crossings (~0.5 s
@@ -51,7 +56,7 @@ still reasons in the configured buckets (``bucket_for(density, config.buckets)``
 
 Example::
 
-    >>> state.block_mask.copy_(sparser_mask)      # density 0.4 -> bucket 0.5
+    >>> state.block_mask.copy_(sparser_mask)      # density 0.3 -> bucket 0.35
     >>> agpe_compile.rebucket(model)              # ['fc1'] moved; next call recompiles once
 """
 

@@ -63,12 +63,32 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def every_bucket_a_layout(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def every_bucket_a_layout():
     """Layouts take every configured bucket, as a block-128 layer's do (on a GPU a crossing
-    there changes the kernels' capacity), so that the tests' small CPU layers cross buckets
-    and recompile: by default the CPU runs blocks under 32 dense at every density and their
-    layouts stay at full capacity (Note [Buckets no path tells apart] in buckets.py)."""
+    there changes the kernels' capacity), so that the tests' small CPU layers cross buckets,
+    resize their layouts and recompile as the suite was written for. As shipped, the layouts
+    of blocks under 32 stay at full capacity (every device runs them dense at every density;
+    Note [Buckets no path tells apart] in buckets.py): tests of that behaviour carry
+    ``@pytest.mark.shipped_layout_buckets`` (tests/test_layout_buckets.py, the doctests), and
+    every example run in a subprocess (tests/test_examples.py) runs as shipped. Session-wide,
+    so that module-scoped fixtures (a training run several tests read) take it too."""
     from agpe_compile.ops import paths
 
-    monkeypatch.setattr(paths, "dense_everywhere_from", lambda block_size: 1.0)
+    shipped = paths.dense_everywhere_from
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(paths, "dense_everywhere_from", lambda block_size: 1.0)
+        yield shipped
+
+
+@pytest.fixture(autouse=True)
+def _shipped_layout_buckets(request, every_bucket_a_layout):
+    """``@pytest.mark.shipped_layout_buckets``: this test's layouts as shipped (see above)."""
+    if not request.node.get_closest_marker("shipped_layout_buckets"):
+        yield
+        return
+    from agpe_compile.ops import paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(paths, "dense_everywhere_from", every_bucket_a_layout)  # the shipped function
+        yield

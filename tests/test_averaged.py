@@ -28,7 +28,6 @@ def gmp_run():
                     optimizer="adamw")
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_torchs_averaged_model_fails_at_a_bucket_crossing_and_ours_follows_the_masks():
     model, opt, sp, cmodel, _ = gmp_run()
     theirs = TorchAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))

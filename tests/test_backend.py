@@ -522,7 +522,6 @@ def test_an_inference_mode_eval_after_a_dtype_change_or_a_rebucket_does_not_brea
 
 
 @pytest.mark.parametrize("inductor", [False, True], ids=["aot_eager", "inductor"])
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_a_layer_whose_module_the_graph_never_calls_is_compiled_at_full_capacity_and_says_so(caplog, inductor):
     # Note [Layouts a graph cannot see change]: a weight used without calling its module gives
     # Dynamo no hook to guard on the layout's length, so the graph never recompiles for that
@@ -567,7 +566,6 @@ def test_a_layer_whose_module_the_graph_never_calls_is_compiled_at_full_capacity
     assert backend.graph_count == 1 and int(state.counters[0]) > 0
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_compiled_capacity_layouts_are_rebuilt_without_the_call_wrapper():
     # A CUDA graph replay (GraphedStep) skips the call wrapper, which rebuilds the layout it
     # hands a graph compiled at a fixed capacity. The layer state tracks that layout, and
@@ -626,7 +624,6 @@ def test_compiled_capacity_layouts_are_rebuilt_without_the_call_wrapper():
     assert state.capacity_layouts == []
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_hookless_layers_of_mha_and_of_a_second_instance_follow_any_bucket(caplog):
     # nn.MultiheadAttention uses out_proj.weight without calling out_proj: its layout is never
     # read by the graph (masked_weight, dense W*M), so any mask runs, whatever graph Dynamo

@@ -24,7 +24,6 @@ def test_wrapper_syncs_layout_in_place_after_mask_edit():
     assert torch.equal(state.layout().to_mask(), state.block_mask)
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_rebucket_moves_only_layers_that_left_their_bucket():
     model = MLP((32, 32, 16))
     states = agpe_compile.prepare(model, options={"block_size": 8})
@@ -35,7 +34,6 @@ def test_rebucket_moves_only_layers_that_left_their_bucket():
     assert rebucket(model) == []
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_mask_above_bucket_capacity_without_rebucket_raises():
     model = MLP((32, 32, 16))
     states = agpe_compile.prepare(model, options={"block_size": 8})
@@ -63,7 +61,6 @@ def test_layers_compiled_before_prepare_keep_full_capacity():
     assert torch.equal(state.layout().to_mask(), state.block_mask)
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_two_thousand_steps_compile_once_per_bucket_crossing():
     """Masks change every 50 steps while density falls 1.0 -> 0.1: compilations = 1 + crossings."""
     torch.manual_seed(0)
@@ -87,7 +84,6 @@ def test_two_thousand_steps_compile_once_per_bucket_crossing():
     assert {s.layout_bucket for s in layer_states(model).values()} == {0.1}
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_returning_to_a_previous_bucket_reuses_its_graph_with_the_new_layout():
     torch.manual_seed(0)
     model = MLP((32, 32, 16))
@@ -107,7 +103,6 @@ def test_returning_to_a_previous_bucket_reuses_its_graph_with_the_new_layout():
     assert backend.graph_count == 2
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_model_state_dict_of_another_bucket_loads_into_a_fresh_model():
     torch.manual_seed(0)
     sparse = MLP((32, 32, 16))
@@ -128,7 +123,6 @@ def test_model_state_dict_of_another_bucket_loads_into_a_fresh_model():
     assert rebucket(fresh) == []
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_many_crossings_with_evaluation_stay_compiled_and_masked():
     # Note [Recompile budget]: layers crossing buckets one at a time, each crossing compiled
     # for training and for no_grad evaluation, go far past Dynamo's default limit of 8
@@ -265,7 +259,6 @@ def test_recompiles_that_are_not_crossings_stop_at_dynamos_limit(fresh_limits):
     assert "size mismatch" in message  # Dynamo's own reason, when it gives one
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_recompiles_within_a_bucket_set_follow_the_users_limit_and_crossings_start_afresh(fresh_limits):
     model = MLP((32, 32, 16))
     agpe_compile.prepare(model, options={"block_size": 8})
@@ -347,7 +340,6 @@ def test_isolated_compiles_of_many_instances_are_counted_per_region(fresh_limits
 
 
 @pytest.mark.skipif(not _compile_accepts("recompile_limit"), reason="torch.compile has no recompile_limit")
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_a_per_call_recompile_limit_below_the_crossing_budget_is_refused(fresh_limits):
     """torch.compile(..., recompile_limit=N) (torch 2.13) puts Dynamo's limit back to N at each
     compile, undoing agpe's headroom: at the N+1-th compile Dynamo ran the frame eagerly and

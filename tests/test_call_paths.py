@@ -175,7 +175,6 @@ class _Functional(nn.Module):
         return F.linear(F.relu(F.linear(x, self.a.weight, self.a.bias)), self.b.weight, self.b.bias)
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_layers_that_cross_a_bucket_unseen_are_named_in_one_warning(caplog):
     torch._dynamo.reset()
     torch.manual_seed(0)

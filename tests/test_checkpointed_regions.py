@@ -189,7 +189,6 @@ class _TinyNet(nn.Module):
 
 
 @pytest.mark.parametrize("policy", ["agpe", "rigl"])
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_a_checkpointed_run_prunes_regrows_and_recompiles_like_the_straight_one(policy):
     """Mask updates, regrowth from the dense gradient and bucket crossings (new layout
     capacities, one recompile each) reach the layers inside the checkpointed body as they

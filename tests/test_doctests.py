@@ -19,6 +19,8 @@ import pytest
 import agpe_compile
 import agpe_compile.passes as passes
 
+pytestmark = pytest.mark.shipped_layout_buckets  # the examples show the library as shipped (tests/conftest.py)
+
 SKETCHES = {
     "agpe_compile", "agpe_compile.averaged", "agpe_compile.backend", "agpe_compile.buckets",
     "agpe_compile.controller", "agpe_compile.controller.checkpoint", "agpe_compile.controller.host_sync",

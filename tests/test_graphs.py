@@ -15,7 +15,6 @@ from agpe_compile.graphs import GraphedStep, tensor_signature
 from .models import MLP
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_signature_keeps_in_place_mask_edits_and_sees_a_bucket_crossing():
     model = MLP((64, 128, 64))
     agpe_compile.prepare(model, options={"block_size": 32})

@@ -18,6 +18,8 @@ from agpe_compile.state import layer_states
 from .controller.helpers import TinyMLP, batches
 from .models import MLP, aot_backend, set_random_masks
 
+pytestmark = pytest.mark.shipped_layout_buckets  # (the suite's other tests take every bucket: tests/conftest.py)
+
 
 def test_layout_buckets_per_block_size():
     assert layout_buckets(DEFAULT_BUCKETS, 8) == (1.0,)
@@ -148,3 +150,54 @@ def test_a_checkpoint_at_a_bucket_the_layout_now_skips_loads_and_moves_to_full_c
     assert states["layers.0"].layout_bucket == 1.0 and torch.equal(states["layers.0"].layout().to_mask(),
                                                                     saved["layers.0.weight_block_mask"])
     torch.testing.assert_close(compiled(x), sparse(x))
+
+
+def _steps(model, opt, sp, compiled, data):
+    losses = []
+    for x, y in data:
+        loss = F.cross_entropy(compiled(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(loss)
+        losses.append(loss.item())
+    return losses
+
+
+def _build():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    backend = aot_backend()
+    sp = Sparsifier(model, opt, AGPEConfig(policy="rigl", target_sparsity=0.9, block_size=4, update_interval=4,
+                                           end_step=32), recompile_counter=lambda: backend.graph_count)
+    return model, opt, sp, torch.compile(model, backend=backend), backend
+
+
+@pytest.mark.parametrize("saved_with_every_bucket", [True, False], ids=["old-to-shipped", "shipped-to-old"])
+def test_a_run_resumes_bit_identically_across_the_change(saved_with_every_bucket, monkeypatch):
+    """A checkpoint written with every bucket a layout (the code before this rule) resumes
+    as shipped, and the reverse, exactly like the run that was never interrupted."""
+    shipped = paths.dense_everywhere_from
+    data = list(batches(40))
+    model, opt, sp, compiled, _ = _build()
+    straight = _steps(model, opt, sp, compiled, data)
+    torch._dynamo.reset()
+    if saved_with_every_bucket:
+        monkeypatch.setattr(paths, "dense_everywhere_from", lambda block_size: 1.0)
+    model, opt, sp, compiled, _ = _build()
+    first = _steps(model, opt, sp, compiled, data[:18])
+    saved = {n: s.layout_bucket for n, s in sp.layers.items()}
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()}
+    torch._dynamo.reset()
+    monkeypatch.setattr(paths, "dense_everywhere_from", shipped if saved_with_every_bucket else lambda block_size: 1.0)
+    model, opt, sp, compiled, backend = _build()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    sp.load_state_dict(checkpoint["sp"])
+    assert first + _steps(model, opt, sp, compiled, data[18:]) == straight
+    if saved_with_every_bucket:
+        assert set(saved.values()) != {1.0} and {s.layout_bucket for s in sp.layers.values()} == {1.0}
+        assert backend.graph_count == 1
+    else:
+        assert set(saved.values()) == {1.0} and {s.layout_bucket for s in sp.layers.values()} != {1.0}

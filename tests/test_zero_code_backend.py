@@ -151,7 +151,6 @@ def _explicit_run(steps, micro_batches=1, options=ZC_OPTIONS):
     return model, optimizer, backend, sparsifier
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_zero_code_follows_the_optimizer_and_matches_explicit_mode_bit_for_bit():
     # Prepared before torch.compile: the controller binds the SGD optimizer at its first
     # step, re-buckets between steps (kernels sized to the sparse layout) and resets the
@@ -174,7 +173,6 @@ def test_zero_code_follows_the_optimizer_and_matches_explicit_mode_bit_for_bit()
     assert backend.graph_count == ref_backend.graph_count + 1
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_zero_code_through_the_backend_string_keeps_one_controller_across_recompiles():
     # torch.compile(backend="agpe", options=...) builds a new backend object per compiled
     # graph; the recompiles at bucket crossings must reuse the controller already driving
@@ -259,7 +257,6 @@ def test_zero_code_ignores_an_optimizer_without_its_weights():
     assert not backend.controllers[0].follows_optimizer
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_tick_fallback_keeps_prepared_layouts_and_raises_when_a_mask_outgrows_them():
     torch.manual_seed(0)
     model = MLP((32, 64, 16))

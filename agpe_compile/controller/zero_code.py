@@ -21,7 +21,8 @@ same point of the step, so:
 * moments of pruned and regrown blocks are reset (the hook hands over the optimizer);
 * layouts re-bucket between steps, so prepared layers (``agpe_compile.prepare`` before
   ``torch.compile``) shrink to their bucket's capacity and run the block-sparse kernels;
-  the next call recompiles once per crossing, as in explicit mode.
+  the next call recompiles once per crossing of a bucket the layout takes (Note [Buckets
+  no path tells apart] in buckets.py), as in explicit mode.
 
 Fallback (no ``torch.optim`` optimizer holding these weights ever steps, e.g. a hand-written
 update, or ``follow_optimizer=False``): the call wrapper's "tick" at the start of every

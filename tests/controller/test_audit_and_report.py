@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from agpe_compile import report
-from agpe_compile.ops import paths
 from agpe_compile.controller import AGPEConfig, AuditLog, read_records
 
 from .helpers import batches, make_run, train
@@ -24,18 +23,16 @@ def agpe_run(tmp_path_factory):
     config = AGPEConfig(policy="agpe", target_sparsity=0.75, block_size=4, update_interval=4, end_step=20,
                         audit_path=path, cooldown=0, patience=1)
     torch._dynamo.reset()
+    _, opt, sp, cmodel, backend = make_run(config)
     masks = {}
-    with pytest.MonkeyPatch.context() as patch:  # the records' crossings: the every_bucket_a_layout fixture
-        patch.setattr(paths, "dense_everywhere_from", lambda block_size: 1.0)
-        _, opt, sp, cmodel, backend = make_run(config)
-        for step, (x, y) in enumerate(batches(24), start=1):
-            loss = F.cross_entropy(cmodel(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            before = {n: s.block_mask.clone() for n, s in sp.layers.items()}
-            sp.step(loss)
-            masks[step] = (before, {n: s.block_mask.clone() for n, s in sp.layers.items()})
+    for step, (x, y) in enumerate(batches(24), start=1):
+        loss = F.cross_entropy(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        before = {n: s.block_mask.clone() for n, s in sp.layers.items()}
+        sp.step(loss)
+        masks[step] = (before, {n: s.block_mask.clone() for n, s in sp.layers.items()})
     return path, sp, masks, backend
 
 

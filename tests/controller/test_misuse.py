@@ -346,7 +346,6 @@ def test_step_after_close_says_the_sparsifier_is_closed():
         sp.step(1.0)  # only an unrelated "no optimizer.step() since the previous call" warning before
 
 
-@pytest.mark.usefixtures("every_bucket_a_layout")
 def test_a_user_hook_that_breaks_the_graph_is_named_when_a_layer_misses_its_backward(caplog):
     """A full backward hook on a layer inside a loop over blocks makes Dynamo run that
     layer eagerly (no scores); the warning named only regional compilation."""
