@@ -177,15 +177,20 @@ _MASK_SUFFIX = "_" + BUFFER_SUFFIXES[0]  # "_block_mask"
 def strip_state_dict(state_dict: Mapping[str, object]) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, float]]:
     """:func:`strip` for a saved ``model.state_dict()``: (plain state dict, densities).
 
-    For each agpe layer in ``state_dict`` (a ``<prefix><weight>_block_mask`` entry) the
-    returned dict holds ``<prefix><weight>`` with the inactive blocks written as zeros and
-    none of the layer's six agpe entries; every other entry is passed through (the same
-    tensor objects). ``state_dict`` itself is not changed. The result loads with
-    ``strict=True`` into a model built without agpe, like the ``state_dict()`` of a model
-    :func:`strip` finished. Densities are keyed by the weight's entry name.
+    An agpe layer is a ``<prefix><weight>`` entry with the six agpe entries beside it
+    (``<weight>_block_mask``, ``_block_layout``, ...; any other ``*_block_mask`` entry is the
+    model's own and passes through). The returned dict holds each such weight with the
+    inactive blocks written as zeros, the same folded tensor under every entry that shared
+    the weight's storage (tied weights, as ``torch.load`` restores them), and none of the
+    agpe entries; every other entry is passed through (the same tensor objects).
+    ``state_dict`` itself is not changed. The result loads with ``strict=True`` into a model
+    built without agpe (wrapper prefixes such as ``module.`` stay), like the ``state_dict()``
+    of a model :func:`strip` finished. Densities are keyed by the weight's entry name
+    (``strip`` keys them by layer name).
 
-    >>> sd = {"fc.weight": torch.ones(2, 4), "fc.bias": torch.ones(2),
-    ...       "fc.weight_block_mask": torch.tensor([[True, False]])}
+    >>> sd = {"fc.weight": torch.ones(2, 4), "fc.bias": torch.ones(2)}
+    >>> sd.update({f"fc.weight_{suffix}": torch.zeros(1) for suffix in BUFFER_SUFFIXES})  # agpe's six
+    >>> sd["fc.weight_block_mask"] = torch.tensor([[True, False]])
     >>> plain, densities = strip_state_dict(sd)
     >>> plain["fc.weight"].tolist(), list(plain), densities
     ([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]], ['fc.weight', 'fc.bias'], {'fc.weight': 0.5})
@@ -194,21 +199,71 @@ def strip_state_dict(state_dict: Mapping[str, object]) -> Tuple["OrderedDict[str
         raise TypeError(f"agpe.strip_state_dict: expected a state dict (a mapping of names to tensors), "
                         f"got {type(state_dict).__name__}")
     weights = {key[:-len(_MASK_SUFFIX)] for key in state_dict
-               if isinstance(key, str) and key.endswith(_MASK_SUFFIX)}
+               if isinstance(key, str) and key.endswith(_MASK_SUFFIX)
+               and all(f"{key[:-len(_MASK_SUFFIX)]}_{suffix}" in state_dict for suffix in BUFFER_SUFFIXES)}
     if not weights:
-        raise ValueError("agpe.strip_state_dict: no agpe layer in this state dict (no '<weight>_block_mask' "
-                         f"entry among its {len(state_dict)} entries); it is plain already, or it is a whole "
-                         "checkpoint: pass its model entry (--key on the command line)")
+        raise ValueError("agpe.strip_state_dict: no agpe layer in this state dict (no weight with the six agpe "
+                         f"entries '<weight>_block_mask', '<weight>_block_layout', ... among its {len(state_dict)} "
+                         "entries); it is plain already, or it is a whole checkpoint: pass its model entry (--key "
+                         "on the command line)")
     agpe_keys = {f"{weight}_{suffix}" for weight in weights for suffix in BUFFER_SUFFIXES}
     folded: Dict[str, torch.Tensor] = {}
     densities: Dict[str, float] = {}
     for weight_key in sorted(weights):
         folded[weight_key], densities[weight_key] = _fold(state_dict, weight_key)
+    _fold_tied(state_dict, folded, agpe_keys)
     plain = OrderedDict((key, folded.get(key, value)) for key, value in state_dict.items() if key not in agpe_keys)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         plain._metadata = metadata  # module versions, which load_state_dict passes to the modules
     return plain, densities
+
+
+def _storage(t: object):
+    """(storage address, offset, shape, stride, dtype) of a tensor holding memory, else None."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter):
+        return None
+    address = t.untyped_storage().data_ptr()
+    return None if address == 0 else (address, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _bytes(t: torch.Tensor) -> Tuple[int, int]:
+    """The byte range of ``t``'s storage its elements span."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    return start, start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)) * size
+
+
+def _fold_tied(state_dict: Mapping[str, object], folded: Dict[str, torch.Tensor], agpe_keys) -> None:
+    """Put each folded weight under every other entry that is the same tensor in memory (a
+    tied weight saved under two names: the live :func:`strip` zeroes the one Parameter both
+    names hold); refuse an entry that overlaps it in another shape or a second mask for it."""
+    owners = {}
+    for key in sorted(folded):
+        where = _storage(state_dict[key])
+        if where is None:
+            continue
+        if where in owners:
+            raise ValueError(f"agpe.strip_state_dict: {key!r} and {owners[where]!r} are one tied weight with two "
+                             f"agpe masks; call agpe_compile.strip on the model instead")
+        owners[where] = key
+    by_address: Dict[int, List[str]] = {}
+    for where, key in owners.items():
+        by_address.setdefault(where[0], []).append(key)
+    for key, value in state_dict.items():
+        where = _storage(value)
+        if where is None or key in folded or key in agpe_keys or where[0] not in by_address:
+            continue
+        if where in owners:
+            folded[key] = folded[owners[where]]
+            continue
+        start, end = _bytes(value)
+        for weight_key in by_address[where[0]]:
+            other_start, other_end = _bytes(state_dict[weight_key])
+            if start < other_end and other_start < end:  # overlapping memory, another view
+                raise ValueError(f"agpe.strip_state_dict: {key!r} shares memory with the agpe weight {weight_key!r} "
+                                 f"in another shape or offset, so folding the mask would leave it stale; call "
+                                 f"agpe_compile.strip on the model instead")
 
 
 def _fold(state_dict: Mapping[str, object], weight_key: str) -> Tuple[torch.Tensor, float]:

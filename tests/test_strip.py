@@ -308,6 +308,14 @@ def test_strip_state_dict_names_layers_and_keeps_module_versions(tmp_path):
     assert {f"module.{key}" for key in plain} == set(plain_wrapped)
 
 
+def _agpe_entries(weight_key, mask):
+    from agpe_compile.state import BUFFER_SUFFIXES
+
+    entries = {f"{weight_key}_{suffix}": torch.zeros(1) for suffix in BUFFER_SUFFIXES}
+    entries[f"{weight_key}_block_mask"] = mask
+    return entries
+
+
 def test_strip_state_dict_refuses_what_it_cannot_fold():
     weight, mask = torch.ones(16, 16), torch.ones(2, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="no agpe layer in this state dict"):
@@ -315,11 +323,50 @@ def test_strip_state_dict_refuses_what_it_cannot_fold():
     with pytest.raises(TypeError, match="expected a state dict"):
         agpe_compile.strip_state_dict([weight])
     with pytest.raises(ValueError, match="has no weight 'fc.weight' beside it"):
-        agpe_compile.strip_state_dict({"fc.weight_block_mask": mask})
+        agpe_compile.strip_state_dict(_agpe_entries("fc.weight", mask))
     with pytest.raises(ValueError, match="does not tile"):
-        agpe_compile.strip_state_dict({"fc.weight": torch.ones(16, 12), "fc.weight_block_mask": mask})
+        agpe_compile.strip_state_dict({"fc.weight": torch.ones(16, 12), **_agpe_entries("fc.weight", mask)})
     with pytest.raises(ValueError, match="2-D bool"):
-        agpe_compile.strip_state_dict({"fc.weight": weight, "fc.weight_block_mask": mask.float()})
+        agpe_compile.strip_state_dict({"fc.weight": weight, **_agpe_entries("fc.weight", mask.float())})
+    overlapping = torch.ones(32, 16)
+    with pytest.raises(ValueError, match="'fc.weight_half' shares memory with the agpe weight 'fc.weight'"):
+        agpe_compile.strip_state_dict({"fc.weight": overlapping[:16], "fc.weight_half": overlapping[8:24],
+                                       **_agpe_entries("fc.weight", torch.tensor([[True, False], [False, True]]))})
+
+
+def test_strip_state_dict_folds_a_tied_weight_under_every_name_and_passes_the_models_own_masks(tmp_path):
+    """Two Linears sharing one weight (one agpe layer, on the first): the live strip zeroes the one
+    Parameter both names hold; so does the saved state dict's, under both names. A buffer of
+    the model's own named ``*_block_mask`` is not an agpe layer."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.b.weight = self.a.weight
+            self.register_buffer("attn_block_mask", torch.tensor([[True, False]]))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + self.attn_block_mask.sum()
+
+    torch.manual_seed(0)
+    model = Tied()
+    fresh = copy.deepcopy(model)
+    assert list(agpe_compile.prepare(model, {"block_size": 8})) == ["a"]  # one layer for the shared weight
+    _set_masks(model)
+    x = torch.randn(4, 32)
+    expected = torch.compile(model, backend=agpe_compile.AgpeBackend(BACKEND))(x).detach()
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    saved = torch.load(tmp_path / "tied.pt", weights_only=True)
+    assert saved["a.weight"].data_ptr() == saved["b.weight"].data_ptr()  # torch.load keeps the tie
+    plain, densities = agpe_compile.strip_state_dict(saved)
+    assert list(densities) == ["a.weight"] and plain["a.weight"] is plain["b.weight"]
+    assert torch.equal(plain["attn_block_mask"], saved["attn_block_mask"])
+    fresh.load_state_dict(plain, strict=True)
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-6, atol=1e-6)
+    agpe_compile.strip(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain[key], value), key
 
 
 def test_strip_checkpoint_command_line(tmp_path, capsys):
@@ -341,3 +388,22 @@ def test_strip_checkpoint_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         strip_checkpoint.main([str(tmp_path / "missing.pt"), str(out)])
     assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit):
+        strip_checkpoint.main([str(tmp_path / "notes.txt"), str(out)])
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        strip_checkpoint.main([str(tmp_path / "run.pt"), str(tmp_path / "no" / "such" / "dir" / "x.pt"), "--key", "model"])
+    assert "cannot write" in capsys.readouterr().err
+    # a checkpoint that also holds other Python objects: refused by weights_only, read with --trusted
+    torch.save({"model": saved["model"], "args": _Args(3)}, tmp_path / "with_args.pt")
+    with pytest.raises(SystemExit):
+        strip_checkpoint.main([str(tmp_path / "with_args.pt"), str(out), "--key", "model"])
+    assert "pass --trusted" in capsys.readouterr().err
+    assert strip_checkpoint.main([str(tmp_path / "with_args.pt"), str(out), "--key", "model", "--trusted"]) == 0
+    assert torch.equal(torch.load(out, weights_only=True)["layers.0.weight"], stripped.layers[0].weight)
+
+
+class _Args:  # a non-tensor object a training script pickles beside its state dict
+    def __init__(self, lr):
+        self.lr = lr
