@@ -6,8 +6,10 @@ version 1, so a version-1 checkpoint resumes with FLOP accounting restarted from
 model's counters and an empty loss window (logged). Version 3 added the per-block ages
 since regrowth (``protect_grown``); an older checkpoint resumes with every block counted as
 never grown, so no block is protected at the first update (logged when ``protect_grown`` is
-on). Version 4 (current) added the layers' interval buffers (Note [Buffers the model did not
-load]); an older checkpoint loads as before.
+on). Version 4 added the layers' interval buffers (Note [Buffers the model did not load]); an
+older checkpoint loads as before. Version 5 (current) added the layout buckets each global
+target had (Note [Layouts a target had before] in sparsifier.py); an older checkpoint
+resumes remembering only the current target's, those of its masks.
 
 Note [Buffers the model did not load]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -64,8 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 BUFFER_FIELDS = ("saliency", "dense_grad_sq", "counters")  # Note [Buffers the model did not load]
 
 
@@ -97,6 +99,7 @@ def save(sp: "Sparsifier") -> dict:
         "scored_from": {n: int(t) for n, t in sp._scored_from.items()} if sp._flag_on else None,
         "skips_from": {n: int(t) for n, t in sp._skips_from.items()} if sp._flag_on else None,
         "layer_buffers": {n: {f: getattr(s, f).detach().clone() for f in BUFFER_FIELDS} for n, s in sp.layers.items()},
+        "layout_sets": [[target, dict(buckets)] for target, buckets in sorted(sp.layout_sets.items())],
     }
 
 
@@ -142,6 +145,8 @@ def upgrade(state: dict) -> dict:
         state = dict(state, format_version=3, grown_age=None)
     if state["format_version"] == 3:
         state = dict(state, format_version=4, layer_buffers=None)
+    if state["format_version"] == 4:
+        state = dict(state, format_version=5, layout_sets=None)
     return state
 
 
@@ -255,6 +260,8 @@ def load(sp: "Sparsifier", state: dict) -> None:
                                  or live[name] < sp.seen_counters[name][0])}
     sp._loss_sum, sp._loss_steps = read["loss_window"]
     sp._set_score_dense(sp._scores_dense_at(sp.step_count + 1), force=True)
+    sp.layout_sets = (read["layout_sets"] if read["layout_sets"] is not None else  # (format 4 and older)
+                      {sp.target_density: sp._layout_set({n: m.cpu() for n, m in read["masks"].items()})})
     if sp._flag_on and read["scored_from"] is not None:
         # Not the live counters: the model's own state dict may be loaded after this one.
         sp._scored_from = {n: torch.tensor(v, dtype=torch.int64, device=sp.layers[n].counters.device)
@@ -327,6 +334,7 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
     seen = state["seen_counters"]
     read["seen_counters"] = None if seen is None else per_layer("seen_counters", lambda name, v: [int(v[0]), int(v[1])])
     read["loss_window"] = _load_loss_window(state["loss_window"])
+    read["layout_sets"] = _layout_sets(state["layout_sets"], layers)
     scored = state["scored_from"]
     read["scored_from"] = None if scored is None else per_layer("scored_from", lambda name, v: int(v))
     # a checkpoint written before skips_from existed: skips counted from the last interval
@@ -336,6 +344,32 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
         read["skips_from"] = (per_layer("skips_from", lambda name, v: int(v)) if skips else
                               {n: seen_at[n][1] for n in layers})
     return read
+
+
+def _layout_sets(saved, layers) -> "dict | None":
+    """``layout_sets`` as ``[[target, {layer: bucket}], ...]`` -> {target: {layer: bucket}}
+    (None stays None: format 4 and older); densities in [0, 1] and known layer names."""
+    if saved is None:
+        return None
+    if not isinstance(saved, (list, tuple)):
+        raise TypeError(f"layout_sets: expected a list of [target, {{layer: bucket}}] pairs, got {type(saved).__name__}")
+
+    def density(value, what):
+        value = value.item() if hasattr(value, "item") and tuple(getattr(value, "shape", (1,))) == () else value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"layout_sets: {what} is {value!r}, expected a density in [0, 1]")
+        return float(value)
+
+    sets = {}
+    for entry in saved:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], dict):
+            raise TypeError(f"layout_sets: expected [target, {{layer: bucket}}] pairs, got {entry!r}")
+        target = density(entry[0], "a target")
+        unknown = sorted(str(n) for n in entry[1] if n not in layers)
+        if unknown:
+            raise ValueError(f"layout_sets: layer {unknown[0]!r} (target {target}) is not one of this Sparsifier's")
+        sets[target] = {name: density(bucket, f"the bucket of {name!r}") for name, bucket in entry[1].items()}
+    return sets
 
 
 def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:

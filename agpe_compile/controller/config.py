@@ -106,12 +106,13 @@ class AGPEConfig:
             undoes the first prunes of a run: Note [Regret in practice]). ``max_density``
             (``agpe`` only; at least the start density) is a density above a sparse start
             that back-offs may return to (refused below the start density; the other
-            policies ignore it). Each back-off and descent again can put the layers in a
-            new combination of density buckets (one compile per call kind each): with the
-            default ``max_backoffs=2`` that is a few graphs; raised to 1000 on an 8-layer
-            GPT whose loss spiked every 200 steps, 125 graphs in 12,000 steps, on course to
-            the recompile budget's error at ~50,000-80,000 steps (helper audit BY, not yet
-            bounded).
+            policies ignore it). A return to a target the run had before puts each layer
+            back in the layout bucket it had there (Note [Layouts a target had before] in
+            sparsifier.py), so back-offs compile at most one graph per target of the ladder
+            (and kind of call), however many there are: before that rule an 8-layer GPT
+            with ``max_backoffs=1000`` whose loss spiked every 200 steps had compiled 125
+            graphs in 12,000 steps, on course to the recompile budget's error (helper audit
+            BY).
         rescale_init: a sparse initial layout multiplies each layer's surviving weights by
             1/sqrt(layer density), so the output variance of the default (fan-in) init is
             kept with the smaller effective fan-in; without it a 90%-sparse 3-layer MLP

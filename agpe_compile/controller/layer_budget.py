@@ -12,6 +12,10 @@ The global target density d gives a budget of ``round(d * all blocks)`` active b
   kernels' layout capacity); layers may change bucket only at an update where the global
   target changes. So all re-bucketing, hence all recompiles, happens at the few updates
   where the global target moves.
+* When the global target returns to a value it had before (AGPE's back-offs, and the
+  descent after them), each layer is held to the layout bucket it had the last time the
+  target was there (``remembered``; Note [Layouts a target had before] in sparsifier.py),
+  so a return finds the compiled graph of that visit instead of a new one.
 
 Then a layer with ``a`` active blocks and new count ``n`` swaps
 ``s = min(round(f * min(a, n)), blocks - max(a, n))`` blocks on top of the net change:
@@ -58,25 +62,41 @@ def bucket_bounds(count: int, blocks: int, buckets: Sequence[float], cap: float)
     >>> bucket_bounds(30, 100, (1.0, 0.5, 0.25), 1.0)
     (26, 50)
     """
-    top = bucket_for(count / blocks, buckets)
-    below = [b for b in buckets if b < top]
+    lo, hi = bucket_range(bucket_for(count / blocks, buckets), blocks, buckets, cap)
+    return min(lo, count), max(hi, count)
+
+
+def bucket_range(bucket: float, blocks: int, buckets: Sequence[float], cap: float = 1.0) -> Tuple[int, int]:
+    """The counts (at least one block) whose density has bucket ``bucket`` (a value of
+    ``buckets``) in a layer of ``blocks`` blocks, capped at ``cap``; empty (lo > hi) where
+    no count of that layer falls in it.
+
+    >>> bucket_range(0.5, 100, (1.0, 0.5, 0.25)), bucket_range(0.25, 100, (1.0, 0.5, 0.25))
+    ((26, 50), (1, 25))
+    """
+    below = [b for b in buckets if b < bucket]
     lo = math.floor(round(max(below) * blocks, 6)) + 1 if below else 1
-    hi = min(math.floor(round(top * blocks, 6)), math.floor(round(cap * blocks, 6)), blocks)
-    return min(max(lo, 1), count), max(hi, count)
+    hi = min(math.floor(round(bucket * blocks, 6)), math.floor(round(cap * blocks, 6)), blocks)
+    return max(lo, 1), hi
 
 
 def plan_counts(current: Sequence[int], grids: Sequence[Tuple[int, int]], block_size: Sequence[int],
                 target: float, target_moved: bool, distribution: str, scores: Optional[Sequence[float]],
                 rate: float, buckets: Sequence[float], cap: float, floor: float = 0.0,
-                grows: bool = True, no_growth: Optional[Sequence[bool]] = None) -> List[int]:
+                grows: bool = True, no_growth: Optional[Sequence[bool]] = None,
+                remembered: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]:
     """New active-block count per layer for global density ``target``.
 
     ``floor``: when redistributing, no layer goes below ``floor * target`` density (a share
     of the global target), so saliency cannot starve a layer. ``grows=False``: no layer
     gains blocks (Note [Policies that never grow]); ``no_growth``: the layers marked True
-    gain none, the others take what they cannot (up to ``cap``).
+    gain none, the others take what they cannot (up to ``cap``). ``remembered``: when the
+    target moved, per layer the range of counts of the layout bucket it had the last time
+    the target was here; the redistribution keeps each layer in it where the budget, the
+    floors and the caps allow it (else it is ignored, as a whole).
     """
-    counts = _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor)
+    counts = _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor,
+                   remembered)
     if not grows:
         return without_growth(counts, current)
     if no_growth is not None and any(no_growth):
@@ -113,7 +133,8 @@ def without_growth(counts: Sequence[int], current: Sequence[int],
     return apportion([float(n) for n in counts], total, [min(1, m) for m in most], most)
 
 
-def _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor):
+def _plan(current, grids, block_size, target, target_moved, distribution, scores, rate, buckets, cap, floor,
+          remembered=None):
     sizes = [r * c for r, c in grids]
     if scores is None:
         shapes = [(r * b, c * b) for (r, c), b in zip(grids, block_size)]
@@ -126,8 +147,13 @@ def _plan(current, grids, block_size, target, target_moved, distribution, scores
     if not target_moved:
         bounds = [bucket_bounds(a, s, buckets, cap) for a, s in zip(current, sizes)]
         kept = [(max(b[0], f), b[1]) for b, f in zip(bounds, floors)]
-        if all(l <= h for l, h in kept) and sum(k[0] for k in kept) <= budget <= sum(k[1] for k in kept):
-            lo, hi = [k[0] for k in kept], [k[1] for k in kept]
+    elif remembered is not None:
+        kept = [(max(r[0], f), min(r[1], c)) for r, f, c in zip(remembered, floors, caps)]
+    else:
+        kept = None
+    if kept is not None and all(l <= h for l, h in kept) and sum(k[0] for k in kept) <= budget <= sum(
+            k[1] for k in kept):
+        lo, hi = [k[0] for k in kept], [k[1] for k in kept]
     return redistribute(current, budget, scores, rate, lo, hi)
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from agpe_compile import distributed, sharding
-from agpe_compile.buckets import mark_layouts_synced, plan_layouts, rebucket
+from agpe_compile.buckets import layout_buckets, mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
 from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare, sharded_reason
@@ -53,7 +53,7 @@ from .drop_grow import DropGrow, drop_and_grow
 from .flops import FlopAccountant, FlopReport
 from .host_sync import to_device, to_host
 from .init_layouts import block_counts, initial_masks, layer_densities
-from .layer_budget import plan_counts, swap_counts
+from .layer_budget import bucket_range, plan_counts, swap_counts
 from .optimizer_state import momentum_of, zero_optimizer_state
 from .policies import LayerView, make_policy
 from .saliency import SaliencyEMA
@@ -245,8 +245,11 @@ class Sparsifier:
                             "changed blocks are reset only in optimizers seen stepping it (from their first step)",
                             name)
         self.target_density = self.config.start_density
+        # Note [Layouts a target had before]: global target -> {layer: layout bucket} at the last update there
+        self.layout_sets: Dict[float, Dict[str, float]] = {}
         self._adopted = False
         self.rebucketed: List[str] = []
+        self.recalled_layouts = False  # whether the last update kept the layers in remembered layouts
         if self._data_parallel():  # Note [Data-parallel masks]: same config and layers everywhere, from step 0
             distributed.check_same_setup(config, self.layers)
         self._apply_initial_layout()
@@ -460,6 +463,7 @@ class Sparsifier:
                   "updated": False, "schedule": None,
                   "global_density_before": _global_density(before.values()), "pruned_saliency": self.pruned_saliency}
         self.rebucketed = []
+        self.recalled_layouts = False
         after = before
         unscored, regrowth_blind = [], set()
         if self._updates_at(step):
@@ -474,6 +478,7 @@ class Sparsifier:
             if self._frozen != set(self.layers):  # every layer frozen: the masks are held, not planned
                 self._check_target_reached(after)  # frozen layers included: the plan keeps the global density
         record["rebucketed"] = self.rebucketed
+        record["recalled_layouts"] = self.recalled_layouts
         if self.audit.path is not None:
             self._write_record(record, before, after, just_grown, skips, start)
         self.update_seconds += time.perf_counter() - start
@@ -604,12 +609,13 @@ class Sparsifier:
         fraction = self.policy.drop_fraction(step)
         scores = [self.policy.layer_score(v) for v in views]
         current = [int(v.mask.sum()) for v in views]
+        remembered = self._remembered_layouts(views) if moved else None
         counts = plan_counts(current, [v.state.grid for v in views], [v.state.block_size for v in views],
                              target, moved, self.config.distribution,
                              None if any(s is None for s in scores) else scores,
                              fraction, self.config.buckets, self.config.max_layer_density,
                              self.config.min_layer_share, grows=self.policy.grows,
-                             no_growth=[v.name in no_growth for v in views]) if views else []
+                             no_growth=[v.name in no_growth for v in views], remembered=remembered) if views else []
         dropped_mass = active_mass = 0.0
         dropped = 0
         results = []
@@ -636,7 +642,46 @@ class Sparsifier:
             distributed.check_same_on_every_rank({v.name: r.mask for v, r in zip(all_views, results)},
                                                  f"after the mask update at step {step}")
         self.rebucketed = self._apply_all(list(self.layers.values()), results, between_steps=between_steps)
+        self.layout_sets[self.target_density] = self._layout_set({v.name: r.mask for v, r in zip(all_views, results)})
+        self.recalled_layouts = remembered is not None
         return event, {v.name: r.mask for v, r in zip(all_views, results)}
+
+    # Note [Layouts a target had before]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A layer's layout capacity comes from its density bucket, so each combination of the
+    # layers' layout buckets is one compiled graph per kind of call (Note [Recompile only at
+    # bucket crossings]). While the global target stays put every layer stays in its bucket,
+    # but each time the target moves the redistribution may put the layers in a new
+    # combination, and AGPE's schedule comes back to a target after each back-off. A run
+    # that backs off many times (``max_backoffs`` raised: helper audit BY's 8-layer GPT met 80
+    # combinations at 5 targets, 125 graphs in 12,000 steps) kept compiling until the
+    # recompile budget stopped it. So the Sparsifier remembers, per global target, each
+    # layer's layout bucket after the last update there (``layout_sets``, saved in the
+    # checkpoint), and when the target comes back the redistribution keeps each layer in
+    # that bucket (``plan_counts(remembered=...)``): budget still moves between layers, inside
+    # their buckets, and the return finds the graph compiled at the last visit. Graphs are
+    # then bounded by the targets the ladder has, not by the number of back-offs. Where the
+    # remembered buckets cannot hold the budget (layers frozen or thawed since, other floors
+    # or caps), the plan goes free as before. Layout buckets, not the configured ones:
+    # buckets no path tells apart (Note [Buckets no path tells apart]) constrain nothing, so
+    # block sizes under 32 (one layout bucket) plan exactly as without this rule.
+    def _layout_set(self, masks: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Each layer's layout bucket for ``masks`` (host masks, per layer name)."""
+        return {name: bucket_for(float(mask.float().mean()),
+                                 layout_buckets(self.config.buckets, self.layers[name].block_size))
+                for name, mask in masks.items()}
+
+    def _remembered_layouts(self, views: List[LayerView]):
+        """Per view, the counts of the layout bucket it had at the last update at the current
+        global target; None when the target was not visited yet (or a view was not there)."""
+        seen = self.layout_sets.get(self.target_density)
+        if seen is None or any(v.name not in seen for v in views):
+            return None
+        ranges = []
+        for view in views:
+            own = layout_buckets(self.config.buckets, view.state.block_size)
+            ranges.append(bucket_range(bucket_for(seen[view.name], own), view.mask.numel(), own))
+        return ranges
 
     # Note [Frozen layers]
     # ~~~~~~~~~~~~~~~~~~~~
@@ -895,7 +940,10 @@ class Sparsifier:
     #   compiled call through its layers since the last step() (``LayerState.backwards_reached``;
     #   a GraphedStep replay counts one). A waiting graph in a loop whose loss was
     #   backpropagated and does not reach it is one no loss uses (an auxiliary output, an
-    #   evaluation with grad enabled kept alive; re-audit CC). A warning, not an error.
+    #   evaluation with grad enabled kept alive; re-audit CC). Nor when the loss given was
+    #   backpropagated already (a node of its graph released its saved tensors), which a
+    #   ``loss.backward(inputs=[...])`` of parameters outside the model does without reaching
+    #   the call (audit CC; seen unless ``retain_graph=True``). A warning, not an error.
     # * a model state_dict of a run (its counters show rows) loaded into a Sparsifier at step
     #   0 whose own state was never loaded: its schedule starts again at step 0 (agpe regrew a
     #   50%-sparse model to density 1.0). The warning comes at the first step(), so every
@@ -957,6 +1005,8 @@ class Sparsifier:
         ids = frozenset().union(*(t.node_ids for tokens in waiting.values() for t in tokens))
         if not _depends_on(loss, ids) and in_order:
             return
+        if _backpropagated(loss):  # a backward ran through the loss given and left the call out:
+            return  # ``loss.backward(inputs=[...])`` of parameters outside the model (audit CC)
         self._warned_before_backward = True
         log.warning(
             "agpe: Sparsifier.step() was called while a compiled call through layer %s still waits for its "
@@ -1253,6 +1303,27 @@ def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 todo.append(child)
+    return False
+
+
+def _backpropagated(loss, limit: int = 10_000) -> bool:
+    """Whether a backward already ran through ``loss``'s autograd graph: a node of it has
+    released its saved tensors (autograd frees them as it goes, unless ``retain_graph``).
+    False when that cannot be seen (``retain_graph=True``, no node saving a tensor within
+    ``limit`` nodes, no graph)."""
+    root = getattr(loss, "grad_fn", None) if isinstance(loss, torch.Tensor) else None
+    seen, todo = set(), [root] if root is not None else []
+    while todo and len(seen) < limit:
+        node = todo.pop()
+        seen.add(id(node))
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    getattr(node, name)
+                except RuntimeError as error:  # "... saved tensors after they have already been freed"
+                    if "freed" in str(error):
+                        return True
+        todo.extend(child for child, _ in node.next_functions if child is not None and id(child) not in seen)
     return False
 
 

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 V2_ONLY = ("flops", "seen_counters", "loss_window", "scored_from")
 V3_ONLY = ("grown_age",)
 V4_ONLY = ("layer_buffers",)
+V5_ONLY = ("layout_sets",)
 
 
 def worker(mode, out):
@@ -49,10 +50,11 @@ def test_state_dict_holds_the_documented_fields():
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=4)
     *_, sp, _, _ = make_run(config)
     state = sp.state_dict()
-    assert state["format_version"] == FORMAT_VERSION == 4
+    assert state["format_version"] == FORMAT_VERSION == 5
     assert set(state) == {"format_version", "config", "step", "target_density", "masks", "saliency_ema",
                           "saliency_fresh", "grown_age", "pruned_saliency", "schedule_state", "rng_state", "flops",
-                          "seen_counters", "loss_window", "scored_from", "skips_from", "layer_buffers"}
+                          "seen_counters", "loss_window", "scored_from", "skips_from", "layer_buffers", "layout_sets"}
+    assert state["layout_sets"] == [] and sp.layout_sets == {}  # no update yet
     assert set(state["layer_buffers"]["fc1"]) == {"saliency", "dense_grad_sq", "counters"}
     assert state["layer_buffers"]["fc1"]["counters"] is not sp.layers["fc1"].counters  # a copy
     assert state["schedule_state"]["rung"] == 0
@@ -86,7 +88,7 @@ def test_version_1_still_loads(caplog):
     config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(5))
-    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY + V4_ONLY}
+    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY + V4_ONLY + V5_ONLY}
     v1["format_version"] = 1
     masks = {n: s.block_mask.clone() for n, s in sp.layers.items()}
 
@@ -108,7 +110,7 @@ def test_a_model_loaded_after_a_version_1_state_adds_no_rows_from_before_the_sav
     config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(5))
-    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY + V4_ONLY}
+    v1 = {k: v for k, v in sp.state_dict().items() if k not in V2_ONLY + V3_ONLY + V4_ONLY + V5_ONLY}
     v1["format_version"] = 1
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     fresh_model, fresh_opt, fresh, fresh_c, _ = make_run(config)
@@ -126,7 +128,7 @@ def test_version_2_loads_with_no_block_protected(caplog):
     train(cmodel, opt, sp, batches(4))
     assert any(bool((age == 0).any()) for age in sp.grown_age.values())  # blocks were grown
     state = sp.state_dict()
-    v2 = {k: v for k, v in state.items() if k not in V3_ONLY + V4_ONLY}
+    v2 = {k: v for k, v in state.items() if k not in V3_ONLY + V4_ONLY + V5_ONLY}
     v2["format_version"] = 2
     *_, fresh, _, _ = make_run(config)
     with caplog.at_level(logging.WARNING):
@@ -141,7 +143,7 @@ def test_version_2_loads_with_no_block_protected(caplog):
 def test_unknown_version_and_wrong_layers_are_refused():
     *_, sp, _, _ = make_run(AGPEConfig(block_size=4))
     state = sp.state_dict()
-    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2, 3, 4, 5\)"):
         sp.load_state_dict(dict(state, format_version=7))
     with pytest.raises(ValueError, match="checkpoint layers .* do not match"):
         sp.load_state_dict(dict(state, masks={"other": torch.ones(1, 1, dtype=torch.bool)}))
@@ -245,7 +247,7 @@ def test_version_3_loads_without_the_layer_buffers():
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(6))
     state = sp.state_dict()
-    v3 = dict({k: v for k, v in state.items() if k not in V4_ONLY}, format_version=3)
+    v3 = dict({k: v for k, v in state.items() if k not in V4_ONLY + V5_ONLY}, format_version=3)
     *_, fresh, _, _ = make_run(config)
     fresh.load_state_dict(v3)
     assert all(not bool(layer.counters.any()) for layer in fresh.layers.values())  # left as they were

@@ -915,6 +915,36 @@ def test_a_graph_no_loss_uses_is_not_a_step_before_backward(caplog):
     assert not _messages(caplog, "still waits for its backward")
 
 
+def test_a_backward_of_other_inputs_only_is_not_a_step_before_backward(caplog):
+    # audit CC 3b: odd steps tune only a temperature outside the model (loss.backward(inputs=
+    # [temp])): that backward never reaches the compiled call, which waits while step() runs
+    from .helpers import TinyMLP
+
+    torch.manual_seed(0)
+    model, temp = TinyMLP(), torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD(list(model.parameters()) + [temp], lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5, update_interval=2,
+                                           end_step=100))
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for i, (x, y) in enumerate(batches(6)):
+            loss = torch.nn.functional.cross_entropy(cmodel(x) * temp, y)
+            loss.backward(inputs=[temp] if i % 2 else None)
+            opt.step()
+            opt.zero_grad()
+            sp.step(loss)
+    assert not _messages(caplog, "still waits for its backward")
+    # the same loop calling step() before the backward is still told
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        x, y = next(batches(1, seed=1))
+        loss = torch.nn.functional.cross_entropy(cmodel(x) * temp, y)
+        sp.step(loss)
+    assert len(_messages(caplog, "still waits for its backward")) == 1
+    del loss  # (its backward would fail now, as the warning says: this step changed the buffers)
+    sp.close()
+    torch._dynamo.reset()
+
+
 def test_a_pending_call_is_seen_behind_a_later_call_through_another_wrapper(caplog):
     # re-audit CC: the layer remembered only its last call, so a second call through another
     # compiled wrapper (dropped at once) hid the first one's waiting graph
