@@ -7,9 +7,10 @@ final density, plus both ends. With the default buckets, a start of 1.0 and a fi
 density of 0.1 the ladder is ``1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1``. Every rung is in
 its own bucket (except a start density that is not a bucket value, which shares the
 bucket of the rung above it), so the kernel layouts re-bucket only when the rung
-changes, at most ``len(ladder) - 1 + 2 * max_backoffs`` times, and compile at most one
-graph per rung (and kind of call): a return to a rung puts every layer back in the layout
-bucket it had there (Note [Layouts a target had before] in sparsifier.py). ``max_density``
+changes, at most ``len(ladder) - 1 + 2 * max_backoffs`` times, and compile one graph per
+rung (and kind of call), not one per visit: a return to a rung puts every layer back in
+the layout bucket it had there, wherever those buckets can hold the budget (Note [Layouts
+a target had before] in sparsifier.py). ``max_density``
 (at least the start density) puts a higher rung on top for back-offs to return to, above
 a sparse start.
 

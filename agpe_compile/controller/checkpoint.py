@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, List
 
 import torch
 
-from agpe_compile.buckets import rebucket
+from agpe_compile.buckets import layout_buckets, rebucket
 
 from .adaptive_schedule import AdaptiveState
 from .config import AGPEConfig
@@ -334,7 +334,8 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
     seen = state["seen_counters"]
     read["seen_counters"] = None if seen is None else per_layer("seen_counters", lambda name, v: [int(v[0]), int(v[1])])
     read["loss_window"] = _load_loss_window(state["loss_window"])
-    read["layout_sets"] = _layout_sets(state["layout_sets"], layers)
+    read["layout_sets"] = _layout_sets(state["layout_sets"], layers, _rungs(sp, read["target_density"]),
+                                       {n: layout_buckets(sp.config.buckets, s.block_size) for n, s in layers.items()})
     scored = state["scored_from"]
     read["scored_from"] = None if scored is None else per_layer("scored_from", lambda name, v: int(v))
     # a checkpoint written before skips_from existed: skips counted from the last interval
@@ -346,9 +347,26 @@ def _read(sp: "Sparsifier", state: dict) -> dict:
     return read
 
 
-def _layout_sets(saved, layers) -> "dict | None":
+def _rungs(sp: "Sparsifier", target_density: float) -> tuple:
+    """The target densities this Sparsifier's schedule takes (its ladder; the saved target)."""
+    schedule = getattr(sp.policy, "schedule", None)
+    ladder = schedule().ladder if callable(schedule) and sp.policy.initial_schedule_state() is not None else ()
+    return tuple(ladder) + (target_density,)
+
+
+def _snap(value: float, exact: tuple) -> float:
+    """``value`` as the member of ``exact`` it stands for, when within 1e-6 of one (a float32
+    copy of 0.05 is 0.0500000007, which the bucket rules would read as the next bucket up and
+    the schedule as no rung at all); else itself."""
+    near = [e for e in exact if abs(e - value) <= 1e-6]
+    return min(near, key=lambda e: abs(e - value)) if near else value
+
+
+def _layout_sets(saved, layers, rungs: tuple = (), buckets: "dict | None" = None) -> "dict | None":
     """``layout_sets`` as ``[[target, {layer: bucket}], ...]`` -> {target: {layer: bucket}}
-    (None stays None: format 4 and older); densities in [0, 1] and known layer names."""
+    (None stays None: format 4 and older); densities in [0, 1] and known layer names;
+    targets and buckets written at another precision are snapped to the schedule's rungs
+    and the layers' layout buckets (:func:`_snap`)."""
     if saved is None:
         return None
     if not isinstance(saved, (list, tuple)):
@@ -364,11 +382,12 @@ def _layout_sets(saved, layers) -> "dict | None":
     for entry in saved:
         if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], dict):
             raise TypeError(f"layout_sets: expected [target, {{layer: bucket}}] pairs, got {entry!r}")
-        target = density(entry[0], "a target")
+        target = _snap(density(entry[0], "a target"), rungs)
         unknown = sorted(str(n) for n in entry[1] if n not in layers)
         if unknown:
             raise ValueError(f"layout_sets: layer {unknown[0]!r} (target {target}) is not one of this Sparsifier's")
-        sets[target] = {name: density(bucket, f"the bucket of {name!r}") for name, bucket in entry[1].items()}
+        sets[target] = {name: _snap(density(bucket, f"the bucket of {name!r}"), (buckets or {}).get(name, ()))
+                        for name, bucket in entry[1].items()}
     return sets
 
 

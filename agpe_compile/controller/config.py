@@ -107,9 +107,10 @@ class AGPEConfig:
             (``agpe`` only; at least the start density) is a density above a sparse start
             that back-offs may return to (refused below the start density; the other
             policies ignore it). A return to a target the run had before puts each layer
-            back in the layout bucket it had there (Note [Layouts a target had before] in
-            sparsifier.py), so back-offs compile at most one graph per target of the ladder
-            (and kind of call), however many there are: before that rule an 8-layer GPT
+            back in the layout bucket it had there where those buckets can hold the budget
+            (Note [Layouts a target had before] in sparsifier.py), so back-offs compile one
+            graph per target of the ladder (and kind of call), not one per return: before
+            that rule an 8-layer GPT
             with ``max_backoffs=1000`` whose loss spiked every 200 steps had compiled 125
             graphs in 12,000 steps, on course to the recompile budget's error (helper audit
             BY).

@@ -609,10 +609,11 @@ class Sparsifier:
         fraction = self.policy.drop_fraction(step)
         scores = [self.policy.layer_score(v) for v in views]
         current = [int(v.mask.sum()) for v in views]
-        remembered = self._remembered_layouts(views) if moved else None
+        redistributes = bool(views) and not any(s is None for s in scores)  # else the split is the distribution's
+        remembered = self._remembered_layouts(views) if moved and redistributes else None
         counts = plan_counts(current, [v.state.grid for v in views], [v.state.block_size for v in views],
                              target, moved, self.config.distribution,
-                             None if any(s is None for s in scores) else scores,
+                             scores if redistributes else None,
                              fraction, self.config.buckets, self.config.max_layer_density,
                              self.config.min_layer_share, grows=self.policy.grows,
                              no_growth=[v.name in no_growth for v in views], remembered=remembered) if views else []
@@ -642,8 +643,10 @@ class Sparsifier:
             distributed.check_same_on_every_rank({v.name: r.mask for v, r in zip(all_views, results)},
                                                  f"after the mask update at step {step}")
         self.rebucketed = self._apply_all(list(self.layers.values()), results, between_steps=between_steps)
-        self.layout_sets[self.target_density] = self._layout_set({v.name: r.mask for v, r in zip(all_views, results)})
-        self.recalled_layouts = remembered is not None
+        if redistributes:  # (a distribution's split is a function of the target: nothing to remember)
+            self.layout_sets[self.target_density] = self._layout_set({v.name: r.mask for v, r in zip(all_views, results)})
+        # held: every layer inside its remembered bucket (the plan ignores buckets that cannot hold the budget)
+        self.recalled_layouts = remembered is not None and all(lo <= n <= hi for (lo, hi), n in zip(remembered, counts))
         return event, {v.name: r.mask for v, r in zip(all_views, results)}
 
     # Note [Layouts a target had before]
@@ -662,7 +665,9 @@ class Sparsifier:
     # their buckets, and the return finds the graph compiled at the last visit. Graphs are
     # then bounded by the targets the ladder has, not by the number of back-offs. Where the
     # remembered buckets cannot hold the budget (layers frozen or thawed since, other floors
-    # or caps), the plan goes free as before. Layout buckets, not the configured ones:
+    # or caps), the plan goes free as before (the audit's ``recalled_layouts`` says which).
+    # Only policies that move the budget by score remember (the others split it by the
+    # distribution, the same at every visit). Layout buckets, not the configured ones:
     # buckets no path tells apart (Note [Buckets no path tells apart]) constrain nothing, so
     # block sizes under 32 (one layout bucket) plan exactly as without this rule.
     def _layout_set(self, masks: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -940,10 +945,11 @@ class Sparsifier:
     #   compiled call through its layers since the last step() (``LayerState.backwards_reached``;
     #   a GraphedStep replay counts one). A waiting graph in a loop whose loss was
     #   backpropagated and does not reach it is one no loss uses (an auxiliary output, an
-    #   evaluation with grad enabled kept alive; re-audit CC). Nor when the loss given was
-    #   backpropagated already (a node of its graph released its saved tensors), which a
-    #   ``loss.backward(inputs=[...])`` of parameters outside the model does without reaching
-    #   the call (audit CC; seen unless ``retain_graph=True``). A warning, not an error.
+    #   evaluation with grad enabled kept alive; re-audit CC). Nor when the loss's backward
+    #   ran up to the waiting call and stopped there (the node taking its output released its
+    #   saved tensors): ``loss.backward(inputs=[...])`` of parameters outside the model (audit
+    #   CC; seen unless ``retain_graph=True``; audit CK narrowed it from any node of the
+    #   loss's graph, which hid real mistakes). A warning, not an error.
     # * a model state_dict of a run (its counters show rows) loaded into a Sparsifier at step
     #   0 whose own state was never loaded: its schedule starts again at step 0 (agpe regrew a
     #   50%-sparse model to density 1.0). The warning comes at the first step(), so every
@@ -1005,8 +1011,8 @@ class Sparsifier:
         ids = frozenset().union(*(t.node_ids for tokens in waiting.values() for t in tokens))
         if not _depends_on(loss, ids) and in_order:
             return
-        if _backpropagated(loss):  # a backward ran through the loss given and left the call out:
-            return  # ``loss.backward(inputs=[...])`` of parameters outside the model (audit CC)
+        if _skipped_by_its_backward(loss, ids):  # ``loss.backward(inputs=[...])`` of parameters outside
+            return  # the model ran the loss's backward up to the waiting call and not into it (audit CC)
         self._warned_before_backward = True
         log.warning(
             "agpe: Sparsifier.step() was called while a compiled call through layer %s still waits for its "
@@ -1288,43 +1294,59 @@ def live_sparsifiers() -> List["Sparsifier"]:
     return [sp for sp in list(_LIVE) if not getattr(sp, "_closed", False)]
 
 
-def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
-    """Whether ``loss``'s autograd graph reaches one of the nodes ``node_ids`` (ids of live
-    nodes), walking at most ``limit`` nodes."""
+def _graph_nodes(loss, limit: int = 100_000):
+    """The nodes of ``loss``'s autograd graph (at most ``limit``), each once. The walk holds
+    every node it met: autograd makes a fresh Python object for a C++ node each time it is
+    asked, so a node let go could give its ``id`` to a later one, which a set of ids would
+    then skip with its whole subgraph (seen on torch 2.11: a gradient-accumulation loss whose
+    last micro-batch hid behind a freed wrapper's id; helper audit CK)."""
     root = getattr(loss, "grad_fn", None) if isinstance(loss, torch.Tensor) else None
-    if root is None or not node_ids:
-        return False
-    seen, todo = {id(root)}, [root]
+    if root is None:
+        return
+    seen, todo = {id(root): root}, [root]
     while todo and len(seen) <= limit:
         node = todo.pop()
-        if id(node) in node_ids:
-            return True
+        yield node
         for child, _ in node.next_functions:
             if child is not None and id(child) not in seen:
-                seen.add(id(child))
+                seen[id(child)] = child
                 todo.append(child)
-    return False
 
 
-def _backpropagated(loss, limit: int = 10_000) -> bool:
-    """Whether a backward already ran through ``loss``'s autograd graph: a node of it has
-    released its saved tensors (autograd frees them as it goes, unless ``retain_graph``).
-    False when that cannot be seen (``retain_graph=True``, no node saving a tensor within
-    ``limit`` nodes, no graph)."""
-    root = getattr(loss, "grad_fn", None) if isinstance(loss, torch.Tensor) else None
-    seen, todo = set(), [root] if root is not None else []
-    while todo and len(seen) < limit:
-        node = todo.pop()
-        seen.add(id(node))
+def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
+    """Whether ``loss``'s autograd graph reaches one of the nodes ``node_ids`` (ids of live
+    nodes: the compiled calls' own, kept alive by their graphs), walking at most ``limit`` nodes."""
+    return bool(node_ids) and any(id(node) in node_ids for node in _graph_nodes(loss, limit))
+
+
+def _skipped_by_its_backward(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
+    """Whether a backward already ran through ``loss``'s graph as far as one of the waiting
+    calls ``node_ids`` and no further: a node that takes that call's output has released
+    its saved tensors (autograd frees them as it runs a node, unless ``retain_graph``),
+    as ``loss.backward(inputs=[temperature])`` leaves it. Other nodes do not count: a loss
+    summed over one backpropagated and one waiting part, or built on a tensor an earlier
+    backward freed, still waits (helper audit CK). Reads the saved tensors' packed data,
+    never unpacks them (an unpack reruns a non-reentrant activation checkpoint's region);
+    False where that cannot be seen (a consumer that saves no tensor, ``retain_graph``)."""
+    if not node_ids:
+        return False
+    return any(any(child is not None and id(child) in node_ids for child, _ in node.next_functions)
+               and _released(node) for node in _graph_nodes(loss, limit))
+
+
+def _released(node) -> bool:
+    """Whether autograd ran ``node`` and freed what it saved: every saved tensor's packed data
+    is gone (``_raw_saved_*``: torch 2.11 and 2.13). False for a node that saves none."""
+    saved = []
+    try:
         for name in dir(node):
-            if name.startswith("_saved_"):
-                try:
-                    getattr(node, name)
-                except RuntimeError as error:  # "... saved tensors after they have already been freed"
-                    if "freed" in str(error):
-                        return True
-        todo.extend(child for child, _ in node.next_functions if child is not None and id(child) not in seen)
-    return False
+            if name.startswith("_raw_saved_"):
+                value = getattr(node, name)
+                saved.extend(value if isinstance(value, (list, tuple)) else [value])
+        packed = [getattr(item, "data") for item in saved if hasattr(item, "unpack_hook")]
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(packed) and all(data is None for data in packed)
 
 
 def _capturing() -> bool:

@@ -99,7 +99,8 @@ def test_the_audit_says_when_remembered_layouts_held_the_plan(tmp_path):
     assert not any(r["recalled_layouts"] for r in first.values() if r["step"] > 2)
 
 
-def _run_and_resume(save_at, total, strip=False):
+def _resumed(save_at, total, strip=False):
+    """Train ``save_at`` steps, save, load into a fresh run, go on to ``total``."""
     torch._dynamo.reset()
     model, opt, sp, cmodel, _ = make_run(AGPEConfig(**OSCILLATING))
     _oscillate(cmodel, opt, sp, save_at)
@@ -113,12 +114,14 @@ def _run_and_resume(save_at, total, strip=False):
     sp2.load_state_dict(saved["sparsifier"])
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
-    resumed = _continue(cmodel2, opt2, sp2, save_at, total)
+    return _continue(cmodel2, opt2, sp2, save_at, total), sp2
+
+
+def _straight(save_at, total):
     torch._dynamo.reset()
-    model3, opt3, sp3, cmodel3, _ = make_run(AGPEConfig(**OSCILLATING))
-    _oscillate(cmodel3, opt3, sp3, save_at)
-    straight = _continue(cmodel3, opt3, sp3, save_at, total)
-    return straight, resumed, sp2
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(**OSCILLATING))
+    _oscillate(cmodel, opt, sp, save_at)
+    return _continue(cmodel, opt, sp, save_at, total)
 
 
 def _continue(cmodel, opt, sp, save_at, total):
@@ -140,12 +143,13 @@ def _same_run(a, b):
 
 
 def test_the_remembered_layouts_resume_with_the_checkpoint():
-    straight, resumed, sp = _run_and_resume(80, 160)
+    straight = _straight(80, 160)
+    resumed, sp = _resumed(80, 160)
     assert _same_run(straight, resumed)
     assert len(sp.layout_sets) >= 3
     # Without them (a format-4 checkpoint) the resumed run remembers only the current target's
     # layouts, and here it comes back to another target and plans it differently: the field matters.
-    straight, older, sp = _run_and_resume(80, 160, strip=True)
+    older, _ = _resumed(80, 160, strip=True)
     assert not _same_run(straight, older)
 
 
@@ -212,3 +216,44 @@ def test_with_every_bucket_a_layout_the_rule_changes_the_plan(monkeypatch):
     with_rule, _ = _masks_over(120)
     without, _ = _masks_over(120, monkeypatch)
     assert not _same_run(with_rule, without)
+
+
+def test_a_plan_the_remembered_buckets_cannot_hold_is_not_called_recalled(monkeypatch, tmp_path):
+    # helper audit CK: the audit said "recalled" whenever a memo existed, also when the plan
+    # had to ignore it
+    import json
+
+    torch._dynamo.reset()
+    path = tmp_path / "audit.jsonl"
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(**OSCILLATING, audit_path=str(path)))
+    monkeypatch.setattr(type(sp), "_remembered_layouts",
+                        lambda self, views: [(1, 1)] * len(views) if self.layout_sets else None)
+    _oscillate(cmodel, opt, sp, 120)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    moved = [r for r in records if r.get("event") == "interval" and r["updated"] and r["step"] > 2
+             and r["schedule"].split(":")[0] in ("prune", "backoff")]
+    assert moved and not any(r["recalled_layouts"] for r in records if r.get("event") == "interval")
+
+
+def test_policies_that_split_by_the_distribution_remember_nothing():
+    # helper audit CK: GMP's target moves at every update, so each added an entry to the
+    # checkpoint that no plan reads
+    torch._dynamo.reset()
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="gmp", target_sparsity=0.9, block_size=4,
+                                                    update_interval=2, end_step=60))
+    _continue(cmodel, opt, sp, 0, 40)
+    assert sp.target_density < 0.9 and sp.layout_sets == {} and sp.state_dict()["layout_sets"] == []
+
+
+def test_float32_targets_and_buckets_load_as_the_values_they_stand_for(saved):
+    # helper audit CK: float32 0.05 (0.0500000007) was read as bucket 0.1, and a float32
+    # target matched no rung of the schedule
+    state = copy.deepcopy(saved)
+    state["layout_sets"] = [[torch.tensor(target, dtype=torch.float32), {n: torch.tensor(b, dtype=torch.float32)
+                                                                         for n, b in buckets.items()}]
+                            for target, buckets in saved["layout_sets"]]
+    assert any(float(b) != b0 for (_, bs), (_, bs0) in zip(state["layout_sets"], saved["layout_sets"])
+               for b, b0 in zip(bs.values(), bs0.values()))  # (the float32 copies do differ)
+    *_, fresh, _, _ = make_run(AGPEConfig(**OSCILLATING))
+    fresh.load_state_dict(state)
+    assert fresh.layout_sets == {target: buckets for target, buckets in saved["layout_sets"]}

@@ -945,6 +945,88 @@ def test_a_backward_of_other_inputs_only_is_not_a_step_before_backward(caplog):
     torch._dynamo.reset()
 
 
+def _warns_before_backward(caplog, loop) -> bool:
+    """Run ``loop(model, opt, sp, cmodel)``, which calls step() before a backward it still
+    needs (torch then fails it, as the warning says); whether the warning came first."""
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                    update_interval=2, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loop(model, opt, sp, cmodel)
+    said = bool(_messages(caplog, "still waits for its backward"))
+    caplog.clear()
+    sp.close()
+    torch._dynamo.reset()
+    return said
+
+
+def test_a_loss_partly_backpropagated_still_waits(caplog):
+    # helper audit CK: any freed node of the loss's graph silenced the warning; only the node
+    # taking the waiting call's output counts (the backward(inputs=[...]) case above)
+    def two_losses(model, opt, sp, cmodel):
+        for x, y in batches(6):
+            l1 = torch.nn.functional.cross_entropy(cmodel(x), y)
+            l2 = cmodel(x).square().mean()
+            l1.backward()
+            sp.step(l1 + l2)  # l2's backward has not run
+            l2.backward()
+            opt.step()
+            opt.zero_grad()
+
+    def accumulation_with_a_running_sum(model, opt, sp, cmodel):
+        total = 0.0
+        for j, (x, y) in enumerate(batches(24)):
+            loss = torch.nn.functional.cross_entropy(cmodel(x), y) / 4
+            total = total + loss  # logged, not detached
+            if (j + 1) % 4 == 0:
+                sp.step(total)  # before this micro-batch's backward
+                total = 0.0
+            loss.backward()
+            if (j + 1) % 4 == 0:
+                opt.step()
+                opt.zero_grad()
+
+    def on_a_freed_tensor(model, opt, sp, cmodel):
+        scale = torch.ones(8, requires_grad=True)
+        shared = scale.exp()  # its graph freed by the first backward
+        for i, (x, y) in enumerate(batches(6)):
+            loss = torch.nn.functional.cross_entropy(cmodel(x) * shared, y)
+            if i:
+                sp.step(loss)
+            loss.backward(inputs=list(model.parameters()))
+            opt.step()
+            opt.zero_grad()
+            if not i:
+                sp.step(loss)
+
+    for loop in (two_losses, accumulation_with_a_running_sum, on_a_freed_tensor):
+        assert _warns_before_backward(caplog, loop), loop.__name__
+
+
+def test_the_check_never_unpacks_a_checkpointed_regions_tensors(caplog):
+    # helper audit CK: reading a node's saved tensors ran a non-reentrant checkpoint's
+    # recomputation (and kept its activations until the backward); the packed data is read
+    from torch.utils.checkpoint import checkpoint
+
+    model, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                    update_interval=2, end_step=100))
+    runs = []
+
+    def region(out):
+        runs.append(1)
+        return torch.nn.functional.layer_norm(out, out.shape[-1:]) * 2.0
+
+    x, y = next(batches(1))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        loss = torch.nn.functional.cross_entropy(checkpoint(region, cmodel(x), use_reentrant=False), y)
+        runs.clear()
+        sp.step(loss)  # before the backward: told, without rerunning the region
+    assert runs == [] and _messages(caplog, "still waits for its backward")
+    del loss
+    sp.close()
+    torch._dynamo.reset()
+
+
 def test_a_pending_call_is_seen_behind_a_later_call_through_another_wrapper(caplog):
     # re-audit CC: the layer remembered only its last call, so a second call through another
     # compiled wrapper (dropped at once) hid the first one's waiting graph
