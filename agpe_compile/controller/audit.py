@@ -17,8 +17,9 @@ Record kinds (field ``event``):
   ``rebucketed`` (layers whose layout moved to another density bucket at this update:
   the next compiled call recompiles at most once; not at all when Dynamo still holds a
   graph for those layout sizes), ``recalled_layouts`` (true when the global target came
-  back to a value it had before and the plan kept every layer in the layout bucket it had
-  there: Note [Layouts a target had before] in sparsifier.py), ``recompiles`` (graphs compiled since the previous
+  back to a value it had before and the plan kept every layer it planned in the layout
+  bucket it had there; a frozen layer keeps its mask, whatever bucket that is: Note
+  [Layouts a target had before] in sparsifier.py), ``recompiles`` (graphs compiled since the previous
   record, when a counter was given: a recompile caused by this record's re-bucketing
   shows in the next record), ``pruned_saliency`` (the regret signal; None for ``saliency="movement"``), ``loss``
   (the mean of the interval's finite training losses; None when none was given or none

@@ -355,10 +355,11 @@ def _rungs(sp: "Sparsifier", target_density: float) -> tuple:
 
 
 def _snap(value: float, exact: tuple) -> float:
-    """``value`` as the member of ``exact`` it stands for, when within 1e-6 of one (a float32
-    copy of 0.05 is 0.0500000007, which the bucket rules would read as the next bucket up and
-    the schedule as no rung at all); else itself."""
-    near = [e for e in exact if abs(e - value) <= 1e-6]
+    """``value`` as the member of ``exact`` nearest to it, when within 1e-3 (a float32 copy of
+    0.05 is 0.0500000007, a float16 one 0.04998779, which the bucket rules would read as
+    another bucket and the schedule as no rung at all); else itself. An exact value is its
+    own nearest member."""
+    near = [e for e in exact if abs(e - value) <= 1e-3]
     return min(near, key=lambda e: abs(e - value)) if near else value
 
 

@@ -1320,8 +1320,8 @@ def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
 
 
 def _skipped_by_its_backward(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
-    """Whether a backward already ran through ``loss``'s graph as far as one of the waiting
-    calls ``node_ids`` and no further: a node that takes that call's output has released
+    """Whether a backward already ran through ``loss``'s graph as far as each waiting call
+    (``node_ids``) it takes and no further: a node that takes that call's output has released
     its saved tensors (autograd frees them as it runs a node, unless ``retain_graph``),
     as ``loss.backward(inputs=[temperature])`` leaves it. Other nodes do not count: a loss
     summed over one backpropagated and one waiting part, or built on a tensor an earlier
@@ -1330,8 +1330,14 @@ def _skipped_by_its_backward(loss, node_ids: frozenset, limit: int = 100_000) ->
     False where that cannot be seen (a consumer that saves no tensor, ``retain_graph``)."""
     if not node_ids:
         return False
-    return any(any(child is not None and id(child) in node_ids for child, _ in node.next_functions)
-               and _released(node) for node in _graph_nodes(loss, limit))
+    reached, skipped = set(), set()  # the waiting calls the loss takes, and those its backward stopped at
+    for node in _graph_nodes(loss, limit):
+        waiting = {id(child) for child, _ in node.next_functions if child is not None and id(child) in node_ids}
+        if waiting:
+            reached |= waiting
+            if _released(node):
+                skipped |= waiting
+    return bool(reached) and reached == skipped  # every one (a second loss summed in may still wait: re-audit CL)
 
 
 def _released(node) -> bool:

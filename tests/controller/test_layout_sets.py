@@ -245,12 +245,13 @@ def test_policies_that_split_by_the_distribution_remember_nothing():
     assert sp.target_density < 0.9 and sp.layout_sets == {} and sp.state_dict()["layout_sets"] == []
 
 
-def test_float32_targets_and_buckets_load_as_the_values_they_stand_for(saved):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float32_targets_and_buckets_load_as_the_values_they_stand_for(saved, dtype):
     # helper audit CK: float32 0.05 (0.0500000007) was read as bucket 0.1, and a float32
-    # target matched no rung of the schedule
+    # target matched no rung of the schedule (re-audit CL: float16 too)
     state = copy.deepcopy(saved)
-    state["layout_sets"] = [[torch.tensor(target, dtype=torch.float32), {n: torch.tensor(b, dtype=torch.float32)
-                                                                         for n, b in buckets.items()}]
+    state["layout_sets"] = [[torch.tensor(target, dtype=dtype), {n: torch.tensor(b, dtype=dtype)
+                                                                 for n, b in buckets.items()}]
                             for target, buckets in saved["layout_sets"]]
     assert any(float(b) != b0 for (_, bs), (_, bs0) in zip(state["layout_sets"], saved["layout_sets"])
                for b, b0 in zip(bs.values(), bs0.values()))  # (the float32 copies do differ)

@@ -999,7 +999,19 @@ def test_a_loss_partly_backpropagated_still_waits(caplog):
             if not i:
                 sp.step(loss)
 
-    for loop in (two_losses, accumulation_with_a_running_sum, on_a_freed_tensor):
+    def one_loss_backpropagated_to_a_temperature_only(model, opt, sp, cmodel):
+        temp = torch.nn.Parameter(torch.ones(()))
+        for x, y in batches(6):
+            l1 = torch.nn.functional.cross_entropy(cmodel(x) * temp, y)
+            l2 = cmodel(x).square().mean()
+            l1.backward(inputs=[temp])  # l1's call is skipped as it should be, l2's still waits
+            sp.step(l1 + l2)  # (re-audit CL)
+            l2.backward()
+            opt.step()
+            opt.zero_grad()
+
+    for loop in (two_losses, accumulation_with_a_running_sum, on_a_freed_tensor,
+                 one_loss_backpropagated_to_a_temperature_only):
         assert _warns_before_backward(caplog, loop), loop.__name__
 
 
