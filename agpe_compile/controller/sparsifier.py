@@ -1321,7 +1321,7 @@ def _depends_on(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
 
 def _skipped_by_its_backward(loss, node_ids: frozenset, limit: int = 100_000) -> bool:
     """Whether a backward already ran through ``loss``'s graph as far as each waiting call
-    (``node_ids``) it takes and no further: a node that takes that call's output has released
+    (``node_ids``) it takes and no further: every node that takes such a call's output has released
     its saved tensors (autograd frees them as it runs a node, unless ``retain_graph``),
     as ``loss.backward(inputs=[temperature])`` leaves it. Other nodes do not count: a loss
     summed over one backpropagated and one waiting part, or built on a tensor an earlier
@@ -1330,14 +1330,16 @@ def _skipped_by_its_backward(loss, node_ids: frozenset, limit: int = 100_000) ->
     False where that cannot be seen (a consumer that saves no tensor, ``retain_graph``)."""
     if not node_ids:
         return False
-    reached, skipped = set(), set()  # the waiting calls the loss takes, and those its backward stopped at
+    reached, pending = set(), set()  # the waiting calls the loss takes; those a consumer not yet run takes
     for node in _graph_nodes(loss, limit):
         waiting = {id(child) for child, _ in node.next_functions if child is not None and id(child) in node_ids}
         if waiting:
             reached |= waiting
-            if _released(node):
-                skipped |= waiting
-    return bool(reached) and reached == skipped  # every one (a second loss summed in may still wait: re-audit CL)
+            if not _released(node):
+                pending |= waiting
+    # every consumer of every one (a second loss summed in, over the same output or another
+    # call, still waits: re-audit CL)
+    return bool(reached) and not pending
 
 
 def _released(node) -> bool:

@@ -1010,8 +1010,20 @@ def test_a_loss_partly_backpropagated_still_waits(caplog):
             opt.step()
             opt.zero_grad()
 
+    def the_same_output_in_a_second_loss(model, opt, sp, cmodel):
+        temp = torch.nn.Parameter(torch.ones(()))
+        for x, y in batches(6):
+            out = cmodel(x)
+            l1 = torch.nn.functional.cross_entropy(out * temp, y)
+            l2 = out.square().mean()
+            l1.backward(inputs=[temp])  # the call's other consumer still waits
+            sp.step(l1 + l2)
+            l2.backward()
+            opt.step()
+            opt.zero_grad()
+
     for loop in (two_losses, accumulation_with_a_running_sum, on_a_freed_tensor,
-                 one_loss_backpropagated_to_a_temperature_only):
+                 one_loss_backpropagated_to_a_temperature_only, the_same_output_in_a_second_loss):
         assert _warns_before_backward(caplog, loop), loop.__name__
 
 
