@@ -141,10 +141,12 @@ def test_cpu_layer_benchmark(tmp_path):
 def test_cpu_step_benchmark(tmp_path):
     out = tmp_path / "cpu_step.json"
     stdout = run(["benchmarks/cpu_step.py", "--width", "8", "--layers", "2", "--steps", "2", "--repeats", "1",
-                  "--out", str(out)])
-    figures = json.loads(out.read_text())["ms_per_step"]
+                  "--density", "0.5", "--saliency", "magnitude", "--out", str(out)])
+    result = json.loads(out.read_text())
+    figures = result["ms_per_step"]
     assert list(figures) == ["plain", "agpe", "agpe_functional"]
     assert all(ms > 0 for ms in figures.values()) and "/ plain" in stdout
+    assert result["density"] == {"plain": 1.0, "agpe": 0.5, "agpe_functional": 0.5}  # what was timed
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")

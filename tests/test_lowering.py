@@ -26,43 +26,62 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import agpe_compile  # registers torch.ops.agpe
 from agpe_compile.packed_layout import build_packed
 
-device, density, zero_inactive = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 R = C = 4
 B = 64
-mask = torch.zeros(R * C, dtype=torch.bool)
-mask[: round(density * R * C)] = True
-packed, bucket = build_packed(mask.view(R, C), B, (1.0, 0.75, 0.5, 0.25, 0.1))
 
-def step(x, w, bias, m, sal, dgs, flag, counters, layout, dy):
-    y = torch.ops.agpe.sparse_linear(x, w, bias, m, sal, dgs, flag, counters, layout, B, "taylor", zero_inactive)
-    gx, gw = torch.ops.agpe.sparse_linear_backward(dy, x, w, m, sal, dgs, flag, counters, layout, B, "taylor",
-                                                   True, True, zero_inactive)
-    gb = torch.ops.agpe.bias_grad(dy)  # what the op's autograd formula calls for the bias
-    return y, gx, gw, gb
 
-with FakeTensorMode():
-    def e(*shape, dtype=torch.bfloat16):
-        return torch.empty(shape, dtype=dtype, device=device)
-    args = [e(2, 100, C * B), e(R * B, C * B), e(R * B), e(R, C, dtype=torch.bool), e(R, C, dtype=torch.float32),
-            e(R, C, dtype=torch.float32), e(dtype=torch.bool), e(2, dtype=torch.int64),
-            e(packed.shape[0], dtype=torch.int32), e(2, 100, R * B)]
-    graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(*args)
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-kernels = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
-           for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
-targets = [str(node.args[0]) if "auto_functionalized" in str(node.target) else str(node.target)
-           for node in graph.graph.nodes if node.op == "call_function"]  # a mutating op: the op it wraps
-print(json.dumps({"bucket": bucket, "kernels": kernels, "targets": targets}))
+def trace(device, density, zero_inactive):
+    mask = torch.zeros(R * C, dtype=torch.bool)
+    mask[: round(density * R * C)] = True
+    packed, bucket = build_packed(mask.view(R, C), B, (1.0, 0.75, 0.5, 0.25, 0.1))
+
+    def step(x, w, bias, m, sal, dgs, flag, counters, layout, dy):
+        y = torch.ops.agpe.sparse_linear(x, w, bias, m, sal, dgs, flag, counters, layout, B, "taylor", zero_inactive)
+        gx, gw = torch.ops.agpe.sparse_linear_backward(dy, x, w, m, sal, dgs, flag, counters, layout, B, "taylor",
+                                                       True, True, zero_inactive)
+        gb = torch.ops.agpe.bias_grad(dy)  # what the op's autograd formula calls for the bias
+        return y, gx, gw, gb
+
+    with FakeTensorMode():
+        def e(*shape, dtype=torch.bfloat16):
+            return torch.empty(shape, dtype=dtype, device=device)
+        args = [e(2, 100, C * B), e(R * B, C * B), e(R * B), e(R, C, dtype=torch.bool),
+                e(R, C, dtype=torch.float32), e(R, C, dtype=torch.float32), e(dtype=torch.bool),
+                e(2, dtype=torch.int64), e(packed.shape[0], dtype=torch.int32), e(2, 100, R * B)]
+        graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(*args)
+    kernels = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+               for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    targets = [str(node.args[0]) if "auto_functionalized" in str(node.target) else str(node.target)
+               for node in graph.graph.nodes if node.op == "call_function"]  # a mutating op: the op it wraps
+    return {"bucket": bucket, "kernels": kernels, "targets": targets}
+
+
+# each argument: device,density,zero_inactive (0 or 1); one trace per argument, in turn
+print(json.dumps({arg: trace(arg.split(",")[0], float(arg.split(",")[1]), arg.split(",")[2] == "1")
+                  for arg in sys.argv[1:]}))
 '''
+
+# Every trace the tests below read, made by one subprocess per worker (importing torch and
+# tracing costs ~4 s per process; the traces are independent of each other)
+_CASES = [("cuda", 0.25, False), ("cuda", 1.0, False), ("cpu", 0.25, False), ("cuda", 1.0, True),
+          ("cuda", 0.25, True)]
+_traced: dict = {}
+
+
+def _key(device: str, density: float, zero_inactive: bool) -> str:
+    return f"{device},{density},{int(zero_inactive)}"
 
 
 def _trace(device: str, density: float, zero_inactive: bool = False) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", PROBE, device, str(density), str(int(zero_inactive))], capture_output=True, text=True,
-                            timeout=180, env={**env, "PYTHONPATH": root}, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    if not _traced:
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, "-c", PROBE, *[_key(*case) for case in _CASES]],
+                                capture_output=True, text=True, timeout=300, env={**env, "PYTHONPATH": root}, cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        _traced.update(json.loads(result.stdout.strip().splitlines()[-1]))
+    return _traced[_key(device, density, zero_inactive)]
 
 
 def test_cuda_below_crossover_inlines_the_block_sparse_kernels():

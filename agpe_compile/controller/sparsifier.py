@@ -826,11 +826,14 @@ class Sparsifier:
             explicit = getattr(self, "model", None) is not None  # zero-code mode makes one Sparsifier per graph
             if explicit or self.config.policy not in _RESCALE_SAID:
                 _RESCALE_SAID.add(self.config.policy)
+                dense_start = ("leave initial_density unset (policy %r then starts dense and prunes by score)"
+                               % self.config.policy if self.config.policy in ("agpe", "gmp")
+                               else "use policy 'agpe' or 'gmp', which start dense and prune by score")
                 log.warning("agpe: policy %r starts sparse: a random initial layout was drawn (global density %.3f) and "
                             "each layer's surviving weights were scaled by 1/sqrt(its density) (rescale_init=True, which "
                             "keeps the output scale of freshly initialized weights). For pretrained weights pass "
-                            "rescale_init=False, or use policy 'agpe' or 'gmp', which start dense and prune by score",
-                            self.config.policy, _global_density([m for _, m in chosen]))
+                            "rescale_init=False, or %s",
+                            self.config.policy, _global_density([m for _, m in chosen]), dense_start)
 
     def _masks_from_zero_blocks(self, states: List[LayerState], host: List[torch.Tensor]) -> List[torch.Tensor]:
         """Note [Masks from zero blocks]: a pruned model loaded without its agpe buffers

@@ -36,6 +36,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
+from .mask_cache import derived
 
 
 def host_readable(t: torch.Tensor) -> bool:
@@ -44,8 +45,9 @@ def host_readable(t: torch.Tensor) -> bool:
 
 
 def all_live(block_mask: torch.Tensor) -> bool:
-    """Every block active (read on the host; callers check :func:`host_readable` first)."""
-    return bool(block_mask.all())
+    """Every block active (read on the host; callers check :func:`host_readable` first;
+    once per mask version, Note [Mask-derived tensors])."""
+    return derived(block_mask, "all_live", lambda: bool(block_mask.all()))
 
 
 def forward(x, weight, bias, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
@@ -120,12 +122,12 @@ GATHER_SCORES_BELOW = 0.3
 
 
 def _few_live(block_mask: torch.Tensor) -> bool:
-    return int(block_mask.sum()) <= GATHER_SCORES_BELOW * block_mask.numel()
+    return derived(block_mask, "live_count", lambda: int(block_mask.sum())) <= GATHER_SCORES_BELOW * block_mask.numel()
 
 
 def live_block_scores(weight, grad_weight, block_mask, block_size: int, mode: str) -> torch.Tensor:
     """:func:`block_scores` computed on the live blocks only (inactive blocks score 0)."""
-    rows, cols = block_mask.nonzero(as_tuple=True)
+    rows, cols = derived(block_mask, "live_blocks", lambda: block_mask.nonzero(as_tuple=True))
     r, c = block_mask.shape
     b = block_size
     scores = torch.zeros(r, c, dtype=torch.float32, device=weight.device)
@@ -149,14 +151,21 @@ def live_block_scores(weight, grad_weight, block_mask, block_size: int, mode: st
 
 def inactive_grad_sq(dense_grad, block_mask, block_size: int) -> torch.Tensor:
     """``reference.inactive_dense_grad_sq`` (squared block norms, 0 on active blocks)."""
-    return block_sum(dense_grad.float().square(), block_size) * torch.logical_not(block_mask).float()
+    inactive = derived(block_mask, "inactive_float", lambda: torch.logical_not(block_mask).float())
+    return block_sum(dense_grad.float().square(), block_size) * inactive
 
 
 def row_mask(block_mask: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """[R, C] block mask -> [R, 1, C*b] mask of ``dtype``: each block's value repeated along
-    its columns, to broadcast over the b rows of a block row (an [R, b, K] view of W)."""
+    its columns, to broadcast over the b rows of a block row (an [R, b, K] view of W).
+    Built once per mask version (Note [Mask-derived tensors]): do not write into it."""
     rows, cols = block_mask.shape
-    return block_mask.to(dtype).view(rows, cols, 1).expand(rows, cols, block_size).reshape(rows, 1, cols * block_size)
+
+    def build() -> torch.Tensor:
+        return block_mask.to(dtype).view(rows, cols, 1).expand(rows, cols, block_size).reshape(
+            rows, 1, cols * block_size)
+
+    return derived(block_mask, ("row_mask", block_size, dtype), build)
 
 
 # Note [Row-broadcast masks]
@@ -215,9 +224,10 @@ def zero_weight_blocks_(weight: torch.Tensor, block_mask: torch.Tensor, block_si
     int_dtype = _INT_VIEWS.get(weight.element_size())
     if weight.is_floating_point() and int_dtype is not None and not weight.is_complex():
         # all ones (-1) on live blocks, 0 on inactive ones: AND keeps or clears every bit
-        keep = row_mask(block_mask, block_size, int_dtype).neg()  # (may be a view: not in place)
+        keep = derived(block_mask, ("keep", block_size, int_dtype),
+                       lambda: row_mask(block_mask, block_size, int_dtype).neg())  # (cached: not in place)
         weight.view(int_dtype).view(rows, block_size, k).bitwise_and_(keep)
         return weight
-    weight.view(rows, block_size, k).masked_fill_(
-        torch.logical_not(row_mask(block_mask, block_size, torch.bool)), 0)
+    weight.view(rows, block_size, k).masked_fill_(derived(
+        block_mask, ("drop", block_size), lambda: torch.logical_not(row_mask(block_mask, block_size, torch.bool))), 0)
     return weight

@@ -128,6 +128,20 @@ def test_a_sparse_start_says_it_rescales_the_surviving_weights(caplog):
     assert "scaled by" not in caplog.text
 
 
+@pytest.mark.parametrize("policy", ["set", "agpe"])
+def test_the_sparse_start_names_the_dense_start_the_policy_has(policy, caplog):
+    # AGPE started sparse by initial_density was told to "use policy 'agpe' ..., which start dense"
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        Sparsifier(TinyMLP(), None, AGPEConfig(policy=policy, target_sparsity=0.75, block_size=4,
+                                               initial_density=0.5))
+    if policy == "agpe":
+        assert "leave initial_density unset (policy 'agpe' then starts dense" in caplog.text
+        assert "use policy 'agpe'" not in caplog.text
+    else:
+        assert "use policy 'agpe' or 'gmp', which start dense and prune by score" in caplog.text
+
+
 def test_a_module_replaced_after_the_sparsifier_is_refused_at_the_next_update():
     config = AGPEConfig(policy="rigl", target_sparsity=0.5, block_size=4, update_interval=2, end_step=40)
     model, opt, sp, cmodel, _ = make_run(config)

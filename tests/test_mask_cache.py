@@ -1,0 +1,110 @@
+"""Note [Mask-derived tensors] (agpe_compile/ops/mask_cache.py): what the CPU dense path
+derives from a block mask is built once per mask version, and any change to the mask is
+seen on the next call."""
+
+import gc
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from agpe_compile.ops import dense_path, mask_cache, reference
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    mask_cache.clear()
+    yield
+    mask_cache.clear()
+
+
+def _counting(mask, key="k"):
+    builds = []
+
+    def build():
+        builds.append(1)
+        return mask.shape.numel() if is_fake(mask) else int(mask.sum())
+
+    return builds, lambda: mask_cache.derived(mask, key, build)
+
+
+def test_built_once_per_mask_version():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    builds, get = _counting(mask)
+    assert get() == 16 and get() == 16 and len(builds) == 1
+    mask[0, 0] = False  # an in-place write bumps the version counter
+    assert get() == 15 and len(builds) == 2
+    assert mask_cache.derived(mask, "other", lambda: "other") == "other"  # another key, same entry
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.view(-1)[3].fill_(False),  # through a view
+    lambda m: m.copy_(torch.zeros_like(m)),
+    lambda m: m.logical_not_(),
+    lambda m: setattr(m, "data", torch.zeros_like(m)),  # new storage, same tensor object
+])
+def test_every_kind_of_edit_is_seen(edit):
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    builds, get = _counting(mask)
+    get()
+    with torch.no_grad():
+        edit(mask)
+    assert get() == int(mask.sum()) and len(builds) == 2
+
+
+def test_fake_and_inference_tensors_build_each_time():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.ones(4, 4, dtype=torch.bool)
+        builds, get = _counting(fake)
+        get(), get()
+    assert len(builds) == 2
+    with torch.inference_mode():
+        frozen = torch.ones(4, 4, dtype=torch.bool)
+    builds, get = _counting(frozen)
+    assert get() == 16 and get() == 16 and len(builds) == 2
+    assert len(mask_cache._entries) == 0
+
+
+def test_a_freed_mask_drops_its_entry():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    _, get = _counting(mask)
+    get()
+    assert len(mask_cache._entries) == 1
+    del mask, get
+    gc.collect()
+    assert len(mask_cache._entries) == 0
+
+
+def _dense_path_results(weight, grad_out, x, mask, block_size):
+    """Everything the dense path derives from the mask, as values."""
+    zeroed = weight.clone()
+    dense_path.zero_weight_blocks_(zeroed, mask, block_size)
+    dw, scores, dense_sq = dense_path.grad_weight_and_scores(grad_out, x, weight, mask, block_size,
+                                                            torch.tensor(True), "taylor")
+    _, few_scores, _ = dense_path.grad_weight_and_scores(grad_out, x, weight, mask, block_size,
+                                                         torch.tensor(False), "magnitude")
+    return [dense_path.masked_weight(weight, mask, block_size), zeroed, dw, scores, dense_sq, few_scores,
+            dense_path.forward(x, weight, None, mask, block_size, False),
+            dense_path.grad_input(grad_out, weight, mask, block_size, False)]
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
+def test_the_dense_path_follows_a_mask_edited_between_calls(density):
+    torch.manual_seed(0)
+    b, rows, cols = 4, 6, 5
+    weight, x, grad_out = torch.randn(rows * b, cols * b), torch.randn(7, cols * b), torch.randn(7, rows * b)
+    mask = torch.rand(rows, cols) < density
+    first = _dense_path_results(weight, grad_out, x, mask, b)
+    assert len(mask_cache._entries) == 1  # cached
+    with torch.no_grad():
+        mask[:2] = torch.rand(2, cols) < 0.5  # a hand edit of two block rows
+        mask[-1] = True
+    second = _dense_path_results(weight, grad_out, x, mask, b)
+    mask_cache.clear()
+    fresh = _dense_path_results(weight, grad_out, x, mask.clone(), b)
+    for got, want in zip(second, fresh):
+        assert torch.equal(got, want)  # bit for bit what building anew gives
+    assert torch.equal(second[0], reference.masked_weight(weight, mask, b))
+    assert not all(torch.equal(a, c) for a, c in zip(first, second))
