@@ -97,27 +97,26 @@ def read_records(path: str) -> List[dict]:
     its newline, or a line cut short that a later run's ``start`` record follows) is skipped
     with a warning."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        lines = list(enumerate(handle, 1))
     torn = None
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if torn is None and line.lstrip().startswith("{"):
-                torn = (number, error.msg)  # decided by what follows it
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):  # line by line: the file's text is never held whole
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}: line {number} is not JSON ({error.msg}): not an agpe audit file") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object: not an agpe audit file")
-        if torn is not None:
-            if record.get("event") != "start":
-                raise ValueError(f"{path}: line {torn[0]} is not JSON ({torn[1]}): not an agpe audit file")
-            _warn_torn(path, torn[0])
-            torn = None
-        records.append(record)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if torn is None and line.lstrip().startswith("{"):
+                    torn = (number, error.msg)  # decided by what follows it
+                    continue
+                raise ValueError(f"{path}: line {number} is not JSON ({error.msg}): not an agpe audit file") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {number} is not a JSON object: not an agpe audit file")
+            if torn is not None:
+                if record.get("event") != "start":
+                    raise ValueError(f"{path}: line {torn[0]} is not JSON ({torn[1]}): not an agpe audit file")
+                _warn_torn(path, torn[0])
+                torn = None
+            records.append(record)
     if torn is not None:
         _warn_torn(path, torn[0])
     return records
