@@ -77,6 +77,21 @@ def test_a_freed_mask_drops_its_entry():
     assert len(mask_cache._entries) == 0
 
 
+@pytest.mark.parametrize("cols", [1, 3])
+def test_no_derived_tensor_holds_its_mask(cols):
+    # one block column: the row mask's reshape was a view of the mask, which kept the mask
+    # (and its entry) alive for good
+    b = 4
+    weight, x, grad_out = torch.randn(2 * b, cols * b), torch.randn(3, cols * b), torch.randn(3, 2 * b)
+    mask = torch.tensor([[True] * cols, [False] * cols])
+    _dense_path_results(weight, grad_out, x, mask, b)
+    dense_path.row_mask(mask, b, torch.bool)
+    assert len(mask_cache._entries) == 1
+    del mask
+    gc.collect()
+    assert len(mask_cache._entries) == 0
+
+
 def _dense_path_results(weight, grad_out, x, mask, block_size):
     """Everything the dense path derives from the mask, as values."""
     zeroed = weight.clone()

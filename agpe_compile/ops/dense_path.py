@@ -161,9 +161,9 @@ def row_mask(block_mask: torch.Tensor, block_size: int, dtype: torch.dtype) -> t
     Built once per mask version (Note [Mask-derived tensors]): do not write into it."""
     rows, cols = block_mask.shape
 
-    def build() -> torch.Tensor:
+    def build() -> torch.Tensor:  # a copy: a view would hold the mask, whose entry then never goes
         return block_mask.to(dtype).view(rows, cols, 1).expand(rows, cols, block_size).reshape(
-            rows, 1, cols * block_size)
+            rows, 1, cols * block_size).clone()
 
     return derived(block_mask, ("row_mask", block_size, dtype), build)
 
