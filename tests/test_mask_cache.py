@@ -1,5 +1,5 @@
 """Note [Mask-derived tensors] (agpe_compile/ops/mask_cache.py): what the CPU dense path
-derives from a block mask is built once per mask version, and any change to the mask is
+derives from a block mask is built once per mask contents, and any change to the mask is
 seen on the next call."""
 
 import gc
@@ -28,13 +28,19 @@ def _counting(mask, key="k"):
     return builds, lambda: mask_cache.derived(mask, key, build)
 
 
-def test_built_once_per_mask_version():
+def test_built_once_per_mask_contents():
     mask = torch.ones(4, 4, dtype=torch.bool)
     builds, get = _counting(mask)
     assert get() == 16 and get() == 16 and len(builds) == 1
-    mask[0, 0] = False  # an in-place write bumps the version counter
+    mask[0, 0] = False
     assert get() == 15 and len(builds) == 2
+    mask[0, 0] = True  # back to what it was: built again (one entry per mask, the latest contents)
+    assert get() == 16 and len(builds) == 3
     assert mask_cache.derived(mask, "other", lambda: "other") == "other"  # another key, same entry
+
+
+def _storage_copy(m):
+    m.untyped_storage().copy_(torch.zeros_like(m).untyped_storage())
 
 
 @pytest.mark.parametrize("edit", [
@@ -42,7 +48,15 @@ def test_built_once_per_mask_version():
     lambda m: m.copy_(torch.zeros_like(m)),
     lambda m: m.logical_not_(),
     lambda m: setattr(m, "data", torch.zeros_like(m)),  # new storage, same tensor object
-])
+    lambda m: setattr(m, "data", torch.ones(2, 8, dtype=torch.bool)),  # same bytes, another shape
+    # writes the version counter does not see (helper audit CM): by contents they are seen
+    lambda m: m.data.__setitem__((1, slice(None)), False),
+    lambda m: m.data.fill_(False),
+    lambda m: m.numpy().__setitem__(2, False),
+    _storage_copy,
+    lambda m: torch.from_dlpack(m).__setitem__((0, 0), False),
+], ids=["view", "copy_", "logical_not_", "data=", "data=reshaped", "data[]", "data.fill_", "numpy",
+        "storage", "dlpack"])
 def test_every_kind_of_edit_is_seen(edit):
     mask = torch.ones(4, 4, dtype=torch.bool)
     builds, get = _counting(mask)
@@ -52,19 +66,31 @@ def test_every_kind_of_edit_is_seen(edit):
     assert get() == int(mask.sum()) and len(builds) == 2
 
 
-def test_fake_and_inference_tensors_build_each_time():
+def test_a_new_tensor_at_a_freed_address_is_not_taken_for_the_old_one():
+    # audit CM 3: ``.data =`` twice between calls could land on the first storage's address
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    builds, get = _counting(mask)
+    get()
+    for fill in (False, True, False):
+        mask.data = torch.full((4, 4), fill)
+    assert get() == 0 and len(builds) == 2
+
+
+def test_fake_tensors_build_each_time_and_inference_tensors_are_cached_by_contents():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         fake = torch.ones(4, 4, dtype=torch.bool)
         builds, get = _counting(fake)
         get(), get()
-    assert len(builds) == 2
+    assert len(builds) == 2 and len(mask_cache._entries) == 0
     with torch.inference_mode():
         frozen = torch.ones(4, 4, dtype=torch.bool)
     builds, get = _counting(frozen)
-    assert get() == 16 and get() == 16 and len(builds) == 2
-    assert len(mask_cache._entries) == 0
+    assert get() == 16 and get() == 16 and len(builds) == 1
+    with torch.inference_mode():
+        frozen[0] = False
+    assert get() == 12 and len(builds) == 2
 
 
 def test_a_freed_mask_drops_its_entry():
@@ -123,3 +149,31 @@ def test_the_dense_path_follows_a_mask_edited_between_calls(density):
         assert torch.equal(got, want)  # bit for bit what building anew gives
     assert torch.equal(second[0], reference.masked_weight(weight, mask, b))
     assert not all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+@pytest.mark.parametrize("write", ["data[]", "numpy"])
+def test_a_compiled_layer_follows_a_mask_written_where_the_version_counter_cannot_see(write):
+    # helper audit CM 1-2: the first cache (keyed on the version) computed with the old mask
+    import agpe_compile
+    from agpe_compile.ops.reference import expand_block_mask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    agpe_compile.prepare(model, options={"block_size": 4})
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(5, 16)
+    compiled(x).sum().backward()  # the all-live mask's tensors are cached
+    model.zero_grad()
+    mask = agpe_compile.layer_state(model[0]).block_mask
+    if write == "data[]":
+        mask.data[0, :2] = False
+    else:
+        mask.numpy()[0, :2] = False
+    out = compiled(x)
+    out.sum().backward()
+    keep = expand_block_mask(mask, 4, torch.bool)
+    hidden = torch.relu(torch.nn.functional.linear(x, model[0].weight * keep, model[0].bias))
+    torch.testing.assert_close(out, torch.nn.functional.linear(hidden, model[2].weight, model[2].bias),
+                               rtol=0, atol=1e-6)
+    assert not model[0].weight.grad[~keep].any()  # no gradient on the blocks made inactive
+    torch._dynamo.reset()

@@ -210,7 +210,7 @@ def load(sp: "Sparsifier", state: dict) -> None:
                 f"Sparsifier left {'it' if len(frozen) == 1 else 'them'} out: create the Sparsifier before "
                 f"freezing, as in the run that saved it" if frozen else "")
         raise ValueError(f"agpe: checkpoint layers {sorted(state['masks'])} do not match the model's "
-                         f"agpe layers {sorted(names)}{hint}")
+                         f"agpe layers {sorted(names)}{hint}; nothing was loaded")
     _check_shapes(sp, state)
     try:
         read = _read(sp, state)

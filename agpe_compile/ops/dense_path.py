@@ -46,7 +46,7 @@ def host_readable(t: torch.Tensor) -> bool:
 
 def all_live(block_mask: torch.Tensor) -> bool:
     """Every block active (read on the host; callers check :func:`host_readable` first;
-    once per mask version, Note [Mask-derived tensors])."""
+    once per mask contents, Note [Mask-derived tensors])."""
     return derived(block_mask, "all_live", lambda: bool(block_mask.all()))
 
 
@@ -158,7 +158,7 @@ def inactive_grad_sq(dense_grad, block_mask, block_size: int) -> torch.Tensor:
 def row_mask(block_mask: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """[R, C] block mask -> [R, 1, C*b] mask of ``dtype``: each block's value repeated along
     its columns, to broadcast over the b rows of a block row (an [R, b, K] view of W).
-    Built once per mask version (Note [Mask-derived tensors]): do not write into it."""
+    Built once per mask contents (Note [Mask-derived tensors]): do not write into it."""
     rows, cols = block_mask.shape
 
     def build() -> torch.Tensor:  # a copy: a view would hold the mask, whose entry then never goes

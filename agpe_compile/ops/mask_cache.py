@@ -1,4 +1,4 @@
-"""Tensors the CPU dense path derives from a block mask, built once per mask version.
+"""Tensors the CPU dense path derives from a block mask, built once per mask contents.
 
 Note [Mask-derived tensors]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -8,28 +8,33 @@ derive tensors from a layer's [R, C] block mask: the row-broadcast mask of Note
 positions of the live blocks (for scoring few live blocks), whether every block is live,
 how many are, and the float mask of the inactive blocks (for their dense-gradient norms).
 A mask changes only at a mask update (every ``update_interval`` steps) or when edited by
-hand, yet building them anew on every call cost about 2 ms of a 25-28 ms training step of
+hand, yet building them anew on every call cost about 1 ms of a 22-24 ms training step of
 three 1000 x 1000 layers at block 8 and density 0.1, the main job's shapes (2-core CPU;
 docs/benchmarks.md, "host time of a compiled training step").
 
-So they are built once per mask version and kept with the mask: keyed by the mask tensor
-object (weakly: a freed mask drops its entry), valid while the mask's version counter and
-data pointer are unchanged. Every in-place write bumps the version counter, through any
-view and under ``no_grad`` (``copy_``, ``__setitem__``, ``fill_``, the Sparsifier's
-updates), and ``mask.data = other`` changes the data pointer; the layout's own sync relies
-on the same counter (``LayerState.layout_mask_version``). A write the counter cannot see
-(through ``mask.numpy()``, or by another process into shared memory) is not seen here
-either; the layout would miss it too.
+So they are built once per mask CONTENT and kept with the mask: keyed by the mask tensor
+object (weakly: a freed mask drops its entry), valid while the mask holds the same bytes
+(and shape) as when they were built. Each lookup compares the mask's bytes with a copy
+kept in the entry (the grid, R x C bytes: ~1 us for the main job's 125 x 125 grid, where
+``torch.equal`` took ~20 us). A first version trusted the mask's version counter, and a
+helper audit (CM) found the writes it does not see: through ``mask.data[...]``,
+``mask.numpy()``, ``untyped_storage()`` and DLPack aliases, and a second ``mask.data =``
+landing on the address of the first; the CPU path then computed with the old mask, where
+re-deriving on every call had been right. Comparing contents sees every write.
+(The layout, which the Triton kernels and the CPU's gathered-block path read, is still
+synced by the version counter, ``LayerState.sync_layout``: such writes reach it only with
+the next write the counter sees. Edit a mask through the tensor itself; README.md.)
 
-Only real CPU tensors are cached (``host_readable``): fake and traced tensors, device
-tensors and inference-mode tensors (which keep no version counter) build each time. The
-values are exactly what building them anew gives (tests/test_mask_cache.py). Callers
-must not write into a cached tensor.
+Only real CPU tensors are cached: fake and traced tensors, device tensors and tensors
+whose memory cannot be read directly (functorch and functionalization wrappers) build each
+time. The values are exactly what building them anew gives (tests/test_mask_cache.py).
+Callers must not write into a cached tensor.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, TypeVar
+import ctypes
+from typing import Callable, Hashable, Optional, Tuple, TypeVar
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -37,22 +42,33 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 T = TypeVar("T")
 
-# mask -> ((version, data pointer), {key: derived value})
+# mask -> ((shape, dtype, bytes of the mask when built), {key: derived value})
 _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def derived(block_mask: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
-    """``build()`` for ``block_mask``, computed once per version of the mask; ``key`` names
-    what is built (and every argument besides the mask it depends on)."""
-    if block_mask.device.type != "cpu" or is_fake(block_mask):
-        return build()
+def _contents(block_mask: torch.Tensor) -> Optional[Tuple[tuple, torch.dtype, bytes]]:
+    """(shape, dtype, bytes) of a real CPU tensor; None where its memory is not ours to read."""
+    if block_mask.device.type != "cpu" or is_fake(block_mask) or block_mask.numel() == 0:
+        return None
     try:
-        stamp = (block_mask._version, block_mask.data_ptr())
-    except RuntimeError:  # an inference tensor keeps no version counter
+        dense = block_mask.contiguous()
+        pointer = dense.data_ptr()
+    except RuntimeError:  # a wrapper without storage (functionalization, functorch)
+        return None
+    if not pointer:
+        return None
+    return tuple(block_mask.shape), block_mask.dtype, ctypes.string_at(pointer, dense.numel() * dense.element_size())
+
+
+def derived(block_mask: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
+    """``build()`` for ``block_mask``, computed once per contents of the mask; ``key`` names
+    what is built (and every argument besides the mask it depends on)."""
+    contents = _contents(block_mask)
+    if contents is None:
         return build()
     entry = _entries.get(block_mask)
-    if entry is None or entry[0] != stamp:
-        entry = (stamp, {})
+    if entry is None or entry[0] != contents:
+        entry = (contents, {})
         _entries[block_mask] = entry
     cached = entry[1]
     if key not in cached:
