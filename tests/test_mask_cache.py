@@ -25,7 +25,7 @@ def _counting(mask, key="k"):
         builds.append(1)
         return mask.shape.numel() if is_fake(mask) else int(mask.sum())
 
-    return builds, lambda: mask_cache.derived(mask, key, build)
+    return builds, lambda: mask_cache.derived(mask, 8, key, build)
 
 
 def test_built_once_per_mask_contents():
@@ -36,7 +36,21 @@ def test_built_once_per_mask_contents():
     assert get() == 15 and len(builds) == 2
     mask[0, 0] = True  # back to what it was: built again (one entry per mask, the latest contents)
     assert get() == 16 and len(builds) == 3
-    assert mask_cache.derived(mask, "other", lambda: "other") == "other"  # another key, same entry
+    assert mask_cache.derived(mask, 8, "other", lambda: "other") == "other"  # another key, same entry
+    assert len(mask_cache._entries) == 1
+
+
+def test_blocks_under_8_build_every_time():
+    # their row masks would hold 2/b of the weight's memory (Note [Mask-derived tensors])
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    builds = []
+    for _ in range(2):
+        mask_cache.derived(mask, 4, "k", lambda: builds.append(1))
+    assert len(builds) == 2 and len(mask_cache._entries) == 0
+    weight = torch.randn(16, 16)
+    dense_path.masked_weight(weight, mask, 4)
+    dense_path.zero_weight_blocks_(weight, mask, 4)
+    assert len(mask_cache._entries) == 0
 
 
 def _storage_copy(m):
@@ -107,7 +121,7 @@ def test_a_freed_mask_drops_its_entry():
 def test_no_derived_tensor_holds_its_mask(cols):
     # one block column: the row mask's reshape was a view of the mask, which kept the mask
     # (and its entry) alive for good
-    b = 4
+    b = 8
     weight, x, grad_out = torch.randn(2 * b, cols * b), torch.randn(3, cols * b), torch.randn(3, 2 * b)
     mask = torch.tensor([[True] * cols, [False] * cols])
     _dense_path_results(weight, grad_out, x, mask, b)
@@ -134,7 +148,7 @@ def _dense_path_results(weight, grad_out, x, mask, block_size):
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
 def test_the_dense_path_follows_a_mask_edited_between_calls(density):
     torch.manual_seed(0)
-    b, rows, cols = 4, 6, 5
+    b, rows, cols = 8, 6, 5
     weight, x, grad_out = torch.randn(rows * b, cols * b), torch.randn(7, cols * b), torch.randn(7, rows * b)
     mask = torch.rand(rows, cols) < density
     first = _dense_path_results(weight, grad_out, x, mask, b)
@@ -159,19 +173,20 @@ def test_a_compiled_layer_follows_a_mask_written_where_the_version_counter_canno
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    agpe_compile.prepare(model, options={"block_size": 4})
+    agpe_compile.prepare(model, options={"block_size": 8})
     compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
     x = torch.randn(5, 16)
     compiled(x).sum().backward()  # the all-live mask's tensors are cached
     model.zero_grad()
     mask = agpe_compile.layer_state(model[0]).block_mask
     if write == "data[]":
-        mask.data[0, :2] = False
+        mask.data[0, :1] = False
     else:
-        mask.numpy()[0, :2] = False
+        mask.numpy()[1, 1:] = False
     out = compiled(x)
     out.sum().backward()
-    keep = expand_block_mask(mask, 4, torch.bool)
+    assert len(mask_cache._entries) >= 1  # the cache was in use
+    keep = expand_block_mask(mask, 8, torch.bool)
     hidden = torch.relu(torch.nn.functional.linear(x, model[0].weight * keep, model[0].bias))
     torch.testing.assert_close(out, torch.nn.functional.linear(hidden, model[2].weight, model[2].bias),
                                rtol=0, atol=1e-6)

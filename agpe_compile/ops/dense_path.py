@@ -44,21 +44,21 @@ def host_readable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not is_fake(t)
 
 
-def all_live(block_mask: torch.Tensor) -> bool:
+def all_live(block_mask: torch.Tensor, block_size: int) -> bool:
     """Every block active (read on the host; callers check :func:`host_readable` first;
     once per mask contents, Note [Mask-derived tensors])."""
-    return derived(block_mask, "all_live", lambda: bool(block_mask.all()))
+    return derived(block_mask, block_size, "all_live", lambda: bool(block_mask.all()))
 
 
 def forward(x, weight, bias, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
-    if not unmasked and host_readable(block_mask) and all_live(block_mask):
+    if not unmasked and host_readable(block_mask) and all_live(block_mask, block_size):
         unmasked = True
     w = weight if unmasked else masked_weight(weight, block_mask, block_size)
     return torch.nn.functional.linear(x, w, bias)
 
 
 def grad_input(grad_out, weight, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
-    if not unmasked and host_readable(block_mask) and all_live(block_mask):
+    if not unmasked and host_readable(block_mask) and all_live(block_mask, block_size):
         unmasked = True
     w = weight if unmasked else masked_weight(weight, block_mask, block_size)
     return (grad_out.reshape(-1, grad_out.shape[-1]) @ w).reshape(*grad_out.shape[:-1], weight.shape[1])
@@ -77,13 +77,13 @@ def grad_weight_and_scores(
         dense_sq = torch.where(score_dense.to(torch.bool), dense_sq, torch.zeros_like(dense_sq))  # (inf * 0: NaN)
         return grad_weight, scores, dense_sq
     flag = bool(score_dense)
-    live = all_live(block_mask)
+    live = all_live(block_mask, b)
     dense_sq = inactive_grad_sq(dense, block_mask, b) if flag and not live else None
     if live:
         grad_weight = dense
     else:  # `dense` is no longer needed: mask it in place
         grad_weight = _mask_in_place(dense, block_mask, b)
-    if live or not _few_live(block_mask):
+    if live or not _few_live(block_mask, b):
         scores = block_scores(weight, grad_weight, b, mode)
         if mode == "magnitude" and not live:
             scores = scores * block_mask
@@ -121,13 +121,14 @@ def block_scores(weight, grad_weight, block_size: int, mode: str) -> torch.Tenso
 GATHER_SCORES_BELOW = 0.3
 
 
-def _few_live(block_mask: torch.Tensor) -> bool:
-    return derived(block_mask, "live_count", lambda: int(block_mask.sum())) <= GATHER_SCORES_BELOW * block_mask.numel()
+def _few_live(block_mask: torch.Tensor, block_size: int) -> bool:
+    live = derived(block_mask, block_size, "live_count", lambda: int(block_mask.sum()))
+    return live <= GATHER_SCORES_BELOW * block_mask.numel()
 
 
 def live_block_scores(weight, grad_weight, block_mask, block_size: int, mode: str) -> torch.Tensor:
     """:func:`block_scores` computed on the live blocks only (inactive blocks score 0)."""
-    rows, cols = derived(block_mask, "live_blocks", lambda: block_mask.nonzero(as_tuple=True))
+    rows, cols = derived(block_mask, block_size, "live_blocks", lambda: block_mask.nonzero(as_tuple=True))
     r, c = block_mask.shape
     b = block_size
     scores = torch.zeros(r, c, dtype=torch.float32, device=weight.device)
@@ -151,7 +152,7 @@ def live_block_scores(weight, grad_weight, block_mask, block_size: int, mode: st
 
 def inactive_grad_sq(dense_grad, block_mask, block_size: int) -> torch.Tensor:
     """``reference.inactive_dense_grad_sq`` (squared block norms, 0 on active blocks)."""
-    inactive = derived(block_mask, "inactive_float", lambda: torch.logical_not(block_mask).float())
+    inactive = derived(block_mask, block_size, "inactive_float", lambda: torch.logical_not(block_mask).float())
     return block_sum(dense_grad.float().square(), block_size) * inactive
 
 
@@ -165,7 +166,7 @@ def row_mask(block_mask: torch.Tensor, block_size: int, dtype: torch.dtype) -> t
         return block_mask.to(dtype).view(rows, cols, 1).expand(rows, cols, block_size).reshape(
             rows, 1, cols * block_size).clone()
 
-    return derived(block_mask, ("row_mask", block_size, dtype), build)
+    return derived(block_mask, block_size, ("row_mask", dtype), build)
 
 
 # Note [Row-broadcast masks]
@@ -217,17 +218,17 @@ def zero_weight_blocks_(weight: torch.Tensor, block_mask: torch.Tensor, block_si
     to write (read on the host for CPU tensors)."""
     if not weight.is_contiguous():
         return None
-    if host_readable(block_mask) and all_live(block_mask):
+    if host_readable(block_mask) and all_live(block_mask, block_size):
         return weight
     n, k = weight.shape
     rows = block_mask.shape[0]
     int_dtype = _INT_VIEWS.get(weight.element_size())
     if weight.is_floating_point() and int_dtype is not None and not weight.is_complex():
         # all ones (-1) on live blocks, 0 on inactive ones: AND keeps or clears every bit
-        keep = derived(block_mask, ("keep", block_size, int_dtype),
+        keep = derived(block_mask, block_size, ("keep", int_dtype),
                        lambda: row_mask(block_mask, block_size, int_dtype).neg())  # (cached: not in place)
         weight.view(int_dtype).view(rows, block_size, k).bitwise_and_(keep)
         return weight
     weight.view(rows, block_size, k).masked_fill_(derived(
-        block_mask, ("drop", block_size), lambda: torch.logical_not(row_mask(block_mask, block_size, torch.bool))), 0)
+        block_mask, block_size, "drop", lambda: torch.logical_not(row_mask(block_mask, block_size, torch.bool))), 0)
     return weight

@@ -25,9 +25,12 @@ re-deriving on every call had been right. Comparing contents sees every write.
 synced by the version counter, ``LayerState.sync_layout``: such writes reach it only with
 the next write the counter sees. Edit a mask through the tensor itself; README.md.)
 
-Only real CPU tensors are cached: fake and traced tensors, device tensors and tensors
-whose memory cannot be read directly (functorch and functionalization wrappers) build each
-time. The values are exactly what building them anew gives (tests/test_mask_cache.py).
+Only masks of blocks of at least ``CACHED_FROM_BLOCK`` (8) are cached: the row-broadcast
+masks kept hold 2/b of the weight's memory (a quarter at block 8, the whole weight's size
+twice at block 1, where the grid is as large as the weight and checking it costs what
+building does), so smaller blocks build each time as before. Only real CPU tensors are
+cached: fake and traced tensors, device tensors and tensors whose memory cannot be read
+directly (functorch and functionalization wrappers) build each time. The values are exactly what building them anew gives (tests/test_mask_cache.py).
 Callers must not write into a cached tensor.
 """
 
@@ -41,6 +44,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
 T = TypeVar("T")
+
+CACHED_FROM_BLOCK = 8  # smaller blocks build every time (see the Note)
 
 # mask -> ((shape, dtype, bytes of the mask when built), {key: derived value})
 _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -60,9 +65,12 @@ def _contents(block_mask: torch.Tensor) -> Optional[Tuple[tuple, torch.dtype, by
     return tuple(block_mask.shape), block_mask.dtype, ctypes.string_at(pointer, dense.numel() * dense.element_size())
 
 
-def derived(block_mask: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
-    """``build()`` for ``block_mask``, computed once per contents of the mask; ``key`` names
-    what is built (and every argument besides the mask it depends on)."""
+def derived(block_mask: torch.Tensor, block_size: int, key: Hashable, build: Callable[[], T]) -> T:
+    """``build()`` for ``block_mask`` (of ``block_size`` blocks), computed once per contents
+    of the mask; ``key`` names what is built (and every argument besides the mask and the
+    block size it depends on)."""
+    if block_size < CACHED_FROM_BLOCK:
+        return build()
     contents = _contents(block_mask)
     if contents is None:
         return build()
@@ -71,9 +79,9 @@ def derived(block_mask: torch.Tensor, key: Hashable, build: Callable[[], T]) -> 
         entry = (contents, {})
         _entries[block_mask] = entry
     cached = entry[1]
-    if key not in cached:
-        cached[key] = build()
-    return cached[key]
+    if (block_size, key) not in cached:
+        cached[block_size, key] = build()
+    return cached[block_size, key]
 
 
 def clear() -> None:
