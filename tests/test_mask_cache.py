@@ -192,3 +192,24 @@ def test_a_compiled_layer_follows_a_mask_written_where_the_version_counter_canno
                                rtol=0, atol=1e-6)
     assert not model[0].weight.grad[~keep].any()  # no gradient on the blocks made inactive
     torch._dynamo.reset()
+
+
+def test_a_trace_with_real_tensors_does_not_bake_in_a_cached_tensor():
+    # re-audit CM2: make_fx(tracing_mode="real") was handed the row mask built before the
+    # trace, and the graph kept it as a constant
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    weight, first, second = torch.randn(24, 40), torch.rand(3, 5) > 0.4, torch.rand(3, 5) > 0.6
+    dense_path.masked_weight(weight, first, 8)  # cached, as a training step would
+    graph = make_fx(lambda w, m: dense_path.masked_weight(w, m, 8), tracing_mode="real")(weight, first)
+    assert torch.equal(graph(weight, second), reference.masked_weight(weight, second, 8))
+
+
+def test_only_bool_masks_are_cached():
+    # a float mask can carry a negation flag (torch._neg_view) that its bytes do not show
+    builds = []
+    mask = torch.ones(2, 2)
+    for _ in range(2):
+        mask_cache.derived(mask, 8, "k", lambda: builds.append(1))
+    assert len(builds) == 2 and len(mask_cache._entries) == 0

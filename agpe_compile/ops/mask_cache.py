@@ -14,9 +14,10 @@ docs/benchmarks.md, "host time of a compiled training step").
 
 So they are built once per mask CONTENT and kept with the mask: keyed by the mask tensor
 object (weakly: a freed mask drops its entry), valid while the mask holds the same bytes
-(and shape) as when they were built. Each lookup compares the mask's bytes with a copy
-kept in the entry (the grid, R x C bytes: ~1 us for the main job's 125 x 125 grid, where
-``torch.equal`` took ~20 us). A first version trusted the mask's version counter, and a
+(and shape) as when they were built. Each lookup copies the mask's bytes and compares
+them with the copy kept in the entry (the grid, R x C bytes: ~5-7 us per lookup for the
+main job's 125 x 125 grid, where ``torch.equal`` alone took ~20 us; ~3 ms at 4096 x 4096,
+where building one row mask takes ~40 ms; 2-5 lookups per call). A first version trusted the mask's version counter, and a
 helper audit (CM) found the writes it does not see: through ``mask.data[...]``,
 ``mask.numpy()``, ``untyped_storage()`` and DLPack aliases, and a second ``mask.data =``
 landing on the address of the first; the CPU path then computed with the old mask, where
@@ -29,8 +30,10 @@ Only masks of blocks of at least ``CACHED_FROM_BLOCK`` (8) are cached: the row-b
 masks kept hold 2/b of the weight's memory (a quarter at block 8, the whole weight's size
 twice at block 1, where the grid is as large as the weight and checking it costs what
 building does), so smaller blocks build each time as before. Only real CPU tensors are
-cached: fake and traced tensors, device tensors and tensors whose memory cannot be read
-directly (functorch and functionalization wrappers) build each time. The values are exactly what building them anew gives (tests/test_mask_cache.py).
+cached: fake tensors, anything under a dispatch mode or torch.compile's tracing (a
+cached tensor would be baked into the graph as a constant: helper re-audit CM2), device
+tensors, masks that are not bool, and tensors whose memory cannot be read directly
+(functorch and functionalization wrappers) build each time. The values are exactly what building them anew gives (tests/test_mask_cache.py).
 Callers must not write into a cached tensor.
 """
 
@@ -41,6 +44,7 @@ from typing import Callable, Hashable, Optional, Tuple, TypeVar
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 T = TypeVar("T")
@@ -53,8 +57,11 @@ _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def _contents(block_mask: torch.Tensor) -> Optional[Tuple[tuple, torch.dtype, bytes]]:
     """(shape, dtype, bytes) of a real CPU tensor; None where its memory is not ours to read."""
-    if block_mask.device.type != "cpu" or is_fake(block_mask) or block_mask.numel() == 0:
-        return None
+    if (block_mask.dtype != torch.bool or block_mask.device.type != "cpu" or is_fake(block_mask)
+            or block_mask.numel() == 0):
+        return None  # (bool only: a float mask could carry a negation flag its bytes do not show)
+    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        return None  # traced (make_fx with real tensors, too): a cached tensor would become a constant
     try:
         dense = block_mask.contiguous()
         pointer = dense.data_ptr()

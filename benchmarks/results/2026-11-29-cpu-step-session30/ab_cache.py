@@ -22,7 +22,8 @@ steps = {kind: cpu_step._step_fn(kind, 1000, 3, 128, 8, 0.1, "magnitude") for ki
 cached = mask_cache.derived
 
 
-def uncached(block_mask, key, build):
+def uncached(*args):  # (block_mask, [block_size,] key, build)
+    build = args[-1]
     return build()
 
 
