@@ -15,7 +15,7 @@ docs/benchmarks.md, "host time of a compiled training step").
 So they are built once per mask CONTENT and kept with the mask: keyed by the mask tensor
 object (weakly: a freed mask drops its entry), valid while the mask holds the same bytes
 (and shape) as when they were built. Each lookup copies the mask's bytes and compares
-them with the copy kept in the entry (the grid, R x C bytes: ~5-7 us per lookup for the
+them with the copy kept in the entry (the grid, R x C bytes: ~7 us per lookup for the
 main job's 125 x 125 grid, where ``torch.equal`` alone took ~20 us; ~3 ms at 4096 x 4096,
 where building one row mask takes ~40 ms; 2-5 lookups per call). A first version trusted the mask's version counter, and a
 helper audit (CM) found the writes it does not see: through ``mask.data[...]``,
