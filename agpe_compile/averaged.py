@@ -110,7 +110,7 @@ class AveragedModel(_TorchAveragedModel):
             for field in _TENSOR_FIELDS:
                 getattr(dst, field).copy_(getattr(src, field))
             dst.layout_bucket = src.layout_bucket
-            dst.layout_mask_version = dst.block_mask._version  # the copied layout is the mask's
+            dst.mark_layout_synced()  # the copied layout is the mask's
             prefix = paths[dst.module]
             names.update(f"{prefix}.{b}" if prefix else b for b in dst.buffer_names())
         return names

@@ -273,7 +273,7 @@ def rebucket(
     # Masks edited by hand since their layouts were last synced: under the zero-weight promise
     # (a Sparsifier drives the layer) their new inactive blocks must be zeroed, as the call
     # wrapper's sync would have done; marking them synced below would skip that.
-    edited = [s for s in states if s.zero_inactive and s.layout_mask_version != s.block_mask._version]
+    edited = [s for s in states if s.zero_inactive and not s.layout_in_sync()]
     moved, writes = plan_layouts(states, masks, buckets, between_steps)
     to_device(writes)
     mark_layouts_synced(states)
@@ -326,7 +326,7 @@ def plan_layouts(states: List[LayerState], host_masks: List[torch.Tensor], bucke
 def mark_layouts_synced(states: List[LayerState]) -> None:
     """Record that each layout matches its mask as of now (the call wrapper then skips it)."""
     for state in states:
-        state.layout_mask_version = state.block_mask._version
+        state.mark_layout_synced()
 
 
 def _raise_outgrown(state: LayerState, density: float) -> None:

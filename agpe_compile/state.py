@@ -50,6 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import distributed, sharding
 from .config import BackendConfig
 from .layout import DEFAULT_BUCKETS, BlockLayout, capacity_for, update_layout_
+from .ops.mask_cache import contents_token
 from .other_backends import NESTED, TRACED_ELSEWHERE, mark_traced_elsewhere, other_backend, say_compiled_by
 from .packed_layout import build_packed, capacity_of, unpack
 
@@ -154,6 +155,7 @@ class LayerState:
     block_layout: torch.Tensor
     layout_bucket: float = 1.0
     layout_mask_version: int = -1
+    layout_mask_token: Optional[object] = None  # ops.mask_cache.contents_token at the last sync
     # The saliency mode the backend compiled this layer with (None until compiled); the
     # Sparsifier checks it against AGPEConfig.saliency.
     saliency_mode: Optional[str] = None
@@ -217,6 +219,7 @@ class LayerState:
             block_layout=block_layout,
             layout_bucket=bucket,
             layout_mask_version=block_mask._version,
+            layout_mask_token=contents_token(block_mask, block_size),
             weight_ref=weakref.ref(weight),
         )
 
@@ -308,14 +311,28 @@ class LayerState:
         """The kernels' view of ``block_layout`` (Note [Packed layout])."""
         return unpack(self.block_layout, self.grid, self.block_size)
 
+    def layout_in_sync(self) -> bool:
+        """Whether the layout was synced from the mask as it is now: by the version counter,
+        and where the mask is cached (CPU) also by its contents, which a write through
+        ``mask.data`` or ``mask.numpy()`` changes without the counter (Note [Mask-derived
+        tensors] in ops/mask_cache.py)."""
+        if self.layout_mask_version != self.block_mask._version:
+            return False
+        token = contents_token(self.block_mask, self.block_size)
+        return token is None or token is self.layout_mask_token
+
+    def mark_layout_synced(self) -> None:
+        """Record that the layout matches the mask as it is now."""
+        self.layout_mask_version = self.block_mask._version
+        self.layout_mask_token = contents_token(self.block_mask, self.block_size)
+
     def sync_layout(self) -> None:
         """Rewrite the layout in place if the mask changed since the last sync.
 
         Raises if the mask no longer fits the layout's bucket: that needs
         :func:`agpe_compile.rebucket` (between steps, not inside a compiled call).
         """
-        version = self.block_mask._version
-        if version == self.layout_mask_version:
+        if self.layout_in_sync():
             return
         if not update_layout_(self.layout(), self.block_mask):
             raise RuntimeError(
@@ -323,7 +340,7 @@ class LayerState:
                 f"layout bucket {self.layout_bucket}; call agpe_compile.rebucket(model) after changing "
                 f"masks (the Sparsifier does this at its update steps)"
             )
-        self.layout_mask_version = self.block_mask._version
+        self.mark_layout_synced()
         if self.zero_inactive:  # a mask edited outside the Sparsifier: keep the promise
             from .zero_weights import zero_inactive_
 

@@ -66,7 +66,7 @@ def zero_inactive_(state) -> None:
         # the kernel reads the layout: only when it matches the mask (else the mask itself)
         if (weight.device.type == "cuda" and kernels.triton_available() and state.block_size in _KERNEL_BLOCK_SIZES
                 and weight.is_contiguous() and weight.numel() < _INT32_LIMIT  # int32 offsets (audit BO)
-                and state.layout_mask_version == state.block_mask._version):
+                and state.layout_in_sync()):
             kernels.zero_inactive_blocks_(weight, state.layout())
         else:
             zero_outside_(weight, state.block_mask, state.block_size)

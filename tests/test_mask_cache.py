@@ -213,3 +213,81 @@ def test_only_bool_masks_are_cached():
     for _ in range(2):
         mask_cache.derived(mask, 8, "k", lambda: builds.append(1))
     assert len(builds) == 2 and len(mask_cache._entries) == 0
+
+
+def _gathered_layer(monkeypatch):
+    """A compiled block-32 layer at density 1/4 whose calls take the gathered-block path,
+    which reads the layout, not the mask."""
+    import agpe_compile
+    from agpe_compile import kernels
+
+    monkeypatch.setattr(kernels, "choose_cpu_path", lambda *args: "gather")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128))
+    agpe_compile.prepare(model, options={"block_size": 32})
+    state = agpe_compile.layer_state(model[0])
+    with torch.no_grad():
+        state.block_mask.copy_(torch.eye(4, dtype=torch.bool))
+    agpe_compile.rebucket(model)
+    return model, state, torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+
+
+def test_the_cpu_layout_follows_a_mask_written_where_the_version_counter_cannot_see(monkeypatch):
+    from agpe_compile.ops.reference import expand_block_mask
+
+    model, state, compiled = _gathered_layer(monkeypatch)
+    x = torch.randn(6, 128)
+    compiled(x)
+    state.block_mask.data[0, 0] = False  # the version counter does not move
+    state.block_mask.numpy()[1, 2] = True
+    keep = expand_block_mask(state.block_mask, 32, torch.bool)
+    want = torch.nn.functional.linear(x, model[0].weight * keep, model[0].bias)
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_the_layout_is_not_rewritten_while_the_mask_is_unchanged(monkeypatch):
+    from agpe_compile import state as state_module
+
+    _, state, compiled = _gathered_layer(monkeypatch)
+    x = torch.randn(6, 128)
+    compiled(x)
+    rewrites = []
+    original = state_module.update_layout_
+    monkeypatch.setattr(state_module, "update_layout_", lambda *a: rewrites.append(1) or original(*a))
+    for _ in range(3):
+        compiled(x)
+    assert rewrites == []
+    state.block_mask.data[0, 0] = False
+    compiled(x)
+    assert rewrites == [1]
+    torch._dynamo.reset()
+
+
+def test_a_data_write_under_the_zero_promise_is_zeroed_before_the_next_call():
+    # the Sparsifier's layers skip masking W (their inactive weights are zero): a block
+    # switched off through mask.data had its weights used, unmasked, until the next step
+    import agpe_compile
+    from agpe_compile.ops.reference import expand_block_mask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = agpe_compile.Sparsifier(model, optimizer, agpe_compile.AGPEConfig(
+        policy="rigl", block_size=8, target_sparsity=0.5, update_interval=50, end_step=200))
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    x = torch.randn(16, 32)
+    loss = compiled(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    sparsifier.step(loss)
+    mask = agpe_compile.layer_state(model[0]).block_mask
+    mask.data[:, 0] = False
+    out = compiled(x)
+    keep = expand_block_mask(mask, 8, torch.bool)
+    assert not model[0].weight.detach()[~keep].any()
+    hidden = torch.relu(torch.nn.functional.linear(x, model[0].weight * keep, model[0].bias))
+    torch.testing.assert_close(out, torch.nn.functional.linear(hidden, model[2].weight, model[2].bias))
+    sparsifier.close()
+    torch._dynamo.reset()

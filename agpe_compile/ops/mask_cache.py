@@ -22,9 +22,12 @@ helper audit (CM) found the writes it does not see: through ``mask.data[...]``,
 ``mask.numpy()``, ``untyped_storage()`` and DLPack aliases, and a second ``mask.data =``
 landing on the address of the first; the CPU path then computed with the old mask, where
 re-deriving on every call had been right. Comparing contents sees every write.
-(The layout, which the Triton kernels and the CPU's gathered-block path read, is still
-synced by the version counter, ``LayerState.sync_layout``: such writes reach it only with
-the next write the counter sees. Edit a mask through the tensor itself; README.md.)
+The layout the kernels read follows the mask the same way where the mask is cached
+(``contents_token``, read by ``LayerState.layout_in_sync``): on the CPU, a write the
+version counter does not see also rewrites the layout (the gathered-block path) and, under
+the zero-weight promise, re-zeroes the newly inactive weights at the next call. On the GPU
+the layout follows the version counter alone (reading a device mask would wait for the
+device): edit a mask through the tensor itself there (README.md).
 
 Only masks of blocks of at least ``CACHED_FROM_BLOCK`` (8) are cached: the row-broadcast
 masks kept hold 2/b of the weight's memory (a quarter at block 8, the whole weight's size
@@ -72,23 +75,41 @@ def _contents(block_mask: torch.Tensor) -> Optional[Tuple[tuple, torch.dtype, by
     return tuple(block_mask.shape), block_mask.dtype, ctypes.string_at(pointer, dense.numel() * dense.element_size())
 
 
-def derived(block_mask: torch.Tensor, block_size: int, key: Hashable, build: Callable[[], T]) -> T:
-    """``build()`` for ``block_mask`` (of ``block_size`` blocks), computed once per contents
-    of the mask; ``key`` names what is built (and every argument besides the mask and the
-    block size it depends on)."""
+def _entry(block_mask: torch.Tensor, block_size: int) -> Optional[dict]:
+    """The mask's dict of derived values, emptied when its contents changed; None where
+    nothing is cached."""
     if block_size < CACHED_FROM_BLOCK:
-        return build()
+        return None
     contents = _contents(block_mask)
     if contents is None:
-        return build()
+        return None
     entry = _entries.get(block_mask)
     if entry is None or entry[0] != contents:
         entry = (contents, {})
         _entries[block_mask] = entry
-    cached = entry[1]
+    return entry[1]
+
+
+def derived(block_mask: torch.Tensor, block_size: int, key: Hashable, build: Callable[[], T]) -> T:
+    """``build()`` for ``block_mask`` (of ``block_size`` blocks), computed once per contents
+    of the mask; ``key`` names what is built (and every argument besides the mask and the
+    block size it depends on)."""
+    cached = _entry(block_mask, block_size)
+    if cached is None:
+        return build()
     if (block_size, key) not in cached:
         cached[block_size, key] = build()
     return cached[block_size, key]
+
+
+def contents_token(block_mask: torch.Tensor, block_size: int) -> Optional[object]:
+    """An object that stays the same (``is``) while the mask's contents do, and is new once
+    they changed, whatever wrote them; None where masks are not cached (the caller then
+    relies on the version counter alone). The layout sync uses it (``LayerState``)."""
+    cached = _entry(block_mask, block_size)
+    if cached is None:
+        return None
+    return cached.setdefault("contents token", object())
 
 
 def clear() -> None:
