@@ -112,6 +112,24 @@ def test_few_live_blocks_are_scored_by_gathering_them(monkeypatch):
         assert bool(calls) == gathered, density
 
 
+@pytest.mark.parametrize("block", [1, 2, 8, 16])
+@pytest.mark.parametrize("mode", MODES)
+def test_gathered_scores_are_the_full_pass_on_live_blocks(block, mode):
+    # Note [Gathering live blocks]: the run indices of a rectangular grid, every block size
+    # (8 and up: kept per mask contents), a column-major weight, and a hand-edited mask.
+    gen = torch.Generator().manual_seed(block)
+    mask = torch.rand(5, 7, generator=gen) < 0.3
+    w = torch.randn(5 * block, 7 * block, generator=gen)
+    dw = torch.randn(5 * block, 7 * block, generator=gen)
+    for weight in (w, w.t().contiguous().t()):
+        for _ in range(2):
+            expected = dense_path.block_scores(weight, dw, block, mode) * mask
+            torch.testing.assert_close(dense_path.live_block_scores(weight, dw, mask, block, mode), expected,
+                                       rtol=1e-6, atol=1e-6)
+            mask[mask.nonzero()[0].unbind()] = False  # one block fewer: the runs follow the contents
+            mask[4, 6] = True
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_row_broadcast_masking_is_the_reference_to_the_bit(dtype):
     # Note [Row-broadcast masks]: the same products as the reference, NaN and inf included.
@@ -182,3 +200,39 @@ def test_a_gradient_that_overflows_on_inactive_blocks_only_is_zero_there(host, c
     dw, scores, dense_sq = dense_path.grad_weight_and_scores(dy, x, w, mask, B, torch.tensor(False), "gradient")
     assert torch.all(dw[:, B:] == 0) and torch.equal(dw[:, :B], dense[:, :B])
     assert torch.isfinite(scores).all() and torch.isfinite(dense_sq).all() and not dense_sq.any()
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow"])
+def test_accumulated_scores_skip_exactly_the_non_finite_calls(bad):
+    # accumulate_scores' host form checks a sum first: a sum that overflows from finite
+    # scores is still accumulated, a NaN or an infinity anywhere is skipped, like the
+    # traced form (torch.where on isfinite) computes.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from agpe_compile.ops.sparse_linear import accumulate_scores
+
+    class Traced(TorchDispatchMode):  # any dispatch mode sends the call to the traced form
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    scores = torch.rand(4, 5)
+    if bad == "overflow":
+        scores[0, :2] = 3e38  # each finite, their sum is not
+    elif bad is not None:
+        scores[2, 3] = bad
+    for which in ("scores", "dense_sq"):
+        results = []
+        for traced in (False, True):
+            saliency, dense_grad_sq, counters = torch.zeros(4, 5), torch.zeros(4, 5), torch.zeros(2, dtype=torch.int64)
+            args = (scores, torch.zeros(4, 5)) if which == "scores" else (torch.zeros(4, 5), scores)
+            if traced:
+                with Traced():
+                    accumulate_scores(*args, saliency, dense_grad_sq, counters, 7)
+            else:
+                accumulate_scores(*args, saliency, dense_grad_sq, counters, 7)
+            results.append((saliency, dense_grad_sq, counters))
+        skipped = bad not in (None, "overflow")
+        for saliency, dense_grad_sq, counters in results:
+            assert counters.tolist() == [7, int(skipped)], (which, bad)
+            added = saliency if which == "scores" else dense_grad_sq
+            assert torch.equal(added, torch.zeros(4, 5) if skipped else scores), (which, bad)
