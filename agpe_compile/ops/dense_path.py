@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
+from . import bsr_path, reference
 from .mask_cache import derived
 
 
@@ -51,14 +51,20 @@ def all_live(block_mask: torch.Tensor, block_size: int) -> bool:
 
 
 def forward(x, weight, bias, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
-    if not unmasked and host_readable(block_mask) and all_live(block_mask, block_size):
+    if host_readable(block_mask) and not all_live(block_mask, block_size):
+        if bsr_path.worth_it(x, weight, block_mask, block_size):  # Note [CPU block-sparse products]
+            return bsr_path.forward(x, weight, bias, block_mask, block_size)
+    elif not unmasked and host_readable(block_mask):  # every block live
         unmasked = True
     w = weight if unmasked else masked_weight(weight, block_mask, block_size)
     return torch.nn.functional.linear(x, w, bias)
 
 
 def grad_input(grad_out, weight, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
-    if not unmasked and host_readable(block_mask) and all_live(block_mask, block_size):
+    if host_readable(block_mask) and not all_live(block_mask, block_size):
+        if bsr_path.worth_it(grad_out, weight, block_mask, block_size):  # Note [CPU block-sparse products]
+            return bsr_path.grad_input(grad_out, weight, block_mask, block_size)
+    elif not unmasked and host_readable(block_mask):  # every block live
         unmasked = True
     w = weight if unmasked else masked_weight(weight, block_mask, block_size)
     return (grad_out.reshape(-1, grad_out.shape[-1]) @ w).reshape(*grad_out.shape[:-1], weight.shape[1])
@@ -155,9 +161,10 @@ def live_block_scores(weight, grad_weight, block_mask, block_size: int, mode: st
 # Scoring at low density reads the live blocks only. Advanced indexing of an [R, b, C, b]
 # view (``t.reshape(R, b, C, b)[rows, :, cols, :]``) computes each element's offset in a
 # loop whose innermost run is b long; ``index_select`` of the [R*b*C, b] view with the flat
-# indices of the live blocks' rows copies whole b-long runs: 66 us against 211 us for the
-# magnitude scores of a 1000 x 1000 fp32 weight at block 8 and density 0.1, 142 against
-# 457 us at 0.25 (project CI CPU, 2 threads, torch 2.13.0, 2026-11-29). The run indices
+# indices of the live blocks' rows copies whole b-long runs. The magnitude scores of a
+# 1000 x 1000 fp32 weight at block 8 took ~100 us against ~225 us at density 0.1, ~190
+# against ~490 us at 0.25 (one thread, 2026-11-29,
+# benchmarks/results/2026-11-29-cpu-step-session31/elementwise_time.txt). The run indices
 # are int64, one per b weights of a live block (8/b bytes per live weight: 1 byte at block
 # 8, against 4 for an fp32 weight), kept with the mask's other derived tensors.
 def _live_runs(block_mask: torch.Tensor, block_size: int):
@@ -194,13 +201,14 @@ def row_mask(block_mask: torch.Tensor, block_size: int, dtype: torch.dtype) -> t
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~
 # ``reference.apply_block_mask`` broadcasts the [R, C] mask over an [R, b, C, b] view: its
 # innermost run is b elements, so on the CPU the elementwise loop barely vectorises
-# (block 8, 1000 x 1000 fp32, one thread: 600 us for the in-place product, 1,290 us for the
-# ``masked_fill_`` of the zero hook). Expanding the mask along the columns first (an
-# [R, 1, K] tensor, 1/b of W's size, built per call in ~60 us) makes the innermost run K
-# long: 230 us for the same product. The values are the reference's to the bit (each
-# element is multiplied by the same 1 or 0). The zero hook clears inactive blocks with a
-# bitwise AND on W's integer view (0 or all ones per element): NaN and inf become +0.0,
-# like ``masked_fill_``, at the product's speed (masked_fill_ does not vectorise).
+# (block 8, 1000 x 1000 fp32, one thread: ~500 us for the in-place product, 1,100-1,370 us
+# for the ``masked_fill_`` of the zero hook). Expanding the mask along the columns first (an
+# [R, 1, K] tensor, 1/b of W's size, built in ~90 us, once per mask contents: Note
+# [Mask-derived tensors]) makes the innermost run K long: ~60 us for the same product
+# (benchmarks/results/2026-11-29-cpu-step-session31/elementwise_time.txt). The values are
+# the reference's to the bit (each element is multiplied by the same 1 or 0). The zero
+# hook clears inactive blocks with a bitwise AND on W's integer view (0 or all ones per
+# element): NaN and inf become +0.0, like ``masked_fill_``, at the product's speed (~60 us).
 # Only host-readable (CPU) tensors take these forms; traced bodies keep the reference's.
 def masked_weight(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """``reference.masked_weight`` (``W * M``), with a row-broadcast mask for CPU tensors."""

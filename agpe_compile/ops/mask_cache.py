@@ -15,9 +15,11 @@ docs/benchmarks.md, "host time of a compiled training step").
 So they are built once per mask CONTENT and kept with the mask: keyed by the mask tensor
 object (weakly: a freed mask drops its entry), valid while the mask holds the same bytes
 (and shape) as when they were built. Each lookup copies the mask's bytes and compares
-them with the copy kept in the entry (the grid, R x C bytes: ~7 us per lookup for the
-main job's 125 x 125 grid, where ``torch.equal`` alone took ~20 us; ~3 ms at 4096 x 4096,
-where building one row mask takes ~40 ms; 2-5 lookups per call). A first version trusted the mask's version counter, and a
+them with the copy kept in the entry (the grid, R x C bytes: 5.7-8.5 us per lookup for the
+main job's 125 x 125 grid on one thread, where ``torch.equal`` of the mask with a copy took
+11.7-17.9 us; three runs on a shared 2-core VM,
+benchmarks/results/2026-11-29-cpu-step-session30/lookup_time.txt; the cost grows with
+R x C, larger grids were not timed; a few lookups per call). A first version trusted the mask's version counter, and a
 helper audit (CM) found the writes it does not see: through ``mask.data[...]``,
 ``mask.numpy()``, ``untyped_storage()`` and DLPack aliases, and a second ``mask.data =``
 landing on the address of the first; the CPU path then computed with the old mask, where

@@ -1,0 +1,156 @@
+"""The forward and dX of a sparse CPU layer as MKL block-sparse (BSR) products.
+
+Note [CPU block-sparse products]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The CPU dense path (ops/dense_path.py) multiplies the whole weight: at density 0.1 nine
+tenths of its FLOPs meet zeros. Blocks of 32 and more have the gathered-block path
+(kernels/cpu_gather.py); smaller blocks lose there (batched matmuls of tiny blocks). For
+them, and for any layer on the dense path, PyTorch's CPU ``sparse_bsr_tensor @ dense``
+(MKL's sparse BLAS) reads only the live blocks: ``Y^T = W_bsr @ X^T`` for the forward and
+``dX^T = (W^T)_bsr @ dY^T`` for dX, the BSR values gathered from the dense-shaped weight
+each call (W changes every step; one ``index_select`` of the live blocks' b-long row runs,
+Note [Gathering live blocks] in dense_path.py). dW stays a dense product masked in place
+(it has no BSR form).
+
+The choice is made per call on the host from the mask's contents and the row count
+(:func:`worth_it`; real CPU tensors only, like the other host decisions of the dense path),
+so a traced body, a device tensor or a 16-bit weight (MKL has no bf16/fp16 BSR product)
+keeps the dense products. It computes ``X @ (W*M)^T`` from the same terms (only the fp32
+summation order differs); like the Triton kernels and the gathered path it never reads an
+inactive block, so a NaN or inf stored there does not reach the output, where the masked
+reference multiplies it by 0 (NaN). The Sparsifier keeps inactive weights at zero, where
+every path agrees.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .mask_cache import derived
+
+# Block sizes whose crossover was measured (benchmarks/results/2026-11-29-cpu-bsr-session31/).
+BLOCK_SIZES = (8, 16)
+# Set AGPE_CPU_BSR=0 (before import) to keep the dense products on the CPU at every density.
+ENABLED = os.environ.get("AGPE_CPU_BSR", "1") != "0"
+
+
+def worth_it(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> bool:
+    """Whether the BSR products beat the dense ones for a call with input (or dY) ``x``;
+    reads the mask on the host: call only where dense_path.host_readable holds."""
+    if not ENABLED or block_size not in BLOCK_SIZES or weight.dtype != torch.float32 or x.dtype != torch.float32:
+        return False
+    if not (_plain(x) and _plain(weight) and weight.is_contiguous()) or x.numel() == 0:
+        return False
+    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        return False  # traced or observed by a mode: the dense products, as everywhere else
+    live = derived(block_mask, block_size, "live_count", lambda: int(block_mask.sum()))
+    rows = x.numel() // x.shape[-1]
+    return live <= max_density(rows, weight.numel(), torch.get_num_threads()) * block_mask.numel()
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A real CPU tensor with storage of its own: no subclass, fake or functorch wrapper."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not is_fake(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+# Live-block fractions up to which the BSR products beat the dense ones, from
+# benchmarks/results/2026-11-29-cpu-bsr-session31/ (2-core AMD EPYC VM, torch 2.13.0+cpu,
+# fp32, blocks 8 and 16, weights 1000 x 784 to 2048 x 2048, 32-2048 rows; BSR / dense
+# time of the forward and of dX, best of 5). One thread: 0.47-0.96 at density 0.1,
+# 0.55-0.96 at 0.125 (0.60-0.70 at the main job's 128 rows). Two threads: MKL's dense
+# products gain more from the second thread than its BSR ones, so the crossover falls:
+# at 0.1 the large weights (2048 x 2048) took 0.37-0.94, the 1000-wide ones 0.63-1.05
+# up to 256 rows and 0.62-1.18 from 512 rows; at 0.05, 0.34-0.99. More threads were not
+# measured (the VM has two cores): there the dense products stay. Each bound is the
+# highest density measured to win, plus a tenth where the next measured density lost
+# (at a 90% target a layer's live blocks round to a shade above 0.1).
+_MAX_DENSITY_ONE_THREAD = 0.125
+_MAX_DENSITY_TWO_THREADS = {"large": 0.125, "few rows": 0.11, "many rows": 0.055}
+_LARGE_WEIGHT = 2**22  # elements: 2048 x 2048
+_FEW_ROWS = 256
+
+
+def max_density(rows: int, weight_numel: int, threads: int) -> float:
+    """Live-block fraction up to which the BSR products are faster, for a call of ``rows``
+    rows on a weight of ``weight_numel`` elements with ``threads`` intra-op threads."""
+    if threads <= 1:
+        return _MAX_DENSITY_ONE_THREAD
+    if threads > 2:
+        return 0.0  # not measured
+    if weight_numel >= _LARGE_WEIGHT:
+        return _MAX_DENSITY_TWO_THREADS["large"]
+    return _MAX_DENSITY_TWO_THREADS["few rows" if rows <= _FEW_ROWS else "many rows"]
+
+
+def _structure(block_mask: torch.Tensor, block_size: int):
+    """BSR indices of W and of W^T and the live blocks' row runs in each order."""
+    r, c = block_mask.shape
+    b = block_size
+    lines = torch.arange(b, device=block_mask.device)
+    rows, cols = block_mask.nonzero(as_tuple=True)  # row-major: W's BSR order
+    crow = torch.zeros(r + 1, dtype=torch.int64, device=block_mask.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)
+    runs = ((rows[:, None] * b + lines[None, :]) * c + cols[:, None]).reshape(-1)
+    cols_t, rows_t = block_mask.t().nonzero(as_tuple=True)  # column-major: W^T's BSR order
+    ccol = torch.zeros(c + 1, dtype=torch.int64, device=block_mask.device)
+    ccol[1:] = torch.cumsum(torch.bincount(cols_t, minlength=c), 0)
+    runs_t = ((rows_t[:, None] * b + lines[None, :]) * c + cols_t[:, None]).reshape(-1)
+    return crow, cols, runs, ccol, rows_t, runs_t
+
+
+def _bsr(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int, transposed: bool) -> torch.Tensor:
+    crow, cols, runs, ccol, rows_t, runs_t = derived(
+        block_mask, block_size, "bsr", lambda: _structure(block_mask, block_size))
+    b = block_size
+    n, k = weight.shape
+    blocks = weight.detach().reshape(-1, b).index_select(0, runs_t if transposed else runs).view(-1, b, b)
+    if transposed:
+        return _sparse_bsr(ccol, rows_t, blocks.transpose(1, 2).contiguous(), (k, n))
+    return _sparse_bsr(crow, cols, blocks, (n, k))
+
+
+_beta_warning_passed = False
+
+
+def _sparse_bsr(crow, cols, values, shape) -> torch.Tensor:
+    """``torch.sparse_bsr_tensor``, without its once-per-process warnings reaching the user
+    (agpe chose the format, not them): "support is in beta" (torch 2.13), "invariant checks
+    are implicitly disabled" (torch 2.11; agpe builds the indices itself)."""
+    global _beta_warning_passed
+    if _beta_warning_passed:
+        return torch.sparse_bsr_tensor(crow, cols, values, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse (BSR tensor support is in beta|invariant checks are implicitly)")
+        tensor = torch.sparse_bsr_tensor(crow, cols, values, shape, check_invariants=False)
+    _beta_warning_passed = True
+    return tensor
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``F.linear(x, W*M, bias)`` from the live blocks: Y^T = W_bsr @ X^T."""
+    n, k = weight.shape
+    y_t = _bsr(weight, block_mask, block_size, False) @ x.detach().reshape(-1, k).t()  # [N, M]
+    y = torch.empty(y_t.shape[1], n, dtype=x.dtype, device=x.device)
+    # (mm's out= with a transposed view runs outside MKL, ~10x slower): one copy, bias on the way
+    if bias is None:
+        y.copy_(y_t.t())
+    else:
+        torch.add(y_t.t(), bias.detach(), out=y)
+    return y.view(*x.shape[:-1], n)
+
+
+def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor,
+               block_size: int) -> torch.Tensor:
+    """``dY @ (W*M)`` from the live blocks: dX^T = (W^T)_bsr @ dY^T."""
+    n, k = weight.shape
+    dx_t = _bsr(weight, block_mask, block_size, True) @ grad_out.detach().reshape(-1, n).t()  # [K, M]
+    dx = dx_t.t().contiguous()
+    return dx.view(*grad_out.shape[:-1], k)
