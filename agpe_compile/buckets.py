@@ -118,6 +118,14 @@ def _set_by_user(name: str) -> bool:
     return True if is_default is None else not is_default(name)
 
 
+# What recompiles a frame for its input shapes (helper audit CO: the default's own cases).
+_SHAPES = ("under dynamic=False, every new shape; under the default, the first size that varies, and each "
+           "dimension of size 0 or 1, such as a last batch of one, which Dynamo always specializes; a no_grad "
+           "evaluation between training calls doubles every one of these; torch.compile(..., dynamic=True) or "
+           "torch._dynamo.mark_dynamic of the varying dimension avoids the first, a last batch of one dropped or "
+           "padded the second")
+
+
 def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "this frame", explained: int = 0) -> None:
     """Called by the backend at the ``frame_compiles``-th compile of a frame holding
     ``layers`` agpe layers (Note [Recompile budget]); ``explained`` of those compiles were
@@ -129,9 +137,8 @@ def ensure_recompile_headroom(frame_compiles: int, layers: int, frame: str = "th
             f"agpe: {frame} was compiled {frame_compiles} times, more than its {layers} agpe layer(s) can need for "
             f"density-bucket crossings on top of torch._dynamo.config.recompile_limit={user_limit} ({budget}). "
             f"Either many models of this class were compiled in one process (a sweep: call torch._dynamo.reset() "
-            f"between them), or something recompiles it on every call: input shapes that change under "
-            f"torch.compile(..., dynamic=False) (leave dynamic at its default, or torch._dynamo.mark_dynamic the "
-            f"varying dimension) or a changing Python value guarded by Dynamo. Run with TORCH_LOGS=recompiles to "
+            f"between them), or something recompiles it on every call: input shapes that change ({_SHAPES}) "
+            f"or a changing Python value guarded by Dynamo. Run with TORCH_LOGS=recompiles to "
             f"see the reason. If the frame really has that many static variants, raise "
             f"torch._dynamo.config.recompile_limit to their number: agpe adds its crossing budget to it")
     config = torch._dynamo.config
@@ -240,9 +247,8 @@ def check_bucket_set_recompiles(key: tuple, bucket_set: tuple, frame: str = "thi
             f"agpe: refusing compile {limit + 1} of {frame} with the same density buckets: "
             f"torch._dynamo.config.recompile_limit={limit} and these recompiles are not bucket crossings.{last} "
             f"Plain torch.compile would stop compiling this frame here and run it eagerly; agpe cannot (its layers "
-            f"would run unmasked and unscored), so it stops. Usual causes: input shapes that change under "
-            f"torch.compile(..., dynamic=False) (leave dynamic at its default, or torch._dynamo.mark_dynamic the "
-            f"varying dimension), a changing Python value guarded by Dynamo, or many models of one class compiled "
+            f"would run unmasked and unscored), so it stops. Usual causes: input shapes that change ({_SHAPES}), "
+            f"a changing Python value guarded by Dynamo, or many models of one class compiled "
             f"in one process (a sweep: call torch._dynamo.reset() between them); TORCH_LOGS=recompiles lists every "
             f"reason. If the frame really has that many static variants, raise torch._dynamo.config.recompile_limit "
             f"to their number")

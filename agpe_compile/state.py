@@ -953,6 +953,7 @@ def prepare(model: nn.Module, options: Optional[Mapping[str, Any]] = None) -> Di
                 _adopt_on_load(module)
     _separate_clashing_names(prepared)
     _one_call_path(named, prepared)
+    _watch_out_projections(named)  # Note [Projections called through their parent]
     _warn_unmatched_patterns(config, _candidate_names(named))
     if unexpected:
         log.warning("agpe.prepare: %d linear layer(s) stay dense (not pruned, not counted as sparse): %s",
@@ -987,7 +988,31 @@ def _same_call_path(module: nn.Module, args) -> None:
     """Forward pre-hook that does nothing (Note [One call path per module class])."""
 
 
-_hook_frames_run_eagerly(_read_layouts, _same_call_path)
+# Note [Projections called through their parent]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``nn.MultiheadAttention`` never calls its ``out_proj``: ``F.multi_head_attention_forward``
+# reads ``out_proj.weight`` directly. So the projection's own pre-hook (``_read_layouts``)
+# never runs, and an eager run of the attention (the module called directly, a graph break
+# inside it) computed the dense projection without the warning of Note [Eager runs of a
+# prepared layer] (helper audit CO), and without marking the layer for re-zeroing. prepare
+# gives such an attention module a pre-hook that runs the projection's, so the projection is
+# read, marked and checked exactly when its parent runs.
+def _read_out_projection_layouts(module: nn.Module, args) -> None:
+    """Forward pre-hook of an nn.MultiheadAttention: its prepared out_proj's pre-hook."""
+    out_proj = module._modules.get("out_proj")
+    if out_proj is not None and out_proj.__dict__.get(LAYOUT_NAMES_ATTR):
+        _read_layouts(out_proj, args)
+
+
+def _watch_out_projections(model: nn.Module) -> None:
+    for module in model.modules():
+        out_proj = module._modules.get("out_proj") if isinstance(module, nn.MultiheadAttention) else None
+        if (out_proj is not None and out_proj.__dict__.get(LAYOUT_NAMES_ATTR)
+                and _read_out_projection_layouts not in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_read_out_projection_layouts)
+
+
+_hook_frames_run_eagerly(_read_layouts, _same_call_path, _read_out_projection_layouts)
 
 
 def _one_call_path(model: nn.Module, prepared: Mapping[str, "LayerState"]) -> None:

@@ -41,7 +41,7 @@ from . import distributed
 from .ops.reference import expand_block_mask
 from .state import (BUFFER_SUFFIXES, EXCLUDED_ATTR, EXCLUSIONS_ATTR, LAYERS_ATTR, LAYOUT_NAMES_ATTR, PREPARED_BLOCK_SIZE_ATTR,
                     PREPARED_BLOCK_SIZES_ATTR, STATE_ATTR, STRIPPED_ATTR, LayerState,
-                    _adopt_assigned_weights, _read_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
+                    _adopt_assigned_weights, _read_layouts, _read_out_projection_layouts, _resize_layouts_on_load, _same_call_path, buffer_paths,
                     adopt_buffers, state_of)
 from .controller.model_loads import _AfterLoad, _BeforeLoad
 from .zero_weights import _ReZeroOnLoad
@@ -157,7 +157,7 @@ def _remove_hooks(module: nn.Module) -> None:
     if module.__dict__.get(LAYOUT_NAMES_ATTR) or module.__dict__.get(LAYERS_ATTR):
         return
     for key, hook in list(module._forward_pre_hooks.items()):
-        if hook is _read_layouts or hook is _same_call_path:  # Note [One call path per module class]
+        if hook in (_read_layouts, _same_call_path, _read_out_projection_layouts):  # Note [One call path per module class]
             del module._forward_pre_hooks[key]
     for key, hook in list(module._load_state_dict_pre_hooks.items()):
         hook = getattr(hook, "hook", hook)

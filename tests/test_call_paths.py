@@ -146,6 +146,30 @@ def test_a_compiled_call_between_eager_ones_clears_the_mark(caplog):
     assert "ran outside a compiled graph" not in caplog.text
 
 
+@pytest.mark.parametrize("masked", ["att.in_proj_weight", "att.out_proj"])
+def test_an_attention_projection_run_eagerly_warns_like_any_layer(masked, caplog):
+    # Note [Projections called through their parent]: nn.MultiheadAttention reads
+    # out_proj.weight without calling out_proj, whose own hook then never ran (audit CO).
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.att = nn.MultiheadAttention(32, 4, batch_first=True)
+    agpe_compile.prepare(model, options={"block_size": 8})
+    layer_states(model)[masked].block_mask.view(-1)[::2] = False
+    x = torch.randn(2, 5, 32)
+    compiled = torch.compile(model.att, backend=agpe_compile.AgpeBackend({"block_size": 8, "inductor": False}))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile.state"):
+        for _ in range(3):
+            compiled(x, x, x, need_weights=False)
+        assert "ran outside a compiled graph" not in caplog.text  # served by agpe's graph
+        for _ in range(3):
+            model.att(x, x, x, need_weights=False)
+    said = [r.getMessage() for r in caplog.records if "ran outside a compiled graph" in r.getMessage()]
+    assert len(said) == 1 and repr(masked) in said[0], said
+    assert layer_states(model)[masked].ran_eagerly
+    agpe_compile.strip(model)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
 def test_eager_runs_with_zero_inactive_weights_or_under_a_sparsifier_are_not_warned_about(caplog):
     model = _sequential()
     agpe_compile.prepare(model, options={"block_size": 16})

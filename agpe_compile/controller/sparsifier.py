@@ -41,7 +41,8 @@ from agpe_compile import distributed, sharding
 from agpe_compile.buckets import layout_buckets, mark_layouts_synced, plan_layouts, rebucket
 from agpe_compile.layout import bucket_for
 from agpe_compile.ops.reference import block_sum
-from agpe_compile.state import LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare, sharded_reason
+from agpe_compile.state import (LayerState, adopt_buffers, compiled_dense_reason, layer_states, prepare, sharded_reason,
+                                 state_of)
 from agpe_compile.zero_weights import install as install_zero_hooks
 from agpe_compile.zero_weights import zero_inactive_, zero_outside_
 
@@ -1074,14 +1075,21 @@ class Sparsifier:
             return
         left_out = getattr(self, "_left_out_frozen", {})
         thawed = sorted(n for n, ref in left_out.items() if ref() is not None and ref().requires_grad)
-        if thawed:  # Note [Frozen layers]: left out at creation, now trained dense
+        if thawed:  # Note [Frozen layers]: left out at creation, now trained with the mask it had
+            described = []
             for name in thawed:
-                del left_out[name]
+                weight = left_out.pop(name)()
+                state = state_of(weight) if weight is not None else None
+                mask = getattr(state, "block_mask", None)
+                if mask is None or bool(mask.all()):
+                    described.append(f"{name} (dense)")
+                else:  # a mask set by hand: the compiled model computes W*M with it (audit CO)
+                    described.append(f"{name} (density {float(mask.float().mean()):.3f}, its mask as it was)")
             log.warning("agpe: %s, frozen when the Sparsifier was created and left out then, %s now "
-                        "(requires_grad=True) and %s dense: the Sparsifier never drives %s. To prune %s, create the "
-                        "Sparsifier after unfreezing (a layer frozen after it is created keeps its mask while "
-                        "frozen and is pruned again once unfrozen)", ", ".join(thawed),
-                        "trains" if len(thawed) == 1 else "train", "stays" if len(thawed) == 1 else "stay",
+                        "(requires_grad=True) with the mask %s had: the Sparsifier never prunes or regrows %s. "
+                        "To prune %s, create the Sparsifier after unfreezing (a layer frozen after it is created "
+                        "keeps its mask while frozen and is pruned again once unfrozen)", ", ".join(described),
+                        "trains" if len(thawed) == 1 else "train", "it" if len(thawed) == 1 else "each",
                         "it" if len(thawed) == 1 else "them", "it" if len(thawed) == 1 else "them")
         present = {id(m) for m in model.modules()}
         gone = [name for name, state in self.layers.items()  # module None: attached once, since freed

@@ -88,9 +88,38 @@ def test_frozen_layers_keep_their_masks(caplog):
     with caplog.at_level(logging.WARNING, logger="agpe_compile"):
         train(cmodel, opt, sp, batches(4))
     said = [r.getMessage() for r in caplog.records if "frozen when the Sparsifier was created" in r.getMessage()]
-    assert len(said) == 1 and "fc1, frozen when the Sparsifier was created and left out then, trains now" in said[0]
+    assert len(said) == 1 and "fc1 (dense), frozen when the Sparsifier was created and left out then, trains now" in said[0]
     assert not any("does not drive" in r.getMessage() for r in caplog.records)  # the recompile contradicted it
     assert "create the Sparsifier after unfreezing" in said[0]
+
+
+def test_a_thawed_layer_with_a_hand_set_mask_is_not_called_dense(caplog):
+    # Left out frozen with a sparse mask set by hand, the layer trains with that mask once
+    # unfrozen (the compiled model computes W*M): the warning says so (helper audit CO).
+    from agpe_compile.controller import Sparsifier
+
+    from .helpers import TinyMLP
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyMLP()
+    import agpe_compile
+
+    agpe_compile.prepare(model, options={"block_size": 4})
+    agpe_compile.layer_state(model.fc1).block_mask[0, :] = False
+    model.fc1.weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sp = Sparsifier(model, opt, AGPEConfig(block_size=4, target_sparsity=0.5, policy="rigl",
+                                           update_interval=2, end_step=100))
+    density = agpe_compile.layer_state(model.fc1).density
+    cmodel = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    model.fc1.weight.requires_grad_(True)
+    opt.add_param_group({"params": [model.fc1.weight]})
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(4))
+    said = [r.getMessage() for r in caplog.records if "frozen when the Sparsifier was created" in r.getMessage()]
+    assert len(said) == 1 and f"fc1 (density {density:.3f}, its mask as it was)" in said[0], said
+    assert "dense" not in said[0].split("Sparsifier was created")[0] and "never prunes or regrows it" in said[0]
 
 
 def test_a_layer_frozen_mid_training_keeps_its_mask_until_unfrozen(caplog):
