@@ -62,15 +62,15 @@ def _plain(t: torch.Tensor) -> bool:
 
 # Live-block fractions up to which the BSR products beat the dense ones, from
 # benchmarks/results/2026-11-29-cpu-bsr-session31/ (2-core AMD EPYC VM, torch 2.13.0+cpu,
-# fp32, blocks 8 and 16, weights 1000 x 784 to 2048 x 2048, 32-2048 rows; BSR / dense
-# time of the forward and of dX, best of 5). One thread: 0.47-0.96 at density 0.1,
-# 0.55-0.96 at 0.125 (0.60-0.70 at the main job's 128 rows). Two threads: MKL's dense
-# products gain more from the second thread than its BSR ones, so the crossover falls:
-# at 0.1 the large weights (2048 x 2048) took 0.37-0.94, the 1000-wide ones 0.63-1.05
-# up to 256 rows and 0.62-1.18 from 512 rows; at 0.05, 0.34-0.99. More threads were not
-# measured (the VM has two cores): there the dense products stay. Each bound is the
-# highest density measured to win, plus a tenth where the next measured density lost
-# (at a 90% target a layer's live blocks round to a shade above 0.1).
+# fp32, blocks 8 and 16, weights 1000 x 784 to 2048 x 2048, 32-2048 rows, best of 5;
+# ranges.txt). A layer's forward + dX, BSR / dense: one thread 0.45-0.89 at density 0.1
+# (median 0.61), 0.57-0.83 at 0.125, 0.60-1.00 at 0.15. Two threads (MKL's dense products
+# gain more from the second thread than its BSR ones): weights of 2048 x 2048 0.43-0.88 at
+# 0.1, 0.62-0.87 at 0.125; smaller weights up to 256 rows 0.66-1.03 at 0.1 (median 0.75),
+# 0.79-1.03 at 0.125; above 256 rows 0.51-0.93 at 0.05, 0.80-1.21 at 0.08. The bounds keep to
+# densities where every measured layer won or tied (at most 1.03); 0.11 and 0.055 take in
+# layers at 0.1 and 0.05 whose live blocks round up (a 90% target gives 0.10003). More
+# threads were not measured (the VM has two cores): there the dense products stay.
 _MAX_DENSITY_ONE_THREAD = 0.125
 _MAX_DENSITY_TWO_THREADS = {"large": 0.125, "few rows": 0.11, "many rows": 0.055}
 _LARGE_WEIGHT = 2**22  # elements: 2048 x 2048
