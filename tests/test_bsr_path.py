@@ -123,15 +123,6 @@ def test_the_crossover_falls_with_rows_and_threads(monkeypatch):
     assert not bsr_path.worth_it(x, w, mask, 8)
 
 
-def test_no_beta_warning_reaches_the_user():
-    x, w, dy, bias, mask = _case(8, 0.2)
-    bsr_path._beta_warning_passed = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        bsr_path.forward(x, w, bias, mask, 8)
-        bsr_path.grad_input(dy, w, mask, 8)
-
-
 def test_a_compiled_sparse_layer_trains_like_the_reference(monkeypatch):
     # The main job's case end to end: block 8, density 0.1, the op's in-place eager lowering.
     import agpe_compile
@@ -149,7 +140,8 @@ def test_a_compiled_sparse_layer_trains_like_the_reference(monkeypatch):
     x = torch.randn(32, 64)
     layer = model[0]
     mask = sparsifier.layers["0"].block_mask
-    assert bsr_path.worth_it(x, layer.weight, mask, 8)
+    with torch.no_grad():  # (as the op's implementation runs: below autograd)
+        assert bsr_path.worth_it(x, layer.weight, mask, 8)
     calls = []
     for name in ("forward", "grad_input"):
         real = getattr(bsr_path, name)
@@ -168,3 +160,62 @@ def test_a_compiled_sparse_layer_trains_like_the_reference(monkeypatch):
         model[2].zero_grad()
         sparsifier.step(loss)
     assert calls.count("forward") == 3 and calls.count("grad_input") == 0  # (the first layer needs no dX)
+
+
+def test_callers_the_products_cannot_serve_get_the_dense_ones():
+    # Helper audit CQ: each of these reached the BSR products and failed or differed.
+    x, w, dy, bias, mask = _case(8, 0.05, rows=10, cols=10)
+    assert bsr_path.worth_it(x, w, mask, 8, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward run inside autocast
+        assert not bsr_path.worth_it(dy, w, mask, 8)
+        dx = dense_path.grad_input(dy, w, mask, 8, unmasked=False)  # raised: no bf16 BSR product in MKL
+    torch.testing.assert_close(dx.float(), reference.backward(dy, x, w, mask, 8, True, False)[0], rtol=0.05, atol=0.3)
+    # an autograd caller keeps a differentiable result
+    xg = x.clone().requires_grad_()
+    y = dense_path.forward(xg, w, bias, mask, 8, unmasked=False)
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        assert bsr_path.worth_it(xg, w, mask, 8, bias)
+    # inside a torch.func transform (dY and W plain tensors)
+    grad = torch.func.grad(lambda t: dense_path.grad_input(t, w, mask, 8, unmasked=False).sum())(dy)  # raised
+    _close(grad, torch.ones_like(x) @ reference.masked_weight(w, mask, 8).t())
+    # a sparse-layout input, a bias of another dtype
+    assert not bsr_path.worth_it(x.reshape(-1, x.shape[-1]).to_sparse(), w, mask, 8)
+    assert not bsr_path.worth_it(x, w, mask, 8, bias.double())
+    assert not bsr_path.worth_it(x, w, mask, 8, bias.bfloat16())
+
+
+def test_a_backward_under_autocast_trains_through_a_compiled_sparse_layer():
+    import agpe_compile
+    from agpe_compile import AGPEConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        agpe_compile.Sparsifier(model, optimizer, AGPEConfig(
+            block_size=8, target_sparsity=0.9, initial_density=0.1, exclude=("0", "3"),
+            update_interval=10**6, end_step=2 * 10**6))
+    compiled = torch.compile(model, backend=agpe_compile.AgpeBackend({"inductor": False}))
+    loss = compiled(torch.randn(32, 16)).square().mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.backward()  # the layer's dX under autocast: raised NotImplementedError (audit CQ)
+    assert model[1].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+
+
+def test_no_warning_of_the_sparse_format_reaches_the_user_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("import torch, agpe_compile\n"
+            "from agpe_compile.ops import bsr_path\n"
+            "m = torch.rand(5, 7) < 0.3; m[0, 0] = True\n"
+            "w, x, dy = torch.randn(40, 56), torch.randn(3, 56), torch.randn(3, 40)\n"
+            "for _ in range(2):\n"
+            "    bsr_path.forward(x, w, None, m, 8); bsr_path.grad_input(dy, w, m, 8)\n"
+            "import warnings; print(len([f for f in warnings.filters if 'Sparse' in str(f[1])]))\n")
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0"  # and no filter of agpe's left behind

@@ -18,8 +18,11 @@ so a traced body, a device tensor or a 16-bit weight (MKL has no bf16/fp16 BSR p
 keeps the dense products. It computes ``X @ (W*M)^T`` from the same terms (only the fp32
 summation order differs); like the Triton kernels and the gathered path it never reads an
 inactive block, so a NaN or inf stored there does not reach the output, where the masked
-reference multiplies it by 0 (NaN). The Sparsifier keeps inactive weights at zero, where
-every path agrees.
+reference multiplies it by 0 (NaN), and neither does an infinite input (or dY) entry that
+meets only inactive blocks (the dense products give inf * 0 = NaN there). With finite
+values every path agrees. Not taken under autocast (MKL has no 16-bit BSR product), inside
+a torch.func transform, or for an autograd caller (inputs that require grad under grad
+mode): the op's own implementation runs below autograd, where none of these hold.
 """
 
 from __future__ import annotations
@@ -40,24 +43,34 @@ BLOCK_SIZES = (8, 16)
 ENABLED = os.environ.get("AGPE_CPU_BSR", "1") != "0"
 
 
-def worth_it(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> bool:
+def worth_it(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, block_size: int,
+             bias: Optional[torch.Tensor] = None) -> bool:
     """Whether the BSR products beat the dense ones for a call with input (or dY) ``x``;
     reads the mask on the host: call only where dense_path.host_readable holds."""
     if not ENABLED or block_size not in BLOCK_SIZES or weight.dtype != torch.float32 or x.dtype != torch.float32:
         return False
     if not (_plain(x) and _plain(weight) and weight.is_contiguous()) or x.numel() == 0:
         return False
+    if bias is not None and not (_plain(bias) and bias.dtype == torch.float32):
+        return False
     if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
         return False  # traced or observed by a mode: the dense products, as everywhere else
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False  # inside a torch.func transform (grad of plain tensors, too)
+    if torch.is_autocast_enabled("cpu"):
+        return False  # MKL has no 16-bit BSR product, which autocast would ask for (helper audit CQ)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False  # an autograd caller: the products below are not differentiable
     live = derived(block_mask, block_size, "live_count", lambda: int(block_mask.sum()))
     rows = x.numel() // x.shape[-1]
     return live <= max_density(rows, weight.numel(), torch.get_num_threads()) * block_mask.numel()
 
 
 def _plain(t: torch.Tensor) -> bool:
-    """A real CPU tensor with storage of its own: no subclass, fake or functorch wrapper."""
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not is_fake(t)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+    """A real, strided CPU tensor with storage of its own: no subclass, fake, sparse or
+    functorch wrapper."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
+            and not is_fake(t) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 # Live-block fractions up to which the BSR products beat the dense ones, from
@@ -116,34 +129,36 @@ def _bsr(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int, transp
     return _sparse_bsr(crow, cols, blocks, (n, k))
 
 
-_beta_warning_passed = False
-
-
 def _sparse_bsr(crow, cols, values, shape) -> torch.Tensor:
-    """``torch.sparse_bsr_tensor``, without its once-per-process warnings reaching the user
+    return torch.sparse_bsr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+def _silence_first_warnings() -> None:
+    """Build one BSR tensor at import, so its once-per-process warnings never reach the user
     (agpe chose the format, not them): "support is in beta" (torch 2.13), "invariant checks
-    are implicitly disabled" (torch 2.11; agpe builds the indices itself)."""
-    global _beta_warning_passed
-    if _beta_warning_passed:
-        return torch.sparse_bsr_tensor(crow, cols, values, shape, check_invariants=False)
+    are implicitly disabled" (torch 2.11; agpe builds the indices itself). At import, not at
+    the first product: ``warnings.catch_warnings`` swaps the process's filters, which another
+    thread's first product could otherwise interleave with (helper audit CQ)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse (BSR tensor support is in beta|invariant checks are implicitly)")
-        tensor = torch.sparse_bsr_tensor(crow, cols, values, shape, check_invariants=False)
-    _beta_warning_passed = True
-    return tensor
+        _sparse_bsr(torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, 1), (1, 1))
+
+
+if ENABLED:
+    _silence_first_warnings()
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """``F.linear(x, W*M, bias)`` from the live blocks: Y^T = W_bsr @ X^T."""
     n, k = weight.shape
-    y_t = _bsr(weight, block_mask, block_size, False) @ x.detach().reshape(-1, k).t()  # [N, M]
+    y_t = _bsr(weight, block_mask, block_size, False) @ x.reshape(-1, k).t()  # [N, M]
     y = torch.empty(y_t.shape[1], n, dtype=x.dtype, device=x.device)
     # (mm's out= with a transposed view runs outside MKL, ~10x slower): one copy, bias on the way
     if bias is None:
         y.copy_(y_t.t())
     else:
-        torch.add(y_t.t(), bias.detach(), out=y)
+        torch.add(y_t.t(), bias, out=y)
     return y.view(*x.shape[:-1], n)
 
 
@@ -151,6 +166,6 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, block_mask: torch.T
                block_size: int) -> torch.Tensor:
     """``dY @ (W*M)`` from the live blocks: dX^T = (W^T)_bsr @ dY^T."""
     n, k = weight.shape
-    dx_t = _bsr(weight, block_mask, block_size, True) @ grad_out.detach().reshape(-1, n).t()  # [K, M]
+    dx_t = _bsr(weight, block_mask, block_size, True) @ grad_out.reshape(-1, n).t()  # [K, M]
     dx = dx_t.t().contiguous()
     return dx.view(*grad_out.shape[:-1], k)

@@ -52,7 +52,7 @@ def all_live(block_mask: torch.Tensor, block_size: int) -> bool:
 
 def forward(x, weight, bias, block_mask, block_size: int, unmasked: bool) -> torch.Tensor:
     if host_readable(block_mask) and not all_live(block_mask, block_size):
-        if bsr_path.worth_it(x, weight, block_mask, block_size):  # Note [CPU block-sparse products]
+        if bsr_path.worth_it(x, weight, block_mask, block_size, bias):  # Note [CPU block-sparse products]
             return bsr_path.forward(x, weight, bias, block_mask, block_size)
     elif not unmasked and host_readable(block_mask):  # every block live
         unmasked = True
