@@ -20,9 +20,10 @@ summation order differs); like the Triton kernels and the gathered path it never
 inactive block, so a NaN or inf stored there does not reach the output, where the masked
 reference multiplies it by 0 (NaN), and neither does an infinite input (or dY) entry that
 meets only inactive blocks (the dense products give inf * 0 = NaN there). With finite
-values every path agrees. Not taken under autocast (MKL has no 16-bit BSR product), inside
-a torch.func transform, or for an autograd caller (inputs that require grad under grad
-mode): the op's own implementation runs below autograd, where none of these hold.
+values every path agrees. Not taken under autocast (MKL has no 16-bit BSR product: a
+backward called inside an autocast region reaches the op's dX so), inside a torch.func
+transform, or for an autograd caller (inputs that require grad under grad mode; the op's
+own implementation runs below autograd, so only direct calls are such callers).
 """
 
 from __future__ import annotations
