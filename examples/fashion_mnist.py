@@ -29,17 +29,20 @@ results.json with other settings is moved aside to results-<when it finished>.js
 
 Data: Debian's dataset-fashion-mnist (idx files, gzipped) in /usr/share/datasets/fashion-mnist.
 
-Measured (2026-11-26, 2-core x86 CPU VM shared with other jobs, torch 2.13.0+cpu, aot_eager,
-block 8, 90% sparsity; wall clock is noisy on a shared machine; docs/benchmarks.md):
+Measured (2-core AMD EPYC VM, torch 2.13.0+cpu, aot_eager, block 8, 90% sparsity; wall
+clock is noisy on this VM; docs/benchmarks.md has the commands and raw data):
 
-    --full   mean of seeds 0-4, 1 thread each (examples/aggregate_seeds.py):
-             dense 90.33% 1.000x | agpe 89.98% 0.259x | rigl 89.82% 0.105x | set 89.80% 0.103x | gmp 90.07% 0.222x
-    --quick  seed 0: dense 87.87% 1.000x | agpe 85.83% 0.232x | rigl 86.20% 0.126x | set 86.19% 0.103x | gmp 85.89% 0.220x
+    --full   mean of seeds 0-4, 1 thread each (examples/aggregate_seeds.py; 2026-11-29, dense 2026-11-26):
+             dense 90.33% 1.000x | agpe 89.99% 0.257x | rigl 89.82% 0.105x | set 89.86% 0.103x | gmp 90.04% 0.222x
+    --quick  seed 0 (2026-11-29, scripts/main.sh):
+             dense 87.92% 1.000x | agpe 85.99% 0.232x | rigl 86.16% 0.126x | set 86.16% 0.103x | gmp 85.95% 0.220x
 
-(test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 0.2-0.5% of the
-training time with --full (update every 100 steps), 3-5% with --quick (every 10 steps).
-Wall clock (2026-11-27, idle 2-core CPU, --quick): plain 10.2 s, dense 15.7 s, agpe 18.5 s:
-on the CPU the sparse runs save FLOPs, not time (block 8 runs the dense path).
+(test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 1.1-1.3% of the
+training time with --full (update every 100 steps), 4-7% with --quick (every 10 steps).
+Wall clock with --quick (three runs of scripts/main.sh, 2026-11-29): agpe took 1.19-1.44x
+plain's time. At block 8 the CPU runs a layer's products densely until few enough blocks
+are live for MKL's block-sparse products (Note [CPU block-sparse products]); the scoring
+and masking cost the rest. The speed-up is a GPU matter.
 """
 
 from __future__ import annotations
@@ -335,7 +338,7 @@ def print_table(results: Dict[str, Dict[str, float]], eval_set: str = "test") ->
     print("plain: the same MLP under torch.compile without agpe (same lowering), the wall-clock baseline; "
           "dense: through agpe with every block active; "
           "train FLOPs: executed training FLOPs (agpe layers + dense head) / the same steps run dense; "
-          "graphs: backend compilations (training + eval + one per crossing of a layout bucket: none at block 8, which every device runs dense); sparsifier %: "
+          "graphs: backend compilations (training + eval + one per crossing of a layout bucket: none at block 8: no device has kernels for it, so every bucket compiles alike); sparsifier %: "
           "time in Sparsifier.step (mask updates included) / training time; ms/update: mean time of one "
           "update interval's bookkeeping and mask update")
 
