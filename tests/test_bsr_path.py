@@ -210,11 +210,12 @@ def test_no_warning_of_the_sparse_format_reaches_the_user_in_a_fresh_process():
     import sys
 
     code = ("import torch, agpe_compile\n"
-            "from agpe_compile.ops import bsr_path\n"
+            "from agpe_compile.ops import bsr_path, sampled_grad\n"
             "m = torch.rand(5, 7) < 0.3; m[0, 0] = True\n"
             "w, x, dy = torch.randn(40, 56), torch.randn(3, 56), torch.randn(3, 40)\n"
             "for _ in range(2):\n"
             "    bsr_path.forward(x, w, None, m, 8); bsr_path.grad_input(dy, w, m, 8)\n"
+            "    sampled_grad.grad_weight(dy, x, m, 8)\n"  # the CSR format's warning, too
             "import warnings; print(len([f for f in warnings.filters if 'Sparse' in str(f[1])]))\n")
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -9,8 +9,8 @@ them, and for any layer on the dense path, PyTorch's CPU ``sparse_bsr_tensor @ d
 (MKL's sparse BLAS) reads only the live blocks: ``Y^T = W_bsr @ X^T`` for the forward and
 ``dX^T = (W^T)_bsr @ dY^T`` for dX, the BSR values gathered from the dense-shaped weight
 each call (W changes every step; one ``index_select`` of the live blocks' b-long row runs,
-Note [Gathering live blocks] in dense_path.py). dW stays a dense product masked in place
-(it has no BSR form).
+Note [Gathering live blocks] in dense_path.py). dW has no BSR form: at low density it is
+a sampled product of the live blocks' elements (Note [CPU sampled dW], ops/sampled_grad.py).
 
 The choice is made per call on the host from the mask's contents and the row count
 (:func:`worth_it`; real CPU tensors only, like the other host decisions of the dense path),
@@ -54,17 +54,26 @@ def worth_it(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, bl
         return False
     if bias is not None and not (_plain(bias) and bias.dtype == torch.float32):
         return False
+    if not plain_call(x, weight, bias):
+        return False
+    live = derived(block_mask, block_size, "live_count", lambda: int(block_mask.sum()))
+    rows = x.numel() // x.shape[-1]
+    return live <= max_density(rows, weight.numel(), torch.get_num_threads()) * block_mask.numel()
+
+
+def plain_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` runs outside any trace, dispatch mode, torch.func
+    transform, CPU autocast region and autograd recording: where a product computed outside
+    autograd on real tensors may replace the dense one."""
     if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
         return False  # traced or observed by a mode: the dense products, as everywhere else
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False  # inside a torch.func transform (grad of plain tensors, too)
     if torch.is_autocast_enabled("cpu"):
         return False  # MKL has no 16-bit BSR product, which autocast would ask for (helper audit CQ)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False  # an autograd caller: the products below are not differentiable
-    live = derived(block_mask, block_size, "live_count", lambda: int(block_mask.sum()))
-    rows = x.numel() // x.shape[-1]
-    return live <= max_density(rows, weight.numel(), torch.get_num_threads()) * block_mask.numel()
+    return True
 
 
 def _plain(t: torch.Tensor) -> bool:

@@ -17,7 +17,9 @@ values with:
 * no masking of W when every block is live, or when the layer keeps its inactive weights
   at zero (``unmasked``: Note [Zero inactive weights] in ops/paths.py);
 * the masked dW made in place in the fresh matmul output when the dense gradient is not
-  needed afterwards (the dense-gradient flag is off or every block is live);
+  needed afterwards (the dense-gradient flag is off or every block is live), or, at low
+  density off the scoring steps, computed on the live blocks only (Note [CPU sampled dW]
+  in ops/sampled_grad.py);
 * block sums as two contiguous reductions (rows of a block, then its columns) instead of
   one reduction over a strided 4-D view, and ``abs`` in place;
 * the inactive blocks' dense-gradient norms only when the flag is set.
@@ -35,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from . import bsr_path, reference
+from . import bsr_path, reference, sampled_grad
 from .mask_cache import derived
 
 
@@ -75,8 +77,8 @@ def grad_weight_and_scores(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masked dW, block scores, inactive dense-grad scores) like ops/paths.py's contract."""
     b = block_size
-    dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     if not host_readable(block_mask):  # traced or on a device: shape-only, the reference's formulas
+        dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         grad_weight = _zeros_outside(dense, block_mask, b)
         scores = reference.block_scores(weight, grad_weight, b, mode) * block_mask
         dense_sq = reference.inactive_dense_grad_sq(dense, block_mask, b)
@@ -84,11 +86,15 @@ def grad_weight_and_scores(
         return grad_weight, scores, dense_sq
     flag = bool(score_dense)
     live = all_live(block_mask, b)
+    sampled = not live and sampled_grad.worth_it(grad_out, x, block_mask, b)  # Note [CPU sampled dW]
+    dense = None
+    if flag or not sampled:
+        dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     dense_sq = inactive_grad_sq(dense, block_mask, b) if flag and not live else None
-    if live:
-        grad_weight = dense
+    if sampled:  # (also on scoring steps: dW's bits do not depend on the scoring flag)
+        grad_weight = sampled_grad.grad_weight(grad_out, x, block_mask, b)
     else:  # `dense` is no longer needed: mask it in place
-        grad_weight = _mask_in_place(dense, block_mask, b)
+        grad_weight = dense if live else _mask_in_place(dense, block_mask, b)
     if live or not _few_live(block_mask, b):
         scores = block_scores(weight, grad_weight, b, mode)
         if mode == "magnitude" and not live:
