@@ -114,3 +114,24 @@ def test_callers_it_cannot_serve_get_the_dense_product(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     monkeypatch.setattr(bsr_path, "ENABLED", False)  # AGPE_CPU_BSR=0 keeps every dense product
     assert not sampled_grad.worth_it(dy, x, mask, 8)
+
+
+def _pattern_by_expansion(mask, block):
+    """The pattern as the whole element mask's CSR form: the oracle for _pattern's build
+    from the live blocks' coordinates."""
+    elements = mask.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return elements.to(torch.float32).to_sparse_csr(), elements.reshape(-1).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("block", [1, 2, 8, 16])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("grid", [(1, 1), (5, 7), (12, 3), (1, 9)])
+def test_the_pattern_is_the_live_elements_csr_form(block, density, grid):
+    mask = torch.rand(grid, generator=torch.Generator().manual_seed(block + grid[0])) < density
+    mask[0, -1] |= density == 0.9  # a row with its last block live next to an empty one
+    pattern, positions = sampled_grad._pattern(mask, block)
+    expected, expected_positions = _pattern_by_expansion(mask, block)
+    assert pattern.shape == expected.shape and pattern.dtype == torch.float32
+    for got, want in ((pattern.crow_indices(), expected.crow_indices()), (pattern.col_indices(), expected.col_indices()),
+                      (pattern.values(), expected.values()), (positions, expected_positions)):
+        assert got.dtype == want.dtype and torch.equal(got, want)

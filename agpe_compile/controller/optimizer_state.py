@@ -38,11 +38,34 @@ def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], weight: tor
     element_mask = None
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == weight.shape:
-            if element_mask is None:
-                element_mask = expand_block_mask(blocks.to(value.device), block_size, torch.bool)
-            value.masked_fill_(element_mask, _fresh_value(optimizer, weight, key))
+            fresh = _fresh_value(optimizer, weight, key)
+            if not _fill_blocks_(value, blocks, block_size, fresh):
+                if element_mask is None:
+                    element_mask = expand_block_mask(blocks.to(value.device), block_size, torch.bool)
+                value.masked_fill_(element_mask, fresh)
             touched.append(key)
     return touched
+
+
+# Up to this fraction of changed blocks, writing them by index beats masking every element
+# (a 1000 x 1000 momentum at block 8, 2 threads: 0.04-0.12 ms vs 0.8-1.3 ms at 0.5-10%
+# changed; 0.50 vs 0.73 at 50%, 0.95 vs 0.69 at 100%; 2-core CPU, 2026-11-29).
+_BY_INDEX_UP_TO = 0.5
+
+
+def _fill_blocks_(value: torch.Tensor, blocks: torch.Tensor, block_size: int, fresh: float) -> bool:
+    """Write ``fresh`` into the b x b blocks of a contiguous 2-D CPU ``value`` flagged in the
+    CPU ``blocks``, by index; False (nothing written) where that does not apply: device
+    tensors (finding the blocks would wait for the device) or most blocks changed."""
+    if (value.device.type != "cpu" or blocks.device.type != "cpu" or value.dim() != 2
+            or not value.is_contiguous()):
+        return False
+    rows, cols = blocks.nonzero(as_tuple=True)
+    if rows.numel() > _BY_INDEX_UP_TO * blocks.numel():
+        return False
+    r, c = blocks.shape
+    value.view(r, block_size, c, block_size)[rows, :, cols, :] = fresh
+    return True
 
 
 def _fresh_value(optimizer: torch.optim.Optimizer, weight: torch.Tensor, key: str) -> float:

@@ -78,10 +78,30 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, block_mask: torch.Tenso
 
 
 def _pattern(block_mask: torch.Tensor, block_size: int):
-    """(CSR pattern of the live blocks' elements, their flat positions in the weight)."""
-    b = block_size
-    elements = block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
-    return elements.to(torch.float32).to_sparse_csr(), elements.reshape(-1).nonzero().squeeze(1)
+    """(CSR pattern of the live blocks' elements, their flat positions in the weight), built
+    from the live blocks' coordinates (expanding the mask to the weight's shape and scanning
+    it took 4-5 ms for the main job's layers, 0.7 ms this way; rebuilt after every mask
+    update, benchmarks/results/2026-11-29-cpu-step-after-update-session33/)."""
+    r, c = block_mask.shape
+    b, k = block_size, c * block_size
+    rows, cols = block_mask.nonzero(as_tuple=True)  # the live blocks, row-major
+    counts = torch.bincount(rows, minlength=r)  # live blocks per block row
+    starts = torch.cumsum(counts, 0) - counts  # index of each block row's first live block
+    lines = torch.arange(b)
+    line, element = lines[None, :, None], lines[None, None, :]  # [1, b, 1] (row in block), [1, 1, b]
+    # the element (line j, column t) of the live block (i, col) lies at this position in W ...
+    position = (rows[:, None, None] * b + line) * k + cols[:, None, None] * b + element
+    # ... and at this index in the CSR order: block row i, then line j, then i's live blocks in
+    # column order, then t
+    index = ((starts[rows] * (b * b))[:, None, None] + line * (counts[rows] * b)[:, None, None]
+             + ((torch.arange(rows.numel()) - starts[rows]) * b)[:, None, None] + element)
+    positions = torch.empty(position.numel(), dtype=torch.int64)
+    positions[index.reshape(-1)] = position.reshape(-1)
+    crow = torch.zeros(r * b + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum((counts * b).repeat_interleave(b), 0)
+    values = torch.ones(positions.numel(), dtype=torch.float32)
+    pattern = torch.sparse_csr_tensor(crow, positions % k, values, (r * b, k), check_invariants=False)
+    return pattern, positions
 
 
 def _silence_first_warnings() -> None:
@@ -89,8 +109,8 @@ def _silence_first_warnings() -> None:
     warning never reaches the user (agpe chose the format; at import for the reason
     bsr_path._silence_first_warnings gives)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.ones(1, 1).to_sparse_csr()
+        warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks are implicitly)")
+        pattern = _pattern(torch.ones(1, 1, dtype=torch.bool), 1)[0]
         torch.sparse.sampled_addmm(pattern, torch.ones(1, 1), torch.ones(1, 1), beta=0.0)
 
 

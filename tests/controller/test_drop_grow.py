@@ -112,3 +112,29 @@ def test_protected_blocks_go_after_every_unprotected_one_then_by_score():
     assert result.dropped.tolist() == [False, True, True, True, False, False]
     assert drop_and_grow(mask, drop, torch.zeros(6), 1, 0, protected=protected).dropped.tolist() == [
         False, True, False, False, False, False]
+
+
+def _pick_by_sorting(candidates, score, count, lowest):
+    """The first ``count`` of a stable sort: the definition _pick's shortcut must match."""
+    index = torch.nonzero(candidates).reshape(-1)
+    return index[torch.sort(score[index], descending=not lowest, stable=True).indices[:count]]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_picking_without_a_full_sort_picks_what_a_stable_sort_picks(seed):
+    from agpe_compile.controller.drop_grow import _nan_as, _pick
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=gen))
+    candidates = torch.rand(n, generator=gen) < float(torch.rand(1, generator=gen))
+    # few distinct values: many ties, across the cut too; infinities and NaN (as the caller maps them)
+    levels = torch.tensor([-float("inf"), -1.0, 0.0, 0.5, 2.0, float("inf"), float("nan")])
+    score = levels[torch.randint(0, 7 if seed % 2 else 4, (n,), generator=gen)]
+    if seed % 3 == 0:
+        score = torch.randn(n, generator=gen)
+    available = int(candidates.sum())
+    for lowest, nan in ((True, float("inf")), (False, -float("inf"))):
+        mapped = _nan_as(score, nan)
+        for count in {0, 1, available // 3, available // 2, max(available - 1, 0), available}:
+            got = _pick(candidates, mapped, count, lowest)
+            want = _pick_by_sorting(candidates, mapped, count, lowest)
+            assert sorted(got.tolist()) == sorted(want.tolist()), (lowest, count)

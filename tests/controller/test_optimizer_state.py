@@ -151,3 +151,23 @@ def test_optimizer_state_from_before_the_masks_does_not_move_inactive_weights(ho
         opt.zero_grad()
         sp.step(loss)
     assert worst == 0.0
+
+
+@pytest.mark.parametrize("changed", [0.0, 0.05, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_the_blocks_are_reset_alike_by_index_and_by_mask(changed, layout):
+    # optimizer_state._fill_blocks_ writes few changed blocks by index, else the element mask
+    # does: either way exactly the changed blocks take the fresh value
+    from agpe_compile.ops.reference import expand_block_mask
+    gen = torch.Generator().manual_seed(int(changed * 10))
+    w = torch.nn.Parameter(torch.randn(6 * 4, 5 * 4, generator=gen))
+    opt = torch.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.25)
+    w.grad = torch.randn(w.shape, generator=gen)
+    opt.step()
+    if layout == "transposed":  # a state tensor of the weight's shape that is not contiguous
+        opt.state[w]["sum"] = opt.state[w]["sum"].t().contiguous().t()
+    before = opt.state[w]["sum"].clone()
+    blocks = torch.rand(6, 5, generator=gen) < changed
+    zero_optimizer_state(opt, w, blocks, block_size=4)
+    element = expand_block_mask(blocks, 4, torch.bool)
+    assert torch.equal(opt.state[w]["sum"], torch.where(element, torch.full_like(before, 0.25), before))
