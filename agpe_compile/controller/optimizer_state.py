@@ -56,9 +56,10 @@ _BY_INDEX_UP_TO = 0.5
 def _fill_blocks_(value: torch.Tensor, blocks: torch.Tensor, block_size: int, fresh: float) -> bool:
     """Write ``fresh`` into the b x b blocks of a contiguous 2-D CPU ``value`` flagged in the
     CPU ``blocks``, by index; False (nothing written) where that does not apply: device
-    tensors (finding the blocks would wait for the device) or most blocks changed."""
-    if (value.device.type != "cpu" or blocks.device.type != "cpu" or value.dim() != 2
-            or not value.is_contiguous()):
+    tensors (finding the blocks would wait for the device), tensor subclasses, or most blocks
+    changed."""
+    if (type(value) is not torch.Tensor or value.device.type != "cpu" or blocks.device.type != "cpu"
+            or value.dim() != 2 or not value.is_contiguous()):  # (a subclass: the element mask, as before)
         return False
     rows, cols = blocks.nonzero(as_tuple=True)
     if rows.numel() > _BY_INDEX_UP_TO * blocks.numel():
