@@ -33,7 +33,7 @@ Measured (2-core AMD EPYC VM, torch 2.13.0+cpu, aot_eager, block 8, 90% sparsity
 clock is noisy on this VM; docs/benchmarks.md has the commands and raw data):
 
     --full   mean of seeds 0-4, 1 thread each (examples/aggregate_seeds.py; 2026-11-29):
-             dense 90.33% 1.000x | agpe 89.99% 0.257x | rigl 89.82% 0.105x | set 89.86% 0.103x | gmp 90.04% 0.222x
+             dense 90.33% 1.000x | agpe 89.92% 0.257x | rigl 89.88% 0.105x | set 89.87% 0.103x | gmp 90.00% 0.222x
     --quick  seed 0 (2026-11-29, scripts/main.sh):
              dense 87.92% 1.000x | agpe 85.99% 0.232x | rigl 86.16% 0.126x | set 86.16% 0.103x | gmp 85.95% 0.220x
 
