@@ -220,3 +220,15 @@ def test_no_warning_of_the_sparse_format_reaches_the_user_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "0"  # and no filter of agpe's left behind
+
+
+@pytest.mark.parametrize("block", bsr_path.BLOCK_SIZES)
+def test_a_default_device_context_does_not_move_the_products_off_the_cpu(block):
+    # audit CR: the BSR tensor took the context's device (meta here, cuda on a GPU machine)
+    x, w, dy, bias, mask = _case(block, 0.3, seed=3)
+    with torch.device("meta"):
+        y = bsr_path.forward(x, w, bias, mask, block)
+        dx = bsr_path.grad_input(dy, w, mask, block)
+    assert y.device.type == dx.device.type == "cpu"
+    _close(y, reference.forward(x, w, bias, mask, block))
+    _close(dx, reference.backward(dy, x, w, mask, block, True, False)[0])

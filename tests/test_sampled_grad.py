@@ -27,6 +27,15 @@ def _case(block, density, rows=5, cols=7, lead=(3, 4), seed=0):
     return x, w, dy, mask
 
 
+real_max_density = sampled_grad.max_density
+
+
+def _small_shapes_allowed(rows, weight_numel, threads, block_size):
+    """The envelope widened to this file's small shapes (the other conditions are under
+    test), for the measured block sizes and thread counts only."""
+    return real_max_density(128, 10 ** 6, threads, block_size) and 0.16
+
+
 def _close(actual, expected):
     rtol, atol = TOLERANCES[torch.float32]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -53,6 +62,7 @@ def test_strided_inputs_and_a_mask_edited_between_calls():
 
 
 def test_the_dense_path_takes_it_below_the_crossover(monkeypatch):
+    monkeypatch.setattr(sampled_grad, "max_density", _small_shapes_allowed)
     calls = []
     real = sampled_grad.grad_weight
     monkeypatch.setattr(sampled_grad, "grad_weight", lambda *a: calls.append(1) or real(*a))
@@ -82,6 +92,7 @@ def test_the_dense_path_takes_it_below_the_crossover(monkeypatch):
 
 
 def test_callers_it_cannot_serve_get_the_dense_product(monkeypatch):
+    monkeypatch.setattr(sampled_grad, "max_density", _small_shapes_allowed)
     x, w, dy, mask = _case(8, 0.1, rows=10, cols=10)
     assert sampled_grad.worth_it(dy, x, mask, 8)
     assert not sampled_grad.worth_it(dy.bfloat16(), x.bfloat16(), mask, 8)
@@ -109,6 +120,7 @@ def test_callers_it_cannot_serve_get_the_dense_product(monkeypatch):
 
     torch.func.grad(inside_a_transform)(x)
     assert seen == [False]
+    monkeypatch.setattr(sampled_grad, "max_density", real_max_density)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # not measured
     assert not sampled_grad.worth_it(dy, x, mask, 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
@@ -135,3 +147,43 @@ def test_the_pattern_is_the_live_elements_csr_form(block, density, grid):
     for got, want in ((pattern.crow_indices(), expected.crow_indices()), (pattern.col_indices(), expected.col_indices()),
                       (pattern.values(), expected.values()), (positions, expected_positions)):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("block", [8, 32])
+def test_a_default_device_context_does_not_move_the_sampled_dw_off_the_cpu(block):
+    # audit CR: the pattern's factories and the CSR tensor took the context's device
+    x, w, dy, mask = _case(block, 0.3, seed=3)
+    with torch.device("meta"):
+        dw = sampled_grad.grad_weight(dy, x, mask, block)
+    assert dw.device.type == "cpu"
+    _close(dw, reference.backward(dy, x, w, mask, block, False, True)[1])
+
+
+@pytest.mark.parametrize("rows, numel, threads, block, bound", [
+    (128, 784_000, 1, 8, 0.16),  # the main job's first layer at one thread
+    (128, 1_000_000, 2, 8, 0.105),  # ... and at two
+    (128, 784_000, 2, 32, 0.105),
+    (8192, 128 * 128, 1, 8, 0.0),  # audit CR: 1.9x slower there
+    (4096, 256 * 256, 1, 8, 0.0),
+    (512, 256 * 256, 1, 16, 0.105),
+    (512, 256 * 256, 2, 16, 0.0),  # two threads: the dense product threads, the sampled one barely
+    (32, 1_000_000, 1, 8, 0.105),  # few rows: 0.16 lost
+    (16, 1_000_000, 1, 8, 0.0),  # fewer rows than measured
+    (8192, 784_000, 1, 8, 0.105),
+    (16384, 4_000_000, 1, 8, 0.0),  # more rows than measured
+    (8192, 1_000_000, 2, 8, 0.0),
+    (512, 10 ** 6, 3, 8, 0.0),  # three threads: not measured
+    (512, 10 ** 6, 1, 4, 0.0),  # blocks of 4 and 64: not measured
+    (512, 10 ** 6, 1, 64, 0.0),
+])
+def test_the_envelope_takes_only_the_measured_wins(rows, numel, threads, block, bound):
+    assert sampled_grad.max_density(rows, numel, threads, block) == bound
+
+
+def test_a_small_weight_with_many_rows_keeps_the_dense_product():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(16, 16, generator=gen) < 0.1
+    x, dy = torch.randn(8192, 128, generator=gen), torch.randn(8192, 128, generator=gen)
+    assert not sampled_grad.worth_it(dy, x, mask, 8)
+    big = torch.rand(125, 98, generator=gen) < 0.1  # 1000 x 784 in blocks of 8
+    assert sampled_grad.worth_it(torch.randn(128, 1000, generator=gen), torch.randn(128, 784, generator=gen), big, 8)

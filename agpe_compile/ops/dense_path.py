@@ -18,8 +18,8 @@ values with:
   at zero (``unmasked``: Note [Zero inactive weights] in ops/paths.py);
 * the masked dW made in place in the fresh matmul output when the dense gradient is not
   needed afterwards (the dense-gradient flag is off or every block is live), or, at low
-  density off the scoring steps, computed on the live blocks only (Note [CPU sampled dW]
-  in ops/sampled_grad.py);
+  density, computed on the live blocks only, on the scoring steps too (Note [CPU sampled
+  dW] in ops/sampled_grad.py);
 * block sums as two contiguous reductions (rows of a block, then its columns) instead of
   one reduction over a strided 4-D view, and ``abs`` in place;
 * the inactive blocks' dense-gradient norms only when the flag is set.
