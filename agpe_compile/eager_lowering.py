@@ -10,7 +10,6 @@ what is computed.
 from __future__ import annotations
 
 import operator
-import os
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
@@ -18,6 +17,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from agpe_compile.env import switch
 from agpe_compile.passes.decide_layers import source_path
 from agpe_compile.state import BUFFER_SUFFIXES as _ALL_SUFFIXES
 
@@ -245,8 +245,9 @@ def unalias_score_buffers(args: tuple, states: Sequence[Any]) -> tuple:
 
 
 def enabled() -> bool:
-    """Whether the pass runs: AGPE_EAGER_IN_PLACE is not "0" (read at each compile)."""
-    return os.environ.get("AGPE_EAGER_IN_PLACE", "1") != "0"
+    """Whether the pass runs: AGPE_EAGER_IN_PLACE is not 0/false/off/no (read at each compile;
+    any other value than an on/off word is an error, agpe_compile/env.py)."""
+    return switch("AGPE_EAGER_IN_PLACE")
 
 
 def eager_compilers(in_place: bool = True) -> dict:

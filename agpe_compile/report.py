@@ -21,9 +21,15 @@ Without ``--out`` the files go to a folder ``report`` next to the first audit fi
 ``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package); otherwise it
 says so and skips.
 
+The summary comes first; the plots need matplotlib, which agpe_compile does not depend on
+(``pip install agpe_compile[report]``). Without it the command prints the summary, says that
+it wrote no plot and exits with status 1.
+
 Example::
 
     $ python -m agpe_compile.report runs/agpe.jsonl runs/rigl.jsonl --out runs/plots
+    agpe: 5 mask updates, ...
+    rigl: ...
     wrote runs/plots/density_agpe.png
     ...
 """
@@ -336,24 +342,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"plots are of the runs before it", file=sys.stderr)
         summaries.append(summarize(records))
         read.append(records)
+    try:  # matplotlib is not a dependency (pip install agpe_compile[report]): the summary needs none
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        no_matplotlib: Optional[ImportError] = error
+    else:
+        no_matplotlib = None
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "report")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        parser.error(f"--out: {out_dir!r} exists and is not a folder" if args.out else
-                     f"{out_dir!r}, the default output folder, exists and is not a folder: give --out DIR")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-        parser.error(f"--out: cannot create the folder {out_dir!r} ({error.strerror or error})")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        parser.error(f"--out: the folder {out_dir!r} is not writable")
+    if no_matplotlib is None:  # no plots to write without it: leave the folder alone
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            parser.error(f"--out: {out_dir!r} exists and is not a folder" if args.out else
+                         f"{out_dir!r}, the default output folder, exists and is not a folder: give --out DIR")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--out: cannot create the folder {out_dir!r} ({error.strerror or error})")
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            parser.error(f"--out: the folder {out_dir!r} is not writable")
+    for label, summary in zip(labels, summaries):  # first: it stands even if the plots fail
+        print(summary_line(label, summary))
+    sys.stdout.flush()
+    if no_matplotlib is not None:
+        if args.tensorboard is not None:  # needs no matplotlib
+            write_tensorboard(dict(zip(labels, read)), args.tensorboard)
+        print(f"agpe.report: plots need matplotlib: pip install matplotlib (or agpe_compile[report]); the summary "
+              f"above is complete, and no plot was written ({no_matplotlib})", file=sys.stderr)
+        return 1
     try:
         written = render(args.runs, out_dir, args.tensorboard, records=read)
     except OSError as error:
         parser.error(f"cannot write the plots into {out_dir!r}: {error}")
     for path in written:
         print(f"wrote {path}")
-    for label, summary in zip(labels, summaries):
-        print(summary_line(label, summary))
     return 0
 
 

@@ -36,11 +36,19 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over each rank's shard (default 1)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=64, help="per rank (default 64)")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--block-size", type=int, default=8)
-    parser.add_argument("--update-interval", type=int, default=20)
-    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sparsity", type=float, default=0.9,
+                        help="target fraction of weight blocks pruned, in [0, 1) (default %(default)s)")
+    parser.add_argument("--block-size", type=int, default=8,
+                        help="side of the square weight blocks; must divide 784 and the hidden width 1000 "
+                             "(default %(default)s)")
+    parser.add_argument("--update-interval", type=int, default=20,
+                        help="training steps between mask updates (>= 1; default %(default)s)")
+    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
+                        help="torch.distributed backend: gloo on the CPU, nccl with one GPU per process "
+                             "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights (the same on every rank), each rank's data order (seed + rank) "
+                             "and the layouts (>= 0; default %(default)s)")
     args = parser.parse_args(argv)
     for flag, value, ok, expected in (
             ("--epochs", args.epochs, math.isfinite(args.epochs) and args.epochs > 0, "a finite number > 0"),

@@ -404,6 +404,73 @@ def test_strip_checkpoint_command_line(tmp_path, capsys):
     assert torch.equal(torch.load(out, weights_only=True)["layers.0.weight"], stripped.layers[0].weight)
 
 
+def test_strip_checkpoint_refuses_to_write_over_its_input(tmp_path, capsys, monkeypatch):
+    # `strip_checkpoint run.pt run.pt --key model` replaced the training checkpoint (masks, optimizer,
+    # Sparsifier state) by the plain weights, with rc 0 and no message
+    import os
+
+    from agpe_compile import strip_checkpoint
+
+    saved, _, _ = _saved_run(tmp_path, lambda: MLP((32, 64, 48, 16)))
+    checkpoint = tmp_path / "run.pt"
+    original = checkpoint.read_bytes()
+    (tmp_path / "sub").mkdir()
+    os.symlink(checkpoint, tmp_path / "link.pt")
+    os.link(checkpoint, tmp_path / "hard.pt")
+    monkeypatch.chdir(tmp_path)
+    for given, output in [(str(checkpoint), str(checkpoint)),  # the same path
+                          ("run.pt", str(checkpoint)), (str(checkpoint), "run.pt"),  # relative vs absolute
+                          ("run.pt", "sub/../run.pt"),
+                          (str(checkpoint), str(tmp_path / "link.pt")),  # a symlink to the input
+                          (str(tmp_path / "link.pt"), "run.pt"),
+                          ("run.pt", "hard.pt")]:  # a hard link: the same file under another name
+        with pytest.raises(SystemExit) as exit_info:
+            strip_checkpoint.main([given, output, "--key", "model"])
+        assert exit_info.value.code == 2, (given, output)
+        err = capsys.readouterr().err
+        assert f"the output {output} is the input checkpoint {given}" in err, err
+        assert "optimizer and Sparsifier state) needed to resume the run" in err, err
+        assert checkpoint.read_bytes() == original, (given, output)
+        assert os.path.islink(tmp_path / "link.pt")
+    assert sorted(os.listdir(tmp_path)) == ["hard.pt", "link.pt", "run.pt", "sub"]  # no temporary file left
+    assert list(torch.load(checkpoint, weights_only=True)) == ["model", "step"]
+    assert strip_checkpoint.main(["run.pt", "sub/plain.pt", "--key", "model"]) == 0  # another file: written
+    assert torch.load(tmp_path / "sub" / "plain.pt", weights_only=True).keys() == \
+        agpe_compile.strip_state_dict(saved["model"])[0].keys()
+
+
+def test_strip_checkpoint_leaves_an_existing_output_whole_when_the_write_fails(tmp_path, capsys, monkeypatch):
+    import os
+
+    from agpe_compile import strip_checkpoint
+
+    _saved_run(tmp_path, lambda: MLP((32, 64, 48, 16)))
+    out = tmp_path / "plain.pt"
+    assert strip_checkpoint.main([str(tmp_path / "run.pt"), str(out), "--key", "model"]) == 0
+    os.chmod(out, 0o640)
+    before = out.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):  # a full disk: part of the file, then an error
+        with open(f, "wb") as handle:
+            handle.write(before[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(SystemExit) as exit_info:
+        strip_checkpoint.main([str(tmp_path / "run.pt"), str(out), "--key", "model"])
+    assert exit_info.value.code == 2
+    assert f"cannot write {out}" in capsys.readouterr().err
+    assert out.read_bytes() == before  # was the first 100 bytes: torch.save wrote into OUT itself
+    assert sorted(os.listdir(tmp_path)) == ["plain.pt", "run.pt"]  # the temporary file is gone
+    monkeypatch.setattr(torch, "save", real_save)
+    # a written file keeps the mode of the one it replaces, and a symlink as OUT stays a link
+    os.symlink(out, tmp_path / "out_link.pt")
+    assert strip_checkpoint.main([str(tmp_path / "run.pt"), str(tmp_path / "out_link.pt"), "--key", "model"]) == 0
+    assert os.path.islink(tmp_path / "out_link.pt") and os.stat(out).st_mode & 0o777 == 0o640
+    assert out.read_bytes() != before[:100] and torch.load(out, weights_only=True)
+
+
 class _Args:  # a non-tensor object a training script pickles beside its state dict
     def __init__(self, lr):
         self.lr = lr

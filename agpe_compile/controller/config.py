@@ -21,7 +21,7 @@ import dataclasses
 import fnmatch
 import math
 import os
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Mapping, Optional, Tuple
 
 from torch import nn
@@ -166,7 +166,7 @@ class AGPEConfig:
         _number("target_sparsity", self.target_sparsity, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
         _choice("policy", self.policy, POLICIES)
         if self.block_size is not None:
-            _integer("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+            _integer(self, "block_size", 1, MAX_BLOCK_SIZE)
         for field in ("include", "exclude", "buckets"):  # lists and a lone pattern, as the backend options take
             value = getattr(self, field)
             if isinstance(value, list) or (field != "buckets" and isinstance(value, str)):
@@ -181,9 +181,9 @@ class AGPEConfig:
             if self.initial_density < self.final_density:
                 raise ValueError(_bad("initial_density", self.initial_density,
                                       f"a density >= the final density {self.final_density}"))
-        _integer("update_interval", self.update_interval, 1)
-        _integer("begin_step", self.begin_step, 0)
-        _integer("end_step", self.end_step, 0)
+        _integer(self, "update_interval", 1)
+        _integer(self, "begin_step", 0)
+        _integer(self, "end_step", 0)
         if self.end_step <= self.begin_step:
             raise ValueError(_bad("end_step", self.end_step, f"a step after begin_step={self.begin_step}"))
         if (self.policy in MASK_UPDATING_POLICIES and self.target_sparsity > 0
@@ -198,16 +198,16 @@ class AGPEConfig:
                 f"its initial layout, so it would never reach the target")))
         _number("drop_fraction", self.drop_fraction, 0.0, 1.0, "a number in [0, 1]")
         _number("saliency_decay", self.saliency_decay, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
-        _integer("protect_grown", self.protect_grown, 0)
+        _integer(self, "protect_grown", 0)
         _number("max_layer_density", self.max_layer_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
         _number("min_layer_share", self.min_layer_share, 0.0, 1.0, "a number in [0, 1]")
         _buckets(self.buckets)
         _number("improve_tol", self.improve_tol, 0.0, 1.0, "a number in [0, 1]")
         _number("backoff_tol", self.backoff_tol, 0.0, 1.0, "a number in [0, 1]")
         _number("regret_threshold", self.regret_threshold, 0.0, float("inf"), "a number > 0", lo_open=True)
-        _integer("patience", self.patience, 1)
-        _integer("cooldown", self.cooldown, 0)
-        _integer("max_backoffs", self.max_backoffs, 0)
+        _integer(self, "patience", 1)
+        _integer(self, "cooldown", 0)
+        _integer(self, "max_backoffs", 0)
         if self.max_density is not None:
             _number("max_density", self.max_density, 0.0, 1.0, "a number in (0, 1]", lo_open=True)
             if self.max_density < self.final_density:
@@ -224,7 +224,7 @@ class AGPEConfig:
         _number("loss_smoothing", self.loss_smoothing, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
         if not isinstance(self.rescale_init, bool):
             raise ValueError(_bad("rescale_init", self.rescale_init, "True or False"))
-        _integer("seed", self.seed, 0, MAX_SEED)
+        _integer(self, "seed", 0, MAX_SEED)
         if self.audit_path is not None and (not isinstance(self.audit_path, str) or not self.audit_path):
             raise ValueError(_bad("audit_path", self.audit_path, "a non-empty file path string or None"))
         if self.audit_path is not None and (self.audit_path.endswith(("/", os.sep)) or os.path.isdir(self.audit_path)):
@@ -232,6 +232,7 @@ class AGPEConfig:
                                   f"a file path, not a directory (e.g. {os.path.join(self.audit_path, 'agpe.jsonl')!r})"))
         if self.version != AGPE_CONFIG_VERSION:
             raise ValueError(_bad("version", self.version, f"{AGPE_CONFIG_VERSION}"))
+        object.__setattr__(self, "version", AGPE_CONFIG_VERSION)  # a plain int (np.int64(1) == 1 passes)
         # numpy scalars, Fractions, ... pass the checks as Real numbers; keep plain floats, so
         # the config serializes (audit file, checkpoints) and compares like any other
         for field in FLOAT_FIELDS:
@@ -266,7 +267,7 @@ class AGPEConfig:
         from agpe_compile.state import _unwrapped  # names as prepare() gives them
 
         size = self.block_size or DEFAULT_BLOCK_SIZE
-        misfits, dims = [], []
+        misfits, dims, layers, attention_dims = [], [], [], []
         for module_name, module in _unwrapped(model).named_modules():
             name = layer_name(module_name, "weight")
             if not isinstance(module, nn.Linear) or name in prepared:
@@ -282,6 +283,7 @@ class AGPEConfig:
                                  f"one forward pass before creating the Sparsifier (or exclude={name!r})")
             n, k = module.weight.shape
             dims += [n, k]
+            layers.append((name, n, k))
             if n % size or k % size:
                 misfits.append((name, n, k))
         for module_name, module in _unwrapped(model).named_modules():  # MHA projections count for the hint
@@ -294,17 +296,10 @@ class AGPEConfig:
                     if (weight is not None and weight.dim() == 2
                             and any(fnmatch.fnmatchcase(pname, p) for p in self.include)
                             and not any(fnmatch.fnmatchcase(pname, p) for p in self.exclude)):
-                        dims += list(weight.shape)
+                        attention_dims += list(weight.shape)
+        dims += attention_dims
         if misfits:
-            shapes = ", ".join(f"{name!r} is {n}x{k}" for name, n, k in misfits)
-            divisor = math.gcd(*dims)
-            fits = [b for b in (128, 64, 32, 16, 8) if divisor % b == 0]
-            hint = f", or block_size={fits[0]}, which divides every included layer" if fits else ""
-            raise ValueError(_bad("block_size", size, (
-                f"a common divisor of the dimensions of every included layer; {shapes} (keep "
-                f"{'it' if len(misfits) == 1 else 'them'} dense with "
-                f"exclude={[*self.exclude, *(name for name, _, _ in misfits)]!r}"
-                f"{hint})")))
+            raise ValueError(_bad("block_size", size, _misfit_hint(size, self.exclude, layers, misfits, attention_dims)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -332,10 +327,15 @@ def _number(field, value, lo, hi, accepted, lo_open=False, hi_open=False) -> Non
         raise ValueError(_bad(field, value, accepted))
 
 
-def _integer(field, value, lo, hi=None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+def _integer(config, field, lo, hi=None) -> None:
+    """Check the integer field ``field`` of ``config`` and store it as a plain int: any
+    ``numbers.Integral`` but bool passes (numpy integers too, as the float fields take numpy
+    floats), so the config serializes and compares like any other."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < lo or (hi is not None and value > hi):
         upper = f", <= {hi}" if hi is not None else ""
         raise ValueError(_bad(field, value, f"an int >= {lo}{upper}"))
+    object.__setattr__(config, field, int(value))
 
 
 def _choice(field, value, accepted) -> None:
@@ -353,3 +353,32 @@ def _buckets(value) -> None:
         isinstance(b, Real) and not isinstance(b, bool) and 0.0 < b <= 1.0 for b in value)
     if not ok or 1.0 not in value:
         raise ValueError(_bad("buckets", value, "a list or tuple of densities in (0, 1] that includes 1.0"))
+
+
+_BLOCK_SIZES_SUGGESTED = (128, 64, 32, 16, 8)
+
+
+def _misfit_hint(size, exclude, layers, misfits, attention_dims) -> str:
+    """What block_size's error suggests for included layers ``size`` does not divide: the
+    exclude=[...] that keeps them dense; a block size that divides every included layer; or,
+    where none does, the largest one that divides every layer some block size fits, with the
+    others excluded (audit CS: for a 784-input layer and a 10-class head at block 32 the first
+    alone left nothing to prune, while block 16 without the head keeps the first layer)."""
+    shapes = ", ".join(f"{name!r} is {n}x{k}" for name, n, k in misfits)
+    left = len(layers) - len(misfits)
+    hint = (f"keep {'it' if len(misfits) == 1 else 'them'} dense with "
+            f"exclude={[*exclude, *(name for name, _, _ in misfits)]!r}"
+            f"{'' if left or attention_dims else ', which leaves no layer to prune'}")
+    dims = [d for _, n, k in layers for d in (n, k)] + attention_dims
+    fits = [b for b in _BLOCK_SIZES_SUGGESTED if math.gcd(*dims) % b == 0]
+    if fits:
+        return f"a common divisor of the dimensions of every included layer; {shapes} ({hint}, or block_size=" \
+               f"{fits[0]}, which divides every included layer)"
+    unfit = [name for name, n, k in layers if math.gcd(n, k) % _BLOCK_SIZES_SUGGESTED[-1]]
+    kept = [(n, k) for name, n, k in layers if name not in unfit]
+    rest = [d for pair in kept for d in pair] + attention_dims
+    fits = [b for b in _BLOCK_SIZES_SUGGESTED if rest and math.gcd(*rest) % b == 0]
+    if fits and len(kept) > left:
+        hint += (f"; or block_size={fits[0]} with exclude={[*exclude, *unfit]!r}, which keeps {len(kept)} of "
+                 f"{len(layers)} included layers prunable")
+    return f"a common divisor of the dimensions of every included layer; {shapes} ({hint})"

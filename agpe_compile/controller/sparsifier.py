@@ -334,6 +334,7 @@ class Sparsifier:
                     zero_inactive_(state)
                     state.ran_eagerly = False
         if self.step_count % self.config.update_interval == 0:
+            self._check_optimizer_ever_stepped()
             self._interval(self.step_count, between_steps)
         self._set_score_dense(self._scores_dense_at(self.step_count + 1))
         self.seconds += time.perf_counter() - start
@@ -819,6 +820,7 @@ class Sparsifier:
         if not chosen:
             return
         results = [DropGrow(mask, ~mask, torch.zeros_like(mask)) for _, mask in chosen]
+        self._say_optimizer_state_was_reset(chosen)
         self._apply_all([s for s, _ in chosen], results, relayout=False)  # _setup re-buckets next
         if self.config.rescale_init:
             with torch.no_grad():
@@ -835,6 +837,23 @@ class Sparsifier:
                             "keeps the output scale of freshly initialized weights). For pretrained weights pass "
                             "rescale_init=False, or %s",
                             self.config.policy, _global_density([m for _, m in chosen]), dense_start)
+
+    def _say_optimizer_state_was_reset(self, chosen) -> None:
+        """A drawn initial layout resets the optimizer's moments on the blocks it drops. When
+        the optimizer already holds state for those weights, that is either a model trained
+        dense before (expected) or an optimizer state_dict loaded before the Sparsifier was
+        created, whose moments a later load of the Sparsifier's state cannot bring back (audit
+        CS: the resumed run diverged silently)."""
+        held = [state.name for state, mask in chosen if not bool(mask.all()) and any(
+            optimizer is not None and state.weight in optimizer.state and optimizer.state[state.weight]
+            for optimizer in (self.optimizer, *self._other_optimizers))]
+        if held:
+            log.warning("agpe: the optimizer already holds state for %d layer(s) (%s) whose initial layout was just "
+                        "drawn: their moments on the blocks the layout dropped were reset. If you are resuming a run "
+                        "(optimizer.load_state_dict() before the Sparsifier was created), those moments are lost and "
+                        "the run will not continue exactly: create the model, the optimizer and the Sparsifier, then "
+                        "load the three state_dicts (docs/checkpoint-format.md). If the model trained dense before "
+                        "this, the reset is intended", len(held), ", ".join(held[:4]) + (", ..." if len(held) > 4 else ""))
 
     def _masks_from_zero_blocks(self, states: List[LayerState], host: List[torch.Tensor]) -> List[torch.Tensor]:
         """Note [Masks from zero blocks]: a pruned model loaded without its agpe buffers
@@ -940,6 +959,9 @@ class Sparsifier:
     #   of its steps; not past end_step (no mask changes then) nor for policies that never
     #   change masks. Explicit mode only (zero-code mode steps from the hook itself). A CUDA
     #   graph replay counts its step (Note [Optimizer steps a replay runs] in graphs.py).
+    # * the optimizer given never stepped the layers before the first mask update of this
+    #   process (audit CS: the warning above needs one optimizer step to compare with):
+    #   said at that update; torch.optim optimizers only (the hook counts their steps).
     # * step() between the forward and loss.backward(): the step before an update switches the
     #   scoring flag in place (and set/gmp's update edits the weight), so the backward failed
     #   with torch's "modified by an inplace operation" at some steps only. Said when a
@@ -959,6 +981,21 @@ class Sparsifier:
     #   50%-sparse model to density 1.0). The warning comes at the first step(), so every
     #   documented load order (model before or after the Sparsifier's state) passes; not for
     #   policies that never change masks.
+
+    def _check_optimizer_ever_stepped(self) -> None:
+        """At an update step: the optimizer given never stepped the layers since the
+        Sparsifier was created (audit CS: the masks changed and nothing trained)."""
+        end = self.config.end_step
+        if (self._optimizer_steps or getattr(self, "_warned_never_stepped", False) or not self._hooks
+                or getattr(self, "model", None) is None or not self.policy.updates_masks
+                or not isinstance(self.optimizer, torch.optim.Optimizer)
+                or (end is not None and self.step_count > end)):
+            return
+        self._warned_never_stepped = True
+        log.warning("agpe: Sparsifier.step() reached a mask update (step %d) and the optimizer given has not stepped "
+                    "the layers once since the Sparsifier was created: the masks change while the weights do not "
+                    "train. Call optimizer.step() before sparsifier.step(loss) in every training step (a "
+                    "torch.amp.GradScaler that skipped every step so far also causes this)", self.step_count)
 
     def _check_no_missed_optimizer_steps(self) -> None:
         missed = self._own_optimizer_steps - self._own_steps_at_step

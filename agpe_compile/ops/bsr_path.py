@@ -28,7 +28,6 @@ own implementation runs below autograd, so only direct calls are such callers).
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
@@ -36,12 +35,14 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..env import switch
 from .mask_cache import derived
 
 # Block sizes whose crossover was measured (benchmarks/results/2026-11-29-cpu-bsr-session31/).
 BLOCK_SIZES = (8, 16)
-# Set AGPE_CPU_BSR=0 (before import) to keep the dense products on the CPU at every density.
-ENABLED = os.environ.get("AGPE_CPU_BSR", "1") != "0"
+# Set AGPE_CPU_BSR=0 (or false/off/no; before import) to keep the dense products on the CPU at
+# every density; a value that is no on/off word is an error (agpe_compile/env.py).
+ENABLED = switch("AGPE_CPU_BSR")
 
 
 def worth_it(x: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, block_size: int,
@@ -140,7 +141,8 @@ def _bsr(weight: torch.Tensor, block_mask: torch.Tensor, block_size: int, transp
 
 
 def _sparse_bsr(crow, cols, values, shape) -> torch.Tensor:
-    return torch.sparse_bsr_tensor(crow, cols, values, shape, check_invariants=False)
+    # device named: a default device (a torch.device(...) context) must not move it off the CPU
+    return torch.sparse_bsr_tensor(crow, cols, values, shape, device=values.device, check_invariants=False)
 
 
 def _silence_first_warnings() -> None:

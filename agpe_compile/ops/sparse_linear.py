@@ -39,7 +39,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -48,6 +47,7 @@ from agpe_compile import kernels
 
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..env import switch
 from . import dense_path, paths
 
 _EMPTY = (0,)
@@ -179,9 +179,9 @@ def _(grad_out, x, weight, block_mask, saliency, dense_grad_sq, score_dense, cou
     return grad_input, grad_weight
 
 
-# Set AGPE_INLINE_KERNELS=0 (before import) to keep the ops opaque on CUDA too: the host ops
+# Set AGPE_INLINE_KERNELS=0 (or false/off/no; before import; agpe_compile/env.py) to keep the ops opaque on CUDA too: the host ops
 # then launch the same kernels eagerly, and Inductor schedules around one opaque call.
-INLINE_KERNELS = os.environ.get("AGPE_INLINE_KERNELS", "1") != "0"
+INLINE_KERNELS = switch("AGPE_INLINE_KERNELS")
 # Devices whose calls trace the op's body (below) instead of calling the opaque host op.
 # Only CUDA in use; tests add "cpu" to run the traced body's tracing on CI machines.
 TRACED_DEVICES = ("cuda",)

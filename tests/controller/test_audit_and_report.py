@@ -3,6 +3,7 @@
 import builtins
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -100,6 +101,25 @@ def test_report_renders_pngs(agpe_run, tmp_path, capsys):
         layer["dropped_just_grown"] for r in intervals for layer in r["layers"].values())
     assert summary["final_density"] == 0.25
     assert report.summary_line("agpe", summary) in out
+
+
+def test_report_without_matplotlib_prints_the_summary_and_says_the_plots_need_it(agpe_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    # matplotlib is no dependency: without it the CLI gave a ModuleNotFoundError traceback and no summary
+    path = agpe_run[0]
+    summary = report.summary_line("agpe", report.summarize(read_records(path)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert report.main([path, "--out", str(tmp_path / "plots")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == summary + "\n"
+    assert "plots need matplotlib: pip install matplotlib" in captured.err
+    assert "the summary above is complete" in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "plots").exists()  # no plot: no folder made for them
+    monkeypatch.undo()  # with matplotlib: the summary first too, then the files written
+    assert report.main([path, "--out", str(tmp_path / "plots")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == summary and lines[1:] == [f"wrote {tmp_path / 'plots' / name}"
+                                                 for name in ("density_agpe.png", "loss_vs_flops.png")]
 
 
 def test_report_summary_of_an_older_audit_file_says_what_it_lacks():

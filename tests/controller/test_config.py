@@ -94,11 +94,26 @@ def test_block_size_not_dividing_a_layer_names_layer_and_shape():
 def test_every_layer_the_block_size_does_not_divide_is_named_in_one_error():
     model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"'0' is 256x784, '4' is 10x256 \(keep them dense with exclude=\['0', '4'\]\)"):
+    with pytest.raises(ValueError, match=r"'0' is 256x784, '4' is 10x256 \(keep them dense with exclude=\['0', '4'\]; "
+                                         r"or block_size=16 with exclude=\['4'\], which keeps 2 of 3 included layers "
+                                         r"prunable\)"):
         Sparsifier(model, opt, AGPEConfig())  # one at a time before: fix one, meet the next
     model = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 48))
-    with pytest.raises(ValueError, match=r"exclude=\['0', '2'\], or block_size=16, which divides every included"):
+    with pytest.raises(ValueError, match=r"exclude=\['0', '2'\], which leaves no layer to prune, or block_size=16, "
+                                         r"which divides every included"):
         Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig())
+
+
+def test_the_hint_keeps_a_layer_prunable_where_excluding_every_misfit_would_not():
+    # audit CS: the README's typical case (a 784-input layer and a 10-class head) at the default
+    # block 32 was told exclude=['1', '3'], which leaves nothing to prune; block 16 keeps '1'
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"exclude=\['1', '3'\], which leaves no layer to prune; or block_size=16 "
+                                         r"with exclude=\['3'\], which keeps 1 of 2 included layers prunable\)"):
+        Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9))
+    sparsifier = Sparsifier(model, opt, AGPEConfig(target_sparsity=0.9, block_size=16, exclude=("3",)))
+    assert list(sparsifier.layers) == ["1"]  # the hint works as given
 
 
 def test_no_eligible_layer_warns_once_and_trains_dense():
@@ -127,7 +142,7 @@ def test_patterns_and_buckets_accept_lists_as_the_backend_options_do():
 
 def test_the_suggested_exclude_list_keeps_the_users_excludes_and_the_block_size_counts_attention():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
-    with pytest.raises(ValueError, match=r"exclude=\['4', '0', '2'\], or block_size=16"):
+    with pytest.raises(ValueError, match=r"exclude=\['4', '0', '2'\], which leaves no layer to prune, or block_size=16"):
         Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig(exclude=("4",)))
 
     class Attn(nn.Module):

@@ -71,6 +71,27 @@ def test_real_numbers_of_other_types_become_floats(tmp_path):
     assert sum(r.get("step") in (2, 4) for r in records) == 2
 
 
+INT_FIELDS = {"block_size": 8, "update_interval": 10, "begin_step": 5, "end_step": 7500, "protect_grown": 1,
+              "patience": 3, "cooldown": 2, "max_backoffs": 1, "seed": 7}
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.int32, np.uint16])
+def test_numpy_integers_are_accepted_for_int_fields_and_stored_as_int(kind):
+    # AGPEConfig(end_step=np.int64(10_000) * 3 // 4) was "got np.int64(7500); expected an int >= 0"
+    config = AGPEConfig(**{field: kind(value) for field, value in INT_FIELDS.items()}, version=kind(1))
+    for field, value in {**INT_FIELDS, "version": 1}.items():
+        assert type(getattr(config, field)) is int and getattr(config, field) == value, field
+    json.dumps(config.to_dict())
+    assert AGPEConfig(end_step=np.int64(10_000) * 3 // 4).end_step == 7500
+
+
+@pytest.mark.parametrize("field", sorted(INT_FIELDS))
+@pytest.mark.parametrize("value", [True, np.float64(3.0), 3.0, fractions.Fraction(3, 1), "3"])
+def test_bools_and_non_integers_are_still_refused_for_int_fields(field, value):
+    with pytest.raises(ValueError, match=rf"AGPEConfig\.{field} got .*; expected an int >= "):
+        AGPEConfig(**{field: value})
+
+
 def test_out_of_range_seed_and_empty_audit_path_are_refused_at_construction():
     AGPEConfig(seed=2**64 - 1)
     with pytest.raises(ValueError, match=r"AGPEConfig.seed got 18446744073709551616"):

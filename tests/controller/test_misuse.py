@@ -1221,3 +1221,61 @@ def test_a_second_models_sparsifier_stepped_in_the_same_graphed_step_counts_repl
     assert not _messages(caplog, "no optimizer.step() since") and not _messages(caplog, "optimizer steps")
     assert other_sp._own_optimizer_steps == 5
     torch._dynamo.reset()
+
+
+def test_an_optimizer_that_never_steps_is_named_at_the_first_update(caplog):
+    # audit CS: the double-call warning needs one optimizer step to compare with, so a loop
+    # that never stepped the optimizer pruned the model with nothing said
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                update_interval=4, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        for x, y in batches(9):
+            torch.nn.functional.cross_entropy(cmodel(x), y).backward()
+            opt.zero_grad()
+            sp.step()
+    said = _messages(caplog, "the optimizer given has not stepped the layers once")
+    assert len(said) == 1 and "(step 4)" in said[0].getMessage()
+
+
+def test_an_optimizer_that_steps_is_not_told_it_never_did(caplog):
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                update_interval=4, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        train(cmodel, opt, sp, batches(9))
+    assert not _messages(caplog, "has not stepped")
+
+
+@pytest.mark.parametrize("policy", ["rigl", "agpe"])
+def test_optimizer_state_loaded_before_a_sparse_start_is_named(policy, caplog):
+    # audit CS: loading the optimizer before creating a sparse-start Sparsifier reset its loaded
+    # moments on the dropped blocks; the resume then diverged with nothing said
+    config = AGPEConfig(policy=policy, block_size=4, target_sparsity=0.5, update_interval=4, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config, optimizer="adam")
+    train(cmodel, opt, sp, batches(3))
+    saved = copy.deepcopy(opt.state_dict())
+    sp.close()
+    torch.manual_seed(0)
+    from .helpers import TinyMLP
+
+    fresh = TinyMLP()
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved)  # before the Sparsifier: the order the docs warn against
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        Sparsifier(fresh, opt2, config)
+    said = _messages(caplog, "the optimizer already holds state for")
+    if policy == "rigl":  # starts sparse: draws a layout and resets the moments it drops
+        assert len(said) == 1 and "docs/checkpoint-format.md" in said[0].getMessage()
+    else:  # starts dense: nothing drawn, nothing reset
+        assert not said
+
+
+def test_the_documented_resume_order_is_not_told_its_moments_were_reset(caplog):
+    config = AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5, update_interval=4, end_step=100)
+    torch.manual_seed(0)
+    from .helpers import TinyMLP
+
+    model = TinyMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        Sparsifier(model, opt, config)
+    assert not _messages(caplog, "the optimizer already holds state for")
