@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 CONFIG_VERSION = 1
@@ -52,6 +53,8 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         _check_block_size("block_size", self.block_size, allow_none=True)
+        if self.block_size is not None:  # a numpy integer passes the check: keep a plain int (re-audit CT)
+            object.__setattr__(self, "block_size", int(self.block_size))
         _check_patterns("include", self.include)
         _check_patterns("exclude", self.exclude)
         if not isinstance(self.inductor, bool):
@@ -115,7 +118,7 @@ def _bad(key: str, value: Any, accepted: str, kind: str = "value") -> str:
 def _check_block_size(key: str, value: Any, allow_none: bool) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BLOCK_SIZE:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_BLOCK_SIZE:
         raise ValueError(_bad(key, value, f"an int in [1, {MAX_BLOCK_SIZE}]"))
 
 

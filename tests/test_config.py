@@ -60,3 +60,17 @@ def test_backend_unknown_option_lists_mode_which_the_backend_accepts():
     with pytest.raises(ValueError, match=r"unknown option 'modes'.*one of the keys \[.*'mode'"):
         agpe_compile.AgpeBackend({"modes": "max-autotune"})
     agpe_compile.AgpeBackend({"mode": "max-autotune"})  # what the message offers is accepted
+
+
+def test_a_numpy_integer_block_size_is_an_option_stored_as_int():
+    # re-audit CT: AGPEConfig took numpy integers, the backend options and prepare() refused them
+    import numpy as np
+
+    from agpe_compile.config import BackendConfig
+
+    config = BackendConfig.from_options({"block_size": np.int64(8)})
+    assert config.block_size == 8 and type(config.block_size) is int
+    with pytest.raises(ValueError, match="block_size"):
+        BackendConfig.from_options({"block_size": np.float64(8.0)})
+    with pytest.raises(ValueError, match="block_size"):
+        BackendConfig.from_options({"block_size": True})

@@ -267,10 +267,13 @@ class AGPEConfig:
         from agpe_compile.state import _unwrapped  # names as prepare() gives them
 
         size = self.block_size or DEFAULT_BLOCK_SIZE
-        misfits, dims, layers, attention_dims = [], [], [], []
+        misfits, layers, attention, already = [], [], [], 0
         for module_name, module in _unwrapped(model).named_modules():
             name = layer_name(module_name, "weight")
-            if not isinstance(module, nn.Linear) or name in prepared:
+            if not isinstance(module, nn.Linear):
+                continue
+            if name in prepared:  # prepared earlier (a resume's prepare + load): its block size is set
+                already += 1
                 continue
             if nn.utils.parametrize.is_parametrized(module, "weight"):
                 continue  # stays dense (prepare said so); reading it would run the parametrization
@@ -282,7 +285,6 @@ class AGPEConfig:
                 raise ValueError(f"agpe: layer {name!r} is a lazy module whose weight is not materialized yet; run "
                                  f"one forward pass before creating the Sparsifier (or exclude={name!r})")
             n, k = module.weight.shape
-            dims += [n, k]
             layers.append((name, n, k))
             if n % size or k % size:
                 misfits.append((name, n, k))
@@ -296,10 +298,10 @@ class AGPEConfig:
                     if (weight is not None and weight.dim() == 2
                             and any(fnmatch.fnmatchcase(pname, p) for p in self.include)
                             and not any(fnmatch.fnmatchcase(pname, p) for p in self.exclude)):
-                        attention_dims += list(weight.shape)
-        dims += attention_dims
+                        attention.append((pname, *weight.shape))
         if misfits:
-            raise ValueError(_bad("block_size", size, _misfit_hint(size, self.exclude, layers, misfits, attention_dims)))
+            raise ValueError(_bad("block_size", size, _misfit_hint(size, self.exclude, layers, misfits, attention,
+                                                                   already)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -358,27 +360,33 @@ def _buckets(value) -> None:
 _BLOCK_SIZES_SUGGESTED = (128, 64, 32, 16, 8)
 
 
-def _misfit_hint(size, exclude, layers, misfits, attention_dims) -> str:
+def _misfit_hint(size, exclude, layers, misfits, attention, already) -> str:
     """What block_size's error suggests for included layers ``size`` does not divide: the
-    exclude=[...] that keeps them dense; a block size that divides every included layer; or,
-    where none does, the largest one that divides every layer some block size fits, with the
-    others excluded (audit CS: for a 784-input layer and a 10-class head at block 32 the first
-    alone left nothing to prune, while block 16 without the head keeps the first layer)."""
+    exclude=[...] that keeps them dense; a block size that divides every included weight; or,
+    where none does, the largest one that divides every weight some block size fits, with the
+    other layers excluded (audit CS: for a 784-input layer and a 10-class head at block 32 the
+    first alone left nothing to prune, while block 16 without the head keeps the first layer).
+    ``attention``: the included attention projections (name, n, k), prunable where the block
+    size divides them; ``already``: included linear layers prepared before, at their block
+    size, which no other block size can change (re-audit CT)."""
     shapes = ", ".join(f"{name!r} is {n}x{k}" for name, n, k in misfits)
-    left = len(layers) - len(misfits)
+    fitting_attention = sum(1 for _, n, k in attention if n % size == 0 and k % size == 0)
+    left = len(layers) - len(misfits) + already + fitting_attention
     hint = (f"keep {'it' if len(misfits) == 1 else 'them'} dense with "
             f"exclude={[*exclude, *(name for name, _, _ in misfits)]!r}"
-            f"{'' if left or attention_dims else ', which leaves no layer to prune'}")
-    dims = [d for _, n, k in layers for d in (n, k)] + attention_dims
-    fits = [b for b in _BLOCK_SIZES_SUGGESTED if math.gcd(*dims) % b == 0]
+            f"{'' if left else ', which leaves no layer to prune'}")
+    weights = [*layers, *attention]
+    what = "a common divisor of the dimensions of every included layer"
+    if already:
+        return f"{what}; {shapes} ({hint}; {already} included layer(s) were prepared before at their block size)"
+    fits = [b for b in _BLOCK_SIZES_SUGGESTED if math.gcd(*(d for _, n, k in weights for d in (n, k))) % b == 0]
     if fits:
-        return f"a common divisor of the dimensions of every included layer; {shapes} ({hint}, or block_size=" \
-               f"{fits[0]}, which divides every included layer)"
+        return f"{what}; {shapes} ({hint}, or block_size={fits[0]}, which divides every included layer)"
     unfit = [name for name, n, k in layers if math.gcd(n, k) % _BLOCK_SIZES_SUGGESTED[-1]]
-    kept = [(n, k) for name, n, k in layers if name not in unfit]
-    rest = [d for pair in kept for d in pair] + attention_dims
+    kept = [(n, k) for name, n, k in weights if name not in unfit]
+    rest = [d for pair in kept for d in pair]
     fits = [b for b in _BLOCK_SIZES_SUGGESTED if rest and math.gcd(*rest) % b == 0]
     if fits and len(kept) > left:
         hint += (f"; or block_size={fits[0]} with exclude={[*exclude, *unfit]!r}, which keeps {len(kept)} of "
-                 f"{len(layers)} included layers prunable")
-    return f"a common divisor of the dimensions of every included layer; {shapes} ({hint})"
+                 f"{len(weights)} included {'weights' if attention else 'layers'} prunable")
+    return f"{what}; {shapes} ({hint})"

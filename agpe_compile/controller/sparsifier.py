@@ -317,6 +317,7 @@ class Sparsifier:
         self._check_no_missed_optimizer_steps()
         self._check_no_backward_pending(loss)
         self._check_resumed_state()
+        self._check_optimizer_state_survived_the_layout()
         if loss is not None:
             value = _loss_value(loss)
             finite = torch.isfinite(value)
@@ -820,7 +821,7 @@ class Sparsifier:
         if not chosen:
             return
         results = [DropGrow(mask, ~mask, torch.zeros_like(mask)) for _, mask in chosen]
-        self._say_optimizer_state_was_reset(chosen)
+        self._note_optimizer_state_reset(chosen)
         self._apply_all([s for s, _ in chosen], results, relayout=False)  # _setup re-buckets next
         if self.config.rescale_init:
             with torch.no_grad():
@@ -838,22 +839,35 @@ class Sparsifier:
                             "rescale_init=False, or %s",
                             self.config.policy, _global_density([m for _, m in chosen]), dense_start)
 
-    def _say_optimizer_state_was_reset(self, chosen) -> None:
-        """A drawn initial layout resets the optimizer's moments on the blocks it drops. When
-        the optimizer already holds state for those weights, that is either a model trained
-        dense before (expected) or an optimizer state_dict loaded before the Sparsifier was
-        created, whose moments a later load of the Sparsifier's state cannot bring back (audit
-        CS: the resumed run diverged silently)."""
-        held = [state.name for state, mask in chosen if not bool(mask.all()) and any(
-            optimizer is not None and state.weight in optimizer.state and optimizer.state[state.weight]
-            for optimizer in (self.optimizer, *self._other_optimizers))]
-        if held:
-            log.warning("agpe: the optimizer already holds state for %d layer(s) (%s) whose initial layout was just "
-                        "drawn: their moments on the blocks the layout dropped were reset. If you are resuming a run "
-                        "(optimizer.load_state_dict() before the Sparsifier was created), those moments are lost and "
-                        "the run will not continue exactly: create the model, the optimizer and the Sparsifier, then "
-                        "load the three state_dicts (docs/checkpoint-format.md). If the model trained dense before "
-                        "this, the reset is intended", len(held), ", ".join(held[:4]) + (", ..." if len(held) > 4 else ""))
+    def _note_optimizer_state_reset(self, chosen) -> None:
+        """A drawn initial layout resets the optimizer's moments on the blocks it drops. Where
+        the optimizer already held state for a layer, remember the drawn mask: if the masks the
+        first step() finds have live blocks that layout dropped, a run's masks were loaded
+        after an optimizer state_dict was, and those blocks' loaded moments are gone (audit CS:
+        the resumed run diverged silently). A model trained dense before the Sparsifier, or a
+        resume whose masks are the drawn ones (static), keeps the drawn masks: nothing said."""
+        self._drawn_over_optimizer_state = {
+            state.name: mask.clone() for state, mask in chosen if not bool(mask.all()) and any(
+                optimizer is not None and state.weight in optimizer.state and optimizer.state[state.weight]
+                for optimizer in (self.optimizer, *self._other_optimizers))}
+
+    def _check_optimizer_state_survived_the_layout(self) -> None:
+        drawn = getattr(self, "_drawn_over_optimizer_state", None)
+        if not drawn:
+            return
+        self._drawn_over_optimizer_state = {}
+        names = [name for name in drawn if name in self.layers]
+        masks = to_host([self.layers[name].block_mask for name in names])
+        lost = {name: int((mask.cpu() & ~drawn[name]).sum()) for name, mask in zip(names, masks)
+                if mask.shape == drawn[name].shape}
+        lost = {name: count for name, count in lost.items() if count}
+        if lost:
+            log.warning("agpe: the optimizer already held state for %d layer(s) when this Sparsifier drew their initial "
+                        "layout, which reset its moments on the blocks the layout dropped; the masks loaded since have "
+                        "%d of those blocks live (%s), so their loaded moments are lost and the run does not continue "
+                        "exactly. To resume: create the model, the optimizer and the Sparsifier, then load the three "
+                        "state_dicts (docs/checkpoint-format.md)", len(drawn), sum(lost.values()),
+                        ", ".join(list(lost)[:4]) + (", ..." if len(lost) > 4 else ""))
 
     def _masks_from_zero_blocks(self, states: List[LayerState], host: List[torch.Tensor]) -> List[torch.Tensor]:
         """Note [Masks from zero blocks]: a pruned model loaded without its agpe buffers

@@ -153,7 +153,9 @@ def _silence_first_warnings() -> None:
     thread's first product could otherwise interleave with (helper audit CQ)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse (BSR tensor support is in beta|invariant checks are implicitly)")
-        _sparse_bsr(torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, 1), (1, 1))
+        cpu = torch.device("cpu")  # named: an import under a default-device context stays on the CPU
+        _sparse_bsr(torch.zeros(2, dtype=torch.int64, device=cpu), torch.zeros(1, dtype=torch.int64, device=cpu),
+                    torch.zeros(1, 1, 1, device=cpu), (1, 1))
 
 
 if ENABLED:

@@ -14,8 +14,8 @@ exact, as its in-place masking writes them).
 
 Taken under the same conditions as the BSR products (fp32, real strided CPU tensors, no
 trace, dispatch mode, torch.func transform, CPU autocast or autograd caller, AGPE_CPU_BSR
-not 0), for any block size of 8 and more, when the live fraction is at most
-:func:`max_density`. The steps that score the inactive blocks (``score_dense`` set) compute
+not off), for blocks of 8, 16 and 32, when the live fraction is at most :func:`max_density`,
+which depends on the weight's size, the call's rows and the thread count (measured below). The steps that score the inactive blocks (``score_dense`` set) compute
 the whole dense product for those norms as well, and still take dW from the sampled
 product: dW's last bits then never depend on the scoring flag (zero-code mode under
 gradient accumulation sets it on other micro-batches than the explicit Sparsifier, and the
@@ -46,7 +46,7 @@ from .mask_cache import derived
 # * one thread: 128 x 128 lost everywhere (1.01-2.84). At 128-2048 rows weights from 600k
 #   elements won at 0.1 (0.48-0.65) and at 0.16 (0.70-0.94), from 256 x 256 at 0.1
 #   (0.61-0.99; at 0.16 5 of 30 lost); at 32 rows 0.16 lost everywhere (1.07-1.25) and 0.1 won
-#   from 600k elements (0.73-0.89); at 4096 rows 0.1 won from 600k (0.58-0.77), at 8192 from
+#   from 600k elements (0.77-0.89); at 4096 rows 0.1 won from 600k (0.58-0.77), at 8192 from
 #   1000 x 784 (0.78-0.90); 0.16 lost at 4096 and 8192 rows (4 of 5 and 5 of 5 from 600k).
 # * two threads (the dense product uses both, the sampled one barely): from 1000 x 784 at
 #   128-4096 rows 0.1 won (0.61-0.83) and 0.16 tied (0.77-1.10, 5 of 16 lost); smaller weights
@@ -62,13 +62,14 @@ _ENVELOPE = {
     2: ((128, 4096, 784_000, 0.105),),
 }
 BLOCK_SIZES = (8, 16, 32)
+_BLOCK_32_FROM = 1024 * 1024  # blocks of 32 were measured on 1024 x 1024 and 2048 x 2048 only
 
 
 def max_density(rows: int, weight_numel: int, threads: int, block_size: int) -> float:
     """Live-block fraction up to which the sampled dW is faster than the dense one, for a
     call of ``rows`` rows on a weight of ``weight_numel`` elements with ``threads`` intra-op
     threads and blocks of ``block_size`` (0 where it was not measured or lost)."""
-    if block_size not in BLOCK_SIZES:
+    if block_size not in BLOCK_SIZES or (block_size == 32 and weight_numel < _BLOCK_32_FROM):
         return 0.0
     for low, high, numel, bound in _ENVELOPE.get(max(threads, 1), ()):
         if low <= rows <= high and weight_numel >= numel:
@@ -135,8 +136,9 @@ def _silence_first_warnings() -> None:
     bsr_path._silence_first_warnings gives)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks are implicitly)")
-        pattern = _pattern(torch.ones(1, 1, dtype=torch.bool), 1)[0]
-        torch.sparse.sampled_addmm(pattern, torch.ones(1, 1), torch.ones(1, 1), beta=0.0)
+        cpu = torch.device("cpu")  # named: an import under a default-device context stays on the CPU
+        pattern = _pattern(torch.ones(1, 1, dtype=torch.bool, device=cpu), 1)[0]
+        torch.sparse.sampled_addmm(pattern, torch.ones(1, 1, device=cpu), torch.ones(1, 1, device=cpu), beta=0.0)
 
 
 if bsr_path.ENABLED:

@@ -154,3 +154,33 @@ def test_the_suggested_exclude_list_keeps_the_users_excludes_and_the_block_size_
     model = Attn()
     with pytest.raises(ValueError, match=r"or block_size=8, which divides"):  # 40 rules out 16
         Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), AGPEConfig())
+
+
+def test_the_hint_on_a_model_prepared_before_counts_its_layers_and_offers_no_other_block_size():
+    # re-audit CT: the prepared layers were not counted ("leaves no layer to prune") and a
+    # block size they cannot take was offered
+    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    assert sorted(agpe_compile.prepare(model)) == ["2"]  # 32 divides only the middle layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as raised:
+        Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5))
+    message = str(raised.value)
+    assert "exclude=['0', '4']; 1 included layer(s) were prepared before" in message
+    assert "leaves no layer" not in message and "block_size=16" not in message
+    assert sorted(Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, exclude=("0", "4"))).layers) == ["2"]
+
+
+def test_the_hint_counts_attention_projections_only_where_the_block_size_fits_them():
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.inp = nn.Linear(64, width)
+            self.attn = nn.MultiheadAttention(width, 2)
+
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)
+    model = Block(36)  # no block size fits 36: excluding both linear layers leaves nothing
+    with pytest.raises(ValueError, match=r"exclude=\['inp', 'attn.out_proj'\], which leaves no layer to prune\)"):
+        Sparsifier(model, opt(model), AGPEConfig())
+    model = Block(48)  # 16 fits all: the projections are counted among the weights
+    with pytest.raises(ValueError, match=r"or block_size=16, which divides every included layer"):
+        Sparsifier(model, opt(model), AGPEConfig())
