@@ -62,7 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(error))
     folder = os.path.dirname(os.path.realpath(args.output))
     if not os.path.isdir(folder):  # before the temporary file's name could stand in the error (re-audit CT)
-        parser.error(f"cannot write {args.output}: the folder {folder} does not exist")
+        parser.error(f"cannot write {args.output}: {folder} is not a folder" if os.path.exists(folder) else
+                     f"cannot write {args.output}: the folder {folder} does not exist")
     try:
         _save_atomically(plain, args.output)
     except (OSError, RuntimeError) as error:

@@ -396,6 +396,10 @@ def test_strip_checkpoint_command_line(tmp_path, capsys):
         strip_checkpoint.main([str(tmp_path / "run.pt"), str(tmp_path / "no" / "such" / "dir" / "x.pt"), "--key", "model"])
     err = capsys.readouterr().err
     assert "cannot write" in err and "does not exist" in err and ".tmp" not in err  # names the folder, not a temp file
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        strip_checkpoint.main([str(tmp_path / "run.pt"), str(tmp_path / "a_file" / "x.pt"), "--key", "model"])
+    assert "a_file is not a folder" in capsys.readouterr().err
     # a checkpoint that also holds other Python objects: refused by weights_only, read with --trusted
     torch.save({"model": saved["model"], "args": _Args(3)}, tmp_path / "with_args.pt")
     with pytest.raises(SystemExit):

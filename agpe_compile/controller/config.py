@@ -272,15 +272,15 @@ class AGPEConfig:
             name = layer_name(module_name, "weight")
             if not isinstance(module, nn.Linear):
                 continue
+            included = any(fnmatch.fnmatchcase(name, p) for p in self.include)
+            excluded = any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+            if not included or excluded:
+                continue
             if name in prepared:  # prepared earlier (a resume's prepare + load): its block size is set
                 already += 1
                 continue
             if nn.utils.parametrize.is_parametrized(module, "weight"):
                 continue  # stays dense (prepare said so); reading it would run the parametrization
-            included = any(fnmatch.fnmatchcase(name, p) for p in self.include)
-            excluded = any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
-            if not included or excluded:
-                continue
             if isinstance(module.weight, nn.parameter.UninitializedParameter):
                 raise ValueError(f"agpe: layer {name!r} is a lazy module whose weight is not materialized yet; run "
                                  f"one forward pass before creating the Sparsifier (or exclude={name!r})")

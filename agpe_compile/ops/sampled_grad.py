@@ -54,7 +54,7 @@ from .mask_cache import derived
 #   4 (from 1000 x 784).
 # Each row: (fewest rows, most rows, fewest weight elements, bound); the first that holds
 # applies (fewer than 32 rows were not measured). A bound of 0.105 takes in the 0.1 bucket's rounding, 0.16 the 0.15 bucket's. More
-# threads, blocks other than 8-32 and shapes outside these rows were not measured: there the
+# threads, blocks other than 8, 16 and 32 (32 only from 1024 x 1024 elements, _BLOCK_32_FROM) and shapes outside these rows were not measured: there the
 # dense product stays.
 _ENVELOPE = {
     1: ((32, 127, 600_000, 0.105), (128, 2048, 600_000, 0.16), (128, 2048, 65_536, 0.105),

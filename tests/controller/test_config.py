@@ -184,3 +184,14 @@ def test_the_hint_counts_attention_projections_only_where_the_block_size_fits_th
     model = Block(48)  # 16 fits all: the projections are counted among the weights
     with pytest.raises(ValueError, match=r"or block_size=16, which divides every included layer"):
         Sparsifier(model, opt(model), AGPEConfig())
+
+
+def test_a_prepared_layer_the_config_excludes_is_not_counted_as_prunable():
+    # re-audit CU: the prepared layer was counted before the config's exclude was read
+    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    assert sorted(agpe_compile.prepare(model)) == ["2"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"exclude=\['2', '0', '4'\], which leaves no layer to prune; or block_size=16 "
+                                         r"with exclude=\['2', '4'\], which keeps 1 of 2 included layers prunable\)"):
+        Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, exclude=("2",)))
+    assert sorted(Sparsifier(model, opt, AGPEConfig(target_sparsity=0.5, block_size=16, exclude=("2", "4"))).layers) == ["0"]
