@@ -404,14 +404,19 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
             raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected an int")
         return int(value)
 
-    loss, backed_off = plain(loaded.smoothed_loss), plain(loaded.backed_off)
-    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
-        raise TypeError(f"schedule_state['smoothed_loss'] is a {type(loss).__name__}, expected a number or None")
+    def number(field):
+        value = plain(getattr(loaded, field))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected a number or None")
+        return None if value is None else float(value)
+
+    backed_off = plain(loaded.backed_off)
     if not isinstance(backed_off, (bool, numbers.Integral)) or not isinstance(loaded.event, str):
         raise TypeError("schedule_state['backed_off'] must be a bool and ['event'] a str")
     return dataclasses.replace(loaded, rung=whole("rung"), cooldown_left=whole("cooldown_left"),
                                holds=whole("holds"), backoffs=whole("backoffs"),
-                               smoothed_loss=None if loss is None else float(loss), backed_off=bool(backed_off))
+                               smoothed_loss=number("smoothed_loss"), best_loss=number("best_loss"),
+                               backed_off=bool(backed_off))
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "layer_buffers") -> torch.Tensor:
@@ -455,4 +460,4 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
                     ladder[rung], rung, ladder, target_density)
 
     return dataclasses.replace(fresh, rung=rung, smoothed_loss=None if loaded is None else loaded.smoothed_loss,
-                               event="resume"), warn
+                               best_loss=None if loaded is None else loaded.best_loss, event="resume"), warn

@@ -46,8 +46,10 @@ class AGPEConfig:
     """Configuration of the prune-and-regrow controller.
 
     Attributes:
-        target_sparsity: fraction of weight blocks pruned at the end, in [0, 1). Policy
-            ``dense`` ignores it.
+        target_sparsity: fraction of weight blocks pruned at the end, in [0, 1). The budget
+            is whole blocks, ``round((1 - target_sparsity) * blocks)``, so the sparsity
+            reached can differ from it by up to one block either way (0.9006 for 0.9 over
+            352 blocks), and every layer keeps at least one block. Policy ``dense`` ignores it.
         policy: ``dense``, ``static`` (fixed sparse layout), ``set``, ``rigl``, ``gmp``,
             ``snfs`` or ``agpe`` (see policies.py).
         block_size: block side handed to ``agpe_compile.prepare``; ``None`` = the block size
@@ -99,8 +101,9 @@ class AGPEConfig:
             [Adaptive schedule] in adaptive_schedule.py). In short: the smoothed interval
             loss improving by ``improve_tol`` (relative) prunes one rung, so does the
             ``patience``-th consecutive stalled update (``2 * patience`` from a back-off
-            until the next prune on improvement), getting worse by ``backoff_tol`` backs off
-            one rung (at most ``max_backoffs`` times), and so does an update whose dropped
+            until the next prune on improvement), getting worse by ``backoff_tol`` since the
+            last update or since its best (relative; Note [Worse than its best]) backs off
+            one rung (at most ``max_backoffs`` times; none left: it holds), and so does an update whose dropped
             blocks (pruned or swapped out) carried at least ``regret_threshold`` of an
             average active block's saliency (not for ``saliency="movement"``; in practice it
             undoes the first prunes of a run: Note [Regret in practice]). ``max_density``

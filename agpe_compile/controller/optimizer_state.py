@@ -8,7 +8,10 @@ tensor shaped like the weight (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``,
 blocks to the value a fresh parameter starts from: zero, except Rprop's ``step_size`` (the
 group's ``lr``) and Adagrad's ``sum`` (its ``initial_accumulator_value``); a zeroed Rprop
 step size would clamp to ``step_sizes[0]`` and leave a regrown block ~1000x slower.
-Per-parameter scalars (Adam's ``step``) cannot be reset per block and are left.
+Per-parameter scalars (Adam's ``step``) cannot be reset per block and are left: a regrown
+block's bias correction is then that of an old parameter, and for its first few hundred
+steps it moves up to 3-6x as far per step as a fresh parameter would (helper audit CV,
+constant gradient, regrown at step 2,000: 2.9x at its first step, 6.1x at its tenth).
 
 Example::
 

@@ -1,6 +1,7 @@
 """The adaptive schedule: prunes faster on improving loss, holds on stalls, backs off on
 regression or regret, cannot oscillate, only visits bucket densities, meets its deadline."""
 
+import dataclasses
 import math
 
 import pytest
@@ -91,18 +92,22 @@ def test_regret_is_acted_on_even_during_the_cooldown_after_a_prune():
 
 
 def test_no_oscillation_under_adversarial_feedback():
-    sched = schedule(max_backoffs=2, cooldown=1)
-    # The loss alternates between 1 and 2: every other update looks like a big improvement,
-    # the others like a big regression.
-    states = run(sched, [1.0 + (i % 2) for i in range(300)])
+    sched = schedule(max_backoffs=2, cooldown=1, end_step=300 * INTERVAL)
+    # After a few improving updates (to leave rungs to back off to), the loss alternates
+    # between 1 and 2: every other update looks like a big improvement, the others like a big
+    # regression, and all of them stay well above the best (Note [Worse than its best]).
+    states = run(sched, [2.0 * 0.8 ** i for i in range(8)] + [1.0 + (i % 2) for i in range(292)])
     rungs = [s.rung for s in states]
     moves = [b - a for a, b in zip(rungs, rungs[1:]) if b != a]
     assert sum(1 for m in moves if m < 0) == sched.max_backoffs  # it did try to back off...
     direction_changes = sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
     assert direction_changes <= 2 * sched.max_backoffs  # ...but cannot flip-flop
     assert rungs[-1] == len(sched.ladder) - 1
-    changes = [i for i in range(1, len(rungs)) if rungs[i] != rungs[i - 1]]
+    changes = [i for i in range(1, len(rungs)) if rungs[i] != rungs[i - 1] and states[i].event != "prune:deadline"]
     assert all(b - a > sched.cooldown for a, b in zip(changes, changes[1:]))  # cooldown respected
+    # after its back-offs it holds (never prunes on the alternation) until the deadline
+    assert {s.event for s in states[12:-4]} <= {"hold:worse", "hold:cooldown"}
+    assert [s.event for s in states[-4:]] == ["prune:deadline"] * 4
 
 
 def test_only_bucket_densities_and_one_bucket_per_rung():
@@ -160,8 +165,82 @@ def test_an_interval_without_a_finite_loss_holds_and_does_not_count_as_a_stall(b
 
 def test_a_worse_loss_resets_the_count_of_stalled_holds():
     # "patience consecutive stalled holds": stall, worse, stall must not prune (it pruned one
-    # update after the loss got 30% worse).
+    # update after the loss got 30% worse). The third update is flat against the second but
+    # still 30% above the best: worse too (Note [Worse than its best]).
     sched = schedule(patience=2, max_backoffs=0, loss_smoothing=0.0)
     states = run(sched, [1.0, 1.3, 1.3])
-    assert [s.event for s in states] == ["hold:stall", "hold:worse", "hold:stall"]
+    assert [s.event for s in states] == ["hold:stall", "hold:worse", "hold:worse"]
     assert all(s.rung == 0 for s in states)
+    # within backoff_tol of the best, a flat loss is a stall again, counted from zero
+    states = run(sched, [1.0, 1.3, 1.03, 1.03])
+    assert [s.event for s in states] == ["hold:stall", "hold:worse", "prune:improving", "hold:cooldown"]
+    states = run(schedule(patience=2, max_backoffs=0, loss_smoothing=0.0, cooldown=0), [1.0, 1.0, 1.3, 1.04, 1.04])
+    assert [s.event for s in states] == ["hold:stall", "prune:patience", "hold:worse", "prune:improving",
+                                         "hold:stall"]
+
+
+# ---- Note [Worse than its best] (helper audit CV) ----------------------------------------
+
+SPIKE_BASE = [2.0, 1.9, 1.85, 1.8, 1.78, 1.76, 1.75, 1.745, 1.74, 1.738, 1.736, 1.735]
+
+
+@pytest.mark.parametrize("at", [6, 7])  # update 7 is a cooldown update (update 6 pruned), 8 is not
+def test_a_loss_spike_backs_off_and_its_decay_is_not_read_as_improvement(at):
+    sched = schedule(end_step=3000, update_interval=100)
+    losses = list(SPIKE_BASE)
+    losses[at] *= 3.0
+    state, events, densities = sched.initial_state(), [], []
+    for i, loss in enumerate(losses):
+        state = sched.next_state(state, (i + 1) * 100, Feedback(loss=loss))
+        events.append(state.event)
+        densities.append(sched.density(state))
+    assert events[5] == "prune:improving" and densities[5] == 0.35
+    # before: a spike on the cooldown update pruned at the three updates after it (0.35 -> 0.1)
+    assert "backoff:loss" in events[at:at + 2]
+    after = events[at + 1:]
+    # no prune while the smoothed loss is still more than backoff_tol above its best ...
+    for i, event in enumerate(after, start=at + 1):
+        if event.startswith("prune"):
+            assert (state_gap := _gap(sched, losses[:i + 1])) <= sched.backoff_tol, (i, event, state_gap)
+    assert min(densities[at:]) >= 0.35
+
+
+def _gap(sched, losses):
+    """(smoothed - best) / best after ``losses``, as the schedule computes it."""
+    s = best = None
+    for loss in losses:
+        s = loss if s is None else sched.loss_smoothing * s + (1 - sched.loss_smoothing) * loss
+        best = s if best is None else min(best, s)
+    return (s - best) / abs(best)
+
+
+def test_a_spike_that_leaves_the_loss_higher_for_good_holds_until_the_deadline():
+    # the loss settles 65% above where it was (audit CV's MLP after a learning-rate spike):
+    # back off, then never prune on the decay; the deadline still reaches the final density
+    sched = schedule(end_step=300, update_interval=10)
+    losses = [2.0, 1.8, 1.72, 1.72, 9.3] + [2.9] * 25
+    states = run(sched, losses)
+    events = [s.event for s in states]
+    assert not [e for e in events[4:] if e in ("prune:improving", "prune:patience")], events
+    assert sum(e.startswith("backoff:") for e in events) == sched.max_backoffs
+    assert sched.density(states[-1]) == sched.final_density
+
+
+def test_a_loss_that_keeps_rising_inside_the_dead_band_is_not_pruned():
+    # 4.9% worse every interval (inside the dead band update to update): it was pruned on
+    # patience from 1.0 to 0.1; now it backs off / holds as soon as it is 5% above its best
+    sched = schedule(end_step=5000, update_interval=100)
+    states = run(sched, [1.049 ** i for i in range(19)])
+    events = [s.event for s in states]
+    assert not [e for e in events[2:] if e.startswith("prune")], events
+    assert sched.density(states[-1]) == 1.0
+
+
+def test_best_loss_is_the_lowest_smoothed_loss_and_old_states_take_their_smoothed_loss():
+    sched = schedule()
+    states = run(sched, [2.0, 1.0, 3.0, float("nan")])
+    assert [s.best_loss for s in states] == [2.0, 1.5, 1.5, 1.5]
+    assert states[3].smoothed_loss == 2.25
+    # a state saved before best_loss existed: its smoothed loss is the best from there
+    old = dataclasses.replace(states[2], best_loss=None)
+    assert sched.next_state(old, 40, Feedback(loss=2.25)).best_loss == 2.25

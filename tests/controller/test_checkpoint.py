@@ -500,3 +500,31 @@ def test_a_malformed_rank_state_raises_and_changes_nothing(damage):
     with pytest.raises(ValueError, match=message):
         sp.load_rank_state_dict(state)
     assert _same(_snapshot(sp), before)
+
+
+def test_the_best_loss_resumes_and_a_checkpoint_saved_before_it_takes_its_smoothed_loss():
+    # Note [Worse than its best]: the schedule's lowest smoothed loss is part of its state
+    import numpy as np
+
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(8))
+    state = sp.state_dict()
+    best = state["schedule_state"]["best_loss"]
+    assert isinstance(best, float) and best <= state["schedule_state"]["smoothed_loss"]
+    *_, resumed, _, _ = make_run(config)
+    resumed.load_state_dict(state)
+    assert resumed.schedule_state == sp.schedule_state
+    older = dict(state, schedule_state={k: v for k, v in state["schedule_state"].items() if k != "best_loss"})
+    *_, old, _, _ = make_run(config)
+    old.load_state_dict(older)
+    assert old.schedule_state.best_loss is None  # the next update starts from the smoothed loss
+    numpy = dict(state, schedule_state=dict(state["schedule_state"], best_loss=np.float32(best)))
+    *_, typed, _, _ = make_run(config)
+    typed.load_state_dict(numpy)
+    assert type(typed.schedule_state.best_loss) is float
+    bad = dict(state, schedule_state=dict(state["schedule_state"], best_loss="low"))
+    *_, refused, _, _ = make_run(config)
+    with pytest.raises(ValueError, match=r"malformed.*schedule_state\['best_loss'\] is a str, expected a number or "
+                                         r"None.*nothing was loaded"):
+        refused.load_state_dict(bad)

@@ -6,6 +6,7 @@ import logging
 import pytest
 
 import torch
+import torch.nn.functional as F
 
 import agpe_compile
 from agpe_compile.controller import AGPEConfig, Sparsifier
@@ -1298,3 +1299,38 @@ def test_a_sparse_start_after_dense_training_is_not_told_its_moments_were_lost(c
         sp = Sparsifier(model, opt, AGPEConfig(policy="rigl", block_size=4, target_sparsity=0.5, update_interval=2))
         train(torch.compile(model, backend=backend), opt, sp, batches(3, seed=1))
     assert not _messages(caplog, "the optimizer already held state")
+
+
+def _steps_without_loss(cmodel, opt, sp, n, loss=False):
+    for x, y in batches(n):
+        out = F.cross_entropy(cmodel(x), y)
+        out.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step(out if loss else None)
+
+
+@pytest.mark.parametrize("policy,loss,warns", [("agpe", False, True), ("agpe", True, False), ("rigl", False, False)])
+def test_agpe_without_a_loss_says_its_schedule_cannot_adapt(caplog, policy, loss, warns):
+    # helper audit CV: step() without a loss silently turned AGPE's feedback off
+    _, opt, sp, cmodel, _ = make_run(AGPEConfig(policy=policy, block_size=4, target_sparsity=0.5,
+                                                update_interval=2, end_step=100))
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        _steps_without_loss(cmodel, opt, sp, 8, loss=loss)
+    said = [r.getMessage() for r in caplog.records if "passed a loss" in r.getMessage()]
+    assert len(said) == (1 if warns else 0), said  # once, not at each of the 4 updates
+    if warns:
+        assert "sparsifier.step(loss)" in said[0] and "every patience + cooldown = 3 updates" in said[0]
+
+
+def test_a_target_missed_at_high_sparsity_says_so(caplog):
+    # helper audit CV: the warning needed 0.05 above the target, so 1 block of 256 (0.0039)
+    # against a target of 0.001 said nothing
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(64, 64))  # 256 blocks of 4
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        AGPEConfig(block_size=4, target_sparsity=0.999, policy="static"))
+    assert sp.global_density == 1 / 256
+    assert any("global density 0.004 instead of the target 0.001" in r.getMessage() for r in caplog.records)
