@@ -26,6 +26,10 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the repository root too (as benchmarks/kernels.py): the GPU machine has no installed
+# agpe_compile (audit CW HIGH-3)
+if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import agpe_compile  # noqa: E402
 from train_step import make_stack, make_step, set_density  # noqa: E402

@@ -6,24 +6,56 @@
 # $OUT/gpu_session.tgz after every part (the tool returns at most 8 files). The limits below
 # are the parts' timeouts; each may run 10 s past its own (timeout -k 10) plus ~10 s of start.
 #   run from the repository root:  bash benchmarks/gpu_session.sh
-# PARTS picks the sections (default: "tests diagnose kernels train"; also "tma", "tmakernels", "ckpt" and "probe");
-# a lease's 10-minute call limit fits "tests diagnose kernels" (<= 485 s; 204 s on an H200 in
-# the ninth session) and "train" (<= 300 s; 126 s) as two calls on the same warm machine
-# (it stays warm only 30 s after a call: issue the second call at once). "tma" (<= 430 s)
+# PARTS picks the sections, space-separated (default: "tests diagnose kernels train"; also "tma",
+# "tmakernels", "ckpt" and "probe"; an unknown word exits 2 before any work). "tests" (<= 400 s;
+# 179.5 s for 68 tests in the twenty-fifth session, 80 tests now) is best a call of its own,
+# "diagnose kernels" (<= 195 s) and "train" (<= 300 s; 126 s) fit one more; calls on the same
+# warm machine must follow at once (it stays warm only 30 s after a call). "tma" (<= 430 s)
 # times the training step with AGPE_TMA off and persistent (TMA_SETTINGS) in one process,
 # each compiled anew (Note [TMA by default] in agpe_compile/kernels/launch.py); "tmakernels" (<= 270 s) times the kernels with AGPE_TMA=persistent against cuBLAS
 # (block 128) and every TMA variant against the plain kernels; "ckpt" (<= 200 s) times the step with
 # every block under activation checkpointing; "probe" (<= 120 s) runs
 # benchmarks/gpu_host_probe.py (host time and synchronizations of a step). KERNEL_ARGS="" adds the config sweep (+~60 s);
 # TRAIN_STEP_ARGS=--no-mask-update shortens the training step; TRAIN_STEP_LOGS sets its TORCH_LOGS
-# (default output_code, for inductor_copies.py); SCHEDULE_STEPS=100 adds the
-# simulated schedule's compile count (measured before: 7 compilations for 10 crossings).
+# (default output_code, for inductor_copies.py); SCHEDULE_STEPS=N adds the simulated N-step
+# schedule's compile count, which needs no GPU (the --small stack, block 32, aot_eager; the
+# same on every device): 2,000 steps gave 5 compilations for 4 crossings on the CPU
+# (benchmarks/results/2026-11-29-cpu-schedule-count-session35/).
+# DEADLINE (seconds, a positive integer; default 570 for a full 600 s call): every part's limit
+# is capped so the script ends by then; set it to the call's limit_s - 30 when less device time
+# is left, or the tool kills a part before it writes its partial JSON.
+# ALLOW_NO_CUDA=1: run without CUDA, for a CPU dry run of the script (otherwise it exits 3 up
+# front when torch.cuda.is_available() is False: the parts would skip or time the CPU instead).
 # Every part's exit status is kept: a failing part prints its log's tail, the others still
 # run, and the script exits 1 if any failed. Under the device tool ($OUT set) the results are
 # packed into $OUT after every part, so a call cut off by its own time limit keeps what ended;
 # each call writes a folder of its own under runs/gpu (a warm machine keeps earlier calls').
 set -uo pipefail
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The variables first, before any work (a typo used to run nothing and exit 0: audit CW LOW-1/3)
+KNOWN_PARTS="tests diagnose kernels train tma tmakernels ckpt probe"
+PARTS="${PARTS:-tests diagnose kernels train}"
+read -r -a words <<< "$PARTS"  # (no glob expansion of the words)
+if [ "${#words[@]}" -eq 0 ]; then
+  echo "gpu_session.sh: PARTS: no part named (PARTS='$PARTS'); expected space-separated words of: $KNOWN_PARTS" >&2
+  exit 2
+fi
+for word in "${words[@]}"; do
+  case " $KNOWN_PARTS " in
+    *" $word "*) ;;
+    *) echo "gpu_session.sh: PARTS: unknown part '$word' (PARTS='$PARTS'); expected space-separated words of: $KNOWN_PARTS" >&2
+       exit 2;;
+  esac
+done
+DEADLINE="${DEADLINE:-570}"
+if ! [[ "$DEADLINE" =~ ^[1-9][0-9]*$ ]]; then
+  echo "gpu_session.sh: DEADLINE: expected a positive integer (seconds), got '$DEADLINE'" >&2
+  exit 2
+fi
+if [ "${ALLOW_NO_CUDA:-0}" != 1 ] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_session.sh: torch.cuda.is_available() is False on this machine: nothing run (ALLOW_NO_CUDA=1 for a CPU dry run)" >&2
+  exit 3
+fi
 RUN_DIR="${RUN_DIR:-runs/gpu/$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$RUN_DIR"
 FAILED=""
@@ -44,7 +76,7 @@ pack() {
   # packs: audit BU, re-audit BW)
   local n
   n=$(find "$OUT" -maxdepth 1 -type f ! -name 'gpu_session.tgz*' | wc -l)
-  for f in gpu_tests.txt kernels.txt train_step.txt diagnose.txt host_probe.txt inductor_copies.txt \
+  for f in gpu_tests.txt kernels.txt train_step.txt train_step_tma.txt diagnose.txt host_probe.txt inductor_copies.txt \
            train_step_ckpt.txt kernels_persistent.txt kernels_tma.txt; do
     [ -f "$RUN_DIR/$f" ] || continue
     if [ -f "$OUT/$f" ]; then cp "$RUN_DIR/$f" "$OUT/"
@@ -58,13 +90,15 @@ pack() {
 # Every part's limit is capped so the script ends by DEADLINE seconds (default 570, inside
 # the device tool's 600 s call): a part the tool would kill mid-write gets its own SIGTERM
 # instead and keeps its partial JSON (audit BU).
-DEADLINE="${DEADLINE:-570}"
 cap() { local left=$((DEADLINE - SECONDS - 15)); [ "$left" -lt 10 ] && left=10; echo $(($1 < left ? $1 : left)); }
-PARTS="${PARTS:-tests diagnose kernels train}"
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if ! has tests; then :
 elif python -c "import pytest, hypothesis" 2>/dev/null; then
-  timeout -k 10 $(cap 260) python -m pytest -q -m gpu -p no:cacheprovider --no-header -rfE \
+  # -v: a log cut by the limit still names every test that finished; --timeout (pytest-timeout,
+  # when installed) stops one hanging test rather than the whole part (audit CW HIGH-5)
+  per_test=""
+  python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 120"
+  timeout -k 10 $(cap 400) python -m pytest -v -m gpu -p no:cacheprovider --no-header -rfE --durations=15 $per_test \
     tests/test_graphs.py tests/controller/test_host_sync.py tests/controller/test_zero_weights.py \
     tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_distributed.py \
     2>&1 | tee "$RUN_DIR/gpu_tests.txt" | tail -30
@@ -144,4 +178,5 @@ if [ -n "$FAILED" ]; then
   exit 1
 fi
 # The char-LM --full comparison needs its own call (the per-call limit is 10 minutes):
-# benchmarks/gpu_char_lm.sh.
+# benchmarks/gpu_char_lm.sh. Block 64 with persistent TMA, the d=0.75 step and the d=0.25
+# profile: benchmarks/gpu_extra.sh, one call.

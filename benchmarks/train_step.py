@@ -10,6 +10,12 @@ Sparsifier, and the number of compilations over a simulated 2,000-step schedule.
                                                     # (51 s, 13th session), most of it the 2,000-step
                                                     # schedule simulation
     python benchmarks/train_step.py --out runs/train_step.json
+    python benchmarks/train_step.py --densities 0.25 --optimizers graphed,graphed_block_sparse \
+        --profile --out runs/ts.json    # profile_dense.txt, profile_agpe_d0.25.txt beside it
+
+--profile needs --out (its tables go beside it) and profiles the LAST optimizer variant
+timed at the LAST density (of the last --tma-settings setting); --optimizers needs at least
+one dense variant (foreach, fused or graphed: the baseline), so name the one to profile last.
 
 CI (tests/test_examples.py) runs the quick form, about a minute on 2 CPU cores:
 
@@ -38,7 +44,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+# the repository root too, as benchmarks/kernels.py does: the GPU machine has no installed
+# agpe_compile, and a bare `python benchmarks/train_step.py` must find it (audit CW HIGH-3)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_ROOT, "examples"))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 import agpe_compile  # noqa: E402
 from agpe_compile.zero_weights import install as install_zero_hooks  # noqa: E402
 from agpe_compile.ops.reference import expand_block_mask  # noqa: E402
@@ -300,7 +311,10 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
         t0 = time.perf_counter()
         training_step(compiled, model, x)()
         _sync(device)
-        results.setdefault("agpe_first_step_s", time.perf_counter() - t0)
+        first_step = time.perf_counter() - t0
+        results.setdefault("agpe_first_step_s", first_step)
+        if tma_settings:  # each setting's own (agpe_first_step_s is the first one's)
+            results.setdefault("agpe_first_step_s_by_tma", {})[tma] = first_step
         for density in densities:
             set_density(model, density)
             agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
@@ -465,8 +479,14 @@ def check_args(parser: argparse.ArgumentParser, args, device: torch.device):
     if any(k in GRAPHED for k in optimizers) and device.type != "cuda":
         parser.error("--optimizers: graphed and graphed_block_sparse need CUDA (a CUDA-graph step)")
     if all(k in BLOCK_SPARSE for k in optimizers):
-        parser.error("--optimizers: expected at least one of foreach, fused, graphed (the dense baseline "
-                     "uses the fastest of those)")
+        dense = {"block_sparse": "fused", "graphed_block_sparse": "graphed"}
+        wanted = list(dict.fromkeys(dense[k] for k in optimizers)) + optimizers
+        parser.error(f"--optimizers: expected at least one of foreach, fused, graphed (the dense baseline "
+                     f"uses the fastest of those); write e.g. --optimizers {','.join(wanted)} (the block-sparse "
+                     f"variant LAST under --profile: it profiles the last variant timed)")
+    if args.profile and not args.out:  # it used to profile nothing, silently (audit CW HIGH-2)
+        parser.error("--profile: needs --out (the tables profile_dense.txt and profile_agpe_d<density>.txt "
+                     "are written beside it)")
     if args.out:
         if os.path.isdir(args.out):
             parser.error(f"--out: {args.out!r} is a folder; expected a file name")
@@ -490,7 +510,9 @@ def main(argv=None) -> None:
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
                         help="how agpe lowers (dense always uses Inductor); aot_eager only for quick smoke runs")
     parser.add_argument("--profile", action="store_true",
-                        help="CUDA: profile 3 dense steps and 3 agpe steps at the lowest density (tables next to --out)")
+                        help="CUDA: profile 3 dense steps (the baseline optimizer) and 3 agpe steps of the LAST "
+                             "optimizer variant timed at the LAST density; needs --out (the tables "
+                             "profile_dense.txt and profile_agpe_d<density>.txt go beside it)")
     parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed in each profile table")
     parser.add_argument("--masked-weights", action="store_true",
                         help="agpe layers without the Sparsifier's zero-weight promise: the dense path masks W "
@@ -503,7 +525,9 @@ def main(argv=None) -> None:
                         help="AdamW variants to time: foreach, fused (torch), block_sparse (agpe), graphed (fused, "
                              "capturable, whole step in a CUDA graph; CUDA only), graphed_block_sparse (agpe's, "
                              "capturable, graphed; CUDA only). Default: fused,block_sparse,graphed,"
-                             "graphed_block_sparse on CUDA, foreach,fused,block_sparse on CPU")
+                             "graphed_block_sparse on CUDA, foreach,fused,block_sparse on CPU. At least one "
+                             "dense variant (foreach, fused, graphed) is needed: the baseline; with --profile "
+                             "put the variant to profile last, e.g. graphed,graphed_block_sparse")
     parser.add_argument("--no-mask-update", action="store_true", help="skip timing the Sparsifier's mask update")
     parser.add_argument("--tma-settings", default="",
                         help="comma-separated AGPE_TMA values (off, auto, device, persistent) to time one after "
@@ -556,13 +580,19 @@ def main(argv=None) -> None:
         else:
             print("agpe: the inlined (triton_op) lowering FAILED above; measuring with opaque ops instead", flush=True)
             op_module.INLINE_KERNELS = False
-            results = run(size, device, warmup, iters, inductor=args.lowering == "inductor",
-                          zero_inactive=not args.masked_weights, **run_args)
+            # the first attempt's finished rows stay in the partial and final JSON (audit CW MEDIUM-6:
+            # the rerun's run() replaces PARTIAL["results"], and a time limit may cut the rerun)
+            PARTIAL["first_attempt"] = dict(measured, error=repr(error), inline_kernels=True)
+            results = run(size, device, warmup, iters, inductor=args.lowering == "inductor", profile_dir=profile_dir,
+                          profile_rows=args.profile_rows, zero_inactive=not args.masked_weights, **run_args)
             results["inline_failed"] = True
+            results["first_attempt"] = PARTIAL["first_attempt"]
     results["lowering"] = args.lowering
     results["zero_inactive"] = not args.masked_weights
     results["inline_kernels"] = op_module.INLINE_KERNELS
-    results["tma_setting"] = _tma_setting()  # the value the kernels read (default "off")
+    # the value the kernels read (default "off"); under --tma-settings the settings the rows ran
+    # (each row's "tma"), not the environment's value put back after them (audit CW LOW-4)
+    results["tma_setting"] = ",".join(tma_settings) if tma_settings else _tma_setting()
     if args.schedule_steps > 0:
         try:
             results.update(schedule_compilations(args.schedule_steps, _log))
@@ -605,6 +635,8 @@ def main(argv=None) -> None:
 
 def _write_partial(path: str, why: str = "stopped by a time limit", stop: bool = True) -> None:
     results = dict(PARTIAL.get("results", {}), incomplete=True)
+    if "first_attempt" in PARTIAL:  # the rows of the inlined attempt before the opaque rerun
+        results["first_attempt"] = PARTIAL["first_attempt"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2, default=str)

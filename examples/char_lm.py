@@ -23,6 +23,10 @@ with the same ones keeps the earlier runs it does not train again (and each run 
 until it finishes it), one with others moves the earlier file aside to results-N.json. An
 audit log is written as NAME.jsonl.partial and renamed when its run finishes, so an
 interrupted invocation leaves the last finished log in place.
+
+``--runs`` trains only the named runs (``dense``, ``agpe-<percent>``), e.g. the agpe run a
+time limit cut, without training dense again: ``--full --sparsities 0.75 --runs agpe-75``.
+Its table compares with the dense run of results.json when it holds a finished one.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the repository root too (as benchmarks/kernels.py): the GPU machine has no installed
+# agpe_compile (audit CW HIGH-3)
+if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agpe_compile  # noqa: E402
 from agpe_compile.controller import AGPEConfig, Sparsifier  # noqa: E402
 from gpt import GPT  # noqa: E402
@@ -333,6 +341,9 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="override the setting's block size")
     parser.add_argument("--prune-until", type=float, default=0.5,
                         help="fraction of the steps over which sparsity is reached (AGPEConfig.end_step)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                        help="train only these runs of --sparsities' (dense, agpe-<percent>; default all), e.g. "
+                             "--runs agpe-75 after a time limit cut that run: dense is not trained again")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one value of the setting (keys: {', '.join(SETTINGS['quick'])})")
     args = parser.parse_args(argv)
@@ -371,6 +382,13 @@ def main(argv=None) -> None:
                          f"named by the percentage rounded to an integer); give each sparsity once, at least "
                          f"0.01 apart")
         first[name] = sparsity
+    if args.runs is not None:  # checked before any work, as the other flags
+        names = [name for name, _ in runs]
+        unknown = [name for name in args.runs if name not in names]
+        if unknown:
+            parser.error(f"--runs: unknown {unknown}; with --sparsities {' '.join(map(str, args.sparsities))} "
+                         f"the runs are {' '.join(names)}")
+        runs = [(name, sparsity) for name, sparsity in runs if name in args.runs]
     for name, sparsity in runs:  # the configs train() builds: a bad combination fails here, not mid-run
         try:
             config = run_config(name, sparsity, setting, args)
@@ -410,12 +428,19 @@ def main(argv=None) -> None:
         results.append(train(name, sparsity, setting, train_data, val_data, len(vocab), args, device, on_eval))
         # an interrupted run keeps what it finished, and the earlier figures of the runs it did not
         write_results(args.out, header, {**earlier, **{r["run"]: r for r in results}})
-    dense = results[0]
+    # the dense run to compare with: this invocation's, else a finished one of results.json
+    dense = next((r for r in results if r["run"] == "dense"), None)
+    if dense is None and "partial_step" not in earlier.get("dense", {"partial_step": 0}):
+        dense = earlier["dense"]
+    if dense is None:
+        print("(no finished dense run here or in results.json: the 'vs dense' columns are left empty)")
     print(f"\n{'run':<10} {'val loss':>9} {'vs dense':>9} {'train FLOPs':>12} {'vs dense':>9} "
           f"{'density':>8} {'wall s':>8} {'compiles':>9}")
     for r in results:
-        print(f"{r['run']:<10} {r['val_loss']:>9.4f} {r['val_loss'] / dense['val_loss'] - 1:>+9.2%} "
-              f"{r['train_flops']:>12.3e} {r['train_flops'] / dense['train_flops']:>9.3f} "
+        vs_loss = f"{r['val_loss'] / dense['val_loss'] - 1:>+9.2%}" if dense else f"{'-':>9}"
+        vs_flops = f"{r['train_flops'] / dense['train_flops']:>9.3f}" if dense else f"{'-':>9}"
+        print(f"{r['run']:<10} {r['val_loss']:>9.4f} {vs_loss} "
+              f"{r['train_flops']:>12.3e} {vs_flops} "
               f"{r['final_density']:>8.3f} {r['wall_clock_s']:>8.1f} {r['compilations']:>9d}")
     print("val loss: nats/char on the validation split; train FLOPs: executed training FLOPs of the whole model "
           "(agpe layers at their live blocks, the rest dense); vs dense: ratio to the dense run; density: final "
