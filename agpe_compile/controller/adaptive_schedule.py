@@ -17,9 +17,9 @@ is long: 0.1 to 0.001 for a final density of 0.001, 0.15 to 0.07 for 0.07.
 return to, above a sparse start.
 
 At each update the mean training loss of the last interval is smoothed
-(``s = a * s + (1 - a) * loss``) and compared with the previous smoothed value,
-``rel = (s_prev - s) / |s_prev|``, and with the lowest smoothed value so far,
-``above_best = (s - best) / |best|``. Then, in this order:
+(``s = a * s + (1 - a) * loss``) and compared with the previous smoothed value:
+``rel = (s_prev - s) / |s_prev|``. Each prune also records ``ref``, the smoothed loss it
+started from (Note [Judged against the last prune]). Then, in this order:
 
 1. deadline: if the remaining updates before ``end_step`` are no more than the rungs
    left, go down (one rung, or as many as needed when fewer updates than rungs are left:
@@ -36,25 +36,31 @@ At each update the mean training loss of the last interval is smoothed
    diverging run is not pruned further, except by the deadline, rule 1; the hold does not
    count toward patience);
 4. cooldown: for ``cooldown`` updates after any change, hold (lets the loss settle);
-5. back off on loss when the loss got worse: ``rel < -backoff_tol`` (since the last
-   update) or ``above_best > backoff_tol`` (since its best: Note [Worse than its best]);
-6. hold while the loss is worse (5) and no back-off is left (never prune then; this
-   resets the count of stalled holds);
-7. prune (one rung down) when ``rel >= improve_tol`` (the loss keeps improving), or at the
-   ``patience``-th consecutive stalled update, i.e. after ``patience - 1`` stalled holds
-   (``2 * patience`` after a back-off: hysteresis; ``patience=1`` prunes at every stalled
-   update); an update without a previous loss to compare with (the first) counts as stalled;
-8. otherwise hold (the loss stalls inside the dead band ``[-backoff_tol, improve_tol)``).
+5. back off on loss when the loss got worse: ``rel < -backoff_tol``, or, at the first
+   update after a prune's cooldown, ``s`` more than ``backoff_tol`` above that prune's
+   ``ref`` (the prune, or a spike during its cooldown, left the loss worse);
+6. hold while the loss is worse (5) and no back-off is left (never prune then; this resets
+   the count of stalled holds);
+7. prune (one rung down) when ``rel >= improve_tol`` and ``s`` is not above the last
+   prune's ``ref`` (the loss keeps improving; a loss coming back from a prune or a spike
+   is not improving: it stalls), or at the ``patience``-th consecutive stalled update,
+   i.e. after ``patience - 1`` stalled holds (``2 * patience`` after a back-off:
+   hysteresis; ``patience=1`` prunes at every stalled update); an update without a
+   previous loss to compare with (the first) counts as stalled;
+8. otherwise hold (the loss stalls inside the dead band ``[-backoff_tol, improve_tol)``,
+   or comes back from a prune or a spike).
 
 Back-offs (2 and 5) happen at most ``max_backoffs`` times in a run, never above the top of
 the ladder, and only while enough updates are left to come back down by the deadline.
 
 The tolerances apply to the smoothed loss: a jump of the interval loss moves ``s`` by
 ``1 - a`` of it, so one interval must be worse by about ``backoff_tol / (1 - a)`` (10 %
-with the defaults) to back off at once; a smaller rise that lasts backs off once ``s`` is
-``backoff_tol`` above its best. They are relative, meant for a loss that stays away from
-zero, such as a cross-entropy (near zero, noise alone moves ``rel`` by a lot: the
-back-offs it causes are bounded by ``max_backoffs``).
+with the defaults) to back off at once. A loss that rises by less than that at every
+update stays in the dead band and stalls: it is pruned on patience, with one look per
+prune at whether the loss ended up ``backoff_tol`` above where that prune started (5).
+The tolerances are relative, meant for a loss that stays away from zero, such as a
+cross-entropy (near zero, noise alone moves ``rel`` by a lot: the back-offs it causes are
+bounded by ``max_backoffs``).
 
 Worked example (ladder 1.0, 0.5, 0.1; improve_tol 0.01, cooldown 1, smoothing 0):
 losses 2.0, 1.5, 1.4, 1.39 at updates 1..4 give: update 1 hold (no previous loss),
@@ -67,24 +73,28 @@ defaults) and still backs off on regret.
 ``saliency="movement"`` scores can be negative, so the regret ratio has no meaning there:
 the Sparsifier gives no regret signal in that mode (``pruned_saliency`` is None).
 
-Note [Worse than its best]
-~~~~~~~~~~~~~~~~~~~~~~~~~~
-``rel`` alone compares each update with the one before, so it forgets how good the loss
-once was (helper audit CV). A loss spike, or the damage of a prune, lands on a cooldown
-update and enters ``s`` unchecked; as ``s`` then decays back towards the loss, every
-update reads as an improvement, and the schedule pruned at every update the cooldown
-allowed, at a loss that had settled 65 % above where it was before the spike (an MLP
-whose learning rate was set 100x higher for one interval). A loss that rose 4.9 % per
-interval stayed inside the dead band and was pruned on patience down to the final
-density. Comparing ``s`` with ``best``, the lowest smoothed loss so far, catches both:
-the spike's decay stays above the best, the slow rise leaves it. In ordinary training
-the two agree: in the 12 AGPE audit logs kept under ``benchmarks/results/`` (Fashion-MNIST
-and char-LM), ``s`` was within 5 % of its best at 66 of their 69 prunes (the deadline's
-aside); the other three are the main job's last prune, 9.4-9.8 % above
-(``benchmarks/results/2026-11-29-cpu-adaptive-schedule-session35/gaps.txt``). A run whose
-loss settles above its best for good (a higher learning rate, new data) spends its
-back-offs, then holds until the deadline prunes.
-A checkpoint saved before ``best_loss`` existed resumes with its smoothed loss as the best.
+Note [Judged against the last prune]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+``rel`` alone compares each update with the one before, so it forgets where the loss was
+(helper audit CV). A loss spike, or the damage of a prune, lands on a cooldown update and
+enters ``s`` unchecked; as ``s`` then decayed back towards the loss, every update read as
+an improvement, and the schedule pruned at every update the cooldown allowed, at a loss
+that had settled 65 % above where it was before the spike (an MLP whose learning rate was
+set 100x higher for one interval). So a prune records the smoothed loss it started from,
+``ref``: a decay that is still above it is a stall, not an improvement (7), and the first
+update after the cooldown looks once at whether the loss came back within ``backoff_tol``
+of it (5). A back-off keeps ``ref``: the loss should come back below where the last prune
+started, not below the spike the back-off answered.
+
+The first fix (f3750f9, a few hours on main) compared ``s`` at every update with its
+lowest value of the run. Helper audit CX found that this stops adaptive pruning wherever
+the loss cannot come back within ``backoff_tol`` of that best: pruning a trained model
+(each prune's cost lasts), or a plateau whose noise puts the best ~2 standard deviations
+below its mean; the deadline then crammed the rungs into the last updates (an MLP trained
+dense, then pruned to 90 %: the loss just after ``end_step`` 0.80-1.83 against 0.38-0.51).
+Judging each prune once bounds what it adds: at most one hold or back-off per prune.
+A checkpoint of format 5 (before ``ref_loss``) resumes with no ``ref``: rules 5 and 7 act as
+before until the next prune.
 
 Note [Regret in practice]
 ~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -127,7 +137,8 @@ class AdaptiveState:
 
     rung: int = 0
     smoothed_loss: Optional[float] = None
-    best_loss: Optional[float] = None  # the lowest smoothed loss so far (Note [Worse than its best])
+    ref_loss: Optional[float] = None  # the smoothed loss the last prune started from (Note [Judged against the last prune])
+    judged: bool = True  # whether the first update after that prune's cooldown looked at it
     cooldown_left: int = 0
     holds: int = 0
     backoffs: int = 0
@@ -182,9 +193,7 @@ class AdaptiveSchedule:
         """The state after the update at ``step``; ``.event`` says what happened and why."""
         last = len(self.ladder) - 1
         smoothed, rel = self._smooth(state.smoothed_loss, feedback.loss)
-        best = state.smoothed_loss if state.best_loss is None else state.best_loss  # (saved before best_loss)
-        best = smoothed if best is None else best if smoothed is None else min(best, smoothed)
-        hold = dataclasses.replace(state, smoothed_loss=smoothed, best_loss=best)
+        hold = dataclasses.replace(state, smoothed_loss=smoothed)
         updates_left = max((self.end_step - step) // self.update_interval + 1, 1)
         if state.rung < last and last - state.rung >= updates_left:
             # one rung per update left; the excess at once when the window is too short
@@ -198,13 +207,17 @@ class AdaptiveSchedule:
             return dataclasses.replace(hold, cooldown_left=max(state.cooldown_left - 1, 0), event="hold:nonfinite")
         if state.cooldown_left > 0:
             return dataclasses.replace(hold, cooldown_left=state.cooldown_left - 1, event="hold:cooldown")
-        worse = rel is not None and (rel < -self.backoff_tol
-                                     or (smoothed - best) / max(abs(best), 1e-12) > self.backoff_tol)
+        ref = state.ref_loss
+        above = rel is not None and ref is not None and smoothed > ref
+        hurt = above and not state.judged and (smoothed - ref) / max(abs(ref), 1e-12) > self.backoff_tol
+        if rel is not None:  # the first update after the prune's cooldown with a loss: looked at once (rule 5)
+            hold = dataclasses.replace(hold, judged=True)
+        worse = rel is not None and (rel < -self.backoff_tol or hurt)
         if worse and can_back_off:
             return self._back_off(hold, "backoff:loss")
         if worse:
             return dataclasses.replace(hold, holds=0, event="hold:worse")
-        if state.rung < last and rel is not None and rel >= self.improve_tol:
+        if state.rung < last and rel is not None and rel >= self.improve_tol and not above:
             return dataclasses.replace(self._move(hold, +1, "prune:improving"), backed_off=False)
         patience = 2 * self.patience if state.backed_off else self.patience
         if state.rung < last and state.holds + 1 >= patience:
@@ -224,5 +237,9 @@ class AdaptiveSchedule:
         return dataclasses.replace(moved, backoffs=state.backoffs + 1, backed_off=True)
 
     def _move(self, state: AdaptiveState, direction: int, event: str) -> AdaptiveState:
-        return dataclasses.replace(state, rung=state.rung + direction, cooldown_left=self.cooldown,
-                                   holds=0, event=event)
+        moved = dataclasses.replace(state, rung=state.rung + direction, cooldown_left=self.cooldown, holds=0,
+                                    event=event)
+        if direction > 0:  # a prune records the loss it started from; a back-off keeps it (Note [Judged
+            # against the last prune])
+            moved = dataclasses.replace(moved, ref_loss=state.smoothed_loss, judged=state.smoothed_loss is None)
+        return moved

@@ -7,9 +7,12 @@ model's counters and an empty loss window (logged). Version 3 added the per-bloc
 since regrowth (``protect_grown``); an older checkpoint resumes with every block counted as
 never grown, so no block is protected at the first update (logged when ``protect_grown`` is
 on). Version 4 added the layers' interval buffers (Note [Buffers the model did not load]); an
-older checkpoint loads as before. Version 5 (current) added the layout buckets each global
+older checkpoint loads as before. Version 5 added the layout buckets each global
 target had (Note [Layouts a target had before] in sparsifier.py); an older checkpoint
-resumes remembering only the current target's, those of its masks.
+resumes remembering only the current target's, those of its masks. Version 6 (current)
+added the adaptive schedule's ``ref_loss`` and ``judged`` (Note [Judged against the last
+prune] in adaptive_schedule.py); an older checkpoint resumes with no reference, as if no
+prune had happened yet.
 
 Note [Buffers the model did not load]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -66,8 +69,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
 BUFFER_FIELDS = ("saliency", "dense_grad_sq", "counters")  # Note [Buffers the model did not load]
 
 
@@ -147,6 +150,11 @@ def upgrade(state: dict) -> dict:
         state = dict(state, format_version=4, layer_buffers=None)
     if state["format_version"] == 4:
         state = dict(state, format_version=5, layout_sets=None)
+    if state["format_version"] == 5:  # AdaptiveState's defaults: ref_loss None, judged True
+        schedule = state.get("schedule_state")
+        if isinstance(schedule, dict):  # f3750f9's best_loss (a run's lowest loss, under format 5) is not a ref
+            schedule = {k: v for k, v in schedule.items() if k != "best_loss"}
+        state = dict(state, format_version=6, schedule_state=schedule)
     return state
 
 
@@ -410,13 +418,15 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
             raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected a number or None")
         return None if value is None else float(value)
 
-    backed_off = plain(loaded.backed_off)
+    backed_off, judged = plain(loaded.backed_off), plain(loaded.judged)
+    if not isinstance(judged, (bool, numbers.Integral)):
+        raise TypeError(f"schedule_state['judged'] is a {type(judged).__name__}, expected a bool")
     if not isinstance(backed_off, (bool, numbers.Integral)) or not isinstance(loaded.event, str):
         raise TypeError("schedule_state['backed_off'] must be a bool and ['event'] a str")
     return dataclasses.replace(loaded, rung=whole("rung"), cooldown_left=whole("cooldown_left"),
                                holds=whole("holds"), backoffs=whole("backoffs"),
-                               smoothed_loss=number("smoothed_loss"), best_loss=number("best_loss"),
-                               backed_off=bool(backed_off))
+                               smoothed_loss=number("smoothed_loss"), ref_loss=number("ref_loss"),
+                               backed_off=bool(backed_off), judged=bool(judged))
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "layer_buffers") -> torch.Tensor:
@@ -460,4 +470,5 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
                     ladder[rung], rung, ladder, target_density)
 
     return dataclasses.replace(fresh, rung=rung, smoothed_loss=None if loaded is None else loaded.smoothed_loss,
-                               best_loss=None if loaded is None else loaded.best_loss, event="resume"), warn
+                               ref_loss=None if loaded is None else loaded.ref_loss,
+                               judged=True if loaded is None else loaded.judged, event="resume"), warn

@@ -102,8 +102,10 @@ class AGPEConfig:
             loss improving by ``improve_tol`` (relative) prunes one rung, so does the
             ``patience``-th consecutive stalled update (``2 * patience`` from a back-off
             until the next prune on improvement), getting worse by ``backoff_tol`` since the
-            last update or since its best (relative; Note [Worse than its best]) backs off
-            one rung (at most ``max_backoffs`` times; none left: it holds), and so does an update whose dropped
+            last update, or ending a prune's cooldown ``backoff_tol`` above where that prune
+            started (relative; Note [Judged against the last prune]), backs off one rung (at
+            most ``max_backoffs`` times; none left: it holds), a loss coming back from a
+            prune or a spike stalls rather than improves, and so does an update whose dropped
             blocks (pruned or swapped out) carried at least ``regret_threshold`` of an
             average active block's saliency (not for ``saliency="movement"``; in practice it
             undoes the first prunes of a run: Note [Regret in practice]). ``max_density``

@@ -50,7 +50,7 @@ def test_state_dict_holds_the_documented_fields():
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=4)
     *_, sp, _, _ = make_run(config)
     state = sp.state_dict()
-    assert state["format_version"] == FORMAT_VERSION == 5
+    assert state["format_version"] == FORMAT_VERSION == 6
     assert set(state) == {"format_version", "config", "step", "target_density", "masks", "saliency_ema",
                           "saliency_fresh", "grown_age", "pruned_saliency", "schedule_state", "rng_state", "flops",
                           "seen_counters", "loss_window", "scored_from", "skips_from", "layer_buffers", "layout_sets"}
@@ -143,8 +143,8 @@ def test_version_2_loads_with_no_block_protected(caplog):
 def test_unknown_version_and_wrong_layers_are_refused():
     *_, sp, _, _ = make_run(AGPEConfig(block_size=4))
     state = sp.state_dict()
-    with pytest.raises(ValueError, match=r"format_version got 7; expected one of \(1, 2, 3, 4, 5\)"):
-        sp.load_state_dict(dict(state, format_version=7))
+    with pytest.raises(ValueError, match=r"format_version got 8; expected one of \(1, 2, 3, 4, 5, 6\)"):
+        sp.load_state_dict(dict(state, format_version=8))
     with pytest.raises(ValueError, match="checkpoint layers .* do not match .*; nothing was loaded"):
         sp.load_state_dict(dict(state, masks={"other": torch.ones(1, 1, dtype=torch.bool)}))
 
@@ -502,29 +502,34 @@ def test_a_malformed_rank_state_raises_and_changes_nothing(damage):
     assert _same(_snapshot(sp), before)
 
 
-def test_the_best_loss_resumes_and_a_checkpoint_saved_before_it_takes_its_smoothed_loss():
-    # Note [Worse than its best]: the schedule's lowest smoothed loss is part of its state
+def test_the_last_prunes_reference_resumes_and_format_5_loads_without_it():
+    # Note [Judged against the last prune]: ref_loss and judged are part of the schedule state
     import numpy as np
 
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(8))
     state = sp.state_dict()
-    best = state["schedule_state"]["best_loss"]
-    assert isinstance(best, float) and best <= state["schedule_state"]["smoothed_loss"]
+    assert state["format_version"] == 6
+    saved = state["schedule_state"]
+    assert isinstance(saved["ref_loss"], float) and isinstance(saved["judged"], bool)  # it pruned by step 8
     *_, resumed, _, _ = make_run(config)
     resumed.load_state_dict(state)
     assert resumed.schedule_state == sp.schedule_state
-    older = dict(state, schedule_state={k: v for k, v in state["schedule_state"].items() if k != "best_loss"})
+    # format 5: no ref_loss / judged (and f3750f9's best_loss, written under format 5, dropped)
+    five = dict(state, format_version=5, schedule_state={
+        **{k: v for k, v in saved.items() if k not in ("ref_loss", "judged")}, "best_loss": 0.5})
     *_, old, _, _ = make_run(config)
-    old.load_state_dict(older)
-    assert old.schedule_state.best_loss is None  # the next update starts from the smoothed loss
-    numpy = dict(state, schedule_state=dict(state["schedule_state"], best_loss=np.float32(best)))
+    old.load_state_dict(five)
+    assert old.schedule_state.ref_loss is None and old.schedule_state.judged is True
+    assert old.schedule_state.smoothed_loss == saved["smoothed_loss"]
+    numpy = dict(state, schedule_state=dict(saved, ref_loss=np.float32(saved["ref_loss"]), judged=np.bool_(False)))
     *_, typed, _, _ = make_run(config)
     typed.load_state_dict(numpy)
-    assert type(typed.schedule_state.best_loss) is float
-    bad = dict(state, schedule_state=dict(state["schedule_state"], best_loss="low"))
-    *_, refused, _, _ = make_run(config)
-    with pytest.raises(ValueError, match=r"malformed.*schedule_state\['best_loss'\] is a str, expected a number or "
-                                         r"None.*nothing was loaded"):
-        refused.load_state_dict(bad)
+    assert type(typed.schedule_state.ref_loss) is float and typed.schedule_state.judged is False
+    for field, value, expected in (("ref_loss", "low", "a number or None"), ("judged", "no", "a bool")):
+        bad = dict(state, schedule_state=dict(saved, **{field: value}))
+        *_, refused, _, _ = make_run(config)
+        with pytest.raises(ValueError, match=rf"malformed.*schedule_state\['{field}'\] is a str, expected "
+                                             rf"{expected}.*nothing was loaded"):
+            refused.load_state_dict(bad)
