@@ -93,6 +93,23 @@ the loss cannot come back within ``backoff_tol`` of that best: pruning a trained
 below its mean; the deadline then crammed the rungs into the last updates (an MLP trained
 dense, then pruned to 90 %: the loss just after ``end_step`` 0.80-1.83 against 0.38-0.51).
 Judging each prune once bounds what it adds: at most one hold or back-off per prune.
+
+Measured (``benchmarks/results/2026-11-29-cpu-adaptive-schedule-session35/``, CPU, 2026-11-29;
+"before" is the rule before audit CV): audit CV's MLP with its learning rate 100x higher
+for the 10 steps of a cooldown interval backs off at the next update, where it pruned at
+the next two; with the spike outside a cooldown it backs off, then prunes at the stall pace
+(twice in 80 steps, against four prunes on "improvement" before; a spike 18x the loss
+stays in ``s`` for several updates, so the second of them still read the tail of its decay
+as an improvement). The MLP trained dense and then pruned to 90 % (audit CX's script, four
+runs): the final density first at step 300-340 of 400 (before: 190-240; f3750f9: 400, 1-6
+rungs by the deadline), none by the deadline, at a mean target density of 0.41-0.46
+(before 0.24-0.37); over 800 steps, seed 0, the last 10 intervals' loss 0.375 (before
+0.343, f3750f9 0.442). Synthetic losses over 100 updates: a falling loss with 5 % noise
+and a flat one with 5 % noise reach the final density at the same update as before; a flat
+loss with 10 % noise at update 12-35 (before 12-26); a loss that each prune raises 8 % for
+good at update 48 (before 18). The cost is slower pruning where each prune's damage lasts;
+the Fashion-MNIST ``--full`` runs did not change (docs/benchmarks.md).
+
 A checkpoint of format 5 (before ``ref_loss``) resumes with no ``ref``: rules 5 and 7 act as
 before until the next prune.
 
