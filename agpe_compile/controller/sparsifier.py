@@ -1188,7 +1188,9 @@ class Sparsifier:
         """Warn (once) when policy 'agpe' got no loss in a whole interval: without one its
         adaptive schedule cannot react to training and prunes every ``patience + cooldown``
         updates (helper audit CV; zero-code mode, which has no loss, says so in its docs)."""
-        if (loss is None and self.config.policy == "agpe" and getattr(self, "model", None) is not None
+        final = 1.0 - self.config.target_sparsity
+        moving = step < self.config.end_step and self.target_density > final + 1e-9  # else nothing left to adapt
+        if (loss is None and moving and self.config.policy == "agpe" and getattr(self, "model", None) is not None
                 and not self.__dict__.get("_warned_no_loss", False)):
             self._warned_no_loss = True
             log.warning("agpe: Sparsifier update at step %d: none of the last %d step() calls passed a loss, so policy 'agpe' "

@@ -1323,6 +1323,20 @@ def test_agpe_without_a_loss_says_its_schedule_cannot_adapt(caplog, policy, loss
         assert "sparsifier.step(loss)" in said[0] and "every patience + cooldown = 3 updates" in said[0]
 
 
+@pytest.mark.parametrize("case", ["dense target", "after end_step"])
+def test_no_loss_warning_when_the_schedule_has_nothing_left_to_adapt(caplog, case):
+    # re-audit CX: it said "prunes every 3 updates" where nothing was left to prune
+    config = (AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.0, update_interval=2, end_step=100)
+              if case == "dense target" else AGPEConfig(policy="agpe", block_size=4, target_sparsity=0.5,
+                                                        update_interval=2, end_step=4))
+    _, opt, sp, cmodel, _ = make_run(config)
+    if case == "after end_step":
+        _steps_without_loss(cmodel, opt, sp, 4, loss=True)  # pruned by its deadline with losses
+    with caplog.at_level(logging.WARNING, logger="agpe_compile"):
+        _steps_without_loss(cmodel, opt, sp, 8)
+    assert not [r for r in caplog.records if "passed a loss" in r.getMessage()]
+
+
 def test_a_target_missed_at_high_sparsity_says_so(caplog):
     # helper audit CV: the warning needed 0.05 above the target, so 1 block of 256 (0.0039)
     # against a target of 0.001 said nothing
