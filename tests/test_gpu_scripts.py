@@ -109,6 +109,10 @@ def train_step_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # main's SIGTERM handler stays out of pytest
+    # main() sets the op module's INLINE_KERNELS (False on its opaque rerun): put it back after
+    # the test, or later tests in this process see opaque kernels (the pass key test did)
+    op_module = importlib.import_module("agpe_compile.ops.sparse_linear")
+    monkeypatch.setattr(op_module, "INLINE_KERNELS", op_module.INLINE_KERNELS)
 
     def reached(*args, **kwargs):
         raise _Reached(kwargs)

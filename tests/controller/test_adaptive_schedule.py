@@ -259,3 +259,27 @@ def test_a_prune_records_the_loss_it_started_from_and_a_back_off_keeps_it():
     # a state of checkpoint format 5 (no ref_loss): as if no prune had happened yet
     old = dataclasses.replace(states[1], ref_loss=None, judged=True)
     assert sched.next_state(old, 30, Feedback(loss=3.0)).event == "backoff:loss"  # rel alone
+
+
+def _smooth0(losses, regrets=None, **kw):
+    sched = schedule(loss_smoothing=0.0, **kw)
+    return [s.event for s in run(sched, losses, regrets)]
+
+
+def test_the_look_at_a_prune_has_a_tolerance():
+    # re-audit CY: a mutant that ignored backoff_tol passed every test
+    assert _smooth0([2.0, 1.0, 1.0, 1.04], max_backoffs=1)[-1] == "hold:stall"
+    assert _smooth0([2.0, 1.0, 1.0, 1.06], max_backoffs=1)[-1] == "backoff:loss"
+
+
+@pytest.mark.parametrize("gap", [None, float("nan")])
+def test_an_interval_without_a_finite_loss_defers_the_look(gap):
+    # re-audit CY: the look is at the first update after the cooldown WITH a finite loss
+    events = _smooth0([2.0, 1.0, 1.04, gap, 1.08], max_backoffs=0)  # 1.04 -> 1.08: -3.8 %, in the dead band
+    assert events[-1] == "hold:worse", events
+
+
+def test_a_regret_back_off_leaves_the_prune_to_be_looked_at():
+    # pins the documented behaviour (re-audit CY finding 2, Note [Judged against the last prune])
+    events = _smooth0([2.0, 1.0, 1.0, 0.9, 1.1, 1.1, 1.1], regrets=[None, None, None, None, 0.9, None, None])
+    assert events[3:7] == ["prune:improving", "backoff:regret", "hold:cooldown", "backoff:loss"], events
