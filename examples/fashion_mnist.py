@@ -33,14 +33,14 @@ Measured (2-core AMD EPYC VM, torch 2.13.0+cpu, aot_eager, block 8, 90% sparsity
 clock is noisy on this VM; docs/benchmarks.md has the commands and raw data):
 
     --full   mean of seeds 0-4, 1 thread each (examples/aggregate_seeds.py; 2026-11-29):
-             dense 90.33% 1.000x | agpe 89.92% 0.257x | rigl 89.88% 0.105x | set 89.87% 0.103x | gmp 90.00% 0.222x
+             dense 90.33% 1.000x | agpe 89.97% 0.257x | rigl 89.88% 0.105x | set 89.87% 0.103x | gmp 90.00% 0.222x
     --quick  seed 0 (2026-11-29, scripts/main.sh):
-             dense 87.92% 1.000x | agpe 85.99% 0.232x | rigl 86.27% 0.126x | set 86.22% 0.103x | gmp 85.95% 0.220x
+             dense 87.92% 1.000x | agpe 85.71% 0.238x | rigl 86.27% 0.126x | set 86.22% 0.103x | gmp 85.95% 0.220x
 
 (test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 1.1-1.4% of the
 training time with --full (update every 100 steps), 4-7% with --quick (every 10 steps).
-Wall clock with --quick (three runs of scripts/main.sh, 2026-11-29): agpe took 1.11-1.23x
-plain's time. At block 8 the CPU runs a layer's products densely until few enough blocks
+Wall clock with --quick (three runs of scripts/main.sh, 2026-11-29): agpe took 0.92-1.38x
+plain's time (the VM's run-to-run spread is larger than agpe's overhead). At block 8 the CPU runs a layer's products densely until few enough blocks
 are live for MKL's block-sparse products (Note [CPU block-sparse products]); the scoring
 and masking cost the rest. The speed-up is a GPU matter.
 """
