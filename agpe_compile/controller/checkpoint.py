@@ -412,21 +412,28 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
             raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected an int")
         return int(value)
 
-    def number(field):
+    def number(field):  # the schedule smooths finite losses only, so a saved loss is finite or None
         value = plain(getattr(loaded, field))
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected a number or None")
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"schedule_state[{field!r}] is {value}, expected a finite number or None")
         return None if value is None else float(value)
 
-    backed_off, judged = plain(loaded.backed_off), plain(loaded.judged)
-    if not isinstance(judged, (bool, numbers.Integral)):
-        raise TypeError(f"schedule_state['judged'] is a {type(judged).__name__}, expected a bool")
-    if not isinstance(backed_off, (bool, numbers.Integral)) or not isinstance(loaded.event, str):
-        raise TypeError("schedule_state['backed_off'] must be a bool and ['event'] a str")
+    def flag(field):  # a bool, or 0 / 1 (an int that is neither is not a flag: CY LOW-6)
+        value = plain(getattr(loaded, field))
+        if not isinstance(value, (bool, numbers.Integral)):
+            raise TypeError(f"schedule_state[{field!r}] is a {type(value).__name__}, expected a bool")
+        if value not in (0, 1):
+            raise ValueError(f"schedule_state[{field!r}] is {int(value)}, expected a bool (or 0 / 1)")
+        return bool(value)
+
+    if not isinstance(loaded.event, str):
+        raise TypeError(f"schedule_state['event'] is a {type(loaded.event).__name__}, expected a str")
     return dataclasses.replace(loaded, rung=whole("rung"), cooldown_left=whole("cooldown_left"),
                                holds=whole("holds"), backoffs=whole("backoffs"),
                                smoothed_loss=number("smoothed_loss"), ref_loss=number("ref_loss"),
-                               backed_off=bool(backed_off), judged=bool(judged))
+                               backed_off=flag("backed_off"), judged=flag("judged"))
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "layer_buffers") -> torch.Tensor:
@@ -454,7 +461,10 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
     Sparsifier's config is used): the checkpoint's state when it fits this config's
     schedule, else a state at the rung of this schedule nearest the checkpoint's
     ``target_density`` (another policy, target or bucket ladder); ``warn`` logs that
-    (called once the load goes ahead) or is None. Policies without a schedule state keep none."""
+    (called once the load goes ahead) or is None. A state refitted to another rung keeps the
+    checkpoint's smoothed loss and the last prune's ``ref_loss`` / ``judged`` (losses of the
+    same run; Note [Judged against the last prune]), counters start afresh. Policies without
+    a schedule state keep none."""
     fresh = sp.policy.initial_schedule_state()
     if fresh is None:
         return None, None

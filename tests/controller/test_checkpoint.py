@@ -533,3 +533,20 @@ def test_the_last_prunes_reference_resumes_and_format_5_loads_without_it():
         with pytest.raises(ValueError, match=rf"malformed.*schedule_state\['{field}'\] is a str, expected "
                                              rf"{expected}.*nothing was loaded"):
             refused.load_state_dict(bad)
+    # a saved loss is finite (the schedule smooths finite losses only) and a flag is a bool or 0 / 1
+    # (CY LOW-6: NaN was accepted, and judged=2 read as True)
+    for field, value, expected in (("ref_loss", float("nan"), "is nan, expected a finite number or None"),
+                                   ("smoothed_loss", float("inf"), "is inf, expected a finite number or None"),
+                                   ("judged", 2, r"is 2, expected a bool \(or 0 / 1\)"),
+                                   ("backed_off", np.int64(-1), r"is -1, expected a bool \(or 0 / 1\)"),
+                                   ("event", 3, "is a int, expected a str")):
+        bad = dict(state, schedule_state=dict(saved, **{field: value}))
+        *_, refused, _, _ = make_run(config)
+        before = refused.schedule_state
+        with pytest.raises(ValueError, match=rf"malformed.*schedule_state\['{field}'\] {expected}.*nothing was loaded"):
+            refused.load_state_dict(bad)
+        assert refused.schedule_state == before
+    ones = dict(state, schedule_state=dict(saved, judged=1, backed_off=torch.tensor(0)))
+    *_, flags, _, _ = make_run(config)
+    flags.load_state_dict(ones)
+    assert flags.schedule_state.judged is True and flags.schedule_state.backed_off is False

@@ -170,6 +170,14 @@ def test_resuming_with_another_target_goes_on_from_the_nearest_rung(caplog):
         sp.load_state_dict(state)
     assert "differs from the Sparsifier's config in target_sparsity" in caplog.text
     assert "goes on from density 0.5" in caplog.text
+    # the losses of the same run go on (docs/checkpoint-format.md), the counts start afresh
+    saved = state["schedule_state"]
+    assert saved["ref_loss"] is not None and saved["holds"] + saved["backoffs"] > 0
+    refit = sp.schedule_state
+    assert (refit.smoothed_loss, refit.ref_loss, refit.judged) == (saved["smoothed_loss"], saved["ref_loss"],
+                                                                   saved["judged"])
+    assert (refit.holds, refit.backoffs, refit.cooldown_left, refit.backed_off, refit.event) == (0, 0, 0, False,
+                                                                                                 "resume")
     train(cmodel, opt, sp, batches(20))  # raised IndexError (rung past the shorter ladder) before
     assert sp.target_density in sp.policy.schedule().ladder
 
