@@ -111,9 +111,14 @@ intervals' loss 0.375 (before 0.343, f3750f9 0.442). The schedule alone on synth
 losses over 100 updates, 200 seeds each (re-audit CY, ``noise_cy/noise.txt``; first update
 at the final density, median / max): a falling loss with 5 % noise 14 / 20 (before 14 /
 19); a flat loss with 5 % noise 21 / 38 (before 16 / 29), 10 % 33 / 52 (24 / 31), 15 %
-36 / 65 (25 / 35). So the cost is slower pruning on noisy plateaus and where each prune's
-damage lasts: a prune drawn at a low of the noise sets a low ``ref``, and a back-off keeps
-it. On the Fashion-MNIST ``--full`` runs (five seeds) it changed one seed (docs/benchmarks.md).
+36 / 65 (25 / 35); without smoothing (``loss_smoothing=0``) at 15 % noise 42 / 100 (24 / 32:
+some runs reach the final density only by the deadline, so a noisy loss wants smoothing).
+So the cost is slower pruning on noisy plateaus and where each prune's damage lasts: a
+prune drawn at a low of the noise sets a low ``ref``, and a back-off keeps it. Recording
+``max(s_prev, s)`` as ``ref`` recovers most of it (flat, 10 % noise: 27; without smoothing
+42 -> 27) but widens the tolerance of every prune on a falling loss (on audit CV's MLP it
+skipped a back-off after a prune that raised the loss 9 %): evaluated and not taken
+(``benchmarks/results/2026-11-29-cpu-schedule-variants-session36/``). On the Fashion-MNIST ``--full`` runs (five seeds) it changed one seed (docs/benchmarks.md).
 A regret back-off leaves the prune it undid to be judged after its own cooldown (re-audit
 CY: that prune can then cost a second back-off, on loss).
 
