@@ -12,6 +12,9 @@ Per-parameter scalars (Adam's ``step``) cannot be reset per block and are left: 
 block's bias correction is then that of an old parameter, and for its first few hundred
 steps it moves up to 3-6x as far per step as a fresh parameter would (helper audit CV,
 constant gradient, regrown at step 2,000: 2.9x at its first step, 6.1x at its tenth).
+A per-element step count reset with the moments lowered char_lm ``--quick`` agpe-75's
+validation loss by 0.07-0.62 % over 3 seeds
+(benchmarks/results/2026-11-29-cpu-adam-regrowth-session36/): small, so not done here.
 
 Example::
 
