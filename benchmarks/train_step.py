@@ -295,32 +295,59 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
     # Note: each AGPE_TMA setting compiles its own graphs (the lowering key carries it), timed
     # against the same dense step in this process: one process compares them (audit BT/BU:
     # two processes on one machine differed more than the effect)
+    # Under --tma-settings a setting (or one density of it) whose compile or first step fails
+    # is marked FAILED and the others go on (audit CW: one failing setting made main() re-run
+    # everything, the working settings too); if nothing at all was timed, the error goes up to
+    # main(), which measures with opaque ops instead.
+    setting_errors = []
+
+    def failed(stage_densities, tma, label, error):
+        traceback.print_exc()
+        setting_errors.append(error)
+        for density in stage_densities:
+            for kind in optimizers:
+                log(f"agpe d={density:<5} AdamW {kind:<12}{label} FAILED (traceback above)")
+                results["rows"].append({"density": density, "optimizer": kind, "failed": True, "tma": tma,
+                                        "error": repr(error)})
+
     for setting in tma_settings or (None,):
         if setting is not None:
             os.environ["AGPE_TMA"] = setting
         tma = _tma_setting()
         label = f" {tma:<10}" if tma_settings else ""
-        torch._dynamo.reset()
-        model = make_stack(size, device)
-        states = agpe_compile.prepare(model, options={"block_size": size["block"]})
-        for state in states.values():  # as under the Sparsifier: set_density zeroes inactive weights
-            state.zero_inactive = zero_inactive
-        backend = agpe_compile.AgpeBackend({"inductor": inductor})
-        compiled = torch.compile(model, backend=backend)
-        set_density(model, 1.0)
-        t0 = time.perf_counter()
-        training_step(compiled, model, x)()
-        _sync(device)
+        try:
+            torch._dynamo.reset()
+            model = make_stack(size, device)
+            states = agpe_compile.prepare(model, options={"block_size": size["block"]})
+            for state in states.values():  # as under the Sparsifier: set_density zeroes inactive weights
+                state.zero_inactive = zero_inactive
+            backend = agpe_compile.AgpeBackend({"inductor": inductor})
+            compiled = torch.compile(model, backend=backend)
+            set_density(model, 1.0)
+            t0 = time.perf_counter()
+            training_step(compiled, model, x)()
+            _sync(device)
+        except Exception as error:
+            if not tma_settings:
+                raise
+            failed(densities, tma, label, error)
+            continue
         first_step = time.perf_counter() - t0
         results.setdefault("agpe_first_step_s", first_step)
         if tma_settings:  # each setting's own (agpe_first_step_s is the first one's)
             results.setdefault("agpe_first_step_s_by_tma", {})[tma] = first_step
         for density in densities:
-            set_density(model, density)
-            agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
-            t0 = time.perf_counter()
-            training_step(compiled, model, x)()
-            _sync(device)
+            try:
+                set_density(model, density)
+                agpe_compile.rebucket(model)  # layouts at this density's bucket: one recompile each
+                t0 = time.perf_counter()
+                training_step(compiled, model, x)()
+                _sync(device)
+            except Exception as error:
+                if not tma_settings:
+                    raise
+                failed([density], tma, label, error)
+                continue
             first = time.perf_counter() - t0
             for kind in optimizers:
                 try:
@@ -344,6 +371,8 @@ def run(size: dict, device: torch.device, warmup: int, iters: int, inductor: boo
             os.environ.pop("AGPE_TMA", None)
         else:
             os.environ["AGPE_TMA"] = env_tma
+    if setting_errors and not any("agpe_step_s" in row for row in results["rows"]):
+        raise setting_errors[0]  # no setting timed anything: main() falls back to opaque ops
     if profile_dir and device.type == "cuda":
         results.update(profile_step(step, os.path.join(profile_dir, f"profile_agpe_d{densities[-1]}.txt"), log,
                                     rows=profile_rows))
@@ -532,7 +561,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tma-settings", default="",
                         help="comma-separated AGPE_TMA values (off, auto, device, persistent) to time one after "
                              "the other in this process against the same dense step, each compiled anew "
-                             "(default: the environment's setting only)")
+                             "(default: the environment's setting only); a setting or density whose compile "
+                             "fails is marked FAILED and the rest are timed")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="run every block (dense and agpe) under torch.utils.checkpoint")
     parser.add_argument("--schedule-steps", type=int, default=2000,

@@ -311,6 +311,55 @@ def test_char_lm_writes_the_unfinished_run_at_each_evaluation(tmp_path, monkeypa
     assert not any("partial_step" in r for r in final["runs"])  # replaced by the finished rows
 
 
+@pytest.mark.parametrize("stage", ["setting", "density", "everywhere"])
+def test_a_tma_setting_that_fails_is_marked_failed_and_the_others_are_timed(monkeypatch, stage):
+    # audit CW: a TMA setting whose compile failed raised out of run(), and main() re-ran every
+    # setting with opaque ops (the working ones too) on a 15-minute lease
+    import importlib.util
+
+    import torch
+
+    import agpe_compile
+
+    spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(ROOT, "benchmarks", "train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.delenv("AGPE_TMA", raising=False)
+    bad = {"off", "persistent"} if stage == "everywhere" else {"persistent"}
+
+    def broken():
+        if os.environ.get("AGPE_TMA") in bad:
+            raise RuntimeError(f"simulated compile failure under {os.environ['AGPE_TMA']}")
+
+    if stage == "density":  # the setting's first step works, its rebucketed layouts fail
+        real_rebucket = agpe_compile.rebucket
+        monkeypatch.setattr(agpe_compile, "rebucket", lambda model: (broken(), real_rebucket(model))[1])
+    else:
+        real_step = bench.training_step
+        # (the dense step runs before any setting, with AGPE_TMA unset)
+        monkeypatch.setattr(bench, "training_step", lambda *a, **k: (broken(), real_step(*a, **k))[1])
+    size = dict(bench.SMALL_SIZE, batch=2, seq=16)
+    lines = []
+    kwargs = dict(inductor=False, log=lines.append, densities=(0.5, 0.25), optimizers=("foreach",),
+                  mask_update=False, tma_settings=("off", "persistent"))
+    try:
+        if stage == "everywhere":  # nothing timed: the error goes to main(), which falls back to opaque ops
+            with pytest.raises(RuntimeError, match="simulated compile failure under off"):
+                bench.run(size, torch.device("cpu"), 0, 1, **kwargs)
+            assert os.environ.get("AGPE_TMA") is None  # the environment is put back
+            return
+        results = bench.run(size, torch.device("cpu"), 0, 1, **kwargs)
+    finally:
+        while bench._ZERO_HOOKS:
+            bench._ZERO_HOOKS.pop().remove()
+    rows = [(row["density"], row["tma"], "agpe_step_s" in row, row.get("failed", False)) for row in results["rows"]]
+    assert rows == [(0.5, "off", True, False), (0.25, "off", True, False),
+                    (0.5, "persistent", False, True), (0.25, "persistent", False, True)], rows
+    assert all("simulated compile failure under persistent" in row["error"] for row in results["rows"][2:])
+    assert sum("persistent" in line and "FAILED" in line for line in lines) == 2, lines
+    assert results["timings_done"] and os.environ.get("AGPE_TMA") is None
+
+
 def test_train_step_times_several_tma_settings_in_one_process(tmp_path):
     # the twenty-fifth session's non-graphed comparison of AGPE_TMA off / persistent came from
     # two processes that differed more than the effect: --tma-settings times both in one
