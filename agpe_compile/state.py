@@ -187,7 +187,7 @@ class LayerState:
     # The BackwardTokens of the compiled calls with grad enabled through this layer whose
     # backward has not come yet (weakly: each lives as long as its call's autograd graph);
     # Sparsifier.step() warns while one waits (Note [Mistakes the Sparsifier names] in
-    # controller/sparsifier.py).
+    # controller/misuse.py).
     backward_tokens: List[weakref.ReferenceType] = dataclasses.field(default_factory=list)
     # Backwards that reached a compiled call through this layer (or a GraphedStep replay of
     # one); the Sparsifier compares its layers' sum between steps (same Note).

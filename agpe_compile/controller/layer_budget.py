@@ -46,6 +46,18 @@ from .init_layouts import block_counts, layer_densities
 from .redistribute import apportion, redistribute
 
 
+def global_density(masks) -> float:
+    """The fraction of active blocks over all ``masks`` (bool [R, C] each; 1.0 for none).
+
+    >>> import torch
+    >>> global_density([torch.tensor([[True, False]]), torch.tensor([[True, True]])])
+    0.75
+    """
+    masks = list(masks)
+    total = sum(m.numel() for m in masks)
+    return sum(int(m.sum()) for m in masks) / total if total else 1.0
+
+
 def swap_counts(active: int, target: int, blocks: int, fraction: float) -> Tuple[int, int]:
     """(n_drop, n_grow) for one layer; see Note [Layer budgets and buckets].
 
