@@ -9,10 +9,11 @@ never grown, so no block is protected at the first update (logged when ``protect
 on). Version 4 added the layers' interval buffers (Note [Buffers the model did not load]); an
 older checkpoint loads as before. Version 5 added the layout buckets each global
 target had (Note [Layouts a target had before] in sparsifier.py); an older checkpoint
-resumes remembering only the current target's, those of its masks. Version 6 (current)
-added the adaptive schedule's ``ref_loss`` and ``judged`` (Note [Judged against the last
-prune] in adaptive_schedule.py); an older checkpoint resumes with no reference, as if no
-prune had happened yet.
+resumes remembering only the current target's, those of its masks. Version 6 added the
+adaptive schedule's ``ref_loss`` and ``judged`` (Note [Judged against the last prune] in
+adaptive_schedule.py); an older checkpoint resumes with no reference, as if no prune had
+happened yet. Version 7 (current) added its ``recent_losses`` and ``loss_noise`` (Note [Noise
+in the loss]); an older checkpoint resumes with no noise estimate, which three losses rebuild.
 
 Note [Buffers the model did not load]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -69,8 +70,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 6
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
+FORMAT_VERSION = 7
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 BUFFER_FIELDS = ("saliency", "dense_grad_sq", "counters")  # Note [Buffers the model did not load]
 
 
@@ -94,7 +95,8 @@ def save(sp: "Sparsifier") -> dict:
         "saliency_fresh": {n: t.clone() for n, t in sp.saliency.fresh.items()},
         "grown_age": {n: t.clone() for n, t in sp.grown_age.items()},
         "pruned_saliency": sp.pruned_saliency,
-        "schedule_state": None if schedule is None else dataclasses.asdict(schedule),
+        "schedule_state": None if schedule is None else dict(dataclasses.asdict(schedule),
+                                                             recent_losses=list(schedule.recent_losses)),
         "rng_state": sp.generator.get_state(),
         "flops": sp.accountant.state_dict(),
         "seen_counters": {n: list(v) for n, v in sp.seen_counters.items()},
@@ -155,6 +157,8 @@ def upgrade(state: dict) -> dict:
         if isinstance(schedule, dict):  # f3750f9's best_loss (a run's lowest loss, under format 5) is not a ref
             schedule = {k: v for k, v in schedule.items() if k != "best_loss"}
         state = dict(state, format_version=6, schedule_state=schedule)
+    if state["format_version"] == 6:  # AdaptiveState's defaults: no recent losses, no noise estimate
+        state = dict(state, format_version=7)
     return state
 
 
@@ -430,10 +434,22 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
 
     if not isinstance(loaded.event, str):
         raise TypeError(f"schedule_state['event'] is a {type(loaded.event).__name__}, expected a str")
+    recent = plain(loaded.recent_losses)
+    if hasattr(recent, "tolist") and len(getattr(recent, "shape", ())) == 1:  # a 1-D tensor or numpy array
+        recent = recent.tolist()
+    if not isinstance(recent, (list, tuple)) or len(recent) > 3:
+        raise TypeError(f"schedule_state['recent_losses'] is {recent!r}, expected a list of at most 3 losses")
+    recent = tuple(plain(x) for x in recent)
+    if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in recent):
+        raise ValueError(f"schedule_state['recent_losses'] is {list(recent)}, expected finite numbers")
+    noise = number("loss_noise")
+    if noise is not None and noise < 0:
+        raise ValueError(f"schedule_state['loss_noise'] is {noise}, expected a number >= 0 or None")
     return dataclasses.replace(loaded, rung=whole("rung"), cooldown_left=whole("cooldown_left"),
                                holds=whole("holds"), backoffs=whole("backoffs"),
                                smoothed_loss=number("smoothed_loss"), ref_loss=number("ref_loss"),
-                               backed_off=flag("backed_off"), judged=flag("judged"))
+                               backed_off=flag("backed_off"), judged=flag("judged"),
+                               recent_losses=tuple(float(x) for x in recent), loss_noise=noise)
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "layer_buffers") -> torch.Tensor:
@@ -462,8 +478,9 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
     schedule, else a state at the rung of this schedule nearest the checkpoint's
     ``target_density`` (another policy, target or bucket ladder); ``warn`` logs that
     (called once the load goes ahead) or is None. A state refitted to another rung keeps the
-    checkpoint's smoothed loss and the last prune's ``ref_loss`` / ``judged`` (losses of the
-    same run; Note [Judged against the last prune]), counters start afresh. Policies without
+    checkpoint's smoothed loss, the last prune's ``ref_loss`` / ``judged`` and the noise
+    estimate (losses of the same run; Notes [Judged against the last prune] and [Noise in the
+    loss]), counters and the recent losses start afresh (a move to another rung is a change). Policies without
     a schedule state keep none."""
     fresh = sp.policy.initial_schedule_state()
     if fresh is None:
@@ -481,4 +498,5 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
 
     return dataclasses.replace(fresh, rung=rung, smoothed_loss=None if loaded is None else loaded.smoothed_loss,
                                ref_loss=None if loaded is None else loaded.ref_loss,
-                               judged=True if loaded is None else loaded.judged, event="resume"), warn
+                               judged=True if loaded is None else loaded.judged,
+                               loss_noise=None if loaded is None else loaded.loss_noise, event="resume"), warn

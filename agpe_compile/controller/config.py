@@ -103,7 +103,9 @@ class AGPEConfig:
             ``patience``-th consecutive stalled update (``2 * patience`` from a back-off
             until the next prune on improvement), getting worse by ``backoff_tol`` since the
             last update, or ending a prune's cooldown ``backoff_tol`` above where that prune
-            started (relative; Note [Judged against the last prune]), backs off one rung (at
+            started (relative; Note [Judged against the last prune]; on a noisy loss, or
+            two standard deviations of its measured noise if more: Note [Noise in the
+            loss]), backs off one rung (at
             most ``max_backoffs`` times; none left: it holds), a loss coming back from a
             prune or a spike stalls rather than improves, and so does an update whose dropped
             blocks (pruned or swapped out) carried at least ``regret_threshold`` of an

@@ -283,3 +283,77 @@ def test_a_regret_back_off_leaves_the_prune_to_be_looked_at():
     # pins the documented behaviour (re-audit CY finding 2, Note [Judged against the last prune])
     events = _smooth0([2.0, 1.0, 1.0, 0.9, 1.1, 1.1, 1.1], regrets=[None, None, None, None, 0.9, None, None])
     assert events[3:7] == ["prune:improving", "backoff:regret", "hold:cooldown", "backoff:loss"], events
+
+
+# --- Note [Noise in the loss] ---------------------------------------------------------------------------------
+
+
+def test_the_noise_estimate_is_the_second_difference_of_the_recent_losses():
+    sched = schedule(initial_density=0.1)  # at the final density: nothing moves, the losses accumulate
+    states = run(sched, [1.0, 1.2, 0.8, 1.0])
+    assert [s.loss_noise for s in states[:2]] == [None, None]
+    assert states[1].recent_losses == (1.0, 1.2)
+    assert states[2].loss_noise == pytest.approx(abs(0.8 - 2 * 1.2 + 1.0) / 1.0)  # 0.6
+    # then an EMA (decay 0.8) of |x3 - 2 x2 + x1| / mean(x) over the last three
+    assert states[3].recent_losses == (1.2, 0.8, 1.0)
+    assert states[3].loss_noise == pytest.approx(0.8 * 0.6 + 0.2 * (abs(1.0 - 1.6 + 1.2) / 1.0))
+
+
+def test_a_steady_trend_is_not_noise():
+    states = run(schedule(initial_density=0.1), [2.0 - 0.05 * i for i in range(10)])
+    assert states[-1].loss_noise == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_spike_moves_the_noise_estimate_by_at_most_twice_the_estimate():
+    states = run(schedule(initial_density=0.1), [1.0, 1.1, 0.95, 1.05, 30.0])
+    before, after = states[3].loss_noise, states[4].loss_noise
+    assert after == pytest.approx(0.8 * before + 0.2 * 2 * before)
+
+
+def test_a_change_clears_the_recent_losses_and_keeps_the_estimate():
+    states = run(schedule(), [1.0, 1.1, 0.95, 1.05, 1.0])
+    moved = [s for s in states if s.event.startswith(("prune", "backoff"))]
+    assert moved and all(s.recent_losses == () for s in moved)
+    for before, after in zip(states, states[1:]):
+        if after.event.startswith(("prune", "backoff")) and before.loss_noise is not None:
+            assert after.loss_noise is not None
+
+
+def test_noise_on_a_plateau_is_not_read_as_damage():
+    # Re-audit CY: a flat loss with 10 % noise. The fixed tolerance read a low draw at a prune
+    # as its reference and backed off on noise; noise_z=0 is that rule.
+    import random
+
+    def updates(z, seed):
+        rng, sched = random.Random(seed), schedule(noise_z=z)
+        states = run(sched, [1.0 + rng.gauss(0, 0.10) for _ in range(100)])
+        return states, next(i + 1 for i, s in enumerate(states) if sched.density(s) == 0.1)
+
+    fixed, noisy = updates(0.0, 0)[0], updates(2.0, 0)[0]
+    assert "backoff:loss" in [s.event for s in fixed[:12]]
+    assert "backoff:loss" not in [s.event for s in noisy[:16]] and noisy[15].loss_noise > 0.1
+    reached = {z: sorted(updates(z, seed)[1] for seed in range(40)) for z in (0.0, 2.0)}
+    assert reached[2.0][20] <= reached[0.0][20] - 8  # the median: 21 against 32 updates
+
+
+def test_damage_beyond_the_noise_still_backs_off():
+    # 1 % noise; each prune raises the loss by 10 % for good: the noise explains ~2 %
+    import random
+
+    rng, sched = random.Random(0), schedule()
+    state, level, events = sched.initial_state(), 1.0, []
+    for i in range(30):
+        state = sched.next_state(state, (i + 1) * INTERVAL, Feedback(loss=level * (1 + rng.gauss(0, 0.01))))
+        if state.event.startswith("prune"):
+            level *= 1.10
+        events.append(state.event)
+    assert events.count("backoff:loss") == 2
+    assert 0 < state.loss_noise < 0.05
+
+
+def test_noise_z_0_and_no_noise_keep_the_fixed_tolerances():
+    # without an estimate (a prune at the second loss clears the first two) or with noise_z=0
+    for sched in (schedule(noise_z=0.0), schedule()):
+        states = run(sched, [1.0, 0.5, 0.5, 0.8])
+        assert [s.event for s in states] == ["hold:stall", "prune:improving", "hold:cooldown", "backoff:loss"]
+        assert states[-1].loss_noise is None

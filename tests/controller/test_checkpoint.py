@@ -1,5 +1,6 @@
 """Checkpoint/resume: bit-identical to an uninterrupted run across processes; old versions load."""
 
+import io
 import logging
 import os
 import subprocess
@@ -50,7 +51,7 @@ def test_state_dict_holds_the_documented_fields():
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=4)
     *_, sp, _, _ = make_run(config)
     state = sp.state_dict()
-    assert state["format_version"] == FORMAT_VERSION == 6
+    assert state["format_version"] == FORMAT_VERSION == 7
     assert set(state) == {"format_version", "config", "step", "target_density", "masks", "saliency_ema",
                           "saliency_fresh", "grown_age", "pruned_saliency", "schedule_state", "rng_state", "flops",
                           "seen_counters", "loss_window", "scored_from", "skips_from", "layer_buffers", "layout_sets"}
@@ -143,8 +144,8 @@ def test_version_2_loads_with_no_block_protected(caplog):
 def test_unknown_version_and_wrong_layers_are_refused():
     *_, sp, _, _ = make_run(AGPEConfig(block_size=4))
     state = sp.state_dict()
-    with pytest.raises(ValueError, match=r"format_version got 8; expected one of \(1, 2, 3, 4, 5, 6\)"):
-        sp.load_state_dict(dict(state, format_version=8))
+    with pytest.raises(ValueError, match=r"format_version got 9; expected one of \(1, 2, 3, 4, 5, 6, 7\)"):
+        sp.load_state_dict(dict(state, format_version=9))
     with pytest.raises(ValueError, match="checkpoint layers .* do not match .*; nothing was loaded"):
         sp.load_state_dict(dict(state, masks={"other": torch.ones(1, 1, dtype=torch.bool)}))
 
@@ -510,7 +511,7 @@ def test_the_last_prunes_reference_resumes_and_format_5_loads_without_it():
     model, opt, sp, cmodel, _ = make_run(config)
     train(cmodel, opt, sp, batches(8))
     state = sp.state_dict()
-    assert state["format_version"] == 6
+    assert state["format_version"] == 7
     saved = state["schedule_state"]
     assert isinstance(saved["ref_loss"], float) and isinstance(saved["judged"], bool)  # it pruned by step 8
     *_, resumed, _, _ = make_run(config)
@@ -518,7 +519,8 @@ def test_the_last_prunes_reference_resumes_and_format_5_loads_without_it():
     assert resumed.schedule_state == sp.schedule_state
     # format 5: no ref_loss / judged (and f3750f9's best_loss, written under format 5, dropped)
     five = dict(state, format_version=5, schedule_state={
-        **{k: v for k, v in saved.items() if k not in ("ref_loss", "judged")}, "best_loss": 0.5})
+        **{k: v for k, v in saved.items() if k not in ("ref_loss", "judged", "recent_losses", "loss_noise")},
+        "best_loss": 0.5})
     *_, old, _, _ = make_run(config)
     old.load_state_dict(five)
     assert old.schedule_state.ref_loss is None and old.schedule_state.judged is True
@@ -550,3 +552,47 @@ def test_the_last_prunes_reference_resumes_and_format_5_loads_without_it():
     *_, flags, _, _ = make_run(config)
     flags.load_state_dict(ones)
     assert flags.schedule_state.judged is True and flags.schedule_state.backed_off is False
+
+
+def test_the_noise_estimate_resumes_and_format_6_loads_without_it():
+    # Note [Noise in the loss]: recent_losses and loss_noise are part of the schedule state (format 7)
+    import numpy as np
+
+    config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
+    model, opt, sp, cmodel, _ = make_run(config)
+    train(cmodel, opt, sp, batches(16))
+    state = sp.state_dict()
+    saved = state["schedule_state"]
+    assert isinstance(saved["recent_losses"], list) and len(saved["recent_losses"]) <= 3
+    assert isinstance(saved["loss_noise"], float)  # 8 updates with prunes between: estimated by now
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # plain types only (a list, not a tuple subclass)
+    *_, resumed, _, _ = make_run(config)
+    resumed.load_state_dict(loaded)
+    assert resumed.schedule_state == sp.schedule_state
+    assert type(resumed.schedule_state.recent_losses) is tuple
+    six = dict(state, format_version=6, schedule_state={k: v for k, v in saved.items()
+                                                        if k not in ("recent_losses", "loss_noise")})
+    *_, old, _, _ = make_run(config)
+    old.load_state_dict(six)
+    assert old.schedule_state.recent_losses == () and old.schedule_state.loss_noise is None
+    assert old.schedule_state.ref_loss == saved["ref_loss"]
+    typed = dict(state, schedule_state=dict(saved, recent_losses=np.array(saved["recent_losses"], dtype=np.float32),
+                                            loss_noise=np.float64(saved["loss_noise"])))
+    *_, numpy, _, _ = make_run(config)
+    numpy.load_state_dict(typed)
+    assert all(type(x) is float for x in numpy.schedule_state.recent_losses)
+    for field, value, expected in (
+            ("recent_losses", [1.0, float("nan")], r"is \[1.0, nan\], expected finite numbers"),
+            ("recent_losses", [1.0, 1.0, 1.0, 1.0], "expected a list of at most 3 losses"),
+            ("recent_losses", "1.0", "expected a list of at most 3 losses"),
+            ("loss_noise", -0.1, "is -0.1, expected a number >= 0 or None"),
+            ("loss_noise", float("inf"), "is inf, expected a finite number or None")):
+        bad = dict(state, schedule_state=dict(saved, **{field: value}))
+        *_, refused, _, _ = make_run(config)
+        before = refused.schedule_state
+        with pytest.raises(ValueError, match=rf"malformed.*schedule_state\['{field}'\] .*{expected}.*nothing was loaded"):
+            refused.load_state_dict(bad)
+        assert refused.schedule_state == before
