@@ -12,8 +12,9 @@ target had (Note [Layouts a target had before] in sparsifier.py); an older check
 resumes remembering only the current target's, those of its masks. Version 6 added the
 adaptive schedule's ``ref_loss`` and ``judged`` (Note [Judged against the last prune] in
 adaptive_schedule.py); an older checkpoint resumes with no reference, as if no prune had
-happened yet. Version 7 (current) added its ``recent_losses`` and ``loss_noise`` (Note [Noise
-in the loss]); an older checkpoint resumes with no noise estimate, which three losses rebuild.
+happened yet. Version 7 (current) added its ``recent_losses``, ``noise_readings`` and
+``loss_noise`` (Note [Noise in the loss]); an older checkpoint resumes with no noise estimate,
+which the next losses rebuild.
 
 Note [Buffers the model did not load]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -96,7 +97,8 @@ def save(sp: "Sparsifier") -> dict:
         "grown_age": {n: t.clone() for n, t in sp.grown_age.items()},
         "pruned_saliency": sp.pruned_saliency,
         "schedule_state": None if schedule is None else dict(dataclasses.asdict(schedule),
-                                                             recent_losses=list(schedule.recent_losses)),
+                                                             recent_losses=list(schedule.recent_losses),
+                                                             noise_readings=list(schedule.noise_readings)),
         "rng_state": sp.generator.get_state(),
         "flops": sp.accountant.state_dict(),
         "seen_counters": {n: list(v) for n, v in sp.seen_counters.items()},
@@ -434,14 +436,21 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
 
     if not isinstance(loaded.event, str):
         raise TypeError(f"schedule_state['event'] is a {type(loaded.event).__name__}, expected a str")
-    recent = plain(loaded.recent_losses)
-    if hasattr(recent, "tolist") and len(getattr(recent, "shape", ())) == 1:  # a 1-D tensor or numpy array
-        recent = recent.tolist()
-    if not isinstance(recent, (list, tuple)) or len(recent) > 3:
-        raise TypeError(f"schedule_state['recent_losses'] is {recent!r}, expected a list of at most 3 losses")
-    recent = tuple(plain(x) for x in recent)
-    if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in recent):
-        raise ValueError(f"schedule_state['recent_losses'] is {list(recent)}, expected finite numbers")
+    def finite_list(field, most, what):  # Note [Noise in the loss]: a list, a tuple, a 1-D tensor or array
+        values = plain(getattr(loaded, field))
+        if hasattr(values, "tolist") and len(getattr(values, "shape", ())) == 1:
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)) or len(values) > most:
+            raise TypeError(f"schedule_state[{field!r}] is {values!r}, expected a list of at most {most} {what}")
+        values = tuple(plain(x) for x in values)
+        if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in values):
+            raise ValueError(f"schedule_state[{field!r}] is {list(values)}, expected finite numbers")
+        return tuple(float(x) for x in values)
+
+    recent = finite_list("recent_losses", 3, "losses")
+    readings = finite_list("noise_readings", 2, "readings")
+    if any(x < 0 for x in readings):
+        raise ValueError(f"schedule_state['noise_readings'] is {list(readings)}, expected numbers >= 0")
     noise = number("loss_noise")
     if noise is not None and noise < 0:
         raise ValueError(f"schedule_state['loss_noise'] is {noise}, expected a number >= 0 or None")
@@ -449,7 +458,7 @@ def _typed_schedule(loaded: AdaptiveState) -> AdaptiveState:
                                holds=whole("holds"), backoffs=whole("backoffs"),
                                smoothed_loss=number("smoothed_loss"), ref_loss=number("ref_loss"),
                                backed_off=flag("backed_off"), judged=flag("judged"),
-                               recent_losses=tuple(float(x) for x in recent), loss_noise=noise)
+                               recent_losses=recent, noise_readings=readings, loss_noise=noise)
 
 
 def _buffer(name: str, field: str, saved, live: torch.Tensor, table: str = "layer_buffers") -> torch.Tensor:
@@ -479,8 +488,9 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
     ``target_density`` (another policy, target or bucket ladder); ``warn`` logs that
     (called once the load goes ahead) or is None. A state refitted to another rung keeps the
     checkpoint's smoothed loss, the last prune's ``ref_loss`` / ``judged`` and the noise
-    estimate (losses of the same run; Notes [Judged against the last prune] and [Noise in the
-    loss]), counters and the recent losses start afresh (a move to another rung is a change). Policies without
+    estimate and its first readings (losses of the same run; Notes [Judged against the last
+    prune] and [Noise in the loss]), counters and the recent losses start afresh (a move to
+    another rung is a change). Policies without
     a schedule state keep none."""
     fresh = sp.policy.initial_schedule_state()
     if fresh is None:
@@ -499,4 +509,5 @@ def _fit_schedule_state(sp: "Sparsifier", loaded, target_density: float):
     return dataclasses.replace(fresh, rung=rung, smoothed_loss=None if loaded is None else loaded.smoothed_loss,
                                ref_loss=None if loaded is None else loaded.ref_loss,
                                judged=True if loaded is None else loaded.judged,
-                               loss_noise=None if loaded is None else loaded.loss_noise, event="resume"), warn
+                               loss_noise=None if loaded is None else loaded.loss_noise,
+                               noise_readings=() if loaded is None else loaded.noise_readings, event="resume"), warn

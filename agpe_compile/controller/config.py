@@ -38,7 +38,7 @@ MASK_UPDATING_POLICIES = ("set", "rigl", "gmp", "snfs", "agpe")  # the others ke
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 FLOAT_FIELDS = ("target_sparsity", "initial_density", "drop_fraction", "saliency_decay", "max_layer_density",
                 "min_layer_share", "improve_tol", "backoff_tol", "regret_threshold", "max_density",
-                "loss_smoothing")
+                "loss_smoothing", "noise_z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +97,15 @@ class AGPEConfig:
             its bucket while that target stays put, so layouts re-bucket (recompile) only at
             the updates where the global target moves (Note [Layer budgets and buckets]).
         improve_tol, backoff_tol, regret_threshold, patience, cooldown, max_backoffs,
-        max_density, loss_smoothing: the adaptive schedule's feedback rules (Note
+        max_density, loss_smoothing, noise_z: the adaptive schedule's feedback rules (Note
             [Adaptive schedule] in adaptive_schedule.py). In short: the smoothed interval
             loss improving by ``improve_tol`` (relative) prunes one rung, so does the
             ``patience``-th consecutive stalled update (``2 * patience`` from a back-off
             until the next prune on improvement), getting worse by ``backoff_tol`` since the
             last update, or ending a prune's cooldown ``backoff_tol`` above where that prune
             started (relative; Note [Judged against the last prune]; on a noisy loss, or
-            two standard deviations of its measured noise if more: Note [Noise in the
-            loss]), backs off one rung (at
+            ``noise_z`` standard deviations of its measured noise if more, 0 to turn that
+            off: Note [Noise in the loss]), backs off one rung (at
             most ``max_backoffs`` times; none left: it holds), a loss coming back from a
             prune or a spike stalls rather than improves, and so does an update whose dropped
             blocks (pruned or swapped out) carried at least ``regret_threshold`` of an
@@ -163,6 +163,7 @@ class AGPEConfig:
     max_backoffs: int = 2
     max_density: Optional[float] = None
     loss_smoothing: float = 0.5
+    noise_z: float = 2.0
     rescale_init: bool = True
     seed: int = 0
     audit_path: Optional[str] = None
@@ -229,6 +230,7 @@ class AGPEConfig:
             raise ValueError(_bad("max_layer_density", self.max_layer_density,
                                   f"a density >= the start/max density {top}"))
         _number("loss_smoothing", self.loss_smoothing, 0.0, 1.0, "a number in [0, 1)", hi_open=True)
+        _number("noise_z", self.noise_z, 0.0, 10.0, "a number in [0, 10]")
         if not isinstance(self.rescale_init, bool):
             raise ValueError(_bad("rescale_init", self.rescale_init, "True or False"))
         _integer(self, "seed", 0, MAX_SEED)

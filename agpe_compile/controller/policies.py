@@ -164,7 +164,7 @@ class AGPE(RigL):
             update_interval=cfg.update_interval, max_density=cfg.max_density, buckets=cfg.buckets,
             improve_tol=cfg.improve_tol, backoff_tol=cfg.backoff_tol, regret_threshold=cfg.regret_threshold,
             patience=cfg.patience, cooldown=cfg.cooldown, max_backoffs=cfg.max_backoffs,
-            loss_smoothing=cfg.loss_smoothing,
+            loss_smoothing=cfg.loss_smoothing, noise_z=cfg.noise_z,
         )
 
     def initial_schedule_state(self):

@@ -519,7 +519,8 @@ def test_the_last_prunes_reference_resumes_and_format_5_loads_without_it():
     assert resumed.schedule_state == sp.schedule_state
     # format 5: no ref_loss / judged (and f3750f9's best_loss, written under format 5, dropped)
     five = dict(state, format_version=5, schedule_state={
-        **{k: v for k, v in saved.items() if k not in ("ref_loss", "judged", "recent_losses", "loss_noise")},
+        **{k: v for k, v in saved.items() if k not in ("ref_loss", "judged", "recent_losses", "noise_readings",
+                                                        "loss_noise")},
         "best_loss": 0.5})
     *_, old, _, _ = make_run(config)
     old.load_state_dict(five)
@@ -560,11 +561,12 @@ def test_the_noise_estimate_resumes_and_format_6_loads_without_it():
 
     config = AGPEConfig(policy="agpe", block_size=4, update_interval=2, end_step=100)
     model, opt, sp, cmodel, _ = make_run(config)
-    train(cmodel, opt, sp, batches(16))
+    train(cmodel, opt, sp, batches(60))
     state = sp.state_dict()
     saved = state["schedule_state"]
     assert isinstance(saved["recent_losses"], list) and len(saved["recent_losses"]) <= 3
-    assert isinstance(saved["loss_noise"], float)  # 8 updates with prunes between: estimated by now
+    assert isinstance(saved["noise_readings"], list) and len(saved["noise_readings"]) <= 2
+    assert isinstance(saved["loss_noise"], float)  # 30 updates: estimated by now
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -574,10 +576,11 @@ def test_the_noise_estimate_resumes_and_format_6_loads_without_it():
     assert resumed.schedule_state == sp.schedule_state
     assert type(resumed.schedule_state.recent_losses) is tuple
     six = dict(state, format_version=6, schedule_state={k: v for k, v in saved.items()
-                                                        if k not in ("recent_losses", "loss_noise")})
+                                                        if k not in ("recent_losses", "noise_readings", "loss_noise")})
     *_, old, _, _ = make_run(config)
     old.load_state_dict(six)
-    assert old.schedule_state.recent_losses == () and old.schedule_state.loss_noise is None
+    assert old.schedule_state.recent_losses == old.schedule_state.noise_readings == ()
+    assert old.schedule_state.loss_noise is None
     assert old.schedule_state.ref_loss == saved["ref_loss"]
     typed = dict(state, schedule_state=dict(saved, recent_losses=np.array(saved["recent_losses"], dtype=np.float32),
                                             loss_noise=np.float64(saved["loss_noise"])))
@@ -588,6 +591,8 @@ def test_the_noise_estimate_resumes_and_format_6_loads_without_it():
             ("recent_losses", [1.0, float("nan")], r"is \[1.0, nan\], expected finite numbers"),
             ("recent_losses", [1.0, 1.0, 1.0, 1.0], "expected a list of at most 3 losses"),
             ("recent_losses", "1.0", "expected a list of at most 3 losses"),
+            ("noise_readings", [0.1, 0.1, 0.1], "expected a list of at most 2 readings"),
+            ("noise_readings", [-0.1], r"is \[-0.1\], expected numbers >= 0"),
             ("loss_noise", -0.1, "is -0.1, expected a number >= 0 or None"),
             ("loss_noise", float("inf"), "is inf, expected a finite number or None")):
         bad = dict(state, schedule_state=dict(saved, **{field: value}))

@@ -35,6 +35,8 @@ from .helpers import TinyMLP
         ("buckets", (0.5, 0.25), "a list or tuple of densities in (0, 1] that includes 1.0"),
         ("patience", 0, "an int >= 1"),
         ("regret_threshold", 0.0, "a number > 0"),
+        ("noise_z", -1.0, "a number in [0, 10]"),
+        ("noise_z", float("inf"), "a number in [0, 10]"),
         ("initial_density", 0.05, "a density >= the final density 0.1"),
         ("max_density", 0.05, "a density >= the final density 0.1"),
         ("include", ("",), "a list or tuple of non-empty fnmatch pattern strings"),

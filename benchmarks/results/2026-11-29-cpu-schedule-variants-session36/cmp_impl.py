@@ -1,4 +1,4 @@
-"""The library's noise-aware schedule (on PYTHONPATH) against the exploration's v3.py (V3_MAX=1,
+"""The library's noise-aware schedule at b27d4cb (on PYTHONPATH) against the exploration's v3.py (V3_MAX=1,
 V3_Z=2: see README.md) on 2,400 synthetic runs: prints how many runs' events differ."""
 import os, random, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
