@@ -144,14 +144,16 @@ change (a prune or back-off) or the last loss judged worse (rule 5), and from th
 each update reads ``|x3 - 2 x2 + x1| / mean(x)``. A second difference cancels a linear trend,
 so a loss that falls steadily is not read as noise; for independent normal noise of standard
 deviation sigma its expected size is ``sqrt(6) sqrt(2 / pi) sigma`` (1.954 sigma), from which
-sigma is taken. The estimate starts at the median of the first three readings, then
-follows an EMA (decay 0.8) in which one reading counts for at most twice the estimate (and
-at least 0.002): a spike among the first losses, or later, is not read as noise (helper
-audit DA: the first reading was taken as it came, so one 3x spike made the estimate ~60x
-the noise and the schedule pruned through 10 % of damage per rung). The tolerances of an
-update come from the estimate before its loss (a spike does not widen the tolerance that
-judges it), and a loss judged worse starts the window again (it enters one reading, not
-three). With white noise, ``s`` has a standard deviation of ``sigma sqrt((1 - a) / (1 + a))``
+sigma is taken. The estimate starts at the median of the first three readings (each
+counting for at most twice the median of those before it), then follows an EMA (decay 0.8)
+in which one reading counts for at most twice the estimate (and at least 0.002): a spike
+among the first losses, or later, is not read as noise (helper audit DA: the first reading
+was taken as it came, so one 3x spike made the estimate ~60x the noise and the schedule
+pruned through 10 % of damage per rung). The tolerances of an update come from the estimate
+before its loss (a spike does not widen the tolerance that judges it); a loss judged worse
+starts the window again, and enters no reading before the estimate starts and one after
+(re-audit DB: two spikes among the first readings, or one on a cooldown update with
+``cooldown=3``, still made their median the estimate); a reading that overflows is skipped. With white noise, ``s`` has a standard deviation of ``sigma sqrt((1 - a) / (1 + a))``
 and ``rel`` one of ``(1 - a) sigma sqrt(2 / (1 + a))``; the slacks are ``noise_z`` (2, an
 ``AGPEConfig`` field) standard deviations of ``s - ref`` (two smoothed values, taken as
 independent) and of ``rel``, and the rules use:
@@ -165,9 +167,13 @@ independent) and of ``rel``, and the rules use:
 
 Until the first estimate (five losses without a change or a loss judged worse, and in
 zero-code mode, which has no loss, always) the slacks are 0 and the rules are those above;
-``noise_z=0`` keeps them so. The "two standard deviations" are approximate (audit DA): the
-clipped EMA runs ~10 % low on white noise, and at the look after a one-update cooldown
-``s`` and ``ref`` are correlated, which makes the true deviation of ``s - ref`` ~13 % smaller
+``noise_z=0`` keeps them so. The first estimate comes late: on a flat loss with 10 % noise
+at update 16 (median; max 48), with 5 % at 13, 25 % at 27. The "two standard deviations"
+are approximate, on the safe side: inside the schedule the estimate of sigma runs low (a
+flat loss, 200 seeds, at update 100: median 0.76 of the true noise at 10 %, p10 0.50, p90
+1.14; 0.81 at 5 %), since the clip and the restarts after losses judged worse drop the
+largest readings (audit DA, re-audit DB); and at the look after a one-update cooldown ``s``
+and ``ref`` are correlated, which makes the true deviation of ``s - ref`` ~13 % smaller
 than assumed. A loss that alternates high and low from one interval to the next (data not
 shuffled, an epoch of two intervals) has large second differences and small swings of ``s``:
 the noise is over-read there (synthetic, +-3 % per interval and 8 % of damage per rung: the
@@ -176,11 +182,12 @@ final density at update 29 instead of 34, the mean loss 1.1 % higher).
 Measured (``benchmarks/results/2026-11-29-cpu-schedule-variants-session36/``, CPU,
 2026-11-29; ``noise4.py``). The schedule alone on synthetic losses over 100 updates, 200
 seeds each (first update at the final density, median; ``noise_z`` 0 / 2): flat with 5 %
-noise 21 / 20, 10 % 33 / 28, 15 % 36 / 30, 15 % without smoothing 42 (max 100) / 34 (max
-53); losses judged worse (back-offs and holds) on a flat loss with 10 % noise 19.0 / 10.2
-per run. Where every rung below the top costs 10 % of loss for good (1 % noise), 46 / 44
-(mean loss over the run 1.541 / 1.544); 8 % and 5 % noise, 37 / 34 (1.438 / 1.451); with a
-3x spike at a random update, 46 / 45. On real runs (``real_final/``): audit CV's spike runs and
+noise 21 / 20, 10 % 33 / 30, 15 % 36 / 32, 15 % without smoothing 42 (max 100) / 40 (max
+97); losses judged worse (back-offs and holds) on a flat loss with 10 % noise 19.0 / 11.6
+per run, with 15 % 26.7 / 15.1. Where every rung below the top costs 10 % of loss for good
+(1 % noise), 46 / 44 (mean loss over the run 1.541 / 1.543); 8 % and 5 % noise, 37 / 35
+(1.438 / 1.448); with a 3x spike at a random update, 46 / 45. So the gain is modest and
+safe: fewer back-offs and holds spent on noise, somewhat faster pruning on noisy plateaus. On real runs (``real_final/``): audit CV's spike runs and
 the char-LM ``--quick`` agpe-75 runs (three seeds) take the same decisions as before; audit
 CX's MLP trained dense and then pruned to 90 % with 64-row batches (three seeds) reaches the
 final density at step 290 / 300 / 290 instead of 340 / 320 / 300, its last four intervals'
@@ -326,8 +333,12 @@ class AdaptiveSchedule:
             hold = dataclasses.replace(hold, judged=True)
         worse = rel is not None and (rel < -max(self.backoff_tol, rel_slack) or hurt)
         if worse:  # the window starts again after a loss judged worse: a spike (or damage) enters
-            # one reading (the median and the clip bound it), not the next two as well (audit DA)
+            # one reading (the clip bounds it), not the next two as well (audit DA); before the
+            # estimate starts it enters none (two spikes among the first readings made their
+            # median: re-audit DB)
             hold = dataclasses.replace(hold, recent_losses=())
+            if state.loss_noise is None:
+                hold = dataclasses.replace(hold, noise_readings=state.noise_readings, loss_noise=None)
         if worse and can_back_off:
             return self._back_off(hold, "backoff:loss")
         if worse:
@@ -358,7 +369,11 @@ class AdaptiveSchedule:
         if len(recent) == 3:
             level = max(abs(sum(recent) / 3.0), 1e-12)
             r = abs(recent[2] - 2.0 * recent[1] + recent[0]) / level
+            if not math.isfinite(r):  # losses near the float range's end overflow the sums
+                return {"recent_losses": recent}
             if noise is None:
+                if readings:  # a reading counts for at most twice the median of those before it
+                    r = min(r, _NOISE_CLIP * max(sorted(readings)[(len(readings) - 1) // 2], _NOISE_FLOOR))
                 readings = readings + (r,)
                 if len(readings) >= _FIRST_READINGS:
                     noise, readings = sorted(readings)[_FIRST_READINGS // 2], ()
