@@ -39,8 +39,9 @@ clock is noisy on this VM; docs/benchmarks.md has the commands and raw data):
 
 (test accuracy, training FLOPs relative to dense). Time in Sparsifier.step: 1.1-1.4% of the
 training time with --full (update every 100 steps), 4-7% with --quick (every 10 steps).
-Wall clock with --quick (three runs of scripts/main.sh, 2026-11-29): agpe took 0.92-1.38x
-plain's time (the VM's run-to-run spread is larger than agpe's overhead). At block 8 the CPU runs a layer's products densely until few enough blocks
+Wall clock with --quick (three runs of scripts/main.sh, 2026-11-29, thirty-sixth session): agpe
+took 0.98-1.02x plain's time (0.92-1.38x in the thirty-fifth's three: the VM's run-to-run
+spread is larger than agpe's overhead). At block 8 the CPU runs a layer's products densely until few enough blocks
 are live for MKL's block-sparse products (Note [CPU block-sparse products]); the scoring
 and masking cost the rest. The speed-up is a GPU matter.
 """
